@@ -1,0 +1,61 @@
+# fusedopt developer commands.
+#
+#   make test    create .venv if absent, install '.[test]' (editable), run the test suite on CPU
+#   make demo    same set-up with '.[demo]', then run `python -m fusedopt.demo` on CPU
+#   make bench   same set-up with '.[bench]', then run `python -m bench`
+#   make clean   remove the virtual environment and build/test caches
+#
+# Re-running is cheap: each extra's install is recorded in a stamp file inside .venv whose name
+# carries a hash of pyproject.toml (and of the repo path, since the install is editable), so it
+# is redone only when pyproject.toml changes or the checkout moves.
+#
+# pip's "WARNING: Location 'file:///opt/pypi...' is ignored" lines (a quirk of this machine's
+# pip configuration, harmless) are filtered out; pip's exit status still counts (pipefail).
+#
+# Variables: PYTHON (interpreter that creates the venv, default python3), TESTS (what pytest
+# runs, default tests), PYTEST_ARGS (extra pytest arguments), DEMO_ARGS, BENCH_ARGS.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
+
+TESTS ?= tests
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+BENCH_ARGS ?=
+
+KEY := $(shell { cat pyproject.toml; echo '$(CURDIR)'; } | sha1sum | cut -c1-12)
+stamp = $(VENV)/.installed-$(1)-$(KEY)
+
+.PHONY: test demo bench clean venv
+.NOTPARALLEL:
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+venv: $(PY)
+
+# $(VENV)/.installed-<extra>-<key>: the project installed editable with that extra.
+$(VENV)/.installed-%-$(KEY): | $(PY)
+	@echo "installing fusedopt[$*] into $(VENV) ..."
+	rm -f $(VENV)/.installed-$*-*
+	$(PIP_INSTALL) -e '.[$*]' 2>&1 | { grep -v "^WARNING: Location 'file:///opt/pypi" || true; }
+	touch $@
+
+test: $(call stamp,test)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+
+demo: $(call stamp,demo)
+	JAX_PLATFORMS=cpu $(PY) -m fusedopt.demo $(DEMO_ARGS)
+
+bench: $(call stamp,bench)
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

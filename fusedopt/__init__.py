@@ -1,0 +1,32 @@
+"""fusedopt: the flax.optim API on flat buffers with fused optimizer kernels.
+
+``import fusedopt as optim`` is a drop-in for ``from flax import optim`` (flax 0.5.3).
+"""
+from . import traverse_util
+from .adabelief import AdaBelief
+from .adadelta import Adadelta
+from .adafactor import Adafactor
+from .adagrad import Adagrad
+from .adam import Adam
+from .base import HyperParamError, Optimizer, OptimizerDef, OptimizerState
+from .dynamic_scale import DynamicScale, DynamicScaleResult
+from .flat import FlatOptimizerDef, FlatState, available_backends
+from .lamb import LAMB
+from .lars import LARS
+from .layout import FlatLayout, LayoutError
+from .momentum import Momentum
+from .multi import MultiOptimizer
+from .rmsprop import RMSProp
+from .sgd import GradientDescent
+from .traverse_util import ModelParamTraversal
+from .weight_norm import WeightNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaBelief", "Adadelta", "Adafactor", "Adagrad", "Adam", "DynamicScale",
+    "DynamicScaleResult", "FlatLayout", "FlatOptimizerDef", "FlatState", "GradientDescent",
+    "HyperParamError", "LAMB", "LARS", "LayoutError", "ModelParamTraversal", "Momentum",
+    "MultiOptimizer", "Optimizer", "OptimizerDef", "OptimizerState", "RMSProp", "WeightNorm",
+    "available_backends", "traverse_util",
+]

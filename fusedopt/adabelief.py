@@ -1,0 +1,54 @@
+"""AdaBelief: Adam with the second moment of (g - m) instead of g.
+
+    m <- b1 m + (1-b1) g;   s <- b2 s + (1-b2) (g - m)^2 + eps
+    p <- p - lr * (m / (1-b1^t)) / (sqrt(s / (1-b2^t)) + eps) - lr * wd * p
+
+Reference: Zhuang et al., https://arxiv.org/abs/2010.07468.
+"""
+from typing import Any
+
+from . import struct
+from .adam import moment_scalars, validate_moments
+from .elementwise import Rule
+from .flat import FlatOptimizerDef, f32
+
+
+@struct.dataclass
+class _AdaBeliefHyperParams:
+  learning_rate: Any
+  beta1: Any
+  beta2: Any
+  eps: Any
+  weight_decay: Any
+
+
+def _adabelief(xp, s, q, p, g, m, v):
+  del q
+  m = s.b1 * m + s.omb1 * g
+  d = g - m
+  v = s.b2 * v + s.omb2 * (d * d) + s.eps
+  new_p = p - s.lr * (m / s.c1) / (xp.sqrt(v / s.c2) + s.eps)
+  return new_p - s.lrwd * p, (m, v)
+
+
+ADABELIEF_RULE = Rule("adabelief", _adabelief,
+                      ("lr", "b1", "omb1", "b2", "omb2", "c1", "c2", "eps", "lrwd"), 2)
+
+
+class AdaBelief(FlatOptimizerDef):
+  """AdaBelief optimizer. State: ``grad_ema``, ``grad_sq_ema``."""
+  state_fields = ("grad_ema", "grad_sq_ema")
+
+  def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-16, weight_decay=0.0, *,
+               backend="auto"):
+    super().__init__(_AdaBeliefHyperParams(learning_rate, beta1, beta2, eps, weight_decay),
+                     backend)
+
+  def validate(self, hp):
+    validate_moments(hp)
+
+  def rule(self, hp):
+    return ADABELIEF_RULE
+
+  def scalars(self, hp, step):
+    return dict(moment_scalars(hp, step), lrwd=f32(hp.learning_rate * hp.weight_decay))

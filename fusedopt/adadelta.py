@@ -1,0 +1,55 @@
+"""Adadelta with decoupled weight decay (flax's form).
+
+    sq <- rho sq + g^2 (1-rho);   delta = sqrt(acc + eps) / sqrt(sq + eps) * g   (old acc)
+    p <- p - lr delta - lr wd p;  acc <- rho acc + delta^2 (1-rho)
+
+Reference: Zeiler, https://arxiv.org/abs/1212.5701.
+"""
+from typing import Any
+
+from . import struct
+from .elementwise import Rule
+from .flat import FlatOptimizerDef, check_beta, check_range, f32
+
+
+@struct.dataclass
+class _AdadeltaHyperParams:
+  learning_rate: Any
+  rho: Any
+  eps: Any
+  weight_decay: Any
+
+
+def _adadelta(xp, s, q, p, g, sq, acc):
+  del q
+  sq = s.rho * sq + (g * g) * s.omrho
+  delta = (xp.sqrt(acc + s.eps) / xp.sqrt(sq + s.eps)) * g
+  new_p = p - s.lr * delta
+  new_p = new_p - s.lrwd * p
+  acc = s.rho * acc + (delta * delta) * s.omrho
+  return new_p, (sq, acc)
+
+
+ADADELTA_RULE = Rule("adadelta", _adadelta, ("lr", "rho", "omrho", "eps", "lrwd"), 2)
+
+
+class Adadelta(FlatOptimizerDef):
+  """Adadelta optimizer. State: ``sq_avg``, ``acc_delta``."""
+  state_fields = ("sq_avg", "acc_delta")
+
+  def __init__(self, learning_rate=None, rho=0.9, eps=1e-6, weight_decay=0.0, *,
+               backend="auto"):
+    super().__init__(_AdadeltaHyperParams(learning_rate, rho, eps, weight_decay), backend)
+
+  def validate(self, hp):
+    check_range(hp, "learning_rate", 0.0)
+    check_beta(hp, "rho")
+    check_range(hp, "eps", 0.0)
+    check_range(hp, "weight_decay", 0.0)
+
+  def rule(self, hp):
+    return ADADELTA_RULE
+
+  def scalars(self, hp, step):
+    return {"lr": f32(hp.learning_rate), "rho": f32(hp.rho), "omrho": f32(1 - hp.rho),
+            "eps": f32(hp.eps), "lrwd": f32(hp.learning_rate * hp.weight_decay)}

@@ -1,0 +1,176 @@
+"""The flax.optim core: ``OptimizerDef``, ``Optimizer``, ``OptimizerState``.
+
+Semantics follow flax 0.5.3 (``flax/optim/base.py``): an ``OptimizerDef`` holds hyper-parameters
+and defines ``init_param_state``/``apply_param_gradient`` per leaf; ``apply_gradient`` maps them over
+the tree. A user's own subclass that implements only those two methods runs exactly that per-leaf
+path. The built-in optimizers (``fusedopt.flat.FlatOptimizerDef``) override ``init_state`` and
+``apply_gradient`` to keep their state in flat buffers and run fused updates.
+"""
+import warnings
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from . import struct
+
+
+class HyperParamError(ValueError):
+  """A hyper-parameter is missing or out of range."""
+
+
+@struct.dataclass
+class OptimizerState:
+  step: jnp.ndarray
+  param_states: Any
+
+
+def _check_tree(params, grads):
+  """flax raises ValueError for a grads tree of another structure; name both structures."""
+  p_def = jax.tree_util.tree_structure(params)
+  g_def = jax.tree_util.tree_structure(grads)
+  if p_def != g_def:
+    raise ValueError(f"grads have a different tree structure than the target:\n"
+                     f"  target: {p_def}\n  grads:  {g_def}")
+  return p_def
+
+
+class OptimizerDef:
+  """Base class for an optimizer definition: initialization and gradient application logic."""
+
+  def __init__(self, hyper_params):
+    self.hyper_params = hyper_params
+
+  def apply_param_gradient(self, step, hyper_params, param, state, grad):
+    """Applies a gradient to a single parameter; returns ``(new_param, new_state)``."""
+    raise NotImplementedError()
+
+  def init_param_state(self, param):
+    """Returns the initial optimizer state of a single parameter."""
+    raise NotImplementedError()
+
+  def apply_gradient(self, hyper_params, params, state, grads):
+    """Applies ``grads`` to ``params`` leaf by leaf; returns ``(new_params, new_state)``."""
+    step = state.step
+    treedef = _check_tree(params, grads)
+    params_flat = treedef.flatten_up_to(params)
+    states_flat = treedef.flatten_up_to(state.param_states)
+    grads_flat = treedef.flatten_up_to(grads)
+    out = [self.apply_param_gradient(step, hyper_params, p, s, g)
+           for p, s, g in zip(params_flat, states_flat, grads_flat)]
+    new_params_flat, new_states_flat = list(zip(*out)) if out else ((), ())
+    new_params = jax.tree_util.tree_unflatten(treedef, new_params_flat)
+    new_param_states = jax.tree_util.tree_unflatten(treedef, new_states_flat)
+    return new_params, OptimizerState(step + 1, new_param_states)
+
+  def init_state(self, params):
+    param_states = jax.tree_util.tree_map(self.init_param_state, params)
+    return OptimizerState(jnp.asarray(0, dtype=jnp.int32), param_states)
+
+  def update_hyper_params(self, **hyper_param_overrides):
+    """The hyper-parameters for one step: defaults with ``hyper_param_overrides`` applied.
+
+    ``hyper_params=...`` replaces all of them. An unknown name raises TypeError.
+    """
+    hp = hyper_param_overrides.pop("hyper_params", self.hyper_params)
+    if hyper_param_overrides:
+      hp = _replace_checked(hp, hyper_param_overrides)
+    return hp
+
+  def create(self, target, focus: Optional[Any] = None):
+    """Creates an ``Optimizer`` for ``target``; ``focus`` (a Traversal) selects a subset."""
+    opt_def = self
+    if focus:
+      from .multi import MultiOptimizer  # pylint: disable=import-outside-toplevel
+      opt_def = MultiOptimizer((focus, opt_def))
+    state = opt_def.init_state(target)
+    return Optimizer(opt_def, state, target)
+
+  def state_dict(self, target, state):
+    from . import serialization  # pylint: disable=import-outside-toplevel
+    return serialization.optimizer_state_dict(self, target, state)
+
+  def restore_state(self, opt_target, opt_state, state_dict):
+    from . import serialization  # pylint: disable=import-outside-toplevel
+    return serialization.optimizer_restore_state(self, opt_target, opt_state, state_dict)
+
+
+def _replace_checked(hp, overrides):
+  try:
+    return hp.replace(**overrides)
+  except TypeError as e:
+    names = [f for f in getattr(hp, "__dataclass_fields__", {})]
+    unknown = sorted(set(overrides) - set(names))
+    raise TypeError(f"unknown hyper-parameter override(s) {unknown}; this optimizer's "
+                    f"hyper-parameters are {names}") from e
+
+
+class _NoAux:
+  """Placeholder for the lack of auxiliary outputs."""
+
+
+class Optimizer(struct.PyTreeNode):
+  """An optimizer definition with its state and target (the parameters being optimized).
+
+  A pytree: it passes through ``jax.jit`` (and can be donated), ``jax.lax.scan`` and friends.
+
+  Example::
+
+    optimizer = fusedopt.Adam(learning_rate=1e-3).create(params)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(optimizer, batch, lr):
+      grad = jax.grad(loss_fn)(optimizer.target, batch)
+      return optimizer.apply_gradient(grad, learning_rate=lr)
+  """
+  optimizer_def: OptimizerDef = struct.field(pytree_node=False)
+  state: Any = struct.field(pytree_node=True)
+  target: Any = struct.field(pytree_node=True)
+
+  def apply_gradient(self, grads, **hyper_param_overrides):
+    """Applies a pytree of gradients to the target; returns a new Optimizer.
+
+    Keyword arguments override hyper-parameters for this step (``hyper_params=`` replaces all).
+    Pass changing values (schedules) as arrays or traced values: they are runtime inputs of the
+    compiled update and never cause a recompile.
+    """
+    hyper_params = self.optimizer_def.update_hyper_params(**hyper_param_overrides)
+    new_target, new_state = self.optimizer_def.apply_gradient(
+        hyper_params, self.target, self.state, grads)
+    return self.replace(target=new_target, state=new_state)
+
+  def compute_gradient(self, loss_fn):
+    """Deprecated (as in flax): use ``jax.grad`` or ``jax.value_and_grad``.
+
+    Returns ``(loss, grad)`` or ``(loss, aux, grad)`` when ``loss_fn`` returns ``(loss, aux)``.
+    """
+    warnings.warn("compute_gradient() will be removed soon. Use jax.grad() or "
+                  "jax.value_and_grad() instead.", DeprecationWarning, stacklevel=2)
+
+    def loss_wrapper(target):
+      loss_and_aux = loss_fn(target)
+      if isinstance(loss_and_aux, (jnp.ndarray, jax.Array, float, int)):
+        return loss_and_aux, _NoAux
+      return loss_and_aux
+
+    (loss, aux), grad = jax.value_and_grad(loss_wrapper, has_aux=True)(self.target)
+    return (loss, grad) if aux is _NoAux else (loss, aux, grad)
+
+  compute_gradients = compute_gradient
+
+  def optimize(self, loss_fn, **hyper_param_overrides):
+    """Deprecated (as in flax): returns ``(new_optimizer, loss[, aux])``."""
+    warnings.warn("optimize() will be removed soon. Use jax.grad() or jax.value_and_grad() "
+                  "and apply_gradient() instead.", DeprecationWarning, stacklevel=2)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", DeprecationWarning)
+      output_and_grad = self.compute_gradient(loss_fn)
+    optimizer = self.apply_gradient(output_and_grad[-1], **hyper_param_overrides)
+    return (optimizer,) + tuple(output_and_grad[:-1])
+
+  def state_dict(self):
+    return self.optimizer_def.state_dict(self.target, self.state)
+
+  def restore_state(self, state):
+    target, state = self.optimizer_def.restore_state(self.target, self.state, state)
+    return self.replace(target=target, state=state)

@@ -1,0 +1,229 @@
+"""The generic driver: built-in optimizers on flat state, one fused update per dtype group.
+
+A ``FlatOptimizerDef`` keeps its state as ``FlatState``: for each state field (``grad_ema``, ...)
+one buffer per dtype group of the parameters' ``FlatLayout``. Its ``apply_gradient`` computes the
+step's scalars once (float32, as runtime values), then runs the optimizer's ``Rule`` over each
+group with the selected backend. The same rule serves ``apply_param_gradient`` (the per-leaf path
+that flax's API exposes), so there is one copy of every optimizer's math.
+"""
+import functools
+import numbers
+import warnings
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import elementwise, struct
+from .base import HyperParamError, OptimizerDef, OptimizerState
+from .layout import FlatLayout, LayoutError
+
+F32 = jnp.float32
+BACKENDS = ("auto", "jnp", "native")
+
+
+# ----------------------------------------------------------------------------- backends
+
+def _native():
+  from .kernels import native  # pylint: disable=import-outside-toplevel
+  return native
+
+
+def available_backends():
+  """The backends that can run here, besides "auto"."""
+  out = ["jnp"]
+  try:
+    if jax.default_backend() == "cpu" and _native().available():
+      out.append("native")
+  except ImportError:
+    pass
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg):
+  warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _executor(backend, dtype):
+  """The function that runs a rule over one group: ``run(rule, scalars, seg, layout, gi, ...)``."""
+  if backend == "jnp":
+    return elementwise.run_jnp
+  if backend == "native":
+    native = _native()
+    if not native.available():
+      raise RuntimeError("backend='native' needs a C++ compiler and jaxlib's FFI headers; "
+                         "use backend='jnp' or 'auto'")
+    if not native.supports(dtype):
+      _warn_once(f"backend='native' has no {np.dtype(dtype).name} kernel yet; that dtype group "
+                 "runs on the jnp backend")
+      return elementwise.run_jnp
+    return native.run
+  # auto: the native kernels on CPU when they can be built, else jnp.
+  if jax.default_backend() == "cpu" and np.dtype(dtype) == np.float32:
+    try:
+      if _native().available():
+        return _native().run
+    except ImportError:
+      pass
+  return elementwise.run_jnp
+
+
+# ----------------------------------------------------------------------------- state
+
+@struct.dataclass
+class FlatState:
+  """Optimizer state in flat buffers: ``fields[name][g]`` is field ``name`` for dtype group ``g``
+  of ``layout`` (same offsets as the parameters)."""
+  fields: Dict[str, Tuple[Any, ...]]
+  layout: FlatLayout = struct.field(pytree_node=False)
+
+  def leaf(self, name, i):
+    """Field ``name`` of leaf ``i`` as an array of the leaf's shape."""
+    return self.layout.view(self.fields[name], i)
+
+  def per_leaf(self):
+    """The state as flax laid it out: a tree mirroring the params, each leaf a dict of fields."""
+    leaves = [{k: self.leaf(k, i) for k in self.fields} for i in range(len(self.layout.segments))]
+    return jax.tree_util.tree_unflatten(self.layout.treedef, leaves)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _concrete(x):
+  """``x`` as a float if it is known at trace time, else None (traced values are not checked)."""
+  if isinstance(x, numbers.Number):
+    return float(x)
+  try:
+    return float(np.asarray(x))
+  except Exception:  # pylint: disable=broad-except  (tracers)
+    return None
+
+
+def check_range(hp, name, lo=None, hi=None, lo_open=False, hi_open=False, allow_none=False):
+  """Raises HyperParamError if ``hp.name`` is missing or outside its range (when concrete)."""
+  x = getattr(hp, name)
+  if x is None:
+    if allow_none:
+      return
+    if name == "learning_rate":
+      raise HyperParamError("no learning rate provided.")
+    raise HyperParamError(f"hyper-parameter {name} is None")
+  v = _concrete(x)
+  if v is None:
+    return
+  bad = (np.isnan(v) or (lo is not None and (v <= lo if lo_open else v < lo))
+         or (hi is not None and (v >= hi if hi_open else v > hi)))
+  if bad:
+    lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo}"
+    hi_s = "" if hi is None else f"{hi}" + (")" if hi_open else "]")
+    raise HyperParamError(f"hyper-parameter {name}={v} is outside its valid range "
+                          f"{lo_s or '(-inf'}, {hi_s or 'inf)'}")
+
+
+def check_beta(hp, name):
+  check_range(hp, name, 0.0, 1.0, hi_open=True)
+
+
+# ----------------------------------------------------------------------------- the driver
+
+class FlatOptimizerDef(OptimizerDef):
+  """Base of the built-in optimizers: flat state and fused per-group updates.
+
+  Subclasses define:
+    state_fields: names of the state buffers (zeros at init).
+    rule(hp) -> Rule: the per-element update (a static variant per static hyper-parameters).
+    scalars(hp, step) -> dict of float32 scalars the rule reads.
+    validate(hp): raise HyperParamError on bad values.
+  and may override ``update_leaves`` for multi-stage updates (LAMB, LARS).
+  """
+  state_fields: Tuple[str, ...] = ()
+
+  def __init__(self, hyper_params, backend="auto"):
+    if backend not in BACKENDS:
+      raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+    super().__init__(hyper_params)
+    self.backend = backend
+
+  # -- to be defined by each optimizer
+  def rule(self, hp) -> elementwise.Rule:
+    raise NotImplementedError
+
+  def scalars(self, hp, step) -> Dict[str, Any]:
+    raise NotImplementedError
+
+  def validate(self, hp):
+    check_range(hp, "learning_rate", 0.0)
+
+  # -- per-leaf (flax) API, on the same rule
+  def init_param_state(self, param):
+    return {k: jnp.zeros(jnp.shape(param), self.state_dtype(jnp.result_type(param)))
+            for k in self.state_fields}
+
+  def apply_param_gradient(self, step, hyper_params, param, state, grad):
+    self.validate(hyper_params)
+    seg = self.leaf_seg_scalars(hyper_params, step, param, state, grad)
+    new_p, new_state = elementwise.apply_to_leaf(
+        self.rule(hyper_params), self.scalars(hyper_params, step), seg, param, grad,
+        tuple(state[k] for k in self.state_fields))
+    return new_p, dict(zip(self.state_fields, new_state))
+
+  def leaf_seg_scalars(self, hp, step, param, state, grad):
+    del hp, step, param, state, grad
+    return {}
+
+  @staticmethod
+  def state_dtype(param_dtype):
+    """State is float32 whatever the param dtype (flax used the param dtype, which breaks bf16)."""
+    del param_dtype
+    return F32
+
+  # -- the flat path
+  def init_state(self, params):
+    layout = FlatLayout.build(params)
+    fields = {k: layout.zeros(F32) for k in self.state_fields}
+    return OptimizerState(jnp.asarray(0, jnp.int32), FlatState(fields, layout))
+
+  def apply_gradient(self, hyper_params, params, state, grads):
+    if not isinstance(state.param_states, FlatState):
+      return super().apply_gradient(hyper_params, params, state, grads)
+    self.validate(hyper_params)
+    layout = state.param_states.layout
+    p_leaves = layout.check(params, "target", allow_other_float=False)
+    g_leaves = layout.check(grads, "grads")
+    new_p, new_fields = self.update_leaves(hyper_params, state.step, layout, p_leaves, g_leaves,
+                                           state.param_states.fields)
+    new_params = jax.tree_util.tree_unflatten(layout.treedef, new_p)
+    return new_params, OptimizerState(state.step + 1, FlatState(new_fields, layout))
+
+  def update_leaves(self, hp, step, layout, p_leaves, g_leaves, fields):
+    """One step over all groups: returns (new param leaves, new fields)."""
+    return self.run_rule(self.rule(hp), self.scalars(hp, step), {}, layout, p_leaves, g_leaves,
+                         fields)
+
+  def run_rule(self, rule, scalars, seg, layout, p_leaves, g_leaves, fields):
+    """Runs ``rule`` over every dtype group with this optimizer's backend."""
+    names = self.state_fields
+    new_p = list(p_leaves)
+    new_fields = {k: list(v) for k, v in fields.items()}
+    for gi, group in enumerate(layout.groups):
+      run = _executor(self.backend, group.dtype)
+      out_p, out_state = run(rule, scalars, seg, layout, gi, p_leaves, g_leaves,
+                             tuple(fields[k][gi] for k in names))
+      if out_p is not None:
+        for i, x in zip(group.segments, out_p):
+          new_p[i] = x
+      for k, buf in zip(names, out_state):
+        new_fields[k][gi] = buf
+    return new_p, {k: tuple(v) for k, v in new_fields.items()}
+
+
+def bias_correction(beta, step):
+  """``1 - beta**(step+1)`` in float32 (flax 0.5.3 used the param dtype: 0 in bf16)."""
+  t = jnp.asarray(step, F32) + 1.0
+  return 1.0 - jnp.asarray(beta, F32) ** t
+
+
+def f32(x):
+  return jnp.asarray(x, F32)

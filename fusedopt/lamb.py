@@ -1,0 +1,86 @@
+"""LAMB: Adam's direction, rescaled per tensor by the trust ratio ||p|| / ||u||.
+
+    m, v as in Adam;   u = (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps) + wd * p
+    r = ||p|| / ||u||  (1 if either norm is 0);   p <- p - r * lr * u
+
+Two stages over the flat buffers: the moments, then (after the per-tensor norms) the update.
+Reference: You et al., https://arxiv.org/abs/1904.00962.
+"""
+from typing import Any
+
+import jax.numpy as jnp
+
+from . import elementwise, norms, struct
+from .adam import moment_scalars, validate_moments
+from .elementwise import Rule
+from .flat import FlatOptimizerDef, f32
+
+
+@struct.dataclass
+class _LAMBHyperParams:
+  learning_rate: Any
+  beta1: Any
+  beta2: Any
+  weight_decay: Any
+  eps: Any
+
+
+def direction(xp, s, p, m, v):
+  """The unscaled LAMB update ``u`` from the *new* moments."""
+  return (m / s.c1) / (xp.sqrt(v / s.c2) + s.eps) + s.wd * p
+
+
+def _moments(xp, s, q, p, g, m, v):
+  del xp, q, p
+  return None, (s.b1 * m + s.omb1 * g, s.b2 * v + s.omb2 * (g * g))
+
+
+def _apply(xp, s, q, p, g, m, v):
+  del g
+  return p - q.ratio_lr * direction(xp, s, p, m, v), (m, v)
+
+
+_SCALARS = ("lr", "b1", "omb1", "b2", "omb2", "c1", "c2", "eps", "wd")
+MOMENTS_RULE = Rule("lamb_moments", _moments, _SCALARS, 2, writes_param=False)
+APPLY_RULE = Rule("lamb_apply", _apply, _SCALARS, 2, seg_scalars=("ratio_lr",))
+
+
+class LAMB(FlatOptimizerDef):
+  """Layer-wise adaptive moments (LAMB) optimizer. State: ``grad_ema``, ``grad_sq_ema``."""
+  state_fields = ("grad_ema", "grad_sq_ema")
+
+  def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, weight_decay=0, eps=1e-6, *,
+               backend="auto"):
+    super().__init__(_LAMBHyperParams(learning_rate, beta1, beta2, weight_decay, eps), backend)
+
+  def validate(self, hp):
+    validate_moments(hp)
+
+  def scalars(self, hp, step):
+    return dict(moment_scalars(hp, step), wd=f32(hp.weight_decay))
+
+  def _ratio_lr(self, s, p_leaves, u_leaves):
+    return norms.safe_ratio(norms.per_leaf(p_leaves), norms.per_leaf(u_leaves)) * s["lr"]
+
+  def update_leaves(self, hp, step, layout, p_leaves, g_leaves, fields):
+    s = self.scalars(hp, step)
+    _, fields = self.run_rule(MOMENTS_RULE, s, {}, layout, p_leaves, g_leaves, fields)
+    ns = elementwise.namespace(s)
+    u = [direction(jnp, ns, p.astype(jnp.float32), layout.view(fields["grad_ema"], i),
+                   layout.view(fields["grad_sq_ema"], i)) for i, p in enumerate(p_leaves)]
+    ratio_lr = self._ratio_lr(s, p_leaves, u)
+    return self.run_rule(APPLY_RULE, s, {"ratio_lr": ratio_lr}, layout, p_leaves, g_leaves,
+                         fields)
+
+  def apply_param_gradient(self, step, hyper_params, param, state, grad):
+    self.validate(hyper_params)
+    s = self.scalars(hyper_params, step)
+    st = (state["grad_ema"], state["grad_sq_ema"])
+    _, st = elementwise.apply_to_leaf(MOMENTS_RULE, s, {}, param, grad, st)
+    u = direction(jnp, elementwise.namespace(s), param.astype(jnp.float32), *st)
+    ratio_lr = self._ratio_lr(s, [param], [u])[0]
+    new_p, st = elementwise.apply_to_leaf(APPLY_RULE, s, {"ratio_lr": ratio_lr}, param, grad, st)
+    return new_p, dict(zip(self.state_fields, st))
+
+  def rule(self, hp):
+    return APPLY_RULE

@@ -1,0 +1,75 @@
+"""LARS: momentum SGD with a per-tensor learning rate from the trust ratio.
+
+    r = tc ||p|| / (||g|| + wd ||p|| + eps)   (1 if ||g|| = 0 or ||p|| = 0; raw gradient)
+    g <- g + wd p;   sg = lr r g;   m <- beta m + sg;   d = sg + beta m (nesterov) or m;   p <- p - d
+
+Reference: You et al., https://arxiv.org/abs/1708.03888.
+"""
+import functools
+from typing import Any
+
+import jax.numpy as jnp
+
+from . import elementwise, norms, struct
+from .elementwise import Rule
+from .flat import FlatOptimizerDef, check_range, f32
+
+
+@struct.dataclass
+class _LARSHyperParams:
+  learning_rate: Any
+  beta: Any
+  weight_decay: Any
+  trust_coefficient: Any
+  eps: Any
+  nesterov: bool
+
+
+@functools.lru_cache(maxsize=None)
+def lars_rule(nesterov: bool) -> Rule:
+  def fn(xp, s, q, p, g, m):
+    del xp
+    g = g + s.wd * p
+    sg = q.scaled_lr * g
+    m = s.beta * m + sg
+    d = sg + s.beta * m if nesterov else m
+    return p - d, (m,)
+  return Rule("lars_nesterov" if nesterov else "lars", fn, ("beta", "wd"), 1,
+              seg_scalars=("scaled_lr",))
+
+
+class LARS(FlatOptimizerDef):
+  """Layer-wise adaptive rate scaling (LARS) optimizer. State: ``momentum``."""
+  state_fields = ("momentum",)
+
+  def __init__(self, learning_rate=None, beta=0.9, weight_decay=0, trust_coefficient=0.001,
+               eps=0, nesterov=False, *, backend="auto"):
+    super().__init__(_LARSHyperParams(learning_rate, beta, weight_decay, trust_coefficient, eps,
+                                      nesterov), backend)
+
+  def validate(self, hp):
+    check_range(hp, "learning_rate", 0.0)
+    check_range(hp, "beta", 0.0, 1.0)
+    check_range(hp, "weight_decay", 0.0)
+    check_range(hp, "trust_coefficient", 0.0)
+    check_range(hp, "eps", 0.0)
+
+  def rule(self, hp):
+    return lars_rule(bool(hp.nesterov))
+
+  def scalars(self, hp, step):
+    del step
+    return {"lr": f32(hp.learning_rate), "beta": f32(hp.beta), "wd": f32(hp.weight_decay)}
+
+  @staticmethod
+  def _scaled_lr(hp, pn, gn):
+    ratio = hp.trust_coefficient * pn / (gn + hp.weight_decay * pn + hp.eps)
+    return hp.learning_rate * jnp.where((gn == 0.) | (pn == 0.), 1., ratio).astype(jnp.float32)
+
+  def update_leaves(self, hp, step, layout, p_leaves, g_leaves, fields):
+    scaled_lr = self._scaled_lr(hp, norms.per_leaf(p_leaves), norms.per_leaf(g_leaves))
+    return self.run_rule(self.rule(hp), self.scalars(hp, step), {"scaled_lr": scaled_lr}, layout,
+                         p_leaves, g_leaves, fields)
+
+  def leaf_seg_scalars(self, hp, step, param, state, grad):
+    return {"scaled_lr": self._scaled_lr(hp, norms.l2(param), norms.l2(grad))}

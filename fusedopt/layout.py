@@ -1,0 +1,194 @@
+"""The flat layout: a parameter pytree as a few contiguous 1-D buffers, one per dtype.
+
+Every leaf is a *segment* of its dtype group's buffer. Segments start at multiples of ``align``
+elements and are zero-padded up to the next multiple, so that a kernel block of ``align`` (or a
+divisor of it) never straddles two tensors: per-tensor norms (LAMB, LARS) reduce whole blocks,
+and the padding (always zero in params, grads and moments) contributes nothing.
+
+A layout is built once per (tree structure, shapes, dtypes) — at trace time — and cached. It is
+static (hashable), so it can sit in a pytree's aux data: jit sees the same layout as the same
+treedef and never retraces for it.
+"""
+import dataclasses
+import functools
+from typing import Any, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_ALIGN = 1024
+
+
+class LayoutError(ValueError):
+  """A tree does not match the layout it is used with (structure, shape or dtype)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """One leaf of the tree: where it lives in its group's flat buffer."""
+  index: int          # position in the tree's leaf order
+  path: str           # jax.tree_util.keystr of the leaf, for error messages
+  shape: Tuple[int, ...]
+  group: int          # index into FlatLayout.groups
+  offset: int         # element offset in the group buffer (a multiple of align)
+  size: int           # number of elements (offset + padded_size is the next segment)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """All leaves of one dtype: one contiguous buffer of ``size`` elements."""
+  dtype: np.dtype
+  size: int
+  segments: Tuple[int, ...]   # Segment indices, in buffer order
+
+
+def _round_up(n, m):
+  return -(-n // m) * m
+
+
+def _check_leaf(path, x):
+  dtype = np.dtype(jnp.result_type(x))
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise LayoutError(
+        f"leaf {path} has dtype {dtype}; fusedopt optimizes floating-point leaves only "
+        "(integer and boolean leaves are rejected rather than silently skipped: keep them "
+        "out of the optimized tree, e.g. with `focus=` or MultiOptimizer)")
+  return dtype
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlatLayout:
+  """Where every leaf of a pytree lives in per-dtype flat buffers.
+
+  Attributes:
+    treedef: the tree structure.
+    segments: one ``Segment`` per leaf, in leaf order.
+    groups: one ``Group`` per distinct dtype, in order of first appearance.
+    align: segment alignment in elements.
+  """
+  treedef: Any
+  segments: Tuple[Segment, ...]
+  groups: Tuple[Group, ...]
+  align: int
+
+  # Layouts are interned by `build`, so identity is equality; hashing the key keeps jit caches
+  # working even for layouts built in different places.
+  @property
+  def _key(self):
+    return (self.treedef, tuple((s.shape, self.groups[s.group].dtype) for s in self.segments),
+            self.align)
+
+  def __eq__(self, other):
+    return isinstance(other, FlatLayout) and self._key == other._key
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __repr__(self):
+    groups = ", ".join(f"{g.dtype.name}[{g.size}]" for g in self.groups)
+    return f"FlatLayout({len(self.segments)} leaves; {groups}; align={self.align})"
+
+  # ---------------------------------------------------------------- construction
+
+  @staticmethod
+  def build(tree, align: int = DEFAULT_ALIGN) -> "FlatLayout":
+    """The layout of ``tree`` (arrays or ShapeDtypeStructs). Cached per structure/shapes/dtypes."""
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if not leaves_with_path:
+      raise LayoutError("cannot optimize an empty tree (it has no array leaves)")
+    spec = tuple((jax.tree_util.keystr(p), tuple(np.shape(x)), _check_leaf(jax.tree_util.keystr(p), x))
+                 for p, x in leaves_with_path)
+    return _build(treedef, spec, align)
+
+  # ---------------------------------------------------------------- checks
+
+  def check(self, tree, what="tree", allow_other_float=True):
+    """Raises LayoutError naming the first leaf of ``tree`` that does not fit this layout."""
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if treedef != self.treedef:
+      raise LayoutError(
+          f"{what} has a different tree structure than the parameters:\n  params: {self.treedef}\n"
+          f"  {what}: {treedef}")
+    for seg, (path, x) in zip(self.segments, leaves_with_path):
+      if tuple(np.shape(x)) != seg.shape:
+        raise LayoutError(f"{what} leaf {seg.path} has shape {tuple(np.shape(x))}, "
+                          f"expected {seg.shape}")
+      dtype = np.dtype(jnp.result_type(x))
+      want = self.groups[seg.group].dtype
+      if dtype != want and not (allow_other_float and jnp.issubdtype(dtype, jnp.floating)):
+        raise LayoutError(f"{what} leaf {seg.path} has dtype {dtype}, expected {want}")
+    return [x for _, x in leaves_with_path]
+
+  # ---------------------------------------------------------------- pack / unpack
+
+  def group_leaves(self, leaves: Sequence[Any], g: int):
+    return [leaves[i] for i in self.groups[g].segments]
+
+  def pack_group(self, leaves: Sequence[Any], g: int, dtype=None):
+    """Concatenates the leaves of group ``g`` (all the tree's leaves, in leaf order) into its
+    zero-padded flat buffer."""
+    group = self.groups[g]
+    dtype = group.dtype if dtype is None else dtype
+    parts = []
+    for i in group.segments:
+      seg = self.segments[i]
+      parts.append(jnp.ravel(jnp.asarray(leaves[i])).astype(dtype))
+      pad = _round_up(seg.size, self.align) - seg.size
+      if pad:
+        parts.append(jnp.zeros((pad,), dtype))
+    if not parts:
+      return jnp.zeros((0,), dtype)
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+
+  def pack(self, tree, dtype=None):
+    """``tree`` -> tuple of flat buffers, one per group (``dtype`` overrides the buffers' dtype)."""
+    leaves = self.check(tree)
+    return tuple(self.pack_group(leaves, g, dtype) for g in range(len(self.groups)))
+
+  def view(self, buffers, i):
+    """Leaf ``i`` as an array of its shape, read from ``buffers``."""
+    seg = self.segments[i]
+    buf = buffers[seg.group]
+    return jax.lax.slice(buf, (seg.offset,), (seg.offset + seg.size,)).reshape(seg.shape)
+
+  def unpack_leaves(self, buffers, dtype=None):
+    out = [self.view(buffers, i) for i in range(len(self.segments))]
+    if dtype is not None:
+      out = [x.astype(dtype) for x in out]
+    return out
+
+  def unpack(self, buffers, dtype=None):
+    """Tuple of flat buffers -> the tree."""
+    return jax.tree_util.tree_unflatten(self.treedef, self.unpack_leaves(buffers, dtype))
+
+  def zeros(self, dtype=None):
+    """Zero flat buffers, one per group (of the group's dtype unless ``dtype`` is given)."""
+    return tuple(jnp.zeros((g.size,), g.dtype if dtype is None else dtype) for g in self.groups)
+
+  def block_segment_ids(self, g: int) -> np.ndarray:
+    """For group ``g``: the segment (leaf) index owning each ``align``-sized block (host int32)."""
+    group = self.groups[g]
+    ids = np.empty((group.size // self.align,), np.int32)
+    for i in group.segments:
+      seg = self.segments[i]
+      a = seg.offset // self.align
+      ids[a:a + _round_up(seg.size, self.align) // self.align] = i
+    return ids
+
+
+@functools.lru_cache(maxsize=256)
+def _build(treedef, spec, align):
+  segments, groups, order = [None] * len(spec), {}, []
+  for i, (path, shape, dtype) in enumerate(spec):
+    if dtype not in groups:
+      groups[dtype] = [0, []]
+      order.append(dtype)
+    size = int(np.prod(shape, dtype=np.int64))
+    g = order.index(dtype)
+    segments[i] = Segment(i, path, shape, g, groups[dtype][0], size)
+    groups[dtype][0] += _round_up(size, align)
+    groups[dtype][1].append(i)
+  group_objs = tuple(Group(d, groups[d][0], tuple(groups[d][1])) for d in order)
+  return FlatLayout(treedef, tuple(segments), group_objs, align)

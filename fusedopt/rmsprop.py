@@ -1,0 +1,61 @@
+"""RMSProp, optionally centered.
+
+    v <- b2 v + (1-b2) g^2;   centered: mg <- b2 mg + (1-b2) g,  den = sqrt(v - mg^2) + eps
+    otherwise den = sqrt(v) + eps;   p <- p - lr * g / den
+"""
+import functools
+from typing import Any
+
+from . import struct
+from .elementwise import Rule
+from .flat import FlatOptimizerDef, check_beta, check_range, f32
+
+
+@struct.dataclass
+class _RMSPropHyperParams:
+  learning_rate: Any
+  beta2: Any
+  eps: Any
+  centered: bool
+
+
+@functools.lru_cache(maxsize=None)
+def rmsprop_rule(centered: bool) -> Rule:
+  def plain(xp, s, q, p, g, v):
+    del q
+    v = s.b2 * v + s.omb2 * (g * g)
+    return p - s.lr * g / (xp.sqrt(v) + s.eps), (v,)
+
+  def centered_fn(xp, s, q, p, g, v, mg):
+    del q
+    v = s.b2 * v + s.omb2 * (g * g)
+    mg = s.b2 * mg + s.omb2 * g
+    return p - s.lr * g / (xp.sqrt(v - mg * mg) + s.eps), (v, mg)
+
+  if centered:
+    return Rule("rmsprop_centered", centered_fn, ("lr", "b2", "omb2", "eps"), 2)
+  return Rule("rmsprop", plain, ("lr", "b2", "omb2", "eps"), 1)
+
+
+class RMSProp(FlatOptimizerDef):
+  """RMSProp optimizer. State: ``v`` (and ``mg`` when centered)."""
+
+  def __init__(self, learning_rate=None, beta2=0.9, eps=1e-8, centered=False, *,
+               backend="auto"):
+    super().__init__(_RMSPropHyperParams(learning_rate, beta2, eps, centered), backend)
+    self.state_fields = ("v", "mg") if centered else ("v",)
+
+  def validate(self, hp):
+    check_range(hp, "learning_rate", 0.0)
+    check_beta(hp, "beta2")
+    check_range(hp, "eps", 0.0)
+    if bool(hp.centered) != ("mg" in self.state_fields):
+      raise ValueError("`centered` decides the state layout at create(); it cannot be "
+                       "overridden per step")
+
+  def rule(self, hp):
+    return rmsprop_rule(bool(hp.centered))
+
+  def scalars(self, hp, step):
+    return {"lr": f32(hp.learning_rate), "b2": f32(hp.beta2), "omb2": f32(1. - hp.beta2),
+            "eps": f32(hp.eps)}

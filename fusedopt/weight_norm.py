@@ -1,0 +1,89 @@
+"""WeightNorm: run a wrapped optimizer on the (direction, scale) decomposition of each weight.
+
+``w = s * v / ||v||`` with the norm over all axes but the last (the output axis). Leaves with
+``size <= shape[-1]`` (biases, scalars) pass through to the wrapped optimizer unchanged in form.
+Reference: Salimans & Kingma, https://arxiv.org/abs/1602.07868. Semantics of flax 0.5.3.
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import struct
+from .base import OptimizerDef
+
+
+@struct.dataclass
+class _WeightNormHyperParams:
+  inner: Any
+  wn_decay: Any
+  wn_eps: Any
+
+
+@struct.dataclass
+class WeightNormState:
+  """The wrapped optimizer's param_states over ``{'direction', 'scale'}``, plus those params."""
+  inner: Any
+  direction: Any
+  scale: Any
+
+
+def _decomposed(p):
+  return p.size > p.shape[-1] if p.ndim else False
+
+
+def _split(p, eps):
+  if _decomposed(p):
+    norms = jnp.sqrt(jnp.square(p).sum(tuple(range(p.ndim - 1)), keepdims=True) + eps)
+    return p / norms, norms
+  return p, ()
+
+
+def _merge(direction, scale, eps):
+  if _decomposed(direction):
+    norm = jnp.square(direction).sum(tuple(range(direction.ndim - 1)), keepdims=True) + eps
+    return direction * (scale * lax.rsqrt(norm))
+  return direction
+
+
+class WeightNorm(OptimizerDef):
+  """Adds weight normalization to an optimizer definition."""
+
+  def __init__(self, wrapped_optimizer, wn_decay=0, wn_eps=1e-8):
+    super().__init__(_WeightNormHyperParams(wrapped_optimizer.hyper_params, wn_decay, wn_eps))
+    self.wrapped_optimizer = wrapped_optimizer
+
+  def update_hyper_params(self, **hyper_param_overrides):
+    decay = hyper_param_overrides.pop("wn_decay", self.hyper_params.wn_decay)
+    eps = hyper_param_overrides.pop("wn_eps", self.hyper_params.wn_eps)
+    inner = self.wrapped_optimizer.update_hyper_params(**hyper_param_overrides)
+    return self.hyper_params.replace(inner=inner, wn_decay=decay, wn_eps=eps)
+
+  def init_state(self, params):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    eps = self.hyper_params.wn_eps
+    directions, scales = zip(*(_split(p, eps) for p in leaves)) if leaves else ((), ())
+    direction = treedef.unflatten(directions)
+    scale = treedef.unflatten(scales)
+    state = self.wrapped_optimizer.init_state({"direction": direction, "scale": scale})
+    return state.replace(param_states=WeightNormState(state.param_states, direction, scale))
+
+  def apply_gradient(self, hyper_params, params, state, grads):
+    wn = state.param_states
+    eps, decay = hyper_params.wn_eps, hyper_params.wn_decay
+    merge = lambda d, s: jax.tree_util.tree_map(lambda a, b: _merge(a, b, eps), d, s)
+    p_def, g_def = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(grads)
+    if p_def != g_def:
+      raise ValueError(f"grads have a different tree structure than the target:\n"
+                       f"  target: {p_def}\n  grads:  {g_def}")
+    _, vjp_fn = jax.vjp(merge, wn.direction, wn.scale)
+    dir_grad, scale_grad = vjp_fn(grads)
+    dir_grad = jax.tree_util.tree_map(
+        lambda d, g: g + decay * d if _decomposed(d) else g, wn.direction, dir_grad)
+    new_wn, new_state = self.wrapped_optimizer.apply_gradient(
+        hyper_params.inner, {"direction": wn.direction, "scale": wn.scale},
+        state.replace(param_states=wn.inner), {"direction": dir_grad, "scale": scale_grad})
+    direction, scale = new_wn["direction"], new_wn["scale"]
+    return merge(direction, scale), new_state.replace(
+        param_states=WeightNormState(new_state.param_states, direction, scale))
