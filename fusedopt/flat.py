@@ -41,8 +41,7 @@ def available_backends():
   return out
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(msg):
+def _warn_once(msg):  # Python's default filter shows it once per call site
   warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 F32 = jnp.float32
-_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-fPIC",
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp", "-fPIC",
           "-shared", "-std=c++17", "-w")
 _CHUNK = 1 << 15  # elements per work item: 128 KiB of fp32, enough to amortise the loop set-up
 

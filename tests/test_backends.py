@@ -1,0 +1,130 @@
+"""Every backend runs the same rule: native == jnp (<= 2 ulp in float32), flat == per-leaf."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fusedopt as optim
+from fusedopt.base import OptimizerDef, OptimizerState
+
+NATIVE = "native" in optim.available_backends()
+
+CONFIGS = [
+    ("GradientDescent", {}),
+    ("Momentum", {}),
+    ("Momentum", {"nesterov": True, "weight_decay": 0.01}),
+    ("Adam", {}),
+    ("Adam", {"weight_decay": 0.1}),
+    ("Adagrad", {}),
+    ("RMSProp", {}),
+    ("RMSProp", {"centered": True}),
+    ("LAMB", {}),
+    ("LAMB", {"weight_decay": 0.01}),
+    ("LARS", {}),
+    ("LARS", {"nesterov": True, "weight_decay": 0.01, "eps": 1e-6}),
+    ("AdaBelief", {"weight_decay": 0.01}),
+    ("Adadelta", {"weight_decay": 0.01}),
+]
+
+
+def _tree(dtypes=(jnp.float32,)):
+  rng = np.random.RandomState(0)
+  shapes = [(), (1,), (7,), (3, 5), (1025,), (0,), (33, 65), (2, 3, 4)]
+  tree = {}
+  for i, s in enumerate(shapes):
+    tree[f"l{i}"] = jnp.asarray(rng.standard_normal(s), dtypes[i % len(dtypes)])
+  return tree
+
+
+def _grads(tree, seed):
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), tree)
+
+
+def _run(name, kw, backend, tree, steps=5, lr=0.05):
+  opt = getattr(optim, name)(learning_rate=lr, backend=backend, **kw).create(tree)
+  step = jax.jit(lambda o, g, lr: o.apply_gradient(g, learning_rate=lr))
+  for t in range(steps):
+    opt = step(opt, _grads(tree, t + 1), jnp.float32(lr / (t + 1)))
+  return opt
+
+
+def _ulp_diff(a, b):
+  a = np.asarray(a, np.float32).ravel()
+  b = np.asarray(b, np.float32).ravel()
+  ia, ib = a.view(np.int32).astype(np.int64), b.view(np.int32).astype(np.int64)
+  ia = np.where(ia < 0, -(ia & 0x7FFFFFFF), ia)
+  ib = np.where(ib < 0, -(ib & 0x7FFFFFFF), ib)
+  return int(np.max(np.abs(ia - ib))) if a.size else 0
+
+
+def _assert_within_4ulp(new_a, new_b, old, what):
+  """|a - b| <= 4 ulp of the operands' magnitude (|old| + |new|).
+
+  The backends evaluate the same expression in float32, but XLA and the C++ compiler contract
+  different multiply-adds into FMAs, so results differ by rounding of the *terms*: near a
+  cancellation that is many ulps of the (small) result, yet at most ~1 ulp of the terms.
+  """
+  a, b, old = (np.asarray(x, np.float32) for x in (new_a, new_b, old))
+  scale = np.abs(old) + np.maximum(np.abs(a), np.abs(b))
+  err = np.abs(a.astype(np.float64) - b)
+  bound = 4 * np.spacing(scale.astype(np.float32)).astype(np.float64)
+  assert np.all(err <= bound), (what, float(np.max(err - bound)))
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C++ compiler for the native backend")
+@pytest.mark.parametrize("name, kw", CONFIGS, ids=[f"{n}-{k}" for n, k in CONFIGS])
+def test_native_matches_jnp_float32(name, kw):
+  """From the same state, one native step equals one jnp step (checked at 5 successive states)."""
+  tree = _tree()
+  defs = {b: getattr(optim, name)(learning_rate=0.05, backend=b, **kw) for b in ("jnp", "native")}
+  steps = {b: jax.jit(lambda o, g, lr, d=d: o.replace(optimizer_def=d).apply_gradient(
+      g, learning_rate=lr)) for b, d in defs.items()}
+  opt = defs["jnp"].create(tree)
+  for t in range(5):
+    g, lr = _grads(tree, t + 1), jnp.float32(0.05 / (t + 1))
+    a, b = steps["jnp"](opt, g, lr), steps["native"](opt, g, lr)
+    for x, y, old in zip(jax.tree.leaves(a.target), jax.tree.leaves(b.target),
+                         jax.tree.leaves(opt.target)):
+      _assert_within_4ulp(x, y, old, (name, kw, t))
+    # state compared leaf by leaf: the padding between segments is not state (the jnp backend
+    # computes it, the native one skips it)
+    a_st, b_st = a.state.param_states, b.state.param_states
+    for k in a_st.fields:
+      for i in range(len(a_st.layout.segments)):
+        _assert_within_4ulp(a_st.leaf(k, i), b_st.leaf(k, i), opt.state.param_states.leaf(k, i),
+                            (name, kw, t, k, i))
+    opt = a
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C++ compiler for the native backend")
+@pytest.mark.parametrize("name", ["Adam", "Momentum", "LAMB"])
+def test_native_on_mixed_dtypes_falls_back_per_group(name):
+  tree = _tree((jnp.float32, jnp.bfloat16, jnp.float16))
+  a = _run(name, {}, "jnp", tree)
+  with pytest.warns(RuntimeWarning, match="no bfloat16 kernel|no float16 kernel"):
+    b = _run(name, {}, "native", tree)
+  for x, y in zip(jax.tree.leaves(a.target), jax.tree.leaves(b.target)):
+    assert x.dtype == y.dtype
+    if x.dtype == jnp.float32:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    else:
+      np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.mark.parametrize("name, kw", CONFIGS, ids=[f"{n}-{k}" for n, k in CONFIGS])
+def test_flat_path_equals_per_leaf_path(name, kw):
+  """The flat driver and flax's per-leaf ``apply_param_gradient`` run the same rule."""
+  tree = _tree()
+  opt_def = getattr(optim, name)(learning_rate=0.05, backend="jnp", **kw)
+  flat = opt_def.create(tree)
+  per_leaf = OptimizerState(jnp.int32(0), jax.tree.map(opt_def.init_param_state, tree))
+  params = tree
+  for t in range(3):
+    g = _grads(tree, t + 1)
+    flat = flat.apply_gradient(g)
+    params, per_leaf = OptimizerDef.apply_gradient(opt_def, opt_def.hyper_params, params,
+                                                   per_leaf, g)
+  for x, y in zip(jax.tree.leaves(flat.target), jax.tree.leaves(params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-6, atol=1e-7)
+  assert int(per_leaf.step) == int(flat.state.step) == 3

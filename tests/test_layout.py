@@ -1,0 +1,94 @@
+"""The flat layout: alignment, pack/unpack identity, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from fusedopt.layout import FlatLayout, LayoutError
+from fusedopt.frozen_dict import FrozenDict
+
+
+def _tree():
+  return {"a": jnp.arange(6.0).reshape(2, 3), "b": [jnp.float32(3.0), jnp.zeros((0,))],
+          "c": (jnp.ones((5,), jnp.bfloat16), None), "d": FrozenDict({"k": jnp.ones((7, 3))})}
+
+
+def test_segments_are_aligned_and_grouped_by_dtype():
+  lay = FlatLayout.build(_tree(), align=8)
+  assert [g.dtype for g in lay.groups] == [np.dtype("float32"), np.dtype("bfloat16")]
+  for seg in lay.segments:
+    assert seg.offset % 8 == 0
+  f32 = [s for s in lay.segments if s.group == 0]
+  # segments follow each other with padding up to the alignment, in leaf order
+  ends = [s.offset + -(-s.size // 8) * 8 for s in f32]
+  assert [s.offset for s in f32[1:]] == ends[:-1]
+  assert lay.groups[0].size == ends[-1]
+  assert lay.segments[0].path == "['a']"
+
+
+def test_layout_is_cached_and_hashable():
+  t = _tree()
+  assert FlatLayout.build(t) is FlatLayout.build(jax.tree.map(lambda x: x + 1, t))
+  assert hash(FlatLayout.build(t)) == hash(FlatLayout.build(t))
+  other = dict(t, a=jnp.zeros((3, 2)))
+  assert FlatLayout.build(other) != FlatLayout.build(t)
+
+
+def test_pack_pads_with_zeros_and_unpack_is_identity_under_jit():
+  t = _tree()
+  lay = FlatLayout.build(t, align=8)
+  bufs = jax.jit(lay.pack)(t)
+  assert [b.shape[0] for b in bufs] == [g.size for g in lay.groups]
+  back = jax.jit(lay.unpack)(bufs)
+  for x, y in zip(jax.tree.leaves(t), jax.tree.leaves(back)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+  mask = np.zeros(lay.groups[0].size, bool)
+  for s in lay.segments:
+    if s.group == 0:
+      mask[s.offset:s.offset + s.size] = True
+  assert np.all(np.asarray(bufs[0])[~mask] == 0)
+
+
+def test_block_segment_ids():
+  lay = FlatLayout.build({"a": jnp.ones(9), "b": jnp.ones(3)}, align=4)
+  np.testing.assert_array_equal(lay.block_segment_ids(0), [0, 0, 0, 1])
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"a": jnp.ones(3), "b": jnp.ones(2)}, "tree structure"),
+    ({"a": jnp.ones(4)}, r"\['a'\] has shape \(4,\)"),
+    ({"a": jnp.ones(3, jnp.int32)}, r"\['a'\] has dtype int32"),
+])
+def test_check_names_the_problem(bad, match):
+  lay = FlatLayout.build({"a": jnp.ones(3)})
+  with pytest.raises(LayoutError, match=match):
+    lay.check(bad, "grads")
+
+
+def test_rejects_integer_leaves_and_empty_trees():
+  with pytest.raises(LayoutError, match=r"\['n'\] has dtype int32"):
+    FlatLayout.build({"w": jnp.ones(2), "n": jnp.zeros((), jnp.int32)})
+  with pytest.raises(LayoutError, match="empty tree"):
+    FlatLayout.build({})
+
+
+_shapes = st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple),
+                   min_size=1, max_size=6)
+_dtypes = st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16])
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes=_shapes, dtypes=st.lists(_dtypes, min_size=6, max_size=6),
+       align=st.sampled_from([1, 4, 128]), nest=st.booleans())
+def test_pack_unpack_roundtrip_property(shapes, dtypes, align, nest):
+  rng = np.random.RandomState(0)
+  leaves = [jnp.asarray(rng.standard_normal(s), d) for s, d in zip(shapes, dtypes)]
+  tree = {"x": leaves[:2], "y": {"z": tuple(leaves[2:])}} if nest else leaves
+  lay = FlatLayout.build(tree, align=align)
+  back = lay.unpack(lay.pack(tree))
+  assert jax.tree.structure(back) == jax.tree.structure(tree)
+  for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
