@@ -58,7 +58,7 @@ def _ulp_diff(a, b):
   return int(np.max(np.abs(ia - ib))) if a.size else 0
 
 
-def _assert_within_4ulp(new_a, new_b, old, what):
+def _assert_within_4ulp(new_a, new_b, old, what, step_size=0.0):
   """|a - b| <= 4 ulp of the operands' magnitude (|old| + |new|).
 
   The backends evaluate the same expression in float32, but XLA and the C++ compiler contract
@@ -66,7 +66,7 @@ def _assert_within_4ulp(new_a, new_b, old, what):
   cancellation that is many ulps of the (small) result, yet at most ~1 ulp of the terms.
   """
   a, b, old = (np.asarray(x, np.float32) for x in (new_a, new_b, old))
-  scale = np.abs(old) + np.maximum(np.abs(a), np.abs(b))
+  scale = np.abs(old) + np.maximum(np.abs(a), np.abs(b)) + step_size
   err = np.abs(a.astype(np.float64) - b)
   bound = 4 * np.spacing(scale.astype(np.float32)).astype(np.float64)
   assert np.all(err <= bound), (what, float(np.max(err - bound)))
@@ -86,7 +86,7 @@ def test_native_matches_jnp_float32(name, kw):
     a, b = steps["jnp"](opt, g, lr), steps["native"](opt, g, lr)
     for x, y, old in zip(jax.tree.leaves(a.target), jax.tree.leaves(b.target),
                          jax.tree.leaves(opt.target)):
-      _assert_within_4ulp(x, y, old, (name, kw, t))
+      _assert_within_4ulp(x, y, old, (name, kw, t), step_size=float(lr))
     # state compared leaf by leaf: the padding between segments is not state (the jnp backend
     # computes it, the native one skips it)
     a_st, b_st = a.state.param_states, b.state.param_states
