@@ -6,7 +6,6 @@ step's scalars once (float32, as runtime values), then runs the optimizer's ``Ru
 group with the selected backend. The same rule serves ``apply_param_gradient`` (the per-leaf path
 that flax's API exposes), so there is one copy of every optimizer's math.
 """
-import functools
 import numbers
 import warnings
 from typing import Any, Dict, Tuple
