@@ -9,7 +9,7 @@ donated ``x * 1.0000001`` over a big buffer, the same-run bandwidth reference), 
 hits them alike. Per implementation: trace+lower+compile time and XLA's temp memory of the
 jitted step; 3 steps then a check of params and first moment against optax (rtol 1e-4; a
 mismatching implementation is reported and not timed); warm-up steps; timed steps
-(``jax.block_until_ready``). Writes ``<out>/cpu-<date>[-tag].json`` and ``.md``.
+(``jax.block_until_ready``). Writes ``<out>/<platform>-<date>[-tag].json`` and ``.md``.
 """
 import argparse
 import gc
@@ -39,8 +39,9 @@ def parse_args(argv):
                   help=f"trees {','.join(trees.QUICK_TREES)} and a 256 MiB copy buffer")
   ap.add_argument("--trees", help=f"comma-separated, from {','.join(trees.TREES)} "
                   f"(default {','.join(trees.DEFAULT_TREES)})")
-  ap.add_argument("--impls", default=",".join(impls_mod.ALL_IMPLS),
-                  help="comma-separated, from optax,native,jnp (default: all)")
+  ap.add_argument("--impls", default=",".join(impls_mod.default_impls()),
+                  help="comma-separated, from optax,native,jnp,pallas (default: optax and the "
+                  "fusedopt backends available here)")
   ap.add_argument("--repeats", type=int, default=10, help="timed steps per implementation")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the check steps")
   ap.add_argument("--copy-mib", type=int, default=None,
@@ -65,7 +66,7 @@ def parse_args(argv):
   if args.tag is None:
     if args.quick:
       args.tag = "quick"
-    elif args.trees or args.impls != ",".join(impls_mod.ALL_IMPLS):
+    elif args.trees or args.impls != ",".join(impls_mod.default_impls()):
       args.tag = "custom"
   return args
 
@@ -183,7 +184,7 @@ def main(argv=None):
   command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
   t_start = time.perf_counter()
   env = report.environment()
-  log(f"{env['device']['cpu_model']}, {env['device']['cpu_count']} CPUs; jax "
+  log(f"{env['device']['jax_device']}; {env['device']['cpu_model']}, {env['device']['cpu_count']} CPUs; jax "
       f"{env['versions']['jax']}, optax {env['versions']['optax']}; trees {args.tree_list}; "
       f"impls {args.impl_list}; {args.repeats} timed runs after {CHECK_STEPS} check + "
       f"{args.warmup} warm-up steps")
@@ -202,7 +203,7 @@ def main(argv=None):
                            "bytes_per_param": measure.BYTES_PER_PARAM},
                  results=results, notes=all_notes)
   if args.out:
-    stem = f"cpu-{env['date']}" + (f"-{args.tag}" if args.tag else "")
+    stem = f"{jax.default_backend()}-{env['date']}" + (f"-{args.tag}" if args.tag else "")
     for p in report.write(args.out, stem, payload, md):
       log(f"wrote {p}")
 

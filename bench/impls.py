@@ -1,4 +1,4 @@
-"""The implementations compared: optax.adamw per leaf, fusedopt Adam (native, jnp backends).
+"""The implementations compared: optax.adamw per leaf, fusedopt Adam (native, jnp, pallas).
 
 Each ``Impl`` has a step function whose first ``n_carry`` arguments are the donated training
 state and whose last two are the gradient tree and the learning rate (a float32 array, so a
@@ -13,7 +13,13 @@ import fusedopt
 
 # Hyper-parameters shared by every implementation (flax's Adam defaults, plus weight decay).
 HP = dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
-ALL_IMPLS = ("optax", "native", "jnp")
+ALL_IMPLS = ("optax", "native", "jnp", "pallas")
+
+
+def default_impls():
+  """optax plus every fusedopt backend that runs on this machine (compiled, not interpreted)."""
+  avail = fusedopt.available_backends()
+  return tuple(i for i in ALL_IMPLS if i == "optax" or i in avail)
 
 
 def _adamw(lr):
@@ -86,7 +92,7 @@ class Fusedopt:
 def make(name):
   if name == "optax":
     return Optax()
-  if name in ("native", "jnp"):
+  if name in ("native", "jnp", "pallas"):
     return Fusedopt(name)
   raise ValueError(f"unknown implementation {name!r}; expected one of {ALL_IMPLS}")
 

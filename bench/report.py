@@ -45,7 +45,7 @@ def _git(*args):
 
 
 def environment():
-  commit = _git("rev-parse", "--short", "HEAD")
+  commit = _git("rev-parse", "--short", "HEAD") or os.environ.get("FUSEDOPT_COMMIT", "")
   dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
   return {
       "device": {
@@ -76,9 +76,9 @@ def markdown(results, env, command):
   """The results table plus a short header (device, versions, command)."""
   d = env["device"]
   lines = [
-      f"# CPU benchmark: fusedopt Adam vs optax.adamw ({env['date']})",
+      f"# {jax.default_backend().upper()} benchmark: fusedopt Adam vs optax.adamw ({env['date']})",
       "",
-      f"- device: {d['cpu_model']}, {d['cpu_count']} CPUs, {d['mem_total_gib']} GiB",
+      f"- device: {d['jax_device']}; host {d['cpu_model']}, {d['cpu_count']} CPUs, {d['mem_total_gib']} GiB",
       f"- jax {env['versions']['jax']}, optax {env['versions']['optax']}, "
       f"fusedopt {env['versions']['fusedopt']}, commit {env['git_commit']}"
       f"{' (dirty)' if env['git_dirty'] else ''}",

@@ -19,7 +19,7 @@ from .base import HyperParamError, OptimizerDef, OptimizerState
 from .layout import FlatLayout, LayoutError
 
 F32 = jnp.float32
-BACKENDS = ("auto", "jnp", "native")
+BACKENDS = ("auto", "jnp", "native", "pallas", "pallas_interpret")
 
 
 # ----------------------------------------------------------------------------- backends
@@ -29,14 +29,22 @@ def _native():
   return native
 
 
+def _pallas():
+  from .kernels import pallas  # pylint: disable=import-outside-toplevel
+  return pallas
+
+
 def available_backends():
-  """The backends that can run here, besides "auto"."""
+  """The backends that can run here, besides "auto" (``pallas_interpret`` always can)."""
   out = ["jnp"]
   try:
     if jax.default_backend() == "cpu" and _native().available():
       out.append("native")
   except ImportError:
     pass
+  if _pallas().available():
+    out.append("pallas")
+  out.append("pallas_interpret")
   return out
 
 
@@ -45,9 +53,27 @@ def _warn_once(msg):  # Python's default filter shows it once per call site
 
 
 def _executor(backend, dtype):
-  """The function that runs a rule over one group: ``run(rule, scalars, seg, layout, gi, ...)``."""
+  """The function that runs a rule over one group: ``run(rule, scalars, seg, layout, gi, ...)``.
+
+  auto: Pallas kernels on GPU/TPU; on CPU the native kernels for float32 (when a C++ compiler is
+  there), else jnp. An explicit kernel backend that cannot run here raises; one without a kernel
+  for a dtype warns and runs that group on jnp (never wrong numbers).
+  """
   if backend == "jnp":
     return elementwise.run_jnp
+  if backend == "pallas_interpret":
+    return _pallas().run_interpret
+  if backend == "pallas":
+    if not _pallas().available():
+      raise RuntimeError(
+          f"backend='pallas' needs a GPU or TPU (jax's default backend is "
+          f"{jax.default_backend()!r}); use backend='pallas_interpret' to run the Pallas kernels "
+          "in interpret mode on CPU (slow: for verification), or 'auto'")
+    if not _pallas().supports(dtype):
+      _warn_once(f"backend='pallas' has no {np.dtype(dtype).name} kernel; that dtype group runs "
+                 "on the jnp backend")
+      return elementwise.run_jnp
+    return _pallas().run
   if backend == "native":
     native = _native()
     if not native.available():
@@ -58,7 +84,8 @@ def _executor(backend, dtype):
                  "runs on the jnp backend")
       return elementwise.run_jnp
     return native.run
-  # auto: the native kernels on CPU when they can be built, else jnp.
+  if _pallas().available() and _pallas().supports(dtype):
+    return _pallas().run
   if jax.default_backend() == "cpu" and np.dtype(dtype) == np.float32:
     try:
       if _native().available():

@@ -1,0 +1,17 @@
+#!/bin/bash
+# Runs the GPU checks on a machine whose python3 already has jax with CUDA (no network needed):
+# the Pallas numerics tests compiled for the GPU, then the kernel roofline benchmark.
+#   bash bench/gpu_run.sh OUTDIR [bench.kernels args...]
+set -u
+OUTDIR=${1:-bench/results}; shift || true
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+SITE=$(mktemp -d)
+# fusedopt as installed (kernels/ is the subpackage fusedopt.kernels); run from $SITE so the
+# checkout's own fusedopt/ (without kernels) is not first on sys.path.
+cp -r "$REPO/fusedopt" "$REPO/bench" "$SITE/" && cp -r "$REPO/kernels" "$SITE/fusedopt/kernels"
+export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
+(cd /tmp && timeout 300 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_pallas_numerics.py" 2>&1 | tail -25)
+case "$OUTDIR" in /*) ;; *) OUTDIR="$REPO/$OUTDIR";; esac
+cd "$SITE" && timeout 400 python3 -m bench.kernels --out "$OUTDIR" "$@" 2>&1

@@ -1,0 +1,238 @@
+"""Kernel roofline: every optimizer's update over one big flat buffer vs same-run copy bandwidth.
+
+  python -m bench.kernels                       # 2^28 float32 elements on GPU, 2^22 on CPU
+  python -m bench.kernels --log2n 26 --optims adam,momentum --impls pallas,jnp
+  python -m bench.kernels --sweep               # also tune block_rows x num_warps for Adam
+
+Each optimizer runs through the public API on a one-leaf tree ``{"w": f32[n]}`` (so the layout
+adds no copies), jitted with the optimizer donated; per implementation the median and min-max of
+``--repeats`` runs of ``--inner`` steps. "GB/s" counts the traffic a perfect fused kernel needs
+(bytes/param below; LAMB's 40 assumes norms fused into the passes), and "% copy" relates it to a
+donated ``x * 1.0000001`` over an equally large buffer timed in the same run (8 B/elem).
+``torch`` (``torch.optim.AdamW(fused=True)`` and ``(foreach=True)``) joins when torch with CUDA
+is importable. Writes ``bench/results/kernels-<platform>-<date>.{json,md}``.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fusedopt
+from fusedopt.kernels import pallas as kp
+
+from . import report
+
+# optimizer -> (constructor, kwargs, ideal fp32 bytes per parameter)
+OPTIMS = {
+    "sgd": ("GradientDescent", {}, 12),
+    "momentum": ("Momentum", {"weight_decay": 1e-4}, 20),
+    "nesterov": ("Momentum", {"nesterov": True}, 20),
+    "adam": ("Adam", {"weight_decay": 1e-4}, 28),
+    "adagrad": ("Adagrad", {}, 20),
+    "rmsprop": ("RMSProp", {}, 20),
+    "rmsprop_centered": ("RMSProp", {"centered": True}, 28),
+    "adabelief": ("AdaBelief", {}, 28),
+    "adadelta": ("Adadelta", {}, 28),
+    "lamb": ("LAMB", {"weight_decay": 1e-2}, 40),
+    "lars": ("LARS", {}, 28),
+}
+
+
+def log(*a):
+  print(*a, file=sys.stderr, flush=True)
+
+
+def _time(fn, carry, inner, repeats, warmup=2):
+  for _ in range(warmup):
+    carry = fn(carry)
+  jax.block_until_ready(carry)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for _ in range(inner):
+      carry = fn(carry)
+    jax.block_until_ready(carry)
+    times.append((time.perf_counter() - t) / inner)
+  return times, carry
+
+
+def _stats(times, nbytes):
+  med = statistics.median(times)
+  return {"median_s": med, "min_s": min(times), "max_s": max(times), "gb_s": nbytes / med / 1e9}
+
+
+def bench_copy(n, inner, repeats):
+  x = jnp.ones((n,), jnp.float32)
+  f = jax.jit(lambda x: x * jnp.float32(1.0000001), donate_argnums=0)
+  times, _ = _time(f, x, inner, repeats)
+  return _stats(times, 8 * n)
+
+
+def bench_fusedopt(opt_name, backend, n, inner, repeats):
+  cls, kw, bpp = OPTIMS[opt_name]
+  p = {"w": jnp.full((n,), 0.5, jnp.float32)}
+  g = {"w": jnp.full((n,), 1e-3, jnp.float32)}
+  opt = jax.jit(getattr(fusedopt, cls)(learning_rate=1e-3, backend=backend, **kw).create)(p)
+  del p
+  lr = jnp.float32(1e-3)
+  step = jax.jit(lambda o, g, lr: o.apply_gradient(g, learning_rate=lr), donate_argnums=0)
+  t = time.perf_counter()
+  compiled = step.lower(opt, g, lr).compile()
+  compile_s = time.perf_counter() - t
+  temp = int(compiled.memory_analysis().temp_size_in_bytes)
+  times, opt = _time(lambda o: step(o, g, lr), opt, inner, repeats)
+  w = np.asarray(opt.target["w"][:4])
+  out = _stats(times, bpp * n)
+  out.update(compile_s=compile_s, temp_bytes=temp, bytes_per_param=bpp,
+             finite=bool(np.all(np.isfinite(w))))
+  return out
+
+
+def bench_torch(n, inner, repeats, mode):
+  import torch  # pylint: disable=import-outside-toplevel
+  p = torch.nn.Parameter(torch.full((n,), 0.5, device="cuda"))
+  p.grad = torch.full((n,), 1e-3, device="cuda")
+  opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=1e-4, **{mode: True})
+
+  def run():
+    opt.step()
+  for _ in range(3):
+    run()
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for _ in range(inner):
+      run()
+    torch.cuda.synchronize()
+    times.append((time.perf_counter() - t) / inner)
+  del opt, p
+  torch.cuda.empty_cache()
+  return _stats(times, 28 * n)
+
+
+def _torch_cuda():
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    return torch.cuda.is_available()
+  except ImportError:
+    return False
+
+
+def sweep(n, inner, repeats):
+  """Adam fp32 over block_rows x num_warps; returns rows sorted by median time."""
+  rows = []
+  saved = dict(kp.TUNING)
+  try:
+    for br in (1, 2, 4, 8, 16):
+      for nw in (2, 4, 8):
+        kp.TUNING[("gpu", 4)] = kp.Tuning(block_rows=br, num_warps=nw)
+        jax.clear_caches()
+        r = bench_fusedopt("adam", "pallas", n, inner, repeats)
+        r.update(block_rows=br, num_warps=nw)
+        log(f"  sweep block_rows={br:2d} ({br * 1024} elems) num_warps={nw}: "
+            f"{r['median_s'] * 1e3:.3f} ms {r['gb_s']:.0f} GB/s")
+        rows.append(r)
+  finally:
+    kp.TUNING.clear()
+    kp.TUNING.update(saved)
+    jax.clear_caches()
+  return sorted(rows, key=lambda r: r["median_s"])
+
+
+def main(argv=None):
+  on_accel = jax.default_backend() != "cpu"
+  ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--log2n", type=int, default=28 if on_accel else 22)
+  ap.add_argument("--optims", default=",".join(OPTIMS))
+  ap.add_argument("--impls", default=None,
+                  help="comma-separated from pallas,jnp,native,torch (default: those available)")
+  ap.add_argument("--inner", type=int, default=10)
+  ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--out", default=os.path.join(report.HERE, "results"))
+  args = ap.parse_args(argv)
+  avail = [b for b in ("pallas", "native", "jnp") if b in fusedopt.available_backends()]
+  if _torch_cuda():
+    avail.append("torch")
+  impls = args.impls.split(",") if args.impls else avail
+  n = 1 << args.log2n
+  env = report.environment()
+  log(f"{env['device']['jax_device']}: n = 2^{args.log2n}; impls {impls}")
+
+  results = {"n": n, "copy": bench_copy(n, args.inner, args.repeats), "rows": []}
+  copy_bw = results["copy"]["gb_s"]
+  log(f"  copy {results['copy']['median_s'] * 1e3:.3f} ms  {copy_bw:.0f} GB/s")
+  for o in args.optims.split(","):
+    for impl in impls:
+      if impl == "torch":
+        if o != "adam":
+          continue
+        for mode in ("fused", "foreach"):
+          r = bench_torch(n, args.inner, args.repeats, mode)
+          r.update(optim=o, impl=f"torch AdamW {mode}=True", bytes_per_param=28)
+          results["rows"].append(r)
+      else:
+        r = bench_fusedopt(o, impl, n, args.inner, args.repeats)
+        r.update(optim=o, impl=impl)
+        results["rows"].append(r)
+      r = results["rows"][-1]
+      r["pct_copy"] = 100 * r["gb_s"] / copy_bw
+      log(f"  {o:16s} {r['impl']:22s} {r['median_s'] * 1e3:8.3f} ms  {r['gb_s']:6.0f} GB/s  "
+          f"{r['pct_copy']:5.1f}% of copy")
+    results["copy_after_" + o] = bench_copy(n, args.inner, args.repeats)["gb_s"]
+  if args.sweep and jax.default_backend() == "gpu":
+    results["sweep"] = sweep(n, args.inner, args.repeats)
+
+  md = markdown(results, env, "python -m bench.kernels " + " ".join(argv or sys.argv[1:]))
+  print(md)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"kernels-{jax.default_backend()}-{env['date']}")
+    with open(stem + ".json", "w") as f:
+      json.dump(dict(env, results=results), f, indent=1, default=str)
+    with open(stem + ".md", "w") as f:
+      f.write(md)
+    log(f"wrote {stem}.json, {stem}.md")
+
+
+def markdown(results, env, command):
+  d = env["device"]
+  copy = results["copy"]
+  lines = [
+      f"# Kernel roofline ({env['date']}): one flat float32 buffer of {results['n']:,} elements",
+      "",
+      f"- device: {d['jax_device']}; jax {env['versions']['jax']}, commit {env['git_commit']}"
+      f"{' (dirty)' if env['git_dirty'] else ''}",
+      f"- command: `{command}`",
+      f"- same-run copy (`x * 1.0000001`, donated, 8 B/elem): {copy['median_s'] * 1e3:.3f} ms, "
+      f"{copy['gb_s']:.0f} GB/s",
+      "- each row: full jitted optimizer step through the public API, donated; GB/s counts the "
+      "ideal bytes/param of a fused kernel",
+      "",
+      "| optimizer | impl | B/param | ms median (min-max) | GB/s | % copy | compile s |",
+      "|---|---|---:|---|---:|---:|---:|",
+  ]
+  for r in results["rows"]:
+    lines.append(
+        f"| {r['optim']} | {r['impl']} | {r['bytes_per_param']} | {r['median_s'] * 1e3:.3f} "
+        f"({r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f}) | {r['gb_s']:.0f} | "
+        f"{r['pct_copy']:.1f} | {r.get('compile_s', float('nan')):.2f} |")
+  if "sweep" in results:
+    lines += ["", "Adam fp32 block sweep (pallas):", "",
+              "| block_rows | elements/program | num_warps | ms | GB/s |", "|---:|---:|---:|---:|---:|"]
+    for r in results["sweep"]:
+      lines.append(f"| {r['block_rows']} | {r['block_rows'] * 1024} | {r['num_warps']} | "
+                   f"{r['median_s'] * 1e3:.3f} | {r['gb_s']:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  main()
