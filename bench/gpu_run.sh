@@ -1,6 +1,7 @@
 #!/bin/bash
 # Runs the GPU checks on a machine whose python3 already has jax with CUDA (no network needed):
-# the Pallas numerics tests compiled for the GPU, then the kernel roofline benchmark.
+# the Pallas numerics tests compiled for the GPU, the kernel roofline benchmark, then (unless
+# NO_TREES=1) the full-step tree benchmark.
 #   bash bench/gpu_run.sh OUTDIR [bench.kernels args...]
 set -u
 OUTDIR=${1:-bench/results}; shift || true
@@ -14,4 +15,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
 (cd /tmp && timeout 300 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_pallas_numerics.py" 2>&1 | tail -25)
 case "$OUTDIR" in /*) ;; *) OUTDIR="$REPO/$OUTDIR";; esac
-cd "$SITE" && timeout 400 python3 -m bench.kernels --out "$OUTDIR" "$@" 2>&1
+cd "$SITE" && timeout 300 python3 -m bench.kernels --out "$OUTDIR" "$@" 2>&1
+[ "${NO_TREES:-0}" = 1 ] || timeout ${TREES_TIMEOUT:-400} python3 -m bench \
+  --trees ${TREES:-gpt2-124m,resnet50,small-2000} --impls optax,jnp,pallas --out "$OUTDIR" 2>&1

@@ -175,18 +175,20 @@ def main(argv=None):
       if impl == "torch":
         if o != "adam":
           continue
+        rows = []
         for mode in ("fused", "foreach"):
           r = bench_torch(n, args.inner, args.repeats, mode)
           r.update(optim=o, impl=f"torch AdamW {mode}=True", bytes_per_param=28)
-          results["rows"].append(r)
+          rows.append(r)
       else:
         r = bench_fusedopt(o, impl, n, args.inner, args.repeats)
         r.update(optim=o, impl=impl)
+        rows = [r]
+      for r in rows:
+        r["pct_copy"] = 100 * r["gb_s"] / copy_bw
         results["rows"].append(r)
-      r = results["rows"][-1]
-      r["pct_copy"] = 100 * r["gb_s"] / copy_bw
-      log(f"  {o:16s} {r['impl']:22s} {r['median_s'] * 1e3:8.3f} ms  {r['gb_s']:6.0f} GB/s  "
-          f"{r['pct_copy']:5.1f}% of copy")
+        log(f"  {o:16s} {r['impl']:22s} {r['median_s'] * 1e3:8.3f} ms  {r['gb_s']:6.0f} GB/s  "
+            f"{r['pct_copy']:5.1f}% of copy")
     results["copy_after_" + o] = bench_copy(n, args.inner, args.repeats)["gb_s"]
   if args.sweep and jax.default_backend() == "gpu":
     results["sweep"] = sweep(n, args.inner, args.repeats)

@@ -15,7 +15,7 @@ This module holds the rule type and the ``jnp`` backend: the test oracle for eve
 """
 import dataclasses
 import types
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,10 @@ class Rule:
     seg_scalars: names of the per-segment scalars ``fn`` reads from ``seg``.
     n_state: number of flat state buffers the rule reads and writes.
     writes_param: False for a pre-pass that only updates state (LAMB's moment stage).
+    reads_grad: False for a rule that ignores ``g`` (LAMB's apply stage): kernels skip reading it.
+    sumsq: optional ``sumsq(xp, s, seg, p, g, *new_state) -> tuple of terms``. Executors return,
+      per tensor, the sum of each term squared (LAMB's ||p||^2 and ||u||^2): kernel backends
+      fuse it into the same pass as per-block partial sums; others evaluate it per leaf.
   """
   name: str
   fn: Callable
@@ -42,6 +46,8 @@ class Rule:
   n_state: int
   seg_scalars: Tuple[str, ...] = ()
   writes_param: bool = True
+  reads_grad: bool = True
+  sumsq: Optional[Callable] = None
 
 
 def namespace(values: Dict[str, object]):
@@ -58,6 +64,14 @@ def apply_to_leaf(rule: Rule, scalars, seg, p, g, state):
   return new_p, tuple(n.astype(x.dtype) for n, x in zip(new_state, state))
 
 
+def leaf_sumsq(rule: Rule, scalars, seg, p, g, new_state):
+  """Per-leaf ``rule.sumsq``: the sums of its terms squared, as float32 scalars."""
+  s = namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
+  q = namespace({k: jnp.asarray(seg[k], F32) for k in rule.seg_scalars})
+  terms = rule.sumsq(jnp, s, q, p.astype(F32), g.astype(F32), *(x.astype(F32) for x in new_state))
+  return tuple(jnp.sum(t * t) for t in terms)
+
+
 def run_jnp(rule: Rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
   """The ``jnp`` backend: ``rule`` over group ``gi``'s flat buffers in one XLA fusion.
 
@@ -67,29 +81,49 @@ def run_jnp(rule: Rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
     p_leaves, g_leaves: all leaves of params and grads (tree leaf order).
     state: the group's flat state buffers, one per state field.
   Returns:
-    (new param leaves of the group in group order, or None), tuple of new state buffers.
+    (new param leaves of the group in group order, or None), tuple of new state buffers, and
+    (if ``rule.sumsq``) a tuple of float32 [group.size // align] per-unit sums of squares.
   """
   group = layout.groups[gi]
+  n_units = group.size // layout.align
   if group.size == 0:
-    return ([p_leaves[i] for i in group.segments] if rule.writes_param else None), tuple(state)
+    return (([p_leaves[i] for i in group.segments] if rule.writes_param else None), tuple(state),
+            _empty_sums(rule))
   pf = layout.pack_group(p_leaves, gi, F32)
-  gf = layout.pack_group(g_leaves, gi, F32)
-  shape = (group.size // layout.align, layout.align)
+  gf = layout.pack_group(g_leaves, gi, F32) if rule.reads_grad else jnp.zeros((), F32)
+  shape = (n_units, layout.align)
   if rule.seg_scalars:
     ids = layout.block_segment_ids(gi)
     q = {k: jnp.asarray(seg[k], F32)[ids][:, None] for k in rule.seg_scalars}
   else:
     q = {}
   s = namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
-  new_p, new_state = rule.fn(jnp, s, namespace(q), pf.reshape(shape), gf.reshape(shape),
+  p2, g2 = pf.reshape(shape), (gf.reshape(shape) if rule.reads_grad else gf)
+  new_p, new_state = rule.fn(jnp, s, namespace(q), p2, g2,
                              *(x.astype(F32).reshape(shape) for x in state))
+  sums = None
+  if rule.sumsq is not None:
+    sums = tuple(jnp.sum(t * t, axis=1)
+                 for t in rule.sumsq(jnp, s, namespace(q), p2, g2, *new_state))
   new_state = tuple(n.reshape(-1).astype(x.dtype) for n, x in zip(new_state, state))
   if not rule.writes_param:
-    return None, new_state
-  new_p = new_p.reshape(-1)
+    return None, new_state, sums
+  return split_group(layout, gi, new_p.reshape(-1)), new_state, sums
+
+
+run_jnp.fused_sumsq = True
+
+
+def _empty_sums(rule):
+  return None if rule.sumsq is None else ()
+
+
+def split_group(layout, gi, flat):
+  """A group's flat param buffer -> its leaves (group order), in the group's dtype."""
+  group = layout.groups[gi]
   out = []
   for i in group.segments:
     seg_ = layout.segments[i]
-    leaf = jax.lax.slice(new_p, (seg_.offset,), (seg_.offset + seg_.size,))
+    leaf = jax.lax.slice(flat, (seg_.offset,), (seg_.offset + seg_.size,))
     out.append(leaf.reshape(seg_.shape).astype(group.dtype))
-  return out, new_state
+  return out

@@ -228,20 +228,61 @@ class FlatOptimizerDef(OptimizerDef):
                          fields)
 
   def run_rule(self, rule, scalars, seg, layout, p_leaves, g_leaves, fields):
-    """Runs ``rule`` over every dtype group with this optimizer's backend."""
+    """Runs ``rule`` over every dtype group with this optimizer's backend.
+
+    Returns (new param leaves, new fields)."""
+    new_p, new_fields, _ = self.run_rule_sumsq(rule, scalars, seg, layout, p_leaves, g_leaves,
+                                               fields)
+    return new_p, new_fields
+
+  def run_rule_sumsq(self, rule, scalars, seg, layout, p_leaves, g_leaves, fields):
+    """``run_rule`` plus, for a rule with ``sumsq``, per-leaf sums of its terms squared: a tuple
+    of float32 [num_leaves] vectors (else None). Kernel backends compute them in the same pass."""
     names = self.state_fields
+    n = len(layout.segments)
     new_p = list(p_leaves)
     new_fields = {k: list(v) for k, v in fields.items()}
+    sums = None
     for gi, group in enumerate(layout.groups):
+      if group.size == 0:   # only size-0 leaves: nothing to update, their sums are 0
+        continue
       run = _executor(self.backend, group.dtype)
-      out_p, out_state = run(rule, scalars, seg, layout, gi, p_leaves, g_leaves,
-                             tuple(fields[k][gi] for k in names))
+      out = run(rule, scalars, seg, layout, gi, p_leaves, g_leaves,
+                tuple(fields[k][gi] for k in names))
+      out_p, out_state = out[0], out[1]
       if out_p is not None:
         for i, x in zip(group.segments, out_p):
           new_p[i] = x
       for k, buf in zip(names, out_state):
         new_fields[k][gi] = buf
-    return new_p, {k: tuple(v) for k, v in new_fields.items()}
+      if rule.sumsq is None:
+        continue
+      if getattr(run, "fused_sumsq", False):   # per-unit partial sums -> per leaf
+        ids = jnp.asarray(layout.block_segment_ids(gi))
+        part = [jax.ops.segment_sum(u, ids, num_segments=n) for u in out[2]]
+      else:                                     # evaluated per leaf from the new state
+        idx = np.asarray(group.segments)
+        per = [elementwise.leaf_sumsq(
+            rule, scalars, seg, p_leaves[i], g_leaves[i],
+            tuple(_segment_view(buf, layout.segments[i]) for buf in out_state))
+               for i in group.segments]
+        part = [jnp.zeros((n,), F32).at[idx].set(jnp.stack([x[t] for x in per]))
+                for t in range(len(per[0]))]
+      sums = part if sums is None else [a + b for a, b in zip(sums, part)]
+    if rule.sumsq is not None and sums is None:
+      sums = [jnp.zeros((n,), F32)] * _num_terms(rule, scalars, seg)
+    return new_p, {k: tuple(v) for k, v in new_fields.items()}, (
+        None if sums is None else tuple(sums))
+
+
+def _segment_view(buf, seg):
+  return jax.lax.slice(buf, (seg.offset,), (seg.offset + seg.size,)).reshape(seg.shape)
+
+
+def _num_terms(rule, scalars, seg):
+  z = jnp.zeros((1,), F32)
+  return len(elementwise.leaf_sumsq(rule, scalars, {k: z[0] for k in rule.seg_scalars}, z, z,
+                                    (z,) * rule.n_state))
 
 
 def bias_correction(beta, step):

@@ -35,14 +35,23 @@ def _moments(xp, s, q, p, g, m, v):
   return None, (s.b1 * m + s.omb1 * g, s.b2 * v + s.omb2 * (g * g))
 
 
+def _norm_terms(xp, s, q, p, g, m, v):
+  """Terms whose per-tensor sums of squares the moment pass also returns: ||p||^2, ||u||^2."""
+  del q, g
+  return p, direction(xp, s, p, m, v)
+
+
 def _apply(xp, s, q, p, g, m, v):
   del g
   return p - q.ratio_lr * direction(xp, s, p, m, v), (m, v)
 
 
 _SCALARS = ("lr", "b1", "omb1", "b2", "omb2", "c1", "c2", "eps", "wd")
-MOMENTS_RULE = Rule("lamb_moments", _moments, _SCALARS, 2, writes_param=False)
-APPLY_RULE = Rule("lamb_apply", _apply, _SCALARS, 2, seg_scalars=("ratio_lr",))
+# Pass 1 reads p, g, m, v and writes m, v plus per-block partial norms (24 B/param in float32);
+# pass 2 reads p, m, v and writes p (16 B/param): 40 B/param in all.
+MOMENTS_RULE = Rule("lamb_moments", _moments, _SCALARS, 2, writes_param=False,
+                    sumsq=_norm_terms)
+APPLY_RULE = Rule("lamb_apply", _apply, _SCALARS, 2, seg_scalars=("ratio_lr",), reads_grad=False)
 
 
 class LAMB(FlatOptimizerDef):
@@ -59,26 +68,23 @@ class LAMB(FlatOptimizerDef):
   def scalars(self, hp, step):
     return dict(moment_scalars(hp, step), wd=f32(hp.weight_decay))
 
-  def _ratio_lr(self, s, p_leaves, u_leaves):
-    return norms.safe_ratio(norms.per_leaf(p_leaves), norms.per_leaf(u_leaves)) * s["lr"]
+  @staticmethod
+  def _ratio_lr(s, p_sumsq, u_sumsq):
+    return norms.safe_ratio(jnp.sqrt(p_sumsq), jnp.sqrt(u_sumsq)) * s["lr"]
 
   def update_leaves(self, hp, step, layout, p_leaves, g_leaves, fields):
     s = self.scalars(hp, step)
-    _, fields = self.run_rule(MOMENTS_RULE, s, {}, layout, p_leaves, g_leaves, fields)
-    ns = elementwise.namespace(s)
-    u = [direction(jnp, ns, p.astype(jnp.float32), layout.view(fields["grad_ema"], i),
-                   layout.view(fields["grad_sq_ema"], i)) for i, p in enumerate(p_leaves)]
-    ratio_lr = self._ratio_lr(s, p_leaves, u)
-    return self.run_rule(APPLY_RULE, s, {"ratio_lr": ratio_lr}, layout, p_leaves, g_leaves,
-                         fields)
+    _, fields, (p_sq, u_sq) = self.run_rule_sumsq(MOMENTS_RULE, s, {}, layout, p_leaves,
+                                                  g_leaves, fields)
+    return self.run_rule(APPLY_RULE, s, {"ratio_lr": self._ratio_lr(s, p_sq, u_sq)}, layout,
+                         p_leaves, g_leaves, fields)
 
   def apply_param_gradient(self, step, hyper_params, param, state, grad):
     self.validate(hyper_params)
     s = self.scalars(hyper_params, step)
     st = (state["grad_ema"], state["grad_sq_ema"])
     _, st = elementwise.apply_to_leaf(MOMENTS_RULE, s, {}, param, grad, st)
-    u = direction(jnp, elementwise.namespace(s), param.astype(jnp.float32), *st)
-    ratio_lr = self._ratio_lr(s, [param], [u])[0]
+    ratio_lr = self._ratio_lr(s, *elementwise.leaf_sumsq(MOMENTS_RULE, s, {}, param, grad, st))
     new_p, st = elementwise.apply_to_leaf(APPLY_RULE, s, {"ratio_lr": ratio_lr}, param, grad, st)
     return new_p, dict(zip(self.state_fields, st))
 

@@ -30,7 +30,9 @@ from typing import Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
+from jax.extend import core as jax_core
 
 F32 = jnp.float32
 ALIGN = 1024          # elements per layout alignment unit (fusedopt.layout.DEFAULT_ALIGN)
@@ -94,21 +96,92 @@ def _pad_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-def _kernel(rule, n_seg, n_state, writes_param, *refs):
-  s_ref = refs[0]
-  q_refs = refs[1:1 + n_seg]
-  p_ref, g_ref = refs[1 + n_seg:3 + n_seg]
-  st_refs = refs[3 + n_seg:3 + n_seg + n_state]
-  outs = refs[3 + n_seg + n_state:]
-  s = types.SimpleNamespace(**{k: s_ref[j] for j, k in enumerate(rule.scalars)})
-  q = types.SimpleNamespace(**{k: r[...] for k, r in zip(rule.seg_scalars, q_refs)})
-  new_p, new_state = rule.fn(jnp, s, q, p_ref[...].astype(F32), g_ref[...].astype(F32),
-                             *(r[...].astype(F32) for r in st_refs))
-  if writes_param:
-    outs[0][...] = new_p.astype(outs[0].dtype)
-    outs = outs[1:]
-  for o, x in zip(outs, new_state):
+# Triton lowers `/` to div.full.f32 and sqrt to sqrt.approx.ftz.f32 (about 2 ulp each, and
+# denormals flushed); XLA uses IEEE round-to-nearest. The kernels are memory-bound, so the
+# correctly rounded instructions cost nothing measurable and keep GPU results within 2 ulp of the
+# jnp oracle. The rule is traced to a jaxpr and evaluated with these two primitives replaced.
+def _gpu_precise_ops():
+  from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
+
+  def asm(code, *args):
+    args = jnp.broadcast_arrays(*args)
+    return plgpu.elementwise_inline_asm(
+        code, args=list(args), constraints="=r" + ",r" * len(args), pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, F32)])[0]
+  return {lax.div_p: lambda x, y: asm("div.rn.f32 $0, $1, $2;", x, y),
+          lax.sqrt_p: lambda x: asm("sqrt.rn.f32 $0, $1;", x)}
+
+
+def _eval_jaxpr(jaxpr, consts, args, overrides):
+  env = {}
+  read = lambda v: v.val if isinstance(v, jax_core.Literal) else env[v]  # noqa: E731
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    sub = eqn.params.get("jaxpr")
+    if eqn.primitive.name in ("pjit", "jit", "closed_call") and sub is not None:
+      outs = _eval_jaxpr(sub.jaxpr, sub.consts, ins, overrides)
+    elif (eqn.primitive in overrides
+          and all(jnp.result_type(x) == F32 for x in ins)):
+      outs = [overrides[eqn.primitive](*ins)]
+    else:
+      outs = eqn.primitive.bind(*ins, **eqn.params)
+      outs = outs if eqn.primitive.multiple_results else [outs]
+    for v, x in zip(eqn.outvars, outs):
+      env[v] = x
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _call_rule(rule_fn, s, q, p, g, state, overrides):
+  """``rule_fn(jnp, s, q, p, g, *state)`` on float32 values, primitives in ``overrides`` replaced."""
+  def fn(s, q, p, g, state):
+    return rule_fn(jnp, types.SimpleNamespace(**s), types.SimpleNamespace(**q), p, g, *state)
+  if not overrides:
+    return fn(s, q, p, g, state)
+  args = (s, q, p, g, state)
+  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+  outs = _eval_jaxpr(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), overrides)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+def _kernel(rule, n_seg, precise, *refs):
+  """One block: refs are [scalars, seg tables..., p, (g), state...] then outputs
+  [(p), state..., per-row sums of squares...]."""
+  refs = list(refs)
+  take = lambda k: [refs.pop(0) for _ in range(k)]  # noqa: E731
+  (s_ref,), q_refs, (p_ref,) = take(1), take(n_seg), take(1)
+  g_ref = take(1)[0] if rule.reads_grad else None
+  st_refs = take(rule.n_state)
+  p_out = take(1)[0] if rule.writes_param else None
+  st_outs = take(rule.n_state)
+  sum_outs = refs
+  s = {k: s_ref[j] for j, k in enumerate(rule.scalars)}
+  q = {k: r[...] for k, r in zip(rule.seg_scalars, q_refs)}
+  p = p_ref[...].astype(F32)
+  g = g_ref[...].astype(F32) if g_ref is not None else jnp.zeros((), F32)
+  ops = _gpu_precise_ops() if precise else None
+  new_p, new_state = _call_rule(rule.fn, s, q, p, g, tuple(r[...].astype(F32) for r in st_refs),
+                                ops)
+  if p_out is not None:
+    p_out[...] = new_p.astype(p_out.dtype)
+  for o, x in zip(st_outs, new_state):
     o[...] = x.astype(o.dtype)
+  if sum_outs:
+    terms = _call_rule(rule.sumsq, s, q, p, g, tuple(new_state), ops)
+    for o, t in zip(sum_outs, terms):
+      o[...] = jnp.sum(t * t, axis=1, keepdims=True)
+
+
+def _num_sumsq_terms(rule):
+  if rule.sumsq is None:
+    return 0
+  z = jnp.zeros((1,), F32)
+  ns = lambda names: types.SimpleNamespace(**{k: z[0] for k in names})  # noqa: E731
+  return len(jax.eval_shape(lambda: rule.sumsq(jnp, ns(rule.scalars), ns(rule.seg_scalars), z, z,
+                                               *(z,) * rule.n_state)))
 
 
 def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=None):
@@ -118,32 +191,39 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
     rule: a ``fusedopt.elementwise.Rule``.
     scalars: name -> float32 scalar (traced values welcome), for ``rule.scalars``.
     seg_rows: name -> float32 [n // ALIGN], the per-segment scalar of each alignment unit.
-    p, g: 1-D buffers of n elements, n a multiple of ALIGN (any float dtypes).
+    p, g: 1-D buffers of n elements, n a multiple of ALIGN (any float dtypes); ``g`` may be None
+      for a rule that does not read it.
     state: tuple of ``rule.n_state`` 1-D buffers of n elements.
     platform: "gpu", "tpu" or "interpret" (CPU, for verification); default: jax's backend.
     tuning: a ``Tuning`` overriding the table.
   Returns:
-    (new p or None if the rule does not write params, tuple of new state buffers); p and state are
-    updated in place when donated.
+    (new p or None if the rule does not write params, tuple of new state buffers, tuple of
+    float32 [n // ALIGN] per-unit sums of squares of ``rule.sumsq``'s terms, or None). p and
+    state are updated in place when donated.
   """
   plat = _platform(platform)
   n = p.shape[0]
   if n % ALIGN:
     raise ValueError(f"flat buffers must hold a multiple of {ALIGN} elements, got {n}")
-  for x in (g,) + tuple(state):
+  if rule.reads_grad and g is None:
+    raise ValueError(f"rule {rule.name} reads the gradient; got g=None")
+  for x in ((g,) if rule.reads_grad else ()) + tuple(state):
     if x.shape != p.shape:
       raise ValueError(f"flat buffer of shape {x.shape} does not match params {p.shape}")
   if len(state) != rule.n_state:
     raise ValueError(f"rule {rule.name} takes {rule.n_state} state buffers, got {len(state)}")
+  n_sums = _num_sumsq_terms(rule)
+  units = n // ALIGN
   if n == 0:
-    return (p if rule.writes_param else None), tuple(state)
+    return ((p if rule.writes_param else None), tuple(state),
+            tuple(jnp.zeros((0,), F32) for _ in range(n_sums)) if rule.sumsq else None)
   tuning = tuning or TUNING[(plat, min(np.dtype(p.dtype).itemsize, 4))]
 
   # GPU/interpret: (units, 1024); TPU: (8 * units, 128), so each unit is one (8,128) tile.
   width = 128 if plat == "tpu" else ALIGN
   rows = n // width
   per_unit = ALIGN // width
-  block = _largest_pow2_divisor(n // ALIGN, tuning.block_rows) * per_unit
+  block = _largest_pow2_divisor(units, tuning.block_rows) * per_unit
 
   s_vec = jnp.stack([jnp.asarray(scalars[k], F32) for k in rule.scalars]
                     + [jnp.zeros((), F32)] * (_pad_pow2(len(rule.scalars)) - len(rule.scalars)))
@@ -163,38 +243,44 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
       from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
       params = plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages)
 
-  n_seg = len(q_cols)
-  ins = [s_vec, *q_cols, p.reshape(rows, width), g.reshape(rows, width),
-         *(x.reshape(rows, width) for x in state)]
-  first_state = 3 + n_seg
+  view = lambda x: x.reshape(rows, width)  # noqa: E731
+  ins = [s_vec, *q_cols, view(p)] + ([view(g)] if rule.reads_grad else [])
+  first_state = len(ins)
+  ins += [view(x) for x in state]
   out_shape, aliases = [], {}
   if rule.writes_param:
-    aliases[1 + n_seg] = 0
+    aliases[1 + len(q_cols)] = 0
     out_shape.append(jax.ShapeDtypeStruct((rows, width), p.dtype))
   for j, x in enumerate(state):
     aliases[first_state + j] = len(out_shape)
     out_shape.append(jax.ShapeDtypeStruct((rows, width), x.dtype))
+  n_big = len(out_shape)
+  out_shape += [jax.ShapeDtypeStruct((rows, 1), F32)] * n_sums
 
   outs = pl.pallas_call(
-      functools.partial(_kernel, rule, n_seg, len(state), rule.writes_param),
+      functools.partial(_kernel, rule, len(q_cols), plat == "gpu"),
       out_shape=out_shape,
       grid=(rows // block,),
-      in_specs=[s_spec] + [col] * n_seg + [blk] * (2 + len(state)),
-      out_specs=[blk] * len(out_shape),
+      in_specs=[s_spec] + [col] * len(q_cols) + [blk] * (len(ins) - 1 - len(q_cols)),
+      out_specs=[blk] * n_big + [col] * n_sums,
       input_output_aliases=aliases,
       compiler_params=params,
       interpret=plat == "interpret",
       name=f"fusedopt_{rule.name}",
   )(*ins)
-  outs = [o.reshape(-1) for o in outs]
-  new_p = outs.pop(0) if rule.writes_param else None
-  return new_p, tuple(outs)
+  big = [o.reshape(-1) for o in outs[:n_big]]
+  new_p = big.pop(0) if rule.writes_param else None
+  sums = None
+  if rule.sumsq is not None:
+    sums = tuple(o.reshape(units, per_unit).sum(axis=1) if per_unit > 1 else o.reshape(units)
+                 for o in outs[n_big:])
+  return new_p, tuple(big), sums
 
 
 def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
   """HBM traffic of one ``flat_update`` per parameter (the roofline model of the benchmark)."""
   isz = lambda d: np.dtype(d).itemsize  # noqa: E731
-  reads = isz(p_dtype) + isz(g_dtype) + rule.n_state * isz(state_dtype)
+  reads = isz(p_dtype) + (isz(g_dtype) if rule.reads_grad else 0) + rule.n_state * isz(state_dtype)
   writes = (isz(p_dtype) if rule.writes_param else 0) + rule.n_state * isz(state_dtype)
   return reads + writes
 
@@ -203,31 +289,32 @@ def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
 
 def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=None):
   """The ``pallas`` backend's group executor (same contract as ``elementwise.run_jnp``)."""
+  from fusedopt import elementwise  # pylint: disable=import-outside-toplevel
   group = layout.groups[gi]
   if layout.align % ALIGN:
     raise ValueError(f"the pallas backend needs a layout aligned to a multiple of {ALIGN}")
-  if group.size == 0:
-    return ([p_leaves[i] for i in group.segments] if rule.writes_param else None), tuple(state)
-  g_dtype = jnp.result_type(*[g_leaves[i] for i in group.segments])
   pf = layout.pack_group(p_leaves, gi)
-  gf = layout.pack_group(g_leaves, gi, g_dtype)
+  gf = None
+  if rule.reads_grad:
+    gf = layout.pack_group(g_leaves, gi, jnp.result_type(*[g_leaves[i] for i in group.segments]))
   seg_rows = {}
   if rule.seg_scalars:
     ids = np.repeat(layout.block_segment_ids(gi), layout.align // ALIGN)
     seg_rows = {k: jnp.asarray(seg[k], F32)[ids] for k in rule.seg_scalars}
-  new_p, new_state = flat_update(rule, scalars, seg_rows, pf, gf, tuple(state), platform=platform)
-  if not rule.writes_param:
-    return None, new_state
-  out = []
-  for i in group.segments:
-    s = layout.segments[i]
-    out.append(jax.lax.slice(new_p, (s.offset,), (s.offset + s.size,)).reshape(s.shape))
-  return out, new_state
+  new_p, new_state, sums = flat_update(rule, scalars, seg_rows, pf, gf, tuple(state),
+                                       platform=platform)
+  if sums is not None and layout.align != ALIGN:   # per layout unit
+    sums = tuple(x.reshape(-1, layout.align // ALIGN).sum(axis=1) for x in sums)
+  out_p = elementwise.split_group(layout, gi, new_p) if rule.writes_param else None
+  return out_p, new_state, sums
 
 
 def run_interpret(*args):
   """``run`` in Pallas interpret mode (CPU): the kernels' numerics, slowly."""
   return run(*args, platform="interpret")
+
+
+run.fused_sumsq = run_interpret.fused_sumsq = True
 
 
 def available() -> bool:

@@ -86,6 +86,13 @@ def test_native_matches_jnp_float32(name, kw):
     a, b = steps["jnp"](opt, g, lr), steps["native"](opt, g, lr)
     for x, y, old in zip(jax.tree.leaves(a.target), jax.tree.leaves(b.target),
                          jax.tree.leaves(opt.target)):
+      if name == "LAMB":
+        # The trust ratio's norms are summed in another order by each backend (per 1024-block
+        # partial sums vs per leaf): the steps agree to float32 summation error.
+        o64 = np.asarray(old, np.float64)
+        np.testing.assert_allclose(np.asarray(x, np.float64) - o64,
+                                   np.asarray(y, np.float64) - o64, rtol=2e-5, atol=1e-7)
+        continue
       _assert_within_4ulp(x, y, old, (name, kw, t), step_size=float(lr))
     # state compared leaf by leaf: the padding between segments is not state (the jnp backend
     # computes it, the native one skips it)

@@ -112,7 +112,7 @@ def test_block_sizes_and_unit_counts(block_rows, units):
   s = {"lr": 1e-2, "b1": .9, "omb1": .1, "b2": .999, "omb2": 1e-3, "c1": .19, "c2": 2e-3,
        "eps": 1e-8, "lrwd": 1e-4}
   tuning = kp.Tuning(block_rows=block_rows)
-  out_p, (out_m, out_v) = jax.jit(lambda *a: kp.flat_update(
+  out_p, (out_m, out_v), _ = jax.jit(lambda *a: kp.flat_update(
       ADAM_RULE, s, {}, a[0], a[1], a[2:], tuning=tuning,
       platform=None if ON_DEVICE else "interpret"))(p, g, m, v)
   ns = namespace({k: jnp.float32(x) for k, x in s.items()})
