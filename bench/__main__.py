@@ -40,7 +40,7 @@ def parse_args(argv):
   ap.add_argument("--trees", help=f"comma-separated, from {','.join(trees.TREES)} "
                   f"(default {','.join(trees.DEFAULT_TREES)})")
   ap.add_argument("--impls", default=",".join(impls_mod.default_impls()),
-                  help="comma-separated, from optax,native,jnp,pallas (default: optax and the "
+                  help="comma-separated, from optax,auto,native,jnp,pallas (default: optax, auto and the "
                   "fusedopt backends available here)")
   ap.add_argument("--repeats", type=int, default=10, help="timed steps per implementation")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the check steps")

@@ -10,11 +10,11 @@ SITE=$(mktemp -d)
 # fusedopt as installed (kernels/ is the subpackage fusedopt.kernels); run from $SITE so the
 # checkout's own fusedopt/ (without kernels) is not first on sys.path.
 cp -r "$REPO/fusedopt" "$REPO/bench" "$SITE/" && cp -r "$REPO/kernels" "$SITE/fusedopt/kernels"
-export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda,cpu
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
 (cd /tmp && timeout 300 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_pallas_numerics.py" 2>&1 | tail -25)
 case "$OUTDIR" in /*) ;; *) OUTDIR="$REPO/$OUTDIR";; esac
 cd "$SITE" && timeout 300 python3 -m bench.kernels --out "$OUTDIR" "$@" 2>&1
 [ "${NO_TREES:-0}" = 1 ] || timeout ${TREES_TIMEOUT:-400} python3 -m bench \
-  --trees ${TREES:-gpt2-124m,resnet50,small-2000} --impls optax,jnp,pallas --out "$OUTDIR" 2>&1
+  --trees ${TREES:-gpt2-124m,resnet50,small-2000} --impls optax,auto,jnp,pallas --out "$OUTDIR" 2>&1

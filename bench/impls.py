@@ -13,13 +13,13 @@ import fusedopt
 
 # Hyper-parameters shared by every implementation (flax's Adam defaults, plus weight decay).
 HP = dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
-ALL_IMPLS = ("optax", "native", "jnp", "pallas")
+ALL_IMPLS = ("optax", "auto", "native", "jnp", "pallas")
 
 
 def default_impls():
   """optax plus every fusedopt backend that runs on this machine (compiled, not interpreted)."""
   avail = fusedopt.available_backends()
-  return tuple(i for i in ALL_IMPLS if i == "optax" or i in avail)
+  return tuple(i for i in ALL_IMPLS if i in ("optax", "auto") or i in avail)
 
 
 def _adamw(lr):
@@ -92,7 +92,7 @@ class Fusedopt:
 def make(name):
   if name == "optax":
     return Optax()
-  if name in ("native", "jnp", "pallas"):
+  if name in ("auto", "native", "jnp", "pallas"):
     return Fusedopt(name)
   raise ValueError(f"unknown implementation {name!r}; expected one of {ALL_IMPLS}")
 

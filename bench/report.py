@@ -55,7 +55,7 @@ def environment():
           "cpu_count": os.cpu_count(),
           "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
           "mem_total_gib": _mem_total_gib(),
-          "jax_device": str(jax.devices()[0]),
+          "jax_device": f"{jax.devices()[0]} ({jax.devices()[0].device_kind})",
       },
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,

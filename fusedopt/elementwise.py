@@ -36,6 +36,8 @@ class Rule:
     n_state: number of flat state buffers the rule reads and writes.
     writes_param: False for a pre-pass that only updates state (LAMB's moment stage).
     reads_grad: False for a rule that ignores ``g`` (LAMB's apply stage): kernels skip reading it.
+    writes_state: False for a rule that returns its state unchanged (LAMB's apply stage): kernels
+      skip writing it back.
     sumsq: optional ``sumsq(xp, s, seg, p, g, *new_state) -> tuple of terms``. Executors return,
       per tensor, the sum of each term squared (LAMB's ||p||^2 and ||u||^2): kernel backends
       fuse it into the same pass as per-block partial sums; others evaluate it per leaf.
@@ -47,6 +49,7 @@ class Rule:
   seg_scalars: Tuple[str, ...] = ()
   writes_param: bool = True
   reads_grad: bool = True
+  writes_state: bool = True
   sumsq: Optional[Callable] = None
 
 
@@ -105,7 +108,10 @@ def run_jnp(rule: Rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
   if rule.sumsq is not None:
     sums = tuple(jnp.sum(t * t, axis=1)
                  for t in rule.sumsq(jnp, s, namespace(q), p2, g2, *new_state))
-  new_state = tuple(n.reshape(-1).astype(x.dtype) for n, x in zip(new_state, state))
+  if rule.writes_state:
+    new_state = tuple(n.reshape(-1).astype(x.dtype) for n, x in zip(new_state, state))
+  else:
+    new_state = tuple(state)
   if not rule.writes_param:
     return None, new_state, sums
   return split_group(layout, gi, new_p.reshape(-1)), new_state, sums

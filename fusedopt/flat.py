@@ -52,13 +52,14 @@ def _warn_once(msg):  # Python's default filter shows it once per call site
   warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def _executor(backend, dtype):
-  """The function that runs a rule over one group: ``run(rule, scalars, seg, layout, gi, ...)``.
+def _executor(backend, layout, gi, rule):
+  """The function that runs ``rule`` over group ``gi``: ``run(rule, scalars, seg, layout, gi, ...)``.
 
-  auto: Pallas kernels on GPU/TPU; on CPU the native kernels for float32 (when a C++ compiler is
-  there), else jnp. An explicit kernel backend that cannot run here raises; one without a kernel
-  for a dtype warns and runs that group on jnp (never wrong numbers).
+  An explicit kernel backend that cannot run here raises; one without a kernel for the group's
+  dtype warns and runs that group on jnp (never wrong numbers). ``auto`` picks by measurement:
+  see ``_auto``.
   """
+  dtype = layout.groups[gi].dtype
   if backend == "jnp":
     return elementwise.run_jnp
   if backend == "pallas_interpret":
@@ -84,9 +85,27 @@ def _executor(backend, dtype):
                  "runs on the jnp backend")
       return elementwise.run_jnp
     return native.run
-  if _pallas().available() and _pallas().supports(dtype):
-    return _pallas().run
-  if jax.default_backend() == "cpu" and np.dtype(dtype) == np.float32:
+  return _auto(layout, gi, rule)
+
+
+def _auto(layout, gi, rule):
+  """``backend="auto"``, from the benchmarks in bench/results:
+
+  - CPU: the native kernels for float32 (when a C++ compiler is there), else jnp.
+  - GPU/TPU: the Pallas kernel when the group's flat buffer costs no copy (one leaf whose size
+    is a multiple of the alignment: the buffer *is* the leaf), or when the rule's norms are fused
+    into the kernel (LAMB). Otherwise the jnp path: XLA fuses the concatenation of the leaves
+    into the update itself, which a kernel cannot (H100, GPT-2-124M tree: jnp 3.6 ms, Pallas
+    4.5 ms with the pack/unpack copies; both ~100% of copy bandwidth on a single flat buffer).
+  """
+  group = layout.groups[gi]
+  if _pallas().available():
+    if not _pallas().supports(group.dtype):
+      return elementwise.run_jnp
+    one_leaf = (len(group.segments) == 1
+                and layout.segments[group.segments[0]].size == group.size)
+    return _pallas().run if (one_leaf or rule.sumsq is not None) else elementwise.run_jnp
+  if jax.default_backend() == "cpu" and np.dtype(group.dtype) == np.float32:
     try:
       if _native().available():
         return _native().run
@@ -246,7 +265,7 @@ class FlatOptimizerDef(OptimizerDef):
     for gi, group in enumerate(layout.groups):
       if group.size == 0:   # only size-0 leaves: nothing to update, their sums are 0
         continue
-      run = _executor(self.backend, group.dtype)
+      run = _executor(self.backend, layout, gi, rule)
       out = run(rule, scalars, seg, layout, gi, p_leaves, g_leaves,
                 tuple(fields[k][gi] for k in names))
       out_p, out_state = out[0], out[1]
@@ -259,7 +278,10 @@ class FlatOptimizerDef(OptimizerDef):
         continue
       if getattr(run, "fused_sumsq", False):   # per-unit partial sums -> per leaf
         ids = jnp.asarray(layout.block_segment_ids(gi))
-        part = [jax.ops.segment_sum(u, ids, num_segments=n) for u in out[2]]
+        # ids are sorted (segments lie in buffer order): on GPU the sorted scatter avoids
+        # serialising atomics on one address (0.5 ms -> 0.05 ms for 2^18 units, H100)
+        part = [jax.ops.segment_sum(u, ids, num_segments=n, indices_are_sorted=True)
+                for u in out[2]]
       else:                                     # evaluated per leaf from the new state
         idx = np.asarray(group.segments)
         per = [elementwise.leaf_sumsq(

@@ -51,7 +51,8 @@ _SCALARS = ("lr", "b1", "omb1", "b2", "omb2", "c1", "c2", "eps", "wd")
 # pass 2 reads p, m, v and writes p (16 B/param): 40 B/param in all.
 MOMENTS_RULE = Rule("lamb_moments", _moments, _SCALARS, 2, writes_param=False,
                     sumsq=_norm_terms)
-APPLY_RULE = Rule("lamb_apply", _apply, _SCALARS, 2, seg_scalars=("ratio_lr",), reads_grad=False)
+APPLY_RULE = Rule("lamb_apply", _apply, _SCALARS, 2, seg_scalars=("ratio_lr",), reads_grad=False,
+                  writes_state=False)
 
 
 class LAMB(FlatOptimizerDef):

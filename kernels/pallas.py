@@ -97,9 +97,11 @@ def _pad_pow2(n: int) -> int:
 
 
 # Triton lowers `/` to div.full.f32 and sqrt to sqrt.approx.ftz.f32 (about 2 ulp each, and
-# denormals flushed); XLA uses IEEE round-to-nearest. The kernels are memory-bound, so the
-# correctly rounded instructions cost nothing measurable and keep GPU results within 2 ulp of the
-# jnp oracle. The rule is traced to a jaxpr and evaluated with these two primitives replaced.
+# denormals flushed), and contracts a*b+c into fma. XLA:CPU -- the jnp oracle -- rounds every
+# operation IEEE round-to-nearest. The kernels are memory-bound, so correctly rounded, uncontracted
+# instructions (PTX never fuses mul.rn/add.rn into fma) cost nothing measurable and make a GPU
+# step reproduce the oracle's float32 arithmetic. The rule is traced to a jaxpr and evaluated
+# with these primitives replaced by inline PTX.
 def _gpu_precise_ops():
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
 
@@ -109,7 +111,10 @@ def _gpu_precise_ops():
         code, args=list(args), constraints="=r" + ",r" * len(args), pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, F32)])[0]
   return {lax.div_p: lambda x, y: asm("div.rn.f32 $0, $1, $2;", x, y),
-          lax.sqrt_p: lambda x: asm("sqrt.rn.f32 $0, $1;", x)}
+          lax.sqrt_p: lambda x: asm("sqrt.rn.f32 $0, $1;", x),
+          lax.mul_p: lambda x, y: asm("mul.rn.f32 $0, $1, $2;", x, y),
+          lax.add_p: lambda x, y: asm("add.rn.f32 $0, $1, $2;", x, y),
+          lax.sub_p: lambda x, y: asm("sub.rn.f32 $0, $1, $2;", x, y)}
 
 
 def _eval_jaxpr(jaxpr, consts, args, overrides):
@@ -156,7 +161,7 @@ def _kernel(rule, n_seg, precise, *refs):
   g_ref = take(1)[0] if rule.reads_grad else None
   st_refs = take(rule.n_state)
   p_out = take(1)[0] if rule.writes_param else None
-  st_outs = take(rule.n_state)
+  st_outs = take(rule.n_state) if rule.writes_state else []
   sum_outs = refs
   s = {k: s_ref[j] for j, k in enumerate(rule.scalars)}
   q = {k: r[...] for k, r in zip(rule.seg_scalars, q_refs)}
@@ -251,9 +256,10 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
   if rule.writes_param:
     aliases[1 + len(q_cols)] = 0
     out_shape.append(jax.ShapeDtypeStruct((rows, width), p.dtype))
-  for j, x in enumerate(state):
-    aliases[first_state + j] = len(out_shape)
-    out_shape.append(jax.ShapeDtypeStruct((rows, width), x.dtype))
+  if rule.writes_state:
+    for j, x in enumerate(state):
+      aliases[first_state + j] = len(out_shape)
+      out_shape.append(jax.ShapeDtypeStruct((rows, width), x.dtype))
   n_big = len(out_shape)
   out_shape += [jax.ShapeDtypeStruct((rows, 1), F32)] * n_sums
 
@@ -270,18 +276,20 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
   )(*ins)
   big = [o.reshape(-1) for o in outs[:n_big]]
   new_p = big.pop(0) if rule.writes_param else None
+  new_state = tuple(big) if rule.writes_state else tuple(state)
   sums = None
   if rule.sumsq is not None:
     sums = tuple(o.reshape(units, per_unit).sum(axis=1) if per_unit > 1 else o.reshape(units)
                  for o in outs[n_big:])
-  return new_p, tuple(big), sums
+  return new_p, new_state, sums
 
 
 def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
   """HBM traffic of one ``flat_update`` per parameter (the roofline model of the benchmark)."""
   isz = lambda d: np.dtype(d).itemsize  # noqa: E731
   reads = isz(p_dtype) + (isz(g_dtype) if rule.reads_grad else 0) + rule.n_state * isz(state_dtype)
-  writes = (isz(p_dtype) if rule.writes_param else 0) + rule.n_state * isz(state_dtype)
+  writes = ((isz(p_dtype) if rule.writes_param else 0)
+            + (rule.n_state * isz(state_dtype) if rule.writes_state else 0))
   return reads + writes
 
 

@@ -55,7 +55,8 @@ def _sds(rule, n, dtype, sharding=None):
 
 
 def _donate(rule):
-  return ((0,) if rule.writes_param else ()) + tuple(range(2, 2 + rule.n_state))
+  return (((0,) if rule.writes_param else ())
+          + (tuple(range(2, 2 + rule.n_state)) if rule.writes_state else ()))
 
 
 # ----------------------------------------------------------------------------- T2
@@ -68,7 +69,7 @@ def test_t2_lowers_for_cuda_triton(rule, dtype):
   txt = low.as_text()
   assert txt.count("__gpu$xla.gpu.triton") == 1
   # in place: every output aliases its input
-  n_out = rule.n_state + int(rule.writes_param)
+  n_out = rule.n_state * int(rule.writes_state) + int(rule.writes_param)
   assert len(re.findall(r"output_operand_alias<output_tuple_indices = \[\d*\]", txt)) == n_out
 
 
