@@ -78,6 +78,10 @@ class Adafactor(OptimizerDef):
     check_range(hp, "epsilon1", 0.0)
     check_range(hp, "epsilon2", 0.0)
 
+  def validate_for_jit(self, hyper_params):
+    self.validate(hyper_params)
+    return True
+
   def apply_gradient(self, hyper_params, params, state, grads):
     self.validate(hyper_params)
     return super().apply_gradient(hyper_params, params, state, grads)

@@ -14,6 +14,7 @@ into C++ by the ``native`` CPU backend (``fusedopt.kernels.native``).
 This module holds the rule type and the ``jnp`` backend: the test oracle for every kernel.
 """
 import dataclasses
+import functools
 import types
 from typing import Callable, Dict, Optional, Tuple
 
@@ -51,6 +52,26 @@ class Rule:
   reads_grad: bool = True
   writes_state: bool = True
   sumsq: Optional[Callable] = None
+
+
+@functools.lru_cache(maxsize=None)
+def per_segment(rule: Rule) -> Rule:
+  """``rule`` with every global scalar read per segment instead: one pass can then update
+  tensors that belong to different optimizers of the same kind (MultiOptimizer), each with its
+  own learning rate, betas, bias corrections."""
+  fn, sumsq = rule.fn, rule.sumsq
+
+  def seg_fn(xp, s, q, p, g, *state):
+    del s
+    return fn(xp, q, q, p, g, *state)
+
+  def seg_sumsq(xp, s, q, p, g, *state):
+    del s
+    return sumsq(xp, q, q, p, g, *state)
+
+  return dataclasses.replace(rule, name=rule.name + "_per_segment", fn=seg_fn, scalars=(),
+                             seg_scalars=rule.scalars + rule.seg_scalars,
+                             sumsq=None if sumsq is None else seg_sumsq)
 
 
 def namespace(values: Dict[str, object]):

@@ -200,6 +200,10 @@ class FlatOptimizerDef(OptimizerDef):
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)
 
+  def validate_for_jit(self, hyper_params):
+    self.validate(hyper_params)
+    return True
+
   # -- per-leaf (flax) API, on the same rule
   def init_param_state(self, param):
     return {k: jnp.zeros(jnp.shape(param), self.state_dtype(jnp.result_type(param)))
@@ -317,7 +321,8 @@ def bias_correction(beta, step):
   """
   t = jnp.asarray(step, F32) + 1.0
   if isinstance(beta, numbers.Number):
-    log_beta = jnp.asarray(np.log1p(-(1.0 - float(beta))), F32)
+    with np.errstate(divide="ignore"):   # beta = 0: log 0 = -inf, correction exactly 1
+      log_beta = jnp.asarray(np.log1p(-(1.0 - float(beta))), F32)
   else:
     log_beta = jnp.log1p(-(1.0 - jnp.asarray(beta, F32)))
   return -jnp.expm1(t * log_beta)

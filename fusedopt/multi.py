@@ -2,13 +2,23 @@
 
 Each ``(traversal, optimizer)`` pair optimizes the leaves its traversal selects; a leaf selected
 twice is an error, a leaf selected by none never changes. Each sub-optimizer sees its leaves as a
-tuple (as in flax 0.5.3) and keeps its own (flat) state; the step is shared.
+tuple (as in flax 0.5.3); the step is shared.
+
+When every sub-optimizer is a built-in single-pass optimizer of the same kind (say Adam with
+different learning rates for kernels and biases), the groups are *fused*: one flat state over all
+selected leaves and one pass of the kernel per dtype group, with each optimizer's scalars (lr,
+betas, bias corrections) entering as a per-segment table (``elementwise.per_segment``) instead of
+one launch per sub-optimizer. Checkpoints keep flax's per-sub-optimizer format either way.
 """
 from typing import Any, Tuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from . import elementwise, struct
 from .base import OptimizerDef, OptimizerState, _replace_checked
+from .flat import FlatOptimizerDef, FlatState
 
 
 class _Marker:
@@ -49,15 +59,30 @@ class MultiOptimizer(OptimizerDef):
                                       (biases, fusedopt.Momentum(0.1)))
   """
 
-  def __init__(self, *traversals_and_optimizers: Tuple[Any, OptimizerDef]):
+  def __init__(self, *traversals_and_optimizers: Tuple[Any, OptimizerDef], fuse: bool = True):
+    """``fuse=False`` keeps one state and one update per sub-optimizer even where they could be
+    fused (see the module docstring)."""
     if not traversals_and_optimizers:
       raise ValueError("MultiOptimizer needs at least one (traversal, optimizer) pair")
     traversals, sub_optimizers = zip(*traversals_and_optimizers)
     super().__init__([opt.hyper_params for opt in sub_optimizers])
     self.traversals = traversals
     self.sub_optimizers = sub_optimizers
+    self.fuse = fuse
+
+  def _fusable(self):
+    """Same built-in single-pass optimizer class, backend and static variant (e.g. nesterov) for
+    every sub-optimizer."""
+    first = self.sub_optimizers[0]
+    return (self.fuse and isinstance(first, FlatOptimizerDef)
+            and type(first).update_leaves is FlatOptimizerDef.update_leaves
+            and all(type(o) is type(first) and o.backend == first.backend
+                    for o in self.sub_optimizers)
+            and len({o.rule(o.hyper_params).name for o in self.sub_optimizers}) == 1)
 
   def init_state(self, params):
+    if self._fusable():
+      return self._init_fused(params)
     leaves = jax.tree_util.tree_leaves(params)
     subs = []
     for idx, opt in zip(_assign(self.traversals, params), self.sub_optimizers):
@@ -65,6 +90,8 @@ class MultiOptimizer(OptimizerDef):
     return OptimizerState(jax.numpy.asarray(0, jax.numpy.int32), tuple(subs))
 
   def apply_gradient(self, hyper_params, params, state, grads):
+    if isinstance(state.param_states, FusedState):
+      return self._apply_fused(hyper_params, params, state, grads)
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     g_def = jax.tree_util.tree_structure(grads)
     if g_def != treedef:
@@ -86,6 +113,9 @@ class MultiOptimizer(OptimizerDef):
       new_subs.append(new_sub.param_states)
     return treedef.unflatten(new_leaves), OptimizerState(state.step + 1, tuple(new_subs))
 
+  def validate_for_jit(self, hyper_params):
+    return all([opt.validate_for_jit(hp) for opt, hp in zip(self.sub_optimizers, hyper_params)])
+
   def update_hyper_params(self, **hyper_param_overrides):
     """Overrides apply to every sub-optimizer; ``hyper_params=[...]`` replaces all."""
     hps = hyper_param_overrides.pop("hyper_params", self.hyper_params)
@@ -95,3 +125,86 @@ class MultiOptimizer(OptimizerDef):
     if hyper_param_overrides:
       hps = [_replace_checked(hp, hyper_param_overrides) for hp in hps]
     return hps
+
+  # -- fused: one flat state and one pass for all sub-optimizers
+  def _init_fused(self, params):
+    picks = _assign(self.traversals, params)
+    union = tuple(sorted(i for idx in picks for i in idx))
+    pos = {i: k for k, i in enumerate(union)}
+    leaves = jax.tree_util.tree_leaves(params)
+    flat = None
+    if union:
+      flat = self.sub_optimizers[0].init_state(tuple(leaves[i] for i in union)).param_states
+    owner = np.zeros((len(union),), np.int32)
+    for j, idx in enumerate(picks):
+      owner[[pos[i] for i in idx]] = j
+    return OptimizerState(jnp.asarray(0, jnp.int32),
+                          FusedState(flat, union, tuple(tuple(pos[i] for i in idx)
+                                                        for idx in picks), tuple(owner.tolist())))
+
+  def _apply_fused(self, hyper_params, params, state, grads):
+    fs = state.param_states
+    p_leaves, treedef = jax.tree_util.tree_flatten(params)
+    g_def = jax.tree_util.tree_structure(grads)
+    if g_def != treedef:
+      raise ValueError(f"grads have a different tree structure than the target:\n"
+                       f"  target: {treedef}\n  grads:  {g_def}")
+    if tuple(_assign(self.traversals, params)) != tuple(tuple(fs.union[k] for k in ks)
+                                                  for ks in fs.picks):
+      raise ValueError("the traversals select other leaves than when the state was created")
+    if not fs.union:
+      return params, OptimizerState(state.step + 1, fs)
+    g_leaves = treedef.flatten_up_to(grads)
+    subs = self.sub_optimizers
+    rules = {subs[j].rule(hp).name for j, hp in enumerate(hyper_params) if fs.picks[j]}
+    if len(rules) > 1:
+      raise ValueError(f"fused MultiOptimizer: overrides gave the sub-optimizers different static "
+                       f"variants {sorted(rules)}; create it with fuse=False")
+    for opt, hp in zip(subs, hyper_params):
+      opt.validate(hp)
+    j0 = next(j for j in range(len(subs)) if fs.picks[j])
+    rule = subs[j0].rule(hyper_params[j0])
+    scal = [subs[j].scalars(hp, state.step) for j, hp in enumerate(hyper_params)]
+    owner = np.asarray(fs.owner)
+    seg = {k: jnp.stack([jnp.asarray(sc[k], jnp.float32) for sc in scal])[owner]
+           for k in rule.scalars}
+    layout = fs.flat.layout
+    ps = layout.check(tuple(p_leaves[i] for i in fs.union), "target", allow_other_float=False)
+    gs = layout.check(tuple(g_leaves[i] for i in fs.union), "grads")
+    new_p, new_fields = subs[j0].run_rule(elementwise.per_segment(rule), {}, seg, layout, ps, gs,
+                                          fs.flat.fields)
+    out = list(p_leaves)
+    for i, x in zip(fs.union, new_p):
+      out[i] = x
+    return (treedef.unflatten(out),
+            OptimizerState(state.step + 1, fs.replace(flat=FlatState(new_fields, layout))))
+
+
+@struct.dataclass
+class FusedState:
+  """A fused MultiOptimizer's state: one ``FlatState`` over the ``union`` of selected leaves
+  (their indices in the target's leaf order); ``picks[j]`` are sub-optimizer j's positions in
+  the union, ``owner[k]`` the sub-optimizer of union position k."""
+  flat: Any
+  union: Tuple[int, ...] = struct.field(pytree_node=False)
+  picks: Tuple[Tuple[int, ...], ...] = struct.field(pytree_node=False)
+  owner: Tuple[int, ...] = struct.field(pytree_node=False)
+
+  def as_flax_tree(self):
+    """flax 0.5.3's layout: per sub-optimizer a tuple of its leaves' ``{field: array}`` (None for
+    a sub-optimizer that selects nothing)."""
+    per_leaf = self.flat.per_leaf() if self.flat is not None else ()
+    return tuple(tuple(per_leaf[k] for k in ks) if ks else None for ks in self.picks)
+
+  def from_flax_tree(self, tree):
+    if self.flat is None:
+      return self
+    per_leaf = [None] * len(self.union)
+    for ks, sub in zip(self.picks, tree):
+      for k, leaf in zip(ks, sub or ()):
+        per_leaf[k] = leaf
+    layout = self.flat.layout
+    fields = {name: tuple(layout.pack_group([leaf[name] for leaf in per_leaf], g, jnp.float32)
+                          for g in range(len(layout.groups)))
+              for name in self.flat.fields}
+    return self.replace(flat=FlatState(fields, layout))

@@ -19,6 +19,8 @@ from .flat import FlatState
 def to_state_dict(x):
   if isinstance(x, FlatState):
     return to_state_dict(x.per_leaf())
+  if hasattr(x, "as_flax_tree"):   # state whose checkpoint format is another tree (MultiOptimizer)
+    return to_state_dict(x.as_flax_tree())
   if isinstance(x, Mapping):
     return {str(k): to_state_dict(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
@@ -47,6 +49,8 @@ def from_state_dict(template, sd, path=""):
                        for g in range(len(template.layout.groups)))
               for k in template.fields}
     return FlatState(fields, template.layout)
+  if hasattr(template, "as_flax_tree"):
+    return template.from_flax_tree(from_state_dict(template.as_flax_tree(), sd, path))
   if isinstance(template, Mapping):
     if not isinstance(sd, Mapping):
       raise ValueError(f"checkpoint has a leaf at {path or '/'} where the optimizer has a dict")

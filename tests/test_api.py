@@ -208,3 +208,26 @@ def test_focus_only_changes_selected_leaves():
   both = optim.ModelParamTraversal(lambda path, _: True)
   with pytest.raises(ValueError, match="Multiple optimizers match the same leaves"):
     optim.MultiOptimizer((focus, optim.Adam(0.1)), (both, optim.Adam(0.1))).create(params)
+
+
+def test_eager_apply_gradient_is_one_compiled_step():
+  """Outside jit, built-in optimizers run the whole update as one cached compiled step (op-by-op
+  execution would compile every operation once per leaf shape): same numbers as under jit, one
+  compile for every array-valued learning rate, validation still on concrete values."""
+  from fusedopt import base
+  params = {f"w{i}": jnp.full((i + 1, 3), 0.5, jnp.float32) for i in range(12)}  # 12 shapes
+  g = _grads(params)
+  opt = optim.Adam(learning_rate=0.1).create(params)
+  before = base._jitted_step._cache_size()
+  eager = opt
+  for t in range(3):
+    eager = eager.apply_gradient(g, learning_rate=jnp.float32(0.1 / (t + 1)))
+  assert base._jitted_step._cache_size() == before + 1
+  jitted = opt
+  step = jax.jit(lambda o, g, lr: o.apply_gradient(g, learning_rate=lr))
+  for t in range(3):
+    jitted = step(jitted, g, jnp.float32(0.1 / (t + 1)))
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(optim.HyperParamError, match="learning_rate"):
+    opt.apply_gradient(g, learning_rate=-1.0)
