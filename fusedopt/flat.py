@@ -91,7 +91,7 @@ def _executor(backend, layout, gi, rule):
 def _auto(layout, gi, rule):
   """``backend="auto"``, from the benchmarks in bench/results:
 
-  - CPU: the native kernels for float32 (when a C++ compiler is there), else jnp.
+  - CPU: the native kernels (float32, bfloat16, float16; when a C++ compiler is there), else jnp.
   - GPU/TPU: the Pallas kernel when the group's flat buffer costs no copy (one leaf whose size
     is a multiple of the alignment: the buffer *is* the leaf), or when the rule's norms are fused
     into the kernel (LAMB). Otherwise the jnp path: XLA fuses the concatenation of the leaves
@@ -105,9 +105,9 @@ def _auto(layout, gi, rule):
     one_leaf = (len(group.segments) == 1
                 and layout.segments[group.segments[0]].size == group.size)
     return _pallas().run if (one_leaf or rule.sumsq is not None) else elementwise.run_jnp
-  if jax.default_backend() == "cpu" and np.dtype(group.dtype) == np.float32:
+  if jax.default_backend() == "cpu":
     try:
-      if _native().available():
+      if _native().available() and _native().supports(group.dtype):
         return _native().run
     except ImportError:
       pass
