@@ -180,6 +180,40 @@ class Optimizer(struct.PyTreeNode):
         hyper_params, self.target, self.state, grads)
     return self.replace(target=new_target, state=new_state)
 
+  def apply_gradient_checked(self, grads, *, grad_scale=None, clip_global_norm=None,
+                             **hyper_param_overrides):
+    """``apply_gradient`` for mixed precision and clipping, fused into the update.
+
+    Args:
+      grads: the gradients, possibly multiplied by a loss scale.
+      grad_scale: multiplies the gradients first (``1 / dynamic_scale.scale`` for loss-scaled
+        gradients); None for 1.
+      clip_global_norm: if given, clip the (unscaled) gradients to this global L2 norm, as
+        ``optax.clip_by_global_norm``.
+      **hyper_param_overrides: as for ``apply_gradient``.
+    Returns:
+      ``(new_optimizer, finite, global_norm)``. When any gradient is not finite, the new
+      optimizer's target, state and step equal the old ones bitwise (skipped on the device, no
+      host synchronisation); feed ``finite`` to ``DynamicScale.update``. ``global_norm`` is the
+      norm of the unscaled gradients before clipping.
+
+    Example (float16 loss scaling without the extra passes of unscaling and checking)::
+
+      def train_step(opt, ds, batch):
+        grads = jax.grad(lambda p: ds.scale * loss_fn(p, batch))(opt.target)
+        opt, finite, _ = opt.apply_gradient_checked(grads, grad_scale=1 / ds.scale,
+                                                    clip_global_norm=1.0)
+        return opt, ds.update(finite)
+    """
+    opt_def = self.optimizer_def
+    if not hasattr(opt_def, "apply_gradient_checked"):
+      raise TypeError(f"{type(opt_def).__name__} has no fused checked update; use "
+                      "apply_gradient with DynamicScale.value_and_grad")
+    hyper_params = opt_def.update_hyper_params(**hyper_param_overrides)
+    new_target, new_state, finite, norm = opt_def.apply_gradient_checked(
+        hyper_params, self.target, self.state, grads, grad_scale, clip_global_norm)
+    return self.replace(target=new_target, state=new_state), finite, norm
+
   def compute_gradient(self, loss_fn):
     """Deprecated (as in flax): use ``jax.grad`` or ``jax.value_and_grad``.
 

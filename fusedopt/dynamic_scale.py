@@ -119,6 +119,11 @@ class DynamicScale(struct.PyTreeNode):
 
     return scaled_grad_fn
 
+  def update(self, finite: Array) -> "DynamicScale":
+    """The next state after a step whose gradients were ``finite`` (fusedopt addition): for
+    ``Optimizer.apply_gradient_checked``, which checks the gradients inside the update."""
+    return self._next_state(jnp.asarray(finite))
+
   def _next_state(self, finite: Array) -> "DynamicScale":
     """The scale and fin_steps after a step whose gradients were ``finite``."""
     grow = self.fin_steps == self.growth_interval

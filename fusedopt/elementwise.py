@@ -7,7 +7,8 @@ An optimizer's update is a ``Rule``: a Python function of float32 *values*
 where ``s`` holds the step's global scalars (learning rate, betas, bias corrections — computed in
 float32 by the optimizer, entering every backend as runtime values so schedules never recompile),
 ``seg`` holds per-segment (per-tensor) scalars such as LAMB/LARS trust ratios, and ``xp`` supplies
-``sqrt``. It uses only arithmetic operators and ``xp.sqrt``, so the same function is traced by
+``sqrt`` and ``where(c, a, b)`` (c a scalar, nonzero = true). It uses only arithmetic operators
+and those, so the same function is traced by
 jax.numpy (the ``jnp`` backend and the per-leaf path), by Pallas/Triton kernels, and symbolically
 into C++ by the ``native`` CPU backend (``fusedopt.kernels.native``).
 
@@ -74,6 +75,35 @@ def per_segment(rule: Rule) -> Rule:
                              sumsq=None if sumsq is None else seg_sumsq)
 
 
+@functools.lru_cache(maxsize=None)
+def guarded(rule: Rule) -> Rule:
+  """``rule`` with the gradient pre-pass folded in: ``g`` is multiplied by the scalar ``gscale``
+  (1/loss-scale times the clip-by-global-norm factor) and, when the scalar ``ok`` is 0 (some
+  gradient was not finite), params and state keep their old values -- a per-element select, so a
+  skipped step changes nothing bitwise and needs no host synchronisation or extra buffer."""
+  fn, sumsq = rule.fn, rule.sumsq
+
+  def g_fn(xp, s, q, p, g, *state):
+    new_p, new_state = fn(xp, s, q, p, g * s.gscale, *state)
+    keep = lambda new, old: xp.where(s.ok, new, old)  # noqa: E731
+    return (None if new_p is None else keep(new_p, p),
+            tuple(keep(n, o) for n, o in zip(new_state, state)))
+
+  def g_sumsq(xp, s, q, p, g, *state):
+    return sumsq(xp, s, q, p, g * s.gscale, *state)
+
+  return dataclasses.replace(rule, name=rule.name + "_guarded", fn=g_fn,
+                             scalars=rule.scalars + ("gscale", "ok"),
+                             sumsq=None if sumsq is None else g_sumsq)
+
+
+def _where(c, a, b):
+  return jnp.where(c != 0, a, b)
+
+
+JNP = types.SimpleNamespace(sqrt=jnp.sqrt, where=_where)
+
+
 def namespace(values: Dict[str, object]):
   return types.SimpleNamespace(**values)
 
@@ -82,7 +112,7 @@ def apply_to_leaf(rule: Rule, scalars, seg, p, g, state):
   """The per-leaf path: ``rule`` on one leaf (any shape), math in float32, results cast back."""
   s = namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
   q = namespace({k: jnp.asarray(seg[k], F32) for k in rule.seg_scalars})
-  new_p, new_state = rule.fn(jnp, s, q, p.astype(F32), g.astype(F32),
+  new_p, new_state = rule.fn(JNP, s, q, p.astype(F32), g.astype(F32),
                              *(x.astype(F32) for x in state))
   new_p = p if new_p is None else new_p.astype(p.dtype)
   return new_p, tuple(n.astype(x.dtype) for n, x in zip(new_state, state))
@@ -92,7 +122,7 @@ def leaf_sumsq(rule: Rule, scalars, seg, p, g, new_state):
   """Per-leaf ``rule.sumsq``: the sums of its terms squared, as float32 scalars."""
   s = namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
   q = namespace({k: jnp.asarray(seg[k], F32) for k in rule.seg_scalars})
-  terms = rule.sumsq(jnp, s, q, p.astype(F32), g.astype(F32), *(x.astype(F32) for x in new_state))
+  terms = rule.sumsq(JNP, s, q, p.astype(F32), g.astype(F32), *(x.astype(F32) for x in new_state))
   return tuple(jnp.sum(t * t) for t in terms)
 
 
@@ -123,12 +153,12 @@ def run_jnp(rule: Rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
     q = {}
   s = namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
   p2, g2 = pf.reshape(shape), (gf.reshape(shape) if rule.reads_grad else gf)
-  new_p, new_state = rule.fn(jnp, s, namespace(q), p2, g2,
+  new_p, new_state = rule.fn(JNP, s, namespace(q), p2, g2,
                              *(x.astype(F32).reshape(shape) for x in state))
   sums = None
   if rule.sumsq is not None:
     sums = tuple(jnp.sum(t * t, axis=1)
-                 for t in rule.sumsq(jnp, s, namespace(q), p2, g2, *new_state))
+                 for t in rule.sumsq(JNP, s, namespace(q), p2, g2, *new_state))
   if rule.writes_state:
     new_state = tuple(n.reshape(-1).astype(x.dtype) for n, x in zip(new_state, state))
   else:

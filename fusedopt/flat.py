@@ -6,6 +6,7 @@ step's scalars once (float32, as runtime values), then runs the optimizer's ``Ru
 group with the selected backend. The same rule serves ``apply_param_gradient`` (the per-leaf path
 that flax's API exposes), so there is one copy of every optimizer's math.
 """
+import copy
 import numbers
 import warnings
 from typing import Any, Dict, Tuple
@@ -245,6 +246,37 @@ class FlatOptimizerDef(OptimizerDef):
     new_params = jax.tree_util.tree_unflatten(layout.treedef, new_p)
     return new_params, OptimizerState(state.step + 1, FlatState(new_fields, layout))
 
+  def apply_gradient_checked(self, hyper_params, params, state, grads, grad_scale=None,
+                             clip_global_norm=None):
+    """``apply_gradient`` with the gradient pre-pass folded into the update.
+
+    One read of the gradients gives their global L2 norm and whether all are finite; the
+    update kernels then multiply ``g`` by ``grad_scale * clip`` (``clip = max_norm / norm`` when
+    the unscaled norm exceeds ``clip_global_norm``, else 1: optax.clip_by_global_norm) and, on a
+    non-finite step, keep params, state and step unchanged -- decided per element on the device.
+    Returns ``(new_params, new_state, finite, global_norm)``, the norm of the unscaled, unclipped
+    gradients.
+    """
+    if not isinstance(state.param_states, FlatState):
+      raise TypeError("apply_gradient_checked needs the flat state of a built-in optimizer")
+    self.validate(hyper_params)
+    if clip_global_norm is not None:
+      v = _concrete(clip_global_norm)
+      if v is not None and not v > 0:
+        raise HyperParamError(f"clip_global_norm={v} must be positive")
+    layout = state.param_states.layout
+    p_leaves = layout.check(params, "target", allow_other_float=False)
+    g_leaves = layout.check(grads, "grads")
+    finite, norm, gscale = gradient_prepass(g_leaves, grad_scale, clip_global_norm)
+    guarded_def = copy.copy(self)
+    guarded_def._guard = {"gscale": gscale, "ok": finite.astype(F32)}  # pylint: disable=protected-access
+    new_p, new_fields = guarded_def.update_leaves(hyper_params, state.step, layout, p_leaves,
+                                                  g_leaves, state.param_states.fields)
+    new_params = jax.tree_util.tree_unflatten(layout.treedef, new_p)
+    new_state = OptimizerState(state.step + finite.astype(state.step.dtype),
+                               FlatState(new_fields, layout))
+    return new_params, new_state, finite, norm
+
   def update_leaves(self, hp, step, layout, p_leaves, g_leaves, fields):
     """One step over all groups: returns (new param leaves, new fields)."""
     return self.run_rule(self.rule(hp), self.scalars(hp, step), {}, layout, p_leaves, g_leaves,
@@ -261,6 +293,9 @@ class FlatOptimizerDef(OptimizerDef):
   def run_rule_sumsq(self, rule, scalars, seg, layout, p_leaves, g_leaves, fields):
     """``run_rule`` plus, for a rule with ``sumsq``, per-leaf sums of its terms squared: a tuple
     of float32 [num_leaves] vectors (else None). Kernel backends compute them in the same pass."""
+    guard = getattr(self, "_guard", None)
+    if guard is not None:   # inside apply_gradient_checked
+      rule, scalars = elementwise.guarded(rule), dict(scalars, **guard)
     names = self.state_fields
     n = len(layout.segments)
     new_p = list(p_leaves)
@@ -309,6 +344,29 @@ def _num_terms(rule, scalars, seg):
   z = jnp.zeros((1,), F32)
   return len(elementwise.leaf_sumsq(rule, scalars, {k: z[0] for k in rule.seg_scalars}, z, z,
                                     (z,) * rule.n_state))
+
+
+def gradient_prepass(g_leaves, grad_scale=None, clip_global_norm=None):
+  """(all finite, global L2 norm of ``grad_scale * g``, the factor to multiply ``g`` by).
+
+  Per leaf, XLA fuses the sum of squares and the finite test into one read of the gradient; no
+  concatenated copy is made. Squares are summed in float32 after scaling, so a loss-scaled float16
+  gradient does not overflow in the square."""
+  scale = F32(1.0) if grad_scale is None else jnp.asarray(grad_scale, F32)
+  sq, fin = [], []
+  for g in g_leaves:
+    x = jnp.asarray(g).astype(F32) * scale
+    sq.append(jnp.sum(x * x))
+    fin.append(jnp.all(jnp.isfinite(x)))
+  sumsq = jnp.sum(jnp.stack(sq)) if sq else F32(0.0)
+  finite = jnp.all(jnp.stack(fin)) if fin else jnp.asarray(True)
+  norm = jnp.sqrt(sumsq)
+  finite = finite & jnp.isfinite(norm)
+  factor = scale
+  if clip_global_norm is not None:
+    max_norm = jnp.asarray(clip_global_norm, F32)
+    factor = scale * jnp.where(norm < max_norm, F32(1.0), max_norm / norm)
+  return finite, norm, factor
 
 
 def bias_correction(beta, step):

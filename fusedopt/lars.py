@@ -67,7 +67,11 @@ class LARS(FlatOptimizerDef):
     return hp.learning_rate * jnp.where((gn == 0.) | (pn == 0.), 1., ratio).astype(jnp.float32)
 
   def update_leaves(self, hp, step, layout, p_leaves, g_leaves, fields):
-    scaled_lr = self._scaled_lr(hp, norms.per_leaf(p_leaves), norms.per_leaf(g_leaves))
+    gn = norms.per_leaf(g_leaves)
+    guard = getattr(self, "_guard", None)
+    if guard is not None:   # apply_gradient_checked: the rule sees g * gscale, so must the norm
+      gn = gn * guard["gscale"]
+    scaled_lr = self._scaled_lr(hp, norms.per_leaf(p_leaves), gn)
     return self.run_rule(self.rule(hp), self.scalars(hp, step), {"scaled_lr": scaled_lr}, layout,
                          p_leaves, g_leaves, fields)
 

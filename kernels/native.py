@@ -82,7 +82,12 @@ class _Sym:
 
 
 def _xp(em):
-  return types.SimpleNamespace(sqrt=lambda x: em.new(f"std::sqrt({x.name})"))
+  def name(x):
+    return x.name if isinstance(x, _Sym) else _lit(x)
+
+  return types.SimpleNamespace(
+      sqrt=lambda x: em.new(f"std::sqrt({x.name})"),
+      where=lambda c, a, b: em.new(f"({name(c)} != 0.0f ? {name(a)} : {name(b)})"))
 
 
 # Storage types: the math is float32 whatever the params/grads are stored in.

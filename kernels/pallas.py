@@ -60,6 +60,8 @@ TUNING: Dict[Tuple[str, int], Tuning] = {
 
 
 _TARGET = []   # platforms set by `targeting`, innermost last
+# What a rule's ``xp`` offers inside a kernel (fusedopt.elementwise documents the contract).
+_XP = types.SimpleNamespace(sqrt=jnp.sqrt, where=lambda c, a, b: jnp.where(c != 0, a, b))
 
 
 @contextlib.contextmanager
@@ -143,7 +145,7 @@ def _eval_jaxpr(jaxpr, consts, args, overrides):
 def _call_rule(rule_fn, s, q, p, g, state, overrides):
   """``rule_fn(jnp, s, q, p, g, *state)`` on float32 values, primitives in ``overrides`` replaced."""
   def fn(s, q, p, g, state):
-    return rule_fn(jnp, types.SimpleNamespace(**s), types.SimpleNamespace(**q), p, g, *state)
+    return rule_fn(_XP, types.SimpleNamespace(**s), types.SimpleNamespace(**q), p, g, *state)
   if not overrides:
     return fn(s, q, p, g, state)
   args = (s, q, p, g, state)
@@ -185,7 +187,7 @@ def _num_sumsq_terms(rule):
     return 0
   z = jnp.zeros((1,), F32)
   ns = lambda names: types.SimpleNamespace(**{k: z[0] for k in names})  # noqa: E731
-  return len(jax.eval_shape(lambda: rule.sumsq(jnp, ns(rule.scalars), ns(rule.seg_scalars), z, z,
+  return len(jax.eval_shape(lambda: rule.sumsq(_XP, ns(rule.scalars), ns(rule.seg_scalars), z, z,
                                                *(z,) * rule.n_state)))
 
 

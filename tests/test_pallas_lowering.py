@@ -20,6 +20,7 @@ from fusedopt.adabelief import ADABELIEF_RULE
 from fusedopt.adadelta import ADADELTA_RULE
 from fusedopt.adagrad import ADAGRAD_RULE
 from fusedopt.adam import ADAM_RULE
+from fusedopt.elementwise import guarded, per_segment
 from fusedopt.kernels import pallas as kp
 from fusedopt.lamb import APPLY_RULE, MOMENTS_RULE
 from fusedopt.lars import lars_rule
@@ -35,7 +36,9 @@ HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
 
 RULES = [SGD_RULE, momentum_rule(False), momentum_rule(True), ADAM_RULE, ADAGRAD_RULE,
          rmsprop_rule(False), rmsprop_rule(True), ADABELIEF_RULE, ADADELTA_RULE, MOMENTS_RULE,
-         APPLY_RULE, lars_rule(False), lars_rule(True)]
+         APPLY_RULE, lars_rule(False), lars_rule(True),
+         # apply_gradient_checked (unscale + clip + skip) and a fused MultiOptimizer
+         guarded(ADAM_RULE), guarded(MOMENTS_RULE), guarded(APPLY_RULE), per_segment(ADAM_RULE)]
 RULE_IDS = [r.name for r in RULES]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
