@@ -40,9 +40,10 @@ class AdaBelief(FlatOptimizerDef):
   state_fields = ("grad_ema", "grad_sq_ema")
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-16, weight_decay=0.0, *,
-               backend="auto"):
+               backend="auto", master_weights=False):
     super().__init__(_AdaBeliefHyperParams(learning_rate, beta1, beta2, eps, weight_decay),
-                     backend)
+                     backend,
+                     master_weights=master_weights)
 
   def validate(self, hp):
     validate_moments(hp)

@@ -28,8 +28,9 @@ class Adagrad(FlatOptimizerDef):
   """Adagrad optimizer. State: ``G``."""
   state_fields = ("G",)
 
-  def __init__(self, learning_rate=None, eps=1e-8, *, backend="auto"):
-    super().__init__(_AdagradHyperParams(learning_rate, eps), backend)
+  def __init__(self, learning_rate=None, eps=1e-8, *, backend="auto", master_weights=False):
+    super().__init__(_AdagradHyperParams(learning_rate, eps), backend,
+                     master_weights=master_weights)
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

@@ -97,6 +97,33 @@ def guarded(rule: Rule) -> Rule:
                              sumsq=None if sumsq is None else g_sumsq)
 
 
+@functools.lru_cache(maxsize=None)
+def with_master(rule: Rule) -> Rule:
+  """``rule`` on a float32 master copy of the params, kept as the last state buffer: the math
+  reads and updates the master, and the stored param is the master rounded to the param's dtype
+  (bf16/f16 training without losing small updates to rounding). Adam on bf16 params: reads g
+  (2 B) and master, m, v (12 B), writes them (12 B) and the bf16 param (2 B)."""
+  fn, sumsq = rule.fn, rule.sumsq
+
+  def m_fn(xp, s, q, p, g, *state):
+    del p
+    *st, master = state
+    new_master, new_st = fn(xp, s, q, master, g, *st)
+    if new_master is None:
+      new_master = master
+    if not rule.writes_state:
+      new_st = st
+    return new_master, tuple(new_st) + (new_master,)
+
+  def m_sumsq(xp, s, q, p, g, *state):
+    del p
+    *st, master = state
+    return sumsq(xp, s, q, master, g, *st)
+
+  return dataclasses.replace(rule, name=rule.name + "_master", fn=m_fn, n_state=rule.n_state + 1,
+                             writes_state=True, sumsq=None if sumsq is None else m_sumsq)
+
+
 def _where(c, a, b):
   return jnp.where(c != 0, a, b)
 

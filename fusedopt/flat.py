@@ -185,11 +185,23 @@ class FlatOptimizerDef(OptimizerDef):
   """
   state_fields: Tuple[str, ...] = ()
 
-  def __init__(self, hyper_params, backend="auto"):
+  def __init__(self, hyper_params, backend="auto", master_weights=False):
+    """``master_weights=True`` keeps a float32 copy of the params in the state (field
+    ``master``) and updates that; the params are the master rounded to their dtype. Meant for
+    bfloat16/float16 params (for float32 ones the copy only costs memory)."""
     if backend not in BACKENDS:
       raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
     super().__init__(hyper_params)
     self.backend = backend
+    self.master_weights = bool(master_weights)
+
+  @property
+  def all_state_fields(self):
+    """``state_fields`` plus ``master`` with master weights (always last)."""
+    return tuple(self.state_fields) + (("master",) if self.master_weights else ())
+
+  def wrap_rule(self, rule):
+    return elementwise.with_master(rule) if self.master_weights else rule
 
   # -- to be defined by each optimizer
   def rule(self, hp) -> elementwise.Rule:
@@ -207,16 +219,19 @@ class FlatOptimizerDef(OptimizerDef):
 
   # -- per-leaf (flax) API, on the same rule
   def init_param_state(self, param):
-    return {k: jnp.zeros(jnp.shape(param), self.state_dtype(jnp.result_type(param)))
-            for k in self.state_fields}
+    state = {k: jnp.zeros(jnp.shape(param), self.state_dtype(jnp.result_type(param)))
+             for k in self.state_fields}
+    if self.master_weights:
+      state["master"] = jnp.asarray(param, F32)
+    return state
 
   def apply_param_gradient(self, step, hyper_params, param, state, grad):
     self.validate(hyper_params)
     seg = self.leaf_seg_scalars(hyper_params, step, param, state, grad)
     new_p, new_state = elementwise.apply_to_leaf(
-        self.rule(hyper_params), self.scalars(hyper_params, step), seg, param, grad,
-        tuple(state[k] for k in self.state_fields))
-    return new_p, dict(zip(self.state_fields, new_state))
+        self.wrap_rule(self.rule(hyper_params)), self.scalars(hyper_params, step), seg, param,
+        grad, tuple(state[k] for k in self.all_state_fields))
+    return new_p, dict(zip(self.all_state_fields, new_state))
 
   def leaf_seg_scalars(self, hp, step, param, state, grad):
     del hp, step, param, state, grad
@@ -232,6 +247,9 @@ class FlatOptimizerDef(OptimizerDef):
   def init_state(self, params):
     layout = FlatLayout.build(params)
     fields = {k: layout.zeros(F32) for k in self.state_fields}
+    if self.master_weights:
+      leaves = jax.tree_util.tree_leaves(params)
+      fields["master"] = tuple(layout.pack_group(leaves, g, F32) for g in range(len(layout.groups)))
     return OptimizerState(jnp.asarray(0, jnp.int32), FlatState(fields, layout))
 
   def apply_gradient(self, hyper_params, params, state, grads):
@@ -293,10 +311,11 @@ class FlatOptimizerDef(OptimizerDef):
   def run_rule_sumsq(self, rule, scalars, seg, layout, p_leaves, g_leaves, fields):
     """``run_rule`` plus, for a rule with ``sumsq``, per-leaf sums of its terms squared: a tuple
     of float32 [num_leaves] vectors (else None). Kernel backends compute them in the same pass."""
+    rule = self.wrap_rule(rule)
     guard = getattr(self, "_guard", None)
     if guard is not None:   # inside apply_gradient_checked
       rule, scalars = elementwise.guarded(rule), dict(scalars, **guard)
-    names = self.state_fields
+    names = self.all_state_fields
     n = len(layout.segments)
     new_p = list(p_leaves)
     new_fields = {k: list(v) for k, v in fields.items()}

@@ -60,8 +60,9 @@ class LAMB(FlatOptimizerDef):
   state_fields = ("grad_ema", "grad_sq_ema")
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, weight_decay=0, eps=1e-6, *,
-               backend="auto"):
-    super().__init__(_LAMBHyperParams(learning_rate, beta1, beta2, weight_decay, eps), backend)
+               backend="auto", master_weights=False):
+    super().__init__(_LAMBHyperParams(learning_rate, beta1, beta2, weight_decay, eps), backend,
+                     master_weights=master_weights)
 
   def validate(self, hp):
     validate_moments(hp)
@@ -83,11 +84,12 @@ class LAMB(FlatOptimizerDef):
   def apply_param_gradient(self, step, hyper_params, param, state, grad):
     self.validate(hyper_params)
     s = self.scalars(hyper_params, step)
-    st = (state["grad_ema"], state["grad_sq_ema"])
-    _, st = elementwise.apply_to_leaf(MOMENTS_RULE, s, {}, param, grad, st)
-    ratio_lr = self._ratio_lr(s, *elementwise.leaf_sumsq(MOMENTS_RULE, s, {}, param, grad, st))
-    new_p, st = elementwise.apply_to_leaf(APPLY_RULE, s, {"ratio_lr": ratio_lr}, param, grad, st)
-    return new_p, dict(zip(self.state_fields, st))
+    st = tuple(state[k] for k in self.all_state_fields)
+    moments, apply = self.wrap_rule(MOMENTS_RULE), self.wrap_rule(APPLY_RULE)
+    _, st = elementwise.apply_to_leaf(moments, s, {}, param, grad, st)
+    ratio_lr = self._ratio_lr(s, *elementwise.leaf_sumsq(moments, s, {}, param, grad, st))
+    new_p, st = elementwise.apply_to_leaf(apply, s, {"ratio_lr": ratio_lr}, param, grad, st)
+    return new_p, dict(zip(self.all_state_fields, st))
 
   def rule(self, hp):
     return APPLY_RULE

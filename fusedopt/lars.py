@@ -43,9 +43,10 @@ class LARS(FlatOptimizerDef):
   state_fields = ("momentum",)
 
   def __init__(self, learning_rate=None, beta=0.9, weight_decay=0, trust_coefficient=0.001,
-               eps=0, nesterov=False, *, backend="auto"):
+               eps=0, nesterov=False, *, backend="auto", master_weights=False):
     super().__init__(_LARSHyperParams(learning_rate, beta, weight_decay, trust_coefficient, eps,
-                                      nesterov), backend)
+                                      nesterov), backend,
+                     master_weights=master_weights)
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

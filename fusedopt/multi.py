@@ -77,7 +77,7 @@ class MultiOptimizer(OptimizerDef):
     return (self.fuse and isinstance(first, FlatOptimizerDef)
             and type(first).update_leaves is FlatOptimizerDef.update_leaves
             and all(type(o) is type(first) and o.backend == first.backend
-                    for o in self.sub_optimizers)
+                    and o.master_weights == first.master_weights for o in self.sub_optimizers)
             and len({o.rule(o.hyper_params).name for o in self.sub_optimizers}) == 1)
 
   def init_state(self, params):

@@ -41,8 +41,9 @@ class RMSProp(FlatOptimizerDef):
   """RMSProp optimizer. State: ``v`` (and ``mg`` when centered)."""
 
   def __init__(self, learning_rate=None, beta2=0.9, eps=1e-8, centered=False, *,
-               backend="auto"):
-    super().__init__(_RMSPropHyperParams(learning_rate, beta2, eps, centered), backend)
+               backend="auto", master_weights=False):
+    super().__init__(_RMSPropHyperParams(learning_rate, beta2, eps, centered), backend,
+                     master_weights=master_weights)
     self.state_fields = ("v", "mg") if centered else ("v",)
 
   def validate(self, hp):

@@ -22,8 +22,9 @@ SGD_RULE = Rule("sgd", _sgd, ("lr",), n_state=0)
 class GradientDescent(FlatOptimizerDef):
   """Gradient descent optimizer (no state)."""
 
-  def __init__(self, learning_rate=None, *, backend="auto"):
-    super().__init__(_GradientDescentHyperParams(learning_rate), backend)
+  def __init__(self, learning_rate=None, *, backend="auto", master_weights=False):
+    super().__init__(_GradientDescentHyperParams(learning_rate), backend,
+                     master_weights=master_weights)
 
   def rule(self, hp):
     return SGD_RULE
