@@ -1,18 +1,30 @@
-"""CPU benchmark of one Adam step: optax.adamw per leaf vs fusedopt Adam (native, jnp backends).
+"""Benchmark of one full optimizer step: fusedopt against its peers, with a roofline and plots.
 
-  python -m bench                      # gpt2-124m, resnet50, small-2000 (about 6-10 minutes)
-  python -m bench --quick              # gpt-10m and small-200 (under a minute)
-  python -m bench --trees resnet50 --impls optax,native --repeats 20 --out /tmp/res
+  python -m bench                     # CPU default: scale sweep 1M-34M, adam/momentum/lamb (~2 min)
+  python -m bench --quick             # gpt-10m and small-200, adam only (under a minute)
+  python -m bench --full              # GPT-2 124M, ResNet-50, BERT-base, 2000 leaves, the scale
+                                      #   sweep; adam, lamb, momentum, adafactor (CPU: long;
+                                      #   small-2000's per-leaf compiles take minutes each)
+  python -m bench --sweep --optims adam --impls optax,auto
+  python -m bench --device gpu --full --out /tmp/res     # see bench/README.md
 
-For each tree, all implementations live in one process and are timed round-robin (plus a
-donated ``x * 1.0000001`` over a big buffer, the same-run bandwidth reference), so machine noise
-hits them alike. Per implementation: trace+lower+compile time and XLA's temp memory of the
-jitted step; 3 steps then a check of params and first moment against optax (rtol 1e-4; a
+For each tree and optimizer, every implementation (bench/impls.py: optax per leaf, optax.flatten,
+a flax 0.5.3-style per-leaf loop, each fusedopt backend available, torch's fused/foreach
+optimizers where torch with CUDA is importable) lives in one process, and they are timed
+round-robin together with a donated ``x * 1.0000001`` over a big buffer (the same-run copy
+bandwidth: the roofline), so machine noise hits them alike. Per implementation: trace, lower and
+compile time, XLA's temp memory and the compiled step's kernel count; 3 steps, then a check of
+params and first moment against the reference (fusedopt's jnp path when it runs, else optax; a
 mismatching implementation is reported and not timed); warm-up steps; timed steps
-(``jax.block_until_ready``). Writes ``<out>/<platform>-<date>[-tag].json`` and ``.md``.
+(block until ready). Implementations that do not fit in memory together (``--mem-budget-gib``)
+run in batches, each timed round-robin on its own. Effective bandwidth uses each optimizer's
+bytes-per-parameter model
+(bench/optims.py). Writes ``<out>/<platform>-<date>[-tag].json`` and ``.md``, and the plots
+``-time.png`` (step time vs parameter count) and ``-roofline.png`` (% of copy bandwidth).
 """
 import argparse
 import gc
+import importlib.util
 import os
 import shlex
 import sys
@@ -22,190 +34,466 @@ import jax
 import numpy as np
 
 from . import impls as impls_mod
-from . import measure, report, trees
+from . import measure, optims, report, trees
 
 CHECK_STEPS = 3
 RTOL, ATOL = 1e-4, 1e-6
+# Besides element-wise closeness: the error of the params' change relative to the reference's
+# change (``measure.delta_rel_err``). Agreeing implementations stay below 1e-5 after 3 steps; the
+# updates are small next to the params, so this catches what rtol on the params alone lets pass.
+UPDATE_RTOL = 1e-3
+SLOWER = 1.05  # a fusedopt row's median paired ratio to optax above this is noted (noise below)
+# --device -> jax_platforms (the CPU stays available for host-side work)
+DEVICES = {"cpu": "cpu", "gpu": "cuda,cpu", "cuda": "cuda,cpu", "rocm": "rocm,cpu",
+           "tpu": "tpu,cpu"}
+
+_BAR = None
 
 
 def log(*a):
-  print(*a, file=sys.stderr, flush=True)
+  """stderr, through tqdm while a progress bar is shown (so the bar is not torn)."""
+  msg = " ".join(str(x) for x in a)
+  if _BAR is not None:
+    _BAR.write(msg, file=sys.stderr)
+  else:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _csv(s):
+  return [x for x in s.split(",") if x] if s else []
 
 
 def parse_args(argv):
   ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--quick", action="store_true",
-                  help=f"trees {','.join(trees.QUICK_TREES)} and a 256 MiB copy buffer")
-  ap.add_argument("--trees", help=f"comma-separated, from {','.join(trees.TREES)} "
-                  f"(default {','.join(trees.DEFAULT_TREES)})")
-  ap.add_argument("--impls", default=",".join(impls_mod.default_impls()),
-                  help="comma-separated, from optax,auto,native,jnp,pallas (default: optax, auto and the "
-                  "fusedopt backends available here)")
-  ap.add_argument("--repeats", type=int, default=10, help="timed steps per implementation")
-  ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the check steps")
-  ap.add_argument("--copy-mib", type=int, default=None,
-                  help="size of the copy-bandwidth buffer (default 1024, 256 with --quick)")
-  ap.add_argument("--out", default=os.path.join(report.HERE, "results"),
-                  help="directory for the results files ('' to write none)")
-  ap.add_argument("--tag", default=None,
-                  help="file name suffix (default: 'quick' with --quick, 'custom' with "
-                  "non-default trees/impls, none for the default run)")
+  sizes = ap.add_argument_group("what runs")
+  sizes.add_argument("--device", choices=sorted(DEVICES),
+                     help="jax platform to run on (default: jax's default backend; 'gpu' sets "
+                     "jax_platforms=cuda,cpu before jax starts)")
+  sizes.add_argument("--quick", action="store_true",
+                     help=f"trees {','.join(trees.QUICK_TREES)}, adam only, 256 MiB copy buffer")
+  sizes.add_argument("--full", action="store_true",
+                     help=f"trees {','.join(trees.FULL_TREES)} plus the scale sweep, optimizers "
+                     f"{','.join(optims.FULL_OPTIMS)}, 1 GiB copy buffer")
+  sizes.add_argument("--trees", help="comma-separated, from " + ",".join(trees.TREES) +
+                     " (default: the default set below; see --quick, --full)")
+  sizes.add_argument("--sweep", action="store_true",
+                     help="add the scale sweep (scale-1m ... up to --sweep-max)")
+  sizes.add_argument("--sweep-max", choices=trees.SWEEP, default=None,
+                     help=f"largest sweep tree (default {trees.SWEEP_MAX_CPU} on CPU, "
+                     f"{trees.SWEEP_MAX_ACCEL} on GPU/TPU)")
+  sizes.add_argument("--optims", help="comma-separated, from " + ",".join(optims.OPTIMS) +
+                     f" (default {','.join(optims.DEFAULT_OPTIMS)})")
+  sizes.add_argument("--impls", help="comma-separated, from " + ",".join(impls_mod.ALL_IMPLS) +
+                     " (default: the peers, auto and every fusedopt backend compiled here; "
+                     "native only by name on CPU, where auto is native; torch-* where torch "
+                     "with CUDA is importable)")
+  timing = ap.add_argument_group("timing")
+  timing.add_argument("--repeats", type=int, default=10, help="timed steps per implementation")
+  timing.add_argument("--warmup", type=int, default=2, help="untimed steps after the check steps")
+  timing.add_argument("--copy-mib", type=int, default=None,
+                      help="size of the copy-bandwidth buffer (default 256, 1024 with --full)")
+  timing.add_argument("--mem-budget-gib", type=float, default=None,
+                      help="memory the implementations of one tree may hold at once; more are "
+                      "run in batches, each timed round-robin on its own (default: 80%% of the "
+                      "accelerator's memory, 70%% of the host's available memory on CPU)")
+  out = ap.add_argument_group("output")
+  out.add_argument("--out", default=os.path.join(report.HERE, "results"),
+                   help="directory for the results files ('' to write none)")
+  out.add_argument("--tag", default=None,
+                   help="file name suffix (default: 'quick', 'full', 'custom' for non-default "
+                   "choices, none for the default run)")
+  out.add_argument("--overwrite", action="store_true",
+                   help="replace existing results files of the same name (default: add -2, -3)")
+  out.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+  out.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (none either when stderr is not a terminal)")
   args = ap.parse_args(argv)
-  default_trees = trees.QUICK_TREES if args.quick else trees.DEFAULT_TREES
-  args.tree_list = args.trees.split(",") if args.trees else list(default_trees)
-  args.impl_list = args.impls.split(",")
-  for t in args.tree_list:
+  if args.quick and args.full:
+    ap.error("--quick and --full exclude each other")
+  args.parser = ap
+  return args
+
+
+def select_device(device):
+  """Points jax at ``device`` before it starts its backends; errors if it cannot run there."""
+  if device is None:
+    return jax.default_backend()
+  try:
+    jax.config.update("jax_platforms", DEVICES[device])
+    got = jax.default_backend()
+  except RuntimeError as e:
+    raise SystemExit(f"--device {device}: jax cannot start it: {e}") from e
+  want = "gpu" if device in ("gpu", "cuda", "rocm") else device
+  if got != want:
+    raise SystemExit(f"--device {device}: jax's default backend is {got!r}: jax found no "
+                     f"{want} (see its messages above), or had started before the option could "
+                     "take effect")
+  return got
+
+
+def resolve(args):
+  """Fills in the defaults that depend on the device: trees, optimizers, impls, sizes, tag."""
+  ap, backend = args.parser, jax.default_backend()
+  default_set = default_trees(backend)
+  if args.trees:
+    tree_list = _csv(args.trees)
+  elif args.quick:
+    tree_list = list(trees.QUICK_TREES)
+  elif args.full:
+    tree_list = list(trees.FULL_TREES) + list(trees.sweep(backend, args.sweep_max))
+  else:
+    tree_list = list(default_set)
+  if args.sweep:
+    tree_list += [t for t in trees.sweep(backend, args.sweep_max) if t not in tree_list]
+  if args.optims:
+    optim_list = _csv(args.optims)
+  else:
+    optim_list = list(("adam",) if args.quick else
+                      optims.FULL_OPTIMS if args.full else optims.DEFAULT_OPTIMS)
+  impl_list = _csv(args.impls) or list(impls_mod.default_impls())
+  for t in tree_list:
     if t not in trees.TREES:
       ap.error(f"unknown tree {t!r}; choose from {','.join(trees.TREES)}")
-  for i in args.impl_list:
+  for o in optim_list:
+    if o not in optims.OPTIMS:
+      ap.error(f"unknown optimizer {o!r}; choose from {','.join(optims.OPTIMS)}")
+  for i in impl_list:
     if i not in impls_mod.ALL_IMPLS:
       ap.error(f"unknown impl {i!r}; choose from {','.join(impls_mod.ALL_IMPLS)}")
+    if i in impls_mod.TORCH_IMPLS and not impls_mod.torch_cuda():
+      ap.error(f"{i}: torch with CUDA is not importable here")
+  args.tree_list, args.optim_list, args.impl_list = tree_list, optim_list, impl_list
   if args.copy_mib is None:
-    args.copy_mib = 256 if args.quick else 1024
+    args.copy_mib = 1024 if args.full else 256
   if args.tag is None:
     if args.quick:
       args.tag = "quick"
-    elif args.trees or args.impls != ",".join(impls_mod.default_impls()):
+    elif args.full and not (args.trees or args.optims or args.impls):
+      args.tag = "full"
+    elif args.trees or args.optims or args.impls or args.sweep or args.full:
       args.tag = "custom"
   return args
 
 
-def bench_tree(name, args):
-  shapes = trees.shapes(name)
+def default_trees(backend):
+  """The default run's trees: a quick CPU set (``make bench``: under 3 minutes on 2 cores);
+  on an accelerator the real models, which take seconds there."""
+  if backend == "cpu":
+    return ("scale-1m", "scale-3m", "scale-10m", "scale-30m")
+  return ("gpt2-124m", "resnet50", "bert-base", "small-2000") + trees.sweep(backend)
+
+
+# ----------------------------------------------------------------------------- one group
+
+def make_runner(name, optim, p0, grads, lr):
+  if name in impls_mod.TORCH_IMPLS:
+    return impls_mod.TorchRunner(name, optim, p0, jax.tree_util.tree_map(np.asarray, grads))
+  return measure.Runner(impls_mod.make(name, optim), p0, grads, lr)
+
+
+def setup(name, optim, p0, grads, lr):
+  """Builds, compiles and runs CHECK_STEPS steps of one implementation; (runner, snapshot)."""
+  r = make_runner(name, optim, p0, grads, lr)
+  r.compile()
+  t = time.perf_counter()
+  r.sync_step()
+  r.info["first_call_s"] = time.perf_counter() - t
+  for _ in range(CHECK_STEPS - 1):
+    r.sync_step()
+  snap = (r.params_host(), r.moment_host())
+  i = r.info
+  hlo = i.get("hlo") or {}
+  log(f"  {name:13s} init {i['init_s']:.1f}s  trace {i['trace_s']:.1f}s  lower {i['lower_s']:.1f}s"
+      f"  compile {i['compile_s']:.1f}s  first call {i['first_call_s']:.2f}s  temp "
+      f"{i['temp_bytes'] / 1e6:.1f} MB  kernels {hlo.get('kernels', '-')}")
+  return r, snap
+
+
+def check(name, ref_name, snaps, p0):
+  """One implementation's params (and first moment) after CHECK_STEPS steps vs the reference."""
+  if name == ref_name:
+    return {"ok": True, "reference": True, "note": "reference"}
+  ref_p, ref_m = snaps[ref_name]
+  got_p, got_m = snaps[name]
+  chk = measure.compare(ref_p, got_p, RTOL, ATOL)
+  mom = measure.compare_vectors(ref_m, got_m, RTOL, ATOL)
+  if mom is not None:
+    chk["first_moment"] = mom
+  update_ok = True
+  if "error" not in chk:
+    chk["update_rel_err"] = measure.delta_rel_err(p0, ref_p, got_p)
+    update_ok = chk["update_rel_err"] <= UPDATE_RTOL
+  chk["ok"] = bool(chk["ok"] and update_ok and (mom is None or mom["ok"]))
+  chk.update(against=ref_name, steps=CHECK_STEPS, rtol=RTOL, atol=ATOL, update_rtol=UPDATE_RTOL)
+  if chk["ok"]:
+    log(f"  check {name} vs {ref_name}: ok (params max|diff| {chk['max_abs_diff']:.1e}, update rel "
+        f"err {chk['update_rel_err']:.1e}" + (f", m max|diff| {mom['max_abs_diff']:.1e}" if mom
+                                             else "") + ")")
+  else:
+    log(f"  check {name} vs {ref_name}: MISMATCH {chk.get('error') or chk}")
+  return chk
+
+
+def time_round_robin(runners, copy, warmup, repeats, tick):
+  """Warm-up, then ``repeats`` rounds of one timed step each, rotating the order every round."""
+  timed = list(runners) + [copy]
+  for _ in range(warmup):
+    for r in timed:
+      r.sync_step()
+    tick(1)
+  for k in range(repeats):
+    for j in range(len(timed)):
+      timed[(j + k) % len(timed)].timed_step()
+    tick(1)
+
+
+def bench_group(tree_name, optim_name, batches, skipped, args, tick):
+  """All implementations of one optimizer on one tree: compile, check, time. Returns the group.
+
+  ``batches``: the implementations in run order (the reference first), split so that each batch
+  fits in memory at once (``plan``); a batch is set up, checked and timed round-robin, then freed.
+  """
+  t_group = time.perf_counter()
+  optim = optims.OPTIMS[optim_name]
+  shapes = trees.shapes(tree_name)
   n_params, n_leaves = trees.num_params(shapes), trees.num_leaves(shapes)
-  log(f"\n== {name}: {n_leaves} leaves, {n_params / 1e6:.2f}M params")
+  nbytes = optim.bytes_per_step(trees.shape_leaves(shapes))
+  log(f"\n== {tree_name} / {optim_name}: {n_leaves} leaves, {n_params / 1e6:.2f}M params, "
+      f"{nbytes / n_params:.1f} B/param" + (f"; {len(batches)} batches {batches} (memory)"
+                                            if len(batches) > 1 else ""))
   p0 = trees.host_tree(shapes, seed=0, scale=0.02)
   grads = jax.device_put(trees.host_tree(shapes, seed=1, scale=0.01))
   lr = impls_mod.lr_array()
-  out = {"tree": name, "leaves": n_leaves, "params": n_params, "impls": []}
-
-  runners, snaps = [], {}
-  for impl_name in args.impl_list:
-    impl = impls_mod.make(impl_name)
-    r = measure.Runner(impl, p0, grads, lr)
-    r.compile()
-    t = time.perf_counter()
-    jax.block_until_ready(r.step())
-    r.info["first_call_s"] = time.perf_counter() - t
-    for _ in range(CHECK_STEPS - 1):
-      r.step()
-    jax.block_until_ready(r.carry)
-    snaps[impl_name] = (r.params_host(), jax.tree_util.tree_map(np.array, impl.first_moment(r.carry)))
-    i = r.info
-    log(f"  {impl_name:6s} init {i['init_s']:.1f}s  trace {i['trace_s']:.1f}s  lower "
-        f"{i['lower_s']:.1f}s  compile {i['compile_s']:.1f}s  first call {i['first_call_s']:.2f}s"
-        f"  temp {i['temp_bytes'] / 1e6:.1f} MB")
-    runners.append(r)
-
-  # Correctness after CHECK_STEPS steps, against optax.
-  active = []
-  for r in runners:
-    rec = {"impl": r.impl.name, "label": r.impl.label, "compile": dict(r.info)}
-    out["impls"].append(rec)
-    if r.impl.name == "optax" or "optax" not in snaps:
-      rec["check"] = {"ok": True, "reference": r.impl.name == "optax",
-                      "note": "reference" if r.impl.name == "optax" else "no optax reference"}
-      active.append((r, rec))
-      continue
-    ref_p, ref_m = snaps["optax"]
-    got_p, got_m = snaps[r.impl.name]
-    chk = measure.compare(ref_p, got_p, RTOL, ATOL)
-    chk["first_moment"] = measure.compare(ref_m, got_m, RTOL, ATOL)
-    chk["update_rel_err"] = measure.delta_rel_err(p0, ref_p, got_p)
-    chk["ok"] = bool(chk["ok"] and chk["first_moment"]["ok"])
-    chk.update(steps=CHECK_STEPS, rtol=RTOL, atol=ATOL)
-    rec["check"] = chk
-    log(f"  check {r.impl.name} vs optax after {CHECK_STEPS} steps: "
-        f"{'ok' if chk['ok'] else 'MISMATCH'} (params max|diff| {chk['max_abs_diff']:.2e}, "
-        f"update rel err {chk['update_rel_err']:.2e}, m max|diff| "
-        f"{chk['first_moment']['max_abs_diff']:.2e})")
-    if chk["ok"]:
-      active.append((r, rec))
-    else:
-      r.close()
-  del snaps
-  gc.collect()
-
-  # Warm-up, then timed steps round-robin (rotating the order each round).
+  group = {"tree": tree_name, "optim": optim_name, "leaves": n_leaves, "params": n_params,
+           "bytes_per_step": int(nbytes), "bytes_per_param": nbytes / n_params,
+           "skipped": skipped, "reference": None, "batches": batches, "impls": []}
+  recs, times, batch_of, ref = {}, {}, {}, None
   copy = measure.CopyRunner(args.copy_mib)
-  timed = [r for r, _ in active] + [copy]
-  for _ in range(args.warmup):
-    for r in timed:
-      jax.block_until_ready(r.step())
-  for k in range(args.repeats):
-    for j in range(len(timed)):
-      timed[(j + k) % len(timed)].timed_step()
-
+  for b, batch in enumerate(batches):
+    active = []
+    for name in batch:
+      try:
+        r, snap = setup(name, optim, p0, grads, lr)
+      except Exception as e:  # pylint: disable=broad-except
+        err = f"{type(e).__name__}: {e}"
+        log(f"  {name}: FAILED {err}")
+        recs[name] = {"impl": name, "label": name, "error": err, "check": {"ok": False,
+                                                                         "error": err}}
+        tick(1)
+        continue
+      if ref is None:  # the first implementation that runs is the reference
+        ref, group["reference"] = snap, name
+      chk = check(name, group["reference"], {group["reference"]: ref, name: snap}, p0)
+      del snap
+      recs[name] = {"impl": name, "label": r.impl.label, "compile": dict(r.info), "check": chk}
+      if chk["ok"]:
+        active.append(r)
+        batch_of[name] = b
+      else:
+        r.close()
+      tick(1)
+    time_round_robin(active, copy, args.warmup, args.repeats, tick)
+    for r in active:
+      times[r.impl.name] = list(r.times)
+      r.close()
+    gc.collect()
+  del ref
   copy_stats = measure.summarize(copy.times)
   copy_bw = copy.bytes_moved / copy_stats["median_s"] / 1e9
-  out["copy"] = {"mib": args.copy_mib, "bytes_per_run": copy.bytes_moved, "step": copy_stats,
-                 "gb_s": copy_bw}
+  group["copy"] = {"mib": args.copy_mib, "bytes_per_run": copy.bytes_moved, "step": copy_stats,
+                   "gb_s": copy_bw}
   copy.close()
-  optax_med = next((measure.summarize(r.times)["median_s"] for r, rec in active
-                    if r.impl.name == "optax"), None)
-  for r, rec in active:
-    st = measure.summarize(r.times)
+  group["impls"] = [recs[n] for n in args.impl_list if n in recs]
+  summarize_group(group, times, batch_of, copy_bw)
+  for rec in group["impls"]:
+    if "step" in rec:
+      st = rec["step"]
+      vs = rec.get("vs_optax")
+      log(f"  {rec['impl']:13s} step {st['median_s'] * 1e3:8.2f} ms (min {st['min_s'] * 1e3:.2f}, "
+          f"max {st['max_s'] * 1e3:.2f})  {rec['gb_s']:.1f} GB/s  {rec['pct_copy_bw']:.0f}% of copy"
+          + (f"  {vs['median']:.2f}x optax" if vs and rec["impl"] != "optax" else ""))
+  log(f"  copy          {copy_stats['median_s'] * 1e3:8.2f} ms  {copy_bw:.1f} GB/s")
+  group["notes"] = notes(group)
+  group["wall_s"] = time.perf_counter() - t_group
+  log(f"  ({group['wall_s']:.0f} s)")
+  return group
+
+
+def summarize_group(group, times, batch_of, copy_bw):
+  """Step statistics, bandwidth, % of copy bandwidth and ratios into each impl's record.
+
+  Ratios are paired run by run when the base ran in the same batch (the usual case), else the
+  ratio of medians, marked ``paired: False``."""
+  for rec in group["impls"]:
+    t = times.get(rec["impl"])
+    if not t:
+      continue
+    st = measure.summarize(t)
     rec["step"] = st
-    rec["gb_s"] = measure.BYTES_PER_PARAM * n_params / st["median_s"] / 1e9
+    rec["gb_s"] = group["bytes_per_step"] / st["median_s"] / 1e9
     rec["pct_copy_bw"] = 100.0 * rec["gb_s"] / copy_bw
-    rec["ratio_vs_optax"] = st["median_s"] / optax_med if optax_med else None
-    log(f"  {r.impl.name:6s} step {st['median_s'] * 1e3:8.1f} ms (min {st['min_s'] * 1e3:.1f}, "
-        f"max {st['max_s'] * 1e3:.1f})  {rec['gb_s']:.1f} GB/s  {rec['pct_copy_bw']:.0f}% of copy"
-        + (f"  {rec['ratio_vs_optax']:.2f}x optax" if optax_med else ""))
-    r.close()
-  log(f"  copy   {copy_stats['median_s'] * 1e3:8.1f} ms  {copy_bw:.1f} GB/s")
-  out["notes"] = notes(out)
-  return out
+    for key, base in (("vs_optax", "optax"), ("vs_torch_fused", "torch-fused")):
+      if base not in times:
+        rec[key] = None
+      elif batch_of[base] == batch_of[rec["impl"]]:
+        rec[key] = measure.paired_ratio(t, times[base])
+      else:
+        m = st["median_s"] / float(np.median(times[base]))
+        rec[key] = {"median": m, "min": m, "max": m, "runs": len(t), "paired": False}
 
 
-def notes(tree):
-  """Things worth a second look: fusedopt slower than optax, temp memory over budget."""
-  n = tree["params"]
+def notes(group):
+  """Things worth a second look: a mismatch, fusedopt more than 5% slower than optax, fusedopt
+  temp memory over grads + 10% params."""
+  n = group["params"]
   budget = 4 * n + 0.1 * 4 * n  # grads size + 10% of params (float32)
+  where = f"{group['tree']}/{group['optim']}"
   found = []
-  for rec in tree["impls"]:
-    if rec["impl"] == "optax":
+  for rec in group["impls"]:
+    if rec.get("error"):
+      found.append(f"{where}/{rec['impl']}: failed: {rec['error']}")
       continue
     if not rec["check"].get("ok"):
-      found.append(f"{tree['tree']}/{rec['impl']}: does not match optax (not timed)")
-    ratio = rec.get("ratio_vs_optax")
-    if ratio and ratio > 1.0:
-      found.append(f"{tree['tree']}/{rec['impl']}: slower than optax ({ratio:.2f}x)")
+      found.append(f"{where}/{rec['impl']}: does not match {group['reference']} (not timed)")
+    if rec["impl"] not in impls_mod.FUSEDOPT_BACKENDS:
+      continue
+    vs = rec.get("vs_optax")
+    if vs and vs["median"] > SLOWER:
+      found.append(f"{where}/{rec['impl']}: slower than optax ({vs['median']:.2f}x)")
     temp = rec["compile"]["temp_bytes"]
     if temp > budget:
-      found.append(f"{tree['tree']}/{rec['impl']}: temp memory {temp / 1e6:.1f} MB > grads + 10% "
+      found.append(f"{where}/{rec['impl']}: temp memory {temp / 1e6:.1f} MB > grads + 10% "
                    f"params ({budget / 1e6:.1f} MB)")
   return found
 
 
+# ----------------------------------------------------------------------------- the run
+
+def run_order(names):
+  """The order implementations are set up in: the reference candidates first (the check's
+  reference is the first that runs: jnp, else optax), then the ratio bases, then the rest."""
+  first = [n for n in ("jnp", "optax", "torch-fused") if n in names]
+  return first + [n for n in names if n not in first]
+
+
+def memory_budget(args):
+  """Bytes the implementations of one group may hold at once: ``--mem-budget-gib``, else 80% of
+  the device's memory (GPU/TPU) or 70% of the host's available memory (CPU)."""
+  if args.mem_budget_gib:
+    return args.mem_budget_gib * (1 << 30)
+  stats = None
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  if stats and stats.get("bytes_limit"):
+    return 0.8 * stats["bytes_limit"]
+  return 0.7 * report.mem_available_bytes()
+
+
+def split(names, n_params, optim, budget, copy_mib):
+  """``names`` in batches that fit ``budget``: each implementation counted as params + the
+  optimizer's full-size state + 2x params of temporaries (packing copies), in float32; the
+  gradients and the copy buffer are shared."""
+  per_impl = 4 * n_params * (3 + optim.state_buffers)
+  room = budget - 4 * n_params - copy_mib * (1 << 20)
+  k = max(1, int(room // per_impl)) if room > 0 else 1
+  return [names[i:i + k] for i in range(0, len(names), k)]
+
+
+def plan(args):
+  """[(tree, optim, batches, skipped)] in run order: optimizers inside trees (one tree's host
+  arrays at a time)."""
+  out, budget = [], memory_budget(args)
+  for t in args.tree_list:
+    n = trees.num_params(trees.shapes(t))
+    for o in args.optim_list:
+      kept, skipped = impls_mod.for_optim(optims.OPTIMS[o], args.impl_list)
+      out.append((t, o, split(run_order(kept), n, optims.OPTIMS[o], budget, args.copy_mib),
+                  skipped))
+  return out
+
+
+def progress_bar(total, enabled):
+  """A tqdm bar on stderr (None when disabled, stderr is not a terminal, or tqdm is missing)."""
+  if not enabled or not sys.stderr.isatty():
+    return None
+  try:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  # One tick per implementation set up (compile + check steps) and per round-robin round.
+  return tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
 def main(argv=None):
+  global _BAR
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
-  command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+  if importlib.util.find_spec("torch") is not None:
+    # torch allocates outside jax's pool: without this jax takes 75% of the GPU up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  select_device(args.device)
+  resolve(args)
+  command = "python -m bench " + " ".join(shlex.quote(a) for a in argv)
   t_start = time.perf_counter()
   env = report.environment()
-  log(f"{env['device']['jax_device']}; {env['device']['cpu_model']}, {env['device']['cpu_count']} CPUs; jax "
-      f"{env['versions']['jax']}, optax {env['versions']['optax']}; trees {args.tree_list}; "
-      f"impls {args.impl_list}; {args.repeats} timed runs after {CHECK_STEPS} check + "
-      f"{args.warmup} warm-up steps")
-  results = [bench_tree(t, args) for t in args.tree_list]
-  total = time.perf_counter() - t_start
-  md = report.markdown(results, env, command.strip())
-  all_notes = [x for t in results for x in t["notes"]]
-  md += "\n" + (("Notes:\n" + "".join(f"- {x}\n" for x in all_notes)) if all_notes else "")
-  md += f"\nTotal runtime: {total:.0f} s\n"
-  print(md)
-  payload = dict(env, command=command.strip(), total_runtime_s=total,
-                 settings={"trees": args.tree_list, "impls": args.impl_list,
-                           "repeats": args.repeats, "warmup": args.warmup,
-                           "check_steps": CHECK_STEPS, "rtol": RTOL, "atol": ATOL,
-                           "copy_mib": args.copy_mib, "hyper_params": impls_mod.HP,
-                           "bytes_per_param": measure.BYTES_PER_PARAM},
-                 results=results, notes=all_notes)
+  env["versions"]["torch"] = impls_mod.torch_version()
+  groups = plan(args)
+  log(f"{env['device']['jax_device']}; {env['device']['cpu_model']}, {env['device']['cpu_count']} "
+      f"CPUs; jax {env['versions']['jax']}, optax {env['versions']['optax']}; trees "
+      f"{args.tree_list}; optims {args.optim_list}; impls {args.impl_list}; {args.repeats} timed "
+      f"runs after {CHECK_STEPS} check + {args.warmup} warm-up steps")
+  total = sum(len(sum(b, [])) + len(b) * (args.warmup + args.repeats) for _, _, b, _ in groups)
+  _BAR = progress_bar(total, not args.no_progress)
+  results = []
+  try:
+    for t, o, batches, skipped in groups:
+      if _BAR is not None:
+        _BAR.set_description(f"{t}/{o}")
+      results.append(bench_group(t, o, batches, skipped, args,
+                                 _BAR.update if _BAR is not None else (lambda n: None)))
+  finally:
+    if _BAR is not None:
+      _BAR.close()
+      _BAR = None
+  total_s = time.perf_counter() - t_start
+  settings = {"trees": args.tree_list, "optims": args.optim_list, "impls": args.impl_list,
+              "repeats": args.repeats, "warmup": args.warmup, "check_steps": CHECK_STEPS,
+              "rtol": RTOL, "atol": ATOL, "update_rtol": UPDATE_RTOL, "copy_mib": args.copy_mib,
+              "mem_budget_bytes": memory_budget(args), "learning_rate": optims.LR,
+              "hyper_params": {o: optims.OPTIMS[o].hp for o in args.optim_list},
+              "bytes_model": {o: optims.OPTIMS[o].bytes_note for o in args.optim_list}}
+  payload = dict(env, command=command.strip(), total_runtime_s=total_s, settings=settings,
+                 results=results, notes=[x for g in results for x in g["notes"]])
+  stem = None
   if args.out:
-    stem = f"{jax.default_backend()}-{env['date']}" + (f"-{args.tag}" if args.tag else "")
+    stem = report.free_stem(args.out, f"{jax.default_backend()}-{env['date']}"
+                            + (f"-{args.tag}" if args.tag else ""), args.overwrite)
+  plots = {}
+  if stem and not args.no_plots:
+    plots = write_plots(results, env, args.out, stem)
+  md = report.markdown(payload, plots)
+  print(md)
+  if stem:
+    payload["plots"] = plots
     for p in report.write(args.out, stem, payload, md):
       log(f"wrote {p}")
+  return payload
+
+
+def write_plots(results, env, out_dir, stem):
+  """The PNGs next to the results ({kind: file name}); a plotting failure costs only the plots."""
+  try:
+    from . import plots  # pylint: disable=import-outside-toplevel
+    written = plots.write_all(results, env, out_dir, stem)
+  except Exception as e:  # pylint: disable=broad-except
+    log(f"plots not written: {type(e).__name__}: {e}")
+    return {}
+  for p in written.values():
+    log(f"wrote {os.path.join(out_dir, p)}")
+  return written
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""Measurement helpers: compile time and memory, correctness check, timed steps, copy bandwidth."""
+"""Measurement helpers: compile time, memory and kernel count, correctness check, timed steps,
+copy bandwidth, paired ratios."""
 import gc
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-BYTES_PER_PARAM = 28  # Adam: read p, g, m, v; write p, m, v (float32)
 
 
 class Runner:
@@ -37,6 +37,10 @@ class Runner:
     compiled = lowered.compile()
     t3 = time.perf_counter()
     ma = compiled.memory_analysis()
+    try:
+      self.info["hlo"] = hlo_counts(compiled.as_text())
+    except Exception as e:  # pylint: disable=broad-except
+      self.info["hlo"] = {"error": repr(e)}
     self.info.update(
         trace_s=t1 - t0, lower_s=t2 - t1, compile_s=t3 - t2, trace_compile_s=t3 - t0,
         temp_bytes=int(ma.temp_size_in_bytes),
@@ -52,6 +56,9 @@ class Runner:
     self.carry = out if self.impl.n_carry > 1 else (out,)
     return self.carry
 
+  def sync_step(self):
+    jax.block_until_ready(self.step())
+
   def timed_step(self):
     t = time.perf_counter()
     jax.block_until_ready(self.step())
@@ -61,6 +68,9 @@ class Runner:
 
   def params_host(self):
     return jax.tree_util.tree_map(np.array, self.impl.params_of(self.carry))
+
+  def moment_host(self):
+    return self.impl.moment_of(self.carry)
 
   def close(self):
     self.carry = None
@@ -83,6 +93,9 @@ class CopyRunner:
     self.x = self.f(self.x)
     return self.x
 
+  def sync_step(self):
+    jax.block_until_ready(self.step())
+
   def timed_step(self):
     t = time.perf_counter()
     jax.block_until_ready(self.step())
@@ -100,7 +113,11 @@ class CopyRunner:
 
 
 def compare(ref, got, rtol, atol):
-  """Leaf-wise allclose of two host trees; returns a summary dict (ok, worst leaf, errors)."""
+  """Leaf-wise allclose of two host trees; returns a summary dict (ok, worst leaf, errors).
+
+  In float32 (the trees' own dtype): the differences of close float32 numbers are exact, and
+  float64 copies of a 100M-parameter tree would cost seconds per implementation.
+  """
   ref_l, ref_def = jax.tree_util.tree_flatten_with_path(ref)
   got_l, got_def = jax.tree_util.tree_flatten(got)
   if ref_def.num_leaves != got_def.num_leaves:
@@ -109,32 +126,129 @@ def compare(ref, got, rtol, atol):
   for (path, r), g in zip(ref_l, got_l):
     if r.shape != g.shape:
       return {"ok": False, "error": f"{jax.tree_util.keystr(path)}: shape {g.shape} != {r.shape}"}
-    d = np.abs(g.astype(np.float64) - r.astype(np.float64))
-    tol = atol + rtol * np.abs(r.astype(np.float64))
-    bad = int(np.count_nonzero(~(d <= tol)))
-    n_bad += bad
+    r = np.asarray(r, np.float32)
+    d = np.abs(np.asarray(g, np.float32) - r)
+    tol = np.float32(atol) + np.float32(rtol) * np.abs(r)
+    n_bad += int(np.count_nonzero(~(d <= tol)))
     ratio = float(np.max(d / tol)) if d.size else 0.0
     max_abs = max(max_abs, float(d.max()) if d.size else 0.0)
     if not np.isfinite(ratio) or ratio > worst:
-      worst, worst_path = (ratio if np.isfinite(ratio) else float("inf")), jax.tree_util.keystr(path)
+      worst = ratio if np.isfinite(ratio) else float("inf")
+      worst_path = jax.tree_util.keystr(path)
   return {"ok": n_bad == 0, "mismatched_elements": n_bad, "max_abs_diff": max_abs,
           "worst_err_over_tol": worst, "worst_leaf": worst_path}
 
 
+def _norm(x):
+  x = np.ravel(x)
+  return float(np.sqrt(np.dot(x, x)))
+
+
 def delta_rel_err(p0, ref, got):
-  """max over leaves of ||(got - p0) - (ref - p0)|| / ||ref - p0||: error relative to the update."""
+  """max over leaves of ||(got - p0) - (ref - p0)|| / ||ref - p0||: error relative to the update.
+
+  ``(got - p0) - (ref - p0)`` is computed as ``got - ref`` (equal, and exact in float32 for close
+  values); NaN anywhere gives inf."""
   worst = 0.0
   for a, r, g in zip(jax.tree_util.tree_leaves(p0), jax.tree_util.tree_leaves(ref),
                      jax.tree_util.tree_leaves(got)):
-    a = a.astype(np.float64)
-    dr, dg = r - a, g - a
-    den = np.linalg.norm(dr)
+    den = _norm(np.asarray(r, np.float32) - np.asarray(a, np.float32))
+    num = _norm(np.asarray(g, np.float32) - np.asarray(r, np.float32))
+    if not np.isfinite(num):
+      return float("inf")
     if den > 0:
-      worst = max(worst, float(np.linalg.norm(dg - dr) / den))
+      worst = max(worst, num / den)
+    elif num > 0:
+      worst = float("inf")
   return worst
+
+
+def compare_vectors(ref, got, rtol, atol):
+  """``compare`` for two flat host vectors (the first-moment check); None where either is absent."""
+  if ref is None or got is None:
+    return None
+  if ref.shape != got.shape:
+    return {"ok": False, "error": f"size {got.shape} != {ref.shape}"}
+  return compare({"state": ref}, {"state": got}, rtol, atol)
 
 
 def summarize(times):
   t = np.asarray(times)
   return {"median_s": float(np.median(t)), "min_s": float(t.min()), "max_s": float(t.max()),
           "runs": len(times), "all_s": [float(x) for x in t]}
+
+
+def paired_ratio(times, base_times):
+  """Run-by-run ratios ``times[k] / base_times[k]`` (the two ran in the same round-robin round,
+  so slow phases of the machine hit both): median and min-max. None without a baseline."""
+  if not times or not base_times:
+    return None
+  n = min(len(times), len(base_times))
+  r = np.asarray(times[:n]) / np.asarray(base_times[:n])
+  return {"median": float(np.median(r)), "min": float(r.min()), "max": float(r.max()), "runs": n}
+
+
+# ----------------------------------------------------------------------------- HLO counts
+
+# Instructions that launch no kernel: they name, group or reinterpret buffers.
+_FREE_OPS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all",
+             "opt-barrier", "partition-id", "replica-id"}
+# Control flow whose called computations run as ops of their own (followed, not counted).
+_CONTROL_OPS = {"call", "while", "conditional", "async-start", "async-update", "async-done"}
+_COMP_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\b([a-z][a-z0-9\-_]*)\(")
+_CALLED = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)="
+                     r"\{?([^,}]+(?:,\s*%?[\w.\-]+)*)")
+
+
+def _computations(text):
+  """{name: [instruction lines]} of an HLO module's text, and the ENTRY computation's name."""
+  comps, entry, cur = {}, None, None
+  for line in text.splitlines():
+    if cur is None:
+      m = _COMP_HEADER.match(line)
+      if m and not line.startswith(" "):
+        cur = m.group(2)
+        comps[cur] = []
+        if m.group(1):
+          entry = cur
+    elif line.startswith("}"):
+      cur = None
+    else:
+      comps[cur].append(line)
+  return comps, entry
+
+
+def hlo_counts(text):
+  """Kernel-like instructions of a compiled step (``compiled.as_text()``).
+
+  Counts the instructions of the ENTRY computation and of the computations it runs through
+  control flow (``call``/``while``/``conditional``: e.g. GPU command buffers), not the bodies of
+  fusions or reducers, and not the instructions that launch nothing (parameters, tuples,
+  bitcasts, constants). On GPU each counted instruction is one kernel launch (or library call);
+  on CPU one loop nest or runtime call. Returns {"kernels", "fusions", "custom_calls",
+  "by_op": {opcode: n}}.
+  """
+  comps, entry = _computations(text)
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  by_op, seen, todo = {}, set(), [entry]
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      m = _INSTR.match(line)
+      if not m:
+        continue
+      op = m.group(1)
+      if op in _CONTROL_OPS:
+        for c in _CALLED.findall(line):
+          todo += [x.strip().lstrip("%") for x in c.split(",")]
+        continue
+      if op in _FREE_OPS:
+        continue
+      by_op[op] = by_op.get(op, 0) + 1
+  return {"kernels": sum(by_op.values()), "fusions": by_op.get("fusion", 0),
+          "custom_calls": by_op.get("custom-call", 0), "by_op": dict(sorted(by_op.items()))}

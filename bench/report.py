@@ -25,6 +25,18 @@ def _cpu_model():
   return platform.processor() or platform.machine()
 
 
+def mem_available_bytes():
+  """MemAvailable from /proc/meminfo (8 GiB where there is none)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 8 << 30
+
+
 def _mem_total_gib():
   try:
     with open("/proc/meminfo") as f:
@@ -69,63 +81,148 @@ def environment():
 
 
 def _ms(s):
-  return f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
+  """Milliseconds to three significant digits (at least one decimal)."""
+  ms = s * 1e3
+  return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 1000 \
+      else f"{ms:.0f}"
 
 
-def markdown(results, env, command):
-  """The results table plus a short header (device, versions, command)."""
+def _ratio(r, base=False):
+  if base:
+    return "base"
+  if r and r.get("paired") is False:
+    return f"{r['median']:.2f}x (of medians)"
+  return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})" if r else "-"
+
+
+def _step(st):
+  return f"{_ms(st['median_s'])} ({_ms(st['min_s'])}-{_ms(st['max_s'])})"
+
+
+def _check(rec, reference):
+  chk = rec.get("check", {})
+  if rec.get("error"):
+    return "FAILED"
+  if chk.get("reference"):
+    return "ref"
+  if chk.get("ok"):
+    return f"ok vs {reference}"
+  if "error" in chk:
+    return f"MISMATCH vs {reference} ({chk['error']})"
+  return (f"MISMATCH vs {reference} ({chk.get('mismatched_elements', 0)} elements, update rel err "
+          f"{chk.get('update_rel_err', float('nan')):.1e})")
+
+
+def _kernels(comp):
+  hlo = comp.get("hlo") if comp else None
+  if not hlo or "kernels" not in hlo:
+    return "-"
+  return f"{hlo['kernels']} ({hlo['fusions']}/{hlo['custom_calls']})"
+
+
+def header(payload, plots):
+  """Device, versions, command, and what each column means."""
+  env = payload
   d = env["device"]
+  v = env["versions"]
   lines = [
-      f"# {jax.default_backend().upper()} benchmark: fusedopt Adam vs optax.adamw ({env['date']})",
+      f"# {jax.default_backend().upper()} benchmark: fusedopt vs its peers, one full optimizer "
+      f"step ({env['date']})",
       "",
-      f"- device: {d['jax_device']}; host {d['cpu_model']}, {d['cpu_count']} CPUs, {d['mem_total_gib']} GiB",
-      f"- jax {env['versions']['jax']}, optax {env['versions']['optax']}, "
-      f"fusedopt {env['versions']['fusedopt']}, commit {env['git_commit']}"
+      f"- device: {d['jax_device']}; host {d['cpu_model']}, {d['cpu_count']} CPUs, "
+      f"{d['mem_total_gib']} GiB",
+      f"- jax {v['jax']}, optax {v['optax']}, fusedopt {v['fusedopt']}"
+      + (f", torch {v['torch']}" if v.get("torch") else "") + f", commit {env['git_commit']}"
       f"{' (dirty)' if env['git_dirty'] else ''}",
-      f"- command: `{command}`",
+      f"- command: `{payload['command']}`",
       "- step: full jitted update (grads tree in, params + state out, state donated), median "
-      "(min-max) of the timed runs, implementations interleaved round-robin in one process",
-      "- GB/s: 28 B/param (Adam: read p, g, m, v; write p, m, v) / median step; "
-      "% copy: of the same tree's interleaved donated `x * 1.0000001` bandwidth (8 B/elem)",
+      "(min-max) of the timed runs; implementations interleaved round-robin in one process",
+      "- vs optax / vs torch fused: run-by-run ratio of step times to that implementation's step in "
+      "the same round, median (min-max)",
+      "- GB/s: the optimizer's bytes-per-step model (B/param in each heading) / median step; "
+      "% copy: of the same group's interleaved donated `x * 1.0000001` bandwidth (8 B/elem), "
+      "the roofline",
       "- trace+compile: `jax.jit(f, donate_argnums).trace(...).lower().compile()`; temp: "
-      "`memory_analysis().temp_size_in_bytes`",
+      "`memory_analysis().temp_size_in_bytes`; kernels: kernel-launching instructions of the "
+      "compiled step (fusions/custom-calls in brackets)",
+      f"- check: params and first moment after {payload['settings']['check_steps']} steps vs the "
+      f"reference, rtol {payload['settings']['rtol']}, atol {payload['settings']['atol']}, and "
+      f"the params' change within {payload['settings']['update_rtol']:g} (relative) of the "
+      "reference's",
       "",
-      "| tree | leaves | params | impl | step ms median (min-max) | vs optax | GB/s | % copy "
-      "| trace+compile s | temp MB | check |",
-      "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|",
   ]
-  for tree in results:
-    name, n_leaves, n_params = tree["tree"], tree["leaves"], tree["params"]
-    copy_bw = tree.get("copy", {}).get("gb_s")
-    for r in tree["impls"]:
-      chk = r.get("check", {})
-      check = "ref" if r["impl"] == "optax" else ("ok" if chk.get("ok") else
-                                                   f"MISMATCH ({chk.get('mismatched_elements')})")
-      if "step" in r:
-        st = r["step"]
-        step = f"{_ms(st['median_s'])} ({_ms(st['min_s'])}-{_ms(st['max_s'])})"
-        ratio = f"{r['ratio_vs_optax']:.2f}x" if r.get("ratio_vs_optax") else "-"
-        bw = f"{r['gb_s']:.1f}"
-        pct = f"{r['pct_copy_bw']:.0f}%" if copy_bw else "-"
-      else:
-        step, ratio, bw, pct = "not timed", "-", "-", "-"
-      comp = r.get("compile", {})
-      tc = f"{comp['trace_compile_s']:.1f}" if comp else "-"
-      temp = f"{comp['temp_bytes'] / 1e6:.1f}" if comp else "-"
-      lines.append(f"| {name} | {n_leaves} | {n_params / 1e6:.1f}M | {r['label']} | {step} | "
-                   f"{ratio} | {bw} | {pct} | {tc} | {temp} | {check} |")
-    if copy_bw:
-      cp = tree["copy"]
-      lines.append(f"| {name} | | | copy `x*1.0000001` ({cp['mib']} MiB) | "
-                   f"{_ms(cp['step']['median_s'])} ({_ms(cp['step']['min_s'])}-"
-                   f"{_ms(cp['step']['max_s'])}) | | {copy_bw:.1f} | 100% | | | |")
+  for kind, title in (("time", "Step time vs parameter count"),
+                      ("roofline", "% of copy bandwidth")):
+    if kind in plots:
+      lines += [f"![{title}, {d['jax_device']}, {env['date']}]({plots[kind]})", ""]
+  return lines
+
+
+def markdown(payload, plots=None):
+  """The header plus one table per optimizer, the skipped implementations and the notes."""
+  results = payload["results"]
+  lines = header(payload, plots or {})
+  for optim in dict.fromkeys(g["optim"] for g in results):
+    groups = [g for g in results if g["optim"] == optim]
+    bpp = sorted({round(g["bytes_per_param"], 1) for g in groups})
+    bpp = f"{bpp[0]:g}" if len(bpp) == 1 else f"{bpp[0]:g}-{bpp[-1]:g}"
+    note = payload["settings"].get("bytes_model", {}).get(optim, "")
+    lines += [
+        f"## {optim} ({bpp} B/param: {note})",
+        "",
+        "| tree | leaves | params | impl | step ms median (min-max) | vs optax | vs torch fused "
+        "| GB/s | % copy | trace+compile s | temp MB | kernels | check |",
+        "|---|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    skipped = {}
+    for g in groups:
+      for rec in g["impls"]:
+        comp = rec.get("compile", {})
+        if "step" in rec:
+          step, bw = _step(rec["step"]), f"{rec['gb_s']:.1f}"
+          pct = f"{rec['pct_copy_bw']:.0f}%"
+        else:
+          step, bw, pct = "not timed", "-", "-"
+        jax_row = comp and not rec["impl"].startswith("torch")
+        tc = f"{comp['trace_compile_s']:.1f}" if jax_row else "-"
+        temp = f"{comp['temp_bytes'] / 1e6:.1f}" if jax_row else "-"
+        lines.append(
+            f"| {g['tree']} | {g['leaves']} | {g['params'] / 1e6:.1f}M | {rec['label']} | {step} "
+            f"| {_ratio(rec.get('vs_optax'), rec['impl'] == 'optax')} "
+            f"| {_ratio(rec.get('vs_torch_fused'), rec['impl'] == 'torch-fused')} | {bw} | {pct} "
+            f"| {tc} | {temp} | {_kernels(comp)} | {_check(rec, g['reference'])} |")
+      cp = g.get("copy")
+      if cp:
+        lines.append(f"| {g['tree']} | | | copy `x*1.0000001` ({cp['mib']} MiB) "
+                     f"| {_step(cp['step'])} | | | {cp['gb_s']:.1f} | 100% | | | | |")
+      for k, why in g.get("skipped", {}).items():
+        skipped.setdefault(k, why)
+    if skipped:
+      lines += [""] + [f"- not run for {optim}: {k} ({why})" for k, why in skipped.items()]
+    lines.append("")
+  if payload.get("notes"):
+    lines += ["Notes:", ""] + [f"- {x}" for x in payload["notes"]] + [""]
+  lines.append(f"Total runtime: {payload['total_runtime_s']:.0f} s")
   return "\n".join(lines) + "\n"
 
 
+def free_stem(out_dir, stem, overwrite=False):
+  """``stem``, or ``stem-2``, ``stem-3``... so that no earlier results file is replaced."""
+  if overwrite:
+    return stem
+  cand, k = stem, 1
+  while os.path.exists(os.path.join(out_dir, cand + ".json")) or \
+      os.path.exists(os.path.join(out_dir, cand + ".md")):
+    k += 1
+    cand = f"{stem}-{k}"
+  return cand
+
+
 def write(out_dir, stem, payload, md):
+  """``<stem>.json`` and ``<stem>.md`` in ``out_dir``, each written whole (tmp file + rename)."""
   os.makedirs(out_dir, exist_ok=True)
   paths = []
-  for ext, text in (("json", json.dumps(payload, indent=1) + "\n"), ("md", md)):
+  for ext, text in (("json", json.dumps(payload, indent=1, default=str) + "\n"), ("md", md)):
     path = os.path.join(out_dir, f"{stem}.{ext}")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
