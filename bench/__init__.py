@@ -1,4 +1,3 @@
-"""CPU benchmark: fusedopt Adam (native and jnp backends) vs optax.adamw, side by side.
-
-Run with ``python -m bench`` (``--help`` for the flags). See ``bench/__main__.py``.
+"""Benchmarks: one full optimizer step of fusedopt against its peers (``python -m bench``), and
+the kernel roofline over one flat buffer (``python -m bench.kernels``). See bench/README.md.
 """

@@ -17,4 +17,5 @@ python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
 case "$OUTDIR" in /*) ;; *) OUTDIR="$REPO/$OUTDIR";; esac
 cd "$SITE" && timeout 300 python3 -m bench.kernels --out "$OUTDIR" "$@" 2>&1
 [ "${NO_TREES:-0}" = 1 ] || timeout ${TREES_TIMEOUT:-400} python3 -m bench \
-  --trees ${TREES:-gpt2-124m,resnet50,small-2000} --impls optax,auto,jnp,pallas --out "$OUTDIR" 2>&1
+  --device gpu --trees ${TREES:-gpt2-124m,resnet50,small-2000} --optims ${OPTIMS:-adam} \
+  --impls optax,auto,jnp,pallas --no-progress --out "$OUTDIR" 2>&1

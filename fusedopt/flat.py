@@ -334,7 +334,11 @@ class FlatOptimizerDef(OptimizerDef):
         new_fields[k][gi] = buf
       if rule.sumsq is None:
         continue
-      if getattr(run, "fused_sumsq", False):   # per-unit partial sums -> per leaf
+      mode = getattr(run, "fused_sumsq", False)
+      if mode == "per_leaf":                    # already per leaf, in group order
+        idx = np.asarray(group.segments)
+        part = [jnp.zeros((n,), F32).at[idx].set(u) for u in out[2]]
+      elif mode:                                # per-unit partial sums -> per leaf
         ids = jnp.asarray(layout.block_segment_ids(gi))
         # ids are sorted (segments lie in buffer order): on GPU the sorted scatter avoids
         # serialising atomics on one address (0.5 ms -> 0.05 ms for 2^18 units, H100)
