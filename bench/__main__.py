@@ -26,7 +26,9 @@ import argparse
 import gc
 import importlib.util
 import os
+import json
 import shlex
+import subprocess
 import sys
 import time
 
@@ -106,6 +108,9 @@ def parse_args(argv):
   out.add_argument("--overwrite", action="store_true",
                    help="replace existing results files of the same name (default: add -2, -3)")
   out.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+  out.add_argument("--fresh-compile", action="store_true",
+                   help="also measure each implementation's trace+compile in a fresh process "
+                   "(bench/compile_probe.py; shown in brackets in the table)")
   out.add_argument("--no-progress", action="store_true",
                    help="no progress bar (none either when stderr is not a terminal)")
   args = ap.parse_args(argv)
@@ -305,6 +310,13 @@ def bench_group(tree_name, optim_name, batches, skipped, args, tick):
                    "gb_s": copy_bw}
   copy.close()
   group["impls"] = [recs[n] for n in args.impl_list if n in recs]
+  if args.fresh_compile:
+    for rec in group["impls"]:
+      if "compile" in rec and not rec["impl"].startswith("torch"):
+        rec["compile_fresh"] = fresh_compile(tree_name, optim_name, rec["impl"])
+        log(f"  {rec['impl']:13s} trace+compile in a fresh process "
+            f"{rec['compile_fresh'].get('trace_compile_s', float('nan')):.2f} s "
+            f"(in this run {rec['compile']['trace_compile_s']:.2f} s)")
   summarize_group(group, times, batch_of, copy_bw)
   for rec in group["impls"]:
     if "step" in rec:
@@ -318,6 +330,18 @@ def bench_group(tree_name, optim_name, batches, skipped, args, tick):
   group["wall_s"] = time.perf_counter() - t_group
   log(f"  ({group['wall_s']:.0f} s)")
   return group
+
+
+def fresh_compile(tree, optim, impl):
+  """``bench.compile_probe`` in a subprocess: {trace_s, lower_s, compile_s, trace_compile_s}."""
+  cmd = [sys.executable, "-m", "bench.compile_probe", "--tree", tree, "--optim", optim,
+         "--impl", impl]
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+  except Exception as e:  # pylint: disable=broad-except
+    return {"error": f"{type(e).__name__}: {str(e)[-300:]}"}
 
 
 def summarize_group(group, times, batch_of, copy_bw):

@@ -142,7 +142,8 @@ def header(payload, plots):
       "- GB/s: the optimizer's bytes-per-step model (B/param in each heading) / median step; "
       "% copy: of the same group's interleaved donated `x * 1.0000001` bandwidth (8 B/elem), "
       "the roofline",
-      "- trace+compile: `jax.jit(f, donate_argnums).trace(...).lower().compile()`; temp: "
+      "- trace+compile: `jax.jit(f, donate_argnums).trace(...).lower().compile()` in this run (in "
+      "brackets with `--fresh-compile`: in a fresh process, `bench/compile_probe.py`); temp: "
       "`memory_analysis().temp_size_in_bytes`; kernels: kernel-launching instructions of the "
       "compiled step (fusions/custom-calls in brackets)",
       f"- check: params and first moment after {payload['settings']['check_steps']} steps vs the "
@@ -185,6 +186,9 @@ def markdown(payload, plots=None):
           step, bw, pct = "not timed", "-", "-"
         jax_row = comp and not rec["impl"].startswith("torch")
         tc = f"{comp['trace_compile_s']:.1f}" if jax_row else "-"
+        fresh = rec.get("compile_fresh", {}).get("trace_compile_s")
+        if jax_row and fresh is not None:
+          tc += f" ({fresh:.1f})"
         temp = f"{comp['temp_bytes'] / 1e6:.1f}" if jax_row else "-"
         lines.append(
             f"| {g['tree']} | {g['leaves']} | {g['params'] / 1e6:.1f}M | {rec['label']} | {step} "

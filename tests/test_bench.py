@@ -321,3 +321,13 @@ def test_trees():
   sizes = [trees.num_params(trees.shapes(t)) for t in trees.SWEEP]
   assert sizes == sorted(sizes) and 0.8e9 < sizes[-1] < 1.2e9
   assert trees.sweep("cpu")[-1] == "scale-100m" and trees.sweep("gpu")[-1] == "scale-1b"
+
+
+def test_fresh_compile_probe_runs_in_a_subprocess():
+  """--fresh-compile: each implementation's trace+compile timed in its own process."""
+  out = cli.fresh_compile("scale-1m", "adam", "jnp")
+  assert set(out) == {"trace_s", "lower_s", "compile_s", "trace_compile_s"}, out
+  assert 0 < out["trace_compile_s"] < 120
+  assert abs(out["trace_compile_s"] - (out["trace_s"] + out["lower_s"] + out["compile_s"])) < 1e-6
+  bad = cli.fresh_compile("scale-1m", "adam", "no-such-impl")
+  assert "error" in bad
