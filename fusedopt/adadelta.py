@@ -38,9 +38,11 @@ class Adadelta(FlatOptimizerDef):
   state_fields = ("sq_avg", "acc_delta")
 
   def __init__(self, learning_rate=None, rho=0.9, eps=1e-6, weight_decay=0.0, *,
-               backend="auto", master_weights=False):
+               backend="auto", master_weights=False,
+               state_dtype=None):
     super().__init__(_AdadeltaHyperParams(learning_rate, rho, eps, weight_decay), backend,
-                     master_weights=master_weights)
+                     master_weights=master_weights,
+                     state_dtype=state_dtype)
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

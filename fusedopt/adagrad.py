@@ -28,9 +28,11 @@ class Adagrad(FlatOptimizerDef):
   """Adagrad optimizer. State: ``G``."""
   state_fields = ("G",)
 
-  def __init__(self, learning_rate=None, eps=1e-8, *, backend="auto", master_weights=False):
+  def __init__(self, learning_rate=None, eps=1e-8, *, backend="auto", master_weights=False,
+               state_dtype=None):
     super().__init__(_AdagradHyperParams(learning_rate, eps), backend,
-                     master_weights=master_weights)
+                     master_weights=master_weights,
+                     state_dtype=state_dtype)
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

@@ -53,9 +53,11 @@ class Adam(FlatOptimizerDef):
   state_fields = ("grad_ema", "grad_sq_ema")
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, *,
-               backend="auto", master_weights=False):
+               backend="auto", master_weights=False,
+               state_dtype=None):
     super().__init__(_AdamHyperParams(learning_rate, beta1, beta2, eps, weight_decay), backend,
-                     master_weights=master_weights)
+                     master_weights=master_weights,
+                     state_dtype=state_dtype)
 
   def validate(self, hp):
     validate_moments(hp)

@@ -185,15 +185,23 @@ class FlatOptimizerDef(OptimizerDef):
   """
   state_fields: Tuple[str, ...] = ()
 
-  def __init__(self, hyper_params, backend="auto", master_weights=False):
+  def __init__(self, hyper_params, backend="auto", master_weights=False, state_dtype=None):
     """``master_weights=True`` keeps a float32 copy of the params in the state (field
     ``master``) and updates that; the params are the master rounded to their dtype. Meant for
-    bfloat16/float16 params (for float32 ones the copy only costs memory)."""
+    bfloat16/float16 params (for float32 ones the copy only costs memory).
+
+    ``state_dtype`` (default float32) stores the optimizer's own state (moments, accumulators;
+    not the master copy) in another float dtype, e.g. ``jnp.bfloat16`` to halve its memory; the
+    kernels still compute in float32 and round when storing."""
     if backend not in BACKENDS:
       raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
     super().__init__(hyper_params)
     self.backend = backend
     self.master_weights = bool(master_weights)
+    sd = np.dtype(F32 if state_dtype is None else jax.dtypes.canonicalize_dtype(state_dtype))
+    if not jnp.issubdtype(sd, jnp.floating):
+      raise ValueError(f"state_dtype={sd} must be a floating-point dtype")
+    self.state_storage = sd
 
   @property
   def all_state_fields(self):
@@ -219,8 +227,7 @@ class FlatOptimizerDef(OptimizerDef):
 
   # -- per-leaf (flax) API, on the same rule
   def init_param_state(self, param):
-    state = {k: jnp.zeros(jnp.shape(param), self.state_dtype(jnp.result_type(param)))
-             for k in self.state_fields}
+    state = {k: jnp.zeros(jnp.shape(param), self.state_storage) for k in self.state_fields}
     if self.master_weights:
       state["master"] = jnp.asarray(param, F32)
     return state
@@ -237,16 +244,11 @@ class FlatOptimizerDef(OptimizerDef):
     del hp, step, param, state, grad
     return {}
 
-  @staticmethod
-  def state_dtype(param_dtype):
-    """State is float32 whatever the param dtype (flax used the param dtype, which breaks bf16)."""
-    del param_dtype
-    return F32
-
   # -- the flat path
   def init_state(self, params):
     layout = FlatLayout.build(params)
-    fields = {k: layout.zeros(F32) for k in self.state_fields}
+    # float32 by default whatever the param dtype (flax used the param dtype: bf16 moments)
+    fields = {k: layout.zeros(self.state_storage) for k in self.state_fields}
     if self.master_weights:
       leaves = jax.tree_util.tree_leaves(params)
       fields["master"] = tuple(layout.pack_group(leaves, g, F32) for g in range(len(layout.groups)))

@@ -60,9 +60,11 @@ class LAMB(FlatOptimizerDef):
   state_fields = ("grad_ema", "grad_sq_ema")
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, weight_decay=0, eps=1e-6, *,
-               backend="auto", master_weights=False):
+               backend="auto", master_weights=False,
+               state_dtype=None):
     super().__init__(_LAMBHyperParams(learning_rate, beta1, beta2, weight_decay, eps), backend,
-                     master_weights=master_weights)
+                     master_weights=master_weights,
+                     state_dtype=state_dtype)
 
   def validate(self, hp):
     validate_moments(hp)

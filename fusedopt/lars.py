@@ -43,10 +43,12 @@ class LARS(FlatOptimizerDef):
   state_fields = ("momentum",)
 
   def __init__(self, learning_rate=None, beta=0.9, weight_decay=0, trust_coefficient=0.001,
-               eps=0, nesterov=False, *, backend="auto", master_weights=False):
+               eps=0, nesterov=False, *, backend="auto", master_weights=False,
+               state_dtype=None):
     super().__init__(_LARSHyperParams(learning_rate, beta, weight_decay, trust_coefficient, eps,
                                       nesterov), backend,
-                     master_weights=master_weights)
+                     master_weights=master_weights,
+                     state_dtype=state_dtype)
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

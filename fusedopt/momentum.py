@@ -36,9 +36,11 @@ class Momentum(FlatOptimizerDef):
   state_fields = ("momentum",)
 
   def __init__(self, learning_rate=None, beta=0.9, weight_decay=0, nesterov=False, *,
-               backend="auto", master_weights=False):
+               backend="auto", master_weights=False,
+               state_dtype=None):
     super().__init__(_MomentumHyperParams(learning_rate, beta, weight_decay, nesterov), backend,
-                     master_weights=master_weights)
+                     master_weights=master_weights,
+                     state_dtype=state_dtype)
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

@@ -77,7 +77,8 @@ class MultiOptimizer(OptimizerDef):
     return (self.fuse and isinstance(first, FlatOptimizerDef)
             and type(first).update_leaves is FlatOptimizerDef.update_leaves
             and all(type(o) is type(first) and o.backend == first.backend
-                    and o.master_weights == first.master_weights for o in self.sub_optimizers)
+                    and o.master_weights == first.master_weights
+                    and o.state_storage == first.state_storage for o in self.sub_optimizers)
             and len({o.rule(o.hyper_params).name for o in self.sub_optimizers}) == 1)
 
   def init_state(self, params):
@@ -204,7 +205,8 @@ class FusedState:
       for k, leaf in zip(ks, sub or ()):
         per_leaf[k] = leaf
     layout = self.flat.layout
-    fields = {name: tuple(layout.pack_group([leaf[name] for leaf in per_leaf], g, jnp.float32)
+    fields = {name: tuple(layout.pack_group([leaf[name] for leaf in per_leaf], g,
+                                            self.flat.fields[name][g].dtype)
                           for g in range(len(layout.groups)))
               for name in self.flat.fields}
     return self.replace(flat=FlatState(fields, layout))

@@ -41,9 +41,11 @@ class RMSProp(FlatOptimizerDef):
   """RMSProp optimizer. State: ``v`` (and ``mg`` when centered)."""
 
   def __init__(self, learning_rate=None, beta2=0.9, eps=1e-8, centered=False, *,
-               backend="auto", master_weights=False):
+               backend="auto", master_weights=False,
+               state_dtype=None):
     super().__init__(_RMSPropHyperParams(learning_rate, beta2, eps, centered), backend,
-                     master_weights=master_weights)
+                     master_weights=master_weights,
+                     state_dtype=state_dtype)
     self.state_fields = ("v", "mg") if centered else ("v",)
 
   def validate(self, hp):

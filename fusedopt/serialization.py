@@ -45,7 +45,8 @@ def from_state_dict(template, sd, path=""):
   if isinstance(template, FlatState):
     per_leaf = from_state_dict(template.per_leaf(), sd, path)
     leaves = template.layout.treedef.flatten_up_to(per_leaf)
-    fields = {k: tuple(template.layout.pack_group([l[k] for l in leaves], g, jnp.float32)
+    fields = {k: tuple(template.layout.pack_group([l[k] for l in leaves], g,
+                                                  template.fields[k][g].dtype)
                        for g in range(len(template.layout.groups)))
               for k in template.fields}
     return FlatState(fields, template.layout)

@@ -22,9 +22,11 @@ SGD_RULE = Rule("sgd", _sgd, ("lr",), n_state=0)
 class GradientDescent(FlatOptimizerDef):
   """Gradient descent optimizer (no state)."""
 
-  def __init__(self, learning_rate=None, *, backend="auto", master_weights=False):
+  def __init__(self, learning_rate=None, *, backend="auto", master_weights=False,
+               state_dtype=None):
     super().__init__(_GradientDescentHyperParams(learning_rate), backend,
-                     master_weights=master_weights)
+                     master_weights=master_weights,
+                     state_dtype=state_dtype)
 
   def rule(self, hp):
     return SGD_RULE

@@ -111,14 +111,18 @@ static inline void st(bf16& d, float x) {  // round to nearest even, as XLA's co
 """
 
 
-def generate(rule, p_dtype="float32", g_dtype="float32") -> str:
+def generate(rule, p_dtype="float32", g_dtype="float32", st_dtypes=None) -> str:
   """C++ source of the FFI handler ``FusedoptKernel`` for ``rule`` with params stored as
-  ``p_dtype`` and grads as ``g_dtype`` (float32, bfloat16 or float16; state is float32)."""
+  ``p_dtype``, grads as ``g_dtype`` and state buffer k as ``st_dtypes[k]`` (each float32,
+  bfloat16 or float16; default float32). The math is float32."""
   pt, gt = _CTYPES[np.dtype(p_dtype).name], _CTYPES[np.dtype(g_dtype).name]
+  if st_dtypes is None:
+    st_dtypes = ("float32",) * rule.n_state
+  stt = [_CTYPES[np.dtype(d).name] for d in st_dtypes]
   em = _Emitter()
   s = types.SimpleNamespace(**{k: _Sym(f"S[{i}]", em) for i, k in enumerate(rule.scalars)})
   q = types.SimpleNamespace(**{k: _Sym(f"Q[{i}]", em) for i, k in enumerate(rule.seg_scalars)})
-  state_in = [_Sym(f"st{k}[j]", em) for k in range(rule.n_state)]
+  state_in = [_Sym(f"ld(st{k}[j])", em) for k in range(rule.n_state)]
   new_p, new_state = rule.fn(_xp(em), s, q, _Sym("ld(p[j])", em), _Sym("ld(g[j])", em),
                              *state_in)
   # LAMB-style per-tensor sums of squares of rule.sumsq's terms, from the values just computed:
@@ -132,13 +136,17 @@ def generate(rule, p_dtype="float32", g_dtype="float32") -> str:
   if not rule.writes_state:
     new_state = ()
   # Loads are plain C++ lvalues in the expressions; stores go last so in-place is safe.
-  stores = [f"st{k}[j] = {v.name};" for k, v in enumerate(new_state)]
+  stores = [f"st(st{k}[j], {v.name});" for k, v in enumerate(new_state)]
   if rule.writes_param:
     stores.append(f"st(p[j], {new_p.name});")
   body = "\n      ".join(em.lines + accum + stores)
   k = rule.n_state
-  st_params = "".join(f", float* __restrict st{i}" for i in range(k))
-  st_args = "".join(f", st[{i}] + o" for i in range(k))
+  st_params = "".join(f", {stt[i]}* __restrict st{i}" for i in range(k))
+  st_args = "".join(f", st{i}p + o" for i in range(k))
+  st_ptrs = "".join(
+      f"  {stt[i]}* st{i}p = static_cast<{stt[i]}*>(WRITES_ST ? "
+      f"rets.get<ffi::AnyBuffer>({i}).value()->untyped_data() : "
+      f"args.get<ffi::AnyBuffer>({2 + i}).value().untyped_data());\n" for i in range(k))
   acc_decl = "".join(f"  float acc{t} = 0.f;\n" for t in range(n_terms))
   acc_out = "".join(f"  acc_out[{t}] = acc{t};\n" for t in range(n_terms))
   reduction = (" reduction(+:" + ",".join(f"acc{t}" for t in range(n_terms)) + ")"
@@ -171,10 +179,7 @@ static ffi::Error Impl(ffi::RemainingArgs args, ffi::RemainingRets rets,
   const int64_t n = offs.size();
   const float* S = static_cast<const float*>(args.get<ffi::AnyBuffer>(0).value().untyped_data());
   const float* SEG = static_cast<const float*>(args.get<ffi::AnyBuffer>(1).value().untyped_data());
-  float* st[K > 0 ? K : 1];
-  for (int64_t i = 0; i < K; ++i)
-    st[i] = WRITES_ST ? static_cast<float*>(rets.get<ffi::AnyBuffer>(i).value()->untyped_data())
-                      : static_cast<float*>(args.get<ffi::AnyBuffer>(2 + i).value().untyped_data());
+{st_ptrs}
   std::vector<{pt}*> P(n);
   std::vector<const {gt}*> G(n);
   for (int64_t i = 0; i < n; ++i) {{
@@ -279,8 +284,8 @@ def _target(src: str) -> str:
   return name
 
 
-def target_for(rule, p_dtype="float32", g_dtype="float32") -> str:
-  return _target(generate(rule, p_dtype, g_dtype))
+def target_for(rule, p_dtype="float32", g_dtype="float32", st_dtypes=None) -> str:
+  return _target(generate(rule, p_dtype, g_dtype, st_dtypes))
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -349,7 +354,7 @@ def _call(rule, S, seg, layout, idx, p_leaves, g_leaves, state):
     out_types.append(jax.ShapeDtypeStruct((n_terms * n,), F32))
   offs = np.array([layout.segments[i].offset for i in idx], np.int64)
   sizes = np.array([layout.segments[i].size for i in idx], np.int64)
-  target = target_for(rule, ps[0].dtype, g_dtype)
+  target = target_for(rule, ps[0].dtype, g_dtype, tuple(np.dtype(x.dtype).name for x in state))
   outs = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases)(
       S, SEG, *state, *ps, *gs, offs=offs, sizes=sizes)
   new_state = tuple(outs[:k_out]) if writes_state else tuple(state)

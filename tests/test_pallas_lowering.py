@@ -188,3 +188,16 @@ def test_t5_full_step_compiles_for_h100(name):
                        donate_argnums=0).trace(opt_sds, g_sds, lr).lower().compile()
   txt = compiled.as_text()
   assert "__triton" in txt or "triton" in txt
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (the `test` extra has it)")
+@pytest.mark.parametrize("rule", [ADAM_RULE, MOMENTS_RULE], ids=lambda r: r.name)
+def test_t3_bfloat16_state_compiles(rule):
+  """state_dtype=bfloat16: bf16 params, grads and state buffers, float32 math, no spills."""
+  n = 64 * kp.ALIGN
+  sds = [jax.ShapeDtypeStruct((n,), jnp.bfloat16)] * (2 + rule.n_state)
+  [(_, ttir)] = ttir_texts(lower_cuda(_update_fn(rule, "gpu", n), *sds))
+  k = compile_ttir(ttir, 90)
+  st = ptxas_stats(k.asm["ptx"], 90)
+  assert st["spill_stores"] == 0 and st["spill_loads"] == 0, st["text"]
+  assert "tpu_custom_call" in lower_tpu(_update_fn(rule, "tpu", n), *sds).as_text()
