@@ -5,7 +5,7 @@ Reference: Shazeer & Stern, https://arxiv.org/abs/1804.04235. Semantics of flax 
 Adafactor's statistics are per-tensor reductions over rows and columns, so it runs per leaf on the
 tensors' own shapes (the element-wise part fuses inside XLA); its state is per leaf as in flax.
 """
-from typing import Any, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp

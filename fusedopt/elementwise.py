@@ -21,7 +21,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 F32 = jnp.float32
 
@@ -143,6 +142,20 @@ def apply_to_leaf(rule: Rule, scalars, seg, p, g, state):
                              *(x.astype(F32) for x in state))
   new_p = p if new_p is None else new_p.astype(p.dtype)
   return new_p, tuple(n.astype(x.dtype) for n, x in zip(new_state, state))
+
+
+@functools.lru_cache(maxsize=None)
+def num_sumsq_terms(rule: Rule) -> int:
+  """How many terms ``rule.sumsq`` returns (0 without one); traced abstractly, no computation."""
+  if rule.sumsq is None:
+    return 0
+  z = jax.ShapeDtypeStruct((1,), F32)
+
+  def count(*args):
+    s = namespace({k: args[0][0] for k in rule.scalars})
+    q = namespace({k: args[0][0] for k in rule.seg_scalars})
+    return rule.sumsq(JNP, s, q, *args)
+  return len(jax.eval_shape(count, *(z,) * (2 + rule.n_state)))
 
 
 def leaf_sumsq(rule: Rule, scalars, seg, p, g, new_state):

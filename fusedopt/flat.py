@@ -17,7 +17,7 @@ import numpy as np
 
 from . import elementwise, struct
 from .base import HyperParamError, OptimizerDef, OptimizerState
-from .layout import FlatLayout, LayoutError
+from .layout import FlatLayout
 
 F32 = jnp.float32
 BACKENDS = ("auto", "jnp", "native", "pallas", "pallas_interpret")
@@ -127,6 +127,14 @@ class FlatState:
   def leaf(self, name, i):
     """Field ``name`` of leaf ``i`` as an array of the leaf's shape."""
     return self.layout.view(self.fields[name], i)
+
+  def from_per_leaf(self, leaves):
+    """This state with its buffers rebuilt from ``leaves`` (one ``{field: array}`` per segment,
+    leaf order), each field keeping its dtype: the inverse of ``per_leaf``."""
+    fields = {k: tuple(self.layout.pack_group([leaf[k] for leaf in leaves], g, bufs[g].dtype)
+                       for g in range(len(self.layout.groups)))
+              for k, bufs in self.fields.items()}
+    return self.replace(fields=fields)
 
   def per_leaf(self):
     """The state as flax laid it out: a tree mirroring the params, each leaf a dict of fields."""
@@ -356,19 +364,13 @@ class FlatOptimizerDef(OptimizerDef):
                 for t in range(len(per[0]))]
       sums = part if sums is None else [a + b for a, b in zip(sums, part)]
     if rule.sumsq is not None and sums is None:
-      sums = [jnp.zeros((n,), F32)] * _num_terms(rule, scalars, seg)
+      sums = [jnp.zeros((n,), F32)] * elementwise.num_sumsq_terms(rule)
     return new_p, {k: tuple(v) for k, v in new_fields.items()}, (
         None if sums is None else tuple(sums))
 
 
 def _segment_view(buf, seg):
   return jax.lax.slice(buf, (seg.offset,), (seg.offset + seg.size,)).reshape(seg.shape)
-
-
-def _num_terms(rule, scalars, seg):
-  z = jnp.zeros((1,), F32)
-  return len(elementwise.leaf_sumsq(rule, scalars, {k: z[0] for k in rule.seg_scalars}, z, z,
-                                    (z,) * rule.n_state))
 
 
 def gradient_prepass(g_leaves, grad_scale=None, clip_global_norm=None):

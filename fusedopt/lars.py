@@ -10,7 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from . import elementwise, norms, struct
+from . import norms, struct
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_range, f32
 

@@ -204,9 +204,4 @@ class FusedState:
     for ks, sub in zip(self.picks, tree):
       for k, leaf in zip(ks, sub or ()):
         per_leaf[k] = leaf
-    layout = self.flat.layout
-    fields = {name: tuple(layout.pack_group([leaf[name] for leaf in per_leaf], g,
-                                            self.flat.fields[name][g].dtype)
-                          for g in range(len(layout.groups)))
-              for name in self.flat.fields}
-    return self.replace(flat=FlatState(fields, layout))
+    return self.replace(flat=self.flat.from_per_leaf(per_leaf))

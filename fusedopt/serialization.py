@@ -9,7 +9,6 @@ against the live optimizer and raises ValueError naming the path.
 import dataclasses
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,12 +43,7 @@ def from_state_dict(template, sd, path=""):
   """A copy of ``template`` with values from state dict ``sd`` (structure checked)."""
   if isinstance(template, FlatState):
     per_leaf = from_state_dict(template.per_leaf(), sd, path)
-    leaves = template.layout.treedef.flatten_up_to(per_leaf)
-    fields = {k: tuple(template.layout.pack_group([l[k] for l in leaves], g,
-                                                  template.fields[k][g].dtype)
-                       for g in range(len(template.layout.groups)))
-              for k in template.fields}
-    return FlatState(fields, template.layout)
+    return template.from_per_leaf(template.layout.treedef.flatten_up_to(per_leaf))
   if hasattr(template, "as_flax_tree"):
     return template.from_flax_tree(from_state_dict(template.as_flax_tree(), sd, path))
   if isinstance(template, Mapping):

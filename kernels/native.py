@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusedopt import elementwise
+
 F32 = jnp.float32
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp", "-fPIC",
           "-shared", "-std=c++17", "-w")
@@ -323,17 +325,6 @@ def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
 run.fused_sumsq = "per_leaf"
 
 
-@functools.lru_cache(maxsize=None)
-def _n_terms(rule) -> int:
-  if rule.sumsq is None:
-    return 0
-  em = _Emitter()
-  z = _Sym("0", em)
-  ns = lambda names: types.SimpleNamespace(**{k: z for k in names})  # noqa: E731
-  return len(rule.sumsq(_xp(em), ns(rule.scalars), ns(rule.seg_scalars), z, z,
-                        *(z,) * rule.n_state))
-
-
 def _call(rule, S, seg, layout, idx, p_leaves, g_leaves, state):
   n, k = len(idx), rule.n_state
   SEG = (jnp.stack([jnp.asarray(seg[name], F32)[np.asarray(idx)] for name in rule.seg_scalars])
@@ -349,7 +340,7 @@ def _call(rule, S, seg, layout, idx, p_leaves, g_leaves, state):
   if rule.writes_param:
     out_types += [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in ps]
     aliases.update({2 + k + i: k_out + i for i in range(n)})
-  n_terms = _n_terms(rule)
+  n_terms = elementwise.num_sumsq_terms(rule)
   if n_terms:
     out_types.append(jax.ShapeDtypeStruct((n_terms * n,), F32))
   offs = np.array([layout.segments[i].offset for i in idx], np.int64)

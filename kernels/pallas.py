@@ -34,6 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.extend import core as jax_core
 
+from fusedopt import elementwise
+
 F32 = jnp.float32
 ALIGN = 1024          # elements per layout alignment unit (fusedopt.layout.DEFAULT_ALIGN)
 
@@ -182,15 +184,6 @@ def _kernel(rule, n_seg, precise, *refs):
       o[...] = jnp.sum(t * t, axis=1, keepdims=True)
 
 
-def _num_sumsq_terms(rule):
-  if rule.sumsq is None:
-    return 0
-  z = jnp.zeros((1,), F32)
-  ns = lambda names: types.SimpleNamespace(**{k: z[0] for k in names})  # noqa: E731
-  return len(jax.eval_shape(lambda: rule.sumsq(_XP, ns(rule.scalars), ns(rule.seg_scalars), z, z,
-                                               *(z,) * rule.n_state)))
-
-
 def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=None):
   """Runs ``rule`` over flat buffers in one ``pallas_call``.
 
@@ -219,7 +212,7 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
       raise ValueError(f"flat buffer of shape {x.shape} does not match params {p.shape}")
   if len(state) != rule.n_state:
     raise ValueError(f"rule {rule.name} takes {rule.n_state} state buffers, got {len(state)}")
-  n_sums = _num_sumsq_terms(rule)
+  n_sums = elementwise.num_sumsq_terms(rule)
   units = n // ALIGN
   if n == 0:
     return ((p if rule.writes_param else None), tuple(state),
@@ -299,7 +292,6 @@ def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
 
 def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=None):
   """The ``pallas`` backend's group executor (same contract as ``elementwise.run_jnp``)."""
-  from fusedopt import elementwise  # pylint: disable=import-outside-toplevel
   group = layout.groups[gi]
   if layout.align % ALIGN:
     raise ValueError(f"the pallas backend needs a layout aligned to a multiple of {ALIGN}")
