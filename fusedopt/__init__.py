@@ -30,3 +30,7 @@ __all__ = [
     "MultiOptimizer", "Optimizer", "OptimizerDef", "OptimizerState", "RMSProp", "WeightNorm",
     "available_backends", "traverse_util",
 ]
+
+# flax 0.5.3 registered its Optimizer with flax.serialization; do the same when flax is there.
+from . import serialization as _serialization  # noqa: E402
+_serialization.register_with_flax()

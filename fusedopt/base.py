@@ -96,6 +96,20 @@ class OptimizerDef:
     state = opt_def.init_state(target)
     return Optimizer(opt_def, state, target)
 
+  # -- checkpoints: flax 0.5.3's layout, whatever the in-memory state looks like
+  def flax_param_states(self, target, param_states):
+    """``param_states`` as flax 0.5.3 laid them out in a checkpoint: a tree mirroring ``target``,
+    each leaf that parameter's state. The per-leaf default already is that layout; optimizers
+    with flat or fused state convert (and ``from_flax_param_states`` converts back)."""
+    del target
+    return param_states
+
+  def from_flax_param_states(self, target, param_states, restored):
+    """The in-memory state for ``restored``: a tree shaped like ``flax_param_states``'s output
+    (already checked against it and filled with the checkpoint's arrays)."""
+    del target, param_states
+    return restored
+
   def state_dict(self, target, state):
     from . import serialization  # pylint: disable=import-outside-toplevel
     return serialization.optimizer_state_dict(self, target, state)

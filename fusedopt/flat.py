@@ -136,10 +136,23 @@ class FlatState:
               for k, bufs in self.fields.items()}
     return self.replace(fields=fields)
 
+  def restored_from(self, per_leaf_tree):
+    """``from_per_leaf`` of a tree shaped like ``per_leaf()``'s, each buffer placed where this
+    state's was (a sharded state stays sharded)."""
+    new = self.from_per_leaf(self.layout.treedef.flatten_up_to(per_leaf_tree))
+    return new.replace(fields={k: tuple(_place_like(b, old) for b, old in zip(bufs, self.fields[k]))
+                               for k, bufs in new.fields.items()})
+
   def per_leaf(self):
     """The state as flax laid it out: a tree mirroring the params, each leaf a dict of fields."""
     leaves = [{k: self.leaf(k, i) for k in self.fields} for i in range(len(self.layout.segments))]
     return jax.tree_util.tree_unflatten(self.layout.treedef, leaves)
+
+
+def _place_like(new, old):
+  if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
+    return jax.device_put(new, old.sharding)
+  return new
 
 
 # ----------------------------------------------------------------------------- checks
@@ -232,6 +245,17 @@ class FlatOptimizerDef(OptimizerDef):
   def validate_for_jit(self, hyper_params):
     self.validate(hyper_params)
     return True
+
+  # -- checkpoints in flax's per-leaf layout
+  def flax_param_states(self, target, param_states):
+    if isinstance(param_states, FlatState):
+      return param_states.per_leaf()
+    return param_states
+
+  def from_flax_param_states(self, target, param_states, restored):
+    if isinstance(param_states, FlatState):
+      return param_states.restored_from(restored)
+    return restored
 
   # -- per-leaf (flax) API, on the same rule
   def init_param_state(self, param):

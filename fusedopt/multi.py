@@ -8,7 +8,8 @@ When every sub-optimizer is a built-in single-pass optimizer of the same kind (s
 different learning rates for kernels and biases), the groups are *fused*: one flat state over all
 selected leaves and one pass of the kernel per dtype group, with each optimizer's scalars (lr,
 betas, bias corrections) entering as a per-segment table (``elementwise.per_segment``) instead of
-one launch per sub-optimizer. Checkpoints keep flax's per-sub-optimizer format either way.
+one launch per sub-optimizer. Checkpoints keep flax 0.5.3's format either way: a tree mirroring
+the target, each leaf its owner's state for it (None where no traversal selects it).
 """
 from typing import Any, Tuple
 
@@ -127,6 +128,39 @@ class MultiOptimizer(OptimizerDef):
       hps = [_replace_checked(hp, hyper_param_overrides) for hp in hps]
     return hps
 
+  # -- checkpoints: flax 0.5.3's layout, a tree mirroring the target whose leaves are the owning
+  # sub-optimizer's state for that leaf (None where no traversal selects it)
+  def flax_param_states(self, target, param_states):
+    leaves, treedef = jax.tree_util.tree_flatten(target)
+    out = [None] * len(leaves)
+    if isinstance(param_states, FusedState):
+      if param_states.flat is not None:
+        for i, st in zip(param_states.union, param_states.flat.per_leaf()):
+          out[i] = st
+      return treedef.unflatten(out)
+    for idx, opt, sub in zip(_assign(self.traversals, target), self.sub_optimizers,
+                             param_states):
+      if idx:
+        sub_target = tuple(leaves[i] for i in idx)
+        for i, st in zip(idx, opt.flax_param_states(sub_target, sub)):
+          out[i] = st
+    return treedef.unflatten(out)
+
+  def from_flax_param_states(self, target, param_states, restored):
+    leaves, treedef = jax.tree_util.tree_flatten(target)
+    per_leaf = treedef.flatten_up_to(restored)
+    if isinstance(param_states, FusedState):
+      if param_states.flat is None:
+        return param_states
+      return param_states.replace(flat=param_states.flat.restored_from(
+          tuple(per_leaf[i] for i in param_states.union)))
+    subs = []
+    for idx, opt, sub in zip(_assign(self.traversals, target), self.sub_optimizers,
+                             param_states):
+      subs.append(opt.from_flax_param_states(tuple(leaves[i] for i in idx), sub,
+                                             tuple(per_leaf[i] for i in idx)) if idx else sub)
+    return tuple(subs)
+
   # -- fused: one flat state and one pass for all sub-optimizers
   def _init_fused(self, params):
     picks = _assign(self.traversals, params)
@@ -190,18 +224,3 @@ class FusedState:
   union: Tuple[int, ...] = struct.field(pytree_node=False)
   picks: Tuple[Tuple[int, ...], ...] = struct.field(pytree_node=False)
   owner: Tuple[int, ...] = struct.field(pytree_node=False)
-
-  def as_flax_tree(self):
-    """flax 0.5.3's layout: per sub-optimizer a tuple of its leaves' ``{field: array}`` (None for
-    a sub-optimizer that selects nothing)."""
-    per_leaf = self.flat.per_leaf() if self.flat is not None else ()
-    return tuple(tuple(per_leaf[k] for k in ks) if ks else None for ks in self.picks)
-
-  def from_flax_tree(self, tree):
-    if self.flat is None:
-      return self
-    per_leaf = [None] * len(self.union)
-    for ks, sub in zip(self.picks, tree):
-      for k, leaf in zip(ks, sub or ()):
-        per_leaf[k] = leaf
-    return self.replace(flat=self.flat.from_per_leaf(per_leaf))

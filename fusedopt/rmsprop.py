@@ -6,6 +6,8 @@
 import functools
 from typing import Any
 
+import jax
+
 from . import struct
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_beta, check_range, f32
@@ -47,6 +49,19 @@ class RMSProp(FlatOptimizerDef):
                      master_weights=master_weights,
                      state_dtype=state_dtype)
     self.state_fields = ("v", "mg") if centered else ("v",)
+
+  # flax 0.5.3's state has ``mg: None`` when not centered; checkpoints keep that key
+  def flax_param_states(self, target, param_states):
+    tree = super().flax_param_states(target, param_states)
+    if "mg" in self.state_fields:
+      return tree
+    return jax.tree_util.tree_map(lambda _, st: dict(st, mg=None), target, tree)
+
+  def from_flax_param_states(self, target, param_states, restored):
+    if "mg" not in self.state_fields:
+      restored = jax.tree_util.tree_map(
+          lambda _, st: {k: v for k, v in st.items() if k != "mg"}, target, restored)
+    return super().from_flax_param_states(target, param_states, restored)
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

@@ -1,25 +1,45 @@
-"""Optimizer checkpoints in flax.optim's state-dict format.
+"""Optimizer checkpoints in flax.optim's state-dict format, and flax's msgpack encoding of it.
 
 ``{'target': ..., 'state': {'step': ..., 'param_states': ...}}`` where containers become dicts
 with string keys (lists and tuples keyed '0', '1', ...) and flat state is written per leaf
 (``{field: array}`` mirroring the target), exactly what flax 0.5.3 wrote for its optimizers, so
-checkpoints do not depend on the flat layout. Restoring checks every key, shape and dtype class
-against the live optimizer and raises ValueError naming the path.
+checkpoints do not depend on the flat layout (block size, alignment, dtype grouping).
+
+Restoring checks every key, shape and dtype against the live optimizer and raises ValueError
+naming the first mismatching path. A dtype may only widen losslessly (a flax 0.5.3 checkpoint of
+bfloat16 params holds bfloat16 moments; fusedopt keeps float32 ones): anything else is an error.
+Restoring builds a new object, so a failed restore leaves the optimizer as it was.
+
+``to_bytes``/``from_bytes`` need no flax: they write flax's msgpack format byte for byte
+(arrays as msgpack extension 1 holding ``(shape, dtype name, C-order bytes)``, arrays over
+``MAX_CHUNK_SIZE`` bytes split into chunks), so files written by ``flax.serialization.to_bytes``
+from a flax 0.5.3 ``flax.optim.Optimizer`` restore here, and the other way round. When flax is
+installed, ``flax.serialization.to_state_dict``/``from_state_dict``/``to_bytes``/``from_bytes``
+also accept a fusedopt ``Optimizer`` (registered by ``register_with_flax``, called at import).
 """
 import dataclasses
+import enum
+import numbers
 from collections.abc import Mapping
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .flat import FlatState
+from .flat import FlatState, _place_like
+
+
+def _is_optimizer(x):
+  return hasattr(x, "optimizer_def") and hasattr(x, "restore_state")
 
 
 def to_state_dict(x):
+  """The state dict of ``x``: an ``Optimizer``, its state, or any tree of containers/arrays."""
+  if _is_optimizer(x):
+    return x.state_dict()
   if isinstance(x, FlatState):
     return to_state_dict(x.per_leaf())
-  if hasattr(x, "as_flax_tree"):   # state whose checkpoint format is another tree (MultiOptimizer)
-    return to_state_dict(x.as_flax_tree())
   if isinstance(x, Mapping):
     return {str(k): to_state_dict(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
@@ -40,12 +60,12 @@ def _keys_match(path, want, got):
 
 
 def from_state_dict(template, sd, path=""):
-  """A copy of ``template`` with values from state dict ``sd`` (structure checked)."""
+  """A copy of ``template`` with values from state dict ``sd`` (structure, shapes, dtypes
+  checked; ValueError naming the first mismatch)."""
+  if _is_optimizer(template) and not path:
+    return template.restore_state(sd)
   if isinstance(template, FlatState):
-    per_leaf = from_state_dict(template.per_leaf(), sd, path)
-    return template.from_per_leaf(template.layout.treedef.flatten_up_to(per_leaf))
-  if hasattr(template, "as_flax_tree"):
-    return template.from_flax_tree(from_state_dict(template.as_flax_tree(), sd, path))
+    return template.restored_from(from_state_dict(template.per_leaf(), sd, path))
   if isinstance(template, Mapping):
     if not isinstance(sd, Mapping):
       raise ValueError(f"checkpoint has a leaf at {path or '/'} where the optimizer has a dict")
@@ -69,20 +89,241 @@ def from_state_dict(template, sd, path=""):
     if template is not None or sd is not None:
       raise ValueError(f"checkpoint and optimizer disagree on an empty entry at {path or '/'}")
     return None
-  value = jnp.asarray(sd)
+  return _restore_leaf(template, sd, path)
+
+
+def _kind(dtype):
+  if jnp.issubdtype(dtype, jnp.floating):
+    return "float"
+  if jnp.issubdtype(dtype, jnp.integer):
+    return "int"
+  return np.dtype(dtype).kind
+
+
+def _restore_leaf(template, value, path):
+  want = np.dtype(jnp.result_type(template))
+  if isinstance(value, (bool, numbers.Number)) and not isinstance(value, np.generic):
+    # a Python scalar (hand-written state dicts): its value must fit, its type is weak
+    kind_ok = isinstance(value, numbers.Integral) or _kind(want) == "float"
+    if not kind_ok or np.shape(template) != ():
+      raise ValueError(f"checkpoint leaf {path or '/'} is the Python scalar {value!r}; the "
+                       f"optimizer expects {want.name}{list(np.shape(template))}")
+    return _place_like(jnp.asarray(value, want), template)
+  value = value if isinstance(value, jax.Array) else np.asarray(value)
   if np.shape(template) != value.shape:
-    raise ValueError(f"checkpoint leaf {path} has shape {value.shape}, the optimizer expects "
-                     f"{np.shape(template)}")
-  return value.astype(jnp.result_type(template))
+    raise ValueError(f"checkpoint leaf {path or '/'} has shape {value.shape}, the optimizer "
+                     f"expects {np.shape(template)}")
+  got = np.dtype(value.dtype)
+  if got != want and (_kind(got) != _kind(want) or jnp.promote_types(got, want) != want):
+    raise ValueError(f"checkpoint leaf {path or '/'} has dtype {got.name}, the optimizer expects "
+                     f"{want.name} (only lossless widening, e.g. bfloat16 -> float32, is done)")
+  return _place_like(jnp.asarray(value, want), template)
 
 
 def optimizer_state_dict(opt_def, target, state):
-  del opt_def
-  return {"target": to_state_dict(target), "state": to_state_dict(state)}
+  return {"target": to_state_dict(target),
+          "state": {"step": to_state_dict(state.step),
+                    "param_states": to_state_dict(opt_def.flax_param_states(
+                        target, state.param_states))}}
 
 
 def optimizer_restore_state(opt_def, target, state, state_dict):
-  del opt_def
+  """(target, state) from ``state_dict``; every check runs before anything is built."""
+  if not isinstance(state_dict, Mapping):
+    raise ValueError(f"an optimizer checkpoint is a dict, got {type(state_dict).__name__}")
   _keys_match("", ["target", "state"], state_dict)
-  return (from_state_dict(target, state_dict["target"], "/target"),
-          from_state_dict(state, state_dict["state"], "/state"))
+  sd_state = state_dict["state"]
+  if not isinstance(sd_state, Mapping):
+    raise ValueError("checkpoint entry /state is not a dict")
+  _keys_match("/state", ["step", "param_states"], sd_state)
+  new_target = from_state_dict(target, state_dict["target"], "/target")
+  step = from_state_dict(state.step, sd_state["step"], "/state/step")
+  template = opt_def.flax_param_states(target, state.param_states)
+  restored = from_state_dict(template, sd_state["param_states"], "/state/param_states")
+  param_states = opt_def.from_flax_param_states(target, state.param_states, restored)
+  return new_target, state.replace(step=step, param_states=param_states)
+
+
+# ----------------------------------------------------------------------------- msgpack (flax's format)
+
+# msgpack limits one object to 2**31 - 1 bytes; flax splits larger arrays into flat chunks.
+MAX_CHUNK_SIZE = 2**30
+_CHUNKED = "__msgpack_chunked_array__"
+
+
+class _Ext(enum.IntEnum):
+  """flax.serialization's msgpack extension type codes."""
+  ndarray = 1
+  native_complex = 2
+  npscalar = 3
+
+
+def _ndarray_to_bytes(arr) -> bytes:
+  import msgpack  # pylint: disable=import-outside-toplevel
+  arr = np.asarray(arr)
+  if arr.dtype.hasobject or arr.dtype.isalignedstruct:
+    raise ValueError("object and structured dtypes cannot be serialized")
+  return msgpack.packb((arr.shape, arr.dtype.name, arr.tobytes("C")), use_bin_type=True)
+
+
+def _ndarray_from_bytes(data: bytes) -> np.ndarray:
+  import msgpack  # pylint: disable=import-outside-toplevel
+  shape, name, buf = msgpack.unpackb(data, raw=True)
+  dtype = jnp.bfloat16 if name == b"bfloat16" else np.dtype(name.decode())
+  return np.frombuffer(buf, dtype=dtype).reshape(shape, order="C")
+
+
+def _ext_pack(x):
+  import msgpack  # pylint: disable=import-outside-toplevel
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return msgpack.ExtType(_Ext.ndarray, _ndarray_to_bytes(x))
+  if isinstance(x, np.generic):
+    return msgpack.ExtType(_Ext.npscalar, _ndarray_to_bytes(np.asarray(x)))
+  if isinstance(x, complex):
+    return msgpack.ExtType(_Ext.native_complex, msgpack.packb((x.real, x.imag)))
+  raise TypeError(f"cannot serialize a {type(x).__name__} to msgpack")
+
+
+def _ext_unpack(code, data):
+  import msgpack  # pylint: disable=import-outside-toplevel
+  if code == _Ext.ndarray:
+    return _ndarray_from_bytes(data)
+  if code == _Ext.npscalar:
+    return _ndarray_from_bytes(data)[()]
+  if code == _Ext.native_complex:
+    re, im = msgpack.unpackb(data)
+    return complex(re, im)
+  return msgpack.ExtType(code, data)
+
+
+def _to_host(tree):
+  """Containers copied (dicts), arrays on the host, oversized ones chunked as flax does."""
+  if isinstance(tree, dict):
+    return {k: _to_host(v) for k, v in tree.items()}
+  if isinstance(tree, jax.Array):
+    tree = np.asarray(tree)
+  if isinstance(tree, np.ndarray) and tree.nbytes > MAX_CHUNK_SIZE:
+    step = max(1, MAX_CHUNK_SIZE // tree.dtype.itemsize)
+    flat = tree.reshape(-1)
+    return {_CHUNKED: True, "shape": {str(i): d for i, d in enumerate(tree.shape)},
+            "chunks": {str(i): flat[j:j + step]
+                       for i, j in enumerate(range(0, flat.size, step))}}
+  return tree
+
+
+def _unchunk(tree):
+  if isinstance(tree, dict):
+    if _CHUNKED in tree:
+      shape = tuple(tree["shape"][str(i)] for i in range(len(tree["shape"])))
+      chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
+      return np.concatenate(chunks).reshape(shape)
+    return {k: _unchunk(v) for k, v in tree.items()}
+  return tree
+
+
+def msgpack_serialize(state_dict) -> bytes:
+  """A state dict (nested dicts of arrays and Python scalars) as flax's msgpack bytes."""
+  import msgpack  # pylint: disable=import-outside-toplevel
+  return msgpack.packb(_to_host(state_dict), default=_ext_pack, strict_types=True)
+
+
+def msgpack_restore(encoded: bytes):
+  """The state dict encoded by ``msgpack_serialize`` (or flax's), arrays as NumPy arrays."""
+  import msgpack  # pylint: disable=import-outside-toplevel
+  return _unchunk(msgpack.unpackb(encoded, ext_hook=_ext_unpack, raw=False))
+
+
+def to_bytes(target) -> bytes:
+  """``target`` (an ``Optimizer``, or any tree) as msgpack bytes of its state dict.
+
+  Example::
+
+    blob = fusedopt.serialization.to_bytes(optimizer)
+    optimizer = fusedopt.serialization.from_bytes(optimizer, blob)
+  """
+  return msgpack_serialize(to_state_dict(target))
+
+
+def from_bytes(target, encoded: bytes):
+  """A copy of ``target`` restored from ``to_bytes`` output (or flax's): structure, shapes and
+  dtypes are checked first, so a mismatch raises ValueError and nothing is half-restored."""
+  return from_state_dict(target, msgpack_restore(encoded))
+
+
+# ----------------------------------------------------------------------------- flax interop
+
+def register_with_flax() -> bool:
+  """Registers ``Optimizer`` with ``flax.serialization`` (as flax 0.5.3 registered its own), so
+  ``flax.serialization.to_bytes(optimizer)`` and friends work. Returns False without flax."""
+  try:
+    from flax import serialization as flax_ser  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  from .base import Optimizer  # pylint: disable=import-outside-toplevel
+  flax_ser.register_serialization_state(
+      Optimizer, lambda opt: opt.state_dict(), lambda opt, sd: opt.restore_state(sd),
+      override=True)
+  # flat state inside other containers (an optax state of fusedopt.tx): per leaf, layout-free
+  flax_ser.register_serialization_state(
+      FlatState, lambda st: to_state_dict(st), lambda st, sd: from_state_dict(st, sd),
+      override=True)
+  return True
+
+
+def state_dict_like(target) -> Any:
+  """The state dict ``target`` would write, as ``jax.ShapeDtypeStruct``s (for restoring with
+  orbax or any array store into this optimizer's shapes, dtypes and shardings)."""
+  def spec(x):
+    if isinstance(x, (jax.Array, np.ndarray)) or np.isscalar(x):
+      sharding = x.sharding if isinstance(x, jax.Array) else None
+      return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding)
+    return x
+  return jax.tree_util.tree_map(spec, to_state_dict(target))
+
+
+# ----------------------------------------------------------------------------- orbax
+
+def save_orbax(directory, target, *, force=False):
+  """Saves ``target``'s state dict (layout-free, flax's format) with orbax-checkpoint.
+
+  Each array is written by the process(es) holding it, so a sharded state is saved shard by
+  shard without a gather to one host. Blocks until the checkpoint is committed."""
+  import os  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(directory), to_state_dict(target), force=force)
+  ckptr.wait_until_finished()
+
+
+def restore_orbax(directory, target):
+  """A copy of ``target`` restored from ``save_orbax``'s checkpoint.
+
+  Keys and shapes are compared with the checkpoint's metadata before any array is read (a
+  mismatch raises ValueError naming the first path); arrays are read straight into ``target``'s
+  shardings, then dtypes are checked as in ``from_state_dict``."""
+  import os  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  path = os.path.abspath(directory)
+  ckptr = ocp.StandardCheckpointer()
+  saved = ckptr.metadata(path).item_metadata.tree
+  want = state_dict_like(target)
+  spec = _orbax_spec(want, saved, "")
+  return from_state_dict(target, ckptr.restore(path, spec))
+
+
+def _orbax_spec(want, saved, path):
+  """The restore spec: ``want``'s structure, the checkpoint's dtypes (checked later), ``want``'s
+  shardings; ValueError at the first key or shape mismatch."""
+  if isinstance(want, Mapping):
+    if not isinstance(saved, Mapping):
+      raise ValueError(f"checkpoint has a leaf at {path or '/'} where the optimizer has a dict")
+    _keys_match(path, list(want), saved)
+    return {k: _orbax_spec(v, saved[k], f"{path}/{k}") for k, v in want.items()}
+  if want is None:
+    return None
+  if isinstance(saved, Mapping) or not hasattr(saved, "shape"):
+    raise ValueError(f"checkpoint has no array at {path}")
+  if tuple(saved.shape) != tuple(want.shape):
+    raise ValueError(f"checkpoint leaf {path} has shape {tuple(saved.shape)}, the optimizer "
+                     f"expects {tuple(want.shape)}")
+  return jax.ShapeDtypeStruct(want.shape, saved.dtype, sharding=want.sharding)

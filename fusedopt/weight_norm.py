@@ -69,6 +69,26 @@ class WeightNorm(OptimizerDef):
     state = self.wrapped_optimizer.init_state({"direction": direction, "scale": scale})
     return state.replace(param_states=WeightNormState(state.param_states, direction, scale))
 
+  # -- checkpoints: flax 0.5.3 kept per leaf {direction_state, scale_state, direction, scale}
+  def flax_param_states(self, target, param_states):
+    wn = param_states
+    inner = self.wrapped_optimizer.flax_param_states(
+        {"direction": wn.direction, "scale": wn.scale}, wn.inner)
+    return jax.tree_util.tree_map(
+        lambda _, ds, ss, d, s: {"direction_state": ds, "scale_state": ss, "direction": d,
+                                 "scale": s},
+        target, inner["direction"], inner["scale"], wn.direction, wn.scale)
+
+  def from_flax_param_states(self, target, param_states, restored):
+    treedef = jax.tree_util.tree_structure(target)
+    per_leaf = treedef.flatten_up_to(restored)
+    field = lambda k: treedef.unflatten([x[k] for x in per_leaf])  # noqa: E731
+    direction, scale = field("direction"), field("scale")
+    inner = self.wrapped_optimizer.from_flax_param_states(
+        {"direction": direction, "scale": scale}, param_states.inner,
+        {"direction": field("direction_state"), "scale": field("scale_state")})
+    return WeightNormState(inner, direction, scale)
+
   def apply_gradient(self, hyper_params, params, state, grads):
     wn = state.param_states
     eps, decay = hyper_params.wn_eps, hyper_params.wn_decay
