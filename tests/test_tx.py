@@ -1,0 +1,369 @@
+"""fusedopt.tx (optax GradientTransformations on the fused engine) vs optax 0.2.8.
+
+Agreement: each tx against optax's own optimizer over 10 steps on a small mixed tree (float32).
+Betas are dyadic (0.875, 1 - 2**-10, ...) where optax's bias correction ``1 - b**t`` would
+otherwise round ``b`` first: fusedopt computes it accurately (see fusedopt.flat.bias_correction),
+so with a non-representable beta the two differ by ~1e-6 relative in the update, which is
+optax's error, not fusedopt's. The betas' defaults are covered by a looser test.
+
+Tolerance: rtol 1e-6 and atol 1e-6 * max(1, max|leaf|) -- a few float32 ulps of the largest
+entry: the fused rules round in another order than optax's chains (e.g. ``p - lr*x - lr*wd*p``
+vs ``p + (-lr)*(x + wd*p)``; native kernels contract to FMA).
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+optax = pytest.importorskip("optax")
+
+from fusedopt import tx  # noqa: E402
+import fusedopt  # noqa: E402
+
+N_STEPS = 10
+B1, B2 = 0.875, 1.0 - 2.0 ** -10      # exactly representable: optax's 1 - b**t is then accurate
+
+
+def make_params(seed=0):
+  """Mixed containers and shapes, a leaf large enough for Adafactor to factor; no zero leaf
+  (LAMB/LARS degenerate branches are tested separately)."""
+  rng = np.random.RandomState(seed)
+  n = lambda shape, s=1.0: jnp.asarray((s * rng.standard_normal(shape)).astype(np.float32))  # noqa: E731
+  return {"dense": {"kernel": n((3, 5)), "bias": n((7,), 0.5)},
+          "big": [n((130, 129)), n((1,), 0.3)],
+          "misc": (n((), 2.0), n((2, 3, 4), 1.5))}
+
+
+def make_grads(params, seed=1, steps=N_STEPS):
+  rng = np.random.RandomState(seed)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  mags = [float(10.0 ** rng.uniform(-1, 1)) for _ in leaves]
+  return [treedef.unflatten([jnp.asarray((m * rng.standard_normal(p.shape)).astype(np.float32))
+                             for p, m in zip(leaves, mags)]) for _ in range(steps)]
+
+
+@pytest.fixture(scope="module")
+def data():
+  params = make_params()
+  return params, make_grads(params)
+
+
+def run(t, params, grads, with_params=True):
+  @jax.jit
+  def step(p, s, g):
+    u, s = t.update(g, s, p if with_params else None)
+    return optax.apply_updates(p, u), s
+  state = t.init(params)
+  for g in grads:
+    params, state = step(params, state, g)
+  return params, state
+
+
+def assert_close(actual, expected, what, rtol=1e-6, atol_rel=1e-6):
+  a_leaves, a_def = jax.tree_util.tree_flatten(actual)
+  e_leaves, e_def = jax.tree_util.tree_flatten(expected)
+  assert a_def == e_def, what
+  for i, (a, e) in enumerate(zip(a_leaves, e_leaves)):
+    e = np.asarray(e, np.float64)
+    scale = max(1.0, float(np.max(np.abs(e)))) if e.size else 1.0
+    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol_rel * scale,
+                               err_msg=f"{what} leaf {i} shape {e.shape}")
+
+
+ALL_TRUE_BUT_BIG = {"dense": True, "big": False, "misc": True}
+
+# (id, fused factory, optax factory): the same call on both modules.
+CASES = [
+    ("adamw", lambda m: m.adamw(1e-2, b1=B1, b2=B2, weight_decay=1e-2)),
+    ("adamw_mask", lambda m: m.adamw(1e-2, b1=B1, b2=B2, weight_decay=0.1,
+                                     mask=ALL_TRUE_BUT_BIG)),
+    ("adam_eps_root", lambda m: m.adam(1e-2, b1=B1, b2=B2, eps_root=1e-4)),
+    ("nadamw", lambda m: m.nadamw(1e-2, b1=B1, b2=B2, weight_decay=1e-2)),
+    ("sgd_momentum", lambda m: m.sgd(1e-2, momentum=0.9)),
+    ("sgd_nesterov", lambda m: m.sgd(1e-2, momentum=0.9, nesterov=True)),
+    ("lamb_wd", lambda m: m.lamb(1e-2, b1=B1, b2=B2, eps=1e-4, weight_decay=1e-2)),
+    ("lamb_mask_eps_root", lambda m: m.lamb(1e-2, b1=B1, b2=B2, eps_root=1e-6, weight_decay=0.1,
+                                            mask=ALL_TRUE_BUT_BIG)),
+    ("lars_wd_nesterov", lambda m: m.lars(0.1, weight_decay=1e-2, trust_coefficient=0.02,
+                                          eps=1e-3, momentum=0.8, nesterov=True)),
+    ("lars_masks", lambda m: m.lars(0.1, weight_decay=1e-2, weight_decay_mask=ALL_TRUE_BUT_BIG,
+                                    trust_ratio_mask={"dense": False, "big": True,
+                                                      "misc": True})),
+    ("rmsprop", lambda m: m.rmsprop(1e-2)),
+    ("rmsprop_eps_outside", lambda m: m.rmsprop(1e-2, decay=0.875, eps=1e-4,
+                                                eps_in_sqrt=False)),
+    ("rmsprop_centered", lambda m: m.rmsprop(1e-2, centered=True, initial_scale=0.5)),
+    ("adagrad", lambda m: m.adagrad(0.1)),
+    ("adafactor", lambda m: m.adafactor(1e-2)),
+    ("adafactor_momentum_wd", lambda m: m.adafactor(1e-2, momentum=0.9, weight_decay_rate=1e-3,
+                                                    min_dim_size_to_factor=3,
+                                                    weight_decay_mask=ALL_TRUE_BUT_BIG)),
+    ("adafactor_unfactored", lambda m: m.adafactor(5e-2, factored=False, clipping_threshold=None,
+                                                   multiply_by_parameter_scale=False)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_agrees_with_optax(case, data):
+  name, make = case
+  params, grads = data
+  expected, _ = run(make(optax), params, grads)
+  got, state = run(make(tx), params, grads)
+  assert isinstance(state, tx.FusedState) and int(state.count) == N_STEPS
+  assert_close(got, expected, name)
+
+
+def test_defaults_agree_with_optax(data):
+  """optax's default betas: only optax's float32 rounding of beta**t separates the two."""
+  params, grads = data
+  for name in ("adamw", "lamb"):
+    expected, _ = run(getattr(optax, name)(1e-2), params, grads)
+    got, _ = run(getattr(tx, name)(1e-2), params, grads)
+    assert_close(got, expected, name, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["jnp", "pallas_interpret"])
+def test_other_backends(backend, data):
+  params, grads = data
+  grads = grads[:2]
+  makers = [lambda m, **k: m.lamb(1e-2, b1=B1, b2=B2, weight_decay=1e-2, **k)]
+  if backend == "jnp":
+    makers.append(lambda m, **k: m.adamw(1e-2, b1=B1, b2=B2, weight_decay=1e-2, **k))
+  for make in makers:
+    expected, _ = run(make(optax), params, grads)
+    got, _ = run(make(tx, backend=backend), params, grads)
+    assert_close(got, expected, backend)
+
+
+def test_params_optional_where_unused(data):
+  params, grads = data
+  for make in (lambda m: m.adam(1e-2, b1=B1, b2=B2), lambda m: m.sgd(1e-2),
+               lambda m: m.rmsprop(1e-2)):
+    expected, _ = run(make(optax), params, grads)
+    got, _ = run(make(tx), params, grads, with_params=False)
+    assert_close(got, expected, "params=None")
+
+
+@pytest.mark.parametrize("make", [lambda: tx.adamw(1e-3), lambda: tx.lamb(1e-3),
+                                  lambda: tx.lars(1e-3), lambda: tx.adafactor(1e-3)])
+def test_params_required(make, data):
+  params, grads = data
+  t = make()
+  with pytest.raises(ValueError, match="update\\(grads, state, params\\)"):
+    t.update(grads[0], t.init(params))
+
+
+# ----------------------------------------------------------------------------- precision
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_apply_updates_reproduces_fused_params(dtype, data):
+  """``p + (p' - p) == p'`` bitwise wherever p'/p is in [1/2, 2] (Sterbenz), p' the fused
+  optimizer's own result; elsewhere within 1.5 ulp of max(|p|, |p'|)."""
+  params, grads = data
+  params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+  t = tx.adamw(0.05, weight_decay=1e-2)
+  u, _ = jax.jit(t.update)(grads[0], t.init(params), params)
+  got = optax.apply_updates(params, u)
+  opt = fusedopt.Adam(0.05, weight_decay=1e-2).create(params)
+  want = opt.apply_gradient(grads[0]).target
+  n_sterbenz = n_total = 0
+  for p, g, w in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(got),
+                     jax.tree_util.tree_leaves(want)):
+    p, g, w = (np.asarray(x, np.float64) for x in (p, g, w))
+    ratio = w / np.where(p == 0, 1, p)
+    sterbenz = (p != 0) & (ratio >= 0.5) & (ratio <= 2)
+    np.testing.assert_array_equal(g[sterbenz], w[sterbenz])
+    ulp = np.spacing(np.maximum(np.abs(p), np.abs(w)).astype(dtype)).astype(np.float64)
+    assert np.all(np.abs(g - w)[~sterbenz] <= 1.5 * ulp[~sterbenz])
+    n_sterbenz, n_total = n_sterbenz + int(np.sum(sterbenz)), n_total + p.size
+  assert 0.8 * n_total < n_sterbenz < n_total      # both cases occur
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def test_schedules(data):
+  params, grads = data
+  linear = optax.linear_schedule(1e-2, 1e-3, 8)
+  cosine = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 10)
+  for make in (lambda m: m.adamw(linear, b1=B1, b2=B2, weight_decay=lambda c: 1e-2 * c),
+               lambda m: m.sgd(cosine, momentum=0.9)):
+    expected, _ = run(make(optax), params, grads)
+    got, _ = run(make(tx), params, grads)
+    assert_close(got, expected, "schedule")
+
+
+def test_inject_hyperparams_no_retrace(data):
+  params, grads = data
+  traces = []
+
+  def make(m):
+    return optax.inject_hyperparams(m.adamw)(learning_rate=1e-2, b1=B1, b2=B2,
+                                             weight_decay=1e-2)
+
+  def stepper(t):
+    def step(p, s, g):
+      traces.append(1)
+      u, s = t.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    return jax.jit(step)
+
+  results = {}
+  for name, m in (("optax", optax), ("tx", tx)):
+    t = make(m)
+    step, state, p = stepper(t), t.init(params), params
+    for i, g in enumerate(grads):
+      hp = dict(state.hyperparams, learning_rate=jnp.asarray(1e-2 / (1 + i), jnp.float32))
+      state = state._replace(hyperparams=hp)
+      p, state = step(p, state, g)
+    results[name] = p
+    assert len(traces) == 1, f"{name}: retraced"
+    traces.clear()
+  assert isinstance(state.inner_state, tx.FusedState)
+  assert_close(results["tx"], results["optax"], "inject_hyperparams")
+
+
+def test_inject_hyperparams_all_optimizers(data):
+  """Every numeric argument arrives as an array (a tracer inside jit): nothing must need it
+  concrete except Adafactor's shape-deciding ``min_dim_size_to_factor``."""
+  params, grads = data
+  grads = grads[:2]
+  for make in (lambda m: optax.inject_hyperparams(m.sgd)(1e-2, momentum=0.9),
+               lambda m: optax.inject_hyperparams(m.lamb)(1e-2, b1=B1, b2=B2),
+               lambda m: optax.inject_hyperparams(m.lars)(0.1, weight_decay=1e-3),
+               lambda m: optax.inject_hyperparams(
+                   m.adafactor, static_args=("min_dim_size_to_factor",))(1e-2)):
+    expected, _ = run(make(optax), params, grads)
+    got, _ = run(make(tx), params, grads)
+    assert_close(got, expected, "inject_hyperparams")
+
+
+# ----------------------------------------------------------------------------- clipping
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e6], ids=["clipping", "not_clipping"])
+def test_fused_clip_equals_optax_chain(max_norm, data):
+  params, grads = data
+  expected, _ = run(optax.chain(optax.clip_by_global_norm(max_norm),
+                                optax.adamw(1e-2, b1=B1, b2=B2, weight_decay=1e-2)),
+                    params, grads)
+  chained = tx.chain(optax.clip_by_global_norm(max_norm),
+                     tx.adamw(1e-2, b1=B1, b2=B2, weight_decay=1e-2))
+  assert chained.update.spec.clip == max_norm            # folded, not an optax.chain
+  got, state = run(chained, params, grads)
+  assert isinstance(state, tx.FusedState)
+  assert_close(got, expected, "tx.chain(clip, adamw)")
+  got, _ = run(tx.adamw(1e-2, b1=B1, b2=B2, weight_decay=1e-2, clip_global_norm=max_norm),
+               params, grads)
+  assert_close(got, expected, "adamw(clip_global_norm=)")
+
+
+def test_fused_clip_lars_adafactor(data):
+  params, grads = data
+  grads = grads[:2]
+  # (LAMB's two guarded passes: tests/test_flax_integration.py, clip_lamb)
+  for make in (lambda m: m.lars(0.1, weight_decay=1e-2),
+               lambda m: m.adafactor(1e-2, momentum=0.5)):
+    expected, _ = run(optax.chain(optax.clip_by_global_norm(2.0), make(optax)), params, grads)
+    got, _ = run(tx.chain(optax.clip_by_global_norm(2.0), make(tx)), params, grads)
+    assert_close(got, expected, "clip")
+
+
+def test_chain_keeps_other_transforms(data):
+  params, grads = data
+  expected, _ = run(optax.chain(optax.scale(0.5), optax.clip_by_global_norm(1.0),
+                                optax.adamw(1e-2, b1=B1, b2=B2)), params, grads)
+  got, state = run(tx.chain(optax.scale(0.5), optax.clip_by_global_norm(1.0),
+                            tx.adamw(1e-2, b1=B1, b2=B2)), params, grads)
+  assert isinstance(state[1], tx.FusedState)
+  assert_close(got, expected, "chain")
+
+
+def test_skip_nonfinite(data):
+  params, grads = data
+  t = tx.adamw(1e-2, clip_global_norm=1.0, skip_nonfinite=True)
+  state = t.init(params)
+  step = jax.jit(t.update)
+  u, state = step(grads[0], state, params)
+  bad = jax.tree_util.tree_map(lambda g: g, grads[1])
+  bad["dense"]["bias"] = bad["dense"]["bias"].at[0].set(jnp.nan)
+  u2, state2 = step(bad, state, params)
+  assert int(state2.count) == int(state.count) == 1
+  assert all(bool(jnp.all(x == 0)) for x in jax.tree_util.tree_leaves(u2))
+  for a, b in zip(jax.tree_util.tree_leaves(state2), jax.tree_util.tree_leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------- jit, errors, state
+
+def test_jit_donation_and_scan(data):
+  params, grads = data
+  t = tx.adamw(1e-2, b1=B1, b2=B2, weight_decay=1e-2)
+  expected, _ = run(t, params, grads)
+
+  def step(p, s, g):
+    u, s = t.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  donated = jax.jit(step, donate_argnums=(0, 1))
+  p = jax.tree_util.tree_map(jnp.copy, params)
+  s = t.init(p)
+  for g in grads:
+    p, s = donated(p, s, g)
+  assert_close(p, expected, "donated")
+  stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *grads)
+  (p, s), _ = jax.jit(lambda p, s: jax.lax.scan(
+      lambda c, g: (step(*c, g), None), (p, s), stacked))(params, t.init(params))
+  assert_close(p, expected, "scan")
+
+
+def test_bad_hyper_parameters():
+  with pytest.raises(fusedopt.HyperParamError, match="learning_rate"):
+    tx.adamw(-1e-3)
+  with pytest.raises(fusedopt.HyperParamError, match="b1"):
+    tx.adam(1e-3, b1=1.5)
+  with pytest.raises(fusedopt.HyperParamError, match="momentum"):
+    tx.sgd(1e-3, momentum=-0.1)
+  with pytest.raises(fusedopt.HyperParamError, match="learning_rate"):
+    tx.lamb("fast")
+  with pytest.raises(fusedopt.HyperParamError, match="clip_global_norm"):
+    tx.adamw(1e-3, clip_global_norm=0.0)
+  with pytest.raises(NotImplementedError, match="momentum"):
+    tx.rmsprop(1e-3, momentum=0.9)
+  with pytest.raises(NotImplementedError, match="bias_correction"):
+    tx.rmsprop(1e-3, bias_correction=True)
+  with pytest.raises(NotImplementedError, match="mu_dtype"):
+    tx.adamw(1e-3, mu_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="backend"):
+    tx.adamw(1e-3, backend="cuda")
+
+
+def test_wrong_tree_is_a_clear_error(data):
+  params, grads = data
+  t = tx.adamw(1e-3)
+  with pytest.raises(fusedopt.LayoutError):
+    t.update({"x": jnp.ones(3)}, t.init(params), {"x": jnp.ones(3)})
+
+
+def test_state_serialization_roundtrip(data):
+  from flax import serialization  # pylint: disable=import-outside-toplevel
+  params, grads = data
+  for t in (tx.adamw(1e-2), tx.adafactor(1e-2, momentum=0.9)):
+    _, state = run(t, params, grads[:2])
+    blob = serialization.to_bytes(state)
+    restored = serialization.from_bytes(t.init(params), blob)
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  sd = serialization.to_state_dict(run(tx.adamw(1e-2), params, grads[:1])[1])
+  assert set(sd["inner"]["dense"]["kernel"]) == {"grad_ema", "grad_sq_ema"}   # per leaf
+
+
+def test_import_fusedopt_does_not_import_optax():
+  code = "import sys, fusedopt; assert 'optax' not in sys.modules, 'optax imported'"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env,
+                 capture_output=True)
