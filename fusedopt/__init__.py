@@ -2,7 +2,7 @@
 
 ``import fusedopt as optim`` is a drop-in for ``from flax import optim`` (flax 0.5.3).
 """
-from . import traverse_util
+from . import serialization, sharding, traverse_util
 from .adabelief import AdaBelief
 from .adadelta import Adadelta
 from .adafactor import Adafactor
@@ -17,6 +17,7 @@ from .layout import FlatLayout, LayoutError
 from .momentum import Momentum
 from .multi import MultiOptimizer
 from .rmsprop import RMSProp
+from .sharding import FlatParams, shard_optimizer
 from .sgd import GradientDescent
 from .traverse_util import ModelParamTraversal
 from .weight_norm import WeightNorm
@@ -28,9 +29,9 @@ __all__ = [
     "DynamicScaleResult", "FlatLayout", "FlatOptimizerDef", "FlatState", "GradientDescent",
     "HyperParamError", "LAMB", "LARS", "LayoutError", "ModelParamTraversal", "Momentum",
     "MultiOptimizer", "Optimizer", "OptimizerDef", "OptimizerState", "RMSProp", "WeightNorm",
-    "available_backends", "traverse_util",
+    "FlatParams", "available_backends", "serialization", "shard_optimizer", "sharding",
+    "traverse_util",
 ]
 
 # flax 0.5.3 registered its Optimizer with flax.serialization; do the same when flax is there.
-from . import serialization as _serialization  # noqa: E402
-_serialization.register_with_flax()
+serialization.register_with_flax()

@@ -8,6 +8,11 @@ and the padding (always zero in params, grads and moments) contributes nothing.
 A layout is built once per (tree structure, shapes, dtypes) — at trace time — and cached. It is
 static (hashable), so it can sit in a pytree's aux data: jit sees the same layout as the same
 treedef and never retraces for it.
+
+``shards=n`` (for state sharded over n devices, ``fusedopt.sharding``) additionally zero-pads the
+end of every group's buffer to a multiple of ``n * align`` elements, so that each of the n equal
+slices of a buffer is whole alignment units: a shard boundary never splits a unit, and the
+per-unit segment-id table splits into n equal tables. ``shards=1`` (the default) adds nothing.
 """
 import dataclasses
 import functools
@@ -67,18 +72,20 @@ class FlatLayout:
     segments: one ``Segment`` per leaf, in leaf order.
     groups: one ``Group`` per distinct dtype, in order of first appearance.
     align: segment alignment in elements.
+    shards: every group's size is a multiple of ``shards * align`` (trailing zero padding).
   """
   treedef: Any
   segments: Tuple[Segment, ...]
   groups: Tuple[Group, ...]
   align: int
+  shards: int = 1
 
   # Layouts are interned by `build`, so identity is equality; hashing the key keeps jit caches
   # working even for layouts built in different places.
   @property
   def _key(self):
     return (self.treedef, tuple((s.shape, self.groups[s.group].dtype) for s in self.segments),
-            self.align)
+            self.align, self.shards)
 
   def __eq__(self, other):
     return isinstance(other, FlatLayout) and self._key == other._key
@@ -88,19 +95,35 @@ class FlatLayout:
 
   def __repr__(self):
     groups = ", ".join(f"{g.dtype.name}[{g.size}]" for g in self.groups)
-    return f"FlatLayout({len(self.segments)} leaves; {groups}; align={self.align})"
+    shards = f"; shards={self.shards}" if self.shards != 1 else ""
+    return f"FlatLayout({len(self.segments)} leaves; {groups}; align={self.align}{shards})"
 
   # ---------------------------------------------------------------- construction
 
   @staticmethod
-  def build(tree, align: int = DEFAULT_ALIGN) -> "FlatLayout":
-    """The layout of ``tree`` (arrays or ShapeDtypeStructs). Cached per structure/shapes/dtypes."""
+  def build(tree, align: int = DEFAULT_ALIGN, shards: int = 1) -> "FlatLayout":
+    """The layout of ``tree`` (arrays or ShapeDtypeStructs). Cached per structure/shapes/dtypes.
+
+    ``shards``: pad every group to a multiple of ``shards * align`` elements (see the module
+    docstring), for buffers split evenly over ``shards`` devices."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
     if not leaves_with_path:
       raise LayoutError("cannot optimize an empty tree (it has no array leaves)")
     spec = tuple((jax.tree_util.keystr(p), tuple(np.shape(x)), _check_leaf(jax.tree_util.keystr(p), x))
                  for p, x in leaves_with_path)
-    return _build(treedef, spec, align)
+    shards = int(shards)
+    if shards < 1:
+      raise ValueError(f"shards={shards} must be a positive integer")
+    return _build(treedef, spec, align, shards)
+
+  def with_shards(self, shards: int) -> "FlatLayout":
+    """This layout with its groups padded for ``shards`` devices (same segments and offsets)."""
+    spec = tuple((s.path, s.shape, self.groups[s.group].dtype) for s in self.segments)
+    return _build(self.treedef, spec, self.align, int(shards))
+
+  def shard_size(self, g: int) -> int:
+    """Elements of group ``g`` held by each of the ``shards`` devices."""
+    return self.groups[g].size // self.shards
 
   # ---------------------------------------------------------------- checks
 
@@ -138,6 +161,9 @@ class FlatLayout:
       pad = _round_up(seg.size, self.align) - seg.size
       if pad:
         parts.append(jnp.zeros((pad,), dtype))
+    tail = group.size - sum(_round_up(self.segments[i].size, self.align) for i in group.segments)
+    if tail:   # shard padding (shards > 1)
+      parts.append(jnp.zeros((tail,), dtype))
     if not parts:
       return jnp.zeros((0,), dtype)
     return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -168,9 +194,14 @@ class FlatLayout:
     return tuple(jnp.zeros((g.size,), g.dtype if dtype is None else dtype) for g in self.groups)
 
   def block_segment_ids(self, g: int) -> np.ndarray:
-    """For group ``g``: the segment (leaf) index owning each ``align``-sized block (host int32)."""
+    """For group ``g``: the segment (leaf) index owning each ``align``-sized block (host int32).
+
+    Trailing shard padding (``shards > 1``) is attributed to the group's last segment: its
+    values are zero, so it adds nothing to that segment's sums, and the ids stay sorted."""
     group = self.groups[g]
     ids = np.empty((group.size // self.align,), np.int32)
+    if group.segments:
+      ids[:] = group.segments[-1]
     for i in group.segments:
       seg = self.segments[i]
       a = seg.offset // self.align
@@ -179,7 +210,7 @@ class FlatLayout:
 
 
 @functools.lru_cache(maxsize=256)
-def _build(treedef, spec, align):
+def _build(treedef, spec, align, shards=1):
   segments, groups, order = [None] * len(spec), {}, []
   for i, (path, shape, dtype) in enumerate(spec):
     if dtype not in groups:
@@ -190,5 +221,6 @@ def _build(treedef, spec, align):
     segments[i] = Segment(i, path, shape, g, groups[dtype][0], size)
     groups[dtype][0] += _round_up(size, align)
     groups[dtype][1].append(i)
-  group_objs = tuple(Group(d, groups[d][0], tuple(groups[d][1])) for d in order)
-  return FlatLayout(treedef, tuple(segments), group_objs, align)
+  group_objs = tuple(Group(d, _round_up(groups[d][0], shards * align), tuple(groups[d][1]))
+                     for d in order)
+  return FlatLayout(treedef, tuple(segments), group_objs, align, shards)

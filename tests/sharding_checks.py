@@ -1,0 +1,289 @@
+"""Sharded-state checks on 8 CPU devices, run as one subprocess by tests/test_sharding.py.
+
+The device count must be set before jax initializes (the pytest process has already imported
+jax), so this script sets XLA_FLAGS itself and prints one JSON object of results on its last
+stdout line; the test asserts on it. Run by hand: ``python tests/sharding_checks.py``.
+"""
+import json
+import os
+import re
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
+
+import fusedopt as optim  # noqa: E402
+from fusedopt import serialization, sharding  # noqa: E402
+
+N = 8
+AX = "data"
+
+OPTIMIZERS = {
+    "GradientDescent": lambda b: optim.GradientDescent(0.1, backend=b),
+    "Momentum": lambda b: optim.Momentum(0.1, beta=0.9, weight_decay=1e-3, nesterov=True,
+                                         backend=b),
+    "Adam": lambda b: optim.Adam(1e-2, weight_decay=1e-3, backend=b),
+    "Adagrad": lambda b: optim.Adagrad(0.1, backend=b),
+    "RMSProp": lambda b: optim.RMSProp(1e-2, centered=True, backend=b),
+    "LAMB": lambda b: optim.LAMB(1e-2, weight_decay=1e-2, backend=b),
+    "LARS": lambda b: optim.LARS(0.5, weight_decay=1e-3, nesterov=True, backend=b),
+    "AdaBelief": lambda b: optim.AdaBelief(1e-2, weight_decay=1e-3, backend=b),
+    "Adadelta": lambda b: optim.Adadelta(1.0, weight_decay=1e-3, backend=b),
+}
+REDUCING = ("LAMB", "LARS")   # per-tensor norms: sums reordered across shards
+
+
+def make_tree(seed=0):
+  """Segments straddle shard boundaries; a float32 and a bfloat16 group; a scalar leaf."""
+  rng = np.random.default_rng(seed)
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+  return {"dense": {"kernel": f(300, 100), "bias": f(100)}, "out": {"kernel": f(100, 257)},
+          "scale": f(), "emb": jnp.asarray(rng.normal(size=(3, 1000)), jnp.bfloat16)}
+
+
+def grads_for(params, step):
+  rng = np.random.default_rng(100 + step)
+  return jax.tree_util.tree_map(
+      lambda x: jnp.asarray(rng.normal(size=np.shape(x)), x.dtype), params)
+
+
+def diff(a, b):
+  """(bitwise equal, max |a - b| in units of the leaf's largest magnitude's ulp).
+
+  Plain ulps blow up where a value is near zero (an update nearly cancelling a param); scaling
+  by the leaf's largest magnitude measures the error as a reduction reorder makes it."""
+  a, b = np.asarray(a), np.asarray(b)
+  same = a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+  if not a.size or not jnp.issubdtype(a.dtype, jnp.floating):
+    return same, 0.0 if same else float("inf")
+  a32, b32 = a.astype(np.float32), b.astype(np.float32)
+  scale = float(np.max(np.abs(a32))) * float(jnp.finfo(a.dtype).eps)
+  err = float(np.max(np.abs(a32 - b32)))
+  return same, (err / scale if scale else err)
+
+
+def compare(o1, o2):
+  """Over targets and per-leaf state: (all bitwise equal, max scaled ulps, same step)."""
+  t1, t2 = [t.tree() if isinstance(t, sharding.FlatParams) else t for t in (o1.target, o2.target)]
+  pairs = list(zip(jax.tree_util.tree_leaves(t1), jax.tree_util.tree_leaves(t2)))
+  pairs += list(zip(jax.tree_util.tree_leaves(o1.state.param_states.per_leaf()),
+                    jax.tree_util.tree_leaves(o2.state.param_states.per_leaf())))
+  ds = [diff(x, y) for x, y in pairs]
+  return {"bitwise": all(d[0] for d in ds), "ulps": max(d[1] for d in ds),
+          "step": int(o1.state.step) == int(o2.state.step)}
+
+
+def state_is_split(opt):
+  """Every flat state buffer: 8 addressable shards of size/8 on distinct devices, distinct slices."""
+  ok = True
+  for k, bufs in opt.state.param_states.fields.items():
+    for b in bufs:
+      shards = b.addressable_shards
+      ok &= len(shards) == N and all(s.data.size * N == b.size for s in shards)
+      ok &= len({s.device for s in shards}) == N
+      ok &= len({s.index[0].start for s in shards}) == N
+      ok &= b.sharding.spec == P(AX)
+  return bool(ok)
+
+
+_COLL = re.compile(r"=\s+(\([^=]*?\)|\S+)\s+(all-gather|all-gather-start|reduce-scatter|"
+                   r"all-reduce|all-reduce-start|collective-permute|all-to-all)\((.*?)\)[,\s]")
+_SHAPE = re.compile(r"(pred|s32|u32|bf16|f16|f32|f64)\[([\d,]*)\]")
+
+
+def collectives(hlo):
+  """[(op, [(dtype, elements) of result arrays])] for every collective in compiled HLO text."""
+  out = []
+  for m in _COLL.finditer(hlo):
+    shapes = [(d, int(np.prod([int(x) for x in dims.split(",") if x] or [1])))
+              for d, dims in _SHAPE.findall(m.group(1))]
+    out.append((m.group(2).replace("-start", ""), shapes))
+  return out
+
+
+def summarize(colls):
+  summary = {}
+  for op, shapes in colls:
+    summary.setdefault(op, []).extend(f"{d}[{n}]" for d, n in shapes)
+  return summary
+
+
+def main():
+  assert len(jax.devices()) == N, jax.devices()
+  mesh = Mesh(np.array(jax.devices()), (AX,))
+  params = make_tree()
+  res = {"numerics": {}, "split": {}, "errors": []}
+  steps = 3
+
+  def run(opt, fn=None):
+    for t in range(steps):
+      g = grads_for(params, t)
+      opt = opt.apply_gradient(g) if fn is None else fn(opt, g)
+    return opt
+
+  # 1. numerics vs the single-device flat path, ZeRO-1 and FSDP, jnp and auto backends
+  for name, mk in OPTIMIZERS.items():
+    for backend in ("jnp", "auto"):
+      single = run(mk(backend).create(params))
+      for mode in ("replicated", "sharded"):
+        if mode == "sharded" and backend == "auto" and name not in ("Adam", "LAMB"):
+          continue
+        opt = sharding.shard_optimizer(mk(backend), mesh, AX, params=mode).create(params)
+        if mode == "sharded":
+          step = jax.jit(lambda o, g: o.apply_gradient(sharding.FlatParams.pack(g, o.target.layout)))
+          opt = run(opt, step)
+        else:
+          opt = run(opt)
+        res["numerics"][f"{name}/{backend}/{mode}"] = dict(compare(single, opt),
+                                                          reducing=name in REDUCING)
+        if backend == "jnp":
+          res["split"][f"{name}/{mode}"] = state_is_split(opt)
+          if mode == "sharded":
+            res["split"][f"{name}/{mode}/target"] = all(
+                len(b.addressable_shards) == N and b.addressable_shards[0].data.size * N == b.size
+                for b in opt.target.buffers)
+
+  # 2. master weights (bf16 params) and bf16 state
+  bf = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+  for label, mk in {"Adam/master": lambda: optim.Adam(1e-2, master_weights=True, backend="jnp"),
+                    "Adam/state_bf16": lambda: optim.Adam(1e-2, state_dtype=jnp.bfloat16,
+                                                          backend="jnp"),
+                    "LAMB/master": lambda: optim.LAMB(1e-2, master_weights=True, backend="jnp")}.items():
+    o1, o2 = mk().create(bf), sharding.shard_optimizer(mk(), mesh, AX).create(bf)
+    for t in range(steps):
+      g = grads_for(bf, t)
+      o1, o2 = o1.apply_gradient(g), o2.apply_gradient(g)
+    res["numerics"][label] = dict(compare(o1, o2), reducing=label.startswith("LAMB"))
+    res["split"][label] = state_is_split(o2)
+
+  # 3. Adafactor: replicated state, same numbers
+  o1 = run(optim.Adafactor(1e-2).create(params))
+  o2 = run(sharding.shard_optimizer(optim.Adafactor(1e-2), mesh, AX).create(params))
+  res["adafactor"] = {"equal": compare_tree(o1, o2),
+                      "replicated": all(x.sharding.is_fully_replicated
+                                        for x in jax.tree_util.tree_leaves(o2.state))}
+
+  # 3b. the Pallas kernels (interpret mode) per shard: elementwise executor and per-row tables
+  for name in ("Adam", "LAMB"):
+    o1 = run(OPTIMIZERS[name]("pallas_interpret").create(params))
+    o2 = run(sharding.shard_optimizer(OPTIMIZERS[name]("pallas_interpret"), mesh, AX).create(params))
+    res["numerics"][f"{name}/pallas_interpret/replicated"] = dict(compare(o1, o2),
+                                                                  reducing=name in REDUCING)
+
+  # 4. compiled HLO of the step: which collectives, on what
+  res["hlo"] = {}
+  for name in ("Adam", "LAMB", "LARS"):
+    for mode in ("replicated", "sharded"):
+      opt = sharding.shard_optimizer(OPTIMIZERS[name]("jnp"), mesh, AX, params=mode).create(params)
+      g = grads_for(params, 0)
+      if mode == "sharded":
+        g = sharding.FlatParams.pack(g, opt.target.layout)
+      step = jax.jit(lambda o, g: o.apply_gradient(g), donate_argnums=0)
+      compiled = step.lower(opt, g).compile()
+      hlo = compiled.as_text()
+      out_specs = [s.spec for s in jax.tree_util.tree_leaves(
+          compiled.output_shardings.state.param_states.fields)]
+      colls = collectives(hlo)
+      layout = opt.state.param_states.layout
+      gathered = sorted((d, n) for op, shapes in colls if op == "all-gather" for d, n in shapes)
+      param_groups = sorted((jnp.dtype(gr.dtype).name.replace("float", "f").replace("bf16", "bf16"),
+                             gr.size) for gr in layout.groups)
+      res["hlo"][f"{name}/{mode}"] = {
+          "collectives": summarize(colls),
+          "all_gather_results": [f"{d}[{n}]" for d, n in gathered],
+          "param_groups": [f"{d}[{n}]" for d, n in param_groups],
+          "n_state_buffers": sum(len(v) for v in opt.state.param_states.fields.values()),
+          "state_out_specs": sorted({str(s) for s in out_specs}),
+          "max_all_reduce": max([n for op, sh in colls if op == "all-reduce" for _, n in sh] or [0]),
+          # packing p and g: each device builds only its slice (no full-size concatenation)
+          "max_concatenate": max([int(np.prod([int(x) for x in dims.split(",") if x] or [1]))
+                                  for dims in re.findall(r"= \w+\[([\d,]*)\]\S* concatenate\(",
+                                                         hlo)] or [0]),
+          "max_shard": max(layout.shard_size(g) for g in range(len(layout.groups))),
+      }
+
+  # 5. grads reduce-scattered inside the user's shard_map (per-device unreduced grads)
+  for name in ("Adam", "LAMB"):
+    opt = sharding.shard_optimizer(OPTIMIZERS[name]("jnp"), mesh, AX).create(params)
+    specs = sharding.partition_specs(opt)
+    per_dev = [grads_for(params, 10 + i) for i in range(N)]
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_dev)
+    stacked = jax.device_put(stacked, jax.sharding.NamedSharding(mesh, P(AX)))
+
+    def local(o, g):
+      g = jax.tree_util.tree_map(lambda x: x[0], g)
+      return sharding.apply_gradient_local(o, g, reduce="mean")
+    step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(specs, P(AX)), out_specs=specs,
+                                 check_vma=False))
+    new = step(opt, stacked)
+    mean = jax.tree_util.tree_map(
+        lambda *xs: (sum(x.astype(jnp.float32) for x in xs) / N).astype(xs[0].dtype), *per_dev)
+    ref = OPTIMIZERS[name]("jnp").create(params).apply_gradient(mean)
+    hlo = step.lower(opt, stacked).compile().as_text()
+    res[f"reduce_scatter/{name}"] = {"cmp": compare(ref, new), "split": state_is_split(new),
+                                     "collectives": summarize(collectives(hlo))}
+
+  # 6. apply_gradient_checked: scale + clip, and a non-finite step skipped bitwise
+  for name in ("Adam", "LARS"):
+    o1 = OPTIMIZERS[name]("jnp").create(params)
+    o2 = sharding.shard_optimizer(OPTIMIZERS[name]("jnp"), mesh, AX).create(params)
+    g = jax.tree_util.tree_map(lambda x: x * 4, grads_for(params, 0))
+    chk = jax.jit(lambda o, g: o.apply_gradient_checked(g, grad_scale=0.25, clip_global_norm=50.))
+    a1, f1, n1 = chk(o1, g)
+    a2, f2, n2 = chk(o2, g)
+    bad = dict(g, scale=jnp.float32(np.inf))
+    b2, f3, _ = chk(a2, bad)
+    res[f"checked/{name}"] = {
+        "cmp": compare(a1, a2), "finite": bool(f1) and bool(f2),
+        "norm_rel": float(abs(n1 - n2) / n1), "clipped": float(n1) > 50.,
+        "skip_finite_flag": bool(f3), "skip_unchanged": compare(a2, b2)["bitwise"],
+        "skip_step": int(b2.state.step) == int(a2.state.step), "split": state_is_split(b2)}
+
+  # 7. checkpoints of sharded state round-trip (bitwise), layout-free
+  for mode in ("replicated", "sharded"):
+    mk = lambda: sharding.shard_optimizer(optim.LAMB(1e-2, backend="jnp"), mesh, AX,  # noqa: E731
+                                          params=mode)
+    opt = mk().create(params)
+    fn = None
+    if mode == "sharded":
+      fn = jax.jit(lambda o, g: o.apply_gradient(sharding.FlatParams.pack(g, o.target.layout)))
+    opt = run(opt, fn)
+    blob = serialization.to_bytes(opt)
+    fresh = mk().create(make_tree(seed=1))
+    back = serialization.from_bytes(fresh, blob)
+    back2 = sharding.restore_state(fresh, serialization.msgpack_restore(blob))
+    single = serialization.from_bytes(optim.LAMB(1e-2, backend="jnp").create(params), blob)
+    res[f"checkpoint/{mode}"] = {
+        "vs_single": compare(single, opt)["bitwise"],
+        "restored": compare(single, back)["bitwise"],
+        "restore_state": compare(single, back2)["bitwise"],
+        "step": int(back.state.step) == steps, "split": state_is_split(back),
+        "split_restore_state": state_is_split(back2),
+        "same_bytes": serialization.to_bytes(back) == blob,
+        "target_sharding": str(jax.tree_util.tree_leaves(
+            back.target.buffers if mode == "sharded" else back.target)[0].sharding.spec)}
+    # and it keeps training: one more step equals the original's
+    g = grads_for(params, 7)
+    if fn is None:
+      cont = compare(opt.apply_gradient(g), back.apply_gradient(g))
+    else:
+      cont = compare(fn(opt, g), fn(back, g))
+    res[f"checkpoint/{mode}"]["continues"] = cont["bitwise"] and cont["step"]
+
+  print(json.dumps(res))
+
+
+def compare_tree(o1, o2):
+  a = jax.tree_util.tree_leaves((o1.target, o1.state))
+  b = jax.tree_util.tree_leaves((o2.target, o2.state))
+  return all(diff(x, y)[0] for x, y in zip(a, b))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
