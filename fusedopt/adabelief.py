@@ -41,11 +41,13 @@ class AdaBelief(FlatOptimizerDef):
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-16, weight_decay=0.0, *,
                backend="auto", master_weights=False,
-               state_dtype=None):
+               state_dtype=None, stochastic_rounding=False, rounding_seed=0):
     super().__init__(_AdaBeliefHyperParams(learning_rate, beta1, beta2, eps, weight_decay),
                      backend,
                      master_weights=master_weights,
-                     state_dtype=state_dtype)
+                     state_dtype=state_dtype,
+                     stochastic_rounding=stochastic_rounding,
+                     rounding_seed=rounding_seed)
 
   def validate(self, hp):
     validate_moments(hp)

@@ -39,10 +39,12 @@ class Adadelta(FlatOptimizerDef):
 
   def __init__(self, learning_rate=None, rho=0.9, eps=1e-6, weight_decay=0.0, *,
                backend="auto", master_weights=False,
-               state_dtype=None):
+               state_dtype=None, stochastic_rounding=False, rounding_seed=0):
     super().__init__(_AdadeltaHyperParams(learning_rate, rho, eps, weight_decay), backend,
                      master_weights=master_weights,
-                     state_dtype=state_dtype)
+                     state_dtype=state_dtype,
+                     stochastic_rounding=stochastic_rounding,
+                     rounding_seed=rounding_seed)
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

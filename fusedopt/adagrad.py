@@ -29,10 +29,12 @@ class Adagrad(FlatOptimizerDef):
   state_fields = ("G",)
 
   def __init__(self, learning_rate=None, eps=1e-8, *, backend="auto", master_weights=False,
-               state_dtype=None):
+               state_dtype=None, stochastic_rounding=False, rounding_seed=0):
     super().__init__(_AdagradHyperParams(learning_rate, eps), backend,
                      master_weights=master_weights,
-                     state_dtype=state_dtype)
+                     state_dtype=state_dtype,
+                     stochastic_rounding=stochastic_rounding,
+                     rounding_seed=rounding_seed)
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

@@ -8,7 +8,9 @@ where ``s`` holds the step's global scalars (learning rate, betas, bias correcti
 float32 by the optimizer, entering every backend as runtime values so schedules never recompile),
 ``seg`` holds per-segment (per-tensor) scalars such as LAMB/LARS trust ratios, and ``xp`` supplies
 ``sqrt`` and ``where(c, a, b)`` (c a scalar, nonzero = true). It uses only arithmetic operators
-and those, so the same function is traced by
+and those (plus, for bit-level wrappers such as stochastic rounding, ``xp.bits(x)`` (float32 ->
+uint32 bitcast), ``xp.from_bits(u)``, ``xp.u32(x)`` (float32 integer value -> uint32) and the
+uint32 operators ``^ & | + - * << >>`` with wrap-around), so the same function is traced by
 jax.numpy (the ``jnp`` backend and the per-leaf path), by Pallas/Triton kernels, and symbolically
 into C++ by the ``native`` CPU backend (``fusedopt.kernels.native``).
 
@@ -21,6 +23,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 F32 = jnp.float32
 
@@ -123,11 +126,104 @@ def with_master(rule: Rule) -> Rule:
                              writes_state=True, sumsq=None if sumsq is None else m_sumsq)
 
 
+# ----------------------------------------------------------------------------- stochastic rounding
+
+def fmix32(h):
+  """MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche. Operators only,
+  so it runs on jnp uint32 arrays (host, jnp backend, Pallas kernels) and on the native backend's
+  uint32 symbols alike."""
+  h = h ^ (h >> 16)
+  h = h * _U32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * _U32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+# uint32 constants >= 2^31 as NumPy scalars: jax rejects such Python ints (they parse as int32)
+_U32 = np.uint32
+ROUNDING_SCALARS = ("sr_hi", "sr_lo")
+
+
+def rounding_seed_scalars(step, seed: int = 0) -> Dict[str, object]:
+  """The per-step scalars of ``with_stochastic_rounding``: the 32-bit step seed
+  ``fmix32(step + fmix32(seed))`` split into two float32 16-bit halves ``sr_hi``, ``sr_lo``.
+  Exact small integers, not bit patterns, so no backend can flush or canonicalise them (a
+  float32 scalar carrying raw bits could be a NaN or a denormal). Distinct steps give distinct
+  seeds (fmix32 is a bijection); ``step`` may be traced."""
+  u32 = jnp.uint32
+  h = fmix32(jnp.asarray(step).astype(u32) + fmix32(u32(int(seed) % (1 << 32))))
+  return {"sr_hi": (h >> 16).astype(F32), "sr_lo": (h & 0xFFFF).astype(F32)}
+
+
+@functools.lru_cache(maxsize=None)
+def with_stochastic_rounding(rule: Rule) -> Rule:
+  """``rule`` with its new float32 param rounded *stochastically* to a bfloat16-representable
+  value (Gupta et al. 2015, https://arxiv.org/abs/1502.02551; for bf16 training without a master
+  copy: Zamirai et al. 2020, "Revisiting BFloat16 Training", https://arxiv.org/abs/2010.06192).
+  With ``x = bits(new_p)`` (float32) and ``u`` 16 uniformly random bits::
+
+      SR(x) = from_bits((x + u) & 0xFFFF0000)
+
+  so ``x`` between bf16 neighbours ``a < x < a + ulp`` becomes ``a + ulp`` with probability
+  ``(x - a) / ulp`` and ``a`` otherwise: ``E[SR(x)] = x`` exactly (the 16 dropped bits of ``x``
+  are its fractional position). Sign-magnitude bits make it symmetric for negative values; a
+  carry into the exponent is the correct next neighbour (and above bf16's largest finite value
+  that neighbour is inf, with the same probability rule: round-to-nearest sends those values to
+  inf too); +-inf stays inf; NaN is passed through unchanged (a NaN whose payload sits in the low
+  16 bits would otherwise become inf). The bf16 store that follows is then exact.
+
+  The random bits cost no memory traffic and no index input: ``u`` is the top 16 bits of a hash
+  of values the kernel already holds -- the old param, the gradient (when the rule reads it), the
+  old state, and the per-step seed (``rounding_seed_scalars``)::
+
+      h = fmix32(bits(p) ^ seed);  h = (h ^ bits(v)) * 0x9E3779B1, h ^= h >> 15  for v in g, state
+      u = fmix32(h) >> 16
+
+  For fixed data ``u`` is a bijection of the seed, so over seeds it is exactly uniform; every
+  backend (jnp, Pallas, native C++, the per-leaf path) computes the same bits from the same
+  inputs, and replicas of data-parallel training stay bitwise in sync without RNG state. Elements
+  with bitwise-identical inputs in one step round the same way (correlated within that step, still
+  unbiased). Only a rule that writes params changes; the scalars ``sr_hi``, ``sr_lo`` are added.
+  """
+  if not rule.writes_param:
+    return rule
+  fn = rule.fn
+
+  def sr_fn(xp, s, q, p, g, *state):
+    new_p, new_state = fn(xp, s, q, p, g, *state)
+    seed = (xp.u32(s.sr_hi) << 16) | xp.u32(s.sr_lo)
+    h = fmix32(xp.bits(p) ^ seed)
+    for v in ((g,) if rule.reads_grad else ()) + tuple(state):
+      h = (h ^ xp.bits(v)) * _U32(0x9E3779B1)
+      h = h ^ (h >> 15)
+    u = fmix32(h) >> 16
+    x = xp.bits(new_p)
+    rounded = xp.from_bits((x + u) & _U32(0xFFFF0000))
+    is_nan = (0x7F800000 - (x & 0x7FFFFFFF)) >> 31     # 1 iff |x| > inf as integers: NaN
+    return xp.where(is_nan, new_p, rounded), new_state
+
+  return dataclasses.replace(rule, name=rule.name + "_sr", fn=sr_fn,
+                             scalars=rule.scalars + ROUNDING_SCALARS)
+
+
 def _where(c, a, b):
   return jnp.where(c != 0, a, b)
 
 
-JNP = types.SimpleNamespace(sqrt=jnp.sqrt, where=_where)
+def _bits(x):
+  return jax.lax.bitcast_convert_type(jnp.asarray(x, F32), jnp.uint32)
+
+
+def _from_bits(u):
+  return jax.lax.bitcast_convert_type(jnp.asarray(u, jnp.uint32), F32)
+
+
+def _u32(x):
+  return jnp.asarray(x, F32).astype(jnp.uint32)
+
+
+JNP = types.SimpleNamespace(sqrt=jnp.sqrt, where=_where, bits=_bits, from_bits=_from_bits,
+                            u32=_u32)
 
 
 def namespace(values: Dict[str, object]):

@@ -7,6 +7,7 @@ group with the selected backend. The same rule serves ``apply_param_gradient`` (
 that flax's API exposes), so there is one copy of every optimizer's math.
 """
 import copy
+import os
 import numbers
 import warnings
 from typing import Any, Dict, Tuple
@@ -20,7 +21,7 @@ from .base import HyperParamError, OptimizerDef, OptimizerState
 from .layout import FlatLayout
 
 F32 = jnp.float32
-BACKENDS = ("auto", "jnp", "native", "pallas", "pallas_interpret")
+BACKENDS = ("auto", "jnp", "native", "pallas", "pallas_interpret", "triton", "triton_interpret")
 
 
 # ----------------------------------------------------------------------------- backends
@@ -35,6 +36,12 @@ def _pallas():
   return pallas
 
 
+def _triton():
+  # fusedopt.kernels.triton imports triton / jax-triton lazily: importing it never needs them
+  from .kernels import triton  # pylint: disable=import-outside-toplevel
+  return triton
+
+
 def available_backends():
   """The backends that can run here, besides "auto" (``pallas_interpret`` always can)."""
   out = ["jnp"]
@@ -46,6 +53,10 @@ def available_backends():
   if _pallas().available():
     out.append("pallas")
   out.append("pallas_interpret")
+  if _triton().available():
+    out.append("triton")
+  if os.environ.get("TRITON_INTERPRET") == "1" and _triton().interpreting():
+    out.append("triton_interpret")
   return out
 
 
@@ -65,6 +76,8 @@ def _executor(backend, layout, gi, rule):
     return elementwise.run_jnp
   if backend == "pallas_interpret":
     return _pallas().run_interpret
+  if backend in ("triton", "triton_interpret"):
+    return _triton_executor(backend, dtype)
   if backend == "pallas":
     if not _pallas().available():
       raise RuntimeError(
@@ -87,6 +100,26 @@ def _executor(backend, layout, gi, rule):
       return elementwise.run_jnp
     return native.run
   return _auto(layout, gi, rule)
+
+
+def _triton_executor(backend, dtype):
+  triton = _triton()
+  if backend == "triton_interpret":
+    if not triton.interpreting():
+      raise RuntimeError("backend='triton_interpret' runs the Triton kernels in Triton's "
+                         "interpreter: set TRITON_INTERPRET=1 before triton is first imported "
+                         "(slow: for verification); or use backend='auto'")
+    run = triton.run_interpret
+  elif not triton.available():
+    raise RuntimeError(f"backend='triton' cannot run here: {triton.unavailable_reason()}; "
+                       "use backend='auto' (or 'jnp')")
+  else:
+    run = triton.run
+  if not triton.supports(dtype):
+    _warn_once(f"backend={backend!r} has no {np.dtype(dtype).name} kernel; that dtype group runs "
+               "on the jnp backend")
+    return elementwise.run_jnp
+  return run
 
 
 def _auto(layout, gi, rule):
@@ -206,14 +239,29 @@ class FlatOptimizerDef(OptimizerDef):
   """
   state_fields: Tuple[str, ...] = ()
 
-  def __init__(self, hyper_params, backend="auto", master_weights=False, state_dtype=None):
+  def __init__(self, hyper_params, backend="auto", master_weights=False, state_dtype=None, *,
+               stochastic_rounding=False, rounding_seed=0):
     """``master_weights=True`` keeps a float32 copy of the params in the state (field
     ``master``) and updates that; the params are the master rounded to their dtype. Meant for
     bfloat16/float16 params (for float32 ones the copy only costs memory).
 
     ``state_dtype`` (default float32) stores the optimizer's own state (moments, accumulators;
     not the master copy) in another float dtype, e.g. ``jnp.bfloat16`` to halve its memory; the
-    kernels still compute in float32 and round when storing."""
+    kernels still compute in float32 and round when storing.
+
+    ``stochastic_rounding=True`` stores new bfloat16 params rounded stochastically instead of to
+    nearest (``elementwise.with_stochastic_rounding``: unbiased, so updates below half a bf16 ulp
+    still move the params in expectation) -- bf16 training without a master copy (4 B/param less
+    memory and traffic than ``master_weights``). The random bits are hashed from the step
+    (``rounding_seed``, a Python int, varies them) and each element's own inputs: no extra
+    memory traffic, deterministic, the same on every backend (LAMB hashes the moments computed
+    in the same step, whose last bit depends on FMA contraction: its bits agree between
+    backends that contract alike). float32 param groups are unaffected; float16 params, and
+    ``master_weights=True``, are rejected.
+
+    Every built-in optimizer's ``__init__`` takes ``backend``, ``master_weights``,
+    ``state_dtype``, ``stochastic_rounding`` and ``rounding_seed`` as keyword-only arguments and
+    passes them here; a subclass that should offer them threads them through the same way."""
     if backend not in BACKENDS:
       raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
     super().__init__(hyper_params)
@@ -223,6 +271,41 @@ class FlatOptimizerDef(OptimizerDef):
     if not jnp.issubdtype(sd, jnp.floating):
       raise ValueError(f"state_dtype={sd} must be a floating-point dtype")
     self.state_storage = sd
+    if not isinstance(rounding_seed, (numbers.Integral, np.integer)):
+      raise TypeError(f"rounding_seed={rounding_seed!r} must be a Python int")
+    self.stochastic_rounding = bool(stochastic_rounding)
+    self.rounding_seed = int(rounding_seed)
+    if self.stochastic_rounding and self.master_weights:
+      raise ValueError("stochastic_rounding=True and master_weights=True: choose one (stochastic "
+                       "rounding is for bfloat16 params *without* a float32 master copy; with "
+                       "one, the params are the master rounded to nearest)")
+
+  def _rounding_scalars(self, layout):
+    """The step's stochastic-rounding scalars (``{}`` when no group is rounded); checks dtypes."""
+    if not self.stochastic_rounding:
+      return {}
+    bad = [np.dtype(g.dtype).name for g in layout.groups
+           if np.dtype(g.dtype) not in (np.dtype(F32), np.dtype(jnp.bfloat16))]
+    if bad:
+      raise ValueError(f"stochastic_rounding=True applies to bfloat16 params (float32 ones are "
+                       f"left as they are); got {', '.join(sorted(set(bad)))} params: use "
+                       "master_weights=True for float16")
+    if not any(np.dtype(g.dtype) == np.dtype(jnp.bfloat16) for g in layout.groups):
+      return {}
+    step = getattr(self, "_rounding_step", None)
+    if step is None:
+      raise RuntimeError("stochastic_rounding=True needs the step count: run the update "
+                         "through apply_gradient / apply_gradient_checked, or on "
+                         "opt_def._with_step(step)")
+    return elementwise.rounding_seed_scalars(step, self.rounding_seed)
+
+  def _with_step(self, step):
+    """This optimizer, knowing the step (for stochastic rounding's seed); self when off."""
+    if not self.stochastic_rounding:
+      return self
+    new = copy.copy(self)
+    new._rounding_step = step  # pylint: disable=protected-access
+    return new
 
   @property
   def all_state_fields(self):
@@ -267,10 +350,23 @@ class FlatOptimizerDef(OptimizerDef):
   def apply_param_gradient(self, step, hyper_params, param, state, grad):
     self.validate(hyper_params)
     seg = self.leaf_seg_scalars(hyper_params, step, param, state, grad)
+    rule, scalars = self._leaf_rounding(self.wrap_rule(self.rule(hyper_params)),
+                                        self.scalars(hyper_params, step), step, param)
     new_p, new_state = elementwise.apply_to_leaf(
-        self.wrap_rule(self.rule(hyper_params)), self.scalars(hyper_params, step), seg, param,
-        grad, tuple(state[k] for k in self.all_state_fields))
+        rule, scalars, seg, param, grad, tuple(state[k] for k in self.all_state_fields))
     return new_p, dict(zip(self.all_state_fields, new_state))
+
+  def _leaf_rounding(self, rule, scalars, step, param):
+    """(rule, scalars) for the per-leaf path: with stochastic rounding and a bfloat16 ``param``,
+    ``with_stochastic_rounding(rule)`` and the step's seed scalars (the flat path's bits); else
+    unchanged. Raises for other non-float32 params with stochastic rounding on."""
+    if self.stochastic_rounding and jnp.result_type(param) == jnp.bfloat16:
+      return (elementwise.with_stochastic_rounding(rule),
+              dict(scalars, **elementwise.rounding_seed_scalars(step, self.rounding_seed)))
+    if self.stochastic_rounding and jnp.result_type(param) != F32:
+      raise ValueError(f"stochastic_rounding=True applies to bfloat16 params; got "
+                       f"{jnp.result_type(param)}")
+    return rule, scalars
 
   def leaf_seg_scalars(self, hp, step, param, state, grad):
     del hp, step, param, state, grad
@@ -279,6 +375,7 @@ class FlatOptimizerDef(OptimizerDef):
   # -- the flat path
   def init_state(self, params):
     layout = FlatLayout.build(params)
+    self._with_step(0)._rounding_scalars(layout)   # rejects float16 params with rounding
     # float32 by default whatever the param dtype (flax used the param dtype: bf16 moments)
     fields = {k: layout.zeros(self.state_storage) for k in self.state_fields}
     if self.master_weights:
@@ -293,8 +390,8 @@ class FlatOptimizerDef(OptimizerDef):
     layout = state.param_states.layout
     p_leaves = layout.check(params, "target", allow_other_float=False)
     g_leaves = layout.check(grads, "grads")
-    new_p, new_fields = self.update_leaves(hyper_params, state.step, layout, p_leaves, g_leaves,
-                                           state.param_states.fields)
+    new_p, new_fields = self._with_step(state.step).update_leaves(
+        hyper_params, state.step, layout, p_leaves, g_leaves, state.param_states.fields)
     new_params = jax.tree_util.tree_unflatten(layout.treedef, new_p)
     return new_params, OptimizerState(state.step + 1, FlatState(new_fields, layout))
 
@@ -319,8 +416,14 @@ class FlatOptimizerDef(OptimizerDef):
     layout = state.param_states.layout
     p_leaves = layout.check(params, "target", allow_other_float=False)
     g_leaves = layout.check(grads, "grads")
-    finite, norm, gscale = gradient_prepass(g_leaves, grad_scale, clip_global_norm)
-    guarded_def = copy.copy(self)
+    if self.backend in ("triton", "triton_interpret"):   # the pre-pass as a Triton kernel
+      _triton_executor(self.backend, F32)   # raises where the backend cannot run
+      finite, norm, gscale = _triton().gradient_prepass(
+          layout, g_leaves, grad_scale, clip_global_norm,
+          platform="interpret" if self.backend == "triton_interpret" else None)
+    else:
+      finite, norm, gscale = gradient_prepass(g_leaves, grad_scale, clip_global_norm)
+    guarded_def = copy.copy(self._with_step(state.step))
     guarded_def._guard = {"gscale": gscale, "ok": finite.astype(F32)}  # pylint: disable=protected-access
     new_p, new_fields = guarded_def.update_leaves(hyper_params, state.step, layout, p_leaves,
                                                   g_leaves, state.param_states.fields)
@@ -349,6 +452,9 @@ class FlatOptimizerDef(OptimizerDef):
     guard = getattr(self, "_guard", None)
     if guard is not None:   # inside apply_gradient_checked
       rule, scalars = elementwise.guarded(rule), dict(scalars, **guard)
+    rounding = self._rounding_scalars(layout)   # stochastic rounding of the bf16 groups
+    if rounding:
+      scalars = dict(scalars, **rounding)
     names = self.all_state_fields
     n = len(layout.segments)
     new_p = list(p_leaves)
@@ -357,8 +463,10 @@ class FlatOptimizerDef(OptimizerDef):
     for gi, group in enumerate(layout.groups):
       if group.size == 0:   # only size-0 leaves: nothing to update, their sums are 0
         continue
-      run = _executor(self.backend, layout, gi, rule)
-      out = run(rule, scalars, seg, layout, gi, p_leaves, g_leaves,
+      grule = (elementwise.with_stochastic_rounding(rule)
+               if rounding and np.dtype(group.dtype) == np.dtype(jnp.bfloat16) else rule)
+      run = _executor(self.backend, layout, gi, grule)
+      out = run(grule, scalars, seg, layout, gi, p_leaves, g_leaves,
                 tuple(fields[k][gi] for k in names))
       out_p, out_state = out[0], out[1]
       if out_p is not None:

@@ -61,10 +61,12 @@ class LAMB(FlatOptimizerDef):
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, weight_decay=0, eps=1e-6, *,
                backend="auto", master_weights=False,
-               state_dtype=None):
+               state_dtype=None, stochastic_rounding=False, rounding_seed=0):
     super().__init__(_LAMBHyperParams(learning_rate, beta1, beta2, weight_decay, eps), backend,
                      master_weights=master_weights,
-                     state_dtype=state_dtype)
+                     state_dtype=state_dtype,
+                     stochastic_rounding=stochastic_rounding,
+                     rounding_seed=rounding_seed)
 
   def validate(self, hp):
     validate_moments(hp)
@@ -87,10 +89,12 @@ class LAMB(FlatOptimizerDef):
     self.validate(hyper_params)
     s = self.scalars(hyper_params, step)
     st = tuple(state[k] for k in self.all_state_fields)
-    moments, apply = self.wrap_rule(MOMENTS_RULE), self.wrap_rule(APPLY_RULE)
+    moments = self.wrap_rule(MOMENTS_RULE)
+    # the apply stage writes the param: stochastically rounded (bf16) as on the flat path
+    apply, s_apply = self._leaf_rounding(self.wrap_rule(APPLY_RULE), s, step, param)
     _, st = elementwise.apply_to_leaf(moments, s, {}, param, grad, st)
     ratio_lr = self._ratio_lr(s, *elementwise.leaf_sumsq(moments, s, {}, param, grad, st))
-    new_p, st = elementwise.apply_to_leaf(apply, s, {"ratio_lr": ratio_lr}, param, grad, st)
+    new_p, st = elementwise.apply_to_leaf(apply, s_apply, {"ratio_lr": ratio_lr}, param, grad, st)
     return new_p, dict(zip(self.all_state_fields, st))
 
   def rule(self, hp):

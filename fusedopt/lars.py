@@ -44,11 +44,13 @@ class LARS(FlatOptimizerDef):
 
   def __init__(self, learning_rate=None, beta=0.9, weight_decay=0, trust_coefficient=0.001,
                eps=0, nesterov=False, *, backend="auto", master_weights=False,
-               state_dtype=None):
+               state_dtype=None, stochastic_rounding=False, rounding_seed=0):
     super().__init__(_LARSHyperParams(learning_rate, beta, weight_decay, trust_coefficient, eps,
                                       nesterov), backend,
                      master_weights=master_weights,
-                     state_dtype=state_dtype)
+                     state_dtype=state_dtype,
+                     stochastic_rounding=stochastic_rounding,
+                     rounding_seed=rounding_seed)
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

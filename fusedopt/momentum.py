@@ -37,10 +37,12 @@ class Momentum(FlatOptimizerDef):
 
   def __init__(self, learning_rate=None, beta=0.9, weight_decay=0, nesterov=False, *,
                backend="auto", master_weights=False,
-               state_dtype=None):
+               state_dtype=None, stochastic_rounding=False, rounding_seed=0):
     super().__init__(_MomentumHyperParams(learning_rate, beta, weight_decay, nesterov), backend,
                      master_weights=master_weights,
-                     state_dtype=state_dtype)
+                     state_dtype=state_dtype,
+                     stochastic_rounding=stochastic_rounding,
+                     rounding_seed=rounding_seed)
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

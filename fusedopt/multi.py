@@ -72,14 +72,16 @@ class MultiOptimizer(OptimizerDef):
     self.fuse = fuse
 
   def _fusable(self):
-    """Same built-in single-pass optimizer class, backend and static variant (e.g. nesterov) for
-    every sub-optimizer."""
+    """Same built-in single-pass optimizer class, backend, static variant (e.g. nesterov), master
+    weights, state dtype and stochastic rounding (on/off and seed) for every sub-optimizer."""
     first = self.sub_optimizers[0]
     return (self.fuse and isinstance(first, FlatOptimizerDef)
             and type(first).update_leaves is FlatOptimizerDef.update_leaves
             and all(type(o) is type(first) and o.backend == first.backend
                     and o.master_weights == first.master_weights
-                    and o.state_storage == first.state_storage for o in self.sub_optimizers)
+                    and o.state_storage == first.state_storage
+                    and o.stochastic_rounding == first.stochastic_rounding
+                    and o.rounding_seed == first.rounding_seed for o in self.sub_optimizers)
             and len({o.rule(o.hyper_params).name for o in self.sub_optimizers}) == 1)
 
   def init_state(self, params):
@@ -206,8 +208,11 @@ class MultiOptimizer(OptimizerDef):
     layout = fs.flat.layout
     ps = layout.check(tuple(p_leaves[i] for i in fs.union), "target", allow_other_float=False)
     gs = layout.check(tuple(g_leaves[i] for i in fs.union), "grads")
-    new_p, new_fields = subs[j0].run_rule(elementwise.per_segment(rule), {}, seg, layout, ps, gs,
-                                          fs.flat.fields)
+    # _with_step: stochastic rounding's per-step seed (the same for every sub-optimizer, as they
+    # share the step and, to be fused, the rounding seed)
+    driver = subs[j0]._with_step(state.step)  # pylint: disable=protected-access
+    new_p, new_fields = driver.run_rule(elementwise.per_segment(rule), {}, seg, layout, ps, gs,
+                                        fs.flat.fields)
     out = list(p_leaves)
     for i, x in zip(fs.union, new_p):
       out[i] = x

@@ -44,10 +44,12 @@ class RMSProp(FlatOptimizerDef):
 
   def __init__(self, learning_rate=None, beta2=0.9, eps=1e-8, centered=False, *,
                backend="auto", master_weights=False,
-               state_dtype=None):
+               state_dtype=None, stochastic_rounding=False, rounding_seed=0):
     super().__init__(_RMSPropHyperParams(learning_rate, beta2, eps, centered), backend,
                      master_weights=master_weights,
-                     state_dtype=state_dtype)
+                     state_dtype=state_dtype,
+                     stochastic_rounding=stochastic_rounding,
+                     rounding_seed=rounding_seed)
     self.state_fields = ("v", "mg") if centered else ("v",)
 
   # flax 0.5.3's state has ``mg: None`` when not centered; checkpoints keep that key

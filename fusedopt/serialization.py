@@ -40,6 +40,8 @@ def to_state_dict(x):
     return x.state_dict()
   if isinstance(x, FlatState):
     return to_state_dict(x.per_leaf())
+  if hasattr(x, "as_flax_tree"):   # a container checkpointed as another tree (FlatParams)
+    return to_state_dict(x.as_flax_tree())
   if isinstance(x, Mapping):
     return {str(k): to_state_dict(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
@@ -66,6 +68,8 @@ def from_state_dict(template, sd, path=""):
     return template.restore_state(sd)
   if isinstance(template, FlatState):
     return template.restored_from(from_state_dict(template.per_leaf(), sd, path))
+  if hasattr(template, "as_flax_tree"):
+    return template.from_flax_tree(from_state_dict(template.as_flax_tree(), sd, path))
   if isinstance(template, Mapping):
     if not isinstance(sd, Mapping):
       raise ValueError(f"checkpoint has a leaf at {path or '/'} where the optimizer has a dict")

@@ -23,10 +23,12 @@ class GradientDescent(FlatOptimizerDef):
   """Gradient descent optimizer (no state)."""
 
   def __init__(self, learning_rate=None, *, backend="auto", master_weights=False,
-               state_dtype=None):
+               state_dtype=None, stochastic_rounding=False, rounding_seed=0):
     super().__init__(_GradientDescentHyperParams(learning_rate), backend,
                      master_weights=master_weights,
-                     state_dtype=state_dtype)
+                     state_dtype=state_dtype,
+                     stochastic_rounding=stochastic_rounding,
+                     rounding_seed=rounding_seed)
 
   def rule(self, hp):
     return SGD_RULE

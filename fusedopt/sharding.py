@@ -348,7 +348,7 @@ class ShardedOptimizerDef(OptimizerDef):
         full = layout.pack_group(g_arg, gi, _grad_dtype(layout, gi, g_arg))
         part = lax.psum_scatter(full, ax, scatter_dimension=0, tiled=True)
         g_loc.append(part / n if reduce == "mean" else part)
-    d = copy.copy(self.inner)
+    d = copy.copy(self.inner._with_step(step))   # the step seeds stochastic rounding
     d.run_rule_sumsq = functools.partial(_run_rule_sumsq_sharded, d, ctx)
     finite = norm = None
     if checked is not None:
@@ -502,6 +502,12 @@ def _run_rule_sumsq_sharded(d, ctx, rule, scalars, seg, layout, p_loc, g_loc, fi
   guard = getattr(d, "_guard", None)
   if guard is not None:
     rule, scalars = elementwise.guarded(rule), dict(scalars, **guard)
+  # stochastic rounding hashes each element's own inputs, not its position: the same bits as on
+  # one device
+  rounding = d._rounding_scalars(layout)  # pylint: disable=protected-access
+  if rounding:
+    scalars = dict(scalars, **rounding)
+  base_rule = rule
   names = d.all_state_fields
   n = len(layout.segments)
   new_p = list(p_loc)
@@ -511,6 +517,8 @@ def _run_rule_sumsq_sharded(d, ctx, rule, scalars, seg, layout, p_loc, g_loc, fi
     if group.size == 0:
       continue
     state = tuple(fields[k][gi] for k in names)
+    rule = (elementwise.with_stochastic_rounding(base_rule)
+            if rounding and np.dtype(group.dtype) == np.dtype(jnp.bfloat16) else base_rule)
     if rule.seg_scalars or rule.sumsq is not None:
       q = {k: jnp.asarray(seg[k], F32)[ctx.ids(gi)] for k in rule.seg_scalars}
       out_p, out_state, unit_sums = _run_units(d.backend, rule, scalars, q, p_loc[gi],
@@ -527,9 +535,9 @@ def _run_rule_sumsq_sharded(d, ctx, rule, scalars, seg, layout, p_loc, g_loc, fi
     if unit_sums is not None:
       part = ctx.per_segment(gi, unit_sums)
       sums = part if sums is None else [a + b for a, b in zip(sums, part)]
-  if rule.sumsq is not None:
+  if base_rule.sumsq is not None:
     if sums is None:
-      sums = [jnp.zeros((n,), F32)] * elementwise.num_sumsq_terms(rule)
+      sums = [jnp.zeros((n,), F32)] * elementwise.num_sumsq_terms(base_rule)
     sums = ctx.psum_terms(list(sums))
   else:
     sums = None

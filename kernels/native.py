@@ -48,10 +48,10 @@ class _Emitter:
   def __init__(self):
     self.lines = []
 
-  def new(self, expr):
+  def new(self, expr, ctype="float"):
     name = f"t{len(self.lines)}"
-    self.lines.append(f"const float {name} = {expr};")
-    return _Sym(name, self)
+    self.lines.append(f"const {ctype} {name} = {expr};")
+    return (_USym if ctype == "uint32_t" else _Sym)(name, self)
 
 
 def _lit(x):
@@ -83,13 +83,50 @@ class _Sym:
   __neg__ = lambda s: s.em.new(f"-{s.name}")
 
 
+def _ulit(x):
+  return f"{int(x) & 0xFFFFFFFF}u"
+
+
+class _USym:
+  """A uint32 value inside the generated kernel (bit-level rule wrappers: stochastic rounding).
+  C++ ``uint32_t`` arithmetic wraps modulo 2^32 and ``>>`` is logical, like jax's uint32."""
+  __array_priority__ = 1000
+  __array_ufunc__ = None   # NumPy scalars on the left defer to the reflected operators
+
+  def __init__(self, name, em):
+    self.name, self.em = name, em
+
+  def _bin(self, other, op, reflected=False):
+    o = other.name if isinstance(other, _USym) else _ulit(other)
+    a, b = (o, self.name) if reflected else (self.name, o)
+    return self.em.new(f"{a} {op} {b}", "uint32_t")
+
+  __add__ = lambda s, o: s._bin(o, "+")
+  __radd__ = lambda s, o: s._bin(o, "+", True)
+  __sub__ = lambda s, o: s._bin(o, "-")
+  __rsub__ = lambda s, o: s._bin(o, "-", True)
+  __mul__ = lambda s, o: s._bin(o, "*")
+  __rmul__ = lambda s, o: s._bin(o, "*", True)
+  __xor__ = lambda s, o: s._bin(o, "^")
+  __rxor__ = lambda s, o: s._bin(o, "^", True)
+  __and__ = lambda s, o: s._bin(o, "&")
+  __rand__ = lambda s, o: s._bin(o, "&", True)
+  __or__ = lambda s, o: s._bin(o, "|")
+  __ror__ = lambda s, o: s._bin(o, "|", True)
+  __lshift__ = lambda s, o: s._bin(o, "<<")
+  __rshift__ = lambda s, o: s._bin(o, ">>")
+
+
 def _xp(em):
   def name(x):
-    return x.name if isinstance(x, _Sym) else _lit(x)
+    return x.name if isinstance(x, (_Sym, _USym)) else _lit(x)
 
   return types.SimpleNamespace(
       sqrt=lambda x: em.new(f"std::sqrt({x.name})"),
-      where=lambda c, a, b: em.new(f"({name(c)} != 0.0f ? {name(a)} : {name(b)})"))
+      where=lambda c, a, b: em.new(f"({name(c)} != 0.0f ? {name(a)} : {name(b)})"),
+      bits=lambda x: em.new(f"f2u({name(x)})", "uint32_t"),
+      from_bits=lambda u: em.new(f"u2f({u.name})"),
+      u32=lambda x: em.new(f"static_cast<uint32_t>({name(x)})", "uint32_t"))
 
 
 # Storage types: the math is float32 whatever the params/grads are stored in.
@@ -110,6 +147,13 @@ static inline void st(bf16& d, float x) {  // round to nearest even, as XLA's co
   u += 0x7fffu + ((u >> 16) & 1u);
   d.bits = static_cast<uint16_t>(u >> 16);
 }
+"""
+
+# Bitcasts for rules that use ``xp.bits``/``xp.from_bits``; emitted only then, so the source (and
+# the cache key) of every other kernel stays as it was.
+_BITCASTS = r"""
+static inline uint32_t f2u(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+static inline float u2f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
 """
 
 
@@ -162,7 +206,7 @@ def generate(rule, p_dtype="float32", g_dtype="float32", st_dtypes=None) -> str:
 #include <vector>
 #include "xla/ffi/api/ffi.h"
 namespace ffi = xla::ffi;
-{_CONVERSIONS}
+{_CONVERSIONS}{_BITCASTS if ("f2u(" in body or "u2f(" in body) else ""}
 static inline void segment(const float* __restrict S, const float* __restrict Q,
                            {p_qual} __restrict p, const {gt}* __restrict g{st_params},
                            int64_t n, float* __restrict acc_out) {{

@@ -63,7 +63,11 @@ TUNING: Dict[Tuple[str, int], Tuning] = {
 
 _TARGET = []   # platforms set by `targeting`, innermost last
 # What a rule's ``xp`` offers inside a kernel (fusedopt.elementwise documents the contract).
-_XP = types.SimpleNamespace(sqrt=jnp.sqrt, where=lambda c, a, b: jnp.where(c != 0, a, b))
+# Bit operations (stochastic rounding) are jax's integer ops: Triton and Mosaic lower them natively,
+# and ``_gpu_precise_ops`` only replaces float32 arithmetic (integer ops never reach its PTX).
+_XP = types.SimpleNamespace(sqrt=jnp.sqrt, where=lambda c, a, b: jnp.where(c != 0, a, b),
+                            bits=elementwise.JNP.bits, from_bits=elementwise.JNP.from_bits,
+                            u32=elementwise.JNP.u32)
 
 
 @contextlib.contextmanager
@@ -217,7 +221,13 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
   if n == 0:
     return ((p if rule.writes_param else None), tuple(state),
             tuple(jnp.zeros((0,), F32) for _ in range(n_sums)) if rule.sumsq else None)
-  tuning = tuning or TUNING[(plat, min(np.dtype(p.dtype).itemsize, 4))]
+  if tuning is None:
+    tuning = TUNING[(plat, min(np.dtype(p.dtype).itemsize, 4))]
+    if plat == "gpu" and set(elementwise.ROUNDING_SCALARS) <= set(rule.scalars):
+      # stochastic rounding's hash costs registers: at 32 elements per thread Adam's kernel
+      # spills (sm_90: 255 registers + 96 B of spills); twice the warps on the same block (16
+      # elements per thread) need <= 187 and none (sm_80, sm_90; tests/test_pallas_lowering.py)
+      tuning = dataclasses.replace(tuning, num_warps=2 * tuning.num_warps)
 
   # GPU/interpret: (units, 1024); TPU: (8 * units, 128), so each unit is one (8,128) tile.
   width = 128 if plat == "tpu" else ALIGN

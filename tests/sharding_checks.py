@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
@@ -154,12 +155,22 @@ def main():
   for label, mk in {"Adam/master": lambda: optim.Adam(1e-2, master_weights=True, backend="jnp"),
                     "Adam/state_bf16": lambda: optim.Adam(1e-2, state_dtype=jnp.bfloat16,
                                                           backend="jnp"),
-                    "LAMB/master": lambda: optim.LAMB(1e-2, master_weights=True, backend="jnp")}.items():
+                    "LAMB/master": lambda: optim.LAMB(1e-2, master_weights=True, backend="jnp"),
+                    # stochastic rounding hashes element inputs, not positions: same bits
+                    "Adam/stochastic_rounding": lambda: optim.Adam(
+                        1e-2, stochastic_rounding=True, rounding_seed=3, backend="jnp"),
+                    "Momentum/stochastic_rounding/auto": lambda: optim.Momentum(
+                        1e-2, stochastic_rounding=True)}.items():
     o1, o2 = mk().create(bf), sharding.shard_optimizer(mk(), mesh, AX).create(bf)
     for t in range(steps):
       g = grads_for(bf, t)
       o1, o2 = o1.apply_gradient(g), o2.apply_gradient(g)
     res["numerics"][label] = dict(compare(o1, o2), reducing=label.startswith("LAMB"))
+    if "stochastic" in label:   # rounding happened: some param is off the nearest-rounded value
+      near = mk().__class__(1e-2, backend="jnp").create(bf)
+      for t in range(steps):
+        near = near.apply_gradient(grads_for(bf, t))
+      res["numerics"][label]["differs_from_nearest"] = not compare(o1, near)["bitwise"]
     res["split"][label] = state_is_split(o2)
 
   # 3. Adafactor: replicated state, same numbers
@@ -275,6 +286,12 @@ def main():
     else:
       cont = compare(fn(opt, g), fn(back, g))
     res[f"checkpoint/{mode}"]["continues"] = cont["bitwise"] and cont["step"]
+    # orbax: each shard written by its device, read straight into the template's shardings
+    with tempfile.TemporaryDirectory(prefix="fusedopt-orbax-") as d:
+      serialization.save_orbax(os.path.join(d, "ckpt"), opt)
+      ob = serialization.restore_orbax(os.path.join(d, "ckpt"), mk().create(make_tree(seed=1)))
+    res[f"checkpoint/{mode}"]["orbax"] = (compare(single, ob)["bitwise"] and state_is_split(ob)
+                                          and serialization.to_bytes(ob) == blob)
 
   print(json.dumps(res))
 

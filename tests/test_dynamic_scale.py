@@ -316,10 +316,36 @@ PMAP_SCRIPT = textwrap.dedent("""
     np.testing.assert_array_equal(finite, [False] * 4)
     np.testing.assert_array_equal(new_ds.scale, [4.0] * 4)
     print('PMAP_OK')
+
+    # the same under shard_map over a 4-device mesh (each device one row of xs). check_vma=False
+    # gives pmap's semantics; with jax's default check_vma=True, jax.grad w.r.t. the replicated
+    # params already sums the per-device grads (the transpose of their implicit broadcast), so
+    # the pmean that follows leaves that sum as it is.
+    from jax.sharding import Mesh, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()), ('batch',))
+
+    @jax.jit
+    def sm_step(ds, xs):
+      def body(ds, x):
+        new_ds, finite, value, grad = ds.value_and_grad(loss, axis_name='batch')(jnp.ones(2),
+                                                                                 x[0])
+        return new_ds, finite[None], value[None], grad[None]
+      return jax.shard_map(body, mesh=mesh, in_specs=(P(), P('batch')),
+                           out_specs=(P(), P('batch'), P('batch'), P('batch')),
+                           check_vma=False)(ds, xs)
+    new_ds, finite, value, grad = sm_step(ds, xs)
+    np.testing.assert_array_equal(value, [1.0, 5.0, 9.0, 13.0])
+    np.testing.assert_array_equal(grad, [[3.0, 4.0]] * 4)
+    np.testing.assert_array_equal(finite, [True] * 4)
+    assert float(new_ds.scale) == 16.0
+    new_ds, finite, _, _ = sm_step(ds, xs.at[2, 0].set(jnp.inf))
+    np.testing.assert_array_equal(finite, [False] * 4)
+    assert float(new_ds.scale) == 4.0
+    print('SHARD_MAP_OK')
 """)
 
 
-def test_axis_name_under_pmap_in_subprocess():
+def test_axis_name_under_pmap_and_shard_map_in_subprocess():
   # The fake device count must be set before jax initialises, so it runs in a child process.
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -327,4 +353,4 @@ def test_axis_name_under_pmap_in_subprocess():
   proc = subprocess.run([sys.executable, "-c", PMAP_SCRIPT], env=env, cwd=REPO_ROOT,
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert "PMAP_OK" in proc.stdout
+  assert "PMAP_OK" in proc.stdout and "SHARD_MAP_OK" in proc.stdout

@@ -201,3 +201,123 @@ def test_t3_bfloat16_state_compiles(rule):
   st = ptxas_stats(k.asm["ptx"], 90)
   assert st["spill_stores"] == 0 and st["spill_loads"] == 0, st["text"]
   assert "tpu_custom_call" in lower_tpu(_update_fn(rule, "tpu", n), *sds).as_text()
+
+
+# ----------------------------------------------------------------------------- stochastic rounding
+
+from fusedopt.elementwise import with_stochastic_rounding  # noqa: E402
+
+SR_RULES = [with_stochastic_rounding(SGD_RULE), with_stochastic_rounding(momentum_rule(True)),
+            with_stochastic_rounding(ADAM_RULE), with_stochastic_rounding(guarded(ADAM_RULE)),
+            with_stochastic_rounding(APPLY_RULE), with_stochastic_rounding(lars_rule(True)),
+            with_stochastic_rounding(per_segment(ADAM_RULE))]
+
+
+def _sr_sds(rule, n, state_dtype=jnp.float32):
+  """SR is for bf16 params (the driver applies it to bf16 groups only): bf16 p and g."""
+  return ([jax.ShapeDtypeStruct((n,), jnp.bfloat16)] * 2
+          + [jax.ShapeDtypeStruct((n,), state_dtype)] * rule.n_state)
+
+
+@pytest.mark.parametrize("rule", SR_RULES, ids=lambda r: r.name)
+def test_t2_stochastic_rounding_lowers_for_cuda(rule):
+  """The hash is integer IR (xor, logical shifts, multiplies, bitcasts), not the float PTX of
+  ``_gpu_precise_ops``; aliases kept."""
+  n = 64 * kp.ALIGN
+  low = lower_cuda(_update_fn(rule, "gpu", n), *_sr_sds(rule, n), donate_argnums=_donate(rule))
+  txt = low.as_text()
+  assert txt.count("__gpu$xla.gpu.triton") == 1
+  n_out = rule.n_state * int(rule.writes_state) + int(rule.writes_param)
+  assert len(re.findall(r"output_operand_alias<output_tuple_indices = \[\d*\]", txt)) == n_out
+  [(_, ttir)] = ttir_texts(low)
+  for op in ("arith.xori", "arith.shrui", "arith.muli", "tt.bitcast", "arith.andi"):
+    assert op in ttir, op
+  asm = set(re.findall(r'elementwise_inline_asm "([a-z0-9.]+) ', ttir))
+  assert asm <= {"add.rn.f32", "sub.rn.f32", "mul.rn.f32", "div.rn.f32", "sqrt.rn.f32"}, asm
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (the `test` extra has it)")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("rule", SR_RULES, ids=lambda r: r.name)
+def test_t3_stochastic_rounding_compiles_without_spills(rule, arch):
+  """With the kernel's own launch parameters: SR rules get twice the default warps on GPU."""
+  n = 64 * kp.ALIGN
+  tuning = kp.TUNING[("gpu", 2)]
+  [(name, ttir)] = ttir_texts(lower_cuda(_update_fn(rule, "gpu", n), *_sr_sds(rule, n)))
+  assert name == f"fusedopt_{rule.name}"
+  k = compile_ttir(ttir, arch, num_warps=2 * tuning.num_warps, num_stages=tuning.num_stages)
+  assert k.asm["cubin"]
+  ptx = k.asm["ptx"]
+  assert "mul.lo" in ptx and "shr.u32" in ptx       # the hash: 32-bit integer ops
+  st = ptxas_stats(ptx, arch)
+  assert st["spill_stores"] == 0 and st["spill_loads"] == 0, st["text"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (the `test` extra has it)")
+def test_t3_stochastic_rounding_with_bfloat16_state_compiles():
+  rule = with_stochastic_rounding(ADAM_RULE)
+  n = 64 * kp.ALIGN
+  [(_, ttir)] = ttir_texts(lower_cuda(_update_fn(rule, "gpu", n),
+                                      *_sr_sds(rule, n, jnp.bfloat16)))
+  st = ptxas_stats(compile_ttir(ttir, 90, num_warps=2 * kp.TUNING[("gpu", 2)].num_warps)
+                   .asm["ptx"], 90)
+  assert st["spill_stores"] == 0 and st["spill_loads"] == 0, st["text"]
+
+
+@pytest.mark.parametrize("rule", SR_RULES, ids=lambda r: r.name)
+def test_t4_stochastic_rounding_lowers_for_tpu(rule):
+  n = 64 * kp.ALIGN
+  txt = lower_tpu(_update_fn(rule, "tpu", n), *_sr_sds(rule, n)).as_text()
+  assert "tpu_custom_call" in txt
+
+
+@pytest.mark.parametrize("rule", [with_stochastic_rounding(ADAM_RULE),
+                                  with_stochastic_rounding(guarded(ADAM_RULE))],
+                         ids=lambda r: r.name)
+def test_t5_stochastic_rounding_tpu_mosaic_compiles(tpu_mesh, rule):
+  n = 256 * kp.ALIGN
+  rep = jax.sharding.NamedSharding(tpu_mesh, jax.sharding.PartitionSpec())
+  with jax.set_mesh(tpu_mesh):
+    compiled = jax.jit(_update_fn(rule, "tpu", n), donate_argnums=_donate(rule)).trace(
+        *_sr_sds(rule, n, jnp.float32)[:2],
+        *[jax.ShapeDtypeStruct((n,), jnp.float32, sharding=rep)] * rule.n_state).lower().compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < n * 4
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="jax-cuda12-plugin not installed")
+def test_t5_stochastic_rounding_full_step_compiles_for_h100():
+  """Adam with stochastic_rounding on a bf16 tree: the whole step through XLA:GPU for an H100."""
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    topo = topologies.get_topology_desc(platform="cuda", target_config=H100, topology="1x1x1")
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"no CUDA compile-only topology here: {e}")
+  mesh = topologies.make_mesh(topo, (1,), ("x",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  tree = {"a": jnp.zeros((300, 70), jnp.bfloat16), "b": jnp.zeros((5000,), jnp.bfloat16)}
+  opt = optim.Adam(learning_rate=0.1, backend="pallas", stochastic_rounding=True).create(tree)
+  to_sds = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=rep)  # noqa
+  with kp.targeting("gpu"):
+    compiled = jax.jit(lambda o, g: o.apply_gradient(g), donate_argnums=0).trace(
+        jax.tree.map(to_sds, opt), jax.tree.map(to_sds, tree)).lower().compile()
+  assert "triton" in compiled.as_text()
+
+
+# ----------------------------------------------------------------------------- traffic: unread inputs
+
+from fusedopt.elementwise import with_master  # noqa: E402
+
+
+def test_t2_master_weights_never_load_the_low_precision_param():
+  """With master weights the bf16 param is written, never read: Adam moves 28 B/param, not 30.
+  In the Triton IR an operand that is never loaded appears only in the signature (%arg0 holds
+  the scalars, %arg1 the param, %arg2 the grad, then the state); plain Adam does load it."""
+  n = 16 * kp.ALIGN
+
+  def uses(rule):
+    [(_, ttir)] = ttir_texts(lower_cuda(_update_fn(rule, "gpu", n),
+                                        *_sds(rule, n, jnp.bfloat16)))
+    return [len(re.findall(rf"%arg{a}\b", ttir)) for a in range(3 + rule.n_state)]
+  master = uses(with_master(ADAM_RULE))
+  assert master[1] == 1 and all(u > 1 for u in master[2:])
+  assert all(u > 1 for u in uses(ADAM_RULE)[1:])

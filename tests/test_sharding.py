@@ -56,8 +56,10 @@ def test_every_optimizer_matches_the_single_device_path(report):
       # FSDP with bf16 grads / interpret-mode kernels: XLA:CPU contracts a*b+c into an FMA
       # differently for other fusion shapes (1 ulp); float32 groups are bitwise
       assert r["ulps"] <= 1, (key, r)
-  for label in ("Adam/master", "Adam/state_bf16"):
+  for label in ("Adam/master", "Adam/state_bf16", "Adam/stochastic_rounding",
+                "Momentum/stochastic_rounding/auto"):
     assert num[label]["bitwise"], label
+  assert num["Adam/stochastic_rounding"]["differs_from_nearest"]
   assert num["LAMB/master"]["ulps"] <= 4
 
 
@@ -109,7 +111,7 @@ def test_sharded_checkpoint_round_trips(report):
   for mode in ("replicated", "sharded"):
     r = report[f"checkpoint/{mode}"]
     assert all(r[k] for k in ("vs_single", "restored", "restore_state", "step", "split",
-                              "split_restore_state", "same_bytes", "continues")), r
+                              "split_restore_state", "same_bytes", "continues", "orbax")), r
     assert r["target_sharding"] == ("P()" if mode == "replicated" else "P('data',)"), r
 
 

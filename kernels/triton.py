@@ -1,0 +1,785 @@
+"""The ``triton`` backend: hand-written Triton kernels (via jax-triton), bodies generated from Rules.
+
+Why a second GPU backend next to Pallas: a ``@triton.jit`` kernel controls what Pallas decides for
+us -- masked loads and stores of any length, int64 addressing, the tile shape, ``num_warps``, and
+which inputs are read at all -- and is the same kind of kernel apex and torch's fused optimizers
+are. The optimizer math is still written once: each ``Rule.fn`` is traced with symbolic values
+(``_Sym``, like ``fusedopt.kernels.native`` does for C++) that print Triton-Python statements, and
+the statements are pasted into one of three hand-written driver templates:
+
+- ``_UPDATE``: the element-wise update of a rule over one dtype group's flat buffers (every
+  optimizer, every ``guarded``/``with_master``/``per_segment`` variant), plus, for a rule with
+  ``sumsq`` (LAMB's moment stage), per-row partial sums of squares of its terms;
+- ``_PREPASS``: per-row sum of squares and non-finite count of ``grad_scale * g`` (the global-norm
+  and finite pre-pass of ``apply_gradient_checked``; the tiny final reduction runs in XLA).
+
+Layout of a program. The flat buffers of ``fusedopt.layout`` hold whole 1024-element units, and
+every segment (tensor) starts on a unit. A program handles a ``(R, C)`` tile of ``R * C = BLOCK``
+elements, ``C = min(BLOCK, 1024)``, so a row never straddles two tensors: per-tensor scalars
+(LAMB/LARS trust ratios) are one load per row, and LAMB's norms are per-row ``tl.sum``s that a
+sorted ``segment_sum`` in XLA turns into per-tensor norms (``run.fused_sumsq = True``, the same
+contract as the Pallas backend). Loads and stores are masked by row (``offs < N_ROWS * C``), so any
+whole number of rows works and a block may overhang the end (BLOCK > 1024); the mask is constant
+over runs of C elements, so Triton still emits 16-byte vector loads (checked in the tests). Offsets are computed in
+int64 (``program_id(0).to(int64) * R``) so buffers past 2^31 elements address correctly.
+
+Numerics. Every value is float32 in the kernel (loads widen the storage dtype, stores round to
+nearest even). ``/`` is ``tl.div_rn`` and ``sqrt`` is ``tl.sqrt_rn`` (Triton's defaults are
+``div.full`` and an approximate sqrt), and kernels are compiled with ``enable_fp_fusion=False``,
+so the PTX holds ``mul.rn``/``add.rn`` -- explicitly rounded, which neither ptxas nor the driver's
+JIT contracts into FMAs. A step therefore rounds every operation like the jnp oracle does.
+Bit-level wrappers (``elementwise.with_stochastic_rounding``) trace into uint32 values
+(``_USym``): ``xp.bits``/``xp.from_bits`` are ``.to(..., bitcast=True)``, ``xp.u32`` a float ->
+uint32 conversion, and every integer literal a ``tl.uint32`` constant, so ``*``/``+`` wrap
+modulo 2^32 and ``>>`` is logical -- the hash gives the jnp oracle's bits exactly.
+
+Runtime scalars. The step's scalars (lr, betas, bias corrections, grad scale, ok flag) are one
+float32 vector read by the kernel, per-tensor scalars a per-unit table: changing the learning
+rate every step neither retraces nor recompiles anything.
+
+In place. Params and state are ``input_output_aliases`` of the jax-triton call: donate the
+optimizer at the jit boundary and they are updated where they are. An input the rule never reads
+(the params under ``master_weights``, the grads of LAMB's apply stage) is not loaded.
+
+Interpret mode. ``platform="interpret"`` runs the *same generated source* in Triton's interpreter
+(``TRITON_INTERPRET=1`` must be set before ``triton`` is imported) on host numpy buffers through
+``jax.pure_callback``: slow, for verification on a CPU (tests/test_triton_kernels.py).
+
+Generated sources are written to ``$FUSEDOPT_CACHE_DIR/triton`` (default
+``~/.cache/fusedopt/triton``), named by their hash, and imported from there: Triton reads a
+kernel's source with ``inspect``, so it must live in a real file.
+
+Tuning (``TUNING``): 4096 elements (4 rows) per program, as for the Pallas kernels, with 8 warps:
+16 float32 per thread per buffer, four 16-byte vectors. With 4 warps (32 per thread) ptxas
+spilled for AdaBelief and LAMB's moment pass (168 registers, sm_90; tests/test_triton_kernels.py
+checks every rule for zero spills); stochastically rounding rules get 16 warps
+(``default_tuning``: the hash's registers). ``python -m bench.kernels --device gpu --sweep`` on
+a GPU sweeps BLOCK x num_warps for this backend too. ``backend="auto"`` does not pick this backend: it
+keeps its measured choices until an H100 run of ``bench/gpu_run.sh`` shows this one faster.
+"""
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import os
+import re
+import threading
+import types
+from typing import Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusedopt import elementwise
+
+F32 = jnp.float32
+ALIGN = 1024          # elements per layout alignment unit (fusedopt.layout.DEFAULT_ALIGN)
+
+
+class TritonUnavailable(RuntimeError):
+  """triton / jax-triton missing, or no CUDA GPU: the triton backend cannot run here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """Launch parameters: ``block`` elements per program (a power of two), warps, stages."""
+  block: int = 4096
+  num_warps: int = 4
+  num_stages: int = 1
+
+
+# (platform, storage itemsize of the params) -> Tuning. GPU: the Pallas kernels' measured block
+# (4096 elements; bench/results/kernels-gpu-2026-11-25-sweep.md) with 8 warps, the fewest with
+# zero spills for every rule (see the module docstring), until an H100 sweep of this backend
+# (python -m bench.kernels --device gpu --sweep) says otherwise. Interpret mode costs Python per
+# program, so it takes big blocks.
+TUNING: Dict[Tuple[str, int], Tuning] = {
+    ("gpu", 4): Tuning(block=4096, num_warps=8),
+    ("gpu", 2): Tuning(block=4096, num_warps=8),
+    ("interpret", 4): Tuning(block=16384),
+    ("interpret", 2): Tuning(block=16384),
+}
+
+_TARGET = []   # (platform, compute capability) set by `targeting`, innermost last
+
+
+def default_tuning(rule, p_dtype, platform: Optional[str] = None) -> Tuning:
+  """The ``Tuning`` ``flat_update`` uses for ``rule`` on params of ``p_dtype``: ``TUNING``'s, and
+  on a GPU twice the warps for a stochastically rounding rule (``with_stochastic_rounding``):
+  its hash costs registers, and at 16 elements per thread the guarded Adam kernel spills on
+  sm_90 (128 registers + 4 B of spills); at 8 per thread no rule needs more than ~100 and none
+  spills (sm_80, sm_90; tests/test_triton_kernels.py), as for the Pallas kernels."""
+  plat = _platform(platform)
+  tuning = TUNING[(plat, min(np.dtype(p_dtype).itemsize, 4))]
+  if plat == "gpu" and set(elementwise.ROUNDING_SCALARS) <= set(rule.scalars):
+    tuning = dataclasses.replace(tuning, num_warps=2 * tuning.num_warps)
+  return tuning
+
+
+@contextlib.contextmanager
+def targeting(platform: str = "gpu", compute_capability: Optional[int] = 90):
+  """Build kernels for ``platform`` whatever jax's default backend is: with ``"gpu"`` and a
+  ``compute_capability`` (90 = H100, 80 = A100), jax-triton lowers and compiles the kernels on a
+  machine without a GPU (ahead-of-time compiles to a compile-only topology, lowering tests)."""
+  _TARGET.append((platform, compute_capability))
+  try:
+    yield
+  finally:
+    _TARGET.pop()
+
+
+def _platform(platform: Optional[str]) -> str:
+  if platform is None:
+    platform = _TARGET[-1][0] if _TARGET else jax.default_backend()
+  if platform in ("gpu", "cuda"):
+    return "gpu"
+  if platform in ("interpret", "cpu"):
+    return "interpret"
+  raise ValueError(f"no Triton kernels for platform {platform!r}")
+
+
+def _compute_capability():
+  return _TARGET[-1][1] if _TARGET else None
+
+
+# ----------------------------------------------------------------------------- lazy imports
+
+_lock = threading.RLock()
+
+
+def _triton():
+  import triton  # pylint: disable=import-outside-toplevel
+  return triton
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_triton():
+  """jax_triton, imported with ``TRITON_CACHE_DIR`` kept (its import sets it to "", after which
+  ``triton.compile`` cannot find a cache dir)."""
+  saved = os.environ.get("TRITON_CACHE_DIR")
+  try:
+    import jax_triton  # pylint: disable=import-outside-toplevel
+  finally:
+    if saved is None:
+      os.environ.pop("TRITON_CACHE_DIR", None)
+    else:
+      os.environ["TRITON_CACHE_DIR"] = saved
+  return jax_triton
+
+
+def interpreting() -> bool:
+  """Whether the imported ``triton`` runs kernels in its interpreter (TRITON_INTERPRET=1 at import)."""
+  try:
+    return bool(_triton().knobs.runtime.interpret)
+  except ImportError:
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _importable() -> bool:
+  try:
+    _triton()
+    _jax_triton()
+    return True
+  except Exception:  # pylint: disable=broad-except  (ImportError, or jax-triton refusing a CPU jaxlib)
+    return False
+
+
+def _on_cuda() -> bool:
+  try:
+    return jax.default_backend() == "gpu" and jax.devices()[0].platform in ("gpu", "cuda") and (
+        "rocm" not in jax.devices()[0].client.platform_version.lower())
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def available() -> bool:
+  """Whether compiled Triton kernels can run here: a CUDA GPU (or ``targeting("gpu", cc)`` for
+  ahead-of-time lowering), triton and jax-triton."""
+  if _TARGET and _TARGET[-1][0] in ("gpu", "cuda"):
+    return _importable() and not interpreting()
+  return _on_cuda() and _importable() and not interpreting()
+
+
+def unavailable_reason() -> str:
+  if not _on_cuda():
+    return f"it needs an NVIDIA GPU (jax's default backend is {jax.default_backend()!r})"
+  if not _importable():
+    return "it needs the packages triton and jax-triton (pip install 'fusedopt[gpu]')"
+  return "triton was imported with TRITON_INTERPRET=1 (interpreter only)"
+
+
+def supports(dtype) -> bool:
+  return np.dtype(dtype) in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+# ----------------------------------------------------------------------------- code generation
+
+_TL_DTYPES = {"float32": "tl.float32", "bfloat16": "tl.bfloat16", "float16": "tl.float16"}
+
+
+class _Emitter:
+  """Collects the statements of a kernel body; literals become named float32 constants."""
+
+  def __init__(self):
+    self.lines, self.consts = [], {}
+
+  def new(self, expr, sym=None):
+    name = f"t{len(self.lines)}"
+    self.lines.append(f"{name} = {expr}")
+    return (sym or _Sym)(name, self)
+
+  def name(self, x):
+    if isinstance(x, (_Sym, _USym)):
+      return x.name
+    v = float(np.float32(x))
+    key = np.float32(v).tobytes()
+    if key not in self.consts:
+      lit = repr(v) if np.isfinite(v) else f"float('{v}')"
+      self.consts[key] = (f"c{len(self.consts)}", f"tl.full([], {lit}, tl.float32)")
+    return self.consts[key][0]
+
+  def uname(self, x):
+    """A uint32 operand: a ``_USym``, or an integer literal (reduced modulo 2^32) as a named
+    ``tl.uint32`` constant, so no operation promotes to int32/int64 or goes signed."""
+    if isinstance(x, _USym):
+      return x.name
+    if isinstance(x, _Sym):
+      raise TypeError(f"float32 value {x.name} used in a uint32 operation; convert it with "
+                      "xp.bits or xp.u32")
+    v = int(x) & 0xFFFFFFFF
+    key = ("u32", v)
+    if key not in self.consts:
+      self.consts[key] = (f"c{len(self.consts)}", f"tl.full([], {v:#x}, tl.uint32)")
+    return self.consts[key][0]
+
+
+class _Sym:
+  """A float32 value (tensor or scalar) of the kernel; operators emit Triton statements. Division
+  and square root are the IEEE round-to-nearest ones (``div_rn``/``sqrt_rn``)."""
+  __array_priority__ = 1000
+
+  def __init__(self, name, em):
+    self.name, self.em = name, em
+
+  def _bin(self, other, fmt):
+    return self.em.new(fmt.format(a=self.name, b=self.em.name(other)))
+
+  def _rbin(self, other, fmt):
+    return self.em.new(fmt.format(a=self.em.name(other), b=self.name))
+
+  __add__ = lambda s, o: s._bin(o, "{a} + {b}")
+  __radd__ = lambda s, o: s._rbin(o, "{a} + {b}")
+  __sub__ = lambda s, o: s._bin(o, "{a} - {b}")
+  __rsub__ = lambda s, o: s._rbin(o, "{a} - {b}")
+  __mul__ = lambda s, o: s._bin(o, "{a} * {b}")
+  __rmul__ = lambda s, o: s._rbin(o, "{a} * {b}")
+  __truediv__ = lambda s, o: s._bin(o, "tl.div_rn({a}, {b})")
+  __rtruediv__ = lambda s, o: s._rbin(o, "tl.div_rn({a}, {b})")
+  __neg__ = lambda s: s.em.new(f"-{s.name}")
+  __pos__ = lambda s: s
+
+
+class _USym:
+  """A uint32 value of the kernel (bit-level rule wrappers: stochastic rounding), like
+  ``fusedopt.kernels.native``'s: operands and literals are ``tl.uint32``, so ``*`` and ``+`` wrap
+  modulo 2^32 and ``>>`` is a logical shift, as for jax's uint32 arrays."""
+  __array_priority__ = 1000
+  __array_ufunc__ = None   # NumPy scalars on the left defer to the reflected operators
+
+  def __init__(self, name, em):
+    self.name, self.em = name, em
+
+  def _bin(self, other, op, reflected=False):
+    a, b = self.name, self.em.uname(other)
+    if reflected:
+      a, b = b, a
+    return self.em.new(f"{a} {op} {b}", _USym)
+
+  __add__ = lambda s, o: s._bin(o, "+")
+  __radd__ = lambda s, o: s._bin(o, "+", True)
+  __sub__ = lambda s, o: s._bin(o, "-")
+  __rsub__ = lambda s, o: s._bin(o, "-", True)
+  __mul__ = lambda s, o: s._bin(o, "*")
+  __rmul__ = lambda s, o: s._bin(o, "*", True)
+  __xor__ = lambda s, o: s._bin(o, "^")
+  __rxor__ = lambda s, o: s._bin(o, "^", True)
+  __and__ = lambda s, o: s._bin(o, "&")
+  __rand__ = lambda s, o: s._bin(o, "&", True)
+  __or__ = lambda s, o: s._bin(o, "|")
+  __ror__ = lambda s, o: s._bin(o, "|", True)
+  __lshift__ = lambda s, o: s._bin(o, "<<")
+  __rshift__ = lambda s, o: s._bin(o, ">>")
+
+
+def _xp(em):
+  def cond(c):   # where's condition: nonzero = true, for a float32 or a uint32 value
+    if isinstance(c, _USym):
+      return f"{c.name} != {em.uname(0)}"
+    return f"{em.name(c)} != 0.0"
+
+  return types.SimpleNamespace(
+      sqrt=lambda x: em.new(f"tl.sqrt_rn({em.name(x)})"),
+      where=lambda c, a, b: em.new(f"tl.where({cond(c)}, {em.name(a)}, {em.name(b)})"),
+      bits=lambda x: em.new(f"{em.name(x)}.to(tl.uint32, bitcast=True)", _USym),
+      from_bits=lambda u: em.new(f"{em.uname(u)}.to(tl.float32, bitcast=True)"),
+      u32=lambda x: em.new(f"{em.name(x)}.to(tl.uint32)", _USym))
+
+
+_HEADER = '''"""Generated by fusedopt.kernels.triton ({what}). Do not edit: regenerated from the rule."""
+import triton
+import triton.language as tl
+
+'''
+
+# The driver template of the element-wise update. {params}: S, per-segment tables Q*, P, (G),
+# state ST*, then N_ROWS (a runtime scalar), then the outputs (jax-triton appends output pointers
+# after the inputs), then the tile shape.
+_UPDATE = '''
+@triton.jit
+def {name}({params}, R: tl.constexpr, C: tl.constexpr, ROWS_PER_UNIT: tl.constexpr):
+    # this program's rows of C elements; int64 so that offsets past 2^31 elements are exact
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    rmask = rows < N_ROWS
+    offs = rows[:, None] * C + tl.arange(0, C)[None, :]
+    # full-shape mask: constant over runs of C elements (N_ROWS * C is a multiple of C), so loads
+    # stay 16-byte vectors; and a real [R, C] array in the interpreter, whose masked loads read a
+    # broadcast [R, 1] mask out of bounds
+    mask = offs < N_ROWS * C
+{loads}
+{body}
+{stores}
+'''
+
+_PREPASS = '''
+@triton.jit
+def fusedopt_grad_prepass(S, G, N_ROWS, SUMSQ, BAD, R: tl.constexpr, C: tl.constexpr):
+    # per row: sum((scale * g)^2) and the number of non-finite scale * g (NaN compares false)
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    rmask = rows < N_ROWS
+    offs = rows[:, None] * C + tl.arange(0, C)[None, :]
+    x = tl.load(G + offs, mask=offs < N_ROWS * C, other=0.0).to(tl.float32) * tl.load(S)
+    tl.store(SUMSQ + rows, tl.sum(x * x, axis=1), mask=rmask)
+    bad = tl.where(tl.abs(x) < float("inf"), 0.0, 1.0)
+    tl.store(BAD + rows, tl.sum(bad, axis=1), mask=rmask)
+'''
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+  """What one generated update kernel is: the rule and the storage dtypes of its buffers."""
+  rule: elementwise.Rule
+  p_dtype: str
+  g_dtype: Optional[str]            # None when the rule does not read the gradient
+  st_dtypes: Tuple[str, ...]
+
+  @property
+  def name(self):
+    return "fusedopt_" + re.sub(r"\W", "_", self.rule.name)
+
+
+def _store(ptr, val, dtype):
+  v = val if dtype == "float32" else f'{val}.to({_TL_DTYPES[dtype]}, fp_downcast_rounding="rtne")'
+  return f"tl.store({ptr} + offs, {v}, mask=mask)"
+
+
+def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
+  """(Python source of the ``@triton.jit`` update kernel, input names, output names).
+
+  The rule is traced with ``_Sym`` values; the inputs it never reads are not loaded."""
+  rule = spec.rule
+  em = _Emitter()
+  s = types.SimpleNamespace(**{k: _Sym(f"s{i}", em) for i, k in enumerate(rule.scalars)})
+  q = types.SimpleNamespace(**{k: _Sym(f"q{i}", em) for i, k in enumerate(rule.seg_scalars)})
+  p, g = _Sym("p", em), (_Sym("g", em) if rule.reads_grad else em.name(0.0))
+  st = [_Sym(f"st{k}", em) for k in range(rule.n_state)]
+  try:
+    new_p, new_state = rule.fn(_xp(em), s, q, p, g if rule.reads_grad else 0.0, *st)
+  except AttributeError as e:   # an xp function or operator the emitter does not know
+    raise NotImplementedError(
+        f"the triton backend cannot generate rule {rule.name!r} ({e}); its emitter supports "
+        "+ - * /, sqrt and where on float32 values, and bits/from_bits/u32 with the uint32 "
+        "operators + - * ^ & | << >>") from e
+  terms = ()
+  if rule.sumsq is not None:
+    terms = rule.sumsq(_xp(em), s, q, p, g if rule.reads_grad else 0.0,
+                       *(new_state if rule.writes_state else st))
+  if not rule.writes_state:
+    new_state = ()
+  n_terms = len(terms)
+
+  ins = (["S"] + [f"Q{i}" for i in range(len(rule.seg_scalars))] + ["P"]
+         + (["G"] if rule.reads_grad else []) + [f"ST{k}" for k in range(rule.n_state)])
+  outs = ((["P_OUT"] if rule.writes_param else []) + [f"ST{k}_OUT" for k in range(len(new_state))]
+          + [f"SUM{t}" for t in range(n_terms)])
+
+  stores = []
+  for k, v in enumerate(new_state):
+    stores.append(_store(f"ST{k}_OUT", em.name(v), spec.st_dtypes[k]))
+  if rule.writes_param:
+    stores.append(_store("P_OUT", em.name(new_p), spec.p_dtype))
+  for t, v in enumerate(terms):
+    sq = em.name(v * v)
+    stores.append(f"tl.store(SUM{t} + rows, tl.sum({sq}, axis=1), mask=rmask)")
+
+  # Loads of what the body uses, and nothing else.
+  text = "\n".join(em.lines + stores)
+  used = set(re.findall(r"\b[a-z]+\d*\b", text))
+  loads = [f"{name} = {expr}" for name, expr in em.consts.values()]
+  loads += [f"s{i} = tl.load(S + {i})" for i in range(len(rule.scalars)) if f"s{i}" in used]
+  loads += [f"q{i} = tl.load(Q{i} + rows // ROWS_PER_UNIT, mask=rmask, other=0.0)[:, None]"
+            for i in range(len(rule.seg_scalars)) if f"q{i}" in used]
+  bufs = [("p", "P")] + ([("g", "G")] if rule.reads_grad else []) + [
+      (f"st{k}", f"ST{k}") for k in range(rule.n_state)]
+  loads += [f"{v} = tl.load({ptr} + offs, mask=mask, other=0.0).to(tl.float32)"
+            for v, ptr in bufs if v in used]
+  indent = lambda xs: "\n".join("    " + x for x in xs) or "    pass"  # noqa: E731
+  params = ", ".join(ins + ["N_ROWS"] + outs)
+  src = _HEADER.format(what=f"rule {rule.name!r}, params {spec.p_dtype}, grads {spec.g_dtype}, "
+                            f"state {', '.join(spec.st_dtypes) or '-'}")
+  src += _UPDATE.format(name=spec.name, params=params, loads=indent(loads),
+                        body=indent(em.lines), stores=indent(stores))
+  return src, tuple(ins), tuple(outs)
+
+
+def _source_dir():
+  d = os.path.join(os.environ.get("FUSEDOPT_CACHE_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "fusedopt"), "triton")
+  os.makedirs(d, exist_ok=True)
+  return d
+
+
+@functools.lru_cache(maxsize=None)
+def _load(src: str, fn_name: str, interpret: bool):
+  """The ``@triton.jit`` function ``fn_name`` of ``src``, imported from a file (Triton needs the
+  source through ``inspect``). Cached per source; ``interpret`` only keys the cache (the kind of
+  function ``triton.jit`` makes is decided by how triton was imported)."""
+  del interpret
+  key = hashlib.sha256(src.encode()).hexdigest()[:20]
+  path = os.path.join(_source_dir(), f"fusedopt_triton_{key}.py")
+  with _lock:
+    if not os.path.exists(path):
+      tmp = f"{path}.{os.getpid()}.tmp"
+      with open(tmp, "w") as f:
+        f.write(src)
+      os.replace(tmp, path)   # atomic: another process never imports a half-written file
+    spec = importlib.util.spec_from_file_location(f"fusedopt_triton_{key}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+  return getattr(mod, fn_name)
+
+
+@functools.lru_cache(maxsize=None)
+def update_kernel(spec: KernelSpec):
+  """(the ``@triton.jit`` kernel, input names, output names) for ``spec``."""
+  src, ins, outs = generate(spec)
+  return _load(src, spec.name, interpreting()), ins, outs
+
+
+def prepass_source() -> str:
+  return _HEADER.format(what="gradient pre-pass") + _PREPASS
+
+
+def prepass_kernel():
+  return _load(prepass_source(), "fusedopt_grad_prepass", interpreting())
+
+
+# ----------------------------------------------------------------------------- launching
+
+def _tile(n_rows: int, tuning: Tuning):
+  """(R, C): C = min(block, ALIGN) elements per row, R rows per program (a power of two, no more
+  than the buffer needs)."""
+  block = tuning.block
+  if block & (block - 1) or block < 16:
+    raise ValueError(f"block={block} must be a power of two >= 16")
+  c = min(block, ALIGN)
+  r = block // c
+  while r > 1 and r // 2 >= n_rows:
+    r //= 2
+  return r, c
+
+
+class _NpTensor:
+  """The little of a torch tensor that Triton's interpreter reads (pointer, dtype, storage), over
+  a C-contiguous numpy array that the kernel reads and writes in place (after
+  ../shared/reference/kernel-verification/np_triton_shim.py)."""
+
+  class _Dtype:
+    def __init__(self, dt):
+      self.name = np.dtype(dt).name
+
+    def __str__(self):             # triton maps "torch.float32" -> fp32, "torch.bfloat16" -> bf16
+      return f"torch.{self.name}"
+    __repr__ = __str__
+
+  class _Storage:
+    def __init__(self, owner):
+      self.owner = owner
+
+    def data_ptr(self):
+      return self.owner.a.ctypes.data
+
+    def cpu(self):
+      return self
+
+    def copy_(self, other):
+      del other
+      return self
+
+  # One dtype object per dtype, alive for good: Triton's native specialisation caches type names
+  # by the dtype object's address (torch dtypes are singletons), so a freed per-tensor dtype
+  # object whose address is reused would give a later tensor a stale type.
+  _DTYPES = {}
+
+  def __init__(self, a):
+    assert a.flags.c_contiguous and a.flags.writeable
+    name = np.dtype(a.dtype).name
+    self.a = a
+    self.dtype = self._DTYPES.setdefault(name, self._Dtype(a.dtype))
+
+  def data_ptr(self):
+    return self.a.ctypes.data
+
+  def untyped_storage(self):
+    return self._Storage(self)
+
+  def new_empty(self, *_, **__):
+    return _NpTensor(self.a)
+
+  def set_(self, storage, offset, size, stride):
+    del offset, size, stride
+    self.a = storage.owner.a
+    return self
+
+  def storage_offset(self):
+    return 0
+
+  def size(self):
+    return self.a.shape
+
+  def stride(self):
+    return tuple(s // self.a.itemsize for s in self.a.strides)
+
+  def copy_(self, other):
+    del other
+    return self
+
+
+def _launch_numpy(kernel, grid, args, outs_np, consts):
+  """Runs an interpreted kernel on host buffers (``args``: numpy arrays or Python scalars)."""
+  wrapped = [_NpTensor(a) if isinstance(a, np.ndarray) else a for a in args]
+  wrapped += [_NpTensor(o) for o in outs_np]
+  # XLA:CPU may run two groups' callbacks at once, and the interpreter is not thread-safe (it
+  # patches triton.language while a kernel runs): one interpreted kernel at a time.
+  with _lock:
+    kernel[grid](*wrapped, **consts)
+
+
+def _call(kernel, ins, out_shapes, aliases, scalars_after, grid, consts, tuning, plat, name):
+  """One kernel call over jax arrays: jax-triton on a GPU, the interpreter via a host callback."""
+  if plat == "gpu":
+    jt = _jax_triton()
+    cc = _compute_capability()
+    return jt.triton_call(
+        *ins, *scalars_after, kernel=kernel, out_shape=out_shapes, grid=grid, name=name,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages, enable_fp_fusion=False,
+        input_output_aliases=aliases, **({"compute_capability": cc} if cc else {}), **consts)
+  if not interpreting():
+    raise TritonUnavailable(
+        "Triton interpret mode needs TRITON_INTERPRET=1 in the environment before triton is "
+        "imported (e.g. `TRITON_INTERPRET=1 python ...`)")
+
+  def host(*arrays):
+    arrays = [np.ascontiguousarray(np.array(a)) for a in arrays]
+    outs_np = []
+    for j, o in enumerate(out_shapes):
+      src = next((i for i, oj in aliases.items() if oj == j), None)
+      outs_np.append(arrays[src].copy() if src is not None else np.zeros(o.shape, o.dtype))
+    _launch_numpy(kernel, grid, list(arrays) + list(scalars_after), outs_np, consts)
+    return tuple(outs_np)
+  return list(jax.pure_callback(host, tuple(out_shapes), *ins))
+
+
+def flat_update(rule, scalars, seg_units, p, g, state, *, platform=None, tuning=None):
+  """Runs ``rule`` over flat buffers with one Triton kernel.
+
+  Args:
+    rule: a ``fusedopt.elementwise.Rule``.
+    scalars: name -> float32 scalar (traced values welcome) for ``rule.scalars``.
+    seg_units: name -> float32 [n // ALIGN], the per-segment scalar of each alignment unit.
+    p, g: 1-D buffers of n elements, n a multiple of ALIGN; ``g`` None for a rule not reading it.
+    state: ``rule.n_state`` 1-D buffers of n elements.
+    platform: "gpu" (jax-triton) or "interpret" (Triton's interpreter, CPU); default: jax's.
+    tuning: a ``Tuning`` overriding ``TUNING``.
+  Returns:
+    (new p or None, tuple of new state, tuple of float32 [n // ALIGN] per-unit sums of squares of
+    ``rule.sumsq``'s terms or None) -- the contract of ``fusedopt.kernels.pallas.flat_update``.
+  """
+  plat = _platform(platform)
+  n = p.shape[0]
+  if n % ALIGN:
+    raise ValueError(f"flat buffers must hold a multiple of {ALIGN} elements, got {n}")
+  if rule.reads_grad and g is None:
+    raise ValueError(f"rule {rule.name} reads the gradient; got g=None")
+  for x in ((g,) if rule.reads_grad else ()) + tuple(state):
+    if x.shape != p.shape:
+      raise ValueError(f"flat buffer of shape {x.shape} does not match params {p.shape}")
+  if len(state) != rule.n_state:
+    raise ValueError(f"rule {rule.name} takes {rule.n_state} state buffers, got {len(state)}")
+  for x in (p, g) + tuple(state):
+    if x is not None and not supports(x.dtype):
+      raise ValueError(f"no Triton kernel for buffers of dtype {np.dtype(x.dtype).name}")
+  n_sums = elementwise.num_sumsq_terms(rule)
+  if n == 0:
+    return ((p if rule.writes_param else None), tuple(state),
+            tuple(jnp.zeros((0,), F32) for _ in range(n_sums)) if rule.sumsq else None)
+  tuning = tuning or default_tuning(rule, p.dtype, plat)
+
+  spec = KernelSpec(rule, np.dtype(p.dtype).name,
+                    np.dtype(g.dtype).name if rule.reads_grad else None,
+                    tuple(np.dtype(x.dtype).name for x in state))
+  kernel, in_names, _ = update_kernel(spec)
+  r, c = _tile(n // min(tuning.block, ALIGN), tuning)
+  n_rows = n // c
+  s_vec = jnp.stack([jnp.asarray(scalars[k], F32) for k in rule.scalars]
+                    or [jnp.zeros((), F32)])
+  ins = [s_vec] + [jnp.asarray(seg_units[k], F32) for k in rule.seg_scalars] + [p]
+  ins += ([g] if rule.reads_grad else []) + list(state)
+  assert len(ins) == len(in_names)
+  first_state = len(ins) - rule.n_state
+  out_shapes, aliases = [], {}
+  if rule.writes_param:
+    aliases[in_names.index("P")] = 0
+    out_shapes.append(jax.ShapeDtypeStruct(p.shape, p.dtype))
+  if rule.writes_state:
+    for j, x in enumerate(state):
+      aliases[first_state + j] = len(out_shapes)
+      out_shapes.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+  n_big = len(out_shapes)
+  out_shapes += [jax.ShapeDtypeStruct((n_rows,), F32)] * n_sums
+  outs = _call(kernel, ins, out_shapes, aliases, [n_rows], (pl_cdiv(n_rows, r),),
+               {"R": r, "C": c, "ROWS_PER_UNIT": ALIGN // c}, tuning, plat, spec.name)
+  big = list(outs[:n_big])
+  new_p = big.pop(0) if rule.writes_param else None
+  new_state = tuple(big) if rule.writes_state else tuple(state)
+  sums = None
+  if rule.sumsq is not None:
+    units = n // ALIGN
+    sums = tuple(o.reshape(units, ALIGN // c).sum(axis=1) if c < ALIGN else o
+                 for o in outs[n_big:])
+  return new_p, new_state, sums
+
+
+def pl_cdiv(a, b):
+  return -(-a // b)
+
+
+def grad_prepass_flat(g, scale, *, platform=None, tuning=None):
+  """Per-row (sum of (scale*g)^2, non-finite count) of one flat gradient buffer: two float32
+  [rows] vectors, rows = n / min(block, 1024)."""
+  plat = _platform(platform)
+  n = g.shape[0]
+  if n % ALIGN:
+    raise ValueError(f"flat buffers must hold a multiple of {ALIGN} elements, got {n}")
+  tuning = tuning or TUNING[(plat, min(np.dtype(g.dtype).itemsize, 4))]
+  r, c = _tile(n // min(tuning.block, ALIGN), tuning)
+  n_rows = n // c
+  s_vec = jnp.reshape(jnp.asarray(scale, F32), (1,))
+  out_shapes = [jax.ShapeDtypeStruct((n_rows,), F32)] * 2
+  sumsq, bad = _call(prepass_kernel(), [s_vec, g], out_shapes, {}, [n_rows],
+                     (pl_cdiv(n_rows, r),), {"R": r, "C": c}, tuning, plat,
+                     "fusedopt_grad_prepass")
+  return sumsq, bad
+
+
+def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
+  """HBM traffic of one ``flat_update`` per parameter: the buffers the generated kernel loads
+  (inputs the rule never reads are skipped) plus those it stores."""
+  spec = KernelSpec(rule, np.dtype(p_dtype).name,
+                    np.dtype(g_dtype).name if rule.reads_grad else None,
+                    (np.dtype(state_dtype).name,) * rule.n_state)
+  src, _, _ = generate(spec)
+  isz = lambda d: np.dtype(d).itemsize  # noqa: E731
+  reads = sum(isz(d) for v, d in [("p", p_dtype), ("g", g_dtype)] +
+              [(f"st{k}", state_dtype) for k in range(rule.n_state)]
+              if re.search(rf"^    {v} = tl\.load", src, re.M))
+  writes = ((isz(p_dtype) if rule.writes_param else 0)
+            + (rule.n_state * isz(state_dtype) if rule.writes_state else 0))
+  return reads + writes
+
+
+# ----------------------------------------------------------------------------- group executor
+
+def _pack_grads(layout, gi, g_leaves):
+  """The group's gradients as one flat buffer in their own dtype: the same expression in the
+  pre-pass and the update, so XLA builds it once per step."""
+  group = layout.groups[gi]
+  return layout.pack_group(g_leaves, gi, jnp.result_type(*[g_leaves[i] for i in group.segments]))
+
+
+def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=None):
+  """The ``triton`` backend's group executor (same contract as ``elementwise.run_jnp``)."""
+  group = layout.groups[gi]
+  if layout.align % ALIGN:
+    raise ValueError(f"the triton backend needs a layout aligned to a multiple of {ALIGN}")
+  pf = layout.pack_group(p_leaves, gi)
+  gf = _pack_grads(layout, gi, g_leaves) if rule.reads_grad else None
+  if gf is not None and not supports(gf.dtype):
+    gf = gf.astype(F32)
+  seg_units = {}
+  if rule.seg_scalars:
+    ids = np.repeat(layout.block_segment_ids(gi), layout.align // ALIGN)
+    seg_units = {k: jnp.asarray(seg[k], F32)[ids] for k in rule.seg_scalars}
+  new_p, new_state, sums = flat_update(rule, scalars, seg_units, pf, gf, tuple(state),
+                                       platform=platform)
+  if sums is not None and layout.align != ALIGN:   # per layout unit
+    sums = tuple(x.reshape(-1, layout.align // ALIGN).sum(axis=1) for x in sums)
+  out_p = elementwise.split_group(layout, gi, new_p) if rule.writes_param else None
+  return out_p, new_state, sums
+
+
+def run_interpret(*args):
+  """``run`` in Triton's interpreter (CPU; needs TRITON_INTERPRET=1 before triton is imported)."""
+  return run(*args, platform="interpret")
+
+
+run.fused_sumsq = run_interpret.fused_sumsq = True
+
+
+def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *, platform=None):
+  """``fusedopt.flat.gradient_prepass`` with the per-row work in a Triton kernel over each dtype
+  group's flat gradient buffer (the same buffer the update kernels read, so XLA packs it once),
+  and the few partial sums reduced in XLA. Returns (all finite, global norm, g factor)."""
+  scale = F32(1.0) if grad_scale is None else jnp.asarray(grad_scale, F32)
+  sq, bad = [], []
+  for gi, group in enumerate(layout.groups):
+    if group.size == 0:
+      continue
+    gf = _pack_grads(layout, gi, g_leaves)
+    if not supports(gf.dtype):
+      gf = gf.astype(F32)
+    s, b = grad_prepass_flat(gf, scale, platform=platform)
+    sq.append(jnp.sum(s))
+    bad.append(jnp.sum(b))
+  sumsq = jnp.sum(jnp.stack(sq)) if sq else F32(0.0)
+  finite = (jnp.sum(jnp.stack(bad)) == 0) if bad else jnp.asarray(True)
+  norm = jnp.sqrt(sumsq)
+  finite = finite & jnp.isfinite(norm)
+  factor = scale
+  if clip_global_norm is not None:
+    max_norm = jnp.asarray(clip_global_norm, F32)
+    factor = scale * jnp.where(norm < max_norm, F32(1.0), max_norm / norm)
+  return finite, norm, factor
+
+
+def gradient_prepass_interpret(layout, g_leaves, grad_scale=None, clip_global_norm=None):
+  return gradient_prepass(layout, g_leaves, grad_scale, clip_global_norm, platform="interpret")
+
+
+__all__ = ["flat_update", "grad_prepass_flat", "gradient_prepass", "targeting", "run",
+           "run_interpret", "available", "supports", "interpreting", "TUNING", "Tuning",
+           "KernelSpec", "generate", "update_kernel", "bytes_per_element", "ALIGN",
+           "default_tuning",
+           "TritonUnavailable"]

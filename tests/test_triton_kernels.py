@@ -1,0 +1,343 @@
+"""The ``triton`` backend (hand-written Triton kernels through jax-triton), on a CPU-only machine.
+
+  T1  numerics against the jnp oracle in Triton's interpreter (TRITON_INTERPRET=1, in a
+      subprocess: triton reads the variable once, at import, and T2/T3 need the real compiler);
+      on a GPU the same cases run compiled, in this process (tests/triton_cases.py)
+  T2  every generated kernel compiles with ``triton.compile`` for sm_80 and sm_90, float32,
+      bfloat16, float16: zero spills, <= 255 registers, 16-byte vector loads, no FMA contraction,
+      IEEE div/sqrt; 64-bit offsets
+  T3  jax-triton lowering of whole optimizer steps for CUDA (custom calls, aliases), buffers past
+      2^31 elements, a deviceless H100 compile, no recompilation when the learning rate changes
+"""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fusedopt as optim
+from fusedopt import flat
+from fusedopt.adabelief import ADABELIEF_RULE
+from fusedopt.adam import ADAM_RULE
+from fusedopt.elementwise import guarded, per_segment, with_master, with_stochastic_rounding
+from fusedopt.kernels import triton as kt
+from fusedopt.lamb import APPLY_RULE, MOMENTS_RULE
+from fusedopt.lars import lars_rule
+from fusedopt.momentum import momentum_rule
+from fusedopt.rmsprop import rmsprop_rule
+from fusedopt.sgd import SGD_RULE
+
+import triton_cases
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_JAX_TRITON = HAS_TRITON and importlib.util.find_spec("jax_triton") is not None
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+ON_DEVICE = kt.available()
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (`test` extra)")
+needs_jax_triton = pytest.mark.skipif(
+    not (HAS_JAX_TRITON and HAS_CUDA_PLUGIN),
+    reason="jax-triton (and jax-cuda12-plugin, without which it refuses a CPU jaxlib) needed")
+
+
+# ----------------------------------------------------------------------------- T1
+
+@pytest.fixture(scope="module")
+def interpret_results():
+  """All T1 cases in one subprocess with TRITON_INTERPRET=1 (about a minute on 2 cores)."""
+  if not HAS_TRITON:
+    pytest.skip("triton not installed")
+  env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_cases.py")], env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
+  assert lines, f"interpret run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+  return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("case", list(triton_cases.CASES))
+def test_t1_numerics_match_jnp(case, request):
+  """Kernel steps vs jnp steps from the same state (tolerances: tests/triton_cases.py)."""
+  if ON_DEVICE:   # compiled on the GPU, oracle on the CPU
+    stats = triton_cases.Stats()
+    triton_cases.CASES[case]("triton", stats)
+    return
+  res = request.getfixturevalue("interpret_results")[case]
+  assert res["ok"], res["error"]
+  # worst error seen, per storage dtype, in ulps (0 = bitwise); shown with pytest -rP
+  print(case, res["worst_ulps"], f"{res['seconds']} s")
+
+
+def test_triton_backend_on_cpu_is_a_clear_error():
+  if ON_DEVICE:
+    pytest.skip("CPU-only behaviour")
+  opt = optim.Adam(learning_rate=0.1, backend="triton").create({"w": jnp.ones((3,))})
+  with pytest.raises(RuntimeError, match="backend='auto'"):
+    opt.apply_gradient({"w": jnp.ones((3,))})
+  with pytest.raises(RuntimeError, match="backend='auto'"):
+    opt.apply_gradient_checked({"w": jnp.ones((3,))})
+  if not kt.interpreting():
+    opt = optim.Adam(learning_rate=0.1, backend="triton_interpret").create({"w": jnp.ones((3,))})
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+      opt.apply_gradient({"w": jnp.ones((3,))})
+  assert "triton" not in optim.available_backends()
+
+
+def test_import_needs_no_triton():
+  code = ("import sys, fusedopt, fusedopt.kernels.triton as kt; fusedopt.available_backends(); "
+          "assert 'triton.language' not in sys.modules and 'jax_triton' not in sys.modules, "
+          "sorted(m for m in sys.modules if 'triton' in m)")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("TRITON_INTERPRET", None)
+  subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120,
+                 capture_output=True)
+
+
+def test_auto_keeps_its_choices():
+  """``auto`` never picks the triton backend (until an H100 measurement says it should)."""
+  from fusedopt.kernels import pallas as kp  # pylint: disable=import-outside-toplevel
+  one = optim.FlatLayout.build({"w": jnp.zeros((4, 1024))})
+  many = optim.FlatLayout.build({"a": jnp.zeros((3, 5)), "b": jnp.zeros((2048,))})
+  with kp.targeting("gpu"), kt.targeting("gpu", 90):
+    for layout in (one, many):
+      for rule in (ADAM_RULE, MOMENTS_RULE, APPLY_RULE):
+        assert flat._executor("auto", layout, 0, rule) not in (kt.run, kt.run_interpret)  # pylint: disable=protected-access
+    assert flat._executor("triton", one, 0, ADAM_RULE) is kt.run  # pylint: disable=protected-access
+
+
+def test_generated_source_reads_only_what_the_rule_uses():
+  """Master weights: the bf16 params are not loaded (Adam 28 B/param); LAMB apply: no grads."""
+  spec = kt.KernelSpec(with_master(ADAM_RULE), "bfloat16", "bfloat16", ("float32",) * 3)
+  src, ins, outs = kt.generate(spec)
+  assert not re.search(r"^    p = tl\.load", src, re.M)
+  assert ins == ("S", "P", "G", "ST0", "ST1", "ST2") and outs == ("P_OUT", "ST0_OUT", "ST1_OUT",
+                                                                  "ST2_OUT")
+  assert kt.bytes_per_element(with_master(ADAM_RULE), jnp.bfloat16, jnp.bfloat16) == 28
+  assert kt.bytes_per_element(ADAM_RULE) == 28
+  assert kt.bytes_per_element(APPLY_RULE) == 16 and kt.bytes_per_element(MOMENTS_RULE) == 24
+  assert "tl.div_rn(" in src and "tl.sqrt_rn(" in src and " / " not in src.split("@triton.jit")[1]
+
+
+def test_stochastic_rounding_source_is_uint32_and_reads_nothing_more():
+  """with_stochastic_rounding: bitcasts and uint32 constants (no int32/int64 promotion), the
+  hash reads values the kernel loads anyway (same bytes per element), twice the warps on a GPU."""
+  rule = with_stochastic_rounding(ADAM_RULE)
+  src, _, _ = kt.generate(_spec(rule, "bfloat16"))
+  assert ".to(tl.uint32, bitcast=True)" in src and ".to(tl.float32, bitcast=True)" in src
+  assert "tl.full([], 0x85ebca6b, tl.uint32)" in src and "tl.int32" not in src
+  for p_dtype in (jnp.float32, jnp.bfloat16):
+    assert (kt.bytes_per_element(rule, p_dtype, p_dtype)
+            == kt.bytes_per_element(ADAM_RULE, p_dtype, p_dtype))
+  assert kt.default_tuning(rule, "bfloat16", "gpu").num_warps == 2 * kt.default_tuning(
+      ADAM_RULE, "bfloat16", "gpu").num_warps
+  assert kt.default_tuning(rule, "bfloat16", "interpret") == kt.TUNING[("interpret", 2)]
+
+
+# ----------------------------------------------------------------------------- T2
+
+RULES = [SGD_RULE, momentum_rule(False), momentum_rule(True), ADAM_RULE, with_master(ADAM_RULE),
+         rmsprop_rule(True), ADABELIEF_RULE, MOMENTS_RULE, APPLY_RULE, lars_rule(True),
+         guarded(ADAM_RULE), guarded(with_master(MOMENTS_RULE)), per_segment(ADAM_RULE),
+         # stochastic rounding (uint32 hash): guarded Adam is the one that spilled at 8 warps
+         with_stochastic_rounding(ADAM_RULE), with_stochastic_rounding(guarded(ADAM_RULE))]
+SR_RULE = with_stochastic_rounding(guarded(ADAM_RULE))
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _spec(rule, dtype):
+  return kt.KernelSpec(rule, dtype, dtype if rule.reads_grad else None,
+                       ("float32",) * rule.n_state)
+
+
+def _check_compiled(k, arch, dtype):
+  from kernel_tools import ptxas_stats  # pylint: disable=import-outside-toplevel
+  ptx = k.asm["ptx"]
+  st = ptxas_stats(ptx, arch)
+  assert st["spill_stores"] == 0 and st["spill_loads"] == 0, st["text"]
+  assert st["registers"] <= 255, st["text"]
+  assert k.metadata.shared <= 48 * 1024
+  assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), "no 16-byte vector loads"
+  assert "fma.rn.f32" not in ptx     # enable_fp_fusion=False: every mul/add rounded on its own
+  return st
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+def test_t2_compiles_without_spills(rule, dtype, arch):
+  if arch == 80 and rule not in (ADAM_RULE, MOMENTS_RULE, momentum_rule(True), SR_RULE):
+    pytest.skip("sm_80: the representative rules only (time)")
+  from triton_tools import compile_spec  # pylint: disable=import-outside-toplevel
+  k = compile_spec(_spec(rule, dtype), arch)
+  _check_compiled(k, arch, dtype)
+  ptx = k.asm["ptx"]
+  if "div.rn.f32" in ptx or "tl.div_rn" in kt.generate(_spec(rule, dtype))[0]:
+    assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
+  if "tl.sqrt_rn" in kt.generate(_spec(rule, dtype))[0]:
+    assert "sqrt.rn.f32" in ptx and "sqrt.approx" not in ptx
+  if dtype == "bfloat16" and rule.writes_param:
+    assert re.search(r"cvt\.rn\.bf16(x2)?\.f32", ptx)
+  if "sr_hi" in rule.scalars:   # the hash: logical shifts, compiled with twice the warps
+    assert "shr.u32" in ptx and k.metadata.num_warps == 16
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_t2_prepass_compiles_without_spills(dtype, arch):
+  from triton_tools import compile_prepass  # pylint: disable=import-outside-toplevel
+  _check_compiled(compile_prepass(dtype, arch), arch, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("block, warps", [(1024, 4), (4096, 8), (8192, 8), (512, 2)])
+def test_t2_other_tunings_compile(block, warps):
+  """The tunings bench.kernels --sweep tries on a GPU: Adam with master weights (5 buffers)."""
+  from triton_tools import compile_spec  # pylint: disable=import-outside-toplevel
+  k = compile_spec(_spec(with_master(ADAM_RULE), "bfloat16"), 90,
+                   kt.Tuning(block=block, num_warps=warps))
+  _check_compiled(k, 90, "bfloat16")
+
+
+@needs_triton
+def test_t2_offsets_are_int64():
+  """Program offsets are widened before the multiply: the row index is int64 and every buffer
+  address is computed with 64-bit offsets (tensor<RxCxi64> in tt.addptr, 64-bit PTX)."""
+  from triton_tools import compile_spec  # pylint: disable=import-outside-toplevel
+  k = compile_spec(_spec(ADAM_RULE, "float32"), 90, n_rows_type="i64")
+  ttir = k.asm["ttir"]
+  offs = re.findall(r"tt\.addptr %\w+, %\w+ : tensor<(\d+)x(\d+)x!tt\.ptr<f32>>, "
+                    r"tensor<\d+x\d+x(i\d+)>", ttir)
+  assert offs and all(t == "i64" for *_, t in offs), offs
+  assert re.search(r"arith\.extsi %\w+ : i32 to i64", ttir)
+  assert re.search(r"(mul\.wide|mad\.wide)\.[us]32", k.asm["ptx"])
+
+
+# ----------------------------------------------------------------------------- T3
+
+def _step(name, kw, tree):
+  opt = getattr(optim, name)(learning_rate=0.1, backend="triton", **kw).create(tree)
+  return opt
+
+
+TREE = {"a": jnp.zeros((300, 70)), "b": jnp.zeros((5000,), jnp.bfloat16), "c": jnp.zeros((3,)),
+        "d": jnp.zeros((7, 9), jnp.float16)}
+
+
+@needs_jax_triton
+@pytest.mark.parametrize("name, kw, calls_per_group", [
+    ("Adam", {"weight_decay": 0.1}, 1), ("Adam", {"master_weights": True}, 1),
+    ("Momentum", {"nesterov": True}, 1), ("LAMB", {"weight_decay": 0.01}, 2)],
+    ids=["adamw", "adam-master", "nesterov", "lamb"])
+def test_t3_full_step_lowers_with_jax_triton(name, kw, calls_per_group):
+  from triton_tools import triton_calls  # pylint: disable=import-outside-toplevel
+  opt = _step(name, kw, TREE)
+  with kt.targeting("gpu", 90):
+    low = jax.jit(lambda o, g, lr: o.apply_gradient(g, learning_rate=lr),
+                  donate_argnums=0).trace(opt, TREE, jnp.float32(0.1)).lower(
+                      lowering_platforms=("cuda",))
+  calls = triton_calls(low)
+  n_groups = 3
+  assert len(calls) == calls_per_group * n_groups
+  n_state = 2 + int(kw.get("master_weights", False)) if name != "Momentum" else 1
+  # in place: every buffer a kernel writes aliases its input (LAMB: the moment pass writes the
+  # state, the apply pass only the params)
+  want = [n_state, 1] * n_groups if name == "LAMB" else [n_state + 1] * n_groups
+  assert sorted(a for a, _ in calls) == sorted(want)
+  assert all("tt.func" in ttir for _, ttir in calls)
+
+
+@needs_jax_triton
+def test_t3_checked_step_uses_the_triton_prepass():
+  from triton_tools import triton_calls  # pylint: disable=import-outside-toplevel
+  opt = _step("Adam", {}, TREE)
+  with kt.targeting("gpu", 90):
+    low = jax.jit(lambda o, g: o.apply_gradient_checked(g, grad_scale=0.5, clip_global_norm=1.0),
+                  donate_argnums=0).trace(opt, TREE).lower(lowering_platforms=("cuda",))
+  calls = triton_calls(low)
+  assert len(calls) == 6   # per group: the pre-pass and the guarded update
+  assert sum("fusedopt_grad_prepass" in t for _, t in calls) == 3
+
+
+@needs_jax_triton
+def test_t3_buffers_past_2_to_31_elements():
+  """A (2^31 + 4096)-element flat buffer (lowering allocates nothing): 64-bit offsets in the
+  Triton IR jax-triton compiled for the H100."""
+  from triton_tools import triton_calls  # pylint: disable=import-outside-toplevel
+  n = (1 << 31) + 4096
+  sds = [jax.ShapeDtypeStruct((n,), jnp.float32)] * 4
+  s = {k: 0.5 for k in ADAM_RULE.scalars}
+  with kt.targeting("gpu", 90):
+    low = jax.jit(lambda p, g, m, v: kt.flat_update(ADAM_RULE, s, {}, p, g, (m, v)),
+                  donate_argnums=(0, 2, 3)).trace(*sds).lower(lowering_platforms=("cuda",))
+  [(aliases, ttir)] = triton_calls(low)
+  assert aliases == 3
+  offs = re.findall(r"tt\.addptr %\w+, %\w+ : tensor<\d+x\d+x!tt\.ptr<f32>>, "
+                    r"tensor<\d+x\d+x(i\d+)>", ttir)
+  assert offs and set(offs) == {"i64"}, offs
+
+
+@needs_jax_triton
+def test_t3_changing_lr_compiles_no_new_kernel():
+  """The learning rate is a runtime operand of the kernel: a step traced with another lr value
+  (even a compile-time constant of the XLA program) reuses the compiled Triton kernel."""
+  jt = kt._jax_triton()  # pylint: disable=protected-access
+  opt = _step("Adam", {"weight_decay": 0.1}, TREE)
+  sizes = []
+  for lr in (0.1, 0.05, 0.025):
+    with kt.targeting("gpu", 90):
+      jax.jit(lambda o, g, lr=lr: o.apply_gradient(g, learning_rate=lr)).trace(
+          opt, TREE).lower(lowering_platforms=("cuda",))
+    sizes.append(len(jt.triton_lib._COMPILED_KERNEL_CACHE))  # pylint: disable=protected-access
+  assert sizes[0] == sizes[1] == sizes[2], sizes
+  assert os.environ.get("TRITON_CACHE_DIR")   # jax_triton's import cleared it; restored
+
+
+H100 = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 9 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+@needs_jax_triton
+@pytest.mark.parametrize("name", ["Adam", "LAMB"])
+def test_t3_full_step_compiles_for_h100(name):
+  """The whole jitted step (pack, Triton kernels, norms, unpack) through XLA:GPU for an H100
+  compile-only topology, optimizer donated."""
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    topo = topologies.get_topology_desc(platform="cuda", target_config=H100, topology="1x1x1")
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"no CUDA compile-only topology here: {e}")
+  mesh = topologies.make_mesh(topo, (1,), ("x",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  tree = {"a": jnp.zeros((300, 70)), "b": jnp.zeros((5000,), jnp.bfloat16)}
+  opt = _step(name, {}, tree)
+  to_sds = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=rep)  # noqa
+  lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+  with kt.targeting("gpu", 90):
+    compiled = jax.jit(lambda o, g, lr: o.apply_gradient(g, learning_rate=lr),
+                       donate_argnums=0).trace(jax.tree.map(to_sds, opt),
+                                               jax.tree.map(to_sds, tree), lr).lower().compile()
+  txt = compiled.as_text()
+  assert "triton_kernel_call" in txt
+  assert "input_output_alias" in txt

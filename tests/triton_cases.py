@@ -1,0 +1,385 @@
+"""Numerics cases of the Triton backend against the jnp oracle (tests/test_triton_kernels.py, T1).
+
+The same cases run two ways:
+
+- on a CPU, in Triton's interpreter (``backend="triton_interpret"``): Triton reads
+  ``TRITON_INTERPRET`` once, when it is imported, and the compile/lowering tests need the real
+  compiler in their process, so the pytest process runs this file as a script in a subprocess
+  (``TRITON_INTERPRET=1 python tests/triton_cases.py``), which prints one JSON line per case;
+- on a GPU, in the pytest process with ``backend="triton"`` (compiled by jax-triton).
+
+Tolerances (from the same state, one kernel step vs one jnp step, the oracle on the CPU):
+float32 params and state within ``F32_ULPS`` ulp of |old| + |new| (+ the step size), bf16/f16
+params within 1 ulp of their dtype (Triton's interpreter rounds float32 -> bfloat16 half-up
+rather than half-to-even: 1 ulp at exact ties); LAMB/LARS steps within float32 summation error
+(their per-tensor norms are sums each backend adds in its own order).
+"""
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fusedopt as optim
+from fusedopt import flat
+from fusedopt.kernels import triton as kt
+
+# Ragged shapes: nothing a multiple of the 1024-element unit but by accident; (0,) an empty leaf.
+SHAPES = [(), (1,), (7,), (3, 5), (1025,), (0,), (33, 65), (2, 3, 4), (4097,), (3000,)]
+
+CONFIGS = [
+    ("GradientDescent", {}),
+    ("Momentum", {}),
+    ("Momentum", {"nesterov": True, "weight_decay": 0.01}),
+    ("Adam", {}),
+    ("Adam", {"weight_decay": 0.1, "master_weights": True}),
+    ("Adagrad", {}),
+    ("RMSProp", {"centered": True}),
+    ("LAMB", {"weight_decay": 0.01}),
+    ("LARS", {"nesterov": True, "weight_decay": 0.01, "eps": 1e-6}),
+    ("AdaBelief", {"weight_decay": 0.01}),
+    ("Adadelta", {"weight_decay": 0.01}),
+]
+# bf16/f16/f32 groups in one tree: weight decay on/off, nesterov on/off, master weights
+MIXED = [("Momentum", {"nesterov": True, "weight_decay": 0.01}), ("Adam", {"weight_decay": 0.1}),
+         ("Adam", {"master_weights": True}), ("LAMB", {"weight_decay": 0.01}),
+         ("LAMB", {"master_weights": True})]
+F32 = (jnp.float32,)
+LOW = (jnp.bfloat16, jnp.float32, jnp.float16)
+
+
+def config_id(name, kw, dtypes):
+  kws = "-".join(f"{k}={v}" for k, v in kw.items())
+  return f"{name}{'-' + kws if kws else ''}-{'mixed' if len(dtypes) > 1 else 'f32'}"
+
+
+def _cpu():
+  return jax.devices("cpu")[0]
+
+
+def tree(dtypes, shapes=SHAPES, seed=0):
+  rng = np.random.RandomState(seed)
+  return {f"l{i:02d}": jnp.asarray(rng.standard_normal(s), dtypes[i % len(dtypes)])
+          for i, s in enumerate(shapes)}
+
+
+def grads(t, seed):
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), t)
+
+
+class Stats:
+  """Worst error seen, in ulps, per dtype (reported by the tests: 'ideally bitwise')."""
+
+  def __init__(self):
+    self.worst = {}
+
+  def note(self, dtype, ulps):
+    k = np.dtype(dtype).name
+    self.worst[k] = max(self.worst.get(k, 0.0), float(ulps))
+
+
+def storage_ulp(x):
+  """One ulp of ``x``'s largest magnitude in its own dtype (a rounding flip of a small step)."""
+  x32 = np.abs(np.asarray(x, np.float32))
+  sp = float(np.spacing(np.float32(x32.max(initial=0))))
+  return sp * 2.0 ** (23 - jnp.finfo(x.dtype).nmant)
+
+
+def assert_close(a, b, old, what, ulps, stats, step_size=0.0):
+  """|a - b| <= ulps * ulp(|old| + |new| + step) in a's dtype."""
+  dtype = np.dtype(a.dtype)
+  a64, b64, old64 = (np.asarray(x, np.float32).astype(np.float64) for x in (a, b, old))
+  scale = np.abs(old64) + np.maximum(np.abs(a64), np.abs(b64)) + step_size
+  spacing = np.spacing(scale.astype(np.float32)).astype(np.float64)
+  if dtype != np.float32:   # ulp of the storage dtype
+    spacing = spacing * 2.0 ** (23 - jnp.finfo(dtype).nmant)
+  err = np.abs(a64 - b64)
+  worst = float(np.max(err / np.maximum(spacing, 1e-45), initial=0.0))
+  stats.note(dtype, worst)
+  assert np.all(err <= ulps * spacing), (what, worst)
+
+
+def compare_steps(name, kw, dtypes, backend, stats, steps=2, f32_ulps=2):
+  """``steps`` steps from the same state: ``backend`` vs the jnp oracle on the CPU, every leaf of
+  params and state; learning rate changing each step (a runtime value)."""
+  t = tree(dtypes)
+  defs = {b: getattr(optim, name)(learning_rate=0.05, backend=b, **kw) for b in ("jnp", backend)}
+  traces = {b: 0 for b in defs}
+
+  def make(b, d):
+    def step(o, g, lr):
+      traces[b] += 1
+      return o.replace(optimizer_def=d).apply_gradient(g, learning_rate=lr)
+    return jax.jit(step)
+  run = {b: make(b, d) for b, d in defs.items()}
+  opt = defs["jnp"].create(t)
+  layered = name in ("LAMB", "LARS")
+  for i in range(steps):
+    g, lr = grads(t, i + 1), jnp.float32(0.05 / (i + 1))
+    with jax.default_device(_cpu()):
+      a = run["jnp"](*jax.device_put((opt, g, lr), _cpu()))
+    b = run[backend](opt, g, lr)
+    for x, y, old in zip(jax.tree.leaves(a.target), jax.tree.leaves(b.target),
+                         jax.tree.leaves(opt.target)):
+      assert x.dtype == y.dtype == old.dtype
+      if layered:
+        o64 = np.asarray(old, np.float64)
+        np.testing.assert_allclose(
+            np.asarray(x, np.float64) - o64, np.asarray(y, np.float64) - o64,
+            rtol=2e-5 if x.dtype == jnp.float32 else 1e-2, atol=2 * storage_ulp(old))
+      else:
+        assert_close(x, y, old, (name, kw, i), f32_ulps if x.dtype == jnp.float32 else 1, stats,
+                     step_size=float(lr))
+    a_st, b_st, o_st = a.state.param_states, b.state.param_states, opt.state.param_states
+    g_leaves, p_leaves = jax.tree.leaves(g), jax.tree.leaves(opt.target)
+    assert int(a.state.step) == int(b.state.step) == i + 1
+    for k in a_st.fields:
+      for j in range(len(a_st.layout.segments)):
+        x, y, old = a_st.leaf(k, j), b_st.leaf(k, j), o_st.leaf(k, j)
+        if layered:
+          x64, y64, o64 = (np.asarray(z, np.float64) for z in (x, y, old))
+          terms = np.abs(o64) + np.abs(x64) + float(lr) * (
+              np.abs(np.asarray(g_leaves[j], np.float64))
+              + np.abs(np.asarray(p_leaves[j], np.float64)))
+          assert np.all(np.abs(x64 - y64) <= 2e-5 * terms + 1e-30), (name, kw, i, k, j)
+        else:
+          # XLA:CPU (the oracle) contracts a*b + c into FMAs, the kernels never do: where terms
+          # cancel the two differ by an ulp of the terms, |g| + g^2 here
+          g64 = np.abs(np.asarray(g_leaves[j], np.float64))
+          assert_close(x, y, old, (name, kw, i, k, j), f32_ulps, stats,
+                       step_size=g64 + g64 * g64 + float(lr))
+    opt = a
+  # the learning rate changed every step: one trace (so one lowering, one kernel compile)
+  assert traces[backend] == 1, traces
+
+
+def checked_update(backend, stats):
+  """apply_gradient_checked: the Triton pre-pass + guarded kernels vs the jnp backend, with loss
+  scaling and clipping, then a skipped step (a NaN gradient) that changes nothing bitwise."""
+  t = tree(LOW)
+  for name, kw in (("Adam", {"weight_decay": 0.1}), ("Momentum", {"nesterov": True}),
+                   ("LAMB", {"weight_decay": 0.01, "master_weights": True})):
+    defs = {b: getattr(optim, name)(learning_rate=0.05, backend=b, **kw) for b in ("jnp", backend)}
+    run = {b: jax.jit(lambda o, g, d=d: o.replace(optimizer_def=d).apply_gradient_checked(
+        g, grad_scale=jnp.float32(0.25), clip_global_norm=20.0)) for b, d in defs.items()}
+    opt = defs["jnp"].create(t)
+    g = jax.tree.map(lambda x: (x * 4).astype(x.dtype), grads(t, 7))
+    with jax.default_device(_cpu()):
+      a, fa, na = run["jnp"](*jax.device_put((opt, g), _cpu()))
+    b, fb, nb = run[backend](opt, g)
+    assert bool(fa) and bool(fb)
+    np.testing.assert_allclose(float(nb), float(na), rtol=1e-6)
+    assert int(b.state.step) == 1
+    for x, y, old in zip(jax.tree.leaves(a.target), jax.tree.leaves(b.target),
+                         jax.tree.leaves(opt.target)):
+      if name == "LAMB":
+        o64 = np.asarray(old, np.float64)
+        np.testing.assert_allclose(np.asarray(x, np.float64) - o64,
+                                   np.asarray(y, np.float64) - o64,
+                                   rtol=2e-5 if x.dtype == jnp.float32 else 1e-2,
+                                   atol=2 * storage_ulp(old))
+      else:
+        assert_close(x, y, old, (name, "checked"), 2 if x.dtype == jnp.float32 else 1, stats,
+                     step_size=0.05)
+    # a non-finite gradient: the step is skipped, params, state and step bitwise unchanged
+    bad = dict(g)
+    bad["l08"] = bad["l08"].at[5].set(jnp.nan)
+    c, fc, _ = run[backend](b, bad)
+    assert not bool(fc)
+    assert int(c.state.step) == int(b.state.step)
+    for x, y in zip(jax.tree.leaves(c), jax.tree.leaves(b)):
+      assert np.array_equal(np.atleast_1d(np.asarray(x)).view(np.uint8),
+                            np.atleast_1d(np.asarray(y)).view(np.uint8))
+
+
+def prepass(backend, stats):
+  """The Triton pre-pass (per-row sums of squares and non-finite counts, reduced in XLA) equals
+  the XLA one: norm, finite flag and clip factor; inf, NaN and a float16 overflow-by-scaling."""
+  del stats
+  plat = "interpret" if backend == "triton_interpret" else None
+  t = tree(LOW, seed=3)
+  layout = optim.FlatLayout.build(t)
+  cases = [grads(t, 11)]
+  for bad in (jnp.inf, -jnp.inf, jnp.nan):
+    g = dict(cases[0])
+    g["l06"] = g["l06"].at[2, 3].set(bad)
+    cases.append(g)
+  for g in cases:
+    leaves = jax.tree.leaves(g)
+    for scale, clip in ((None, None), (jnp.float32(1 / 1024.), 0.5), (jnp.float32(3.0), 1e3)):
+      fa, na, sa = jax.jit(lambda l, s=scale, c=clip: flat.gradient_prepass(l, s, c))(leaves)
+      fb, nb, sb = jax.jit(lambda l, s=scale, c=clip: kt.gradient_prepass(
+          layout, l, s, c, platform=plat))(leaves)
+      assert bool(fa) == bool(fb)
+      if bool(fa):
+        np.testing.assert_allclose(float(nb), float(na), rtol=2e-6)
+        np.testing.assert_allclose(float(sb), float(sa), rtol=2e-6)
+      else:
+        assert not np.isfinite(float(nb)) or not bool(fb)
+
+
+def block_sizes(backend, stats):
+  """flat_update directly: blocks smaller than, equal to and larger than a 1024-element unit
+  (then the last block overhangs the buffer: masked), LAMB's sums per unit in every case."""
+  from fusedopt.adam import ADAM_RULE
+  from fusedopt.elementwise import namespace
+  from fusedopt.lamb import MOMENTS_RULE
+  plat = "interpret" if backend == "triton_interpret" else None
+  s = {"lr": 1e-2, "b1": .9, "omb1": .1, "b2": .999, "omb2": 1e-3, "c1": .19, "c2": 2e-3,
+       "eps": 1e-8, "lrwd": 1e-4, "wd": 1e-2}
+  ns = namespace({k: jnp.float32(x) for k, x in s.items()})
+  for units in (1, 3, 5):
+    n = units * kt.ALIGN
+    rng = np.random.RandomState(units)
+    p, g, m = (jnp.asarray(rng.standard_normal(n), jnp.float32) for _ in range(3))
+    v = jnp.asarray(rng.random_sample(n), jnp.float32)
+    for block in (256, 1024, 4096, 16384):
+      tuning = kt.Tuning(block=block)
+      out_p, (out_m, out_v), _ = jax.jit(lambda *a, tu=tuning: kt.flat_update(
+          ADAM_RULE, s, {}, a[0], a[1], a[2:], tuning=tu, platform=plat))(p, g, m, v)
+      with jax.default_device(_cpu()):
+        ref_p, (ref_m, ref_v) = jax.jit(lambda *a: ADAM_RULE.fn(jnp, ns, None, *a))(
+            *jax.device_put((p, g, m, v), _cpu()))
+      assert_close(out_p, ref_p, p, ("p", units, block), 2, stats, 1e-2)
+      assert_close(out_m, ref_m, m, ("m", units, block), 2, stats)
+      assert_close(out_v, ref_v, v, ("v", units, block), 2, stats)
+      _, _, sums = jax.jit(lambda *a, tu=tuning: kt.flat_update(
+          MOMENTS_RULE, s, {}, a[0], a[1], a[2:], tuning=tu, platform=plat))(p, g, m, v)
+      with jax.default_device(_cpu()):
+        _, new = MOMENTS_RULE.fn(jnp, ns, None, *jax.device_put((p, g, m, v), _cpu()))
+        terms = MOMENTS_RULE.sumsq(jnp, ns, None, p, g, *new)
+        ref = [np.asarray(jnp.sum((x * x).reshape(units, kt.ALIGN), axis=1)) for x in terms]
+      for x, y in zip(sums, ref):
+        assert x.shape == (units,)
+        np.testing.assert_allclose(np.asarray(x), y, rtol=2e-6)
+
+
+def bitwise_vs_numpy(backend, stats):
+  """Each rule's kernel against the same rule evaluated by NumPy in float32 (IEEE, one rounding
+  per operation, no FMA): float32 and float16 stores bitwise equal; bfloat16 stores within 1 ulp
+  in interpret mode (Triton's interpreter rounds float32 -> bfloat16 half-up, the GPU's cvt.rn
+  half-to-even), bitwise on a GPU."""
+  import types  # pylint: disable=import-outside-toplevel
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  from fusedopt.adabelief import ADABELIEF_RULE
+  from fusedopt.adadelta import ADADELTA_RULE
+  from fusedopt.adam import ADAM_RULE
+  from fusedopt.elementwise import guarded, with_master
+  from fusedopt.momentum import momentum_rule
+  from fusedopt.rmsprop import rmsprop_rule
+  plat = "interpret" if backend == "triton_interpret" else None
+  npx = types.SimpleNamespace(sqrt=np.sqrt, where=lambda c, a, b: np.where(c != 0, a, b))
+  n = 3 * kt.ALIGN
+  rng = np.random.RandomState(5)
+  for rule in (ADAM_RULE, with_master(ADAM_RULE), momentum_rule(True), rmsprop_rule(True),
+               ADABELIEF_RULE, ADADELTA_RULE, guarded(ADAM_RULE)):
+    for pdt in (np.float32, ml_dtypes.bfloat16, np.float16):
+      sv = {k: np.float32(rng.uniform(0.05, 0.9)) for k in rule.scalars}
+      if "ok" in sv:
+        sv["ok"] = np.float32(1.0)
+      p = rng.standard_normal(n).astype(pdt)
+      g = rng.standard_normal(n).astype(pdt)
+      st = [np.abs(rng.standard_normal(n)).astype(np.float32) for _ in range(rule.n_state)]
+      out_p, out_st, _ = jax.jit(lambda p, g, *st: kt.flat_update(
+          rule, sv, {}, p, g, st, platform=plat))(p, g, *st)
+      ns = types.SimpleNamespace(**sv)
+      with np.errstate(all="ignore"):
+        ref_p, ref_st = rule.fn(npx, ns, None, p.astype(np.float32), g.astype(np.float32), *st)
+      for got, ref, dt in [(out_p, ref_p, pdt)] + [(a, b, np.float32) for a, b in zip(out_st, ref_st)]:
+        got = np.asarray(got)
+        ref = np.asarray(ref, np.float32).astype(dt)
+        if dt == ml_dtypes.bfloat16 and backend == "triton_interpret":
+          nan = np.isnan(ref.astype(np.float32))   # e.g. sqrt(v - mg^2) of random state
+          assert np.array_equal(nan, np.isnan(got.astype(np.float32)))
+          assert_close(got[~nan], ref[~nan], ref[~nan], (rule.name, "bf16"), 1, stats)
+        else:
+          stats.note(dt, 0 if np.array_equal(got.view(np.uint8), ref.view(np.uint8)) else 99)
+          assert np.array_equal(got.view(np.uint8), ref.view(np.uint8)), (rule.name, dt)
+
+
+def stochastic_rounding(backend, stats):
+  """stochastic_rounding=True on bf16 (and float32) params: from the same state, the kernel's
+  bf16 params equal the jnp oracle's *bitwise* -- the uint32 hash (bitcasts, wrapping multiplies,
+  logical shifts) gives the same random bits from the same inputs, and the rounded value is
+  exactly representable, so the store's rounding mode plays no part. (A float32 step differing in
+  its last bit, the oracle's FMA contraction, would flip a rounding with probability 2^-16 per
+  element; none does on this tree.) float32 params are not rounded stochastically, and state
+  within ulps, as in compare_steps. Plain and checked (guarded) steps; the first step from zero
+  state and one with nonzero state, which the hash reads too."""
+  t = tree((jnp.bfloat16, jnp.float32))
+  for name, kw, checked in (("GradientDescent", {}, False),
+                            ("Momentum", {"nesterov": True, "weight_decay": 0.01}, False),
+                            ("Adam", {"weight_decay": 0.1}, False), ("Adam", {}, True)):
+    defs = {b: getattr(optim, name)(learning_rate=0.05, backend=b, stochastic_rounding=True,
+                                    rounding_seed=7, **kw) for b in ("jnp", backend)}
+    defs["rtn"] = getattr(optim, name)(learning_rate=0.05, backend="jnp", **kw)
+    if checked:
+      run = {b: jax.jit(lambda o, g, d=d: o.replace(optimizer_def=d).apply_gradient_checked(
+          g, grad_scale=jnp.float32(0.5), clip_global_norm=20.0)[0]) for b, d in defs.items()}
+    else:
+      run = {b: jax.jit(lambda o, g, d=d: o.replace(optimizer_def=d).apply_gradient(g))
+             for b, d in defs.items()}
+    opt = defs["jnp"].create(t)
+    for i in range(2):
+      g = grads(t, 20 + i)
+      with jax.default_device(_cpu()):
+        a = run["jnp"](*jax.device_put((opt, g), _cpu()))
+        rtn = run["rtn"](*jax.device_put((opt, g), _cpu()))
+      assert any(not np.array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+                 for x, y in zip(jax.tree.leaves(a.target), jax.tree.leaves(rtn.target))
+                 if x.dtype == jnp.bfloat16), (name, i)   # stochastic rounding is on
+      b = run[backend](opt, g)
+      for x, y, old in zip(jax.tree.leaves(a.target), jax.tree.leaves(b.target),
+                           jax.tree.leaves(opt.target)):
+        assert x.dtype == y.dtype == old.dtype
+        if x.dtype == jnp.bfloat16:
+          xb, yb = (np.asarray(v).view(np.uint16) for v in (x, y))
+          stats.note(x.dtype, 0 if np.array_equal(xb, yb) else 99)
+          assert np.array_equal(xb, yb), (name, i, int(np.sum(xb != yb)), xb.size)
+        else:
+          assert_close(x, y, old, (name, "sr", i), 2, stats, step_size=0.05)
+      for k in a.state.param_states.fields:
+        for j in range(len(a.state.param_states.layout.segments)):
+          x, y = a.state.param_states.leaf(k, j), b.state.param_states.leaf(k, j)
+          g64 = np.abs(np.asarray(jax.tree.leaves(g)[j], np.float64))
+          assert_close(x, y, opt.state.param_states.leaf(k, j), (name, "sr", i, k, j), 2, stats,
+                       step_size=g64 + g64 * g64 + 0.05)
+      opt = a
+
+
+CASES = {}
+for _name, _kw in CONFIGS:
+  CASES[config_id(_name, _kw, F32)] = (lambda b, st, n=_name, k=_kw: compare_steps(n, k, F32, b, st))
+for _name, _kw in MIXED:
+  CASES[config_id(_name, _kw, LOW)] = (lambda b, st, n=_name, k=_kw: compare_steps(n, k, LOW, b, st))
+CASES["checked-update-and-skipped-step"] = checked_update
+CASES["prepass-equals-xla"] = prepass
+CASES["block-sizes-and-masking"] = block_sizes
+CASES["bitwise-vs-numpy-float32"] = bitwise_vs_numpy
+CASES["stochastic-rounding-bf16-bitwise"] = stochastic_rounding
+
+
+def run_all(backend):
+  """{case: {"ok": bool, "error": str, "seconds": float, "worst_ulps": {...}}}."""
+  out = {}
+  for cid, fn in CASES.items():
+    stats, t0 = Stats(), time.time()
+    try:
+      fn(backend, stats)
+      out[cid] = {"ok": True}
+    except Exception:  # pylint: disable=broad-except
+      out[cid] = {"ok": False, "error": traceback.format_exc()[-3000:]}
+    out[cid].update(seconds=round(time.time() - t0, 2), worst_ulps=stats.worst)
+  return out
+
+
+if __name__ == "__main__":
+  assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+  assert kt.interpreting()
+  print("RESULTS " + json.dumps(run_all("triton_interpret")), flush=True)
+  sys.exit(0)

@@ -1,0 +1,83 @@
+"""Helpers for verifying the Triton backend's kernels without a GPU (tests/test_triton_kernels.py).
+
+- ``compile_spec``: ``triton.compile`` of a generated kernel for ``GPUTarget('cuda', arch, 32)``
+  with the signature, 16-byte pointer alignment and options jax-triton uses;
+- ``triton_calls``: the jax-triton custom calls of a lowered module, each with its operand/output
+  aliases and the Triton IR jax-triton compiled into it (zlib-compressed in ``backend_config``).
+"""
+import re
+import zlib
+
+from fusedopt.kernels import triton as kt
+
+_TY = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def signature(spec, n_rows_type="i32"):
+  rule = spec.rule
+  _, ins, outs = kt.generate(spec)
+  ty = {"S": "*fp32", "P": f"*{_TY[spec.p_dtype]}", "P_OUT": f"*{_TY[spec.p_dtype]}"}
+  if spec.g_dtype:
+    ty["G"] = f"*{_TY[spec.g_dtype]}"
+  for i in range(len(rule.seg_scalars)):
+    ty[f"Q{i}"] = "*fp32"
+  for k, d in enumerate(spec.st_dtypes):
+    ty[f"ST{k}"] = ty[f"ST{k}_OUT"] = f"*{_TY[d]}"
+  for t in range(4):
+    ty[f"SUM{t}"] = "*fp32"
+  sig = {name: ty[name] for name in ins}
+  sig["N_ROWS"] = n_rows_type
+  sig.update({name: ty[name] for name in outs})
+  return sig
+
+
+def _compile(fn, sig, constexprs, arch, tuning):
+  import triton  # pylint: disable=import-outside-toplevel
+  from triton.backends.compiler import GPUTarget  # pylint: disable=import-outside-toplevel
+  from triton.compiler import ASTSource  # pylint: disable=import-outside-toplevel
+  names = list(sig)
+  for k in constexprs:
+    sig[k] = "constexpr"
+  # jax-triton marks every array argument 16-byte aligned (tt.divisibility = 16)
+  attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+  src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+  return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                        options={"num_warps": tuning.num_warps, "num_stages": tuning.num_stages,
+                                 "enable_fp_fusion": False})
+
+
+def compile_spec(spec, arch, tuning=None, rows=64, n_rows_type="i32"):
+  tuning = tuning or kt.default_tuning(spec.rule, spec.p_dtype, "gpu")
+  kernel, _, _ = kt.update_kernel(spec)
+  r, c = kt._tile(rows, tuning)  # pylint: disable=protected-access
+  return _compile(kernel, signature(spec, n_rows_type),
+                  {"R": r, "C": c, "ROWS_PER_UNIT": kt.ALIGN // c}, arch, tuning)
+
+
+def compile_prepass(dtype, arch, tuning=None):
+  tuning = tuning or kt.TUNING[("gpu", 4 if dtype == "float32" else 2)]
+  r, c = kt._tile(64, tuning)  # pylint: disable=protected-access
+  sig = {"S": "*fp32", "G": f"*{_TY[dtype]}", "N_ROWS": "i32", "SUMSQ": "*fp32", "BAD": "*fp32"}
+  return _compile(kt.prepass_kernel(), sig, {"R": r, "C": c}, arch, tuning)
+
+
+def triton_calls(lowered):
+  """[(n_aliases, ttir_text)] for every jax-triton custom call of ``lowered``."""
+  from jax._src.lib.mlir import ir  # pylint: disable=import-outside-toplevel
+  out = []
+
+  def walk(op):
+    for region in op.regions:
+      for block in region.blocks:
+        for o in block.operations:
+          if o.operation.name == "stablehlo.custom_call" and ir.StringAttr(
+              o.attributes["call_target_name"]).value == "triton_kernel_call":
+            aliases = len(ir.ArrayAttr(o.attributes["output_operand_aliases"])) if (
+                "output_operand_aliases" in o.attributes) else 0
+            raw = zlib.decompress(ir.StringAttr(o.attributes["backend_config"]).value_bytes)
+            text = raw.decode("latin-1")
+            m = re.search(r"module \{.*\}", text, re.S)
+            out.append((aliases, m.group(0) if m else text))
+          walk(o.operation)
+  walk(lowered.compiler_ir("stablehlo").operation)
+  return out
