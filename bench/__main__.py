@@ -3,8 +3,10 @@
   python -m bench                     # CPU default: scale sweep 1M-34M, adam/momentum/lamb (~2 min)
   python -m bench --quick             # gpt-10m and small-200, adam only (under a minute)
   python -m bench --full              # GPT-2 124M, ResNet-50, BERT-base, 2000 leaves, the scale
-                                      #   sweep; adam, lamb, momentum, adafactor (CPU: long;
-                                      #   small-2000's per-leaf compiles take minutes each)
+                                      #   sweep; adam, lamb, momentum, adafactor and the
+                                      #   mixed-precision variants (CPU: long; small-2000's
+                                      #   per-leaf compiles take minutes each)
+  python -m bench --trees gpt2-124m --optims adam,adam-bf16-master,adam-bf16-sr,adam-state-bf16
   python -m bench --sweep --optims adam --impls optax,auto
   python -m bench --device gpu --full --out /tmp/res     # see bench/README.md
 
@@ -18,8 +20,7 @@ params and first moment against the reference (fusedopt's jnp path when it runs,
 mismatching implementation is reported and not timed); warm-up steps; timed steps
 (block until ready). Implementations that do not fit in memory together (``--mem-budget-gib``)
 run in batches, each timed round-robin on its own. Effective bandwidth uses each optimizer's
-bytes-per-parameter model
-(bench/optims.py). Writes ``<out>/<platform>-<date>[-tag].json`` and ``.md``, and the plots
+bytes-per-parameter model (bench/optims.py; a mixed-precision variant's peer rows their own). Writes ``<out>/<platform>-<date>[-tag].json`` and ``.md``, and the plots
 ``-time.png`` (step time vs parameter count) and ``-roofline.png`` (% of copy bandwidth).
 """
 import argparse
@@ -44,6 +45,13 @@ RTOL, ATOL = 1e-4, 1e-6
 # change (``measure.delta_rel_err``). Agreeing implementations stay below 1e-5 after 3 steps; the
 # updates are small next to the params, so this catches what rtol on the params alone lets pass.
 UPDATE_RTOL = 1e-3
+# Mixed-precision variants whose backends may legitimately differ by more than rounding of the
+# values themselves (see ``check``): bf16 state lets each param element's change differ by up to
+# BF16_STATE_UPDATE_EPS of itself; stochastic rounding lets a fraction SR_DIVERGED_FRACTION of the
+# bf16 params differ by up to SR_MAX_ULPS ulps.
+BF16_STATE_UPDATE_EPS = 2.0 ** -6
+SR_DIVERGED_FRACTION = CHECK_STEPS * 2.0 ** -15   # every element 2 float32 ulps off every step
+SR_MAX_ULPS = CHECK_STEPS + 1
 SLOWER = 1.05  # a fusedopt row's median paired ratio to optax above this is noted (noise below)
 # --device -> jax_platforms (the CPU stays available for host-side work)
 DEVICES = {"cpu": "cpu", "gpu": "cuda,cpu", "cuda": "cuda,cpu", "rocm": "rocm,cpu",
@@ -197,16 +205,19 @@ def make_runner(name, optim, p0, grads, lr):
   return measure.Runner(impls_mod.make(name, optim), p0, grads, lr)
 
 
-def setup(name, optim, p0, grads, lr):
-  """Builds, compiles and runs CHECK_STEPS steps of one implementation; (runner, snapshot)."""
-  r = make_runner(name, optim, p0, grads, lr)
+def setup(name, optim, inputs, lr):
+  """Builds, compiles and runs CHECK_STEPS steps of one implementation; (runner, snapshot).
+
+  The snapshot: {"params": host tree, "moment": host vector or None, "master": host leaves of
+  the float32 master copy (``master_weights`` variants) or None}."""
+  r = make_runner(name, optim, *inputs.for_impl(name), lr)
   r.compile()
   t = time.perf_counter()
   r.sync_step()
   r.info["first_call_s"] = time.perf_counter() - t
   for _ in range(CHECK_STEPS - 1):
     r.sync_step()
-  snap = (r.params_host(), r.moment_host())
+  snap = {"params": r.params_host(), "moment": r.moment_host(), "master": r.master_host()}
   i = r.info
   hlo = i.get("hlo") or {}
   log(f"  {name:13s} init {i['init_s']:.1f}s  trace {i['trace_s']:.1f}s  lower {i['lower_s']:.1f}s"
@@ -215,21 +226,80 @@ def setup(name, optim, p0, grads, lr):
   return r, snap
 
 
-def check(name, ref_name, snaps, p0):
-  """One implementation's params (and first moment) after CHECK_STEPS steps vs the reference."""
+def _weights(snap, p0):
+  """The weights an optimizer updates, as {leaf path: host array}: the float32 master copy where
+  there is one (``master_weights``), else the params. A float32 peer's params and a master
+  variant's master are the same quantity, so they compare like with like."""
+  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(p0)[0]]
+  leaves = snap["master"] if snap["master"] is not None else \
+      jax.tree_util.tree_leaves(snap["params"])
+  return dict(zip(paths, leaves))
+
+
+def _same_dtypes(a, b):
+  return [x.dtype for x in jax.tree_util.tree_leaves(a)] == \
+      [x.dtype for x in jax.tree_util.tree_leaves(b)]
+
+
+def check(name, ref_name, snaps, p0, optim=None):
+  """One implementation's weights (and first moment) after CHECK_STEPS steps vs the reference.
+
+  Weights: the float32 master copy where an implementation keeps one, else the params
+  (``_weights``). Where both keep a master and step on the same dtypes, their (bf16) params are
+  compared too. A peer row of a different formulation (``Optim.compared``) is not compared:
+  ``{"ok": True, "compared": False, "note": why}``; it is timed.
+
+  Values stored in bf16 are allowed one bf16 ulp (``measure.compare``). Two variants need more,
+  because fusedopt's backends agree to the last float32 bit only mostly (the native kernels are
+  compiled with FMA contraction; on GPT-2 124M native and jnp Adam differ by up to 1.5e-8):
+  - bf16 state (``state_dtype``): a last-bit difference can round a moment to the neighbouring
+    bf16 value (2^-8..2^-7 relative), which changes that element's later updates by about as
+    much: each param element may differ by BF16_STATE_UPDATE_EPS of its own change (2^-6).
+  - stochastic rounding: a last-bit difference of the float32 value rounds it to the other bf16
+    neighbour with probability ~2^-16, and from then on that element's hash inputs differ, so its
+    roundings are independent (up to one more ulp per step). Up to SR_DIVERGED_FRACTION of the
+    elements (the bound if every element's float32 value were 2 ulps off at every step: 9e-5)
+    may differ by up to SR_MAX_ULPS ulps (``sr_diverged`` counts them; measured on GPT-2 124M
+    after 3 steps: 190 of 124.4M, 1.5e-6, at most 2 ulps), and the update check is over the whole
+    tree (one diverged element of a 768-element LayerNorm bias is 1e-3 of its update). A wrong
+    rounding (to nearest, other bits, another learning rate) moves far more elements."""
   if name == ref_name:
     return {"ok": True, "reference": True, "note": "reference"}
-  ref_p, ref_m = snaps[ref_name]
-  got_p, got_m = snaps[name]
-  chk = measure.compare(ref_p, got_p, RTOL, ATOL)
-  mom = measure.compare_vectors(ref_m, got_m, RTOL, ATOL)
+  if optim is not None and not optim.compared(name):
+    return {"ok": True, "compared": False, "note": optim.peer.why}
+  ref, got = snaps[ref_name], snaps[name]
+  ref_w, got_w = _weights(ref, p0), _weights(got, p0)
+  p0_w = dict(zip(ref_w, (np.asarray(x, np.float32) for x in jax.tree_util.tree_leaves(p0))))
+  bf16_state = optim is not None and optim.state_dtype.itemsize < 4
+  stochastic = optim is not None and bool(optim.variant.get("stochastic_rounding"))
+  chk = measure.compare(ref_w, got_w, RTOL, ATOL, p0=p0_w if bf16_state else None,
+                        update_eps=BF16_STATE_UPDATE_EPS if bf16_state else 0.0)
+  if bf16_state:
+    chk["update_eps"] = BF16_STATE_UPDATE_EPS
+  if stochastic and not chk["ok"] and "error" not in chk and \
+      chk["mismatched_elements"] <= SR_DIVERGED_FRACTION * chk["elements"] and \
+      chk["worst_err_over_tol"] <= SR_MAX_ULPS:
+    chk["ok"], chk["sr_diverged"] = True, chk["mismatched_elements"]
+  chk["compared_as"] = "float32 master" if (ref["master"] is not None or
+                                         got["master"] is not None) else "params"
+  params_ok = True
+  if ref["master"] is not None and got["master"] is not None and \
+      _same_dtypes(ref["params"], got["params"]):
+    chk["params"] = measure.compare(ref["params"], got["params"], RTOL, ATOL)
+    params_ok = chk["params"]["ok"]
+  mom = measure.compare_vectors(ref["moment"], got["moment"], RTOL, ATOL)
   if mom is not None:
     chk["first_moment"] = mom
   update_ok = True
   if "error" not in chk:
-    chk["update_rel_err"] = measure.delta_rel_err(p0, ref_p, got_p)
+    if chk.get("sr_diverged"):  # a few diverged elements: over the whole tree, not per leaf
+      cat = lambda t: {"all": np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)])}
+      chk["update_rel_err"] = measure.delta_rel_err(cat(p0_w), cat(ref_w), cat(got_w))
+      chk["update_rel_err_over"] = "the whole tree"
+    else:
+      chk["update_rel_err"] = measure.delta_rel_err(p0_w, ref_w, got_w)
     update_ok = chk["update_rel_err"] <= UPDATE_RTOL
-  chk["ok"] = bool(chk["ok"] and update_ok and (mom is None or mom["ok"]))
+  chk["ok"] = bool(chk["ok"] and update_ok and params_ok and (mom is None or mom["ok"]))
   chk.update(against=ref_name, steps=CHECK_STEPS, rtol=RTOL, atol=ATOL, update_rtol=UPDATE_RTOL)
   if chk["ok"]:
     log(f"  check {name} vs {ref_name}: ok (params max|diff| {chk['max_abs_diff']:.1e}, update rel "
@@ -264,13 +334,14 @@ def bench_group(tree_name, optim_name, batches, skipped, args, tick):
   shapes = trees.shapes(tree_name)
   n_params, n_leaves = trees.num_params(shapes), trees.num_leaves(shapes)
   nbytes = optim.bytes_per_step(trees.shape_leaves(shapes))
-  log(f"\n== {tree_name} / {optim_name}: {n_leaves} leaves, {n_params / 1e6:.2f}M params, "
-      f"{nbytes / n_params:.1f} B/param" + (f"; {len(batches)} batches {batches} (memory)"
-                                            if len(batches) > 1 else ""))
-  p0 = trees.host_tree(shapes, seed=0, scale=0.02)
-  grads = jax.device_put(trees.host_tree(shapes, seed=1, scale=0.01))
+  log(f"\n== {tree_name} / {optim_name}: {n_leaves} leaves, {n_params / 1e6:.2f}M params "
+      f"({optim.param_dtype}), {nbytes / n_params:.1f} B/param"
+      + (f"; {len(batches)} batches {batches} (memory)" if len(batches) > 1 else ""))
+  inputs = impls_mod.Inputs(shapes, optim)
+  p0 = inputs.p0
   lr = impls_mod.lr_array()
   group = {"tree": tree_name, "optim": optim_name, "leaves": n_leaves, "params": n_params,
+           "param_dtype": optim.param_dtype,
            "bytes_per_step": int(nbytes), "bytes_per_param": nbytes / n_params,
            "skipped": skipped, "reference": None, "batches": batches, "impls": []}
   recs, times, batch_of, ref = {}, {}, {}, None
@@ -279,7 +350,7 @@ def bench_group(tree_name, optim_name, batches, skipped, args, tick):
     active = []
     for name in batch:
       try:
-        r, snap = setup(name, optim, p0, grads, lr)
+        r, snap = setup(name, optim, inputs, lr)
       except Exception as e:  # pylint: disable=broad-except
         err = f"{type(e).__name__}: {e}"
         log(f"  {name}: FAILED {err}")
@@ -287,11 +358,14 @@ def bench_group(tree_name, optim_name, batches, skipped, args, tick):
                                                                          "error": err}}
         tick(1)
         continue
-      if ref is None:  # the first implementation that runs is the reference
+      if ref is None and optim.compared(name):  # the first compared one that runs: reference
         ref, group["reference"] = snap, name
-      chk = check(name, group["reference"], {group["reference"]: ref, name: snap}, p0)
+      chk = check(name, group["reference"], {group["reference"]: ref, name: snap}, p0, optim)
       del snap
       recs[name] = {"impl": name, "label": r.impl.label, "compile": dict(r.info), "check": chk}
+      impl_bytes = optim.bytes_per_step(trees.shape_leaves(shapes), name)
+      if impl_bytes != nbytes:  # a peer of a mixed-precision variant: its own traffic model
+        recs[name]["bytes_per_step"] = int(impl_bytes)
       if chk["ok"]:
         active.append(r)
         batch_of[name] = b
@@ -303,7 +377,7 @@ def bench_group(tree_name, optim_name, batches, skipped, args, tick):
       times[r.impl.name] = list(r.times)
       r.close()
     gc.collect()
-  del ref
+  del ref, inputs
   copy_stats = measure.summarize(copy.times)
   copy_bw = copy.bytes_moved / copy_stats["median_s"] / 1e9
   group["copy"] = {"mib": args.copy_mib, "bytes_per_run": copy.bytes_moved, "step": copy_stats,
@@ -355,7 +429,7 @@ def summarize_group(group, times, batch_of, copy_bw):
       continue
     st = measure.summarize(t)
     rec["step"] = st
-    rec["gb_s"] = group["bytes_per_step"] / st["median_s"] / 1e9
+    rec["gb_s"] = rec.get("bytes_per_step", group["bytes_per_step"]) / st["median_s"] / 1e9
     rec["pct_copy_bw"] = 100.0 * rec["gb_s"] / copy_bw
     for key, base in (("vs_optax", "optax"), ("vs_torch_fused", "torch-fused")):
       if base not in times:
@@ -371,7 +445,8 @@ def notes(group):
   """Things worth a second look: a mismatch, fusedopt more than 5% slower than optax, fusedopt
   temp memory over grads + 10% params."""
   n = group["params"]
-  budget = 4 * n + 0.1 * 4 * n  # grads size + 10% of params (float32)
+  item = np.dtype(group.get("param_dtype", "float32")).itemsize
+  budget = item * n + 0.1 * item * n  # grads size + 10% of params
   where = f"{group['tree']}/{group['optim']}"
   found = []
   for rec in group["impls"]:
@@ -488,6 +563,8 @@ def main(argv=None):
               "rtol": RTOL, "atol": ATOL, "update_rtol": UPDATE_RTOL, "copy_mib": args.copy_mib,
               "mem_budget_bytes": memory_budget(args), "learning_rate": optims.LR,
               "hyper_params": {o: optims.OPTIMS[o].hp for o in args.optim_list},
+              "variants": {o: variant_settings(optims.OPTIMS[o]) for o in args.optim_list
+                           if optims.OPTIMS[o].desc},
               "bytes_model": {o: optims.OPTIMS[o].bytes_note for o in args.optim_list}}
   payload = dict(env, command=command.strip(), total_runtime_s=total_s, settings=settings,
                  results=results, notes=[x for g in results for x in g["notes"]])
@@ -505,6 +582,17 @@ def main(argv=None):
     for p in report.write(args.out, stem, payload, md):
       log(f"wrote {p}")
   return payload
+
+
+def variant_settings(optim):
+  """A mixed-precision variant's settings for the JSON (dtypes, fusedopt options, its peer)."""
+  peer = optim.peer
+  return {"description": optim.desc, "param_dtype": optim.param_dtype,
+          "fusedopt_options": dict(optim.variant),
+          "peer": None if peer is None else {
+              "what": peer.label, "param_dtype": peer.param_dtype,
+              "bytes_per_param": peer.bytes_per_param, "compared": peer.compared,
+              "why_not_compared": peer.why or None}}
 
 
 def write_plots(results, env, out_dir, stem):

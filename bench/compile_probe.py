@@ -10,18 +10,14 @@ this measures that.
 import argparse
 import json
 
-import jax
-
 from . import impls as impls_mod
 from . import measure, optims, trees
 
 
 def probe(tree, optim, impl):
-  shapes = trees.shapes(tree)
-  p0 = trees.host_tree(shapes, seed=0, scale=0.02)
-  grads = jax.device_put(trees.host_tree(shapes, seed=1, scale=0.01))
-  r = measure.Runner(impls_mod.make(impl, optims.OPTIMS[optim]), p0, grads,
-                     impls_mod.lr_array())
+  o = optims.OPTIMS[optim]
+  p0, grads = impls_mod.Inputs(trees.shapes(tree), o).for_impl(impl)
+  r = measure.Runner(impls_mod.make(impl, o), p0, grads, impls_mod.lr_array())
   r.compile()
   return {k: r.info[k] for k in ("trace_s", "lower_s", "compile_s", "trace_compile_s")}
 

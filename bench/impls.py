@@ -6,9 +6,12 @@
   flax-loop      flax 0.5.3's ``OptimizerDef.apply_gradient``: a Python loop over the leaves
                  calling ``apply_param_gradient`` with per-leaf state (fusedopt keeps this path
                  for user subclasses; its per-leaf rules are the flat path's)
-  auto, native, jnp, pallas
+  auto, native, jnp, pallas, triton
                  fusedopt's flat buffers with that backend (``auto`` = native on CPU, per group
-                 jnp/pallas on GPU); one row for Adafactor, which runs per leaf on every backend
+                 jnp/pallas on GPU; ``triton`` = the jax-triton kernels, CUDA only); one row for
+                 Adafactor, which runs per leaf on every backend. A backend that cannot run here
+                 (``fusedopt.available_backends()``: pallas/triton on CPU, native on GPU) is
+                 skipped, with the reason in the results
   torch-fused, torch-foreach
                  ``torch.optim.AdamW`` / ``SGD`` with ``fused=True`` / ``foreach=True``, only where
                  torch with CUDA is importable (adam and momentum)
@@ -16,7 +19,12 @@
 A JAX implementation has a step function whose first ``n_carry`` arguments are the donated
 training state and whose last two are the gradient tree and the learning rate (a float32 array,
 so a runtime value everywhere); it returns the new carry. ``moment_of`` gives the optimizer's first
-state field (Adam's m, Momentum's trace) as one host vector in leaf order, for the check.
+state field (Adam's m, Momentum's trace) as one host vector in leaf order, for the check;
+``master_of`` the float32 master copy of a ``master_weights`` variant as host leaves in leaf order.
+
+Mixed-precision variants (bench/optims.py): fusedopt rows and flax-loop step on params and grads
+of the variant's ``param_dtype``; the peer rows (optax, optax-flatten, torch-*) on their
+``Peer``'s (``Optim.input_dtype``), the same values upcast.
 """
 import functools
 import time
@@ -29,9 +37,9 @@ import optax
 import fusedopt
 from fusedopt.base import OptimizerDef, OptimizerState
 
-from . import optims
+from . import optims, trees
 
-FUSEDOPT_BACKENDS = ("auto", "native", "jnp", "pallas")
+FUSEDOPT_BACKENDS = ("auto", "native", "jnp", "pallas", "triton")
 # Where the torch rows run. Only CUDA is benchmarked (torch_cuda gates them); the tests point it
 # at "cpu" to check the torch runner against fusedopt where torch has no GPU.
 TORCH_DEVICE = "cuda"
@@ -56,7 +64,7 @@ def default_impls():
   """
   avail = fusedopt.available_backends()
   out = ["optax", "optax-flatten", "flax-loop", "auto"]
-  out += [b for b in ("jnp", "pallas") if b in avail]
+  out += [b for b in ("jnp", "pallas", "triton") if b in avail]
   if jax.default_backend() != "cpu" and "native" in avail:
     out.append("native")
   if torch_cuda():
@@ -68,15 +76,20 @@ def for_optim(optim, names):
   """The implementations of ``names`` that apply to ``optim``: (kept, {skipped name: why})."""
   kept, skipped = [], {}
   fused_seen = None
+  avail = fusedopt.available_backends() if any(
+      n in FUSEDOPT_BACKENDS and n != "auto" for n in names) else ()
   for n in names:
     if n == "optax-flatten" and not optim.flatten_ok:
       skipped[n] = "optax.flatten would turn per-tensor statistics into global ones"
     elif n == "flax-loop" and not optim.flat:
       skipped[n] = "fusedopt runs this optimizer per leaf already (the same code)"
     elif n in TORCH_IMPLS and optim.torch is None:
-      skipped[n] = f"torch.optim has no {optim.name} with these semantics"
+      skipped[n] = optim.torch_why or f"torch.optim has no {optim.name} with these semantics"
     elif n in FUSEDOPT_BACKENDS and not optim.flat and fused_seen:
       skipped[n] = f"runs per leaf on every backend: the {fused_seen!r} row stands for it"
+    elif n in FUSEDOPT_BACKENDS and n != "auto" and n not in avail:
+      skipped[n] = (f"backend {n!r} cannot run here (jax backend {jax.default_backend()!r}; "
+                    f"available: {', '.join(avail)})")
     else:
       kept.append(n)
       if n in FUSEDOPT_BACKENDS:
@@ -115,6 +128,9 @@ class JaxImpl:
   def moment_of(self, carry):
     return None
 
+  def master_of(self, carry):
+    return None
+
 
 class Optax(JaxImpl):
   """The optax transformation per leaf. It is built inside the jitted step with the traced
@@ -124,7 +140,12 @@ class Optax(JaxImpl):
   def __init__(self, optim, flatten=False):
     super().__init__("optax-flatten" if flatten else "optax", optim)
     self.flatten = flatten
-    self.label = (f"optax.flatten({optim.name})" if flatten else f"optax {optim.name} (per-leaf)")
+    if optim.peer is None:
+      self.label = f"optax.flatten({optim.name})" if flatten else f"optax {optim.name} (per-leaf)"
+    else:  # a mixed-precision variant's peer: its formulation and its bytes model
+      what, bpp = optim.peer.label, optim.peer.bytes_per_param
+      self.label = (f"optax.flatten({what}; {bpp} B/param)" if flatten else
+                    f"optax {what} (per-leaf; {bpp} B/param)")
 
   def _tx(self, lr):
     tx = self.optim.optax_tx(lr)
@@ -179,6 +200,13 @@ class FlaxLoop(JaxImpl):
     return _flat_host(jax.tree_util.tree_map(lambda s: s[field], carry[1].param_states,
                                              is_leaf=is_state))
 
+  def master_of(self, carry):
+    if not self.optim.master_weights:
+      return None
+    is_state = lambda x: isinstance(x, dict) and "master" in x
+    return [np.asarray(s["master"]) for s in jax.tree_util.tree_leaves(
+        carry[1].param_states, is_leaf=is_state)]
+
 
 class Fusedopt(JaxImpl):
   """``fusedopt.<Optim>(...).create(params)``, stepped with
@@ -213,6 +241,15 @@ class Fusedopt(JaxImpl):
     bufs = [np.asarray(b) for b in st.fields[self.optim.moment[0]]]
     return np.concatenate([bufs[s.group][s.offset:s.offset + s.size] for s in layout.segments])
 
+  def master_of(self, carry):
+    """The float32 master copy (``master_weights`` variants), one host array per leaf."""
+    if not self.optim.master_weights:
+      return None
+    st = carry[0].state.param_states
+    bufs = [np.asarray(b) for b in st.fields["master"]]
+    return [bufs[s.group][s.offset:s.offset + s.size].reshape(s.shape)
+            for s in st.layout.segments]
+
 
 def make(name, optim):
   """The JAX implementation ``name`` of ``optim`` (torch ones: ``TorchRunner``)."""
@@ -223,6 +260,35 @@ def make(name, optim):
   if name in FUSEDOPT_BACKENDS:
     return Fusedopt(name, optim)
   raise ValueError(f"unknown implementation {name!r}; expected one of {ALL_IMPLS}")
+
+
+def cast(tree, dtype):
+  """A host tree with every leaf in ``dtype`` (leaves already in it are kept, not copied)."""
+  dtype = np.dtype(dtype)
+  return jax.tree_util.tree_map(lambda x: x if x.dtype == dtype else x.astype(dtype), tree)
+
+
+class Inputs:
+  """The params (host) and grads (device) each implementation of ``optim`` steps on.
+
+  The seeded float32 trees (params N(0, 0.02^2), grads N(0, 0.01^2)) rounded to the optimizer's
+  ``param_dtype``; a peer row stepping on another dtype (``Optim.input_dtype``) gets those values
+  converted (for the float32 peers of the bf16 variants: upcast, the same starting point). One
+  copy per dtype, built when first asked for."""
+
+  def __init__(self, shapes, optim):
+    self.optim = optim
+    dt = np.dtype(optim.param_dtype)
+    self.p0 = cast(trees.host_tree(shapes, seed=0, scale=0.02), dt)
+    self._g = cast(trees.host_tree(shapes, seed=1, scale=0.01), dt)
+    self._by_dtype = {}
+
+  def for_impl(self, name):
+    """(params host tree, grads device tree) for implementation ``name``."""
+    dt = np.dtype(self.optim.input_dtype(name))
+    if dt not in self._by_dtype:
+      self._by_dtype[dt] = (cast(self.p0, dt), jax.device_put(cast(self._g, dt)))
+    return self._by_dtype[dt]
 
 
 def lr_array():
@@ -243,7 +309,9 @@ class TorchRunner:
     self.optim = optim
     mode = name.split("-", 1)[1]  # fused / foreach
     cls, kw = optim.torch_optimizer()
-    self.label = f"torch.optim.{cls}({mode}=True)"
+    self.label = f"torch.optim.{cls}({mode}=True)" + (
+        f", {optim.peer.param_dtype} params ({optim.peer.bytes_per_param} B/param)"
+        if optim.peer is not None else "")
     self.times, self.info = [], {}
     t = time.perf_counter()
     leaves, self.treedef = jax.tree_util.tree_flatten(params_host)
@@ -278,6 +346,9 @@ class TorchRunner:
   def params_host(self):
     return jax.tree_util.tree_unflatten(self.treedef,
                                         [p.detach().cpu().numpy() for p in self.params])
+
+  def master_host(self):
+    return None
 
   def moment_host(self):
     key = self.optim.moment[2] if self.optim.moment else None

@@ -2,7 +2,8 @@
 
   python -m bench.kernels                       # 2^28 float32 elements on GPU, 2^22 on CPU
   python -m bench.kernels --log2n 26 --optims adam,momentum --impls pallas,jnp
-  python -m bench.kernels --sweep               # also tune block_rows x num_warps for Adam
+  python -m bench.kernels --sweep               # also tune block size x num_warps for Adam
+  python -m bench.kernels --device gpu          # on a GPU: pallas, triton, jnp and torch side by side
 
 Each optimizer runs through the public API on a one-leaf tree ``{"w": f32[n]}`` (so the layout
 adds no copies), jitted with the optimizer donated; per implementation the median and min-max of
@@ -10,7 +11,9 @@ adds no copies), jitted with the optimizer donated; per implementation the media
 (bytes/param below; LAMB's 40 assumes norms fused into the passes), and "% copy" relates it to a
 donated ``x * 1.0000001`` over an equally large buffer timed in the same run (8 B/elem).
 ``torch`` (``torch.optim.AdamW(fused=True)`` and ``(foreach=True)``) joins when torch with CUDA
-is importable. Writes ``bench/results/kernels-<platform>-<date>.{json,md}``.
+is importable. ``triton`` (the hand-written jax-triton kernels, ``fusedopt.kernels.triton``) joins
+where it can run (a CUDA GPU with triton and jax-triton); ``--sweep`` tunes both the Pallas and
+the Triton kernels. Writes ``bench/results/kernels-<platform>-<date>.{json,md}``.
 """
 import argparse
 import json
@@ -25,6 +28,7 @@ import numpy as np
 
 import fusedopt
 from fusedopt.kernels import pallas as kp
+from fusedopt.kernels import triton as kt
 
 from . import report
 
@@ -125,6 +129,31 @@ def _torch_cuda():
     return False
 
 
+def sweep_triton(n, inner, repeats):
+  """Adam fp32 on the triton backend over block x num_warps; rows sorted by median time."""
+  rows = []
+  saved = dict(kt.TUNING)
+  try:
+    for block in (1024, 2048, 4096, 8192, 16384):
+      for nw in (2, 4, 8, 16):
+        kt.TUNING[("gpu", 4)] = kt.Tuning(block=block, num_warps=nw)
+        jax.clear_caches()
+        try:
+          r = bench_fusedopt("adam", "triton", n, inner, repeats)
+        except Exception as e:  # pylint: disable=broad-except  (e.g. too many registers)
+          log(f"  triton sweep block={block} num_warps={nw}: failed: {str(e)[:200]}")
+          continue
+        r.update(block=block, num_warps=nw)
+        log(f"  triton sweep block={block:5d} num_warps={nw:2d}: "
+            f"{r['median_s'] * 1e3:.3f} ms {r['gb_s']:.0f} GB/s")
+        rows.append(r)
+  finally:
+    kt.TUNING.clear()
+    kt.TUNING.update(saved)
+    jax.clear_caches()
+  return sorted(rows, key=lambda r: r["median_s"])
+
+
 def sweep(n, inner, repeats):
   """Adam fp32 over block_rows x num_warps; returns rows sorted by median time."""
   rows = []
@@ -147,19 +176,28 @@ def sweep(n, inner, repeats):
 
 
 def main(argv=None):
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--device", choices=("cpu", "gpu", "tpu"), default=None)
+  known, _ = pre.parse_known_args(argv)
+  if known.device:   # before jax picks its backend
+    jax.config.update("jax_platforms", {"gpu": "cuda,cpu", "cpu": "cpu", "tpu": "tpu,cpu"}[
+        known.device])
   on_accel = jax.default_backend() != "cpu"
   ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--device", choices=("cpu", "gpu", "tpu"), default=None,
+                  help="the jax platform (default: jax's default backend)")
   ap.add_argument("--log2n", type=int, default=28 if on_accel else 22)
   ap.add_argument("--optims", default=",".join(OPTIMS))
   ap.add_argument("--impls", default=None,
-                  help="comma-separated from pallas,jnp,native,torch (default: those available)")
+                  help="comma-separated from pallas,triton,jnp,native,torch (default: those "
+                  "available)")
   ap.add_argument("--inner", type=int, default=10)
   ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--sweep", action="store_true")
   ap.add_argument("--out", default=os.path.join(report.HERE, "results"))
   args = ap.parse_args(argv)
-  avail = [b for b in ("pallas", "native", "jnp") if b in fusedopt.available_backends()]
+  avail = [b for b in ("pallas", "triton", "native", "jnp") if b in fusedopt.available_backends()]
   if _torch_cuda():
     avail.append("torch")
   impls = args.impls.split(",") if args.impls else avail
@@ -192,6 +230,8 @@ def main(argv=None):
     results["copy_after_" + o] = bench_copy(n, args.inner, args.repeats)["gb_s"]
   if args.sweep and jax.default_backend() == "gpu":
     results["sweep"] = sweep(n, args.inner, args.repeats)
+    if "triton" in impls:
+      results["sweep_triton"] = sweep_triton(n, args.inner, args.repeats)
 
   md = markdown(results, env, "python -m bench.kernels " + " ".join(argv or sys.argv[1:]))
   print(md)
@@ -233,6 +273,12 @@ def markdown(results, env, command):
     for r in results["sweep"]:
       lines.append(f"| {r['block_rows']} | {r['block_rows'] * 1024} | {r['num_warps']} | "
                    f"{r['median_s'] * 1e3:.3f} | {r['gb_s']:.0f} |")
+  if "sweep_triton" in results:
+    lines += ["", "Adam fp32 block sweep (triton):", "",
+              "| block (elements/program) | num_warps | ms | GB/s |", "|---:|---:|---:|---:|"]
+    for r in results["sweep_triton"]:
+      lines.append(f"| {r['block']} | {r['num_warps']} | {r['median_s'] * 1e3:.3f} | "
+                   f"{r['gb_s']:.0f} |")
   return "\n".join(lines) + "\n"
 
 

@@ -72,6 +72,9 @@ class Runner:
   def moment_host(self):
     return self.impl.moment_of(self.carry)
 
+  def master_host(self):
+    return self.impl.master_of(self.carry)
+
   def close(self):
     self.carry = None
     self.jitted = None
@@ -112,31 +115,50 @@ class CopyRunner:
     gc.collect()
 
 
-def compare(ref, got, rtol, atol):
+def leaf_rtol(rtol, *arrays):
+  """``rtol``, widened to one ulp (the dtype's eps) where a leaf is stored in a narrower float
+  than float32: two correct bf16 results may round a value on either side of a tie."""
+  for a in arrays:
+    dt = np.dtype(a.dtype)
+    if dt.itemsize < 4 and (dt.kind == "f" or dt == np.dtype(jnp.bfloat16)):
+      rtol = max(rtol, float(jnp.finfo(dt).eps))
+  return rtol
+
+
+def compare(ref, got, rtol, atol, p0=None, update_eps=0.0):
   """Leaf-wise allclose of two host trees; returns a summary dict (ok, worst leaf, errors).
 
-  In float32 (the trees' own dtype): the differences of close float32 numbers are exact, and
-  float64 copies of a 100M-parameter tree would cost seconds per implementation.
+  In float32 (the trees' own dtype, or bf16 leaves upcast): the differences of close float32
+  numbers are exact, and float64 copies of a 100M-parameter tree would cost seconds per
+  implementation. A leaf stored in bfloat16/float16 (either side) is allowed one ulp of it
+  (``leaf_rtol``). With ``p0`` (the tree before the steps) each element is also allowed
+  ``update_eps`` of its own change ``|ref - p0|`` (for optimizers that store their state rounded
+  to bf16: see bench/__main__.py's check).
   """
   ref_l, ref_def = jax.tree_util.tree_flatten_with_path(ref)
   got_l, got_def = jax.tree_util.tree_flatten(got)
   if ref_def.num_leaves != got_def.num_leaves:
     return {"ok": False, "error": f"tree structure differs: {ref_def} vs {got_def}"}
-  n_bad, worst, worst_path, max_abs = 0, 0.0, None, 0.0
-  for (path, r), g in zip(ref_l, got_l):
+  p0_l = jax.tree_util.tree_leaves(p0) if p0 is not None else [None] * len(ref_l)
+  n_bad, n_all, worst, worst_path, max_abs = 0, 0, 0.0, None, 0.0
+  for (path, r), g, a in zip(ref_l, got_l, p0_l):
     if r.shape != g.shape:
       return {"ok": False, "error": f"{jax.tree_util.keystr(path)}: shape {g.shape} != {r.shape}"}
+    leaf_tol = leaf_rtol(rtol, np.asarray(r), np.asarray(g))
     r = np.asarray(r, np.float32)
     d = np.abs(np.asarray(g, np.float32) - r)
-    tol = np.float32(atol) + np.float32(rtol) * np.abs(r)
+    tol = np.float32(atol) + np.float32(leaf_tol) * np.abs(r)
+    if a is not None and update_eps:
+      tol = tol + np.float32(update_eps) * np.abs(r - np.asarray(a, np.float32))
     n_bad += int(np.count_nonzero(~(d <= tol)))
+    n_all += d.size
     ratio = float(np.max(d / tol)) if d.size else 0.0
     max_abs = max(max_abs, float(d.max()) if d.size else 0.0)
     if not np.isfinite(ratio) or ratio > worst:
       worst = ratio if np.isfinite(ratio) else float("inf")
       worst_path = jax.tree_util.keystr(path)
-  return {"ok": n_bad == 0, "mismatched_elements": n_bad, "max_abs_diff": max_abs,
-          "worst_err_over_tol": worst, "worst_leaf": worst_path}
+  return {"ok": n_bad == 0, "mismatched_elements": n_bad, "elements": n_all,
+          "max_abs_diff": max_abs, "worst_err_over_tol": worst, "worst_leaf": worst_path}
 
 
 def _norm(x):

@@ -19,16 +19,85 @@ and tested in tests/test_optax_agreement.py:
              (same chain; flax's epsilon2 is optax's fixed 1e-3 floor, kept at its default)
 
 The learning rate is a runtime input of every jitted step (a float32 array), as a schedule would be.
+
+Mixed-precision variants (``MIXED_OPTIMS``; not in the default run, in ``--full`` and by name).
+Each is a float32 optimizer above with one of fusedopt's mixed-precision options, on generated
+trees of its ``param_dtype`` (params and grads alike: the float32 trees rounded to it):
+
+  adam-bf16-master      Adam(master_weights=True), bf16 params and grads: the state holds a float32
+                        master copy (+ float32 m, v); the bf16 params are the master rounded.
+                        28 B/param: read g (2) + master, m, v (12); write master, m, v (12) +
+                        the bf16 params (2; written, never read)
+  adam-bf16-sr          Adam(stochastic_rounding=True), bf16 params and grads, float32 m, v; new
+                        params rounded stochastically (the bits: a hash of the element's inputs).
+                        22 B/param: read p, g (4) + m, v (8); write p (2) + m, v (8)
+  adam-state-bf16       Adam(state_dtype=bfloat16), float32 params and grads, bf16 m, v (float32
+                        math, rounded when stored). 20 B/param: read p, g (8) + m, v (4); write
+                        p (4) + m, v (4)
+  momentum-bf16-master  Momentum(master_weights=True), bf16 params and grads. 20 B/param: read g
+                        (2) + master, m (8); write master, m (8) + bf16 params (2)
+  lamb-bf16-master      LAMB(master_weights=True), bf16 params and grads. 40 B/param: pass 1
+                        reads g (2) + master, m, v (12), writes m, v (8); pass 2 reads master,
+                        m, v (12), writes master (4) + bf16 params (2)
+
+Peers (``Peer``): optax has no master weights and no stochastic rounding, and torch.optim's fused
+AdamW keeps bf16 moments for bf16 params and rounds to nearest, so no library runs these updates
+on bf16 params. The peer rows (optax, optax-flatten, torch-*) therefore step on the inputs of the
+closest formulation a library has, with their own bytes model, and the check compares them only
+where formulas and precision agree:
+
+  *-bf16-master  the peer is the same optimizer on float32 params and grads (the bf16 values
+                 upcast: the same starting point): the same math in the same precision as the
+                 master copy, which is how mixed-precision training keeps its weights without
+                 master-weight support (flax modules with ``param_dtype=float32,
+                 dtype=bfloat16`` cast inside the forward pass). Compared: the peer's params vs
+                 fusedopt's float32 master, and the first moments. Chosen over
+                 ``optax.adamw(mu_dtype=float32)`` on bf16 params, whose second moment is bf16
+                 and whose bf16 params are rounded to nearest with no master: a different
+                 algorithm (it stalls once updates fall below half a bf16 ulp). The peer moves
+                 28 B/param (adam; momentum 20, lamb 40) like fusedopt, with float32 grads
+                 (+2 B) and no bf16 params written (-2 B); outside the step its forward pass
+                 reads float32 params and its backward pass writes float32 grads.
+  adam-bf16-sr   the same float32 peer: the float32 training that stochastic rounding stands in
+                 for (22 vs 28 B/param, and 4 B/param less memory than master weights). Timed,
+                 not compared: bf16 params rounded stochastically are not float32 params.
+  adam-state-bf16  ``optax.adamw(mu_dtype=bfloat16)`` on float32 params, optax's only
+                 reduced-precision state: its second moment stays float32 (24 B/param). Timed,
+                 not compared. No torch row (torch.optim.AdamW has no reduced-precision state
+                 for float32 params).
+
+Between fusedopt's backends (and the flax-loop per-leaf path of the same variant) everything is
+compared: params, first moment and the float32 master where there is one; bf16 values within one
+bf16 ulp (``measure.compare``'s dtype-aware tolerance), float32 ones within rtol/atol.
 """
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 import fusedopt
 
 LR = 1e-3
+
+
+PEER_IMPLS = ("optax", "optax-flatten", "torch-fused", "torch-foreach")
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+  """What the peer rows (``PEER_IMPLS``) of a mixed-precision variant run: the closest formulation
+  a library has (see the module docstring), on params and grads of ``param_dtype``, moving
+  ``bytes_per_param``. ``compared``: the formulas and precision agree with fusedopt's, so the
+  check compares them (else ``why`` says why not, and the rows are timed only). ``optax_fn``
+  replaces the optimizer's own optax spelling (None: the float32 optimizer's)."""
+  param_dtype: str
+  bytes_per_param: int
+  label: str
+  compared: bool
+  why: str = ""
+  optax_fn: Optional[Callable[[Any, Dict[str, Any]], optax.GradientTransformation]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +110,10 @@ class Optim:
   the tensors' own shapes whatever the backend, so one fusedopt row stands for all backends).
   ``flatten_ok``: ``optax.flatten`` keeps the algorithm (False where per-tensor statistics would
   become statistics of one global vector: LAMB's trust ratio, Adafactor's factored moments).
+  Mixed precision: ``param_dtype`` of the generated params and grads, ``variant`` the fusedopt
+  keyword arguments (``master_weights``, ``stochastic_rounding``, ``state_dtype`` as a dtype
+  name), ``peer`` what the optax/torch rows run instead (None: the same update on the same
+  inputs, compared), ``torch_why`` why there is no torch row.
   """
   name: str
   fusedopt_cls: str
@@ -53,21 +126,54 @@ class Optim:
   torch: Optional[Callable[[Dict[str, Any]], Tuple[str, Dict[str, Any]]]] = None
   flat: bool = True
   flatten_ok: bool = True
+  param_dtype: str = "float32"
+  variant: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  peer: Optional[Peer] = None
+  torch_why: str = ""
+  desc: str = ""                          # the variant in words (the table's heading)
 
   def fusedopt_def(self, backend):
-    return getattr(fusedopt, self.fusedopt_cls)(learning_rate=LR, backend=backend, **self.hp)
+    kw = dict(self.variant)
+    if "state_dtype" in kw:
+      kw["state_dtype"] = jnp.dtype(kw["state_dtype"])
+    return getattr(fusedopt, self.fusedopt_cls)(learning_rate=LR, backend=backend, **self.hp,
+                                                **kw)
 
   def optax_tx(self, lr):
-    return self.optax_fn(lr, self.hp)
+    fn = self.peer.optax_fn if self.peer is not None and self.peer.optax_fn else self.optax_fn
+    return fn(lr, self.hp)
 
   def torch_optimizer(self):
     """(torch.optim class name, kwargs besides lr) for the same update, or None."""
     return None if self.torch is None else self.torch(self.hp)
 
-  def bytes_per_step(self, shapes_list):
-    """Bytes a minimal-pass float32 implementation must move for one step over these leaves."""
+  @property
+  def state_dtype(self):
+    """The dtype fusedopt stores the optimizer's state in (float32 unless ``state_dtype``)."""
+    return jnp.dtype(self.variant.get("state_dtype", "float32"))
+
+  @property
+  def master_weights(self):
+    return bool(self.variant.get("master_weights"))
+
+  def input_dtype(self, impl):
+    """The dtype of the params and grads implementation ``impl`` steps on."""
+    if impl in PEER_IMPLS and self.peer is not None:
+      return jnp.dtype(self.peer.param_dtype)
+    return jnp.dtype(self.param_dtype)
+
+  def compared(self, impl):
+    """Whether the check compares ``impl`` with the others (False: a peer of another formula)."""
+    return not (impl in PEER_IMPLS and self.peer is not None and not self.peer.compared)
+
+  def bytes_per_step(self, shapes_list, impl=None):
+    """Bytes a minimal-pass implementation must move for one step over these leaves: the
+    optimizer's model, or its peer's for a peer row ``impl``."""
+    n = sum(int(np.prod(s, dtype=np.int64)) for s in shapes_list)
+    if impl in PEER_IMPLS and self.peer is not None:
+      return self.peer.bytes_per_param * n
     if self.bytes_per_param is not None:
-      return self.bytes_per_param * sum(int(np.prod(s, dtype=np.int64)) for s in shapes_list)
+      return self.bytes_per_param * n
     return sum(adafactor_leaf_bytes(s, **_adafactor_model_kw(self.hp)) for s in shapes_list)
 
 
@@ -161,5 +267,66 @@ OPTIMS = {
         "apply), 32 unfactored (2 passes with v), +8 with momentum; see adafactor_leaf_bytes",
         state_buffers=1, flat=False, flatten_ok=False),
 }
+
+
+def _f32_peer(bytes_per_param, label, compared=True, why=""):
+  return Peer("float32", bytes_per_param, label, compared, why)
+
+
+_SR_WHY = ("optax and torch have no stochastic rounding: the peer is the float32 training it "
+           "stands in for (float32 params and grads)")
+_MASTER_NOTE = "; the bf16 params are written, never read"
+
+
+def _mixed():
+  a, m, l = OPTIMS["adam"], OPTIMS["momentum"], OPTIMS["lamb"]
+  rep = dataclasses.replace
+  return {
+      "adam-bf16-master": rep(
+          a, name="adam-bf16-master", param_dtype="bfloat16",
+          variant=dict(master_weights=True), bytes_per_param=28,
+          bytes_note="read g (bf16, 2) + master, m, v (12); write master, m, v (12) + p (bf16, "
+          "2)" + _MASTER_NOTE, state_buffers=3,
+          peer=_f32_peer(28, "adamw, float32 params and grads"),
+          desc="Adam(master_weights=True), bfloat16 params and grads, float32 master + m, v"),
+      "adam-bf16-sr": rep(
+          a, name="adam-bf16-sr", param_dtype="bfloat16",
+          variant=dict(stochastic_rounding=True), bytes_per_param=22,
+          bytes_note="read p, g (bf16, 4) + m, v (8); write p (bf16, 2) + m, v (8); the random "
+          "bits are a hash of the element's inputs: no extra traffic",
+          peer=_f32_peer(28, "adamw, float32 params and grads", False, _SR_WHY),
+          desc="Adam(stochastic_rounding=True), bfloat16 params and grads, float32 m, v"),
+      "adam-state-bf16": rep(
+          a, name="adam-state-bf16", variant=dict(state_dtype="bfloat16"), bytes_per_param=20,
+          bytes_note="read p, g (8) + m, v (bf16, 4); write p (4) + m, v (bf16, 4)",
+          peer=Peer("float32", 24, "adamw(mu_dtype=bfloat16), float32 params: bf16 m, float32 v",
+                    False, "optax's only reduced-precision Adam state is mu_dtype: its second "
+                    "moment stays float32",
+                    optax_fn=lambda lr, h: optax.adamw(
+                        lr, b1=h["beta1"], b2=h["beta2"], eps=h["eps"],
+                        weight_decay=h["weight_decay"], mu_dtype=jnp.bfloat16)),
+          torch=None, torch_why="torch.optim.AdamW has no reduced-precision state for float32 "
+          "params", desc="Adam(state_dtype=bfloat16), float32 params and grads, bfloat16 m, v"),
+      "momentum-bf16-master": rep(
+          m, name="momentum-bf16-master", param_dtype="bfloat16",
+          variant=dict(master_weights=True), bytes_per_param=20,
+          bytes_note="read g (bf16, 2) + master, m (8); write master, m (8) + p (bf16, 2)"
+          + _MASTER_NOTE, state_buffers=2,
+          peer=_f32_peer(20, "add_decayed_weights + sgd(momentum), float32 params and grads"),
+          desc="Momentum(master_weights=True), bfloat16 params and grads, float32 master + m"),
+      "lamb-bf16-master": rep(
+          l, name="lamb-bf16-master", param_dtype="bfloat16",
+          variant=dict(master_weights=True), bytes_per_param=40,
+          bytes_note="pass 1 reads g (bf16, 2) + master, m, v (12), writes m, v (8) (+ "
+          "per-tensor norms); pass 2 reads master, m, v (12), writes master (4) + p (bf16, 2)",
+          state_buffers=3,
+          peer=_f32_peer(40, "lamb, float32 params and grads"),
+          desc="LAMB(master_weights=True), bfloat16 params and grads, float32 master + m, v"),
+  }
+
+
+MIXED_OPTIMS = ("adam-bf16-master", "adam-bf16-sr", "adam-state-bf16", "momentum-bf16-master",
+                "lamb-bf16-master")
+OPTIMS.update(_mixed())
 DEFAULT_OPTIMS = ("adam", "momentum", "lamb")
-FULL_OPTIMS = ("adam", "lamb", "momentum", "adafactor")
+FULL_OPTIMS = ("adam", "lamb", "momentum", "adafactor") + MIXED_OPTIMS

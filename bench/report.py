@@ -105,8 +105,11 @@ def _check(rec, reference):
     return "FAILED"
   if chk.get("reference"):
     return "ref"
+  if chk.get("compared") is False:
+    return "not compared (below)"
   if chk.get("ok"):
-    return f"ok vs {reference}"
+    return f"ok vs {reference}" + (f" ({chk['sr_diverged']} elements diverged by stochastic "
+                                   "rounding)" if chk.get("sr_diverged") else "")
   if "error" in chk:
     return f"MISMATCH vs {reference} ({chk['error']})"
   return (f"MISMATCH vs {reference} ({chk.get('mismatched_elements', 0)} elements, update rel err "
@@ -168,14 +171,21 @@ def markdown(payload, plots=None):
     bpp = sorted({round(g["bytes_per_param"], 1) for g in groups})
     bpp = f"{bpp[0]:g}" if len(bpp) == 1 else f"{bpp[0]:g}-{bpp[-1]:g}"
     note = payload["settings"].get("bytes_model", {}).get(optim, "")
+    variant = payload["settings"].get("variants", {}).get(optim)
+    lines += [f"## {optim} ({bpp} B/param: {note})", ""]
+    if variant:
+      peer = variant.get("peer")
+      lines += [f"{variant['description']}."
+                + (f" Peer rows (optax, torch): {peer['what']} ({peer['bytes_per_param']} "
+                   "B/param, the GB/s of those rows), "
+                   + ("compared with fusedopt's float32 master and first moment."
+                      if peer["compared"] else "timed, not compared.") if peer else ""), ""]
     lines += [
-        f"## {optim} ({bpp} B/param: {note})",
-        "",
         "| tree | leaves | params | impl | step ms median (min-max) | vs optax | vs torch fused "
         "| GB/s | % copy | trace+compile s | temp MB | kernels | check |",
         "|---|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    skipped = {}
+    skipped, uncompared = {}, {}
     for g in groups:
       for rec in g["impls"]:
         comp = rec.get("compile", {})
@@ -190,6 +200,8 @@ def markdown(payload, plots=None):
         if jax_row and fresh is not None:
           tc += f" ({fresh:.1f})"
         temp = f"{comp['temp_bytes'] / 1e6:.1f}" if jax_row else "-"
+        if rec.get("check", {}).get("compared") is False:
+          uncompared.setdefault(rec["check"].get("note", ""), []).append(rec["impl"])
         lines.append(
             f"| {g['tree']} | {g['leaves']} | {g['params'] / 1e6:.1f}M | {rec['label']} | {step} "
             f"| {_ratio(rec.get('vs_optax'), rec['impl'] == 'optax')} "
@@ -201,8 +213,11 @@ def markdown(payload, plots=None):
                      f"| {_step(cp['step'])} | | | {cp['gb_s']:.1f} | 100% | | | | |")
       for k, why in g.get("skipped", {}).items():
         skipped.setdefault(k, why)
-    if skipped:
-      lines += [""] + [f"- not run for {optim}: {k} ({why})" for k, why in skipped.items()]
+    if skipped or uncompared:
+      lines.append("")
+    lines += [f"- not run for {optim}: {k} ({why})" for k, why in skipped.items()]
+    lines += [f"- not compared for {optim}: {', '.join(dict.fromkeys(names))} ({why}; timed, "
+              "with its own bytes model)" for why, names in uncompared.items()]
     lines.append("")
   if payload.get("notes"):
     lines += ["Notes:", ""] + [f"- {x}" for x in payload["notes"]] + [""]

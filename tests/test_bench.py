@@ -113,16 +113,19 @@ def test_torch_rows(tmp_path, tiny_trees, monkeypatch):
   pytest.importorskip("torch")
   monkeypatch.setattr(impls, "TORCH_DEVICE", "cpu")
   monkeypatch.setattr(impls, "torch_cuda", lambda: True)
-  out = run(tmp_path, "--trees", "tiny", "--optims", "adam,momentum,lamb",
+  out = run(tmp_path, "--trees", "tiny", "--optims",
+            "adam,momentum,lamb,adam-bf16-master,momentum-bf16-master,adam-state-bf16",
             "--impls", "optax,jnp,torch-fused,torch-foreach", "--no-plots")
   for g in out["results"]:
-    if g["optim"] == "lamb":
+    if g["optim"] in ("lamb", "adam-state-bf16"):
       assert set(g["skipped"]) == {"torch-fused", "torch-foreach"}
       continue
     for name in ("torch-fused", "torch-foreach"):
       rec = _rec(g, name)
       assert rec["check"]["ok"], (g["optim"], name, rec["check"])
       assert "first_moment" in rec["check"] and rec["vs_torch_fused"]["runs"] == 2
+      if g["optim"].endswith("-master"):   # torch on float32 params vs fusedopt's master
+        assert rec["check"]["compared_as"] == "float32 master" and "float32 params" in rec["label"]
     assert _rec(g, "jnp")["vs_torch_fused"]["runs"] == 2
 
 
@@ -140,6 +143,22 @@ def test_bytes_model():
   assert optims.adafactor_leaf_bytes((256, 128), momentum=True) == 32 * 256 * 128 + 8 * 384
 
 
+def test_bytes_model_mixed_precision():
+  """The variants' models (B/param) and their peers' (the GB/s of the peer rows)."""
+  shapes = [(10,), (3, 4)]
+  want = {"adam-bf16-master": (28, 28), "adam-bf16-sr": (22, 28), "adam-state-bf16": (20, 24),
+          "momentum-bf16-master": (20, 20), "lamb-bf16-master": (40, 40)}
+  assert set(want) == set(optims.MIXED_OPTIMS)
+  for name, (bpp, peer_bpp) in want.items():
+    o = optims.OPTIMS[name]
+    assert o.bytes_per_step(shapes) == bpp * 22, name
+    assert o.bytes_per_step(shapes, "jnp") == o.bytes_per_step(shapes, "flax-loop") == bpp * 22
+    for peer in ("optax", "optax-flatten", "torch-fused"):
+      assert o.bytes_per_step(shapes, peer) == peer_bpp * 22, (name, peer)
+    assert o.bytes_note and o.desc
+  assert optims.OPTIMS["adam"].bytes_per_step(shapes, "optax") == 28 * 22
+
+
 def test_adafactor_factoring_matches_fusedopt():
   """The bytes model factors exactly the leaves fusedopt's Adafactor factors."""
   opt = optims.OPTIMS["adafactor"].fusedopt_def("jnp")
@@ -149,20 +168,164 @@ def test_adafactor_factoring_matches_fusedopt():
 
 
 def test_every_optimizer_agrees_with_its_peers():
-  """Two steps of each optimizer's optax spelling match fusedopt's jnp path (the hp mapping)."""
-  p = trees.host_tree(TINY | {"w": (130, 129)}, seed=0, scale=0.5)
-  g = trees.host_tree(TINY | {"w": (130, 129)}, seed=1, scale=0.1)
+  """Two steps of each optimizer's optax spelling match fusedopt's jnp path (the hp mapping).
+  Mixed-precision variants: fusedopt on the variant's dtype, optax on its peer's (the same values
+  upcast), fusedopt's float32 master vs optax's params; a peer of another formulation (not
+  compared by the bench) must differ, or it would not need excusing."""
+  shapes = TINY | {"w": (130, 129)}
   for name, o in optims.OPTIMS.items():
+    dt, peer_dt = o.input_dtype("jnp"), o.input_dtype("optax")
+    p = impls.cast(trees.host_tree(shapes, seed=0, scale=0.5), dt)
+    g = impls.cast(trees.host_tree(shapes, seed=1, scale=0.1), dt)
     tx = o.optax_tx(optims.LR)
-    state, params = tx.init(p), p
-    opt = o.fusedopt_def("jnp").create(p)
+    params, g_peer = impls.cast(p, peer_dt), impls.cast(g, peer_dt)
+    state = tx.init(params)
+    opt = o.fusedopt_def("jnp").create(jax.tree_util.tree_map(jnp.asarray, p))
     for _ in range(2):
-      u, state = tx.update(g, state, params)
+      u, state = tx.update(g_peer, state, params)
       params = optax.apply_updates(params, u)
-      opt = opt.apply_gradient(g)
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(opt.target)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7,
-                                 err_msg=name)
+      opt = opt.apply_gradient(jax.tree_util.tree_map(jnp.asarray, g))
+    ours = opt.target
+    if o.master_weights:
+      ours = opt.state.param_states.per_leaf()
+      ours = jax.tree_util.tree_map(lambda s: s["master"], ours,
+                                    is_leaf=lambda x: isinstance(x, dict) and "master" in x)
+    pairs = list(zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ours)))
+    close = all(np.allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
+                            atol=1e-7) for a, b in pairs)
+    if o.compared("optax"):
+      assert close and all(np.asarray(b).dtype == np.float32 for _, b in pairs), name
+    else:
+      assert not close and o.peer.why, name
+
+
+MIXED = ",".join(optims.MIXED_OPTIMS)
+
+
+def test_mixed_precision_variants(tmp_path, tiny_trees):
+  """Every variant on the tiny tree: the fusedopt backends and the flax-loop per-leaf path agree
+  with the jnp reference (params in bf16 within one ulp, master and moments in float32); the
+  master variants' float32 peers agree with the master; the other peers are timed, not compared;
+  GB/s uses each row's own bytes model."""
+  names = ["optax", "optax-flatten", "flax-loop", "jnp", "auto"]
+  if "native" in impls.fusedopt.available_backends():
+    names.append("native")
+  out = run(tmp_path, "--trees", "tiny", "--optims", MIXED, "--impls", ",".join(names),
+            "--no-plots")
+  n = trees.num_params(TINY)
+  assert [g["optim"] for g in out["results"]] == list(optims.MIXED_OPTIMS)
+  for g in out["results"]:
+    o = optims.OPTIMS[g["optim"]]
+    assert g["reference"] == "jnp" and g["param_dtype"] == o.param_dtype
+    assert g["bytes_per_step"] == o.bytes_per_param * n
+    for rec in g["impls"]:
+      chk, where = rec["check"], (g["optim"], rec["impl"])
+      assert "step" in rec and chk["ok"], (where, chk)
+      bytes_ = o.bytes_per_step([TINY["dense"]["kernel"], TINY["dense"]["bias"],
+                                 TINY["ln"]["scale"]], rec["impl"])
+      assert rec.get("bytes_per_step", g["bytes_per_step"]) == bytes_, where
+      assert abs(rec["gb_s"] - bytes_ / rec["step"]["median_s"] / 1e9) <= 1e-9 * rec["gb_s"]
+      if rec["impl"] == "jnp":
+        continue
+      if rec["impl"].startswith("optax") and o.peer is not None and not o.peer.compared:
+        assert chk["compared"] is False and chk["note"] == o.peer.why, where
+        assert "bytes_per_step" in rec and f"{o.peer.bytes_per_param} B/param" in rec["label"]
+        continue
+      assert chk["compared_as"] == ("float32 master" if o.master_weights else "params"), where
+      assert chk["update_rel_err"] <= 1e-3, where
+      assert chk["first_moment"]["ok"], where
+      # between fusedopt's own paths the bf16 params are compared too
+      if o.master_weights and not rec["impl"].startswith("optax"):
+        assert chk["params"]["ok"], where
+  md = (tmp_path / f"cpu-{out['date']}-custom.md").read_text()
+  assert "## adam-bf16-sr (22 B/param" in md and "## adam-state-bf16 (20 B/param" in md
+  assert "not compared (below)" in md and "- not compared for adam-bf16-sr: optax" in md
+  assert "MISMATCH" not in md
+  data = json.loads((tmp_path / f"cpu-{out['date']}-custom.json").read_text())
+  v = data["settings"]["variants"]["adam-bf16-master"]
+  assert v["param_dtype"] == "bfloat16" and v["fusedopt_options"] == {"master_weights": True}
+  assert v["peer"]["compared"] and v["peer"]["param_dtype"] == "float32"
+
+
+def test_mixed_precision_inputs():
+  """A variant's fusedopt rows step on its dtype; its float32 peers on the same values upcast."""
+  o = optims.OPTIMS["adam-bf16-master"]
+  inp = impls.Inputs(TINY, o)
+  p, g = inp.for_impl("jnp")
+  pp, gp = inp.for_impl("optax")
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves((p, g)))
+  assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves((pp, gp)))
+  for a, b in zip(jax.tree_util.tree_leaves((p, g)), jax.tree_util.tree_leaves((pp, gp))):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b))
+  assert inp.for_impl("flax-loop")[0] is p and inp.for_impl("torch-fused")[0] is pp
+  f32 = impls.Inputs(TINY, optims.OPTIMS["adam-state-bf16"])
+  assert f32.for_impl("jnp")[0] is f32.for_impl("optax")[0]        # float32 both: one copy
+  assert optims.OPTIMS["adam-state-bf16"].fusedopt_def("jnp").state_storage == jnp.bfloat16
+
+
+def test_mixed_precision_peer_mismatch_is_caught(tmp_path, tiny_trees, monkeypatch):
+  """A compared peer (adam-bf16-master's float32 adamw) with a 1% wrong learning rate fails the
+  check against fusedopt's float32 master; a 1-ulp bf16 difference passes ``compare``."""
+  o = optims.OPTIMS["adam-bf16-master"]
+  wrong = dataclasses.replace(
+      o, optax_fn=lambda lr, h: optax.adamw(1.01 * lr, b1=h["beta1"], b2=h["beta2"],
+                                            eps=h["eps"], weight_decay=h["weight_decay"]))
+  monkeypatch.setitem(optims.OPTIMS, "adam-bf16-master", wrong)
+  out = run(tmp_path, "--trees", "tiny", "--optims", "adam-bf16-master", "--impls", "optax,jnp",
+            "--no-plots")
+  chk = _rec(out["results"][0], "optax")["check"]
+  assert not chk["ok"] and chk["compared_as"] == "float32 master"
+  x = np.array([1.0, 3.0], jnp.bfloat16)
+  up = (x.view(np.uint16) + 1).view(jnp.bfloat16)
+  assert measure.compare({"a": x}, {"a": up}, 1e-4, 1e-6)["ok"]
+  assert not measure.compare({"a": x.astype(np.float32)}, {"a": up.astype(np.float32)}, 1e-4,
+                             1e-6)["ok"]
+  assert not measure.compare({"a": x}, {"a": (up.view(np.uint16) + 1).view(jnp.bfloat16)},
+                             1e-4, 1e-6)["ok"]
+
+
+def _snap(params, moment=None, master=None):
+  return {"params": params, "moment": moment, "master": master}
+
+
+def test_check_tolerances_of_lossy_variants():
+  """Stochastic rounding: a few elements diverged by <= SR_MAX_ULPS pass (counted), many do not;
+  bf16 state: a param element may differ by BF16_STATE_UPDATE_EPS of its own change, which the
+  float32 variant does not allow."""
+  rng = np.random.default_rng(0)
+  n = 200_000
+  p0 = {"w": (rng.standard_normal(n) * 0.02).astype(jnp.bfloat16)}
+  ref = {"w": (p0["w"].astype(np.float32) + np.float32(3e-3)).astype(jnp.bfloat16)}
+  sr = optims.OPTIMS["adam-bf16-sr"]
+
+  def bumped(idx, ulps=2):
+    w = ref["w"].copy().view(np.uint16)
+    w[idx] += ulps
+    return {"w": w.view(jnp.bfloat16)}
+
+  chk = cli.check("native", "jnp", {"jnp": _snap(ref), "native": _snap(bumped([5, 77, 999]))},
+                  p0, sr)
+  assert chk["ok"] and chk["sr_diverged"] == 3 and chk["update_rel_err_over"] == "the whole tree"
+  assert not cli.check("native", "jnp", {"jnp": _snap(ref), "native": _snap(bumped([5], 9))},
+                       p0, sr)["ok"]                           # beyond SR_MAX_ULPS
+  assert not cli.check("native", "jnp", {"jnp": _snap(ref),
+                                         "native": _snap(bumped(np.arange(0, n, 100)))},
+                       p0, sr)["ok"]                           # 1% of the elements
+  assert not cli.check("native", "jnp", {"jnp": _snap(ref), "native": _snap(bumped([5, 77]))},
+                       p0, optims.OPTIMS["adam"])["ok"]        # not stochastic: no allowance
+  # bf16 state: float32 params, 100 of whose changes differ by 1% (< 2^-6) of themselves
+  q0 = {"w": (rng.standard_normal(n) * 0.02).astype(np.float32)}
+  qr = {"w": q0["w"] + np.float32(3e-3) * np.sign(rng.standard_normal(n)).astype(np.float32)}
+  some = np.zeros(n, np.float32)
+  some[::n // 100] = 1
+  qg = {"w": qr["w"] + np.float32(0.01) * some * (qr["w"] - q0["w"])}
+  snaps = {"jnp": _snap(qr), "native": _snap(qg)}
+  chk = cli.check("native", "jnp", snaps, q0, optims.OPTIMS["adam-state-bf16"])
+  assert chk["ok"] and chk["update_eps"] == cli.BF16_STATE_UPDATE_EPS
+  assert not cli.check("native", "jnp", snaps, q0, optims.OPTIMS["adam"])["ok"]
+  qg5 = {"w": qr["w"] + np.float32(0.05) * some * (qr["w"] - q0["w"])}
+  assert not cli.check("native", "jnp", {"jnp": _snap(qr), "native": _snap(qg5)}, q0,
+                       optims.OPTIMS["adam-state-bf16"])["ok"]
 
 
 def test_implementations_per_optimizer():
@@ -173,6 +336,23 @@ def test_implementations_per_optimizer():
   kept, skipped = impls.for_optim(optims.OPTIMS["lamb"], names + ["torch-fused"])
   assert "optax-flatten" not in kept and set(skipped) == {"optax-flatten", "torch-fused"}
   assert impls.for_optim(optims.OPTIMS["adam"], names)[0] == names
+
+
+def test_backends_that_cannot_run_here_are_skipped(tmp_path, tiny_trees, monkeypatch):
+  """``--impls ...,pallas,triton`` on a CPU: those rows are skipped with the reason (a GPU runs
+  them); ``auto`` always runs."""
+  monkeypatch.setattr(impls.fusedopt, "available_backends",
+                      lambda: ["jnp", "native", "pallas_interpret"])
+  assert "triton" in impls.FUSEDOPT_BACKENDS and "triton" in impls.ALL_IMPLS
+  kept, skipped = impls.for_optim(optims.OPTIMS["adam"], ["auto", "jnp", "pallas", "triton"])
+  assert kept == ["auto", "jnp"] and set(skipped) == {"pallas", "triton"}
+  assert "cannot run here" in skipped["triton"]
+  assert "triton" not in impls.default_impls()
+  out = run(tmp_path, "--trees", "tiny", "--optims", "adam", "--impls", "jnp,triton",
+            "--no-plots")
+  (group,) = out["results"]
+  assert [r["impl"] for r in group["impls"]] == ["jnp"] and set(group["skipped"]) == {"triton"}
+  assert not any("triton" in n for n in out["notes"])   # not a failure
 
 
 # ----------------------------------------------------------------------------- HLO counter
@@ -302,6 +482,8 @@ def test_defaults_and_help(capsys):
   f = cli.resolve(cli.parse_args(["--full"]))
   assert "bert-base" in f.tree_list and f.tree_list[-1] == trees.SWEEP_MAX_CPU
   assert f.tag == "full" and "adafactor" in f.optim_list
+  assert set(optims.MIXED_OPTIMS) <= set(f.optim_list)
+  assert not set(optims.MIXED_OPTIMS) & set(args.optim_list)   # the default run is unchanged
   s = cli.resolve(cli.parse_args(["--sweep", "--sweep-max", "scale-3m", "--trees", "gpt-10m"]))
   assert s.tree_list == ["gpt-10m", "scale-1m", "scale-3m"] and s.tag == "custom"
   for bad in (["--trees", "nope"], ["--optims", "nope"], ["--impls", "nope"]):
