@@ -311,6 +311,54 @@ def _empty_sums(rule):
   return None if rule.sumsq is None else ()
 
 
+def pack_grads(layout, gi, g_leaves):
+  """Group ``gi``'s gradients as one flat buffer in their own (common) dtype: the same expression
+  wherever a backend packs them in a step (pre-pass and update), so XLA builds the buffer once."""
+  return layout.pack_group(g_leaves, gi, jnp.result_type(*layout.group_leaves(g_leaves, gi)))
+
+
+def check_flat_buffers(rule: Rule, p, g, state, unit: int):
+  """Checks the buffers of a kernel backend's ``flat_update``: whole ``unit``s of elements, a
+  gradient where the rule reads one, the params' shape throughout, ``rule.n_state`` states."""
+  n = p.shape[0]
+  if n % unit:
+    raise ValueError(f"flat buffers must hold a multiple of {unit} elements, got {n}")
+  if rule.reads_grad and g is None:
+    raise ValueError(f"rule {rule.name} reads the gradient; got g=None")
+  for x in ((g,) if rule.reads_grad else ()) + tuple(state):
+    if x.shape != p.shape:
+      raise ValueError(f"flat buffer of shape {x.shape} does not match params {p.shape}")
+  if len(state) != rule.n_state:
+    raise ValueError(f"rule {rule.name} takes {rule.n_state} state buffers, got {len(state)}")
+
+
+def run_flat(flat_update, rule: Rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *,
+             unit: int, backend: str, grad_dtype_ok: Optional[Callable] = None, **kwargs):
+  """The group executor of a flat-buffer kernel backend (Pallas, Triton): ``run_jnp``'s contract
+  over ``flat_update(rule, scalars, seg_units, p, g, state, **kwargs)``.
+
+  ``flat_update`` takes the group's packed params and grads (``None`` for a rule that does not
+  read them; grads in their own dtype, float32 where ``grad_dtype_ok`` rejects it), per-segment
+  scalars given once per ``unit`` elements, and returns (new p, new state, per-``unit`` sums or
+  None); the sums are returned per layout unit, the params as leaves.
+  """
+  if layout.align % unit:
+    raise ValueError(f"the {backend} backend needs a layout aligned to a multiple of {unit}")
+  pf = layout.pack_group(p_leaves, gi)
+  gf = pack_grads(layout, gi, g_leaves) if rule.reads_grad else None
+  if gf is not None and grad_dtype_ok is not None and not grad_dtype_ok(gf.dtype):
+    gf = gf.astype(F32)
+  seg_units = {}
+  if rule.seg_scalars:
+    ids = np.repeat(layout.block_segment_ids(gi), layout.align // unit)
+    seg_units = {k: jnp.asarray(seg[k], F32)[ids] for k in rule.seg_scalars}
+  new_p, new_state, sums = flat_update(rule, scalars, seg_units, pf, gf, tuple(state), **kwargs)
+  if sums is not None and layout.align != unit:   # per layout unit
+    sums = tuple(x.reshape(-1, layout.align // unit).sum(axis=1) for x in sums)
+  out_p = split_group(layout, gi, new_p) if rule.writes_param else None
+  return out_p, new_state, sums
+
+
 def split_group(layout, gi, flat):
   """A group's flat param buffer -> its leaves (group order), in the group's dtype."""
   group = layout.groups[gi]

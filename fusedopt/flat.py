@@ -519,6 +519,14 @@ def gradient_prepass(g_leaves, grad_scale=None, clip_global_norm=None):
     fin.append(jnp.all(jnp.isfinite(x)))
   sumsq = jnp.sum(jnp.stack(sq)) if sq else F32(0.0)
   finite = jnp.all(jnp.stack(fin)) if fin else jnp.asarray(True)
+  return prepass_result(sumsq, finite, scale, clip_global_norm)
+
+
+def prepass_result(sumsq, finite, scale, clip_global_norm=None):
+  """``gradient_prepass``'s (all finite, norm, g factor) from the global sum of squares of
+  ``scale * g`` and whether every element was finite: an overflowing norm counts as non-finite,
+  and the factor is ``scale`` times optax.clip_by_global_norm's (``max_norm / norm`` when
+  ``norm`` exceeds ``clip_global_norm``, else 1)."""
   norm = jnp.sqrt(sumsq)
   finite = finite & jnp.isfinite(norm)
   factor = scale

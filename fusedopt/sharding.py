@@ -53,7 +53,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import elementwise, struct
 from .base import HyperParamError, Optimizer, OptimizerDef, OptimizerState, _is_static
-from .flat import FlatOptimizerDef, FlatState, _concrete, _executor, _pallas
+from .flat import (FlatOptimizerDef, FlatState, _concrete, _executor, _pallas,
+                   prepass_result)
 from .lamb import LAMB
 from .lars import LARS
 from .layout import FlatLayout, LayoutError
@@ -632,13 +633,7 @@ def _prepass_sharded(g_loc, axis_name, grad_scale=None, clip_global_norm=None):
     sq = sq + jnp.sum(x * x)
     bad = bad + jnp.sum((~jnp.isfinite(x)).astype(F32))
   sq, bad = lax.psum(jnp.stack([sq, bad]), axis_name)
-  norm = jnp.sqrt(sq)
-  finite = (bad == 0) & jnp.isfinite(norm)
-  factor = scale
-  if clip_global_norm is not None:
-    max_norm = jnp.asarray(clip_global_norm, F32)
-    factor = scale * jnp.where(norm < max_norm, F32(1.0), max_norm / norm)
-  return finite, norm, factor
+  return prepass_result(sq, bad == 0, scale, clip_global_norm)
 
 
 # ----------------------------------------------------------------------------- user-facing helpers

@@ -207,15 +207,7 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
   """
   plat = _platform(platform)
   n = p.shape[0]
-  if n % ALIGN:
-    raise ValueError(f"flat buffers must hold a multiple of {ALIGN} elements, got {n}")
-  if rule.reads_grad and g is None:
-    raise ValueError(f"rule {rule.name} reads the gradient; got g=None")
-  for x in ((g,) if rule.reads_grad else ()) + tuple(state):
-    if x.shape != p.shape:
-      raise ValueError(f"flat buffer of shape {x.shape} does not match params {p.shape}")
-  if len(state) != rule.n_state:
-    raise ValueError(f"rule {rule.name} takes {rule.n_state} state buffers, got {len(state)}")
+  elementwise.check_flat_buffers(rule, p, g, state, ALIGN)
   n_sums = elementwise.num_sumsq_terms(rule)
   units = n // ALIGN
   if n == 0:
@@ -302,23 +294,8 @@ def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
 
 def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=None):
   """The ``pallas`` backend's group executor (same contract as ``elementwise.run_jnp``)."""
-  group = layout.groups[gi]
-  if layout.align % ALIGN:
-    raise ValueError(f"the pallas backend needs a layout aligned to a multiple of {ALIGN}")
-  pf = layout.pack_group(p_leaves, gi)
-  gf = None
-  if rule.reads_grad:
-    gf = layout.pack_group(g_leaves, gi, jnp.result_type(*[g_leaves[i] for i in group.segments]))
-  seg_rows = {}
-  if rule.seg_scalars:
-    ids = np.repeat(layout.block_segment_ids(gi), layout.align // ALIGN)
-    seg_rows = {k: jnp.asarray(seg[k], F32)[ids] for k in rule.seg_scalars}
-  new_p, new_state, sums = flat_update(rule, scalars, seg_rows, pf, gf, tuple(state),
-                                       platform=platform)
-  if sums is not None and layout.align != ALIGN:   # per layout unit
-    sums = tuple(x.reshape(-1, layout.align // ALIGN).sum(axis=1) for x in sums)
-  out_p = elementwise.split_group(layout, gi, new_p) if rule.writes_param else None
-  return out_p, new_state, sums
+  return elementwise.run_flat(flat_update, rule, scalars, seg, layout, gi, p_leaves, g_leaves,
+                              state, unit=ALIGN, backend="pallas", platform=platform)
 
 
 def run_interpret(*args):

@@ -4,8 +4,9 @@ Why a second GPU backend next to Pallas: a ``@triton.jit`` kernel controls what 
 us -- masked loads and stores of any length, int64 addressing, the tile shape, ``num_warps``, and
 which inputs are read at all -- and is the same kind of kernel apex and torch's fused optimizers
 are. The optimizer math is still written once: each ``Rule.fn`` is traced with symbolic values
-(``_Sym``, like ``fusedopt.kernels.native`` does for C++) that print Triton-Python statements, and
-the statements are pasted into one of three hand-written driver templates:
+(``fusedopt.kernels.symbolic``, as ``fusedopt.kernels.native`` does for C++) that print
+Triton-Python statements (the dialect ``TRITON``), and the statements are pasted into one of
+three hand-written driver templates:
 
 - ``_UPDATE``: the element-wise update of a rule over one dtype group's flat buffers (every
   optimizer, every ``guarded``/``with_master``/``per_segment`` variant), plus, for a rule with
@@ -29,8 +30,8 @@ nearest even). ``/`` is ``tl.div_rn`` and ``sqrt`` is ``tl.sqrt_rn`` (Triton's d
 so the PTX holds ``mul.rn``/``add.rn`` -- explicitly rounded, which neither ptxas nor the driver's
 JIT contracts into FMAs. A step therefore rounds every operation like the jnp oracle does.
 Bit-level wrappers (``elementwise.with_stochastic_rounding``) trace into uint32 values
-(``_USym``): ``xp.bits``/``xp.from_bits`` are ``.to(..., bitcast=True)``, ``xp.u32`` a float ->
-uint32 conversion, and every integer literal a ``tl.uint32`` constant, so ``*``/``+`` wrap
+(``symbolic.UInt``): ``xp.bits``/``xp.from_bits`` are ``.to(..., bitcast=True)``, ``xp.u32`` a
+float -> uint32 conversion, and every integer literal a ``tl.uint32`` constant, so ``*``/``+`` wrap
 modulo 2^32 and ``>>`` is logical -- the hash gives the jnp oracle's bits exactly.
 
 Runtime scalars. The step's scalars (lr, betas, bias corrections, grad scale, ok flag) are one
@@ -65,14 +66,14 @@ import importlib.util
 import os
 import re
 import threading
-import types
 from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusedopt import elementwise
+from fusedopt import elementwise, flat
+from fusedopt.kernels import symbolic
 
 F32 = jnp.float32
 ALIGN = 1024          # elements per layout alignment unit (fusedopt.layout.DEFAULT_ALIGN)
@@ -220,112 +221,21 @@ def supports(dtype) -> bool:
 _TL_DTYPES = {"float32": "tl.float32", "bfloat16": "tl.bfloat16", "float16": "tl.float16"}
 
 
-class _Emitter:
-  """Collects the statements of a kernel body; literals become named float32 constants."""
-
-  def __init__(self):
-    self.lines, self.consts = [], {}
-
-  def new(self, expr, sym=None):
-    name = f"t{len(self.lines)}"
-    self.lines.append(f"{name} = {expr}")
-    return (sym or _Sym)(name, self)
-
-  def name(self, x):
-    if isinstance(x, (_Sym, _USym)):
-      return x.name
-    v = float(np.float32(x))
-    key = np.float32(v).tobytes()
-    if key not in self.consts:
-      lit = repr(v) if np.isfinite(v) else f"float('{v}')"
-      self.consts[key] = (f"c{len(self.consts)}", f"tl.full([], {lit}, tl.float32)")
-    return self.consts[key][0]
-
-  def uname(self, x):
-    """A uint32 operand: a ``_USym``, or an integer literal (reduced modulo 2^32) as a named
-    ``tl.uint32`` constant, so no operation promotes to int32/int64 or goes signed."""
-    if isinstance(x, _USym):
-      return x.name
-    if isinstance(x, _Sym):
-      raise TypeError(f"float32 value {x.name} used in a uint32 operation; convert it with "
-                      "xp.bits or xp.u32")
-    v = int(x) & 0xFFFFFFFF
-    key = ("u32", v)
-    if key not in self.consts:
-      self.consts[key] = (f"c{len(self.consts)}", f"tl.full([], {v:#x}, tl.uint32)")
-    return self.consts[key][0]
+def _float_lit(v):
+  return repr(v) if np.isfinite(v) else f"float('{v}')"
 
 
-class _Sym:
-  """A float32 value (tensor or scalar) of the kernel; operators emit Triton statements. Division
-  and square root are the IEEE round-to-nearest ones (``div_rn``/``sqrt_rn``)."""
-  __array_priority__ = 1000
-
-  def __init__(self, name, em):
-    self.name, self.em = name, em
-
-  def _bin(self, other, fmt):
-    return self.em.new(fmt.format(a=self.name, b=self.em.name(other)))
-
-  def _rbin(self, other, fmt):
-    return self.em.new(fmt.format(a=self.em.name(other), b=self.name))
-
-  __add__ = lambda s, o: s._bin(o, "{a} + {b}")
-  __radd__ = lambda s, o: s._rbin(o, "{a} + {b}")
-  __sub__ = lambda s, o: s._bin(o, "{a} - {b}")
-  __rsub__ = lambda s, o: s._rbin(o, "{a} - {b}")
-  __mul__ = lambda s, o: s._bin(o, "{a} * {b}")
-  __rmul__ = lambda s, o: s._rbin(o, "{a} * {b}")
-  __truediv__ = lambda s, o: s._bin(o, "tl.div_rn({a}, {b})")
-  __rtruediv__ = lambda s, o: s._rbin(o, "tl.div_rn({a}, {b})")
-  __neg__ = lambda s: s.em.new(f"-{s.name}")
-  __pos__ = lambda s: s
-
-
-class _USym:
-  """A uint32 value of the kernel (bit-level rule wrappers: stochastic rounding), like
-  ``fusedopt.kernels.native``'s: operands and literals are ``tl.uint32``, so ``*`` and ``+`` wrap
-  modulo 2^32 and ``>>`` is a logical shift, as for jax's uint32 arrays."""
-  __array_priority__ = 1000
-  __array_ufunc__ = None   # NumPy scalars on the left defer to the reflected operators
-
-  def __init__(self, name, em):
-    self.name, self.em = name, em
-
-  def _bin(self, other, op, reflected=False):
-    a, b = self.name, self.em.uname(other)
-    if reflected:
-      a, b = b, a
-    return self.em.new(f"{a} {op} {b}", _USym)
-
-  __add__ = lambda s, o: s._bin(o, "+")
-  __radd__ = lambda s, o: s._bin(o, "+", True)
-  __sub__ = lambda s, o: s._bin(o, "-")
-  __rsub__ = lambda s, o: s._bin(o, "-", True)
-  __mul__ = lambda s, o: s._bin(o, "*")
-  __rmul__ = lambda s, o: s._bin(o, "*", True)
-  __xor__ = lambda s, o: s._bin(o, "^")
-  __rxor__ = lambda s, o: s._bin(o, "^", True)
-  __and__ = lambda s, o: s._bin(o, "&")
-  __rand__ = lambda s, o: s._bin(o, "&", True)
-  __or__ = lambda s, o: s._bin(o, "|")
-  __ror__ = lambda s, o: s._bin(o, "|", True)
-  __lshift__ = lambda s, o: s._bin(o, "<<")
-  __rshift__ = lambda s, o: s._bin(o, ">>")
-
-
-def _xp(em):
-  def cond(c):   # where's condition: nonzero = true, for a float32 or a uint32 value
-    if isinstance(c, _USym):
-      return f"{c.name} != {em.uname(0)}"
-    return f"{em.name(c)} != 0.0"
-
-  return types.SimpleNamespace(
-      sqrt=lambda x: em.new(f"tl.sqrt_rn({em.name(x)})"),
-      where=lambda c, a, b: em.new(f"tl.where({cond(c)}, {em.name(a)}, {em.name(b)})"),
-      bits=lambda x: em.new(f"{em.name(x)}.to(tl.uint32, bitcast=True)", _USym),
-      from_bits=lambda u: em.new(f"{em.uname(u)}.to(tl.float32, bitcast=True)"),
-      u32=lambda x: em.new(f"{em.name(x)}.to(tl.uint32)", _USym))
+# Triton-Python. Literals are named typed constants (``tl.full``): a float32 one keeps a constant
+# operand from changing a scalar's type, and a ``tl.uint32`` one keeps every uint32 operation
+# (``*``/``+`` wrapping modulo 2^32, logical ``>>``) from being promoted to int32/int64 or signed.
+# Division and square root are the IEEE round-to-nearest ones (``div_rn``/``sqrt_rn``).
+TRITON = symbolic.Dialect(
+    backend="triton", float_type="tl.float32", uint_type="tl.uint32",
+    statement="{name} = {expr}", constant="tl.full([], {lit}, {type})",
+    float_literal=_float_lit, uint_literal=lambda v: f"{v:#x}",
+    div="tl.div_rn({a}, {b})", sqrt="tl.sqrt_rn({x})", where="tl.where({c} != {zero}, {a}, {b})",
+    bits="{x}.to(tl.uint32, bitcast=True)", from_bits="{x}.to(tl.float32, bitcast=True)",
+    u32="{x}.to(tl.uint32)")
 
 
 _HEADER = '''"""Generated by fusedopt.kernels.triton ({what}). Do not edit: regenerated from the rule."""
@@ -388,26 +298,14 @@ def _store(ptr, val, dtype):
 def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
   """(Python source of the ``@triton.jit`` update kernel, input names, output names).
 
-  The rule is traced with ``_Sym`` values; the inputs it never reads are not loaded."""
+  The rule is traced with ``symbolic.Float`` values; the inputs it never reads are not loaded."""
   rule = spec.rule
-  em = _Emitter()
-  s = types.SimpleNamespace(**{k: _Sym(f"s{i}", em) for i, k in enumerate(rule.scalars)})
-  q = types.SimpleNamespace(**{k: _Sym(f"q{i}", em) for i, k in enumerate(rule.seg_scalars)})
-  p, g = _Sym("p", em), (_Sym("g", em) if rule.reads_grad else em.name(0.0))
-  st = [_Sym(f"st{k}", em) for k in range(rule.n_state)]
-  try:
-    new_p, new_state = rule.fn(_xp(em), s, q, p, g if rule.reads_grad else 0.0, *st)
-  except AttributeError as e:   # an xp function or operator the emitter does not know
-    raise NotImplementedError(
-        f"the triton backend cannot generate rule {rule.name!r} ({e}); its emitter supports "
-        "+ - * /, sqrt and where on float32 values, and bits/from_bits/u32 with the uint32 "
-        "operators + - * ^ & | << >>") from e
-  terms = ()
-  if rule.sumsq is not None:
-    terms = rule.sumsq(_xp(em), s, q, p, g if rule.reads_grad else 0.0,
-                       *(new_state if rule.writes_state else st))
-  if not rule.writes_state:
-    new_state = ()
+  em = symbolic.Emitter(TRITON)
+  p, g = symbolic.Float("p", em), (symbolic.Float("g", em) if rule.reads_grad else 0.0)
+  new_p, new_state, terms = symbolic.trace(
+      rule, em, [f"s{i}" for i in range(len(rule.scalars))],
+      [f"q{i}" for i in range(len(rule.seg_scalars))], p, g,
+      [symbolic.Float(f"st{k}", em) for k in range(rule.n_state)])
   n_terms = len(terms)
 
   ins = (["S"] + [f"Q{i}" for i in range(len(rule.seg_scalars))] + ["P"]
@@ -417,11 +315,11 @@ def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
 
   stores = []
   for k, v in enumerate(new_state):
-    stores.append(_store(f"ST{k}_OUT", em.name(v), spec.st_dtypes[k]))
+    stores.append(_store(f"ST{k}_OUT", em.operand(v), spec.st_dtypes[k]))
   if rule.writes_param:
-    stores.append(_store("P_OUT", em.name(new_p), spec.p_dtype))
+    stores.append(_store("P_OUT", em.operand(new_p), spec.p_dtype))
   for t, v in enumerate(terms):
-    sq = em.name(v * v)
+    sq = em.operand(v * v)
     stores.append(f"tl.store(SUM{t} + rows, tl.sum({sq}, axis=1), mask=rmask)")
 
   # Loads of what the body uses, and nothing else.
@@ -619,15 +517,7 @@ def flat_update(rule, scalars, seg_units, p, g, state, *, platform=None, tuning=
   """
   plat = _platform(platform)
   n = p.shape[0]
-  if n % ALIGN:
-    raise ValueError(f"flat buffers must hold a multiple of {ALIGN} elements, got {n}")
-  if rule.reads_grad and g is None:
-    raise ValueError(f"rule {rule.name} reads the gradient; got g=None")
-  for x in ((g,) if rule.reads_grad else ()) + tuple(state):
-    if x.shape != p.shape:
-      raise ValueError(f"flat buffer of shape {x.shape} does not match params {p.shape}")
-  if len(state) != rule.n_state:
-    raise ValueError(f"rule {rule.name} takes {rule.n_state} state buffers, got {len(state)}")
+  elementwise.check_flat_buffers(rule, p, g, state, ALIGN)
   for x in (p, g) + tuple(state):
     if x is not None and not supports(x.dtype):
       raise ValueError(f"no Triton kernel for buffers of dtype {np.dtype(x.dtype).name}")
@@ -712,32 +602,11 @@ def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
 
 # ----------------------------------------------------------------------------- group executor
 
-def _pack_grads(layout, gi, g_leaves):
-  """The group's gradients as one flat buffer in their own dtype: the same expression in the
-  pre-pass and the update, so XLA builds it once per step."""
-  group = layout.groups[gi]
-  return layout.pack_group(g_leaves, gi, jnp.result_type(*[g_leaves[i] for i in group.segments]))
-
-
 def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=None):
   """The ``triton`` backend's group executor (same contract as ``elementwise.run_jnp``)."""
-  group = layout.groups[gi]
-  if layout.align % ALIGN:
-    raise ValueError(f"the triton backend needs a layout aligned to a multiple of {ALIGN}")
-  pf = layout.pack_group(p_leaves, gi)
-  gf = _pack_grads(layout, gi, g_leaves) if rule.reads_grad else None
-  if gf is not None and not supports(gf.dtype):
-    gf = gf.astype(F32)
-  seg_units = {}
-  if rule.seg_scalars:
-    ids = np.repeat(layout.block_segment_ids(gi), layout.align // ALIGN)
-    seg_units = {k: jnp.asarray(seg[k], F32)[ids] for k in rule.seg_scalars}
-  new_p, new_state, sums = flat_update(rule, scalars, seg_units, pf, gf, tuple(state),
-                                       platform=platform)
-  if sums is not None and layout.align != ALIGN:   # per layout unit
-    sums = tuple(x.reshape(-1, layout.align // ALIGN).sum(axis=1) for x in sums)
-  out_p = elementwise.split_group(layout, gi, new_p) if rule.writes_param else None
-  return out_p, new_state, sums
+  return elementwise.run_flat(flat_update, rule, scalars, seg, layout, gi, p_leaves, g_leaves,
+                              state, unit=ALIGN, backend="triton", grad_dtype_ok=supports,
+                              platform=platform)
 
 
 def run_interpret(*args):
@@ -757,7 +626,7 @@ def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *
   for gi, group in enumerate(layout.groups):
     if group.size == 0:
       continue
-    gf = _pack_grads(layout, gi, g_leaves)
+    gf = elementwise.pack_grads(layout, gi, g_leaves)
     if not supports(gf.dtype):
       gf = gf.astype(F32)
     s, b = grad_prepass_flat(gf, scale, platform=platform)
@@ -765,13 +634,7 @@ def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *
     bad.append(jnp.sum(b))
   sumsq = jnp.sum(jnp.stack(sq)) if sq else F32(0.0)
   finite = (jnp.sum(jnp.stack(bad)) == 0) if bad else jnp.asarray(True)
-  norm = jnp.sqrt(sumsq)
-  finite = finite & jnp.isfinite(norm)
-  factor = scale
-  if clip_global_norm is not None:
-    max_norm = jnp.asarray(clip_global_norm, F32)
-    factor = scale * jnp.where(norm < max_norm, F32(1.0), max_norm / norm)
-  return finite, norm, factor
+  return flat.prepass_result(sumsq, finite, scale, clip_global_norm)
 
 
 def gradient_prepass_interpret(layout, g_leaves, grad_scale=None, clip_global_norm=None):
