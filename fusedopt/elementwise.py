@@ -42,6 +42,9 @@ class Rule:
     reads_grad: False for a rule that ignores ``g`` (LAMB's apply stage): kernels skip reading it.
     writes_state: False for a rule that returns its state unchanged (LAMB's apply stage): kernels
       skip writing it back.
+    param_in_place: kernels write the new param over the old one (``input_output_aliases``;
+      donate the params to avoid a copy). False for an output the caller keeps apart from the
+      params (``as_delta``, optax's non-donated ``update``): a fresh buffer, no copy of p.
     sumsq: optional ``sumsq(xp, s, seg, p, g, *new_state) -> tuple of terms``. Executors return,
       per tensor, the sum of each term squared (LAMB's ||p||^2 and ||u||^2): kernel backends
       fuse it into the same pass as per-block partial sums; others evaluate it per leaf.
@@ -55,6 +58,7 @@ class Rule:
   reads_grad: bool = True
   writes_state: bool = True
   sumsq: Optional[Callable] = None
+  param_in_place: bool = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,6 +208,29 @@ def with_stochastic_rounding(rule: Rule) -> Rule:
 
   return dataclasses.replace(rule, name=rule.name + "_sr", fn=sr_fn,
                              scalars=rule.scalars + ROUNDING_SCALARS)
+
+
+@functools.lru_cache(maxsize=None)
+def as_delta(rule: Rule) -> Rule:
+  """``rule`` whose param output is ``new_p - p`` (optax's update), written to a fresh buffer.
+
+  For float32 params the subtraction is exact whenever ``p/2 <= new_p <= 2p`` (Sterbenz), so
+  ``p + delta`` gives the fused result bitwise; for bf16/f16 params the delta would be rounded to
+  the param dtype a second time, so callers use ``out_of_place`` there and subtract after the
+  param rounding."""
+  fn = rule.fn
+
+  def d_fn(xp, s, q, p, g, *state):
+    new_p, new_state = fn(xp, s, q, p, g, *state)
+    return new_p - p, new_state
+
+  return dataclasses.replace(rule, name=rule.name + "_delta", fn=d_fn, param_in_place=False)
+
+
+@functools.lru_cache(maxsize=None)
+def out_of_place(rule: Rule) -> Rule:
+  """``rule`` with its new params written to a fresh buffer instead of over the params."""
+  return dataclasses.replace(rule, name=rule.name + "_oop", param_in_place=False)
 
 
 def _where(c, a, b):

@@ -299,6 +299,14 @@ class FlatOptimizerDef(OptimizerDef):
                          "opt_def._with_step(step)")
     return elementwise.rounding_seed_scalars(step, self.rounding_seed)
 
+  def with_param_deltas(self):
+    """This optimizer returning, per float32 param, ``new_p - p`` (optax's update, computed in
+    the kernel and exact by Sterbenz when ``p/2 <= new_p <= 2p``) and, per bf16/f16 param, the
+    new param -- each in a fresh buffer, so params that are not donated are not copied."""
+    new = copy.copy(self)
+    new._param_deltas = True  # pylint: disable=protected-access
+    return new
+
   def _with_step(self, step):
     """This optimizer, knowing the step (for stochastic rounding's seed); self when off."""
     if not self.stochastic_rounding:
@@ -465,6 +473,9 @@ class FlatOptimizerDef(OptimizerDef):
         continue
       grule = (elementwise.with_stochastic_rounding(rule)
                if rounding and np.dtype(group.dtype) == np.dtype(jnp.bfloat16) else rule)
+      if grule.writes_param and getattr(self, "_param_deltas", False):   # fusedopt.tx
+        grule = (elementwise.as_delta(grule) if np.dtype(group.dtype) == np.dtype(F32)
+                 else elementwise.out_of_place(grule))
       run = _executor(self.backend, layout, gi, grule)
       out = run(grule, scalars, seg, layout, gi, p_leaves, g_leaves,
                 tuple(fields[k][gi] for k in names))

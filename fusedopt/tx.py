@@ -209,7 +209,8 @@ class _Runner:
   ``g`` is multiplied by ``gscale`` (the clip factor) and a non-finite step keeps everything."""
 
   def __init__(self, opt_def, guard):
-    self.opt_def, self.guard = opt_def, guard
+    # float32 groups return p' - p straight from the kernel (no copy of the non-donated params)
+    self.opt_def, self.guard = opt_def.with_param_deltas(), guard
     self.gscale = F32(1.0) if guard is None else guard["gscale"]
 
   def _wrap(self, rule, scalars):
@@ -297,8 +298,10 @@ class _FusedUpdate:
                                           params)
     if params is None:
       u = new_p                                  # computed from p = 0: optax's update exactly
-    else:
+    elif spec.per_leaf:
       u = [n - p for n, p in zip(new_p, p_leaves)]   # exact when p/2 <= p' <= 2p (Sterbenz)
+    else:   # the kernels already returned p' - p for float32 params (``with_param_deltas``)
+      u = [n if jnp.result_type(p) == F32 else n - p for n, p in zip(new_p, p_leaves)]
     new_count = count + (finite.astype(count.dtype) if spec.skip_nonfinite else 1)
     return jax.tree_util.tree_unflatten(g_def, u), FusedState(new_count, inner)
 

@@ -251,7 +251,8 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
   ins += [view(x) for x in state]
   out_shape, aliases = [], {}
   if rule.writes_param:
-    aliases[1 + len(q_cols)] = 0
+    if rule.param_in_place:
+      aliases[1 + len(q_cols)] = 0
     out_shape.append(jax.ShapeDtypeStruct((rows, width), p.dtype))
   if rule.writes_state:
     for j, x in enumerate(state):

@@ -541,7 +541,8 @@ def flat_update(rule, scalars, seg_units, p, g, state, *, platform=None, tuning=
   first_state = len(ins) - rule.n_state
   out_shapes, aliases = [], {}
   if rule.writes_param:
-    aliases[in_names.index("P")] = 0
+    if rule.param_in_place:
+      aliases[in_names.index("P")] = 0
     out_shapes.append(jax.ShapeDtypeStruct(p.shape, p.dtype))
   if rule.writes_state:
     for j, x in enumerate(state):

@@ -11,6 +11,7 @@ entry: the fused rules round in another order than optax's chains (e.g. ``p - lr
 vs ``p + (-lr)*(x + wd*p)``; native kernels contract to FMA).
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -160,16 +161,18 @@ def test_params_required(make, data):
 
 # ----------------------------------------------------------------------------- precision
 
+@pytest.mark.parametrize("backend", ["auto", "jnp", "pallas_interpret"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_apply_updates_reproduces_fused_params(dtype, data):
+def test_apply_updates_reproduces_fused_params(dtype, backend, data):
   """``p + (p' - p) == p'`` bitwise wherever p'/p is in [1/2, 2] (Sterbenz), p' the fused
-  optimizer's own result; elsewhere within 1.5 ulp of max(|p|, |p'|)."""
+  optimizer's own result; elsewhere within 1.5 ulp of max(|p|, |p'|). float32 deltas come
+  straight from the kernels (``elementwise.as_delta``), bf16 ones after the param rounding."""
   params, grads = data
   params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
-  t = tx.adamw(0.05, weight_decay=1e-2)
+  t = tx.adamw(0.05, weight_decay=1e-2, backend=backend)
   u, _ = jax.jit(t.update)(grads[0], t.init(params), params)
   got = optax.apply_updates(params, u)
-  opt = fusedopt.Adam(0.05, weight_decay=1e-2).create(params)
+  opt = fusedopt.Adam(0.05, weight_decay=1e-2, backend=backend).create(params)
   want = opt.apply_gradient(grads[0]).target
   n_sterbenz = n_total = 0
   for p, g, w in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(got),
@@ -182,6 +185,22 @@ def test_apply_updates_reproduces_fused_params(dtype, data):
     assert np.all(np.abs(g - w)[~sterbenz] <= 1.5 * ulp[~sterbenz])
     n_sterbenz, n_total = n_sterbenz + int(np.sum(sterbenz)), n_total + p.size
   assert 0.8 * n_total < n_sterbenz < n_total      # both cases occur
+
+
+def test_update_never_copies_the_params(data):
+  """optax does not donate the params to ``update``: kernels that wrote p' over p would make XLA
+  copy every param first. The float32 deltas go to fresh buffers instead: no param-sized copy."""
+  params, grads = data
+  t = tx.adamw(0.05, weight_decay=1e-2)
+
+  def step(p, s, g):
+    u, s = t.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  hlo = jax.jit(step, donate_argnums=1).lower(params, t.init(params), grads[0]).compile().as_text()
+  sizes = {int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params)}
+  copies = [int(np.prod([int(d) for d in m.split(",") if d]))
+            for m in re.findall(r"= f32\[([0-9,]*)\]\{[^}]*\} copy\(", hlo)]
+  assert not [c for c in copies if c in sizes and c > 1], copies
 
 
 # ----------------------------------------------------------------------------- schedules
