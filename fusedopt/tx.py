@@ -57,9 +57,10 @@ buffers, float32 by default), ``clip_global_norm``, ``skip_nonfinite``.
 
 **State.** ``FusedState(count, inner)``: ``count`` the int32 number of updates, ``inner`` a
 ``FlatState`` (Adafactor: a tuple of per-leaf state dicts). It is a pytree that passes through
-``jit``, donation, ``lax.scan``, ``flax.serialization`` (registered here: the flat buffers are
-written per leaf, ``{field: array}`` mirroring the parameters, independent of the layout) and
-``nnx.Optimizer`` (which re-wraps the leaves into variables).
+``jit``, donation, ``lax.scan``, ``flax.serialization`` (``FlatState`` is registered by
+``fusedopt.serialization`` when flax is installed: the flat buffers are written per leaf,
+``{field: array}`` mirroring the parameters, independent of the layout) and ``nnx.Optimizer``
+(which re-wraps the leaves into variables).
 
 Import cost: this module imports optax; ``import fusedopt`` does not import it.
 """
