@@ -7,24 +7,11 @@ import pytest
 import fusedopt as optim
 from fusedopt.base import OptimizerDef, OptimizerState
 
-NATIVE = "native" in optim.available_backends()
+from cases import CONFIGS, IDS, config_id
 
-CONFIGS = [
-    ("GradientDescent", {}),
-    ("Momentum", {}),
-    ("Momentum", {"nesterov": True, "weight_decay": 0.01}),
-    ("Adam", {}),
-    ("Adam", {"weight_decay": 0.1}),
-    ("Adagrad", {}),
-    ("RMSProp", {}),
-    ("RMSProp", {"centered": True}),
-    ("LAMB", {}),
-    ("LAMB", {"weight_decay": 0.01}),
-    ("LARS", {}),
-    ("LARS", {"nesterov": True, "weight_decay": 0.01, "eps": 1e-6}),
-    ("AdaBelief", {"weight_decay": 0.01}),
-    ("Adadelta", {"weight_decay": 0.01}),
-]
+MIXED = [c for c in CONFIGS if c[0] in ("Adam", "Momentum", "LAMB", "RMSProp")]
+
+NATIVE = "native" in optim.available_backends()
 
 
 def _tree(dtypes=(jnp.float32,)):
@@ -73,7 +60,7 @@ def _assert_within_4ulp(new_a, new_b, old, what, step_size=0.0):
 
 
 @pytest.mark.skipif(not NATIVE, reason="no C++ compiler for the native backend")
-@pytest.mark.parametrize("name, kw", CONFIGS, ids=[f"{n}-{k}" for n, k in CONFIGS])
+@pytest.mark.parametrize("name, kw", CONFIGS, ids=IDS)
 def test_native_matches_jnp_float32(name, kw):
   """From the same state, one native step equals one jnp step (checked at 5 successive states)."""
   tree = _tree()
@@ -105,10 +92,7 @@ def test_native_matches_jnp_float32(name, kw):
 
 
 @pytest.mark.skipif(not NATIVE, reason="no C++ compiler for the native backend")
-@pytest.mark.parametrize("name, kw", [c for c in CONFIGS if c[0] in ("Adam", "Momentum", "LAMB",
-                                                                        "RMSProp")],
-                         ids=[f"{n}-{k}" for n, k in CONFIGS if n in ("Adam", "Momentum", "LAMB",
-                                                                      "RMSProp")])
+@pytest.mark.parametrize("name, kw", MIXED, ids=[config_id(n, k) for n, k in MIXED])
 def test_native_mixed_dtypes_match_jnp(name, kw):
   """bfloat16 and float16 params (and grads) run natively: loaded to float32, the same float32
   math, stored back rounding to nearest even as XLA's convert does."""
@@ -143,7 +127,7 @@ def test_native_bfloat16_rounding_is_round_to_nearest_even():
       np.asarray(p, np.float32) - 0.5 * np.asarray(g, np.float32), jnp.bfloat16), np.float32))
 
 
-@pytest.mark.parametrize("name, kw", CONFIGS, ids=[f"{n}-{k}" for n, k in CONFIGS])
+@pytest.mark.parametrize("name, kw", CONFIGS, ids=IDS)
 def test_flat_path_equals_per_leaf_path(name, kw):
   """The flat driver and flax's per-leaf ``apply_param_gradient`` run the same rule."""
   tree = _tree()

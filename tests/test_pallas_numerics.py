@@ -22,6 +22,8 @@ import fusedopt as optim
 from fusedopt.kernels import pallas as kp
 from fusedopt.elementwise import namespace
 
+from cases import CONFIGS, IDS, SHAPES, ulps_error
+
 ON_DEVICE = kp.available()
 BACKEND = "pallas" if ON_DEVICE else "pallas_interpret"
 
@@ -47,27 +49,7 @@ def _on_oracle(fn, *args):
   with jax.default_device(ORACLE_DEVICE):
     return fn(*jax.device_put(args, ORACLE_DEVICE))
 
-CONFIGS = [
-    ("GradientDescent", {}),
-    ("Momentum", {}),
-    ("Momentum", {"nesterov": True, "weight_decay": 0.01}),
-    ("Adam", {}),
-    ("Adam", {"weight_decay": 0.1}),
-    ("Adagrad", {}),
-    ("RMSProp", {}),
-    ("RMSProp", {"centered": True}),
-    ("LAMB", {}),
-    ("LAMB", {"weight_decay": 0.01}),
-    ("LARS", {}),
-    ("LARS", {"nesterov": True, "weight_decay": 0.01, "eps": 1e-6}),
-    ("AdaBelief", {}),
-    ("AdaBelief", {"weight_decay": 0.01}),
-    ("Adadelta", {"weight_decay": 0.01}),
-]
-IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in CONFIGS]
 
-# Ragged shapes: nothing a multiple of the 1024-element alignment unit except by accident.
-SHAPES = [(), (1,), (7,), (3, 5), (1025,), (0,), (33, 65), (2, 3, 4), (4097,), (3000,)]
 
 
 def _tree(dtypes):
@@ -82,15 +64,8 @@ def _grads(tree, seed):
 
 
 def _assert_close(a, b, old, what, ulps, step_size=0.0):
-  """|a - b| <= ulps * ulp(|old| + |new| + step) in a's dtype (FMA contraction may differ)."""
-  dtype = np.dtype(a.dtype)
-  a64, b64, old64 = (np.asarray(x, np.float32).astype(np.float64) for x in (a, b, old))
-  scale = np.abs(old64) + np.maximum(np.abs(a64), np.abs(b64)) + step_size
-  spacing = np.spacing(scale.astype(np.float32)).astype(np.float64)
-  if dtype != np.float32:   # ulp of the storage dtype
-    spacing = spacing * 2.0 ** (23 - jnp.finfo(dtype).nmant)
-  err = np.abs(a64 - b64)
-  assert np.all(err <= ulps * spacing), (what, float(np.max(err / np.maximum(spacing, 1e-45))))
+  err = ulps_error(a, b, old, step_size)
+  assert np.all(err <= ulps), (what, float(np.max(err, initial=0.0)))
 
 
 def _compare_steps(name, kw, dtypes, steps=3):

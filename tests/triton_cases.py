@@ -28,8 +28,8 @@ import fusedopt as optim
 from fusedopt import flat
 from fusedopt.kernels import triton as kt
 
-# Ragged shapes: nothing a multiple of the 1024-element unit but by accident; (0,) an empty leaf.
-SHAPES = [(), (1,), (7,), (3, 5), (1025,), (0,), (33, 65), (2, 3, 4), (4097,), (3000,)]
+from cases import SHAPES, ulps_error
+
 
 CONFIGS = [
     ("GradientDescent", {}),
@@ -91,17 +91,11 @@ def storage_ulp(x):
 
 
 def assert_close(a, b, old, what, ulps, stats, step_size=0.0):
-  """|a - b| <= ulps * ulp(|old| + |new| + step) in a's dtype."""
-  dtype = np.dtype(a.dtype)
-  a64, b64, old64 = (np.asarray(x, np.float32).astype(np.float64) for x in (a, b, old))
-  scale = np.abs(old64) + np.maximum(np.abs(a64), np.abs(b64)) + step_size
-  spacing = np.spacing(scale.astype(np.float32)).astype(np.float64)
-  if dtype != np.float32:   # ulp of the storage dtype
-    spacing = spacing * 2.0 ** (23 - jnp.finfo(dtype).nmant)
-  err = np.abs(a64 - b64)
-  worst = float(np.max(err / np.maximum(spacing, 1e-45), initial=0.0))
-  stats.note(dtype, worst)
-  assert np.all(err <= ulps * spacing), (what, worst)
+  """|a - b| <= ulps * ulp(|old| + |new| + step) in a's dtype (``cases.ulps_error``)."""
+  err = ulps_error(a, b, old, step_size)
+  worst = float(np.max(err, initial=0.0))
+  stats.note(np.dtype(a.dtype), worst)
+  assert np.all(err <= ulps), (what, worst)
 
 
 def compare_steps(name, kw, dtypes, backend, stats, steps=2, f32_ulps=2):
