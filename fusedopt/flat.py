@@ -453,9 +453,10 @@ class FlatOptimizerDef(OptimizerDef):
                                                fields)
     return new_p, new_fields
 
-  def run_rule_sumsq(self, rule, scalars, seg, layout, p_leaves, g_leaves, fields):
-    """``run_rule`` plus, for a rule with ``sumsq``, per-leaf sums of its terms squared: a tuple
-    of float32 [num_leaves] vectors (else None). Kernel backends compute them in the same pass."""
+  def prepared_rule(self, rule, scalars, layout):
+    """``(rule, scalars, rounding)`` for this step: master weights, the checked step's guard and
+    stochastic rounding's seed scalars applied (``rounding`` is {} when no group is rounded).
+    Every group executor starts here (this driver and the sharded one)."""
     rule = self.wrap_rule(rule)
     guard = getattr(self, "_guard", None)
     if guard is not None:   # inside apply_gradient_checked
@@ -463,6 +464,24 @@ class FlatOptimizerDef(OptimizerDef):
     rounding = self._rounding_scalars(layout)   # stochastic rounding of the bf16 groups
     if rounding:
       scalars = dict(scalars, **rounding)
+    return rule, scalars, rounding
+
+  def group_rule(self, rule, dtype, rounding):
+    """``prepared_rule``'s rule as run on a group of ``dtype``: bf16 groups rounded
+    stochastically when asked; with ``with_param_deltas`` (fusedopt.tx) float32 groups return
+    ``p' - p`` and the others their new params, both in fresh buffers."""
+    dtype = np.dtype(dtype)
+    if rounding and dtype == np.dtype(jnp.bfloat16):
+      rule = elementwise.with_stochastic_rounding(rule)
+    if rule.writes_param and getattr(self, "_param_deltas", False):
+      rule = (elementwise.as_delta(rule) if dtype == np.dtype(F32)
+              else elementwise.out_of_place(rule))
+    return rule
+
+  def run_rule_sumsq(self, rule, scalars, seg, layout, p_leaves, g_leaves, fields):
+    """``run_rule`` plus, for a rule with ``sumsq``, per-leaf sums of its terms squared: a tuple
+    of float32 [num_leaves] vectors (else None). Kernel backends compute them in the same pass."""
+    rule, scalars, rounding = self.prepared_rule(rule, scalars, layout)
     names = self.all_state_fields
     n = len(layout.segments)
     new_p = list(p_leaves)
@@ -471,11 +490,7 @@ class FlatOptimizerDef(OptimizerDef):
     for gi, group in enumerate(layout.groups):
       if group.size == 0:   # only size-0 leaves: nothing to update, their sums are 0
         continue
-      grule = (elementwise.with_stochastic_rounding(rule)
-               if rounding and np.dtype(group.dtype) == np.dtype(jnp.bfloat16) else rule)
-      if grule.writes_param and getattr(self, "_param_deltas", False):   # fusedopt.tx
-        grule = (elementwise.as_delta(grule) if np.dtype(group.dtype) == np.dtype(F32)
-                 else elementwise.out_of_place(grule))
+      grule = self.group_rule(rule, group.dtype, rounding)
       run = _executor(self.backend, layout, gi, grule)
       out = run(grule, scalars, seg, layout, gi, p_leaves, g_leaves,
                 tuple(fields[k][gi] for k in names))

@@ -499,16 +499,9 @@ class _ShardContext:
 def _run_rule_sumsq_sharded(d, ctx, rule, scalars, seg, layout, p_loc, g_loc, fields):
   """``FlatOptimizerDef.run_rule_sumsq`` on this device's slices: ``p_loc``/``g_loc`` are the
   local flat slices, one per group; ``seg`` holds [num_leaves] per-tensor scalars (global)."""
-  rule = d.wrap_rule(rule)
-  guard = getattr(d, "_guard", None)
-  if guard is not None:
-    rule, scalars = elementwise.guarded(rule), dict(scalars, **guard)
   # stochastic rounding hashes each element's own inputs, not its position: the same bits as on
   # one device
-  rounding = d._rounding_scalars(layout)  # pylint: disable=protected-access
-  if rounding:
-    scalars = dict(scalars, **rounding)
-  base_rule = rule
+  base_rule, scalars, rounding = d.prepared_rule(rule, scalars, layout)
   names = d.all_state_fields
   n = len(layout.segments)
   new_p = list(p_loc)
@@ -518,8 +511,7 @@ def _run_rule_sumsq_sharded(d, ctx, rule, scalars, seg, layout, p_loc, g_loc, fi
     if group.size == 0:
       continue
     state = tuple(fields[k][gi] for k in names)
-    rule = (elementwise.with_stochastic_rounding(base_rule)
-            if rounding and np.dtype(group.dtype) == np.dtype(jnp.bfloat16) else base_rule)
+    rule = d.group_rule(base_rule, group.dtype, rounding)
     if rule.seg_scalars or rule.sumsq is not None:
       q = {k: jnp.asarray(seg[k], F32)[ctx.ids(gi)] for k in rule.seg_scalars}
       out_p, out_state, unit_sums = _run_units(d.backend, rule, scalars, q, p_loc[gi],

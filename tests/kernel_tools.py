@@ -81,3 +81,21 @@ def lower_tpu(f, *args, donate_argnums=()):
   with jax.sharding.use_abstract_mesh(tpu_abstract_mesh()):
     return jax.jit(f, donate_argnums=donate_argnums).trace(*args).lower(
         lowering_platforms=("tpu",))
+
+
+# An H100's device description for XLA:GPU's compile-only topology (jax-cuda12-plugin): the
+# whole optimizer step compiles for it on a machine without a GPU.
+H100 = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 9 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""

@@ -28,7 +28,8 @@ from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
 from fusedopt.sgd import SGD_RULE
 
-from kernel_tools import compile_ttir, lower_cuda, lower_tpu, ptxas_stats, ttir_texts
+from kernel_tools import (H100, compile_ttir, lower_cuda, lower_tpu, ptxas_stats,
+                          ttir_texts)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -147,21 +148,6 @@ def test_t5_tpu_mosaic_compiles(tpu_mesh, rule):
   ma = compiled.memory_analysis()
   assert ma.temp_size_in_bytes < n * 4   # no full-size temporaries
 
-
-H100 = """
-gpu_device_info {
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
-  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
-  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
-}
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 8 }
-runtime_version { major: 12 minor: 9 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
 
 
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="jax-cuda12-plugin not installed")

@@ -33,6 +33,7 @@ from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
 from fusedopt.sgd import SGD_RULE
 
+from kernel_tools import H100
 import triton_cases
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -301,21 +302,6 @@ def test_t3_changing_lr_compiles_no_new_kernel():
   assert sizes[0] == sizes[1] == sizes[2], sizes
   assert os.environ.get("TRITON_CACHE_DIR")   # jax_triton's import cleared it; restored
 
-
-H100 = """
-gpu_device_info {
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
-  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
-  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
-}
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 8 }
-runtime_version { major: 12 minor: 9 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
 
 
 @needs_jax_triton
