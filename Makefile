@@ -6,6 +6,7 @@
 #                agree, plot in digits_mlp_loss.png), then the train step timed against optax
 #   make bench   same set-up with '.[bench]', then run `python -m bench`
 #   make clean   remove the virtual environment and build/test caches
+#   make gpu-vendor  copy jax-triton into .gpu_vendor for a GPU machine lacking it (gpu_run.sh)
 #
 # Re-running is cheap: each extra's install is recorded in a stamp file inside .venv whose name
 # carries a hash of pyproject.toml (and of the repo path, since the install is editable), so it
@@ -34,7 +35,7 @@ BENCH_ARGS ?=
 KEY := $(shell { cat pyproject.toml; echo '$(CURDIR)'; } | sha1sum | cut -c1-12)
 stamp = $(VENV)/.installed-$(1)-$(KEY)
 
-.PHONY: test demo bench clean venv
+.PHONY: test demo bench clean venv gpu-vendor
 .NOTPARALLEL:
 
 $(PY):
@@ -58,6 +59,12 @@ demo: $(call stamp,demo)
 bench: $(call stamp,bench)
 	$(PY) -m bench $(BENCH_ARGS)
 
+# .gpu_vendor: jax-triton (pure Python) from the test environment, for a lent GPU machine whose
+# image has jax and triton but not jax-triton (bench/gpu_run.sh puts it on the path there).
+gpu-vendor: $(call stamp,test)
+	rm -rf .gpu_vendor && mkdir -p .gpu_vendor
+	cp -r "$$($(PY) -c 'import os, importlib.util as u; print(os.path.dirname(u.find_spec("jax_triton").origin))')" .gpu_vendor/
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .gpu_vendor
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -6,23 +6,33 @@ which inputs are read at all -- and is the same kind of kernel apex and torch's 
 are. The optimizer math is still written once: each ``Rule.fn`` is traced with symbolic values
 (``fusedopt.kernels.symbolic``, as ``fusedopt.kernels.native`` does for C++) that print
 Triton-Python statements (the dialect ``TRITON``), and the statements are pasted into one of
-three hand-written driver templates:
+the hand-written driver templates:
 
-- ``_UPDATE``: the element-wise update of a rule over one dtype group's flat buffers (every
-  optimizer, every ``guarded``/``with_master``/``per_segment`` variant), plus, for a rule with
-  ``sumsq`` (LAMB's moment stage), per-row partial sums of squares of its terms;
-- ``_PREPASS``: per-row sum of squares and non-finite count of ``grad_scale * g`` (the global-norm
-  and finite pre-pass of ``apply_gradient_checked``; the tiny final reduction runs in XLA).
+- ``_UPDATE_LEAVES`` (what ``backend="triton"`` runs): the element-wise update of a rule over one
+  dtype group, **leaf-direct** -- like apex's ``multi_tensor_apply`` and the native CPU kernel, a
+  launch takes up to ``LEAVES_PER_LAUNCH`` leaves' own param and grad buffers as pointer
+  arguments and the group's flat state buffers, so the step packs nothing: no concatenated copy
+  of the grads or params, no slicing back (a packed copy costs the jnp step on GPT-2-124M half of
+  the copy bandwidth on an H100). Every variant (``guarded``/``with_master``/``per_segment``/
+  stochastic rounding); for a rule with ``sumsq`` (LAMB's moment pass), per-row partial sums of
+  squares of its terms, summed per leaf in XLA (``run.fused_sumsq = "per_leaf"``);
+- ``_PREPASS_LEAVES``: per-program sum of squares and non-finite count of ``grad_scale * g`` read
+  from the gradient leaves (the global-norm and finite pre-pass of ``apply_gradient_checked``);
+- ``_UPDATE`` and ``_PREPASS``: the same over one flat buffer (``flat_update``: params that live
+  flat, the kernel benchmark).
 
-Layout of a program. The flat buffers of ``fusedopt.layout`` hold whole 1024-element units, and
+Layout of a program. The flat state of ``fusedopt.layout`` holds whole 1024-element units, and
 every segment (tensor) starts on a unit. A program handles a ``(R, C)`` tile of ``R * C = BLOCK``
-elements, ``C = min(BLOCK, 1024)``, so a row never straddles two tensors: per-tensor scalars
-(LAMB/LARS trust ratios) are one load per row, and LAMB's norms are per-row ``tl.sum``s that a
-sorted ``segment_sum`` in XLA turns into per-tensor norms (``run.fused_sumsq = True``, the same
-contract as the Pallas backend). Loads and stores are masked by row (``offs < N_ROWS * C``), so any
-whole number of rows works and a block may overhang the end (BLOCK > 1024); the mask is constant
-over runs of C elements, so Triton still emits 16-byte vector loads (checked in the tests). Offsets are computed in
-int64 (``program_id(0).to(int64) * R``) so buffers past 2^31 elements address correctly.
+elements, ``C = min(BLOCK, 1024)``, of one tensor: per-tensor scalars (LAMB/LARS trust ratios)
+are one load, and LAMB's norms per-row ``tl.sum``s. Leaf-direct: host-built tables (``plan_launches``)
+give each program its leaf (slot) and chunk, each leaf its size, padded rows and first state row;
+the program picks its leaf's pointers with branch-free ``tl.where`` selects. The state is
+updated over the leaf's whole padded segment (as the flat kernels do: zero padding stays zero),
+the leaf's own buffers over its n elements with a mask ``offs < n``. That mask is constant over
+runs of VEC elements because leaves are launched by vector width (n a multiple of VEC = 4 float32
+or 8 bf16 elements, or less), so loads and stores stay 16-byte vectors (checked in the tests).
+Offsets are int64 (a chunk index widened before the multiply) so tensors and buffers past 2^31
+elements address correctly.
 
 Numerics. Every value is float32 in the kernel (loads widen the storage dtype, stores round to
 nearest even). ``/`` is ``tl.div_rn`` and ``sqrt`` is ``tl.sqrt_rn`` (Triton's defaults are
@@ -35,11 +45,13 @@ float -> uint32 conversion, and every integer literal a ``tl.uint32`` constant, 
 modulo 2^32 and ``>>`` is logical -- the hash gives the jnp oracle's bits exactly.
 
 Runtime scalars. The step's scalars (lr, betas, bias corrections, grad scale, ok flag) are one
-float32 vector read by the kernel, per-tensor scalars a per-unit table: changing the learning
-rate every step neither retraces nor recompiles anything.
+float32 vector read by the kernel, per-tensor scalars a per-leaf (flat: per-unit) table: changing
+the learning rate every step neither retraces nor recompiles anything. A kernel's source depends
+on the rule, the dtypes, the leaves per launch and VEC only, so a model compiles at most a couple
+of variants per dtype group (full launches of 64 leaves and the last one).
 
-In place. Params and state are ``input_output_aliases`` of the jax-triton call: donate the
-optimizer at the jit boundary and they are updated where they are. An input the rule never reads
+In place. Each param leaf and each state buffer is an ``input_output_aliases`` pair of the
+jax-triton call: donate the optimizer at the jit boundary and they are updated where they are. An input the rule never reads
 (the params under ``master_weights``, the grads of LAMB's apply stage) is not loaded.
 
 Interpret mode. ``platform="interpret"`` runs the *same generated source* in Triton's interpreter
@@ -263,6 +275,33 @@ def {name}({params}, R: tl.constexpr, C: tl.constexpr, ROWS_PER_UNIT: tl.constex
 {stores}
 '''
 
+# The leaf-direct update: params and grads are read (and params written, in place) in each
+# leaf's own buffer, the state in the group's flat buffers at the leaf's segment. A launch takes
+# up to ``LEAVES_PER_LAUNCH`` leaves; host-built tables give each program its leaf (SLOT) and its
+# chunk of R rows of C elements in it (CHUNK), and each leaf its size in units of VEC elements
+# (NVEC: so that the leaf mask is constant over VEC elements and loads stay 16-byte vectors),
+# its padded rows (NROWS, whole alignment units) and its first row in the flat state (ROW0).
+_UPDATE_LEAVES = '''
+@triton.jit
+def {name}({params}, R: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
+    pid = tl.program_id(0)
+    slot = tl.load(SLOT + pid)
+    lrows = tl.load(CHUNK + pid).to(tl.int64) * R + tl.arange(0, R)
+    prow = pid.to(tl.int64) * R + tl.arange(0, R)
+    n = tl.load(NVEC + slot) * VEC
+    nrows = tl.load(NROWS + slot)
+    base = tl.load(ROW0 + slot) * C
+    rmask = lrows < nrows
+    offs = lrows[:, None] * C + tl.arange(0, C)[None, :]
+    # the state over the leaf's whole padded segment (as the flat kernels update it), the leaf's
+    # own buffers over its n elements
+    mask = offs < nrows * C
+    lmask = offs < n
+{loads}
+{body}
+{stores}
+'''
+
 _PREPASS = '''
 @triton.jit
 def fusedopt_grad_prepass(S, G, N_ROWS, SUMSQ, BAD, R: tl.constexpr, C: tl.constexpr):
@@ -276,69 +315,128 @@ def fusedopt_grad_prepass(S, G, N_ROWS, SUMSQ, BAD, R: tl.constexpr, C: tl.const
     tl.store(BAD + rows, tl.sum(bad, axis=1), mask=rmask)
 '''
 
+# The pre-pass over gradient leaves (tables as in _UPDATE_LEAVES): one partial sum and one
+# non-finite count per program.
+_PREPASS_LEAVES = '''
+@triton.jit
+def {name}(S, SLOT, CHUNK, NVEC, {grads}, SUMSQ, BAD, R: tl.constexpr, C: tl.constexpr,
+           VEC: tl.constexpr):
+    pid = tl.program_id(0)
+    slot = tl.load(SLOT + pid)
+    lrows = tl.load(CHUNK + pid).to(tl.int64) * R + tl.arange(0, R)
+    n = tl.load(NVEC + slot) * VEC
+    offs = lrows[:, None] * C + tl.arange(0, C)[None, :]
+{select}
+    x = tl.load(g_in + offs, mask=offs < n, other=0.0).to(tl.float32) * tl.load(S)
+    tl.store(SUMSQ + pid, tl.sum(tl.sum(x * x, axis=1), axis=0))
+    bad = tl.where(tl.abs(x) < float("inf"), 0.0, 1.0)
+    tl.store(BAD + pid, tl.sum(tl.sum(bad, axis=1), axis=0))
+'''
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-  """What one generated update kernel is: the rule and the storage dtypes of its buffers."""
+  """What one generated update kernel is: the rule, the storage dtypes of its buffers, and, for
+  a leaf-direct kernel (``leaves`` > 0), how many leaves one launch takes and the vector width
+  ``vec`` (elements) that every one of their sizes is a multiple of."""
   rule: elementwise.Rule
   p_dtype: str
   g_dtype: Optional[str]            # None when the rule does not read the gradient
   st_dtypes: Tuple[str, ...]
+  leaves: int = 0                   # 0: the flat-buffer kernel (_UPDATE)
+  vec: int = 1
 
   @property
   def name(self):
-    return "fusedopt_" + re.sub(r"\W", "_", self.rule.name)
+    base = "fusedopt_" + re.sub(r"\W", "_", self.rule.name)
+    return base if not self.leaves else f"{base}_x{self.leaves}_v{self.vec}"
 
 
-def _store(ptr, val, dtype):
+def _store(ptr, offs, mask, val, dtype):
   v = val if dtype == "float32" else f'{val}.to({_TL_DTYPES[dtype]}, fp_downcast_rounding="rtne")'
-  return f"tl.store({ptr} + offs, {v}, mask=mask)"
+  return f"tl.store({ptr} + {offs}, {v}, mask={mask})"
 
 
-def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
-  """(Python source of the ``@triton.jit`` update kernel, input names, output names).
-
-  The rule is traced with ``symbolic.Float`` values; the inputs it never reads are not loaded."""
-  rule = spec.rule
+def _trace(rule):
+  """The rule traced into Triton statements: (emitter, new p, new state, sumsq terms)."""
   em = symbolic.Emitter(TRITON)
   p, g = symbolic.Float("p", em), (symbolic.Float("g", em) if rule.reads_grad else 0.0)
   new_p, new_state, terms = symbolic.trace(
       rule, em, [f"s{i}" for i in range(len(rule.scalars))],
       [f"q{i}" for i in range(len(rule.seg_scalars))], p, g,
       [symbolic.Float(f"st{k}", em) for k in range(rule.n_state)])
-  n_terms = len(terms)
+  return em, new_p, new_state, terms
 
-  ins = (["S"] + [f"Q{i}" for i in range(len(rule.seg_scalars))] + ["P"]
-         + (["G"] if rule.reads_grad else []) + [f"ST{k}" for k in range(rule.n_state)])
-  outs = ((["P_OUT"] if rule.writes_param else []) + [f"ST{k}_OUT" for k in range(len(new_state))]
+
+def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
+  """(Python source of the ``@triton.jit`` update kernel, input names, output names).
+
+  The rule is traced with ``symbolic.Float`` values; the inputs it never reads are not loaded.
+  The flat kernel (``spec.leaves == 0``) addresses one buffer per operand; the leaf-direct one
+  (``_UPDATE_LEAVES``) reads and writes the params and grads in the leaves' own buffers
+  (``p_in``/``g_in``/``p_out``, chosen per program) and the state in its flat buffers."""
+  rule, k = spec.rule, spec.leaves
+  em, new_p, new_state, terms = _trace(rule)
+  n_terms = len(terms)
+  if k:
+    p_ins, g_ins = [f"P{j}" for j in range(k)], [f"G{j}" for j in range(k)]
+    p_outs = [f"P{j}_OUT" for j in range(k)]
+    tables = ["SLOT", "CHUNK", "NVEC", "NROWS", "ROW0"]
+    leaf_offs, leaf_mask, st_offs = "offs", "lmask", "base + offs"
+    p_ptr, g_ptr, p_out = "p_in", "g_in", "p_out"
+  else:
+    p_ins, g_ins, p_outs, tables = ["P"], ["G"], ["P_OUT"], []
+    leaf_offs, leaf_mask, st_offs = "offs", "mask", "offs"
+    p_ptr, g_ptr, p_out = "P", "G", "P_OUT"
+  ins = (["S"] + [f"Q{i}" for i in range(len(rule.seg_scalars))] + tables + p_ins
+         + (g_ins if rule.reads_grad else []) + [f"ST{i}" for i in range(rule.n_state)])
+  outs = ((p_outs if rule.writes_param else []) + [f"ST{i}_OUT" for i in range(len(new_state))]
           + [f"SUM{t}" for t in range(n_terms)])
 
   stores = []
-  for k, v in enumerate(new_state):
-    stores.append(_store(f"ST{k}_OUT", em.operand(v), spec.st_dtypes[k]))
+  for i, v in enumerate(new_state):
+    stores.append(_store(f"ST{i}_OUT", st_offs, "mask", em.operand(v), spec.st_dtypes[i]))
   if rule.writes_param:
-    stores.append(_store("P_OUT", em.operand(new_p), spec.p_dtype))
+    stores.append(_store(p_out, leaf_offs, leaf_mask, em.operand(new_p), spec.p_dtype))
   for t, v in enumerate(terms):
     sq = em.operand(v * v)
-    stores.append(f"tl.store(SUM{t} + rows, tl.sum({sq}, axis=1), mask=rmask)")
+    if k:   # one sum per row of the program's tile: 0 for rows past the leaf, no garbage
+      stores.append(f"tl.store(SUM{t} + prow, tl.where(rmask, tl.sum({sq}, axis=1), 0.0))")
+    else:
+      stores.append(f"tl.store(SUM{t} + rows, tl.sum({sq}, axis=1), mask=rmask)")
 
   # Loads of what the body uses, and nothing else.
   text = "\n".join(em.lines + stores)
   used = set(re.findall(r"\b[a-z]+\d*\b", text))
-  loads = [f"{name} = {expr}" for name, expr in em.consts.values()]
+  loads = []
+  if k:   # this program's leaf: branch-free selects among the launch's leaf pointers
+    sel = [("p_in", p_ins, "p" in used)] + [("g_in", g_ins, rule.reads_grad and "g" in used)]
+    sel += [("p_out", p_outs, rule.writes_param)]
+    for var, ptrs, needed in sel:
+      if needed:
+        loads.append(f"{var} = {ptrs[0]}")
+        loads += [f"{var} = tl.where(slot == {j}, {ptrs[j]}, {var})" for j in range(1, k)]
+  loads += [f"{name} = {expr}" for name, expr in em.consts.values()]
   loads += [f"s{i} = tl.load(S + {i})" for i in range(len(rule.scalars)) if f"s{i}" in used]
-  loads += [f"q{i} = tl.load(Q{i} + rows // ROWS_PER_UNIT, mask=rmask, other=0.0)[:, None]"
-            for i in range(len(rule.seg_scalars)) if f"q{i}" in used]
-  bufs = [("p", "P")] + ([("g", "G")] if rule.reads_grad else []) + [
-      (f"st{k}", f"ST{k}") for k in range(rule.n_state)]
-  loads += [f"{v} = tl.load({ptr} + offs, mask=mask, other=0.0).to(tl.float32)"
-            for v, ptr in bufs if v in used]
+  q_load = ("tl.load(Q{i} + slot)" if k   # one per leaf, or one per row of the flat buffer
+            else "tl.load(Q{i} + rows // ROWS_PER_UNIT, mask=rmask, other=0.0)[:, None]")
+  loads += [f"q{i} = " + q_load.format(i=i) for i in range(len(rule.seg_scalars))
+            if f"q{i}" in used]
+  bufs = [("p", p_ptr, leaf_offs, leaf_mask)]
+  bufs += [("g", g_ptr, leaf_offs, leaf_mask)] if rule.reads_grad else []
+  bufs += [(f"st{i}", f"ST{i}", st_offs, "mask") for i in range(rule.n_state)]
+  loads += [f"{v} = tl.load({ptr} + {offs}, mask={mask}, other=0.0).to(tl.float32)"
+            for v, ptr, offs, mask in bufs if v in used]
   indent = lambda xs: "\n".join("    " + x for x in xs) or "    pass"  # noqa: E731
-  params = ", ".join(ins + ["N_ROWS"] + outs)
-  src = _HEADER.format(what=f"rule {rule.name!r}, params {spec.p_dtype}, grads {spec.g_dtype}, "
-                            f"state {', '.join(spec.st_dtypes) or '-'}")
-  src += _UPDATE.format(name=spec.name, params=params, loads=indent(loads),
-                        body=indent(em.lines), stores=indent(stores))
+  params = ", ".join(ins + ([] if k else ["N_ROWS"]) + outs)
+  what = (f"rule {rule.name!r}, params {spec.p_dtype}, grads {spec.g_dtype}, "
+          f"state {', '.join(spec.st_dtypes) or '-'}")
+  if k:
+    what += f", {k} leaves a launch, sizes multiples of {spec.vec}"
+  src = _HEADER.format(what=what)
+  src += (_UPDATE_LEAVES if k else _UPDATE).format(
+      name=spec.name, params=params, loads=indent(loads), body=indent(em.lines),
+      stores=indent(stores))
   return src, tuple(ins), tuple(outs)
 
 
@@ -382,6 +480,18 @@ def prepass_source() -> str:
 
 def prepass_kernel():
   return _load(prepass_source(), "fusedopt_grad_prepass", interpreting())
+
+
+def prepass_leaves_source(k: int) -> str:
+  gs = [f"G{j}" for j in range(k)]
+  select = ["g_in = G0"] + [f"g_in = tl.where(slot == {j}, G{j}, g_in)" for j in range(1, k)]
+  return _HEADER.format(what=f"gradient pre-pass, {k} leaves a launch") + _PREPASS_LEAVES.format(
+      name=f"fusedopt_grad_prepass_x{k}", grads=", ".join(gs),
+      select="\n".join("    " + x for x in select))
+
+
+def prepass_kernel_leaves(k: int):
+  return _load(prepass_leaves_source(k), f"fusedopt_grad_prepass_x{k}", interpreting())
 
 
 # ----------------------------------------------------------------------------- launching
@@ -603,11 +713,143 @@ def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
 
 # ----------------------------------------------------------------------------- group executor
 
-def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=None):
-  """The ``triton`` backend's group executor (same contract as ``elementwise.run_jnp``)."""
-  return elementwise.run_flat(flat_update, rule, scalars, seg, layout, gi, p_leaves, g_leaves,
-                              state, unit=ALIGN, backend="triton", grad_dtype_ok=supports,
-                              platform=platform)
+# Leaves per leaf-direct launch. Each leaf costs three pointer parameters (params, grads, the
+# params written), 8 bytes each: 64 leaves stay well inside CUDA's 4 KB of kernel parameters,
+# and a model needs at most two kernel variants per (rule, dtypes, vector width): one for full
+# launches, one for the last.
+LEAVES_PER_LAUNCH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+  """One leaf-direct launch: ``positions`` (indices into the group's segments), their vector
+  width ``vec``, the tile (``r`` rows of ``c`` elements), and the host tables of the kernel."""
+  positions: Tuple[int, ...]
+  vec: int
+  r: int
+  c: int
+  programs: Tuple[int, ...]         # programs per leaf
+  tables: Tuple[np.ndarray, ...]    # SLOT, CHUNK (per program), NVEC, NROWS, ROW0 (per leaf)
+
+  @property
+  def grid(self):
+    return (int(sum(self.programs)),)
+
+  def row_ids(self):
+    """The group position owning each row of the per-program-row outputs (sorted)."""
+    return np.repeat(np.asarray(self.positions, np.int32),
+                     np.asarray(self.programs, np.int64) * self.r)
+
+
+def _vector_width(dtypes) -> int:
+  """Elements in 16 bytes of the narrowest of ``dtypes``."""
+  return 16 // min(np.dtype(d).itemsize for d in dtypes)
+
+
+def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None):
+  """The leaf-direct launches over group ``gi``'s non-empty leaves.
+
+  ``leaf_dtypes[j]``: the dtypes of the leaf buffers the kernel reads or writes for the group's
+  j-th leaf (default: the group's dtype). Leaves launched together have the same ones (one
+  pointer type per argument) and the same vector width: the largest power of two dividing the
+  leaf's size, up to 16 bytes of its narrowest buffer. In group order within a launch,
+  ``LEAVES_PER_LAUNCH`` at most."""
+  group = layout.groups[gi]
+  c = min(tuning.block, ALIGN)
+  classes = {}
+  for pos, i in enumerate(group.segments):
+    size = layout.segments[i].size
+    if size:
+      dts = tuple(np.dtype(d).name for d in (leaf_dtypes[pos] if leaf_dtypes else (group.dtype,)))
+      vec = int(np.gcd(size, _vector_width(dts)))
+      classes.setdefault((-vec, dts), []).append(pos)
+  out = []
+  for (neg_vec, _), members in sorted(classes.items()):
+    for s in range(0, len(members), LEAVES_PER_LAUNCH):
+      pos = tuple(members[s:s + LEAVES_PER_LAUNCH])
+      segs = [layout.segments[group.segments[j]] for j in pos]
+      nrows = np.asarray([-(-seg.size // layout.align) * layout.align // c for seg in segs],
+                         np.int64)
+      r, _ = _tile(int(nrows.max()), tuning)
+      programs = -(-nrows // r)
+      tables = (np.repeat(np.arange(len(pos), dtype=np.int32), programs),
+                np.concatenate([np.arange(k, dtype=np.int32) for k in programs]),
+                np.asarray([seg.size // -neg_vec for seg in segs], np.int64), nrows,
+                np.asarray([seg.offset // c for seg in segs], np.int64))
+      out.append(_Launch(pos, -neg_vec, r, c, tuple(int(k) for k in programs), tables))
+  return out
+
+
+def _group_grads(rule, layout, gi, g_leaves):
+  """The group's gradient leaves, each flattened and (where no kernel reads its dtype) float32."""
+  if not rule.reads_grad:
+    return None
+  out = []
+  for i in layout.groups[gi].segments:
+    g = jnp.reshape(g_leaves[i], (-1,))
+    out.append(g if supports(g.dtype) else g.astype(F32))
+  return out
+
+
+def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=None,
+        tuning=None):
+  """The ``triton`` backend's group executor (``elementwise.run_jnp``'s contract; sums of
+  squares per leaf): leaf-direct kernels (``_UPDATE_LEAVES``) that read the params and grads in
+  their own buffers and write the params in place -- no packed copy of either, so a step moves
+  the rule's bytes per parameter and nothing more -- and update the flat state in place."""
+  plat = _platform(platform)
+  group = layout.groups[gi]
+  state = tuple(state)
+  for x in state:
+    if not supports(x.dtype):
+      raise ValueError(f"no Triton kernel for state of dtype {np.dtype(x.dtype).name}")
+  n_sums = elementwise.num_sumsq_terms(rule) if rule.sumsq is not None else 0
+  new_p = [p_leaves[i] for i in group.segments]
+  sums = [jnp.zeros((len(group.segments),), F32) for _ in range(n_sums)]
+  grads = _group_grads(rule, layout, gi, g_leaves)
+  tuning = tuning or default_tuning(rule, group.dtype, plat)
+  leaf_dtypes = [(group.dtype,) + ((grads[j].dtype,) if grads else ())
+                 for j in range(len(group.segments))]
+  s_vec = jnp.stack([jnp.asarray(scalars[k], F32) for k in rule.scalars]
+                    or [jnp.zeros((), F32)])
+  st_names = tuple(np.dtype(x.dtype).name for x in state)
+  for launch in plan_launches(layout, gi, tuning, leaf_dtypes):
+    k, leaf_ids = len(launch.positions), [group.segments[j] for j in launch.positions]
+    spec = KernelSpec(rule, np.dtype(group.dtype).name,
+                      np.dtype(grads[launch.positions[0]].dtype).name if grads else None,
+                      st_names, leaves=k, vec=launch.vec)
+    kernel, in_names, _ = update_kernel(spec)
+    ins = [s_vec] + [jnp.asarray(seg[q], F32)[np.asarray(leaf_ids)] for q in rule.seg_scalars]
+    ins += [jnp.asarray(t) for t in launch.tables]
+    ins += [jnp.reshape(new_p[j], (-1,)) for j in launch.positions]
+    ins += [grads[j] for j in launch.positions] if rule.reads_grad else []
+    ins += list(state)
+    assert len(ins) == len(in_names)
+    first_p, first_state = in_names.index("P0"), len(ins) - rule.n_state
+    out_shapes, aliases = [], {}
+    if rule.writes_param:
+      for j, pos in enumerate(launch.positions):
+        if rule.param_in_place:
+          aliases[first_p + j] = len(out_shapes)
+        out_shapes.append(jax.ShapeDtypeStruct((layout.segments[group.segments[pos]].size,),
+                                               group.dtype))
+    if rule.writes_state:
+      for j, x in enumerate(state):
+        aliases[first_state + j] = len(out_shapes)
+        out_shapes.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    n_p, n_big = (k if rule.writes_param else 0), len(out_shapes)
+    out_shapes += [jax.ShapeDtypeStruct((launch.grid[0] * launch.r,), F32)] * n_sums
+    outs = _call(kernel, ins, out_shapes, aliases, [], launch.grid,
+                 {"R": launch.r, "C": launch.c, "VEC": launch.vec}, tuning, plat, spec.name)
+    for pos, x in zip(launch.positions, outs[:n_p]):
+      new_p[pos] = x.reshape(layout.segments[group.segments[pos]].shape)
+    if rule.writes_state:
+      state = tuple(outs[n_p:n_big])
+    ids = jnp.asarray(launch.row_ids())
+    sums = [acc + jax.ops.segment_sum(x, ids, num_segments=len(group.segments),
+                                      indices_are_sorted=True)
+            for acc, x in zip(sums, outs[n_big:])]
+  return (new_p if rule.writes_param else None), state, (tuple(sums) if n_sums else None)
 
 
 def run_interpret(*args):
@@ -615,24 +857,34 @@ def run_interpret(*args):
   return run(*args, platform="interpret")
 
 
-run.fused_sumsq = run_interpret.fused_sumsq = True
+run.fused_sumsq = run_interpret.fused_sumsq = "per_leaf"
 
 
 def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *, platform=None):
-  """``fusedopt.flat.gradient_prepass`` with the per-row work in a Triton kernel over each dtype
-  group's flat gradient buffer (the same buffer the update kernels read, so XLA packs it once),
-  and the few partial sums reduced in XLA. Returns (all finite, global norm, g factor)."""
+  """``fusedopt.flat.gradient_prepass`` with the work in leaf-direct Triton kernels
+  (``_PREPASS_LEAVES``: each program's sum of (scale*g)^2 and count of non-finite values, read
+  from the gradient leaves themselves) and the per-program partial results reduced in XLA.
+  Returns (all finite, global norm, g factor)."""
+  plat = _platform(platform)
   scale = F32(1.0) if grad_scale is None else jnp.asarray(grad_scale, F32)
+  s_vec = jnp.reshape(scale, (1,))
   sq, bad = [], []
   for gi, group in enumerate(layout.groups):
     if group.size == 0:
       continue
-    gf = elementwise.pack_grads(layout, gi, g_leaves)
-    if not supports(gf.dtype):
-      gf = gf.astype(F32)
-    s, b = grad_prepass_flat(gf, scale, platform=platform)
-    sq.append(jnp.sum(s))
-    bad.append(jnp.sum(b))
+    grads = [jnp.reshape(g_leaves[i], (-1,)) for i in group.segments]
+    grads = [g if supports(g.dtype) else g.astype(F32) for g in grads]
+    tuning = TUNING[(plat, min(g.dtype.itemsize for g in grads))]
+    for launch in plan_launches(layout, gi, tuning, [(g.dtype,) for g in grads]):
+      kernel = prepass_kernel_leaves(len(launch.positions))
+      ins = [s_vec] + [jnp.asarray(t) for t in launch.tables[:3]]
+      ins += [grads[j] for j in launch.positions]
+      out_shapes = [jax.ShapeDtypeStruct(launch.grid, F32)] * 2
+      s, b = _call(kernel, ins, out_shapes, {}, [], launch.grid,
+                   {"R": launch.r, "C": launch.c, "VEC": launch.vec}, tuning, plat,
+                   f"fusedopt_grad_prepass_x{len(launch.positions)}")
+      sq.append(jnp.sum(s))
+      bad.append(jnp.sum(b))
   sumsq = jnp.sum(jnp.stack(sq)) if sq else F32(0.0)
   finite = (jnp.sum(jnp.stack(bad)) == 0) if bad else jnp.asarray(True)
   return flat.prepass_result(sumsq, finite, scale, clip_global_norm)

@@ -199,6 +199,61 @@ def test_t2_prepass_compiles_without_spills(dtype, arch):
   _check_compiled(compile_prepass(dtype, arch), arch, dtype)
 
 
+LEAF_RULES = [ADAM_RULE, with_master(ADAM_RULE), momentum_rule(True), MOMENTS_RULE, APPLY_RULE,
+              per_segment(lars_rule(True)), guarded(ADAM_RULE), SR_RULE]
+
+
+def _vectors(ptx, op):
+  return len(re.findall(rf"{op}\.global(\.\w+)*\.v4\.b32", ptx))
+
+
+@needs_triton
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rule", LEAF_RULES, ids=lambda r: r.name)
+def test_t2_leaf_direct_kernels_compile(rule, dtype, arch):
+  """The leaf-direct kernel of a full launch (LEAVES_PER_LAUNCH leaf pointers): no spills, no
+  branches (the leaf is chosen by selects), and every buffer -- each leaf's own params and grads
+  as well as the flat state -- moved in 16-byte vectors; with leaf sizes of no vector width
+  (VEC = 1) it compiles too, its leaf buffers then element by element."""
+  if arch == 80 and rule not in (ADAM_RULE, MOMENTS_RULE, SR_RULE):
+    pytest.skip("sm_80: the representative rules only (time)")
+  from triton_tools import compile_spec_leaves  # pylint: disable=import-outside-toplevel
+  vec = 16 // np.dtype(dtype).itemsize
+  k = kt.LEAVES_PER_LAUNCH
+  spec = kt.KernelSpec(rule, dtype, dtype if rule.reads_grad else None,
+                       ("float32",) * rule.n_state, leaves=k, vec=vec)
+  c = compile_spec_leaves(spec, arch)
+  st = _check_compiled(c, arch, dtype)
+  ptx = c.asm["ptx"]
+  assert not re.search(r"^\s*(@%p\d+ )?bra", ptx, re.M), "branches"
+  src = kt.generate(spec)[0]
+  tuning = kt.default_tuning(rule, dtype, "gpu")
+  per_thread = tuning.block // (32 * tuning.num_warps)
+  isz = {"p": np.dtype(dtype).itemsize, "g": np.dtype(dtype).itemsize}
+  loaded = [v for v in ["p", "g"] + [f"st{i}" for i in range(rule.n_state)]
+            if re.search(rf"^    {v} = tl\.load", src, re.M)]
+  want_loads = sum(per_thread * isz.get(v, 4) // 16 for v in loaded)
+  want_stores = (per_thread * np.dtype(dtype).itemsize // 16 if rule.writes_param else 0) + (
+      rule.n_state * per_thread * 4 // 16 if rule.writes_state else 0)
+  assert (_vectors(ptx, "ld"), _vectors(ptx, "st")) == (want_loads, want_stores), st["text"]
+  if rule is ADAM_RULE and arch == 90:
+    scalar = kt.KernelSpec(rule, dtype, dtype, ("float32",) * 2, leaves=k, vec=1)
+    c1 = compile_spec_leaves(scalar, arch)
+    _check_compiled(c1, arch, dtype)   # the state is still vectorised
+    assert _vectors(c1.asm["ptx"], "ld") == 2 * per_thread * 4 // 16
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_t2_leaf_direct_prepass_compiles(dtype):
+  from triton_tools import compile_prepass_leaves  # pylint: disable=import-outside-toplevel
+  vec = 16 // np.dtype(dtype).itemsize
+  c = compile_prepass_leaves(kt.LEAVES_PER_LAUNCH, dtype, vec, 90)
+  _check_compiled(c, 90, dtype)
+  assert not re.search(r"^\s*(@%p\d+ )?bra", c.asm["ptx"], re.M)
+
+
 @needs_triton
 @pytest.mark.parametrize("block, warps", [(1024, 4), (4096, 8), (8192, 8), (512, 2)])
 def test_t2_other_tunings_compile(block, warps):
@@ -234,12 +289,45 @@ TREE = {"a": jnp.zeros((300, 70)), "b": jnp.zeros((5000,), jnp.bfloat16), "c": j
         "d": jnp.zeros((7, 9), jnp.float16)}
 
 
+def _launches(tree):
+  """The leaf-direct launches of each dtype group of ``tree`` (kt.plan_launches)."""
+  layout = optim.FlatLayout.build(tree)
+  out = []
+  for gi, group in enumerate(layout.groups):
+    out.append(kt.plan_launches(layout, gi, kt.default_tuning(ADAM_RULE, group.dtype, "gpu")))
+  return out
+
+
+def test_launch_plan():
+  """Leaves grouped by vector width (float32: sizes % 4, bfloat16/float16: % 8), group order
+  within a width, at most LEAVES_PER_LAUNCH a launch; the tables cover every padded row once."""
+  f32, bf16, f16 = _launches(TREE)
+  assert [(l.positions, l.vec) for l in f32] == [((0,), 4), ((1,), 1)]   # a: 21000, c: 3
+  assert [(l.positions, l.vec) for l in bf16] == [((0,), 8)]            # b: 5000
+  assert [(l.positions, l.vec) for l in f16] == [((0,), 1)]             # d: 63
+  many = {f"w{i:03d}": jnp.zeros((i + 1, 8)) for i in range(150)}
+  plan = _launches(many)[0]
+  assert [len(l.positions) for l in plan] == [64, 64, 22]   # every size % 4 == 0
+  layout = optim.FlatLayout.build(many)
+  for launch in plan:
+    slot, chunk, nvec, nrows, row0 = launch.tables
+    segs = [layout.segments[layout.groups[0].segments[j]] for j in launch.positions]
+    assert list(nvec * launch.vec) == [s.size for s in segs]
+    assert list(row0 * launch.c) == [s.offset for s in segs]
+    for j in range(len(segs)):   # each leaf's chunks: 0..programs-1, covering its padded rows
+      ch = chunk[slot == j]
+      assert list(ch) == list(range(len(ch))) and len(ch) * launch.r >= nrows[j]
+      assert (len(ch) - 1) * launch.r < nrows[j]
+
+
 @needs_jax_triton
-@pytest.mark.parametrize("name, kw, calls_per_group", [
-    ("Adam", {"weight_decay": 0.1}, 1), ("Adam", {"master_weights": True}, 1),
-    ("Momentum", {"nesterov": True}, 1), ("LAMB", {"weight_decay": 0.01}, 2)],
+@pytest.mark.parametrize("name, kw", [
+    ("Adam", {"weight_decay": 0.1}), ("Adam", {"master_weights": True}),
+    ("Momentum", {"nesterov": True}), ("LAMB", {"weight_decay": 0.01})],
     ids=["adamw", "adam-master", "nesterov", "lamb"])
-def test_t3_full_step_lowers_with_jax_triton(name, kw, calls_per_group):
+def test_t3_full_step_lowers_with_jax_triton(name, kw):
+  """One custom call per leaf-direct launch (LAMB: two passes), every param leaf and every state
+  buffer aliased in place, and nothing packed: no concatenation and no slicing in the step."""
   from triton_tools import triton_calls  # pylint: disable=import-outside-toplevel
   opt = _step(name, kw, TREE)
   with kt.targeting("gpu", 90):
@@ -247,14 +335,21 @@ def test_t3_full_step_lowers_with_jax_triton(name, kw, calls_per_group):
                   donate_argnums=0).trace(opt, TREE, jnp.float32(0.1)).lower(
                       lowering_platforms=("cuda",))
   calls = triton_calls(low)
-  n_groups = 3
-  assert len(calls) == calls_per_group * n_groups
+  plan = [l for group in _launches(TREE) for l in group]
   n_state = 2 + int(kw.get("master_weights", False)) if name != "Momentum" else 1
-  # in place: every buffer a kernel writes aliases its input (LAMB: the moment pass writes the
-  # state, the apply pass only the params)
-  want = [n_state, 1] * n_groups if name == "LAMB" else [n_state + 1] * n_groups
+  if name == "LAMB":   # the moment pass writes the state, the apply pass the params
+    want = [n_state] * len(plan) + [len(l.positions) for l in plan]
+  else:
+    want = [len(l.positions) + n_state for l in plan]
   assert sorted(a for a, _ in calls) == sorted(want)
   assert all("tt.func" in ttir for _, ttir in calls)
+  assert _packed_sizes(low.as_text()) == []
+
+
+def _packed_sizes(hlo):
+  """Sizes of the concatenations and slices in ``hlo`` bigger than a vector of step scalars."""
+  sizes = re.findall(r"stablehlo\.(?:concatenate|slice)[^\n]*-> tensor<(\d+)x", hlo)
+  return [int(s) for s in sizes if int(s) > 64]
 
 
 @needs_jax_triton
@@ -265,8 +360,10 @@ def test_t3_checked_step_uses_the_triton_prepass():
     low = jax.jit(lambda o, g: o.apply_gradient_checked(g, grad_scale=0.5, clip_global_norm=1.0),
                   donate_argnums=0).trace(opt, TREE).lower(lowering_platforms=("cuda",))
   calls = triton_calls(low)
-  assert len(calls) == 6   # per group: the pre-pass and the guarded update
-  assert sum("fusedopt_grad_prepass" in t for _, t in calls) == 3
+  n = sum(len(group) for group in _launches(TREE))
+  assert len(calls) == 2 * n   # per launch: the pre-pass and the guarded update
+  assert sum("fusedopt_grad_prepass_x" in t for _, t in calls) == n
+  assert _packed_sizes(low.as_text()) == []
 
 
 @needs_jax_triton
@@ -307,8 +404,9 @@ def test_t3_changing_lr_compiles_no_new_kernel():
 @needs_jax_triton
 @pytest.mark.parametrize("name", ["Adam", "LAMB"])
 def test_t3_full_step_compiles_for_h100(name):
-  """The whole jitted step (pack, Triton kernels, norms, unpack) through XLA:GPU for an H100
-  compile-only topology, optimizer donated."""
+  """The whole jitted step (Triton kernels, norms) through XLA:GPU for an H100 compile-only
+  topology, optimizer donated: in place, and no temporary buffer the size of the params (the
+  leaf-direct kernels pack nothing; the jnp backend's step needs a packed copy)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   try:
     topo = topologies.get_topology_desc(platform="cuda", target_config=H100, topology="1x1x1")
@@ -316,14 +414,26 @@ def test_t3_full_step_compiles_for_h100(name):
     pytest.skip(f"no CUDA compile-only topology here: {e}")
   mesh = topologies.make_mesh(topo, (1,), ("x",))
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  tree = {"a": jnp.zeros((300, 70)), "b": jnp.zeros((5000,), jnp.bfloat16)}
-  opt = _step(name, {}, tree)
-  to_sds = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=rep)  # noqa
+  tree = {"a": jax.ShapeDtypeStruct((1024, 1024), jnp.float32),
+          "b": jax.ShapeDtypeStruct((1000,), jnp.float32),
+          "c": jax.ShapeDtypeStruct((2048, 513), jnp.bfloat16),
+          "d": jax.ShapeDtypeStruct((7,), jnp.bfloat16)}
+  param_bytes = sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in tree.values())
+  to_sds = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=rep)  # noqa: E731
   lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-  with kt.targeting("gpu", 90):
-    compiled = jax.jit(lambda o, g, lr: o.apply_gradient(g, learning_rate=lr),
-                       donate_argnums=0).trace(jax.tree.map(to_sds, opt),
-                                               jax.tree.map(to_sds, tree), lr).lower().compile()
-  txt = compiled.as_text()
-  assert "triton_kernel_call" in txt
-  assert "input_output_alias" in txt
+  temp = {}
+  for backend in ("triton", "jnp"):
+    opt_def = getattr(optim, name)(learning_rate=0.1, backend=backend)
+    opt = jax.eval_shape(opt_def.create, tree)
+    with kt.targeting("gpu", 90):
+      compiled = jax.jit(lambda o, g, lr: o.apply_gradient(g, learning_rate=lr),
+                         donate_argnums=0).trace(jax.tree.map(to_sds, opt),
+                                                 jax.tree.map(to_sds, tree), lr).lower().compile()
+    temp[backend] = compiled.memory_analysis().temp_size_in_bytes
+    if backend == "triton":
+      txt = compiled.as_text()
+      assert "triton_kernel_call" in txt
+      assert "input_output_alias" in txt
+  print(name, "temp bytes:", temp, "params:", param_bytes)
+  assert temp["triton"] < 0.01 * param_bytes, temp
+  assert temp["jnp"] > 0.5 * param_bytes, temp    # what packing costs (the oracle's path)

@@ -98,10 +98,12 @@ def assert_close(a, b, old, what, ulps, stats, step_size=0.0):
   assert np.all(err <= ulps), (what, worst)
 
 
-def compare_steps(name, kw, dtypes, backend, stats, steps=2, f32_ulps=2):
+def compare_steps(name, kw, dtypes, backend, stats, steps=2, f32_ulps=2, shapes=SHAPES,
+                  grad_dtype=None):
   """``steps`` steps from the same state: ``backend`` vs the jnp oracle on the CPU, every leaf of
-  params and state; learning rate changing each step (a runtime value)."""
-  t = tree(dtypes)
+  params and state; learning rate changing each step (a runtime value); gradients in the
+  params' dtypes, or every other one in ``grad_dtype``."""
+  t = tree(dtypes, shapes)
   defs = {b: getattr(optim, name)(learning_rate=0.05, backend=b, **kw) for b in ("jnp", backend)}
   traces = {b: 0 for b in defs}
 
@@ -115,6 +117,8 @@ def compare_steps(name, kw, dtypes, backend, stats, steps=2, f32_ulps=2):
   layered = name in ("LAMB", "LARS")
   for i in range(steps):
     g, lr = grads(t, i + 1), jnp.float32(0.05 / (i + 1))
+    if grad_dtype is not None:
+      g = {k: (x.astype(grad_dtype) if j % 2 else x) for j, (k, x) in enumerate(sorted(g.items()))}
     with jax.default_device(_cpu()):
       a = run["jnp"](*jax.device_put((opt, g, lr), _cpu()))
     b = run[backend](opt, g, lr)
@@ -150,6 +154,26 @@ def compare_steps(name, kw, dtypes, backend, stats, steps=2, f32_ulps=2):
     opt = a
   # the learning rate changed every step: one trace (so one lowering, one kernel compile)
   assert traces[backend] == 1, traces
+
+
+def leaf_launches(backend, stats):
+  """The leaf-direct kernels over several launches per dtype group (``LEAVES_PER_LAUNCH`` = 3
+  here): the flat state chained through the launches in place, LAMB/LARS per-leaf sums gathered
+  across them, leaves of every vector width (sizes % 4 and % 8 or not), a tree of 30 leaves, and
+  gradients in another dtype than their params (bf16 params, float32 grads and the reverse)."""
+  saved = kt.LEAVES_PER_LAUNCH
+  kt.LEAVES_PER_LAUNCH = 3
+  try:
+    shapes = SHAPES + [(5, 8), (16,), (2, 2, 2)] + [(i + 1, 3) for i in range(17)]
+    layout = optim.FlatLayout.build(tree(LOW, shapes))
+    assert max(len(kt.plan_launches(layout, gi, kt.Tuning())) for gi in range(3)) >= 3
+    for name, kw in (("Adam", {"weight_decay": 0.1}), ("LAMB", {"weight_decay": 0.01}),
+                     ("LARS", {"nesterov": True})):
+      compare_steps(name, kw, LOW, backend, stats, shapes=shapes)
+    compare_steps("Adam", {}, (jnp.bfloat16,), backend, stats, grad_dtype=jnp.float32)
+    compare_steps("Momentum", {}, (jnp.float32,), backend, stats, grad_dtype=jnp.bfloat16)
+  finally:
+    kt.LEAVES_PER_LAUNCH = saved
 
 
 def checked_update(backend, stats):
@@ -351,6 +375,7 @@ for _name, _kw in CONFIGS:
   CASES[config_id(_name, _kw, F32)] = (lambda b, st, n=_name, k=_kw: compare_steps(n, k, F32, b, st))
 for _name, _kw in MIXED:
   CASES[config_id(_name, _kw, LOW)] = (lambda b, st, n=_name, k=_kw: compare_steps(n, k, LOW, b, st))
+CASES["leaf-direct-launches"] = leaf_launches
 CASES["checked-update-and-skipped-step"] = checked_update
 CASES["prepass-equals-xla"] = prepass
 CASES["block-sizes-and-masking"] = block_sizes

@@ -61,6 +61,42 @@ def compile_prepass(dtype, arch, tuning=None):
   return _compile(kt.prepass_kernel(), sig, {"R": r, "C": c}, arch, tuning)
 
 
+def signature_leaves(spec):
+  """The argument types jax-triton gives a leaf-direct kernel (``spec.leaves`` > 0)."""
+  _, ins, outs = kt.generate(spec)
+  p, st = f"*{_TY[spec.p_dtype]}", [f"*{_TY[d]}" for d in spec.st_dtypes]
+  ty = {"S": "*fp32", "SLOT": "*i32", "CHUNK": "*i32", "NVEC": "*i64", "NROWS": "*i64",
+        "ROW0": "*i64"}
+  for name in ins + outs:
+    if re.fullmatch(r"P\d+(_OUT)?", name):
+      ty[name] = p
+    elif re.fullmatch(r"G\d+", name):
+      ty[name] = f"*{_TY[spec.g_dtype]}"
+    elif m := re.fullmatch(r"ST(\d+)(_OUT)?", name):
+      ty[name] = st[int(m.group(1))]
+    elif re.fullmatch(r"(Q|SUM)\d+", name):
+      ty[name] = "*fp32"
+  return {name: ty[name] for name in ins + outs}
+
+
+def compile_spec_leaves(spec, arch, tuning=None, rows=64):
+  """``triton.compile`` of a leaf-direct update kernel (``spec.leaves`` leaf pointers)."""
+  tuning = tuning or kt.default_tuning(spec.rule, spec.p_dtype, "gpu")
+  kernel, _, _ = kt.update_kernel(spec)
+  r, c = kt._tile(rows, tuning)  # pylint: disable=protected-access
+  return _compile(kernel, signature_leaves(spec), {"R": r, "C": c, "VEC": spec.vec}, arch,
+                  tuning)
+
+
+def compile_prepass_leaves(k, dtype, vec, arch, tuning=None):
+  tuning = tuning or kt.TUNING[("gpu", 4 if dtype == "float32" else 2)]
+  r, c = kt._tile(64, tuning)  # pylint: disable=protected-access
+  sig = {"S": "*fp32", "SLOT": "*i32", "CHUNK": "*i32", "NVEC": "*i64"}
+  sig.update({f"G{j}": f"*{_TY[dtype]}" for j in range(k)})
+  sig.update({"SUMSQ": "*fp32", "BAD": "*fp32"})
+  return _compile(kt.prepass_kernel_leaves(k), sig, {"R": r, "C": c, "VEC": vec}, arch, tuning)
+
+
 def triton_calls(lowered):
   """[(n_aliases, ttir_text)] for every jax-triton custom call of ``lowered``."""
   from jax._src.lib.mlir import ir  # pylint: disable=import-outside-toplevel
