@@ -385,6 +385,25 @@ def test_t3_buffers_past_2_to_31_elements():
 
 
 @needs_jax_triton
+def test_t3_leaf_direct_past_2_to_31_elements():
+  """A whole step on a tree with a (2^31 + 5)-element leaf (lowering allocates nothing): the
+  leaf-direct kernel addresses the leaf and the flat state with 64-bit offsets."""
+  from triton_tools import triton_calls  # pylint: disable=import-outside-toplevel
+  tree = {"big": jax.ShapeDtypeStruct(((1 << 31) + 5,), jnp.float32),
+          "small": jax.ShapeDtypeStruct((12,), jnp.float32)}
+  opt = jax.eval_shape(optim.Adam(learning_rate=0.1, backend="triton").create, tree)
+  with kt.targeting("gpu", 90):
+    low = jax.jit(lambda o, g: o.apply_gradient(g), donate_argnums=0).trace(opt, tree).lower(
+        lowering_platforms=("cuda",))
+  calls = triton_calls(low)
+  assert len(calls) == 2   # "big" (size % 4 = 1: VEC 1) and "small" (VEC 4)
+  for _, ttir in calls:
+    offs = re.findall(r"tt\.addptr %\w+, %\w+ : tensor<\d+x\d+x!tt\.ptr<f32>>, "
+                      r"tensor<\d+x\d+x(i\d+)>", ttir)
+    assert offs and set(offs) == {"i64"}, offs
+
+
+@needs_jax_triton
 def test_t3_changing_lr_compiles_no_new_kernel():
   """The learning rate is a runtime operand of the kernel: a step traced with another lr value
   (even a compile-time constant of the XLA program) reuses the compiled Triton kernel."""
