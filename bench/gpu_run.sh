@@ -5,7 +5,7 @@
 # finished stage has written its results under OUTDIR:
 #   1. the full-step tree benchmark (GPT-2-124M, ResNet-50, 2000 small leaves; Adam and LAMB;
 #      optax, auto, jnp, pallas, triton side by side, each checked against jnp before timing):
-#      what `backend="auto"` should pick on a GPU;
+#      what `backend="auto"` should pick on a GPU (`python -m bench.decide` prints it);
 #   2. the kernel roofline on one flat buffer (pallas, triton -- when triton and jax-triton are
 #      importable -- jnp, torch fused/foreach AdamW; SWEEP=1 adds the block x num_warps sweeps);
 #   3. the Triton and Pallas numerics tests compiled for the GPU against the CPU oracle.
@@ -35,6 +35,8 @@ if [ "${NO_TREES:-0}" != 1 ]; then
   timeout ${TREES_TIMEOUT:-210} python3 -m bench --device gpu \
     --trees ${TREES:-gpt2-124m,resnet50,small-2000} --optims ${OPTIMS:-adam,lamb} \
     --impls optax,auto,jnp,pallas,triton --no-progress --out "$OUTDIR" 2>&1
+  stage "decide"   # per optimizer: the backend fastest on most trees (for fusedopt.flat._auto)
+  python3 -m bench.decide $(ls -t "$OUTDIR"/gpu-*.json | head -1) 2>&1
 fi
 stage "kernels"
 timeout ${KERNELS_TIMEOUT:-130} python3 -m bench.kernels --device gpu --out "$OUTDIR" \

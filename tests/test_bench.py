@@ -513,3 +513,30 @@ def test_fresh_compile_probe_runs_in_a_subprocess():
   assert abs(out["trace_compile_s"] - (out["trace_s"] + out["lower_s"] + out["compile_s"])) < 1e-6
   bad = cli.fresh_compile("scale-1m", "adam", "no-such-impl")
   assert "error" in bad
+
+
+def test_decide_ranks_backends_and_chooses_per_optimizer(tmp_path):
+  """bench.decide: per (tree, optimizer) the checked backends fastest first (failed checks and
+  peers left out), and per optimizer the backend fastest on most trees."""
+  from bench import decide  # pylint: disable=import-outside-toplevel
+
+  def row(impl, ms, ok=True, temp=0):
+    return {"impl": impl, "step": {"median_s": ms / 1e3}, "check": {"ok": ok},
+            "compile": {"temp_bytes": temp}}
+  payload = {"results": [
+      {"tree": "a", "optim": "adam", "impls": [row("optax", 1.0), row("jnp", 4.0, temp=2**20),
+                                                row("triton", 2.0), row("pallas", 1.5, ok=False),
+                                                row("auto", 0.1)]},
+      {"tree": "b", "optim": "adam", "impls": [row("jnp", 3.0), row("triton", 3.5)]},
+      {"tree": "c", "optim": "adam", "impls": [row("jnp", 5.0), row("triton", 1.0)]},
+      {"tree": "a", "optim": "lamb", "impls": [row("pallas", 2.0), row("triton", 2.5)]}]}
+  ranked = decide.rankings(payload)
+  assert [(t, o, [b for b, *_ in rows]) for t, o, rows in ranked] == [
+      ("a", "adam", ["triton", "jnp"]), ("b", "adam", ["jnp", "triton"]),
+      ("c", "adam", ["triton", "jnp"]), ("a", "lamb", ["pallas", "triton"])]
+  assert decide.choose(ranked) == {"adam": "triton", "lamb": "pallas"}
+  path = tmp_path / "r.json"
+  path.write_text(json.dumps(payload))
+  text = decide.report([json.loads(path.read_text())])
+  assert "auto for adam: triton" in text and "jnp 4.00 ms (2.00x, temp 1.0 MiB)" in text
+  assert decide.main([str(path)]) == 0
