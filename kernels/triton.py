@@ -268,8 +268,9 @@ def {name}({params}, R: tl.constexpr, C: tl.constexpr, ROWS_PER_UNIT: tl.constex
     offs = rows[:, None] * C + tl.arange(0, C)[None, :]
     # full-shape mask: constant over runs of C elements (N_ROWS * C is a multiple of C), so loads
     # stay 16-byte vectors; and a real [R, C] array in the interpreter, whose masked loads read a
-    # broadcast [R, 1] mask out of bounds
-    mask = offs < N_ROWS * C
+    # broadcast [R, 1] mask out of bounds. N_ROWS is an int32 argument: widened before the
+    # multiply, or a buffer past 2^31 elements would mask everything out
+    mask = offs < N_ROWS.to(tl.int64) * C
 {loads}
 {body}
 {stores}
@@ -278,9 +279,12 @@ def {name}({params}, R: tl.constexpr, C: tl.constexpr, ROWS_PER_UNIT: tl.constex
 # The leaf-direct update: params and grads are read (and params written, in place) in each
 # leaf's own buffer, the state in the group's flat buffers at the leaf's segment. A launch takes
 # up to ``LEAVES_PER_LAUNCH`` leaves; host-built tables give each program its leaf (SLOT) and its
-# chunk of R rows of C elements in it (CHUNK), and each leaf its size in units of VEC elements
-# (NVEC: so that the leaf mask is constant over VEC elements and loads stay 16-byte vectors),
-# its padded rows (NROWS, whole alignment units) and its first row in the flat state (ROW0).
+# chunk of R rows of C elements in it (CHUNK), and each leaf its padded rows (NROWS, whole
+# alignment units), its padding in units of VEC elements (PADV: n = NROWS * C - PADV * VEC is then
+# a multiple of VEC, so the leaf mask is constant over VEC elements and loads stay 16-byte
+# vectors) and its first row in the flat state (ROW0). The tables are int32 (jax's default
+# integer; every entry counts rows or less than a row, so it fits for leaves and groups past 2^31
+# elements) and widened to int64 before any multiply.
 _UPDATE_LEAVES = '''
 @triton.jit
 def {name}({params}, R: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
@@ -288,9 +292,9 @@ def {name}({params}, R: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
     slot = tl.load(SLOT + pid)
     lrows = tl.load(CHUNK + pid).to(tl.int64) * R + tl.arange(0, R)
     prow = pid.to(tl.int64) * R + tl.arange(0, R)
-    n = tl.load(NVEC + slot) * VEC
-    nrows = tl.load(NROWS + slot)
-    base = tl.load(ROW0 + slot) * C
+    nrows = tl.load(NROWS + slot).to(tl.int64)
+    n = nrows * C - tl.load(PADV + slot).to(tl.int64) * VEC
+    base = tl.load(ROW0 + slot).to(tl.int64) * C
     rmask = lrows < nrows
     offs = lrows[:, None] * C + tl.arange(0, C)[None, :]
     # the state over the leaf's whole padded segment (as the flat kernels update it), the leaf's
@@ -309,7 +313,7 @@ def fusedopt_grad_prepass(S, G, N_ROWS, SUMSQ, BAD, R: tl.constexpr, C: tl.const
     rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
     rmask = rows < N_ROWS
     offs = rows[:, None] * C + tl.arange(0, C)[None, :]
-    x = tl.load(G + offs, mask=offs < N_ROWS * C, other=0.0).to(tl.float32) * tl.load(S)
+    x = tl.load(G + offs, mask=offs < N_ROWS.to(tl.int64) * C, other=0.0).to(tl.float32) * tl.load(S)
     tl.store(SUMSQ + rows, tl.sum(x * x, axis=1), mask=rmask)
     bad = tl.where(tl.abs(x) < float("inf"), 0.0, 1.0)
     tl.store(BAD + rows, tl.sum(bad, axis=1), mask=rmask)
@@ -319,12 +323,12 @@ def fusedopt_grad_prepass(S, G, N_ROWS, SUMSQ, BAD, R: tl.constexpr, C: tl.const
 # non-finite count per program.
 _PREPASS_LEAVES = '''
 @triton.jit
-def {name}(S, SLOT, CHUNK, NVEC, {grads}, SUMSQ, BAD, R: tl.constexpr, C: tl.constexpr,
+def {name}(S, SLOT, CHUNK, NROWS, PADV, {grads}, SUMSQ, BAD, R: tl.constexpr, C: tl.constexpr,
            VEC: tl.constexpr):
     pid = tl.program_id(0)
     slot = tl.load(SLOT + pid)
     lrows = tl.load(CHUNK + pid).to(tl.int64) * R + tl.arange(0, R)
-    n = tl.load(NVEC + slot) * VEC
+    n = tl.load(NROWS + slot).to(tl.int64) * C - tl.load(PADV + slot).to(tl.int64) * VEC
     offs = lrows[:, None] * C + tl.arange(0, C)[None, :]
 {select}
     x = tl.load(g_in + offs, mask=offs < n, other=0.0).to(tl.float32) * tl.load(S)
@@ -381,7 +385,7 @@ def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
   if k:
     p_ins, g_ins = [f"P{j}" for j in range(k)], [f"G{j}" for j in range(k)]
     p_outs = [f"P{j}_OUT" for j in range(k)]
-    tables = ["SLOT", "CHUNK", "NVEC", "NROWS", "ROW0"]
+    tables = list(TABLES)
     leaf_offs, leaf_mask, st_offs = "offs", "lmask", "base + offs"
     p_ptr, g_ptr, p_out = "p_in", "g_in", "p_out"
   else:
@@ -713,6 +717,9 @@ def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
 
 # ----------------------------------------------------------------------------- group executor
 
+# The host-built int32 tables of a leaf-direct kernel, in argument order (see _UPDATE_LEAVES).
+TABLES = ("SLOT", "CHUNK", "NROWS", "PADV", "ROW0")
+
 # Leaves per leaf-direct launch. Each leaf costs three pointer parameters (params, grads, the
 # params written), 8 bytes each: 64 leaves stay well inside CUDA's 4 KB of kernel parameters,
 # and a model needs at most two kernel variants per (rule, dtypes, vector width): one for full
@@ -729,7 +736,7 @@ class _Launch:
   r: int
   c: int
   programs: Tuple[int, ...]         # programs per leaf
-  tables: Tuple[np.ndarray, ...]    # SLOT, CHUNK (per program), NVEC, NROWS, ROW0 (per leaf)
+  tables: Tuple[np.ndarray, ...]    # int32 ``TABLES``: SLOT, CHUNK (per program), NROWS, PADV, ROW0
 
   @property
   def grid(self):
@@ -772,11 +779,14 @@ def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None):
                          np.int64)
       r, _ = _tile(int(nrows.max()), tuning)
       programs = -(-nrows // r)
-      tables = (np.repeat(np.arange(len(pos), dtype=np.int32), programs),
-                np.concatenate([np.arange(k, dtype=np.int32) for k in programs]),
-                np.asarray([seg.size // -neg_vec for seg in segs], np.int64), nrows,
+      vec = -neg_vec
+      tables = (np.repeat(np.arange(len(pos)), programs), np.concatenate(
+          [np.arange(k) for k in programs]), nrows, (nrows * c - [s.size for s in segs]) // vec,
                 np.asarray([seg.offset // c for seg in segs], np.int64))
-      out.append(_Launch(pos, -neg_vec, r, c, tuple(int(k) for k in programs), tables))
+      if max(int(t.max()) for t in tables) > np.iinfo(np.int32).max:
+        raise ValueError(f"a leaf-direct launch table overflows int32 (rows of {c} elements)")
+      out.append(_Launch(pos, vec, r, c, tuple(int(k) for k in programs),
+                         tuple(t.astype(np.int32) for t in tables)))
   return out
 
 
@@ -877,7 +887,7 @@ def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *
     tuning = TUNING[(plat, min(g.dtype.itemsize for g in grads))]
     for launch in plan_launches(layout, gi, tuning, [(g.dtype,) for g in grads]):
       kernel = prepass_kernel_leaves(len(launch.positions))
-      ins = [s_vec] + [jnp.asarray(t) for t in launch.tables[:3]]
+      ins = [s_vec] + [jnp.asarray(t) for t in launch.tables[:4]]
       ins += [grads[j] for j in launch.positions]
       out_shapes = [jax.ShapeDtypeStruct(launch.grid, F32)] * 2
       s, b = _call(kernel, ins, out_shapes, {}, [], launch.grid,

@@ -310,14 +310,35 @@ def test_launch_plan():
   assert [len(l.positions) for l in plan] == [64, 64, 22]   # every size % 4 == 0
   layout = optim.FlatLayout.build(many)
   for launch in plan:
-    slot, chunk, nvec, nrows, row0 = launch.tables
+    slot, chunk, nrows, padv, row0 = launch.tables
     segs = [layout.segments[layout.groups[0].segments[j]] for j in launch.positions]
-    assert list(nvec * launch.vec) == [s.size for s in segs]
+    assert list(nrows * launch.c - padv * launch.vec) == [s.size for s in segs]
     assert list(row0 * launch.c) == [s.offset for s in segs]
     for j in range(len(segs)):   # each leaf's chunks: 0..programs-1, covering its padded rows
       ch = chunk[slot == j]
       assert list(ch) == list(range(len(ch))) and len(ch) * launch.r >= nrows[j]
       assert (len(ch) - 1) * launch.r < nrows[j]
+
+
+def test_launch_tables_past_2_to_31_elements():
+  """Leaves and groups past 2^31 elements: the int32 tables (all jax passes without x64) count
+  rows, so they fit, and give back the sizes and offsets exactly in int64, as the kernels
+  compute them (widened before any multiply)."""
+  tree = {"a": jax.ShapeDtypeStruct(((1 << 31) + 5,), jnp.float32),
+          **{f"b{i}": jax.ShapeDtypeStruct((1 << 30,), jnp.float32) for i in range(3)}}
+  layout = optim.FlatLayout.build(tree)
+  for launch in kt.plan_launches(layout, 0, kt.Tuning()):
+    assert all(t.dtype == np.int32 for t in launch.tables)
+    _, _, nrows, padv, row0 = (t.astype(np.int64) for t in launch.tables)
+    segs = [layout.segments[layout.groups[0].segments[j]] for j in launch.positions]
+    assert list(nrows * launch.c - padv * launch.vec) == [s.size for s in segs]
+    assert list(row0 * launch.c) == [s.offset for s in segs]
+    assert max(s.offset for s in segs) >= 1 << 31 or max(s.size for s in segs) > 1 << 31
+
+
+def _no_int32_products(ttir):
+  """No scalar int32 multiply in a kernel's Triton IR: every size or offset product is int64."""
+  return not re.search(r"arith\.muli [^\n]*: i32\b", ttir)
 
 
 @needs_jax_triton
@@ -379,6 +400,7 @@ def test_t3_buffers_past_2_to_31_elements():
                   donate_argnums=(0, 2, 3)).trace(*sds).lower(lowering_platforms=("cuda",))
   [(aliases, ttir)] = triton_calls(low)
   assert aliases == 3
+  assert _no_int32_products(ttir), re.findall(r"arith\.muli [^\n]*", ttir)
   offs = re.findall(r"tt\.addptr %\w+, %\w+ : tensor<\d+x\d+x!tt\.ptr<f32>>, "
                     r"tensor<\d+x\d+x(i\d+)>", ttir)
   assert offs and set(offs) == {"i64"}, offs
@@ -398,6 +420,7 @@ def test_t3_leaf_direct_past_2_to_31_elements():
   calls = triton_calls(low)
   assert len(calls) == 2   # "big" (size % 4 = 1: VEC 1) and "small" (VEC 4)
   for _, ttir in calls:
+    assert _no_int32_products(ttir), re.findall(r"arith\.muli [^\n]*", ttir)
     offs = re.findall(r"tt\.addptr %\w+, %\w+ : tensor<\d+x\d+x!tt\.ptr<f32>>, "
                       r"tensor<\d+x\d+x(i\d+)>", ttir)
     assert offs and set(offs) == {"i64"}, offs

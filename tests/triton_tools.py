@@ -65,8 +65,7 @@ def signature_leaves(spec):
   """The argument types jax-triton gives a leaf-direct kernel (``spec.leaves`` > 0)."""
   _, ins, outs = kt.generate(spec)
   p, st = f"*{_TY[spec.p_dtype]}", [f"*{_TY[d]}" for d in spec.st_dtypes]
-  ty = {"S": "*fp32", "SLOT": "*i32", "CHUNK": "*i32", "NVEC": "*i64", "NROWS": "*i64",
-        "ROW0": "*i64"}
+  ty = {"S": "*fp32", **{name: "*i32" for name in kt.TABLES}}   # jax arrays of int32
   for name in ins + outs:
     if re.fullmatch(r"P\d+(_OUT)?", name):
       ty[name] = p
@@ -91,7 +90,7 @@ def compile_spec_leaves(spec, arch, tuning=None, rows=64):
 def compile_prepass_leaves(k, dtype, vec, arch, tuning=None):
   tuning = tuning or kt.TUNING[("gpu", 4 if dtype == "float32" else 2)]
   r, c = kt._tile(64, tuning)  # pylint: disable=protected-access
-  sig = {"S": "*fp32", "SLOT": "*i32", "CHUNK": "*i32", "NVEC": "*i64"}
+  sig = {"S": "*fp32", **{name: "*i32" for name in kt.TABLES[:4]}}
   sig.update({f"G{j}": f"*{_TY[dtype]}" for j in range(k)})
   sig.update({"SUMSQ": "*fp32", "BAD": "*fp32"})
   return _compile(kt.prepass_kernel_leaves(k), sig, {"R": r, "C": c, "VEC": vec}, arch, tuning)
