@@ -56,6 +56,8 @@ def interpret_results():
   if not HAS_TRITON:
     pytest.skip("triton not installed")
   env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                        + " --xla_force_host_platform_device_count=4").strip(),
              PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_cases.py")], env=env,
                         capture_output=True, text=True, timeout=600, check=False)

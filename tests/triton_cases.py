@@ -176,6 +176,44 @@ def leaf_launches(backend, stats):
     kt.LEAVES_PER_LAUNCH = saved
 
 
+def sharded(backend, stats):
+  """``fusedopt.shard_optimizer`` with the Triton kernels running per shard under ``shard_map``
+  (every device's slice of each dtype group, a one-leaf group of the local layout) vs the
+  single-device jnp step on the CPU: ZeRO-1 (replicated params) and FSDP (flat sharded params),
+  over the devices there are (4 host devices in the interpreter's subprocess, the GPU on one)."""
+  from fusedopt import serialization, sharding  # pylint: disable=import-outside-toplevel
+  devs = jax.devices()
+  mesh = jax.sharding.Mesh(np.array(devs), ("x",))
+  t = tree((jnp.float32, jnp.bfloat16))
+  for name, kw, mode in (("Adam", {"weight_decay": 0.1}, "replicated"),
+                         ("Adam", {"weight_decay": 0.1}, "sharded"),
+                         ("Momentum", {"nesterov": True}, "replicated")):
+    ref = getattr(optim, name)(learning_rate=0.05, backend="jnp", **kw)
+    d = sharding.shard_optimizer(getattr(optim, name)(learning_rate=0.05, backend=backend, **kw),
+                                 mesh, "x", params=mode)
+    with jax.default_device(_cpu()):
+      single = ref.create(jax.device_put(t, _cpu()))
+    opt = d.create(t)
+    if mode == "sharded":
+      step = jax.jit(lambda o, g: o.apply_gradient(sharding.FlatParams.pack(g, o.target.layout)))
+    else:
+      step = jax.jit(lambda o, g: o.apply_gradient(g))
+    for i in range(2):
+      g = grads(t, 30 + i)
+      old = single.target
+      if i:   # from the oracle's state (a checkpoint restores into the sharded layout)
+        opt = serialization.from_bytes(opt, serialization.to_bytes(single))
+      with jax.default_device(_cpu()):
+        single = jax.jit(lambda o, g: o.apply_gradient(g))(single, jax.device_put(g, _cpu()))
+      opt = step(opt, g)
+      got = opt.target.tree() if mode == "sharded" else opt.target
+      for x, y, o in zip(jax.tree.leaves(single.target), jax.tree.leaves(got),
+                         jax.tree.leaves(old)):
+        assert x.dtype == y.dtype, (x.dtype, y.dtype)
+        assert_close(np.asarray(y), np.asarray(x), np.asarray(o), (name, mode, i),
+                     2 if x.dtype == jnp.float32 else 1, stats, step_size=0.05)
+
+
 def checked_update(backend, stats):
   """apply_gradient_checked: the Triton pre-pass + guarded kernels vs the jnp backend, with loss
   scaling and clipping, then a skipped step (a NaN gradient) that changes nothing bitwise."""
@@ -376,6 +414,7 @@ for _name, _kw in CONFIGS:
 for _name, _kw in MIXED:
   CASES[config_id(_name, _kw, LOW)] = (lambda b, st, n=_name, k=_kw: compare_steps(n, k, LOW, b, st))
 CASES["leaf-direct-launches"] = leaf_launches
+CASES["sharded-zero1-fsdp"] = sharded
 CASES["checked-update-and-skipped-step"] = checked_update
 CASES["prepass-equals-xla"] = prepass
 CASES["block-sizes-and-masking"] = block_sizes
