@@ -763,6 +763,9 @@ def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None):
   ``LEAVES_PER_LAUNCH`` at most."""
   group = layout.groups[gi]
   c = min(tuning.block, ALIGN)
+  if layout.align % c:
+    raise ValueError(f"the triton backend needs a layout aligned to a multiple of {c} elements "
+                     f"(rows of a tile); this one has align={layout.align}")
   classes = {}
   for pos, i in enumerate(group.segments):
     size = layout.segments[i].size

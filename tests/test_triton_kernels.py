@@ -322,6 +322,13 @@ def test_launch_plan():
       assert (len(ch) - 1) * launch.r < nrows[j]
 
 
+def test_launch_plan_needs_whole_rows():
+  layout = optim.FlatLayout.build({"w": jnp.zeros((700,))}, align=512)
+  with pytest.raises(ValueError, match="align=512"):
+    kt.plan_launches(layout, 0, kt.Tuning(block=4096))
+  assert kt.plan_launches(layout, 0, kt.Tuning(block=512))[0].c == 512
+
+
 def test_launch_tables_past_2_to_31_elements():
   """Leaves and groups past 2^31 elements: the int32 tables (all jax passes without x64) count
   rows, so they fit, and give back the sizes and offsets exactly in int64, as the kernels
