@@ -22,29 +22,35 @@ from .base import OptimizerDef, OptimizerState, _replace_checked
 from .flat import FlatOptimizerDef, FlatState
 
 
-class _Marker:
-  """A leaf placeholder that records which traversals select it."""
+class _Selected:
+  """What ``traversal.update`` puts in place of a value it selects (see ``_assign``)."""
+  __slots__ = ("value",)
 
-  def __init__(self, index):
-    self.index = index
-    self.owners = []
+  def __init__(self, value):
+    self.value = value
+
+
+def _selected(traversal, params, paths):
+  """Indices (tree leaf order) of the leaves of ``params`` that ``traversal`` selects; a selected
+  subtree selects each of its leaves. The traversal runs over the real params, so its filter
+  sees the values as in flax (``ModelParamTraversal(lambda path, value: value.ndim > 1)``)."""
+  marked = traversal.update(_Selected, params)
+  hits = {p for p, x in jax.tree_util.tree_flatten_with_path(
+      marked, is_leaf=lambda x: isinstance(x, _Selected))[0] if isinstance(x, _Selected)}
+  return tuple(i for i, p in enumerate(paths) if any(p[:k] in hits for k in range(len(p) + 1)))
 
 
 def _assign(traversals, params):
   """For each traversal, the indices (tree leaf order) of the leaves it selects."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  markers = treedef.unflatten([_Marker(i) for i in range(len(leaves))])
-  picks = []
-  for j, traversal in enumerate(traversals):
-    found = [m for m in traversal.iterate(markers) if isinstance(m, _Marker)]
-    for m in found:
-      m.owners.append(j)
-    picks.append(tuple(m.index for m in found))
-  clash = [(i, m.owners) for i, m in enumerate(jax.tree_util.tree_leaves(markers))
-           if len(m.owners) > 1] if leaves else []
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  picks = [_selected(t, params, paths) for t in traversals]
+  owners = {}
+  for j, idx in enumerate(picks):
+    for i in idx:
+      owners.setdefault(i, []).append(j)
+  clash = sorted((i, js) for i, js in owners.items() if len(js) > 1)
   if clash:
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    detail = ", ".join(f"{paths[i]} <- optimizers {owners}" for i, owners in clash)
+    detail = ", ".join(f"{jax.tree_util.keystr(paths[i])} <- optimizers {js}" for i, js in clash)
     raise ValueError(f"Multiple optimizers match the same leaves : {detail}")
   return picks
 

@@ -111,3 +111,23 @@ def test_override_changing_the_static_variant_is_a_clear_error():
   hps = opt.optimizer_def.hyper_params
   with pytest.raises(ValueError, match="fuse=False"):
     opt.apply_gradient(grads, hyper_params=[hps[0], hps[1].replace(nesterov=True)])
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_traversal_filter_sees_the_values(fuse):
+  """As in flax, ``filter_fn(path, value)`` receives the parameter itself: selecting by rank
+  gives the matrices one optimizer and the vectors another (scalars: neither, unchanged)."""
+  params = make_dict_params()
+  grads = make_grads(params)[0]
+  mats = optim.ModelParamTraversal(lambda path, v: v.ndim > 1)
+  vecs = optim.ModelParamTraversal(lambda path, v: v.ndim == 1)
+  opt = optim.MultiOptimizer((mats, optim.GradientDescent(0.1)),
+                             (vecs, optim.GradientDescent(0.01)), fuse=fuse).create(params)
+  new = opt.apply_gradient(grads).target
+  ranks = set()
+  for p, g, x in zip(jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(new)):
+    lr = 0.1 if p.ndim > 1 else 0.01 if p.ndim == 1 else 0.0
+    ranks.add(min(p.ndim, 2))
+    np.testing.assert_allclose(np.asarray(x), np.asarray(p) - lr * np.asarray(g), rtol=1e-6,
+                               atol=1e-7)
+  assert {1, 2} <= ranks

@@ -214,6 +214,32 @@ def sharded(backend, stats):
                      2 if x.dtype == jnp.float32 else 1, stats, step_size=0.05)
 
 
+def multi_fused(backend, stats):
+  """A fused MultiOptimizer (one flat state, every sub-optimizer's scalars a per-leaf table:
+  ``per_segment``) on the leaf-direct kernels vs the same on jnp: Adam with weight decay on the
+  matrices only, different learning rates and betas; leaves selected by neither keep their values."""
+  t = tree(LOW)
+  mats = optim.ModelParamTraversal(lambda path, x: x.ndim >= 2)
+  vecs = optim.ModelParamTraversal(lambda path, x: x.ndim == 1)
+  defs = {b: optim.MultiOptimizer(
+      (mats, optim.Adam(learning_rate=0.05, weight_decay=0.1, backend=b)),
+      (vecs, optim.Adam(learning_rate=0.02, beta1=0.8, backend=b))) for b in ("jnp", backend)}
+  opt = defs["jnp"].create(t)
+  assert type(opt.state.param_states).__name__ == "FusedState"
+  for i in range(2):
+    g = grads(t, 40 + i)
+    with jax.default_device(_cpu()):
+      a = jax.jit(lambda o, g: o.apply_gradient(g))(*jax.device_put((opt, g), _cpu()))
+    b = jax.jit(lambda o, g: o.replace(optimizer_def=defs[backend]).apply_gradient(g))(opt, g)
+    for (path, x), y, old in zip(jax.tree_util.tree_leaves_with_path(a.target),
+                                 jax.tree.leaves(b.target), jax.tree.leaves(opt.target)):
+      if x.ndim == 0:   # selected by neither traversal: unchanged
+        assert np.array_equal(np.asarray(y), np.asarray(old)), path
+      assert_close(y, x, old, ("multi", path, i), 2 if x.dtype == jnp.float32 else 1, stats,
+                   step_size=0.05)
+    opt = a
+
+
 def checked_update(backend, stats):
   """apply_gradient_checked: the Triton pre-pass + guarded kernels vs the jnp backend, with loss
   scaling and clipping, then a skipped step (a NaN gradient) that changes nothing bitwise."""
@@ -415,6 +441,7 @@ for _name, _kw in MIXED:
   CASES[config_id(_name, _kw, LOW)] = (lambda b, st, n=_name, k=_kw: compare_steps(n, k, LOW, b, st))
 CASES["leaf-direct-launches"] = leaf_launches
 CASES["sharded-zero1-fsdp"] = sharded
+CASES["multi-optimizer-fused"] = multi_fused
 CASES["checked-update-and-skipped-step"] = checked_update
 CASES["prepass-equals-xla"] = prepass
 CASES["block-sizes-and-masking"] = block_sizes
