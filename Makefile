@@ -66,5 +66,5 @@ gpu-vendor: $(call stamp,test)
 	cp -r "$$($(PY) -c 'import os, importlib.util as u; print(os.path.dirname(u.find_spec("jax_triton").origin))')" .gpu_vendor/
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .gpu_vendor
+	rm -rf $(VENV) .venv-flax053 build dist *.egg-info .pytest_cache .hypothesis .gpu_vendor
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -33,6 +33,10 @@ class _AdafactorHyperParams:
   epsilon2: float
 
 
+# A parameter's state fields, in flax 0.5.3's order (its _AdafactorParamState dataclass).
+_FIELDS = ("v_row", "v_col", "v", "m")
+
+
 class Adafactor(OptimizerDef):
   """Adafactor optimizer. Per-leaf state: ``v_row``, ``v_col``, ``v``, ``m``."""
 
@@ -48,6 +52,9 @@ class Adafactor(OptimizerDef):
     self.dtype_momentum = jax.dtypes.canonicalize_dtype(dtype_momentum)
     self.backend = backend
 
+  def flax_param_states(self, target, param_states):
+    return self.fields_in_order(target, param_states, _FIELDS)
+
   def _factored_dims(self, shape: Sequence[int]) -> Optional[Tuple[int, int]]:
     """The two largest axes (second largest first) if both are >= min_dim_size_to_factor."""
     if not self.hyper_params.factored or len(shape) < 2:
@@ -59,7 +66,7 @@ class Adafactor(OptimizerDef):
 
   def init_param_state(self, param):
     shape = jnp.shape(param)
-    state = {k: jnp.zeros((1,), F32) for k in ("v_row", "v_col", "v", "m")}
+    state = {k: jnp.zeros((1,), F32) for k in _FIELDS}
     dims = self._factored_dims(shape)
     if dims is not None:
       d1, d0 = dims
@@ -90,7 +97,7 @@ class Adafactor(OptimizerDef):
     hp = hyper_params
     grad = grad.astype(F32)
     p32 = param.astype(F32)
-    updates = {k: jnp.zeros((1,), F32) for k in ("v_row", "v_col", "v", "m")}
+    updates = {k: jnp.zeros((1,), F32) for k in _FIELDS}
     t = jnp.asarray(step - hp.step_offset, F32) + 1.0
     decay = 1.0 - t ** (-jnp.asarray(hp.decay_rate, F32))
     mixing = 1.0 - decay

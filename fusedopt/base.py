@@ -104,6 +104,17 @@ class OptimizerDef:
     del target
     return param_states
 
+  @staticmethod
+  def fields_in_order(target, per_leaf_states, order):
+    """``per_leaf_states`` (a tree mirroring ``target``, each leaf a dict of fields) with each
+    dict's keys in ``order`` (any others after them): flax 0.5.3 wrote a parameter's state in its
+    dataclass's field order, and a dict that went through ``jax.jit`` comes back sorted, so a
+    checkpoint would change bytes after a step (``rmsprop``'s ``v, mg`` written ``mg, v``)."""
+    rank = {k: i for i, k in enumerate(order)}
+    return jax.tree_util.tree_map(
+        lambda _, st: {k: st[k] for k in sorted(st, key=lambda k: rank.get(k, len(rank)))},
+        target, per_leaf_states)
+
   def from_flax_param_states(self, target, param_states, restored):
     """The in-memory state for ``restored``: a tree shaped like ``flax_param_states``'s output
     (already checked against it and filled with the checkpoint's arrays)."""

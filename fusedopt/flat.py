@@ -339,9 +339,8 @@ class FlatOptimizerDef(OptimizerDef):
 
   # -- checkpoints in flax's per-leaf layout
   def flax_param_states(self, target, param_states):
-    if isinstance(param_states, FlatState):
-      return param_states.per_leaf()
-    return param_states
+    per_leaf = param_states.per_leaf() if isinstance(param_states, FlatState) else param_states
+    return self.fields_in_order(target, per_leaf, self.all_state_fields)
 
   def from_flax_param_states(self, target, param_states, restored):
     if isinstance(param_states, FlatState):
