@@ -143,8 +143,9 @@ class MultiOptimizer(OptimizerDef):
     out = [None] * len(leaves)
     if isinstance(param_states, FusedState):
       if param_states.flat is not None:
+        order = self.sub_optimizers[0].all_state_fields
         for i, st in zip(param_states.union, param_states.flat.per_leaf()):
-          out[i] = st
+          out[i] = {k: st[k] for k in sorted(st, key=order.index)}
       return treedef.unflatten(out)
     for idx, opt, sub in zip(_assign(self.traversals, target), self.sub_optimizers,
                              param_states):
