@@ -495,6 +495,9 @@ _ckpt("ckpt_adafactor", lambda: optim.Adafactor(learning_rate=0.01, beta1=0.9,
 _ckpt("ckpt_multi", lambda: optim.MultiOptimizer(
     (_traversals()[0], optim.Adam(learning_rate=0.01)),
     (_traversals()[1], optim.Momentum(learning_rate=0.1))))
+_ckpt("ckpt_multi_fused_rmsprop", lambda: optim.MultiOptimizer(   # fusedopt fuses these
+    (_traversals()[0], optim.RMSProp(learning_rate=0.01, centered=True)),
+    (_traversals()[1], optim.RMSProp(learning_rate=0.02, beta2=0.8, centered=True))))
 _ckpt("ckpt_weight_norm", lambda: optim.WeightNorm(optim.Adam(learning_rate=0.01)), shapes=WN)
 _ckpt("ckpt_frozendict_lamb", lambda: optim.LAMB(learning_rate=0.01, weight_decay=0.01),
       frozen=True)

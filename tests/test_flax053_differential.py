@@ -158,7 +158,8 @@ TOLERANCES = {
     "ckpt_lars": Tol(state_ulps=LARS_STATE), "ckpt_adabelief": BIAS_CORRECTED,
     "ckpt_adadelta": Tol(state_ulps=ADADELTA_STATE),
     "ckpt_adafactor": Tol(state_ulps=ADAFACTOR_STATE),
-    "ckpt_multi": BIAS_CORRECTED, "ckpt_weight_norm": WEIGHT_NORM_ADAM,
+    "ckpt_multi": BIAS_CORRECTED, "ckpt_multi_fused_rmsprop": Tol(),
+    "ckpt_weight_norm": WEIGHT_NORM_ADAM,
     "ckpt_frozendict_lamb": BIAS_CORRECTED,
 }
 
