@@ -56,7 +56,9 @@ jax-triton call: donate the optimizer at the jit boundary and they are updated w
 
 Interpret mode. ``platform="interpret"`` runs the *same generated source* in Triton's interpreter
 (``TRITON_INTERPRET=1`` must be set before ``triton`` is imported) on host numpy buffers through
-``jax.pure_callback``: slow, for verification on a CPU (tests/test_triton_kernels.py).
+``jax.pure_callback``: slow, for verification on a CPU (tests/test_triton_kernels.py). The
+interpreter's float32 -> bfloat16 conversion truncates; ``_round_bf16_like_the_gpu`` makes it
+round to nearest even like the compiled kernel, so bf16 results can be checked bit for bit.
 
 Generated sources are written to ``$FUSEDOPT_CACHE_DIR/triton`` (default
 ``~/.cache/fusedopt/triton``), named by their hash, and imported from there: Triton reads a
@@ -579,8 +581,35 @@ class _NpTensor:
     return self
 
 
+@functools.lru_cache(maxsize=None)
+def _round_bf16_like_the_gpu():
+  """Makes Triton's interpreter convert float32 -> bfloat16 to nearest even, as the GPU does.
+
+  Triton lowers a float32 -> bfloat16 ``.to`` (default rounding: to nearest even) to ``fp_trunc``,
+  which compiles to ``cvt.rn.bf16.f32``, but the interpreter (3.6-3.9) evaluates it with its
+  bit-level ``_convert_float`` and no rounding mode: it *truncates* (0.0314166 -> 0.03125 where
+  the GPU gives 0.0314941), one ulp off in about half the stores. Here that one conversion is
+  ml_dtypes' round-to-nearest-even (what XLA does too), so interpreted bf16 kernels can be held
+  to the oracle bitwise; any other conversion, and an explicit round-toward-zero, are left as
+  they were."""
+  import ml_dtypes  # pylint: disable=import-outside-toplevel  (a jax dependency)
+  from triton.runtime import interpreter  # pylint: disable=import-outside-toplevel
+  tl = _triton().language
+  original = interpreter._convert_float  # pylint: disable=protected-access
+  rtz = interpreter._ir.ROUNDING_MODE.RTZ  # pylint: disable=protected-access
+
+  def convert(data, src, dst, rounding_mode):
+    if src == tl.float32 and dst == tl.bfloat16 and rounding_mode != rtz:
+      return np.asarray(data, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    return original(data, src, dst, rounding_mode)
+
+  interpreter._convert_float = convert  # pylint: disable=protected-access
+  return True
+
+
 def _launch_numpy(kernel, grid, args, outs_np, consts):
   """Runs an interpreted kernel on host buffers (``args``: numpy arrays or Python scalars)."""
+  _round_bf16_like_the_gpu()
   wrapped = [_NpTensor(a) if isinstance(a, np.ndarray) else a for a in args]
   wrapped += [_NpTensor(o) for o in outs_np]
   # XLA:CPU may run two groups' callbacks at once, and the interpreter is not thread-safe (it
