@@ -37,6 +37,12 @@ def _check_tree(params, grads):
   return p_def
 
 
+def ordered_fields(state, order):
+  """One parameter's state dict with its keys in ``order`` (any others after them)."""
+  rank = {k: i for i, k in enumerate(order)}
+  return {k: state[k] for k in sorted(state, key=lambda k: rank.get(k, len(rank)))}
+
+
 class OptimizerDef:
   """Base class for an optimizer definition: initialization and gradient application logic."""
 
@@ -110,10 +116,8 @@ class OptimizerDef:
     dict's keys in ``order`` (any others after them): flax 0.5.3 wrote a parameter's state in its
     dataclass's field order, and a dict that went through ``jax.jit`` comes back sorted, so a
     checkpoint would change bytes after a step (``rmsprop``'s ``v, mg`` written ``mg, v``)."""
-    rank = {k: i for i, k in enumerate(order)}
-    return jax.tree_util.tree_map(
-        lambda _, st: {k: st[k] for k in sorted(st, key=lambda k: rank.get(k, len(rank)))},
-        target, per_leaf_states)
+    return jax.tree_util.tree_map(lambda _, st: ordered_fields(st, order), target,
+                                  per_leaf_states)
 
   def from_flax_param_states(self, target, param_states, restored):
     """The in-memory state for ``restored``: a tree shaped like ``flax_param_states``'s output

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import elementwise, struct
-from .base import OptimizerDef, OptimizerState, _replace_checked
+from .base import OptimizerDef, OptimizerState, _replace_checked, ordered_fields
 from .flat import FlatOptimizerDef, FlatState
 
 
@@ -145,7 +145,7 @@ class MultiOptimizer(OptimizerDef):
       if param_states.flat is not None:
         order = self.sub_optimizers[0].all_state_fields
         for i, st in zip(param_states.union, param_states.flat.per_leaf()):
-          out[i] = {k: st[k] for k in sorted(st, key=order.index)}
+          out[i] = ordered_fields(st, order)
       return treedef.unflatten(out)
     for idx, opt, sub in zip(_assign(self.traversals, target), self.sub_optimizers,
                              param_states):

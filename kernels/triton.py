@@ -18,8 +18,9 @@ the hand-written driver templates:
   squares of its terms, summed per leaf in XLA (``run.fused_sumsq = "per_leaf"``);
 - ``_PREPASS_LEAVES``: per-program sum of squares and non-finite count of ``grad_scale * g`` read
   from the gradient leaves (the global-norm and finite pre-pass of ``apply_gradient_checked``);
-- ``_UPDATE`` and ``_PREPASS``: the same over one flat buffer (``flat_update``: params that live
-  flat, the kernel benchmark).
+- ``_UPDATE``: the update over one flat buffer (``flat_update``, a low-level API with
+  ``fusedopt.kernels.pallas.flat_update``'s contract; the optimizers' steps use the leaf-direct
+  kernel, a sharded one included: each device's slice is a one-leaf group of its local layout).
 
 Layout of a program. The flat state of ``fusedopt.layout`` holds whole 1024-element units, and
 every segment (tensor) starts on a unit. A program handles a ``(R, C)`` tile of ``R * C = BLOCK``
@@ -308,19 +309,6 @@ def {name}({params}, R: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
 {stores}
 '''
 
-_PREPASS = '''
-@triton.jit
-def fusedopt_grad_prepass(S, G, N_ROWS, SUMSQ, BAD, R: tl.constexpr, C: tl.constexpr):
-    # per row: sum((scale * g)^2) and the number of non-finite scale * g (NaN compares false)
-    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
-    rmask = rows < N_ROWS
-    offs = rows[:, None] * C + tl.arange(0, C)[None, :]
-    x = tl.load(G + offs, mask=offs < N_ROWS.to(tl.int64) * C, other=0.0).to(tl.float32) * tl.load(S)
-    tl.store(SUMSQ + rows, tl.sum(x * x, axis=1), mask=rmask)
-    bad = tl.where(tl.abs(x) < float("inf"), 0.0, 1.0)
-    tl.store(BAD + rows, tl.sum(bad, axis=1), mask=rmask)
-'''
-
 # The pre-pass over gradient leaves (tables as in _UPDATE_LEAVES): one partial sum and one
 # non-finite count per program.
 _PREPASS_LEAVES = '''
@@ -478,14 +466,6 @@ def update_kernel(spec: KernelSpec):
   """(the ``@triton.jit`` kernel, input names, output names) for ``spec``."""
   src, ins, outs = generate(spec)
   return _load(src, spec.name, interpreting()), ins, outs
-
-
-def prepass_source() -> str:
-  return _HEADER.format(what="gradient pre-pass") + _PREPASS
-
-
-def prepass_kernel():
-  return _load(prepass_source(), "fusedopt_grad_prepass", interpreting())
 
 
 def prepass_leaves_source(k: int) -> str:
@@ -710,24 +690,6 @@ def pl_cdiv(a, b):
   return -(-a // b)
 
 
-def grad_prepass_flat(g, scale, *, platform=None, tuning=None):
-  """Per-row (sum of (scale*g)^2, non-finite count) of one flat gradient buffer: two float32
-  [rows] vectors, rows = n / min(block, 1024)."""
-  plat = _platform(platform)
-  n = g.shape[0]
-  if n % ALIGN:
-    raise ValueError(f"flat buffers must hold a multiple of {ALIGN} elements, got {n}")
-  tuning = tuning or TUNING[(plat, min(np.dtype(g.dtype).itemsize, 4))]
-  r, c = _tile(n // min(tuning.block, ALIGN), tuning)
-  n_rows = n // c
-  s_vec = jnp.reshape(jnp.asarray(scale, F32), (1,))
-  out_shapes = [jax.ShapeDtypeStruct((n_rows,), F32)] * 2
-  sumsq, bad = _call(prepass_kernel(), [s_vec, g], out_shapes, {}, [n_rows],
-                     (pl_cdiv(n_rows, r),), {"R": r, "C": c}, tuning, plat,
-                     "fusedopt_grad_prepass")
-  return sumsq, bad
-
-
 def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
   """HBM traffic of one ``flat_update`` per parameter: the buffers the generated kernel loads
   (inputs the rule never reads are skipped) plus those it stores."""
@@ -822,10 +784,8 @@ def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None):
   return out
 
 
-def _group_grads(rule, layout, gi, g_leaves):
+def _group_grads(layout, gi, g_leaves):
   """The group's gradient leaves, each flattened and (where no kernel reads its dtype) float32."""
-  if not rule.reads_grad:
-    return None
   out = []
   for i in layout.groups[gi].segments:
     g = jnp.reshape(g_leaves[i], (-1,))
@@ -848,7 +808,7 @@ def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=N
   n_sums = elementwise.num_sumsq_terms(rule) if rule.sumsq is not None else 0
   new_p = [p_leaves[i] for i in group.segments]
   sums = [jnp.zeros((len(group.segments),), F32) for _ in range(n_sums)]
-  grads = _group_grads(rule, layout, gi, g_leaves)
+  grads = _group_grads(layout, gi, g_leaves) if rule.reads_grad else None
   tuning = tuning or default_tuning(rule, group.dtype, plat)
   leaf_dtypes = [(group.dtype,) + ((grads[j].dtype,) if grads else ())
                  for j in range(len(group.segments))]
@@ -914,8 +874,7 @@ def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *
   for gi, group in enumerate(layout.groups):
     if group.size == 0:
       continue
-    grads = [jnp.reshape(g_leaves[i], (-1,)) for i in group.segments]
-    grads = [g if supports(g.dtype) else g.astype(F32) for g in grads]
+    grads = _group_grads(layout, gi, g_leaves)
     tuning = TUNING[(plat, min(g.dtype.itemsize for g in grads))]
     for launch in plan_launches(layout, gi, tuning, [(g.dtype,) for g in grads]):
       kernel = prepass_kernel_leaves(len(launch.positions))
@@ -936,7 +895,7 @@ def gradient_prepass_interpret(layout, g_leaves, grad_scale=None, clip_global_no
   return gradient_prepass(layout, g_leaves, grad_scale, clip_global_norm, platform="interpret")
 
 
-__all__ = ["flat_update", "grad_prepass_flat", "gradient_prepass", "targeting", "run",
+__all__ = ["flat_update", "gradient_prepass", "targeting", "run",
            "run_interpret", "available", "supports", "interpreting", "TUNING", "Tuning",
            "KernelSpec", "generate", "update_kernel", "bytes_per_element", "ALIGN",
            "default_tuning",

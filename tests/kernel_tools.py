@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 
 import jax
+import pytest
 
 
 def lower_cuda(f, *args, donate_argnums=()):
@@ -99,3 +100,15 @@ dnn_version_info { major: 9 minor: 8 }
 runtime_version { major: 12 minor: 9 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
+
+
+def h100_replicated():
+  """A replicated ``NamedSharding`` on one H100 of XLA:GPU's compile-only topology, for
+  ahead-of-time compiles of whole steps (skips the calling test where there is none)."""
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    topo = topologies.get_topology_desc(platform="cuda", target_config=H100, topology="1x1x1")
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"no CUDA compile-only topology here: {e}")
+  mesh = topologies.make_mesh(topo, (1,), ("x",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -92,14 +92,15 @@ def make_grads(params, seed=11):
                              for p, m in zip(leaves, mags)]) for _ in range(N_STEPS)]
 
 
-def assert_close(actual, expected, what):
+def assert_close(actual, expected, what, rtol=RTOL, atol_rel=ATOL_REL):
+  """Leaf by leaf within ``rtol``, plus ``atol_rel`` of the leaf's largest magnitude (>= 1)."""
   a_leaves, a_def = jax.tree_util.tree_flatten(actual)
   e_leaves, e_def = jax.tree_util.tree_flatten(expected)
   assert a_def == e_def, what
   for i, (a, e) in enumerate(zip(a_leaves, e_leaves)):
     e = np.asarray(e, np.float64)
     scale = max(1.0, float(np.max(np.abs(e)))) if e.size else 1.0
-    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=RTOL, atol=ATOL_REL * scale,
+    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol_rel * scale,
                                err_msg=f'{what} leaf {i} shape {e.shape}')
 
 

@@ -28,7 +28,7 @@ from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
 from fusedopt.sgd import SGD_RULE
 
-from kernel_tools import (H100, compile_ttir, lower_cuda, lower_tpu, ptxas_stats,
+from kernel_tools import (compile_ttir, h100_replicated, lower_cuda, lower_tpu, ptxas_stats,
                           ttir_texts)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -155,13 +155,7 @@ def test_t5_tpu_mosaic_compiles(tpu_mesh, rule):
 def test_t5_full_step_compiles_for_h100(name):
   """The whole jitted optimizer step (pack, kernels, norms, unpack) through XLA:GPU for an H100
   compile-only topology, optimizer donated."""
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  try:
-    topo = topologies.get_topology_desc(platform="cuda", target_config=H100, topology="1x1x1")
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f"no CUDA compile-only topology here: {e}")
-  mesh = topologies.make_mesh(topo, (1,), ("x",))
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rep = h100_replicated()
   tree = {"a": jnp.zeros((300, 70)), "b": jnp.zeros((5000,)), "c": jnp.zeros((3,))}
   opt = optim.__dict__[name](learning_rate=0.1, backend="pallas").create(tree)
   # Build the step's arguments as shape structs on the H100 topology.
@@ -273,13 +267,7 @@ def test_t5_stochastic_rounding_tpu_mosaic_compiles(tpu_mesh, rule):
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="jax-cuda12-plugin not installed")
 def test_t5_stochastic_rounding_full_step_compiles_for_h100():
   """Adam with stochastic_rounding on a bf16 tree: the whole step through XLA:GPU for an H100."""
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  try:
-    topo = topologies.get_topology_desc(platform="cuda", target_config=H100, topology="1x1x1")
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f"no CUDA compile-only topology here: {e}")
-  mesh = topologies.make_mesh(topo, (1,), ("x",))
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rep = h100_replicated()
   tree = {"a": jnp.zeros((300, 70), jnp.bfloat16), "b": jnp.zeros((5000,), jnp.bfloat16)}
   opt = optim.Adam(learning_rate=0.1, backend="pallas", stochastic_rounding=True).create(tree)
   to_sds = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=rep)  # noqa

@@ -33,7 +33,7 @@ from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
 from fusedopt.sgd import SGD_RULE
 
-from kernel_tools import H100
+from kernel_tools import h100_replicated
 import triton_cases
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -193,14 +193,6 @@ def test_t2_compiles_without_spills(rule, dtype, arch):
     assert "shr.u32" in ptx and k.metadata.num_warps == 16
 
 
-@needs_triton
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_t2_prepass_compiles_without_spills(dtype, arch):
-  from triton_tools import compile_prepass  # pylint: disable=import-outside-toplevel
-  _check_compiled(compile_prepass(dtype, arch), arch, dtype)
-
-
 LEAF_RULES = [ADAM_RULE, with_master(ADAM_RULE), momentum_rule(True), MOMENTS_RULE, APPLY_RULE,
               per_segment(lars_rule(True)), guarded(ADAM_RULE), SR_RULE]
 
@@ -247,12 +239,13 @@ def test_t2_leaf_direct_kernels_compile(rule, dtype, arch):
 
 
 @needs_triton
+@pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_t2_leaf_direct_prepass_compiles(dtype):
+def test_t2_leaf_direct_prepass_compiles(dtype, arch):
   from triton_tools import compile_prepass_leaves  # pylint: disable=import-outside-toplevel
   vec = 16 // np.dtype(dtype).itemsize
-  c = compile_prepass_leaves(kt.LEAVES_PER_LAUNCH, dtype, vec, 90)
-  _check_compiled(c, 90, dtype)
+  c = compile_prepass_leaves(kt.LEAVES_PER_LAUNCH, dtype, vec, arch)
+  _check_compiled(c, arch, dtype)
   assert not re.search(r"^\s*(@%p\d+ )?bra", c.asm["ptx"], re.M)
 
 
@@ -345,9 +338,13 @@ def test_launch_tables_past_2_to_31_elements():
     assert max(s.offset for s in segs) >= 1 << 31 or max(s.size for s in segs) > 1 << 31
 
 
-def _no_int32_products(ttir):
-  """No scalar int32 multiply in a kernel's Triton IR: every size or offset product is int64."""
-  return not re.search(r"arith\.muli [^\n]*: i32\b", ttir)
+def _assert_64_bit_addressing(ttir):
+  """Every float32 pointer offset in a kernel's Triton IR is int64, and no scalar int32 multiply
+  is left (a size or offset product that would wrap past 2^31 elements)."""
+  assert not re.search(r"arith\.muli [^\n]*: i32\b", ttir), re.findall(r"arith\.muli [^\n]*", ttir)
+  offs = re.findall(r"tt\.addptr %\w+, %\w+ : tensor<\d+x\d+x!tt\.ptr<f32>>, "
+                    r"tensor<\d+x\d+x(i\d+)>", ttir)
+  assert offs and set(offs) == {"i64"}, offs
 
 
 @needs_jax_triton
@@ -409,10 +406,7 @@ def test_t3_buffers_past_2_to_31_elements():
                   donate_argnums=(0, 2, 3)).trace(*sds).lower(lowering_platforms=("cuda",))
   [(aliases, ttir)] = triton_calls(low)
   assert aliases == 3
-  assert _no_int32_products(ttir), re.findall(r"arith\.muli [^\n]*", ttir)
-  offs = re.findall(r"tt\.addptr %\w+, %\w+ : tensor<\d+x\d+x!tt\.ptr<f32>>, "
-                    r"tensor<\d+x\d+x(i\d+)>", ttir)
-  assert offs and set(offs) == {"i64"}, offs
+  _assert_64_bit_addressing(ttir)
 
 
 @needs_jax_triton
@@ -429,10 +423,7 @@ def test_t3_leaf_direct_past_2_to_31_elements():
   calls = triton_calls(low)
   assert len(calls) == 2   # "big" (size % 4 = 1: VEC 1) and "small" (VEC 4)
   for _, ttir in calls:
-    assert _no_int32_products(ttir), re.findall(r"arith\.muli [^\n]*", ttir)
-    offs = re.findall(r"tt\.addptr %\w+, %\w+ : tensor<\d+x\d+x!tt\.ptr<f32>>, "
-                      r"tensor<\d+x\d+x(i\d+)>", ttir)
-    assert offs and set(offs) == {"i64"}, offs
+    _assert_64_bit_addressing(ttir)
 
 
 @needs_jax_triton
@@ -458,13 +449,7 @@ def test_t3_full_step_compiles_for_h100(name):
   """The whole jitted step (Triton kernels, norms) through XLA:GPU for an H100 compile-only
   topology, optimizer donated: in place, and no temporary buffer the size of the params (the
   leaf-direct kernels pack nothing; the jnp backend's step needs a packed copy)."""
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  try:
-    topo = topologies.get_topology_desc(platform="cuda", target_config=H100, topology="1x1x1")
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f"no CUDA compile-only topology here: {e}")
-  mesh = topologies.make_mesh(topo, (1,), ("x",))
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rep = h100_replicated()
   tree = {"a": jax.ShapeDtypeStruct((1024, 1024), jnp.float32),
           "b": jax.ShapeDtypeStruct((1000,), jnp.float32),
           "c": jax.ShapeDtypeStruct((2048, 513), jnp.bfloat16),

@@ -10,6 +10,7 @@ Tolerance: rtol 1e-6 and atol 1e-6 * max(1, max|leaf|) -- a few float32 ulps of 
 entry: the fused rules round in another order than optax's chains (e.g. ``p - lr*x - lr*wd*p``
 vs ``p + (-lr)*(x + wd*p)``; native kernels contract to FMA).
 """
+import functools
 import os
 import re
 import subprocess
@@ -25,6 +26,7 @@ optax = pytest.importorskip("optax")
 
 from fusedopt import tx  # noqa: E402
 import fusedopt  # noqa: E402
+import test_optax_agreement  # noqa: E402
 
 N_STEPS = 10
 B1, B2 = 0.875, 1.0 - 2.0 ** -10      # exactly representable: optax's 1 - b**t is then accurate
@@ -65,15 +67,8 @@ def run(t, params, grads, with_params=True):
   return params, state
 
 
-def assert_close(actual, expected, what, rtol=1e-6, atol_rel=1e-6):
-  a_leaves, a_def = jax.tree_util.tree_flatten(actual)
-  e_leaves, e_def = jax.tree_util.tree_flatten(expected)
-  assert a_def == e_def, what
-  for i, (a, e) in enumerate(zip(a_leaves, e_leaves)):
-    e = np.asarray(e, np.float64)
-    scale = max(1.0, float(np.max(np.abs(e)))) if e.size else 1.0
-    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol_rel * scale,
-                               err_msg=f"{what} leaf {i} shape {e.shape}")
+# fusedopt.tx against optax: tighter than the flax-API comparison's default
+assert_close = functools.partial(test_optax_agreement.assert_close, rtol=1e-6, atol_rel=1e-6)
 
 
 ALL_TRUE_BUT_BIG = {"dense": True, "big": False, "misc": True}

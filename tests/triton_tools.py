@@ -54,13 +54,6 @@ def compile_spec(spec, arch, tuning=None, rows=64, n_rows_type="i32"):
                   {"R": r, "C": c, "ROWS_PER_UNIT": kt.ALIGN // c}, arch, tuning)
 
 
-def compile_prepass(dtype, arch, tuning=None):
-  tuning = tuning or kt.TUNING[("gpu", 4 if dtype == "float32" else 2)]
-  r, c = kt._tile(64, tuning)  # pylint: disable=protected-access
-  sig = {"S": "*fp32", "G": f"*{_TY[dtype]}", "N_ROWS": "i32", "SUMSQ": "*fp32", "BAD": "*fp32"}
-  return _compile(kt.prepass_kernel(), sig, {"R": r, "C": c}, arch, tuning)
-
-
 def signature_leaves(spec):
   """The argument types jax-triton gives a leaf-direct kernel (``spec.leaves`` > 0)."""
   _, ins, outs = kt.generate(spec)
