@@ -16,7 +16,8 @@
 # pip configuration, harmless) are filtered out; pip's exit status still counts (pipefail).
 #
 # Variables: PYTHON (interpreter that creates the venv, default python3), TESTS (what pytest
-# runs, default tests), PYTEST_ARGS (extra pytest arguments), DEMO_ARGS, BENCH_ARGS.
+# runs, default tests), PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (default auto: one
+# per core; 0 runs in one process), DEMO_ARGS, BENCH_ARGS.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -29,6 +30,9 @@ PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
 
 TESTS ?= tests
 PYTEST_ARGS ?=
+# pytest-xdist workers (one per core); each test file stays on one worker (--dist loadfile), so a
+# file's module-scoped set-up (the Triton interpreter run, the flax 0.5.3 venv) runs once
+PYTEST_WORKERS ?= auto
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
@@ -51,7 +55,7 @@ $(VENV)/.installed-%-$(KEY): | $(PY)
 	touch $@
 
 test: $(call stamp,test)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(TESTS) $(PYTEST_ARGS)
 
 demo: $(call stamp,demo)
 	JAX_PLATFORMS=cpu $(PY) examples/digits_mlp.py $(DEMO_ARGS)

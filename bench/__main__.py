@@ -250,8 +250,8 @@ def check(name, ref_name, snaps, p0, optim=None):
   ``{"ok": True, "compared": False, "note": why}``; it is timed.
 
   Values stored in bf16 are allowed one bf16 ulp (``measure.compare``). Two variants need more,
-  because fusedopt's backends agree to the last float32 bit only mostly (the native kernels are
-  compiled with FMA contraction; on GPT-2 124M native and jnp Adam differ by up to 1.5e-8):
+  because fusedopt's backends agree to the last float32 bit only mostly (XLA contracts FMAs, the
+  native kernels round every operation: on GPT-2 124M native and jnp Adam differ by ~1e-8):
   - bf16 state (``state_dtype``): a last-bit difference can round a moment to the neighbouring
     bf16 value (2^-8..2^-7 relative), which changes that element's later updates by about as
     much: each param element may differ by BF16_STATE_UPDATE_EPS of its own change (2^-6).

@@ -7,7 +7,7 @@ Both runs start from the same weights and see the same batches in the same order
 learning rate, the same update as ``optax.adamw(lr, weight_decay=wd)``, so the two loss curves
 must agree. What separates them is float32 rounding (fusedopt's fused kernel rounds differently
 from XLA's fusion of optax's step) and fusedopt's more accurate bias correction (optax computes
-1 - beta**t from the rounded beta: about 1e-6 relative per update, see README). Those start at
+1 - beta**t from the rounded beta: about 1e-6 relative per update, see docs/differences.md). Those start at
 ~1e-6 in the loss and grow as training amplifies them (to ~1e-3 by epoch 15 on CPU). The script
 checks the first epoch's mean training loss within ``--tolerance-first`` (relative, default
 1e-4) of optax's and every epoch's within ``--tolerance`` (default 1e-2), and exits non-zero

@@ -8,9 +8,9 @@ Reference: Zhuang et al., https://arxiv.org/abs/2010.07468.
 from typing import Any
 
 from . import struct
-from .adam import moment_scalars, validate_moments
+from .adam import MOMENT_NAMES, moment_scalars, validate_moments
 from .elementwise import Rule
-from .flat import FlatOptimizerDef, f32
+from .flat import FlatOptimizerDef, check_kinds, f32
 
 
 @struct.dataclass
@@ -48,6 +48,7 @@ class AdaBelief(FlatOptimizerDef):
                      state_dtype=state_dtype,
                      stochastic_rounding=stochastic_rounding,
                      rounding_seed=rounding_seed)
+    check_kinds(self.hyper_params, *MOMENT_NAMES)
 
   def validate(self, hp):
     validate_moments(hp)

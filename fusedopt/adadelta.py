@@ -9,7 +9,7 @@ from typing import Any
 
 from . import struct
 from .elementwise import Rule
-from .flat import FlatOptimizerDef, check_beta, check_range, f32
+from .flat import FlatOptimizerDef, check_beta, check_kinds, check_range, f32
 
 
 @struct.dataclass
@@ -45,6 +45,7 @@ class Adadelta(FlatOptimizerDef):
                      state_dtype=state_dtype,
                      stochastic_rounding=stochastic_rounding,
                      rounding_seed=rounding_seed)
+    check_kinds(self.hyper_params, "learning_rate", "rho", "eps", "weight_decay")
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import struct
 from .base import OptimizerDef
-from .flat import BACKENDS, check_range
+from .flat import BACKENDS, check_kinds, check_range
 
 F32 = jnp.float32
 
@@ -35,6 +35,11 @@ class _AdafactorHyperParams:
 
 # A parameter's state fields, in flax 0.5.3's order (its _AdafactorParamState dataclass).
 _FIELDS = ("v_row", "v_col", "v", "m")
+# The numeric hyper-parameters (real scalars, finite: checked at construction) and those that
+# may be None (an optional feature that is off; the learning rate may come per step).
+_NUMERIC = ("learning_rate", "beta1", "decay_rate", "step_offset", "clipping_threshold",
+            "weight_decay_rate", "min_dim_size_to_factor", "epsilon1", "epsilon2")
+_OPTIONAL = ("learning_rate", "beta1", "clipping_threshold", "weight_decay_rate")
 
 
 class Adafactor(OptimizerDef):
@@ -49,6 +54,8 @@ class Adafactor(OptimizerDef):
     super().__init__(_AdafactorHyperParams(
         learning_rate, factored, multiply_by_parameter_scale, beta1, decay_rate, step_offset,
         clipping_threshold, weight_decay_rate, min_dim_size_to_factor, epsilon1, epsilon2))
+    check_kinds(self.hyper_params, *_NUMERIC, optional=_OPTIONAL,
+                allow_inf=("clipping_threshold",))
     self.dtype_momentum = jax.dtypes.canonicalize_dtype(dtype_momentum)
     self.backend = backend
 
@@ -81,7 +88,14 @@ class Adafactor(OptimizerDef):
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)
     check_range(hp, "beta1", 0.0, 1.0, hi_open=True, allow_none=True)
-    check_range(hp, "clipping_threshold", 0.0, lo_open=True, allow_none=True)
+    # decay = 1 - t**-decay_rate: a negative rate gives a negative decay (a second moment that
+    # changes sign); 0 keeps no history
+    check_range(hp, "decay_rate", 0.0)
+    check_range(hp, "step_offset")
+    # inf: rms(y) / inf = 0, i.e. no clipping (as None)
+    check_range(hp, "clipping_threshold", 0.0, lo_open=True, allow_none=True, allow_inf=True)
+    check_range(hp, "weight_decay_rate", allow_none=True)
+    check_range(hp, "min_dim_size_to_factor", 0.0)
     check_range(hp, "epsilon1", 0.0)
     check_range(hp, "epsilon2", 0.0)
 

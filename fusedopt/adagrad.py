@@ -6,7 +6,7 @@ from typing import Any
 
 from . import struct
 from .elementwise import Rule
-from .flat import FlatOptimizerDef, check_range, f32
+from .flat import FlatOptimizerDef, check_kinds, check_range, f32
 
 
 @struct.dataclass
@@ -35,6 +35,7 @@ class Adagrad(FlatOptimizerDef):
                      state_dtype=state_dtype,
                      stochastic_rounding=stochastic_rounding,
                      rounding_seed=rounding_seed)
+    check_kinds(self.hyper_params, "learning_rate", "eps")
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

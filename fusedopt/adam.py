@@ -9,7 +9,8 @@ from typing import Any
 
 from . import struct
 from .elementwise import Rule
-from .flat import FlatOptimizerDef, bias_correction, check_beta, check_range, f32
+from .flat import (FlatOptimizerDef, bias_correction, check_beta, check_kinds, check_range,
+                   f32)
 
 
 @struct.dataclass
@@ -40,6 +41,10 @@ def moment_scalars(hp, step):
           "eps": f32(hp.eps)}
 
 
+# the Adam family's numeric hyper-parameters (each a real scalar, finite, at construction)
+MOMENT_NAMES = ("learning_rate", "beta1", "beta2", "eps", "weight_decay")
+
+
 def validate_moments(hp):
   check_range(hp, "learning_rate", 0.0)
   check_beta(hp, "beta1")
@@ -60,6 +65,7 @@ class Adam(FlatOptimizerDef):
                      state_dtype=state_dtype,
                      stochastic_rounding=stochastic_rounding,
                      rounding_seed=rounding_seed)
+    check_kinds(self.hyper_params, *MOMENT_NAMES)
 
   def validate(self, hp):
     validate_moments(hp)

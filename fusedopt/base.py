@@ -6,6 +6,7 @@ the tree. A user's own subclass that implements only those two methods runs exac
 path. The built-in optimizers (``fusedopt.flat.FlatOptimizerDef``) override ``init_state`` and
 ``apply_gradient`` to keep their state in flat buffers and run fused updates.
 """
+import dataclasses
 import functools
 import warnings
 from typing import Any, Optional
@@ -14,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import struct
+from . import exact_float, struct
+from .exact_float import ExactFloat
 
 
 class HyperParamError(ValueError):
@@ -60,6 +62,7 @@ class OptimizerDef:
   def apply_gradient(self, hyper_params, params, state, grads):
     """Applies ``grads`` to ``params`` leaf by leaf; returns ``(new_params, new_state)``."""
     step = state.step
+    hyper_params = exact_float.plain(hyper_params)   # the per-leaf rules see float32 arrays
     treedef = _check_tree(params, grads)
     params_flat = treedef.flatten_up_to(params)
     states_flat = treedef.flatten_up_to(state.param_states)
@@ -86,9 +89,22 @@ class OptimizerDef:
   def update_hyper_params(self, **hyper_param_overrides):
     """The hyper-parameters for one step: defaults with ``hyper_param_overrides`` applied.
 
-    ``hyper_params=...`` replaces all of them. An unknown name raises TypeError.
+    ``hyper_params=...`` replaces all of them: it must be of the kind ``self.hyper_params`` is
+    (TypeError otherwise). An unknown name raises TypeError. Values are checked by the
+    optimizer's ``validate`` when the step runs, before anything changes.
     """
     hp = hyper_param_overrides.pop("hyper_params", self.hyper_params)
+    want = getattr(self.hyper_params, "__dataclass_fields__", None)
+    if hp is not self.hyper_params and want is not None:
+      # a dataclass with the same fields (a user's optimizer whose hyper-parameters are not a
+      # dataclass is not checked: flax accepted anything there)
+      got = getattr(hp, "__dataclass_fields__", None)
+      if got is None or list(got) != list(want) or not hasattr(hp, "replace"):
+        raise TypeError(
+            f"hyper_params={hp!r} is not this optimizer's hyper-parameters: expected a "
+            f"{type(self.hyper_params).__name__} with fields {list(want)} (e.g. "
+            f"opt_def.hyper_params.replace(...)); to change single values pass them as "
+            f"keywords, e.g. apply_gradient(grads, {next(iter(want), 'name')}=...)")
     if hyper_param_overrides:
       hp = _replace_checked(hp, hyper_param_overrides)
     return hp
@@ -125,6 +141,13 @@ class OptimizerDef:
     del target, param_states
     return restored
 
+  def state_for_target(self, target, state):
+    """The state to keep when the target is replaced by ``target`` (``Optimizer.replace``).
+    Unchanged here; optimizers whose state holds a copy of the params (master weights) copy
+    ``target`` into it, so that loading, editing or clamping the params is never undone."""
+    del target
+    return state
+
   def state_dict(self, target, state):
     from . import serialization  # pylint: disable=import-outside-toplevel
     return serialization.optimizer_state_dict(self, target, state)
@@ -135,6 +158,9 @@ class OptimizerDef:
 
 
 def _replace_checked(hp, overrides):
+  if not hasattr(hp, "replace"):
+    raise TypeError(f"cannot override {sorted(overrides)}: this optimizer's hyper-parameters "
+                    f"({type(hp).__name__}) have no replace(); pass hyper_params= instead")
   try:
     return hp.replace(**overrides)
   except TypeError as e:
@@ -149,17 +175,20 @@ def _tracing(tree) -> bool:
 
 
 def _is_static(x) -> bool:
-  # Exactly what a user's own jit sees: Python scalars (and None) are compile-time constants --
-  # flags and sizes shape the computation, and float constants like beta2=0.999 keep their
-  # float64 accuracy in bias corrections -- while arrays are runtime values (a schedule passed
-  # as an array never recompiles).
-  return x is None or isinstance(x, (bool, int, float, str, np.bool_, np.integer))
+  # Flags, sizes and names (None, bools, ints, strings) shape the computation: compile-time
+  # constants. Floats and arrays are runtime values: a new learning rate never recompiles.
+  return x is None or isinstance(x, (bool, int, str, np.bool_, np.integer))
+
+
+def _runtime_value(x):
+  # A Python float keeps its float64 accuracy where it matters (1 - beta, bias corrections)
+  return ExactFloat.of(x) if isinstance(x, float) else x
 
 
 def _compiled_step(opt, grads, hyper_params):
   leaves, treedef = jax.tree_util.tree_flatten(hyper_params, is_leaf=lambda x: x is None)
   static = tuple((True, x) if _is_static(x) else (False, None) for x in leaves)
-  dynamic = [x for x in leaves if not _is_static(x)]
+  dynamic = [_runtime_value(x) for x in leaves if not _is_static(x)]
   return _jitted_step(treedef, static, opt, grads, dynamic)
 
 
@@ -193,6 +222,16 @@ class Optimizer(struct.PyTreeNode):
   optimizer_def: OptimizerDef = struct.field(pytree_node=False)
   state: Any = struct.field(pytree_node=True)
   target: Any = struct.field(pytree_node=True)
+
+  def replace(self, **updates):
+    """A copy with some fields replaced. ``replace(target=new_params)`` without a ``state``
+    also brings the state in line with the new target: with ``master_weights=True`` the float32
+    master copy becomes ``new_params`` (so loading pretrained weights or clamping the params
+    takes effect; the next step starts from them). Pass ``state=`` too to keep a state as is
+    (e.g. both restored from one checkpoint)."""
+    if "target" in updates and "state" not in updates:
+      updates["state"] = self.optimizer_def.state_for_target(updates["target"], self.state)
+    return dataclasses.replace(self, **updates)
 
   def apply_gradient(self, grads, **hyper_param_overrides):
     """Applies a pytree of gradients to the target; returns a new Optimizer.

@@ -1,6 +1,6 @@
 """Demo: train a small MLP on scikit-learn's digits with ``fusedopt.Adam``, then time it.
 
-Run with ``python -m fusedopt.demo`` (``make demo`` does it on CPU). The model is plain
+Run with ``python -m fusedopt.demo`` (``make demo`` runs the fuller examples/digits_mlp.py). The model is plain
 ``jax.numpy`` (no flax); the optimizer is used through the legacy ``flax.optim`` API::
 
   opt = fusedopt.Adam(learning_rate=1e-3).create(params)

@@ -1,16 +1,30 @@
 """Dynamic loss scaling for mixed-precision gradients (flax 0.5.3's ``flax.optim.DynamicScale``)."""
 import functools
+import numbers
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import struct
+from .base import HyperParamError
+from .flat import HyperParamTypeError
 
 __all__ = ["DynamicScale", "DynamicScaleResult"]
 
 Array = Any
+
+
+def _check_real(name, x, lo, valid, lo_open=False, hi=None, allow_inf=False):
+  """A static DynamicScale setting: a real Python/NumPy number in its range (``valid``)."""
+  if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+    raise HyperParamTypeError(f"DynamicScale {name}={x!r} must be a real number in {valid}")
+  v = float(x)
+  if (np.isnan(v) or (np.isinf(v) and not allow_inf) or (v <= lo if lo_open else v < lo)
+      or (hi is not None and v > hi)):
+    raise HyperParamError(f"DynamicScale {name}={v} is outside its valid range {valid}")
 
 
 class DynamicScaleResult(NamedTuple):
@@ -78,6 +92,33 @@ class DynamicScale(struct.PyTreeNode):
   fin_steps: Array = 0
   scale: Array = 65536.0
   max_scale: Optional[float] = struct.field(pytree_node=False, default=None)
+
+  def __post_init__(self):
+    """Checks the settings (every construction, including pytree unflattening: cheap) and a
+    ``scale`` given as a Python or NumPy number (a jax array -- the scale a step computed, which
+    may legitimately reach 0 or inf as in 0.5.3 -- or a tracer is not inspected)."""
+    _check_real("growth_factor", self.growth_factor, lo=1.0, valid="[1, inf)")
+    _check_real("backoff_factor", self.backoff_factor, lo=0.0, lo_open=True, hi=1.0,
+                valid="(0, 1]")
+    gi = self.growth_interval
+    if isinstance(gi, (bool, np.bool_)) or not isinstance(gi, (numbers.Integral, np.integer)):
+      raise HyperParamTypeError(f"DynamicScale growth_interval={gi!r} must be an int >= 0")
+    if gi < 0:
+      raise HyperParamError(f"DynamicScale growth_interval={gi} must be >= 0")
+    if self.max_scale is not None:
+      _check_real("max_scale", self.max_scale, lo=0.0, lo_open=True, allow_inf=True,
+                  valid="(0, inf] or None")
+    scale = self.scale
+    if isinstance(scale, (str, bytes, bool, np.bool_)):
+      raise HyperParamTypeError(f"DynamicScale scale={scale!r} must be a real number")
+    if isinstance(scale, (numbers.Number, np.ndarray, np.generic)):   # a host value
+      a = np.asarray(scale)
+      if not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)):
+        raise HyperParamTypeError(f"DynamicScale scale={scale!r} must be a real number")
+      a = a.astype(np.float64)
+      if not np.all(np.isfinite(a) & (a > 0)):
+        raise HyperParamError(f"DynamicScale scale={scale!r} must be positive and finite "
+                              "(valid range (0, inf))")
 
   def value_and_grad(self, fun: Callable[..., Any],
                      argnums: Union[int, Sequence[int]] = 0,

@@ -180,12 +180,16 @@ def with_stochastic_rounding(rule: Rule) -> Rule:
   of values the kernel already holds -- the old param, the gradient (when the rule reads it), the
   old state, and the per-step seed (``rounding_seed_scalars``)::
 
-      h = fmix32(bits(p) ^ seed);  h = (h ^ bits(v)) * 0x9E3779B1, h ^= h >> 15  for v in g, state
+      h = fmix32(bits(p) ^ seed);  h = (h ^ w) * 0x9E3779B1, h ^= h >> 15
+          for w in bits(g), bits(state) & 0xFFFF0000, ...
       u = fmix32(h) >> 16
 
   For fixed data ``u`` is a bijection of the seed, so over seeds it is exactly uniform; every
   backend (jnp, Pallas, native C++, the per-leaf path) computes the same bits from the same
-  inputs, and replicas of data-parallel training stay bitwise in sync without RNG state. Elements
+  inputs, and replicas of data-parallel training stay bitwise in sync without RNG state. The
+  state enters without its low 16 bits, so backends whose state differs in the last bits (FMA
+  contraction) still draw the same ``u``; their roundings differ only where the float32 value
+  itself straddles ``u`` (about 2^-16 of such elements). Elements
   with bitwise-identical inputs in one step round the same way (correlated within that step, still
   unbiased). Only a rule that writes params changes; the scalars ``sr_hi``, ``sr_lo`` are added.
   """
@@ -197,8 +201,13 @@ def with_stochastic_rounding(rule: Rule) -> Rule:
     new_p, new_state = fn(xp, s, q, p, g, *state)
     seed = (xp.u32(s.sr_hi) << 16) | xp.u32(s.sr_lo)
     h = fmix32(xp.bits(p) ^ seed)
-    for v in ((g,) if rule.reads_grad else ()) + tuple(state):
-      h = (h ^ xp.bits(v)) * _U32(0x9E3779B1)
+    # the state's low 16 bits are left out: they are where backends that contract multiply-adds
+    # differently (XLA vs the IEEE native kernels) differ, and hashing them would make every such
+    # element round independently on the two backends from then on
+    words = (((xp.bits(g),) if rule.reads_grad else ())
+             + tuple(xp.bits(v) & _U32(0xFFFF0000) for v in state))
+    for w in words:
+      h = (h ^ w) * _U32(0x9E3779B1)
       h = h ^ (h >> 15)
     u = fmix32(h) >> 16
     x = xp.bits(new_p)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import elementwise, struct
+from . import elementwise, norms, struct
+from .exact_float import ExactFloat
 from .base import HyperParamError, OptimizerDef, OptimizerState
 from .layout import FlatLayout
 
@@ -74,6 +75,14 @@ def _executor(backend, layout, gi, rule):
   dtype = layout.groups[gi].dtype
   if backend == "jnp":
     return elementwise.run_jnp
+  if backend in ("pallas", "pallas_interpret", "triton", "triton_interpret"):
+    unit = _pallas().ALIGN if backend.startswith("pallas") else _triton().ALIGN
+    if layout.align % unit:
+      # a tree of many small leaves whose layout was given a smaller unit (layout.choose_align)
+      _warn_once(f"backend={backend!r} runs whole {unit}-element units; this tree's layout is "
+                 f"aligned to {layout.align} elements (padding every leaf to {unit} would cost "
+                 "over 1% more memory), so it runs on the jnp backend")
+      return elementwise.run_jnp
   if backend == "pallas_interpret":
     return _pallas().run_interpret
   if backend in ("triton", "triton_interpret"):
@@ -100,6 +109,43 @@ def _executor(backend, layout, gi, rule):
       return elementwise.run_jnp
     return native.run
   return _auto(layout, gi, rule)
+
+
+def _with_jnp_derivatives(run):
+  """``run`` (a kernel backend's group executor) whose derivatives are the jnp backend's.
+
+  Kernels (FFI calls, Pallas, Triton) have no JVP rule; the jnp backend runs the same rule in
+  ``jax.numpy``, so under ``jax.jvp``/``jax.grad`` (meta-learning: derivatives with respect to
+  hyper-parameters or inputs) the step's value comes from the kernel and its tangent from the jnp
+  path. ``jax.vmap`` batches the kernel itself (each backend's batching rule)."""
+  if run is elementwise.run_jnp:
+    return run
+  mode = getattr(run, "fused_sumsq", False)
+
+  def wrapped(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+    @jax.custom_jvp
+    def step(scalars, seg, p_leaves, g_leaves, state):
+      return run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+
+    def reference(scalars, seg, p_leaves, g_leaves, state):
+      new_p, new_state, sums = elementwise.run_jnp(rule, scalars, seg, layout, gi, p_leaves,
+                                                   g_leaves, state)
+      if sums is not None and mode == "per_leaf":   # per unit -> per leaf, group order
+        pos = {leaf: k for k, leaf in enumerate(layout.groups[gi].segments)}
+        ids = jnp.asarray([pos[i] for i in layout.block_segment_ids(gi)], jnp.int32)
+        sums = tuple(jax.ops.segment_sum(u, ids, num_segments=len(pos), indices_are_sorted=True)
+                     for u in sums)
+      return new_p, new_state, sums
+
+    @step.defjvp
+    def step_jvp(primals, tangents):
+      _, t_out = jax.jvp(reference, primals, tangents)
+      return step(*primals), t_out
+
+    return step(dict(scalars), dict(seg), list(p_leaves), list(g_leaves), tuple(state))
+
+  wrapped.fused_sumsq = mode
+  return wrapped
 
 
 def _triton_executor(backend, dtype):
@@ -129,12 +175,11 @@ def _auto(layout, gi, rule):
   - GPU/TPU: the Pallas kernel when the group's flat buffer costs no copy (one leaf whose size
     is a multiple of the alignment: the buffer *is* the leaf), or when the rule's norms are fused
     into the kernel (LAMB). Otherwise the jnp path: XLA fuses the concatenation of the leaves
-    into the update itself, which a kernel cannot (H100, GPT-2-124M tree: jnp 3.6 ms, Pallas
-    4.5 ms with the pack/unpack copies; both ~100% of copy bandwidth on a single flat buffer).
+    into the update itself, which a kernel cannot (H100 numbers: docs/performance.md).
   """
   group = layout.groups[gi]
   if _pallas().available():
-    if not _pallas().supports(group.dtype):
+    if not _pallas().supports(group.dtype) or layout.align % _pallas().ALIGN:
       return elementwise.run_jnp
     one_leaf = (len(group.segments) == 1
                 and layout.segments[group.segments[0]].size == group.size)
@@ -176,6 +221,14 @@ class FlatState:
     return new.replace(fields={k: tuple(_place_like(b, old) for b, old in zip(bufs, self.fields[k]))
                                for k, bufs in new.fields.items()})
 
+  def with_master_from(self, target):
+    """This state with its ``master`` field (master weights) packed from ``target`` in float32,
+    each buffer placed where the old one was."""
+    leaves = self.layout.check(target, "target", allow_other_float=False)
+    master = tuple(_place_like(self.layout.pack_group(leaves, g, F32), old)
+                   for g, old in enumerate(self.fields["master"]))
+    return self.replace(fields=dict(self.fields, master=master))
+
   def per_leaf(self):
     """The state as flax laid it out: a tree mirroring the params, each leaf a dict of fields."""
     leaves = [{k: self.leaf(k, i) for k in self.fields} for i in range(len(self.layout.segments))]
@@ -200,8 +253,55 @@ def _concrete(x):
     return None
 
 
-def check_range(hp, name, lo=None, hi=None, lo_open=False, hi_open=False, allow_none=False):
-  """Raises HyperParamError if ``hp.name`` is missing or outside its range (when concrete)."""
+class HyperParamTypeError(HyperParamError, TypeError):
+  """A hyper-parameter is not a real scalar (a string, a container, a non-scalar, complex or
+  bool array): both a ``HyperParamError`` (a ValueError) and a TypeError."""
+
+
+def check_prepass_args(grad_scale, clip_global_norm):
+  """The checked step's ``grad_scale`` and ``clip_global_norm``: None or real scalars; a concrete
+  clip positive (inf: no clipping), a concrete scale finite and positive."""
+  for name, x in (("grad_scale", grad_scale), ("clip_global_norm", clip_global_norm)):
+    if x is None:
+      continue
+    check_scalar(name, x)
+    v = _concrete(x)
+    if v is not None and not v > 0:
+      raise HyperParamError(f"{name}={v} must be positive")
+    if v is not None and name == "grad_scale" and not np.isfinite(v):
+      raise HyperParamError(f"grad_scale={v} is not finite")
+
+
+def check_scalar(name, x):
+  """Raises HyperParamTypeError unless ``x`` is a real scalar: a Python or NumPy number (not a
+  bool) or a 0-d integer/floating array, concrete or traced (a tracer's shape and dtype are
+  known, its value is not)."""
+  if isinstance(x, (bool, np.bool_)):
+    raise HyperParamTypeError(f"hyper-parameter {name}={x!r} is a bool; expected a real number")
+  if isinstance(x, numbers.Real):
+    return
+  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+  if shape is None or dtype is None or isinstance(x, str):
+    raise HyperParamTypeError(f"hyper-parameter {name}={x!r} is a {type(x).__name__}; expected "
+                              "a real number (a Python or NumPy number, or a scalar array)")
+  try:
+    real = (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)) and \
+        not jnp.issubdtype(dtype, jnp.bool_)
+  except TypeError:   # not a dtype at all
+    real = False
+  if not real:
+    raise HyperParamTypeError(f"hyper-parameter {name} has dtype {dtype}; expected a real "
+                              "(integer or floating-point) number")
+  if tuple(shape) != ():
+    raise HyperParamTypeError(f"hyper-parameter {name} has shape {tuple(shape)}; expected a "
+                              "scalar (shape ())")
+
+
+def check_range(hp, name, lo=None, hi=None, lo_open=False, hi_open=False, allow_none=False,
+                allow_inf=False):
+  """Raises HyperParamError if ``hp.name`` is missing, not a real scalar (HyperParamTypeError,
+  also for tracers), not finite (unless ``allow_inf``; NaN never) or outside its range (when
+  concrete)."""
   x = getattr(hp, name)
   if x is None:
     if allow_none:
@@ -209,20 +309,32 @@ def check_range(hp, name, lo=None, hi=None, lo_open=False, hi_open=False, allow_
     if name == "learning_rate":
       raise HyperParamError("no learning rate provided.")
     raise HyperParamError(f"hyper-parameter {name} is None")
+  check_scalar(name, x)
   v = _concrete(x)
   if v is None:
     return
-  bad = (np.isnan(v) or (lo is not None and (v <= lo if lo_open else v < lo))
+  lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo}"
+  hi_s = "" if hi is None else f"{hi}" + (")" if hi_open else "]")
+  valid = f"{lo_s or '(-inf'}, {hi_s or 'inf)'}"
+  if np.isnan(v) or (np.isinf(v) and not allow_inf):
+    where = "" if lo is None and hi is None else f"; its valid range is {valid}"
+    raise HyperParamError(f"hyper-parameter {name}={v} is not finite{where}")
+  bad = ((lo is not None and (v <= lo if lo_open else v < lo))
          or (hi is not None and (v >= hi if hi_open else v > hi)))
   if bad:
-    lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo}"
-    hi_s = "" if hi is None else f"{hi}" + (")" if hi_open else "]")
-    raise HyperParamError(f"hyper-parameter {name}={v} is outside its valid range "
-                          f"{lo_s or '(-inf'}, {hi_s or 'inf)'}")
+    raise HyperParamError(f"hyper-parameter {name}={v} is outside its valid range {valid}")
 
 
 def check_beta(hp, name):
   check_range(hp, name, 0.0, 1.0, hi_open=True)
+
+
+def check_kinds(hp, *names, optional=("learning_rate",), allow_inf=()):
+  """Construction-time checks of ``hp``'s ``names``: each a real scalar and, when concrete,
+  finite (``allow_inf``: or +-inf); those in ``optional`` may be None (the learning rate may come
+  per step, as in flax). Ranges are checked by ``validate`` at every use, before any change."""
+  for name in names:
+    check_range(hp, name, allow_none=name in optional, allow_inf=name in allow_inf)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -254,10 +366,9 @@ class FlatOptimizerDef(OptimizerDef):
     still move the params in expectation) -- bf16 training without a master copy (4 B/param less
     memory and traffic than ``master_weights``). The random bits are hashed from the step
     (``rounding_seed``, a Python int, varies them) and each element's own inputs: no extra
-    memory traffic, deterministic, the same on every backend (LAMB hashes the moments computed
-    in the same step, whose last bit depends on FMA contraction: its bits agree between
-    backends that contract alike). float32 param groups are unaffected; float16 params, and
-    ``master_weights=True``, are rejected.
+    memory traffic, deterministic, the same on every backend (the state is hashed without its
+    low 16 bits, where XLA's FMA contraction and the IEEE native kernels may differ). float32
+    param groups are unaffected; float16 params, and ``master_weights=True``, are rejected.
 
     Every built-in optimizer's ``__init__`` takes ``backend``, ``master_weights``,
     ``state_dtype``, ``stochastic_rounding`` and ``rounding_seed`` as keyword-only arguments and
@@ -347,6 +458,13 @@ class FlatOptimizerDef(OptimizerDef):
       return param_states.restored_from(restored)
     return restored
 
+  def state_for_target(self, target, state):
+    """With master weights, the master copy re-read from ``target`` (float32): edits to the
+    params made through ``Optimizer.replace(target=...)`` win over the stored master."""
+    if not self.master_weights or not isinstance(state.param_states, FlatState):
+      return state
+    return state.replace(param_states=state.param_states.with_master_from(target))
+
   # -- per-leaf (flax) API, on the same rule
   def init_param_state(self, param):
     state = {k: jnp.zeros(jnp.shape(param), self.state_storage) for k in self.state_fields}
@@ -416,10 +534,7 @@ class FlatOptimizerDef(OptimizerDef):
     if not isinstance(state.param_states, FlatState):
       raise TypeError("apply_gradient_checked needs the flat state of a built-in optimizer")
     self.validate(hyper_params)
-    if clip_global_norm is not None:
-      v = _concrete(clip_global_norm)
-      if v is not None and not v > 0:
-        raise HyperParamError(f"clip_global_norm={v} must be positive")
+    check_prepass_args(grad_scale, clip_global_norm)
     layout = state.param_states.layout
     p_leaves = layout.check(params, "target", allow_other_float=False)
     g_leaves = layout.check(grads, "grads")
@@ -490,7 +605,7 @@ class FlatOptimizerDef(OptimizerDef):
       if group.size == 0:   # only size-0 leaves: nothing to update, their sums are 0
         continue
       grule = self.group_rule(rule, group.dtype, rounding)
-      run = _executor(self.backend, layout, gi, grule)
+      run = _with_jnp_derivatives(_executor(self.backend, layout, gi, grule))
       out = run(grule, scalars, seg, layout, gi, p_leaves, g_leaves,
                 tuple(fields[k][gi] for k in names))
       out_p, out_state = out[0], out[1]
@@ -508,7 +623,7 @@ class FlatOptimizerDef(OptimizerDef):
       elif mode:                                # per-unit partial sums -> per leaf
         ids = jnp.asarray(layout.block_segment_ids(gi))
         # ids are sorted (segments lie in buffer order): on GPU the sorted scatter avoids
-        # serialising atomics on one address (0.5 ms -> 0.05 ms for 2^18 units, H100)
+        # serialising atomics on one address (docs/performance.md)
         part = [jax.ops.segment_sum(u, ids, num_segments=n, indices_are_sorted=True)
                 for u in out[2]]
       else:                                     # evaluated per leaf from the new state
@@ -533,27 +648,31 @@ def _segment_view(buf, seg):
 def gradient_prepass(g_leaves, grad_scale=None, clip_global_norm=None):
   """(all finite, global L2 norm of ``grad_scale * g``, the factor to multiply ``g`` by).
 
-  Per leaf, XLA fuses the sum of squares and the finite test into one read of the gradient; no
+  Per leaf, XLA fuses the sums of squares and the finite test into one read of the gradient; no
   concatenated copy is made. Squares are summed in float32 after scaling, so a loss-scaled float16
-  gradient does not overflow in the square."""
+  gradient does not overflow in the square, and beside them the squares of ``g * 2**-80``
+  (``norms.sum_squares``), so that finite gradients whose sum of squares overflows (|g| ~ 1e20)
+  still have a finite norm: they are clipped, not skipped."""
   scale = F32(1.0) if grad_scale is None else jnp.asarray(grad_scale, F32)
-  sq, fin = [], []
+  sq, sq_small, fin = [], [], []
   for g in g_leaves:
     x = jnp.asarray(g).astype(F32) * scale
-    sq.append(jnp.sum(x * x))
+    a, b = norms.sum_squares(x)
+    sq.append(a)
+    sq_small.append(b)
     fin.append(jnp.all(jnp.isfinite(x)))
-  sumsq = jnp.sum(jnp.stack(sq)) if sq else F32(0.0)
-  finite = jnp.all(jnp.stack(fin)) if fin else jnp.asarray(True)
-  return prepass_result(sumsq, finite, scale, clip_global_norm)
+  if not sq:
+    return prepass_result(jnp.asarray(True), F32(0.0), scale, clip_global_norm)
+  finite = jnp.all(jnp.stack(fin))
+  norm = norms.norm_from_sums(jnp.sum(jnp.stack(sq)), jnp.sum(jnp.stack(sq_small)))
+  return prepass_result(finite, norm, scale, clip_global_norm)
 
 
-def prepass_result(sumsq, finite, scale, clip_global_norm=None):
-  """``gradient_prepass``'s (all finite, norm, g factor) from the global sum of squares of
-  ``scale * g`` and whether every element was finite: an overflowing norm counts as non-finite,
-  and the factor is ``scale`` times optax.clip_by_global_norm's (``max_norm / norm`` when
-  ``norm`` exceeds ``clip_global_norm``, else 1)."""
-  norm = jnp.sqrt(sumsq)
-  finite = finite & jnp.isfinite(norm)
+def prepass_result(finite, norm, scale, clip_global_norm=None):
+  """``gradient_prepass``'s (all finite, norm, g factor) from whether every element of
+  ``scale * g`` is finite and its global norm. Only non-finite *elements* skip a step; the factor
+  is ``scale`` times optax.clip_by_global_norm's (``max_norm / norm`` when ``norm`` exceeds
+  ``clip_global_norm``, else 1)."""
   factor = scale
   if clip_global_norm is not None:
     max_norm = jnp.asarray(clip_global_norm, F32)
@@ -565,12 +684,15 @@ def bias_correction(beta, step):
   """``1 - beta**(step+1)``, accurate in float32.
 
   flax 0.5.3 computed ``1 - beta**t`` in the param dtype: in bfloat16 that is 0 (division by zero);
-  even in float32, rounding ``beta`` first makes ``1 - 0.999**t`` 1.3e-5 too small (8e-5 for
-  0.9999), so every Adam update was ~1e-5 too large. ``-expm1(t * log(beta))`` with ``log(beta)``
-  taken as ``log1p(-(1 - beta))`` (in float64 when ``beta`` is a Python number) is within ~1e-7.
+  even in float32, rounding ``beta`` first puts the correction off by up to 1e-4 relative
+  (docs/differences.md). ``-expm1(t * log(beta))`` with ``log(beta)`` taken as
+  ``log1p(-(1 - beta))`` (in float64 when ``beta`` is a Python number or an ``ExactFloat``) is
+  within ~1e-7.
   """
   t = jnp.asarray(step, F32) + 1.0
-  if isinstance(beta, numbers.Number):
+  if isinstance(beta, ExactFloat):      # a Python float passed as a runtime value
+    log_beta = jnp.asarray(beta.log, F32)
+  elif isinstance(beta, numbers.Number):
     with np.errstate(divide="ignore"):   # beta = 0: log 0 = -inf, correction exactly 1
       log_beta = jnp.asarray(np.log1p(-(1.0 - float(beta))), F32)
   else:
@@ -579,4 +701,7 @@ def bias_correction(beta, step):
 
 
 def f32(x):
+  """A hyper-parameter (Python number, array, ``ExactFloat``) as a float32 scalar."""
+  if isinstance(x, ExactFloat):
+    return x.value()
   return jnp.asarray(x, F32)

@@ -11,9 +11,9 @@ from typing import Any
 import jax.numpy as jnp
 
 from . import elementwise, norms, struct
-from .adam import moment_scalars, validate_moments
+from .adam import MOMENT_NAMES, moment_scalars, validate_moments
 from .elementwise import Rule
-from .flat import FlatOptimizerDef, f32
+from .flat import FlatOptimizerDef, check_kinds, f32
 
 
 @struct.dataclass
@@ -67,6 +67,7 @@ class LAMB(FlatOptimizerDef):
                      state_dtype=state_dtype,
                      stochastic_rounding=stochastic_rounding,
                      rounding_seed=rounding_seed)
+    check_kinds(self.hyper_params, *MOMENT_NAMES)
 
   def validate(self, hp):
     validate_moments(hp)

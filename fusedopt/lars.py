@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from . import norms, struct
 from .elementwise import Rule
-from .flat import FlatOptimizerDef, check_range, f32
+from .flat import FlatOptimizerDef, check_kinds, check_range, f32
 
 
 @struct.dataclass
@@ -51,6 +51,8 @@ class LARS(FlatOptimizerDef):
                      state_dtype=state_dtype,
                      stochastic_rounding=stochastic_rounding,
                      rounding_seed=rounding_seed)
+    check_kinds(self.hyper_params, "learning_rate", "beta", "weight_decay",
+                "trust_coefficient", "eps")
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

@@ -3,7 +3,9 @@
 Every leaf is a *segment* of its dtype group's buffer. Segments start at multiples of ``align``
 elements and are zero-padded up to the next multiple, so that a kernel block of ``align`` (or a
 divisor of it) never straddles two tensors: per-tensor norms (LAMB, LARS) reduce whole blocks,
-and the padding (always zero in params, grads and moments) contributes nothing.
+and the padding (always zero in params, grads and moments) contributes nothing. ``align`` is
+1024 unless that would pad a tree of many small leaves by more than 1% (``choose_align``);
+kernels that need whole 1024-element units then leave such a layout to the jnp path.
 
 A layout is built once per (tree structure, shapes, dtypes) — at trace time — and cached. It is
 static (hashable), so it can sit in a pytree's aux data: jit sees the same layout as the same
@@ -16,13 +18,18 @@ per-unit segment-id table splits into n equal tables. ``shards=1`` (the default)
 """
 import dataclasses
 import functools
-from typing import Any, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_ALIGN = 1024
+# A layout's alignment is the largest power of two <= DEFAULT_ALIGN whose zero padding stays within
+# 1% of the parameters plus PAD_ALLOWANCE elements, so that the state never costs much more than
+# the parameters (3000 scalar leaves padded to 1024 would take 1024x their memory). Real models
+# keep 1024 (GPT-2 124M: 0.02% padding); trees of many small leaves get a smaller unit.
+PAD_ALLOWANCE = 65536
 
 
 class LayoutError(ValueError):
@@ -101,9 +108,11 @@ class FlatLayout:
   # ---------------------------------------------------------------- construction
 
   @staticmethod
-  def build(tree, align: int = DEFAULT_ALIGN, shards: int = 1) -> "FlatLayout":
+  def build(tree, align: Optional[int] = None, shards: int = 1) -> "FlatLayout":
     """The layout of ``tree`` (arrays or ShapeDtypeStructs). Cached per structure/shapes/dtypes.
 
+    ``align``: the alignment unit in elements; by default (None) ``choose_align``'s, which
+    bounds the padding to 1% of the parameters plus ``PAD_ALLOWANCE`` elements.
     ``shards``: pad every group to a multiple of ``shards * align`` elements (see the module
     docstring), for buffers split evenly over ``shards`` devices."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -114,7 +123,15 @@ class FlatLayout:
     shards = int(shards)
     if shards < 1:
       raise ValueError(f"shards={shards} must be a positive integer")
-    return _build(treedef, spec, align, shards)
+    if align is None:
+      align = choose_align([int(np.prod(shape, dtype=np.int64)) for _, shape, _ in spec])
+    elif int(align) < 1:
+      raise ValueError(f"align={align} must be a positive integer")
+    return _build(treedef, spec, int(align), shards)
+
+  def padding(self) -> int:
+    """Zero elements between and after the segments, over all groups."""
+    return sum(g.size for g in self.groups) - sum(s.size for s in self.segments)
 
   def with_shards(self, shards: int) -> "FlatLayout":
     """This layout with its groups padded for ``shards`` devices (same segments and offsets)."""
@@ -207,6 +224,17 @@ class FlatLayout:
       a = seg.offset // self.align
       ids[a:a + _round_up(seg.size, self.align) // self.align] = i
     return ids
+
+
+def choose_align(sizes) -> int:
+  """The largest power of two ``a <= DEFAULT_ALIGN`` with which padding every leaf of ``sizes``
+  to a multiple of ``a`` adds at most ``sum(sizes) // 100 + PAD_ALLOWANCE`` elements."""
+  total = int(sum(sizes))
+  budget = total // 100 + PAD_ALLOWANCE
+  a = DEFAULT_ALIGN
+  while a > 1 and sum(_round_up(n, a) - n for n in sizes) > budget:
+    a //= 2
+  return a
 
 
 @functools.lru_cache(maxsize=256)

@@ -7,7 +7,7 @@ from typing import Any
 
 from . import struct
 from .elementwise import Rule
-from .flat import FlatOptimizerDef, check_range, f32
+from .flat import FlatOptimizerDef, check_kinds, check_range, f32
 
 
 @struct.dataclass
@@ -43,6 +43,7 @@ class Momentum(FlatOptimizerDef):
                      state_dtype=state_dtype,
                      stochastic_rounding=stochastic_rounding,
                      rounding_seed=rounding_seed)
+    check_kinds(self.hyper_params, "learning_rate", "beta", "weight_decay")
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import elementwise, struct
-from .base import OptimizerDef, OptimizerState, _replace_checked, ordered_fields
+from .base import OptimizerDef, OptimizerState, ordered_fields
 from .flat import FlatOptimizerDef, FlatState
 
 
@@ -129,12 +129,12 @@ class MultiOptimizer(OptimizerDef):
   def update_hyper_params(self, **hyper_param_overrides):
     """Overrides apply to every sub-optimizer; ``hyper_params=[...]`` replaces all."""
     hps = hyper_param_overrides.pop("hyper_params", self.hyper_params)
-    if len(hps) != len(self.sub_optimizers):
-      raise ValueError(f"hyper_params has {len(hps)} entries for {len(self.sub_optimizers)} "
-                       "sub-optimizers")
-    if hyper_param_overrides:
-      hps = [_replace_checked(hp, hyper_param_overrides) for hp in hps]
-    return hps
+    if not isinstance(hps, (list, tuple)) or len(hps) != len(self.sub_optimizers):
+      raise TypeError(f"hyper_params={hps!r}: a MultiOptimizer's hyper-parameters are a list "
+                      f"with one entry per sub-optimizer ({len(self.sub_optimizers)})")
+    # each entry checked as that sub-optimizer checks its own, overrides applied to every one
+    return [opt.update_hyper_params(hyper_params=hp, **hyper_param_overrides)
+            for opt, hp in zip(self.sub_optimizers, hps)]
 
   # -- checkpoints: flax 0.5.3's layout, a tree mirroring the target whose leaves are the owning
   # sub-optimizer's state for that leaf (None where no traversal selects it)
@@ -169,6 +169,23 @@ class MultiOptimizer(OptimizerDef):
       subs.append(opt.from_flax_param_states(tuple(leaves[i] for i in idx), sub,
                                              tuple(per_leaf[i] for i in idx)) if idx else sub)
     return tuple(subs)
+
+  def state_for_target(self, target, state):
+    """Each sub-optimizer's state brought in line with its leaves of ``target``."""
+    leaves = jax.tree_util.tree_leaves(target)
+    fs = state.param_states
+    if isinstance(fs, FusedState):
+      if fs.flat is None or not self.sub_optimizers[0].master_weights:
+        return state
+      return state.replace(param_states=fs.replace(
+          flat=fs.flat.with_master_from(tuple(leaves[i] for i in fs.union))))
+    subs = []
+    for idx, opt, sub in zip(_assign(self.traversals, target), self.sub_optimizers, fs):
+      if idx:
+        sub = opt.state_for_target(tuple(leaves[i] for i in idx),
+                                   OptimizerState(state.step, sub)).param_states
+      subs.append(sub)
+    return state.replace(param_states=tuple(subs))
 
   # -- fused: one flat state and one pass for all sub-optimizers
   def _init_fused(self, params):

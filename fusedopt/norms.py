@@ -1,13 +1,34 @@
 """Per-tensor L2 norms for the layer-wise optimizers (LAMB, LARS)."""
+import jax
 import jax.numpy as jnp
 
 F32 = jnp.float32
 
 
-def l2(x):
-  """||x||_2 over the whole tensor, accumulated in float32."""
+# Squares of x * 2**-80 cannot overflow float32 (|x| <= 3.4e38 -> 8e28, summed over < 2**32
+# elements); used only where the plain sum of squares overflowed, i.e. some |x| >= ~1e19, so the
+# elements this scaling flushes to zero could not change the norm anyway.
+_SMALL = 2.0 ** -80
+
+
+def sum_squares(x):
+  """(sum(x**2), sum((x * 2**-80)**2)) in float32: two accumulators over one read of ``x``."""
   x = jnp.asarray(x).astype(F32)
-  return jnp.sqrt(jnp.sum(x * x))
+  # a runtime scale: with a constant, XLA rewrites (x*c)*(x*c) as (x*x)*(c*c) = inf*0 = NaN
+  small = jax.lax.optimization_barrier(F32(_SMALL))
+  y = x * small
+  return jnp.sum(x * x), jnp.sum(y * y)
+
+
+def norm_from_sums(sq, sq_small):
+  """The L2 norm from ``sum_squares``'s pair: ``sqrt(sq)``, or where that sum overflowed to inf,
+  ``2**80 * sqrt(sq_small)`` (finite tensors of |x| ~ 1e20 have finite norms)."""
+  return jnp.where(jnp.isinf(sq), jnp.sqrt(sq_small) / _SMALL, jnp.sqrt(sq))
+
+
+def l2(x):
+  """||x||_2 over the whole tensor, accumulated in float32, without overflow."""
+  return norm_from_sums(*sum_squares(x))
 
 
 def per_leaf(leaves):

@@ -10,7 +10,7 @@ import jax
 
 from . import struct
 from .elementwise import Rule
-from .flat import FlatOptimizerDef, check_beta, check_range, f32
+from .flat import FlatOptimizerDef, check_beta, check_kinds, check_range, f32
 
 
 @struct.dataclass
@@ -50,6 +50,7 @@ class RMSProp(FlatOptimizerDef):
                      state_dtype=state_dtype,
                      stochastic_rounding=stochastic_rounding,
                      rounding_seed=rounding_seed)
+    check_kinds(self.hyper_params, "learning_rate", "beta2", "eps")
     self.state_fields = ("v", "mg") if centered else ("v",)
 
   # flax 0.5.3's state has ``mg: None`` when not centered; checkpoints keep that key

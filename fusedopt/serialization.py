@@ -19,6 +19,7 @@ also accept a fusedopt ``Optimizer`` (registered by ``register_with_flax``, call
 """
 import dataclasses
 import enum
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from .flat import FlatState, _place_like
+
+
+class CheckpointError(ValueError):
+  """The bytes given to ``from_bytes``/``msgpack_restore`` are not a valid fusedopt/flax msgpack
+  checkpoint (truncated, trailing bytes, a corrupted array entry, not msgpack at all)."""
+
+
+_EXPECTED = ("expected flax's msgpack encoding of a state dict, as fusedopt.serialization.to_bytes "
+             "and flax.serialization.to_bytes write it: one msgpack map with string keys, arrays "
+             "as msgpack extension 1 holding (shape, dtype name, C-order bytes)")
 
 
 def _is_optimizer(x):
@@ -171,9 +182,30 @@ def _ndarray_to_bytes(arr) -> bytes:
 
 
 def _ndarray_from_bytes(data: bytes) -> np.ndarray:
+  """An array extension's payload ``(shape, dtype name, C-order bytes)``; CheckpointError
+  saying what is wrong with a malformed one (the caller adds where)."""
   import msgpack  # pylint: disable=import-outside-toplevel
-  shape, name, buf = msgpack.unpackb(data, raw=True)
-  dtype = jnp.bfloat16 if name == b"bfloat16" else np.dtype(name.decode())
+  try:
+    shape, name, buf = msgpack.unpackb(data, raw=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"an array entry is not (shape, dtype name, bytes): {e}") from e
+  if (not isinstance(shape, (list, tuple)) or not isinstance(name, bytes)
+      or not isinstance(buf, bytes)
+      or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    raise CheckpointError(f"an array entry is not (shape, dtype name, bytes): got "
+                          f"({type(shape).__name__}, {type(name).__name__}, "
+                          f"{type(buf).__name__}) with shape {shape!r}")
+  try:
+    dtype = np.dtype(jnp.bfloat16) if name == b"bfloat16" else np.dtype(name.decode("ascii"))
+  except Exception as e:  # pylint: disable=broad-except  (TypeError, UnicodeDecodeError)
+    raise CheckpointError(f"an array entry has the unknown dtype name {name!r}") from e
+  if dtype.hasobject or dtype.fields is not None:
+    raise CheckpointError(f"an array entry has the dtype {dtype}: object and structured dtypes "
+                          "are never written")
+  want = math.prod(shape) * dtype.itemsize
+  if len(buf) != want:
+    raise CheckpointError(f"an array entry of shape {tuple(shape)} and dtype {dtype.name} needs "
+                          f"{want} bytes, it holds {len(buf)}")
   return np.frombuffer(buf, dtype=dtype).reshape(shape, order="C")
 
 
@@ -232,9 +264,23 @@ def msgpack_serialize(state_dict) -> bytes:
 
 
 def msgpack_restore(encoded: bytes):
-  """The state dict encoded by ``msgpack_serialize`` (or flax's), arrays as NumPy arrays."""
+  """The state dict encoded by ``msgpack_serialize`` (or flax's), arrays as NumPy arrays.
+
+  Bytes that do not decode (truncated, trailing data, a corrupted array entry, not msgpack)
+  raise ``CheckpointError`` (a ValueError) saying what was expected; a decoded state dict of
+  the wrong structure is reported later, by ``from_state_dict``, naming the path."""
   import msgpack  # pylint: disable=import-outside-toplevel
-  return _unchunk(msgpack.unpackb(encoded, ext_hook=_ext_unpack, raw=False))
+  if not isinstance(encoded, (bytes, bytearray, memoryview)):
+    raise TypeError(f"a checkpoint is bytes, got {type(encoded).__name__}")
+  try:
+    return _unchunk(msgpack.unpackb(encoded, ext_hook=_ext_unpack, raw=False))
+  except CheckpointError as e:
+    raise CheckpointError(f"not a valid fusedopt/flax checkpoint ({len(encoded)} bytes): {e}; "
+                          f"{_EXPECTED}") from e
+  except Exception as e:  # pylint: disable=broad-except  (msgpack's errors, UnicodeDecodeError...)
+    raise CheckpointError(f"not a valid fusedopt/flax checkpoint ({len(encoded)} bytes; "
+                          f"truncated or corrupted?): {type(e).__name__}: {e}; "
+                          f"{_EXPECTED}") from e
 
 
 def to_bytes(target) -> bytes:
@@ -250,7 +296,8 @@ def to_bytes(target) -> bytes:
 
 def from_bytes(target, encoded: bytes):
   """A copy of ``target`` restored from ``to_bytes`` output (or flax's): structure, shapes and
-  dtypes are checked first, so a mismatch raises ValueError and nothing is half-restored."""
+  dtypes are checked first, so a mismatch raises ValueError and nothing is half-restored.
+  Bytes that are not a valid checkpoint raise ``CheckpointError`` (a ValueError)."""
   return from_state_dict(target, msgpack_restore(encoded))
 
 

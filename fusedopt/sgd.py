@@ -3,7 +3,7 @@ from typing import Any
 
 from . import struct
 from .elementwise import Rule
-from .flat import FlatOptimizerDef, f32
+from .flat import FlatOptimizerDef, check_kinds, f32
 
 
 @struct.dataclass
@@ -29,6 +29,7 @@ class GradientDescent(FlatOptimizerDef):
                      state_dtype=state_dtype,
                      stochastic_rounding=stochastic_rounding,
                      rounding_seed=rounding_seed)
+    check_kinds(self.hyper_params, "learning_rate")
 
   def rule(self, hp):
     return SGD_RULE

@@ -51,9 +51,11 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import elementwise, struct
-from .base import HyperParamError, Optimizer, OptimizerDef, OptimizerState, _is_static
-from .flat import (FlatOptimizerDef, FlatState, _concrete, _executor, _pallas,
+from . import elementwise, norms, struct
+from .base import (HyperParamError, Optimizer, OptimizerDef, OptimizerState, _is_static,
+                   _runtime_value)
+from .flat import (FlatOptimizerDef, FlatState, _concrete, _executor, _pallas, _place_like,
+                   check_prepass_args,
                    prepass_result)
 from .lamb import LAMB
 from .lars import LARS
@@ -195,6 +197,19 @@ class ShardedOptimizerDef(OptimizerDef):
   def init_param_state(self, param):
     return self.inner.init_param_state(param)
 
+  def state_for_target(self, target, state):
+    """With master weights, the sharded master re-read from ``target`` (``Optimizer.replace``):
+    a replicated tree, or ``FlatParams`` (FSDP) whose buffers are the master's layout."""
+    if not (self.flat and self.inner.master_weights):
+      return state
+    st = state.param_states
+    if isinstance(target, FlatParams):
+      master = tuple(_place_like(b.astype(F32), old)
+                     for b, old in zip(_as_flat(target, st.layout, "target").buffers,
+                                       st.fields["master"]))
+      return state.replace(param_states=st.replace(fields=dict(st.fields, master=master)))
+    return state.replace(param_states=st.with_master_from(target))
+
   def apply_param_gradient(self, step, hyper_params, param, state, grad):
     return self.inner.apply_param_gradient(step, hyper_params, param, state, grad)
 
@@ -268,12 +283,12 @@ class ShardedOptimizerDef(OptimizerDef):
     self._check_state(state)
     self.inner.validate(hp)
     if checked is not None:
-      _check_clip(checked[1])
+      check_prepass_args(*checked)
     layout = state.param_states.layout
     names = tuple(state.param_states.fields)
     fields = tuple(state.param_states.fields[k] for k in names)
     hp_static, hp_dyn = _split_static(hp)
-    chk_static, chk_dyn = _split_static(checked)
+    chk_static, chk_dyn = _split_static(checked, exact=False)
     ax, rep = P(self.axis_name), P()
     if self.mode == "sharded":
       params = _as_flat(params, layout, "target")
@@ -420,11 +435,6 @@ def _local_pack(layout, gi, leaves, idx, dtype=None):
   return lax.switch(idx, [branch(k) for k in range(n)], mine)
 
 
-def _check_clip(clip):
-  if clip is not None:
-    v = _concrete(clip)
-    if v is not None and not v > 0:
-      raise HyperParamError(f"clip_global_norm={v} must be positive")
 
 
 def _as_flat(x, layout, what):
@@ -449,12 +459,14 @@ def _on_mesh(fn, sharding):
   return run
 
 
-def _split_static(tree):
-  """Python scalars/None stay static (as in ``Optimizer.apply_gradient``: float constants keep
-  their float64 accuracy in bias corrections); arrays become shard_map inputs."""
+def _split_static(tree, exact=True):
+  """As in ``Optimizer.apply_gradient``: flags, sizes and None stay static; floats and arrays
+  become shard_map inputs (hyper-parameter floats as ``ExactFloat``, keeping their float64
+  accuracy where it matters; with ``exact=False`` as float32 arrays)."""
   leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)
   static = tuple((True, x) if _is_static(x) else (False, None) for x in leaves)
-  return (treedef, static), [jnp.asarray(x) for x in leaves if not _is_static(x)]
+  return (treedef, static), [_runtime_value(x) if exact and isinstance(x, float)
+                             else jnp.asarray(x) for x in leaves if not _is_static(x)]
 
 
 def _join_static(static_part, dynamic):
@@ -559,6 +571,8 @@ def _run_units(backend, rule, scalars, q, p, g, state, align):
   else XLA (the ``native`` kernels take per-leaf tables with static offsets, which differ per
   shard: they are not used for these rules)."""
   plat = _use_pallas(backend, p.dtype)
+  if plat is not None and align % _pallas().ALIGN:   # a small-leaf layout: no whole units
+    plat = None
   if plat is not None:
     pallas = _pallas()
     rep = align // pallas.ALIGN
@@ -616,16 +630,18 @@ def _lars_update(d, ctx, hp, step, layout, p_loc, g_loc, fields):
 
 
 def _prepass_sharded(g_loc, axis_name, grad_scale=None, clip_global_norm=None):
-  """``flat.gradient_prepass`` over the local grad slices: local sum of squares and non-finite
-  count, one psum of both, then the same norm / clip factor."""
+  """``flat.gradient_prepass`` over the local grad slices: local sums of squares (plain and
+  scaled, ``norms.sum_squares``) and non-finite count, one psum of all three, then the same norm
+  and clip factor."""
   scale = F32(1.0) if grad_scale is None else jnp.asarray(grad_scale, F32)
-  sq, bad = jnp.zeros((), F32), jnp.zeros((), F32)
+  sq, sq_small, bad = jnp.zeros((), F32), jnp.zeros((), F32), jnp.zeros((), F32)
   for g in g_loc:
     x = g.astype(F32) * scale
-    sq = sq + jnp.sum(x * x)
+    a, b = norms.sum_squares(x)
+    sq, sq_small = sq + a, sq_small + b
     bad = bad + jnp.sum((~jnp.isfinite(x)).astype(F32))
-  sq, bad = lax.psum(jnp.stack([sq, bad]), axis_name)
-  return prepass_result(sq, bad == 0, scale, clip_global_norm)
+  sq, sq_small, bad = lax.psum(jnp.stack([sq, sq_small, bad]), axis_name)
+  return prepass_result(bad == 0, norms.norm_from_sums(sq, sq_small), scale, clip_global_norm)
 
 
 # ----------------------------------------------------------------------------- user-facing helpers
@@ -688,7 +704,7 @@ def apply_gradient_local(opt: Optimizer, grads, *, reduce: Optional[str] = "mean
   d._check_state(opt.state)  # pylint: disable=protected-access
   checked = None
   if grad_scale is not None or clip_global_norm is not None:
-    _check_clip(clip_global_norm)
+    check_prepass_args(grad_scale, clip_global_norm)
     checked = (grad_scale, clip_global_norm)
   layout = opt.state.param_states.layout
   if d.mode == "sharded":

@@ -27,7 +27,8 @@ def dataclass(clz: _T) -> _T:
   def replace(self, **updates):
     return dataclasses.replace(self, **updates)
 
-  data_clz.replace = replace
+  if "replace" not in vars(data_clz):   # a class may define its own (Optimizer does)
+    data_clz.replace = replace
   jax.tree_util.register_dataclass(data_clz, data_fields=list(data_fields),
                                    meta_fields=list(meta_fields))
   data_clz._fusedopt_dataclass = True

@@ -52,7 +52,8 @@ the gradients is written. ``skip_nonfinite=True`` additionally leaves parameters
 count unchanged (zero updates) when a gradient is not finite, decided on the device.
 
 **fusedopt extras** (keyword-only, after optax's arguments): ``backend`` (``"auto"``, ``"jnp"``,
-``"native"``, ``"pallas"``, ``"pallas_interpret"``), ``state_dtype`` (storage dtype of the state
+``"native"``, ``"pallas"``, ``"pallas_interpret"``, ``"triton"``, ``"triton_interpret"``),
+``state_dtype`` (storage dtype of the state
 buffers, float32 by default), ``clip_global_norm``, ``skip_nonfinite``.
 
 **State.** ``FusedState(count, inner)``: ``count`` the int32 number of updates, ``inner`` a
@@ -80,7 +81,7 @@ from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import ADAM_RULE, Adam, moment_scalars
 from .base import HyperParamError
-from .flat import FlatState, bias_correction, check_range, gradient_prepass
+from .flat import FlatState, bias_correction, check_range, check_scalar, gradient_prepass
 from .lamb import LAMB, MOMENTS_RULE, APPLY_RULE
 from .lars import LARS, lars_rule
 from .layout import FlatLayout, LayoutError
@@ -355,6 +356,7 @@ def _common(name, opt_def, hyper, step, *, clip_global_norm, skip_nonfinite, **k
     _check_kind("clip_global_norm", clip_global_norm)
     if _is_schedule(clip_global_norm):
       raise HyperParamError("clip_global_norm must be a number or an array, not a schedule")
+    check_scalar("clip_global_norm", clip_global_norm)
     v = _concrete(clip_global_norm)
     if v is not None and not v > 0:
       raise HyperParamError(f"clip_global_norm={v} must be positive")
@@ -825,7 +827,8 @@ def adafactor(learning_rate=None, min_dim_size_to_factor=128, decay_rate=0.8, de
                clipping_threshold=clipping_threshold, momentum=momentum,
                weight_decay_rate=weight_decay_rate, eps=eps)
   _validate(dict(learning_rate=dict(lo=0.0, allow_none=True), decay_rate=_NONNEG,
-                 decay_offset={}, clipping_threshold=dict(lo=0.0, lo_open=True, allow_none=True),
+                 decay_offset={}, clipping_threshold=dict(lo=0.0, lo_open=True, allow_none=True,
+                                                          allow_inf=True),
                  momentum=dict(lo=0.0, hi=1.0, hi_open=True, allow_none=True),
                  weight_decay_rate=dict(allow_none=True), eps=_NONNEG), hyper)
   if momentum is None:   # (inject_hyperparams takes the dtype, a callable, for a schedule)

@@ -12,6 +12,7 @@ from jax import lax
 
 from . import struct
 from .base import OptimizerDef
+from .flat import check_range
 
 
 @struct.dataclass
@@ -53,12 +54,21 @@ class WeightNorm(OptimizerDef):
   def __init__(self, wrapped_optimizer, wn_decay=0, wn_eps=1e-8):
     super().__init__(_WeightNormHyperParams(wrapped_optimizer.hyper_params, wn_decay, wn_eps))
     self.wrapped_optimizer = wrapped_optimizer
+    self.validate(self.hyper_params)
+
+  def validate(self, hp):
+    """``wn_decay`` and ``wn_eps``: real scalars (also when traced), finite and >= 0 when
+    concrete (``wn_eps`` is added under the square root of each column's squared norm)."""
+    check_range(hp, "wn_decay", 0.0)
+    check_range(hp, "wn_eps", 0.0)
 
   def update_hyper_params(self, **hyper_param_overrides):
     decay = hyper_param_overrides.pop("wn_decay", self.hyper_params.wn_decay)
     eps = hyper_param_overrides.pop("wn_eps", self.hyper_params.wn_eps)
     inner = self.wrapped_optimizer.update_hyper_params(**hyper_param_overrides)
-    return self.hyper_params.replace(inner=inner, wn_decay=decay, wn_eps=eps)
+    hp = self.hyper_params.replace(inner=inner, wn_decay=decay, wn_eps=eps)
+    self.validate(hp)
+    return hp
 
   def init_state(self, params):
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -90,6 +100,7 @@ class WeightNorm(OptimizerDef):
     return WeightNormState(inner, direction, scale)
 
   def apply_gradient(self, hyper_params, params, state, grads):
+    self.validate(hyper_params)
     wn = state.param_states
     eps, decay = hyper_params.wn_eps, hyper_params.wn_decay
     merge = lambda d, s: jax.tree_util.tree_map(lambda a, b: _merge(a, b, eps), d, s)

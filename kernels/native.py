@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +34,19 @@ from fusedopt import elementwise
 from fusedopt.kernels import symbolic
 
 F32 = jnp.float32
-# -mprefer-vector-width=512: where the CPU has AVX-512, use it (GCC defaults to 256-bit vectors).
-# The memory-bound updates do not care; stochastic rounding's integer hash (7 multiplies and ~30
-# shifts/xors per element) is compute-bound at 256 bits: bf16 Adam with it, 2^25 elements on
-# 2 cores, 45.5 -> 22.9 ms (plain bf16 Adam, same bytes: 18.6 ms). Ignored without AVX-512.
+# Results must not depend on the CPU that built the kernel: -ffp-contract=off (no FMA contraction,
+# one IEEE rounding per operation, as NumPy's float32 evaluation of the rule) and no fast-math, so
+# -march=native changes only the speed. -mprefer-vector-width=512: where the CPU has AVX-512, use
+# it (GCC defaults to 256-bit vectors); stochastic rounding's integer hash is compute-bound at 256
+# bits (docs/performance.md). -fno-math-errno lets sqrtf vectorise (it is still IEEE sqrt).
 _FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno",
-          "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-w")
+          "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-w")
 _CHUNK = 1 << 15  # elements per work item: 128 KiB of fp32, enough to amortise the loop set-up
+# Sums of squares (LAMB/LARS norms) go into LANES float32 accumulators, element j of a work item
+# into lane j % LANES, added in index order; the lanes are then summed 0..LANES-1 in float32 and
+# the work items in double, in leaf order. A fixed order, so the sums are the same whatever vector
+# width the CPU has (an ``omp simd reduction`` lets the compiler pick the order).
+LANES = 16
 
 
 class NativeUnavailable(RuntimeError):
@@ -91,6 +98,32 @@ static inline float u2f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x;
 """
 
 
+def _segment_loops(body, n_terms):
+  """The element loop of ``segment``: ``body`` computes element ``j`` (and, with sums, adds its
+  squares into lane ``l`` of each ``acc<t>``)."""
+  if not n_terms:
+    return f"""  #pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {{
+      {body}
+  }}"""
+  decl = "".join(f"  float acc{t}[{LANES}] = {{0.f}};\n" for t in range(n_terms))
+  out = "".join(f"  {{ float s = 0.f; for (int l = 0; l < {LANES}; ++l) s += acc{t}[l]; "
+                f"acc_out[{t}] = s; }}\n" for t in range(n_terms))
+  return f"""{decl}  int64_t j0 = 0;
+  for (; j0 + {LANES} <= n; j0 += {LANES}) {{
+    #pragma omp simd
+    for (int l = 0; l < {LANES}; ++l) {{
+      const int64_t j = j0 + l;
+      {body}
+    }}
+  }}
+  for (int l = 0; j0 + l < n; ++l) {{
+    const int64_t j = j0 + l;
+    {body}
+  }}
+{out}"""
+
+
 def generate(rule, p_dtype="float32", g_dtype="float32", st_dtypes=None) -> str:
   """C++ source of the FFI handler ``FusedoptKernel`` for ``rule`` with params stored as
   ``p_dtype``, grads as ``g_dtype`` and state buffer k as ``st_dtypes[k]`` (each float32,
@@ -108,7 +141,7 @@ def generate(rule, p_dtype="float32", g_dtype="float32", st_dtypes=None) -> str:
   # LAMB-style per-tensor sums of squares of rule.sumsq's terms, from the values just computed:
   # float accumulators per work item (<= 32K elements), then double across items per leaf.
   n_terms = len(terms)
-  accum = [f"acc{t} += {v.name} * {v.name};" for t, v in enumerate(terms)]
+  accum = [f"acc{t}[l] += {v.name} * {v.name};" for t, v in enumerate(terms)]
   # Loads are plain C++ lvalues in the expressions; stores go last so in-place is safe.
   stores = [f"st(st{k}[j], {v.name});" for k, v in enumerate(new_state)]
   out_of_place = rule.writes_param and not rule.param_in_place
@@ -122,10 +155,7 @@ def generate(rule, p_dtype="float32", g_dtype="float32", st_dtypes=None) -> str:
       f"  {stt[i]}* st{i}p = static_cast<{stt[i]}*>(WRITES_ST ? "
       f"rets.get<ffi::AnyBuffer>({i}).value()->untyped_data() : "
       f"args.get<ffi::AnyBuffer>({2 + i}).value().untyped_data());\n" for i in range(k))
-  acc_decl = "".join(f"  float acc{t} = 0.f;\n" for t in range(n_terms))
-  acc_out = "".join(f"  acc_out[{t}] = acc{t};\n" for t in range(n_terms))
-  reduction = (" reduction(+:" + ",".join(f"acc{t}" for t in range(n_terms)) + ")"
-               if n_terms else "")
+  loops = _segment_loops(body, n_terms)
   p_qual = f"{pt}*" if rule.writes_param and not out_of_place else f"const {pt}*"
   pout_param = f", {pt}* __restrict pout" if out_of_place else ""
   pout_arg = ", POUT[i] + a" if out_of_place else ""
@@ -143,11 +173,8 @@ namespace ffi = xla::ffi;
 static inline void segment(const float* __restrict S, const float* __restrict Q,
                            {p_qual} __restrict p{pout_param}, const {gt}* __restrict g{st_params},
                            int64_t n, float* __restrict acc_out) {{
-{acc_decl}  #pragma omp simd{reduction}
-  for (int64_t j = 0; j < n; ++j) {{
-      {body}
-  }}
-{acc_out}}}
+{loops}
+}}
 
 static ffi::Error Impl(ffi::RemainingArgs args, ffi::RemainingRets rets,
                        ffi::Span<const int64_t> offs, ffi::Span<const int64_t> sizes) {{
@@ -211,9 +238,17 @@ def _compiler():
 
 
 def _cache_dir():
+  """The kernel cache: ``$FUSEDOPT_CACHE_DIR``, default ``~/.cache/fusedopt``; created here."""
   d = os.environ.get("FUSEDOPT_CACHE_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "fusedopt")
-  os.makedirs(d, exist_ok=True)
+  try:
+    os.makedirs(d, exist_ok=True)
+    if not os.access(d, os.W_OK | os.X_OK):
+      raise PermissionError(f"no write permission on {d}")
+  except OSError as e:
+    raise NativeUnavailable(
+        f"the native kernel cache directory {d!r} cannot be created or written ({e}); set "
+        "$FUSEDOPT_CACHE_DIR to a writable directory") from e
   return d
 
 
@@ -236,35 +271,84 @@ def available() -> bool:
     return False
 
 
+def _digest(path):
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return f"{os.path.getsize(path)} {h.hexdigest()}"
+
+
+def _verified(so):
+  """Whether ``so`` is a complete library this module built: its size and SHA-256 equal those
+  recorded next to it (``<so>.sha256``) when it was built. A truncated or foreign file would
+  crash the process when loaded (SIGBUS), so it is rebuilt instead."""
+  try:
+    with open(so + ".sha256") as f:
+      return f.read().strip() == _digest(so)
+  except OSError:
+    return False
+
+
+def _build(src, so):
+  """Compiles ``src`` into ``so``. Every file is written in ``so``'s own directory and renamed
+  into place (``os.replace`` is atomic only within one filesystem: a temporary directory on a
+  tmpfs ``/tmp`` would make it fail with EXDEV), the library first and then its digest, so a
+  concurrent process sees either no kernel, or a complete one with its digest. The source is
+  compiled under the library's own name from a fresh directory: the same source gives the same
+  bytes in every process, so concurrent builds of one kernel agree with either digest."""
+  d = os.path.dirname(so)
+  name = os.path.basename(so)[:-len(".so")]
+  tmp = tempfile.mkdtemp(prefix=".build-", dir=d)
+  try:
+    with open(os.path.join(tmp, name + ".cc"), "w") as f:
+      f.write(src)
+    cmd = [_compiler(), *_FLAGS, "-I", jax.ffi.include_dir(), name + ".cc", "-o", name + ".so"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp)
+    if proc.returncode:
+      raise NativeUnavailable(f"compiling a native kernel failed:\n{' '.join(cmd)}\n"
+                              f"{proc.stderr[-4000:]}")
+    out = os.path.join(tmp, name + ".so")
+    with open(out + ".sha256", "w") as f:
+      f.write(_digest(out))
+    os.replace(out, so)
+    os.replace(out + ".sha256", so + ".sha256")
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 _lock = threading.Lock()
+_failed = {}   # source -> NativeUnavailable: a kernel that cannot be built is not retried
 
 
 @functools.lru_cache(maxsize=None)
 def _target(src: str) -> str:
-  """Compiles (or finds in the cache) ``src``, registers it with XLA, returns the target name."""
-  if not available():
-    raise NativeUnavailable("the native backend needs a C++ compiler (set $CXX) and jaxlib's "
-                            "FFI headers; use backend='jnp' instead")
-  key = hashlib.sha256("\n".join([src, " ".join(_FLAGS), jax.__version__,
-                                  _cpu_fingerprint()]).encode()).hexdigest()[:20]
-  so = os.path.join(_cache_dir(), f"fusedopt_{key}.so")
-  with _lock:
-    if not os.path.exists(so):
-      with tempfile.TemporaryDirectory() as tmp:
-        cc = os.path.join(tmp, "kernel.cc")
-        with open(cc, "w") as f:
-          f.write(src)
-        out = os.path.join(tmp, "kernel.so")
-        cmd = [_compiler(), *_FLAGS, "-I", jax.ffi.include_dir(), cc, "-o", out]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-          raise NativeUnavailable(f"compiling a native kernel failed:\n{' '.join(cmd)}\n"
-                                  f"{proc.stderr[-4000:]}")
-        os.replace(out, so)  # atomic: concurrent processes never load a half-written file
-    lib = ctypes.CDLL(so)
-    name = f"fusedopt_{key}"
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(lib.FusedoptKernel), platform="cpu")
-  return name
+  """Compiles (or finds in the cache) ``src``, registers it with XLA, returns the target name.
+  Raises ``NativeUnavailable`` saying why when it cannot."""
+  if src in _failed:
+    raise _failed[src]
+  try:
+    if not available():
+      raise NativeUnavailable("no C++ compiler (set $CXX) or no jaxlib FFI headers")
+    key = hashlib.sha256("\n".join([src, " ".join(_FLAGS), jax.__version__,
+                                    _cpu_fingerprint()]).encode()).hexdigest()[:20]
+    with _lock:
+      so = os.path.join(_cache_dir(), f"fusedopt_{key}.so")
+      if not _verified(so):
+        _build(src, so)
+        if not _verified(so):
+          raise NativeUnavailable(f"the kernel just built, {so}, does not match its digest "
+                                  "(another process writing the cache?)")
+      lib = ctypes.CDLL(so)
+      name = f"fusedopt_{key}"
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(lib.FusedoptKernel), platform="cpu")
+    return name
+  except NativeUnavailable as e:
+    _failed[src] = e
+    raise
+  except OSError as e:   # a full disk, a file we may not write, a library that does not load
+    _failed[src] = NativeUnavailable(f"building or loading a native kernel failed: {e}")
+    raise _failed[src] from e
 
 
 def target_for(rule, p_dtype="float32", g_dtype="float32", st_dtypes=None) -> str:
@@ -278,13 +362,42 @@ def supports(dtype) -> bool:
 
 
 # XLA's compile time grows faster than linearly with the number of aliased outputs of one custom
-# call (13.5 s for one call over 2000 leaves, measured); calls over batches of leaves, threading the
+# call (docs/performance.md); calls over batches of leaves, threading the
 # flat state through, keep it near-linear. Each batch is still one pass over its leaves.
 _LEAVES_PER_CALL = 128
 
 
+_warned = set()
+
+
+def _fallback_warning(err):
+  msg = (f"fusedopt's native CPU kernels are unavailable, so this step runs on the jnp backend "
+         f"(same results, slower): {err}")
+  if msg not in _warned:
+    _warned.add(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
 def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
-  """Same contract as ``fusedopt.elementwise.run_jnp`` for a float32/bfloat16/float16 group."""
+  """Same contract as ``fusedopt.elementwise.run_jnp`` for a float32/bfloat16/float16 group,
+  sums per leaf. Where a kernel cannot be built or loaded, warns once and runs the group on the
+  jnp backend instead."""
+  try:
+    return _run_native(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+  except NativeUnavailable as e:
+    _fallback_warning(e)
+  new_p, new_state, sums = elementwise.run_jnp(rule, scalars, seg, layout, gi, p_leaves,
+                                               g_leaves, state)
+  if sums:   # per layout unit -> per leaf, in group order
+    group = layout.groups[gi]
+    pos = {leaf: k for k, leaf in enumerate(group.segments)}
+    ids = jnp.asarray([pos[i] for i in layout.block_segment_ids(gi)], jnp.int32)
+    sums = tuple(jax.ops.segment_sum(u, ids, num_segments=len(group.segments),
+                                     indices_are_sorted=True) for u in sums)
+  return new_p, new_state, sums
+
+
+def _run_native(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
   group = layout.groups[gi]
   S = (jnp.stack([jnp.asarray(scalars[name], F32) for name in rule.scalars])
        if rule.scalars else jnp.zeros((1,), F32))
@@ -328,7 +441,9 @@ def _call(rule, S, seg, layout, idx, p_leaves, g_leaves, state):
   offs = np.array([layout.segments[i].offset for i in idx], np.int64)
   sizes = np.array([layout.segments[i].size for i in idx], np.int64)
   target = target_for(rule, ps[0].dtype, g_dtype, tuple(np.dtype(x.dtype).name for x in state))
-  outs = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases)(
+  # vmap (ensembles, population-based training): one call per batch element, in a loop
+  outs = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases,
+                          vmap_method="sequential")(
       S, SEG, *state, *ps, *gs, offs=offs, sizes=sizes)
   new_state = tuple(outs[:k_out]) if writes_state else tuple(state)
   sums = ()

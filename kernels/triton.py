@@ -888,7 +888,11 @@ def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *
       bad.append(jnp.sum(b))
   sumsq = jnp.sum(jnp.stack(sq)) if sq else F32(0.0)
   finite = (jnp.sum(jnp.stack(bad)) == 0) if bad else jnp.asarray(True)
-  return flat.prepass_result(sumsq, finite, scale, clip_global_norm)
+  # the kernel sums plain squares: where that overflowed (finite |g| ~ 1e20), the norm is read
+  # again without overflow (a second pass over the gradients, only then)
+  norm = jax.lax.cond(jnp.isinf(sumsq), lambda: flat.gradient_prepass(g_leaves, scale)[1],
+                      lambda: jnp.sqrt(sumsq))
+  return flat.prepass_result(finite, norm, scale, clip_global_norm)
 
 
 def gradient_prepass_interpret(layout, g_leaves, grad_scale=None, clip_global_norm=None):

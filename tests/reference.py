@@ -1,7 +1,9 @@
 """Independent float64 NumPy oracle for the flax 0.5.3 ``flax.optim`` update rules.
 
 Nothing here imports fusedopt.  Every function re-states, in float64 NumPy, one
-``apply_param_gradient`` of flax 0.5.3 (flax/optim/*.py) for a single leaf:
+``apply_param_gradient`` of flax 0.5.3 (flax/optim/*.py) for a single leaf, with
+fusedopt's documented changes (docs/differences.md): float64
+bias corrections, and LAMB's trust ratio 1 when either norm is zero:
 
     step_fn(step, hp: dict, param, state: dict, grad) -> (new_param, new_state)
 
@@ -172,10 +174,12 @@ def lamb(step, hp, p, s, g):
   if hp['weight_decay'] != 0:
     u = u + hp['weight_decay'] * p
   pn, un = _norm(p), _norm(u)
-  with np.errstate(divide='ignore', invalid='ignore'):
-    # flax: jnp.where(pn + un > 0, pn / un, 1.)  (per tensor)
-    r = pn / un if pn + un > 0 else f64(1.0)
-    new_p = p - r * hp['learning_rate'] * u
+  # The trust ratio is 1 when either norm is zero: fusedopt's documented rule (docs/differences.md,
+  # "Differences from flax 0.5.3"), the paper's and optax's. Not flax 0.5.3's
+  # where(pn + un > 0, pn / un, 1), which gave a zero update on a nonzero tensor
+  # inf * 0 = NaN and a zero-initialised tensor ratio 0 (it never moved).
+  r = pn / un if (pn > 0 and un > 0) else f64(1.0)
+  new_p = p - r * hp['learning_rate'] * u
   return new_p, {'grad_ema': m, 'grad_sq_ema': v}
 
 

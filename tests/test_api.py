@@ -231,3 +231,35 @@ def test_eager_apply_gradient_is_one_compiled_step():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(optim.HyperParamError, match="learning_rate"):
     opt.apply_gradient(g, learning_rate=-1.0)
+
+
+@pytest.mark.parametrize("name, kw", [("Adam", {"weight_decay": 0.01}), ("LAMB", {}),
+                                      ("LARS", {"weight_decay": 0.001}),
+                                      ("Adadelta", {"weight_decay": 0.01}),
+                                      ("Adafactor", {"beta1": 0.9})])
+def test_python_float_overrides_never_recompile_and_keep_float64_accuracy(name, kw):
+  """Eager steps with a new Python-float learning rate (and beta) each step compile once; their
+  numbers equal a jitted step with the same Python floats as constants, bitwise (1 - beta and the
+  bias corrections keep the float64 accuracy of the constants: ``fusedopt.exact_float``)."""
+  from fusedopt import base
+  params = {f"w{i}": jnp.linspace(-1.0, 1.0, 3 * (i + 1) * 130).reshape(3 * (i + 1), 130)
+            for i in range(3)}
+  g = _grads(params)
+  opt = getattr(optim, name)(learning_rate=0.1, **kw).create(params)
+  beta = {"Adam": "beta2", "LAMB": "beta2", "LARS": "beta", "Adadelta": "rho",
+          "Adafactor": "beta1"}[name]
+  before = base._jitted_step._cache_size()
+  eager = opt
+  for t in range(4):
+    eager = eager.apply_gradient(g, learning_rate=0.01 * (t + 1), **{beta: 0.999 - 0.001 * t})
+  assert base._jitted_step._cache_size() == before + 1
+  jitted = opt
+  for t in range(4):
+    lr, b = 0.01 * (t + 1), 0.999 - 0.001 * t
+    jitted = jax.jit(lambda o, g, lr=lr, b=b: o.apply_gradient(g, learning_rate=lr, **{beta: b}))(
+        jitted, g)
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    if name == "Adafactor":   # per-leaf jnp math: float32 hyper-parameters, not float64 ones
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    else:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

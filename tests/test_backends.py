@@ -1,4 +1,5 @@
-"""Every backend runs the same rule: native == jnp (<= 2 ulp in float32), flat == per-leaf."""
+"""Every backend runs the same rule: native == jnp (within XLA's FMA contraction and rsqrt
+rewrite), flat == per-leaf. native == NumPy float32 bitwise: tests/test_native_bitwise.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,17 +46,21 @@ def _ulp_diff(a, b):
   return int(np.max(np.abs(ia - ib))) if a.size else 0
 
 
-def _assert_within_4ulp(new_a, new_b, old, what, step_size=0.0):
-  """|a - b| <= 4 ulp of the operands' magnitude (|old| + |new|).
+def _assert_within_8ulp(new_a, new_b, old, what, step_size=0.0, inputs=()):
+  """|a - b| <= 8 ulp of the magnitude of the terms: |old| + |new| + |inputs| + step_size.
 
-  The backends evaluate the same expression in float32, but XLA and the C++ compiler contract
-  different multiply-adds into FMAs, so results differ by rounding of the *terms*: near a
-  cancellation that is many ulps of the (small) result, yet at most ~1 ulp of the terms.
+  The native kernel is IEEE float32 operation by operation (bitwise equal to NumPy:
+  tests/test_native_bitwise.py); XLA:CPU is not quite: it contracts multiply-adds into FMAs
+  (``g + wd*p``: 1 ulp of the terms, which near a cancellation is many ulps of the result) and
+  rewrites ``a / sqrt(b)`` into ``a * rsqrt(b)`` (a few ulp of the quotient, doubled when it is
+  squared, as Adadelta's ``delta**2``). ``inputs`` are the step's other operands (the gradient).
   """
   a, b, old = (np.asarray(x, np.float32) for x in (new_a, new_b, old))
   scale = np.abs(old) + np.maximum(np.abs(a), np.abs(b)) + step_size
+  for x in inputs:
+    scale = scale + np.abs(np.asarray(x, np.float32))
   err = np.abs(a.astype(np.float64) - b)
-  bound = 4 * np.spacing(scale.astype(np.float32)).astype(np.float64)
+  bound = 8 * np.spacing(scale.astype(np.float32)).astype(np.float64)
   assert np.all(err <= bound), (what, float(np.max(err - bound)))
 
 
@@ -80,14 +85,14 @@ def test_native_matches_jnp_float32(name, kw):
         np.testing.assert_allclose(np.asarray(x, np.float64) - o64,
                                    np.asarray(y, np.float64) - o64, rtol=2e-5, atol=1e-7)
         continue
-      _assert_within_4ulp(x, y, old, (name, kw, t), step_size=float(lr))
+      _assert_within_8ulp(x, y, old, (name, kw, t), step_size=float(lr))
     # state compared leaf by leaf: the padding between segments is not state (the jnp backend
     # computes it, the native one skips it)
     a_st, b_st = a.state.param_states, b.state.param_states
     for k in a_st.fields:
       for i in range(len(a_st.layout.segments)):
-        _assert_within_4ulp(a_st.leaf(k, i), b_st.leaf(k, i), opt.state.param_states.leaf(k, i),
-                            (name, kw, t, k, i))
+        _assert_within_8ulp(a_st.leaf(k, i), b_st.leaf(k, i), opt.state.param_states.leaf(k, i),
+                            (name, kw, t, k, i), inputs=(jax.tree.leaves(g)[i],))
     opt = a
 
 

@@ -107,6 +107,7 @@ def test_moment_extraction_agrees(name, optim):
   np.testing.assert_allclose(r.moment_host(), want, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.ci_may_skip("torch is not in the `test` extra: runs where torch is installed")
 def test_torch_rows(tmp_path, tiny_trees, monkeypatch):
   """torch.optim.AdamW / SGD (fused and foreach) agree with fusedopt and get the torch ratios.
   torch on CPU stands in for CUDA here (the bench runs the torch rows only with CUDA)."""

@@ -125,3 +125,25 @@ def test_bad_inputs():
   ada = optim.Adafactor(learning_rate=0.1).create(_tree())
   with pytest.raises(TypeError, match="no fused checked update"):
     ada.apply_gradient_checked(_grads(_tree()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, kw", [("Adam", {}), ("LARS", {})], ids=["Adam", "LARS"])
+def test_finite_gradients_whose_norm_overflows_are_clipped_not_skipped(name, kw, backend):
+  """|g| = 1e20: the float32 sum of squares overflows, the gradients do not. They are clipped to
+  the global norm like any others (the same step as on g / 1e20 clipped), not skipped."""
+  # a 0-d and a 1-element leaf too: XLA simplifies their reductions away (and once rewrote
+  # (g*c)**2 as g**2 * c**2 = inf * 0 there)
+  tree = {"w": jnp.linspace(-1.0, 1.0, 1030), "b": jnp.full((4,), 0.5), "s": jnp.float32(0.3),
+          "o": jnp.ones((1,))}
+  unit = {"w": jnp.cos(jnp.arange(1030.0)), "b": jnp.asarray([1.0, -2.0, 0.5, 3.0]),
+          "s": jnp.float32(-1.5), "o": jnp.full((1,), 2.0)}
+  opt = _opt(name, kw, backend, tree)
+  step = jax.jit(lambda o, g: o.apply_gradient_checked(g, clip_global_norm=1.0))
+  new, finite, norm = step(opt, jax.tree.map(lambda x: x * 1e20, unit))
+  ref, ref_finite, ref_norm = step(opt, unit)
+  assert bool(finite) and bool(ref_finite)
+  assert int(new.state.step) == 1
+  np.testing.assert_allclose(float(norm), 1e20 * float(ref_norm), rtol=1e-6)
+  _close(new.target, ref.target, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(np.asarray(new.target["w"]), np.asarray(tree["w"]))

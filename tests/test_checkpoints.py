@@ -108,7 +108,8 @@ def test_flax_053_adam_checkpoint_of_bf16_params_restores_and_trains():
                       "param_states": jax.tree.map(
                           lambda a, b: {"grad_ema": a, "grad_sq_ema": b}, m, v)}}
   blob = flax_ser.msgpack_serialize(legacy)   # what flax.serialization.to_bytes wrote
-  opt = ser.from_bytes(optim.Adam(0.01).create(params), blob)
+  lr = 1.0   # steps of several bf16 ulps (with lr 0.01 most were under half an ulp: no-ops)
+  opt = ser.from_bytes(optim.Adam(lr).create(params), blob)
   assert int(opt.state.step) == 3
   for path in (("Dense_0", "kernel"), ("Dense_1", "bias")):
     st = opt.state.param_states.per_leaf()[path[0]][path[1]]
@@ -116,17 +117,27 @@ def test_flax_053_adam_checkpoint_of_bf16_params_restores_and_trains():
                                   np.asarray(m[path[0]][path[1]], np.float32))
     np.testing.assert_array_equal(np.asarray(st["grad_sq_ema"]),
                                   np.asarray(v[path[0]][path[1]], np.float32))
-  # one more step from the restored moments, against float64 NumPy
+  # one more step from the restored moments, against float64 NumPy: the float32 moments to a few
+  # float32 roundings, the bf16 params rounded to nearest (half a bf16 ulp, plus float32's error)
   g = _grads(params, 0)
   new = opt.apply_gradient(g)
-  for path in (("Dense_0", "kernel"), ("Dense_1", "bias")):
-    p0 = np.asarray(params[path[0]][path[1]], np.float64)
-    g0 = np.asarray(g[path[0]][path[1]], np.float64)
-    m1 = 0.9 * np.asarray(m[path[0]][path[1]], np.float64) + 0.1 * g0
-    v1 = 0.999 * np.asarray(v[path[0]][path[1]], np.float64) + 0.001 * g0 * g0
-    want = p0 - 0.01 * (m1 / (1 - 0.9**4)) / (np.sqrt(v1 / (1 - 0.999**4)) + 1e-8)
-    got = np.asarray(new.target[path[0]][path[1]], np.float64)
-    np.testing.assert_allclose(got, want, rtol=2**-7)   # bfloat16 params: 1 ulp
+  states = new.state.param_states.per_leaf()
+  for a, b in (("Dense_0", "kernel"), ("Dense_0", "bias"), ("Dense_1", "kernel"),
+               ("Dense_1", "bias")):
+    p0 = np.asarray(params[a][b], np.float64)
+    g0 = np.asarray(g[a][b], np.float64)
+    m1 = 0.9 * np.asarray(m[a][b], np.float64) + 0.1 * g0
+    v1 = 0.999 * np.asarray(v[a][b], np.float64) + 0.001 * g0 * g0
+    np.testing.assert_allclose(np.asarray(states[a][b]["grad_ema"], np.float64), m1, rtol=1e-6,
+                               atol=1e-9, err_msg=f"{a}/{b}")
+    np.testing.assert_allclose(np.asarray(states[a][b]["grad_sq_ema"], np.float64), v1,
+                               rtol=1e-6, err_msg=f"{a}/{b}")
+    want = p0 - lr * (m1 / (1 - 0.9**4)) / (np.sqrt(v1 / (1 - 0.999**4)) + 1e-8)
+    got = np.asarray(new.target[a][b], np.float64)
+    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64) * 2.0**16   # bf16's
+    np.testing.assert_array_less(np.abs(got - want), 0.5 * ulp + 1e-6 * np.abs(want) + 1e-30,
+                                 err_msg=f"{a}/{b}")
+    assert np.any(np.abs(want - p0) > ulp), f"{a}/{b}: a step that does nothing would pass"
 
 
 def test_flax_053_multi_optimizer_and_weight_norm_layouts():

@@ -27,7 +27,8 @@ for the state bounds and 0.46 for the step bounds; bounds of a whole ulp count a
 
 The two interpreters are started once per session (a session fixture: about 20 s on two cores
 once the venv exists; creating it adds well under a minute where pip has a local index).
-Skipped, with the reason, when no flax 0.5.3 interpreter can be had (``flax053_env``).
+Skipped, with the reason, when no flax 0.5.3 interpreter can be had (``flax053_env``); under
+CI (``CI=true``) that fails instead (tests/conftest.py), since the venv must build there.
 """
 import dataclasses
 import json
@@ -65,8 +66,8 @@ NAMES = list(scenarios.SCENARIOS)
 # State ('/state/param_states/.../<field>'), per tensor:
 #     max |fusedopt - flax| <= n ulps of M, M = the largest |flax value| this tensor has had so far
 # A state is a recurrence (s = b*s + (1-b)*x) whose terms are about as large as the state itself;
-# where they cancel, a one-rounding difference (fusedopt's native kernel contracts a*b+c into one
-# FMA, XLA rounds twice) is one ulp of the terms, not of the small result, so the ulp is taken of
+# where they cancel, a one-rounding difference (XLA contracts a*b+c into one FMA, fusedopt's
+# native kernel rounds twice) is one ulp of the terms, not of the small result, so the ulp is taken of
 # the largest magnitude the tensor has held (the terms' size), not elementwise.
 #
 # Exact (bitwise, NaN == NaN): the step counter, the initial state dict (k = 0 above: a zero
@@ -105,7 +106,7 @@ class Tol:
 
 
 # Adam, LAMB, AdaBelief: fusedopt computes the bias corrections 1 - beta^t accurately in float32
-# (README, "Differences from flax 0.5.3"); 0.5.3 rounds beta to float32 first, which makes
+# (docs/differences.md); 0.5.3 rounds beta to float32 first, which makes
 # 1 - 0.999^t 1.3e-5 too small: every update differs by ~1e-5 relative (measured: 1.0e-5 at
 # most). 1e-4 leaves a factor 10 and is still 100x below a missing lr*wd*p (1e-2 of the update
 # with the scenarios' wd >= 0.01 and |p| ~ 1). The moments themselves do not involve the bias

@@ -17,8 +17,9 @@ Mapping flax 0.5.3 -> optax 0.2.8 (all exact, derived from both sources):
   RMSProp(lr, beta2, eps, centered)    optax.rmsprop(lr, decay=beta2, eps=eps,
                                        eps_in_sqrt=False, centered=centered)
   LAMB(lr, b1, b2, wd, eps)            optax.lamb(lr, b1, b2, eps, weight_decay=wd)
-      trust ratio ||p||/||u|| per leaf in both; the degenerate cases differ (flax: 0 for
-      an all-zero p, NaN for u == 0; optax: 1), so leaves here are non-degenerate.
+      trust ratio ||p||/||u|| per leaf in both, 1 where either norm is 0 (flax 0.5.3 gave
+      0 for an all-zero p, NaN for u == 0); zero-norm tensors: tests/test_numerics.py
+      and tests/test_tx.py (make_degenerate).
   Adafactor(lr, factored, mbps, beta1, decay_rate, step_offset, clipping_threshold,
             weight_decay_rate, min_dim_size_to_factor, epsilon1, epsilon2=1e-3)
       optax.adafactor(lr, min_dim_size_to_factor, decay_rate, decay_offset=step_offset,
@@ -27,8 +28,8 @@ Mapping flax 0.5.3 -> optax 0.2.8 (all exact, derived from both sources):
       optax applies the same chain (factored rms -> block-rms clip -> lr -> param-scale
       max(rms(p), 1e-3) -> ema(beta1, no debias) -> + wdr*p -> negate), so
       p_new = (1-wdr)*p - sub exactly as flax.  Cannot agree: epsilon2 != 1e-3 (optax's
-      scale_by_param_block_rms min_scale is not exposed by optax.adafactor); that case is
-      skipped.
+      scale_by_param_block_rms min_scale is not exposed by optax.adafactor): not a case
+      here (epsilon2 is checked against the reference in tests/test_numerics.py).
   Adagrad(lr, eps=0)                   optax.adagrad(lr, initial_accumulator_value=0, eps=0)
       (optax puts eps inside the sqrt, flax outside: they agree only for eps = 0.)
   AdaBelief(lr, b1, b2, eps, wd)       chain(scale_by_belief(b1, b2, eps=eps, eps_root=eps),
@@ -126,8 +127,7 @@ def run_fused(name, kw, backend, params, grads):
 
 def _adafactor_tx(kw):
   hp = ref.full_hp('Adafactor', kw)
-  if hp['epsilon2'] != 1e-3:
-    pytest.skip('optax.adafactor fixes the parameter-scale floor at 1e-3 (flax epsilon2)')
+  assert hp['epsilon2'] == 1e-3, 'optax.adafactor fixes the parameter-scale floor at 1e-3'
   return optax.adafactor(
       learning_rate=hp['learning_rate'], min_dim_size_to_factor=hp['min_dim_size_to_factor'],
       decay_rate=hp['decay_rate'], decay_offset=hp['step_offset'],
@@ -181,7 +181,6 @@ CASES = [
     ('Adafactor', dict(learning_rate=0.01, multiply_by_parameter_scale=False,
                        min_dim_size_to_factor=3, step_offset=-3, decay_rate=0.6,
                        epsilon1=1e-3, clipping_threshold=2.0), _adafactor_tx),
-    ('Adafactor', dict(learning_rate=0.05, epsilon2=0.8), _adafactor_tx),  # skipped: see doc
 ]
 
 

@@ -5,7 +5,8 @@
   T4  lowers for TPU (Mosaic) under an abstract TPU mesh
   T5  compiles with libtpu's compile-only topologies (v5e, v4), and the whole optimizer step
       compiles for an H100 compile-only topology with XLA:GPU (jax-cuda12-plugin)
-The tools come with the ``test`` extra; a tier whose tool is missing is skipped, not failed.
+The tools come with the ``test`` extra; outside CI a tier whose tool is missing is skipped, under
+``CI=true`` it fails (tests/conftest.py).
 """
 import importlib.util
 import re

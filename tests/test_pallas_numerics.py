@@ -159,6 +159,7 @@ def test_flat_update_rejects_bad_buffers():
     kp.flat_update(rule, s, {}, y, y, (), platform="interpret")
 
 
+@pytest.mark.ci_may_skip("CPU-only behaviour")
 @pytest.mark.skipif(ON_DEVICE, reason="CPU-only behaviour")
 def test_pallas_backend_on_cpu_is_a_clear_error():
   opt = optim.Adam(learning_rate=0.1, backend="pallas").create({"w": jnp.ones((3,))})

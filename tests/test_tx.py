@@ -8,7 +8,7 @@ optax's error, not fusedopt's. The betas' defaults are covered by a looser test.
 
 Tolerance: rtol 1e-6 and atol 1e-6 * max(1, max|leaf|) -- a few float32 ulps of the largest
 entry: the fused rules round in another order than optax's chains (e.g. ``p - lr*x - lr*wd*p``
-vs ``p + (-lr)*(x + wd*p)``; native kernels contract to FMA).
+vs ``p + (-lr)*(x + wd*p)``; XLA contracts multiply-adds into FMAs, the native kernels do not).
 """
 import functools
 import os
@@ -34,7 +34,7 @@ B1, B2 = 0.875, 1.0 - 2.0 ** -10      # exactly representable: optax's 1 - b**t 
 
 def make_params(seed=0):
   """Mixed containers and shapes, a leaf large enough for Adafactor to factor; no zero leaf
-  (LAMB/LARS degenerate branches are tested separately)."""
+  (LAMB/LARS zero-norm tensors: test_lamb_lars_zero_norm_tensors_agree_with_optax)."""
   rng = np.random.RandomState(seed)
   n = lambda shape, s=1.0: jnp.asarray((s * rng.standard_normal(shape)).astype(np.float32))  # noqa: E731
   return {"dense": {"kernel": n((3, 5)), "bias": n((7,), 0.5)},
@@ -152,6 +152,27 @@ def test_params_required(make, data):
   t = make()
   with pytest.raises(ValueError, match="update\\(grads, state, params\\)"):
     t.update(grads[0], t.init(params))
+
+
+# LAMB and LARS on tensors whose trust-ratio norms are zero (a zero-initialised tensor, zero grads
+# on a nonzero tensor, zero param with zero grad): optax's scale_by_trust_ratio makes the ratio 1
+# there, as fusedopt does (tests/test_numerics.py: make_degenerate has the cases).
+ZERO_NORM_CASES = [
+    ("lamb", lambda m: m.lamb(5e-2, b1=B1, b2=B2)),
+    ("lars", lambda m: m.lars(0.5)),                  # wd = eps = 0: 0/0 without the clamp
+    ("lars_wd_nesterov", lambda m: m.lars(0.5, weight_decay=1e-3, eps=1e-5, nesterov=True)),
+]
+
+
+@pytest.mark.parametrize("case", ZERO_NORM_CASES, ids=[c[0] for c in ZERO_NORM_CASES])
+def test_lamb_lars_zero_norm_tensors_agree_with_optax(case):
+  import test_numerics  # pylint: disable=import-outside-toplevel
+  name, make = case
+  params, grads = test_numerics.make_degenerate()
+  expected, _ = run(make(optax), params, grads)
+  got, _ = run(make(tx), params, grads)
+  assert_close(got, expected, name)
+  assert np.all(np.asarray(got["bias"]) != 0)          # the zero-initialised tensor trains
 
 
 # ----------------------------------------------------------------------------- precision

@@ -311,7 +311,8 @@ def checked_update(backend, stats):
 
 def prepass(backend, stats):
   """The Triton pre-pass (per-row sums of squares and non-finite counts, reduced in XLA) equals
-  the XLA one: norm, finite flag and clip factor; inf, NaN and a float16 overflow-by-scaling."""
+  the XLA one: norm, finite flag and clip factor; inf, NaN, a float16 overflow-by-scaling and
+  finite gradients whose sum of squares overflows."""
   del stats
   plat = "interpret" if backend == "triton_interpret" else None
   t = tree(LOW, seed=3)
@@ -321,6 +322,8 @@ def prepass(backend, stats):
     g = dict(cases[0])
     g["l06"] = g["l06"].at[2, 3].set(bad)
     cases.append(g)
+  # finite, but the float32 sum of squares overflows: clipped (norm recomputed), not skipped
+  cases.append({k: v * 1e20 if v.dtype != jnp.float16 else v for k, v in cases[0].items()})
   for g in cases:
     leaves = jax.tree.leaves(g)
     for scale, clip in ((None, None), (jnp.float32(1 / 1024.), 0.5), (jnp.float32(3.0), 1e3)):

@@ -1,0 +1,129 @@
+"""The native kernel cache never breaks the default backend.
+
+Each case runs a fresh Python process (the kernel cache and XLA's FFI registry are per process):
+an Adam step on ``backend="auto"`` (the native kernels on CPU) against the jnp backend.
+- the temporary directory and the cache on different filesystems (a tmpfs ``/tmp``);
+- a truncated library in the cache (loading it would be a SIGBUS): rebuilt, not loaded;
+- a cache directory that cannot be created, a compiler that fails: one warning naming the cause
+  and the fix, and the jnp backend's results.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import fusedopt as optim
+
+pytestmark = pytest.mark.skipif("native" not in optim.available_backends(),
+                                reason="no C++ compiler for the native backend")
+
+_SCRIPT = textwrap.dedent("""
+    import json, warnings
+    import jax, jax.numpy as jnp, numpy as np
+    import fusedopt as optim
+    p = {"w": jnp.linspace(-1.0, 1.0, 3001), "b": jnp.ones((7,))}
+    g = jax.tree.map(lambda x: jnp.cos(3.0 * x) + 0.5, p)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      a = optim.Adam(1e-2).create(p).apply_gradient(g).apply_gradient(g)
+    b = optim.Adam(1e-2, backend="jnp").create(p).apply_gradient(g).apply_gradient(g)
+    diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a.target),
+                                                             jax.tree.leaves(b.target)))
+    print(json.dumps({"diff": diff, "warnings": [str(w.message) for w in caught
+                                                  if "native" in str(w.message)]}))
+""")
+
+
+def _run(env_updates):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env_updates)
+  if "FUSEDOPT_CACHE_DIR" not in env_updates:   # the default cache, under $HOME
+    env.pop("FUSEDOPT_CACHE_DIR", None)
+  proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["diff"] < 1e-6, out
+  return out
+
+
+def _libraries(d):
+  return sorted(f for f in os.listdir(d) if f.endswith(".so"))
+
+
+def _other_filesystem(tmp_path):
+  shm = "/dev/shm"
+  assert os.path.isdir(shm) and os.stat(shm).st_dev != os.stat(tmp_path).st_dev, (
+      "this test needs /dev/shm on another filesystem than pytest's tmp_path")
+  d = os.path.join(shm, f"fusedopt-test-{os.getpid()}-{tmp_path.name}")
+  os.makedirs(d, exist_ok=True)
+  return d
+
+
+@pytest.mark.parametrize("where", ["tmpdir_on_tmpfs", "cache_on_tmpfs"])
+def test_cache_on_another_filesystem_than_tmpdir(tmp_path, where):
+  other = _other_filesystem(tmp_path)
+  try:
+    if where == "tmpdir_on_tmpfs":   # HOME's default cache on disk, TMPDIR on a tmpfs
+      env = {"HOME": str(tmp_path), "TMPDIR": other}
+      cache = os.path.join(tmp_path, ".cache", "fusedopt")
+    else:                            # the cache on a tmpfs, TMPDIR on disk
+      env = {"FUSEDOPT_CACHE_DIR": other, "TMPDIR": str(tmp_path)}
+      cache = other
+    out = _run(env)
+    assert out["warnings"] == []
+    libs = _libraries(cache)
+    assert libs, "no kernel was cached"
+    assert not [f for f in os.listdir(cache) if f.startswith(".build-")], "build files left over"
+  finally:
+    subprocess.run(["rm", "-rf", other], check=False)
+
+
+def test_truncated_library_is_rebuilt_not_loaded(tmp_path):
+  env = {"FUSEDOPT_CACHE_DIR": str(tmp_path)}
+  assert _run(env)["warnings"] == []
+  libs = _libraries(tmp_path)
+  sizes = {}
+  for f in libs:
+    path = os.path.join(tmp_path, f)
+    sizes[f] = os.path.getsize(path)
+    with open(path, "r+b") as fh:
+      fh.truncate(sizes[f] // 2)
+  assert _run(env)["warnings"] == []   # a truncated library loaded would kill it (SIGBUS)
+  for f in libs:
+    assert os.path.getsize(os.path.join(tmp_path, f)) == sizes[f]
+
+
+@pytest.mark.parametrize("case", ["uncreatable_cache_dir", "compiler_fails"])
+def test_build_failure_falls_back_to_jnp_with_one_warning(tmp_path, case):
+  if case == "uncreatable_cache_dir":
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    env, cause = {"FUSEDOPT_CACHE_DIR": str(blocker / "cache")}, "FUSEDOPT_CACHE_DIR"
+  else:
+    env, cause = {"FUSEDOPT_CACHE_DIR": str(tmp_path), "CXX": "false"}, "compiling a native kernel"
+  out = _run(env)
+  assert len(out["warnings"]) == 1, out["warnings"]
+  assert "jnp backend" in out["warnings"][0] and cause in out["warnings"][0], out["warnings"]
+
+
+def test_concurrent_processes_building_one_cache_agree(tmp_path):
+  """Two processes build the same kernels into one empty cache at once: the same source gives
+  the same library bytes in each (compiled under the library's name), so whichever digest lands
+  last matches whichever library did: no warning, no rebuild loop, the native results."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", FUSEDOPT_CACHE_DIR=str(tmp_path))
+  procs = [subprocess.Popen([sys.executable, "-c", _SCRIPT], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["warnings"] == [] and res["diff"] < 1e-6, res
+  libs = _libraries(tmp_path)
+  assert libs
+  for f in libs:
+    with open(os.path.join(tmp_path, f + ".sha256")) as fh:
+      size, _ = fh.read().split()
+    assert int(size) == os.path.getsize(os.path.join(tmp_path, f))
