@@ -111,21 +111,45 @@ def _executor(backend, layout, gi, rule):
   return _auto(layout, gi, rule)
 
 
+def _sequential_vmap(fn):
+  """``fn`` whose ``jax.vmap`` runs it once per batch element (``lax.map``): for kernels without
+  a batching rule (jax-triton's ``triton_call`` raises under vmap)."""
+  fn = jax.custom_batching.custom_vmap(fn)
+
+  @fn.def_vmap
+  def rule(axis_size, in_batched, *args):
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    flags = jax.tree_util.tree_leaves(list(in_batched))   # same leaf order as ``args``
+    leaves = [x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+              for x, b in zip(leaves, flags)]
+    out = jax.lax.map(lambda xs: fn(*jax.tree_util.tree_unflatten(treedef, xs)), leaves)
+    return out, jax.tree_util.tree_map(lambda _: True, out)
+
+  return fn
+
+
 def _with_jnp_derivatives(run):
   """``run`` (a kernel backend's group executor) whose derivatives are the jnp backend's.
 
   Kernels (FFI calls, Pallas, Triton) have no JVP rule; the jnp backend runs the same rule in
   ``jax.numpy``, so under ``jax.jvp``/``jax.grad`` (meta-learning: derivatives with respect to
   hyper-parameters or inputs) the step's value comes from the kernel and its tangent from the jnp
-  path. ``jax.vmap`` batches the kernel itself (each backend's batching rule)."""
+  path. ``jax.vmap`` batches the kernel itself (each backend's batching rule; one call per batch
+  element for an executor marked ``sequential_vmap``, the Triton kernels)."""
   if run is elementwise.run_jnp:
     return run
   mode = getattr(run, "fused_sumsq", False)
+  sequential = getattr(run, "sequential_vmap", False)
 
   def wrapped(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+    def kernel(scalars, seg, p_leaves, g_leaves, state):
+      return run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+    if sequential:
+      kernel = _sequential_vmap(kernel)
+
     @jax.custom_jvp
     def step(scalars, seg, p_leaves, g_leaves, state):
-      return run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+      return kernel(scalars, seg, p_leaves, g_leaves, state)
 
     def reference(scalars, seg, p_leaves, g_leaves, state):
       new_p, new_state, sums = elementwise.run_jnp(rule, scalars, seg, layout, gi, p_leaves,

@@ -860,6 +860,8 @@ def run_interpret(*args):
 
 
 run.fused_sumsq = run_interpret.fused_sumsq = "per_leaf"
+# triton_call has no batching rule: under jax.vmap the driver calls the kernels once per element
+run.sequential_vmap = run_interpret.sequential_vmap = True
 
 
 def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *, platform=None):

@@ -95,3 +95,30 @@ def test_vmap_over_an_ensemble_equals_one_by_one(name, kw, backend):
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b))
       else:   # XLA code, fused (contracted, reduced) anew for the batched shapes
         np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b), rtol=4e-6, atol=1e-7)
+
+
+def test_sequential_vmap_for_kernels_without_a_batching_rule(monkeypatch):
+  """An executor marked ``sequential_vmap`` (the Triton kernels: ``triton_call`` raises under
+  vmap) is called once per batch element. Shown on the native kernels with their FFI batching
+  rule taken away (``vmap_method=None`` raises under vmap, as ``triton_call`` does): unmarked,
+  vmap fails; marked, it runs and equals the members one by one."""
+  if "native" not in BACKENDS:
+    pytest.fail("the native backend is needed here")
+  from fusedopt.kernels import native   # pylint: disable=import-outside-toplevel
+  orig = jax.ffi.ffi_call
+
+  def no_batching_rule(*args, **kwargs):
+    kwargs["vmap_method"] = None
+    return orig(*args, **kwargs)
+  monkeypatch.setattr(jax.ffi, "ffi_call", no_batching_rule)
+  lrs = jnp.asarray([0.01, 0.02, 0.05], jnp.float32)
+  p, g = _params(), _grads(_params())
+  ensemble = jax.vmap(lambda lr: _after_step("Adam", {}, "native", lr, p, g).target)
+  with pytest.raises(Exception, match="vmap"):
+    jax.jit(ensemble)(lrs)
+  monkeypatch.setattr(native.run, "sequential_vmap", True, raising=False)
+  got = jax.jit(ensemble)(lrs)
+  for k in range(3):
+    one = jax.jit(lambda lr: _after_step("Adam", {}, "native", lr, p, g).target)(lrs[k])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(one)):
+      np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b))

@@ -338,6 +338,29 @@ def prepass(backend, stats):
         assert not np.isfinite(float(nb)) or not bool(fb)
 
 
+def vmap_and_grad(backend, stats):
+  """``jax.vmap`` over an ensemble of learning rates (``triton_call`` has no batching rule: the
+  driver calls the kernels once per member) and ``jax.grad`` through a step (tangents from the
+  jnp path) on the Triton kernels, against the jnp backend."""
+  del stats
+  p = tree(F32, shapes=[(33, 65), (7,), ()])
+  g = grads(p, 1)
+
+  def loss(b, lr):
+    new = optim.Adam(0.01, weight_decay=0.01, backend=b).create(p).apply_gradient(
+        g, learning_rate=lr)
+    return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(new.target)), new.target
+
+  lrs = jnp.asarray([0.01, 0.05, 0.1], jnp.float32)
+  got = jax.jit(jax.vmap(lambda lr: loss(backend, lr)[1]))(lrs)
+  ref = jax.jit(jax.vmap(lambda lr: loss("jnp", lr)[1]))(lrs)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
+  d_got = jax.jit(jax.grad(lambda lr: loss(backend, lr)[0]))(jnp.float32(0.02))
+  d_ref = jax.jit(jax.grad(lambda lr: loss("jnp", lr)[0]))(jnp.float32(0.02))
+  np.testing.assert_allclose(float(d_got), float(d_ref), rtol=1e-5)
+
+
 def block_sizes(backend, stats):
   """flat_update directly: blocks smaller than, equal to and larger than a 1024-element unit
   (then the last block overhangs the buffer: masked), LAMB's sums per unit in every case."""
@@ -479,6 +502,7 @@ CASES["optax-api-tx-adamw"] = optax_api
 CASES["checked-update-and-skipped-step"] = checked_update
 CASES["prepass-equals-xla"] = prepass
 CASES["block-sizes-and-masking"] = block_sizes
+CASES["vmap-and-grad"] = vmap_and_grad
 CASES["bitwise-vs-numpy-float32"] = bitwise_vs_numpy
 CASES["stochastic-rounding-bf16-bitwise"] = stochastic_rounding
 
