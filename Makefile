@@ -1,6 +1,7 @@
 # fusedopt developer commands.
 #
-#   make test    create .venv if absent, install '.[test]' (editable), run the test suite on CPU
+#   make test    create .venv if absent, install '.[test]' (editable, versions pinned by
+#                constraints/ci.txt), run the test suite on CPU
 #   make demo    same set-up with '.[demo]', then run examples/digits_mlp.py on CPU: an MLP on
 #                scikit-learn's digits with fusedopt.Adam and optax.adamw (curves checked to
 #                agree, plot in digits_mlp_loss.png), then the train step timed against optax
@@ -8,16 +9,20 @@
 #   make clean   remove the virtual environment and build/test caches
 #   make gpu-vendor  copy jax-triton into .gpu_vendor for a GPU machine lacking it (gpu_run.sh)
 #
+# Every install passes pip the constraints file $(CONSTRAINTS) (default constraints/ci.txt): the
+# exact versions CI tests, the lower bounds of pyproject.toml's ranges (docs/install.md).
+# `make test CONSTRAINTS=other.txt` tests another set inside the ranges; CONSTRAINTS= none.
+#
 # Re-running is cheap: each extra's install is recorded in a stamp file inside .venv whose name
-# carries a hash of pyproject.toml (and of the repo path, since the install is editable), so it
-# is redone only when pyproject.toml changes or the checkout moves.
+# carries a hash of pyproject.toml and the constraints file (and of the repo path, since the
+# install is editable), so it is redone only when one of them changes or the checkout moves.
 #
 # pip's "WARNING: Location 'file:///opt/pypi...' is ignored" lines (a quirk of this machine's
 # pip configuration, harmless) are filtered out; pip's exit status still counts (pipefail).
 #
-# Variables: PYTHON (interpreter that creates the venv, default python3), TESTS (what pytest
-# runs, default tests), PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (default auto: one
-# per core; 0 runs in one process), DEMO_ARGS, BENCH_ARGS.
+# Variables: PYTHON (interpreter that creates the venv, default python3), CONSTRAINTS, TESTS
+# (what pytest runs, default tests), PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS
+# (default auto: one per core; 0 runs in one process), DEMO_ARGS, BENCH_ARGS.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -26,7 +31,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
+CONSTRAINTS ?= constraints/ci.txt
+PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 TESTS ?= tests
 PYTEST_ARGS ?=
@@ -36,7 +42,7 @@ PYTEST_WORKERS ?= auto
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-KEY := $(shell { cat pyproject.toml; echo '$(CURDIR)'; } | sha1sum | cut -c1-12)
+KEY := $(shell { cat pyproject.toml $(CONSTRAINTS); echo '$(CURDIR) $(CONSTRAINTS)'; } | sha1sum | cut -c1-12)
 stamp = $(VENV)/.installed-$(1)-$(KEY)
 
 .PHONY: test demo bench clean venv gpu-vendor

@@ -6,7 +6,6 @@ step's scalars once (float32, as runtime values), then runs the optimizer's ``Ru
 group with the selected backend. The same rule serves ``apply_param_gradient`` (the per-leaf path
 that flax's API exposes), so there is one copy of every optimizer's math.
 """
-import copy
 import os
 import numbers
 import warnings
@@ -20,6 +19,7 @@ from . import elementwise, norms, struct
 from .exact_float import ExactFloat
 from .base import HyperParamError, OptimizerDef, OptimizerState
 from .layout import FlatLayout
+from .step import StepContext
 
 F32 = jnp.float32
 BACKENDS = ("auto", "jnp", "native", "pallas", "pallas_interpret", "triton", "triton_interpret")
@@ -415,7 +415,7 @@ class FlatOptimizerDef(OptimizerDef):
                        "rounding is for bfloat16 params *without* a float32 master copy; with "
                        "one, the params are the master rounded to nearest)")
 
-  def _rounding_scalars(self, layout):
+  def _rounding_scalars(self, layout, step):
     """The step's stochastic-rounding scalars (``{}`` when no group is rounded); checks dtypes."""
     if not self.stochastic_rounding:
       return {}
@@ -427,28 +427,7 @@ class FlatOptimizerDef(OptimizerDef):
                        "master_weights=True for float16")
     if not any(np.dtype(g.dtype) == np.dtype(jnp.bfloat16) for g in layout.groups):
       return {}
-    step = getattr(self, "_rounding_step", None)
-    if step is None:
-      raise RuntimeError("stochastic_rounding=True needs the step count: run the update "
-                         "through apply_gradient / apply_gradient_checked, or on "
-                         "opt_def._with_step(step)")
     return elementwise.rounding_seed_scalars(step, self.rounding_seed)
-
-  def with_param_deltas(self):
-    """This optimizer returning, per float32 param, ``new_p - p`` (optax's update, computed in
-    the kernel and exact by Sterbenz when ``p/2 <= new_p <= 2p``) and, per bf16/f16 param, the
-    new param -- each in a fresh buffer, so params that are not donated are not copied."""
-    new = copy.copy(self)
-    new._param_deltas = True  # pylint: disable=protected-access
-    return new
-
-  def _with_step(self, step):
-    """This optimizer, knowing the step (for stochastic rounding's seed); self when off."""
-    if not self.stochastic_rounding:
-      return self
-    new = copy.copy(self)
-    new._rounding_step = step  # pylint: disable=protected-access
-    return new
 
   @property
   def all_state_fields(self):
@@ -461,6 +440,12 @@ class FlatOptimizerDef(OptimizerDef):
   # -- to be defined by each optimizer
   def rule(self, hp) -> elementwise.Rule:
     raise NotImplementedError
+
+  def single_pass_rule(self, hp):
+    """The whole step as one rule, or None for a multi-stage ``update_leaves`` (LAMB, LARS):
+    what a fused ``MultiOptimizer`` runs once over every sub-optimizer's leaves with per-segment
+    scalars. A subclass overriding ``update_leaves`` overrides this too."""
+    return self.rule(hp)
 
   def scalars(self, hp, step) -> Dict[str, Any]:
     raise NotImplementedError
@@ -524,7 +509,7 @@ class FlatOptimizerDef(OptimizerDef):
   # -- the flat path
   def init_state(self, params):
     layout = FlatLayout.build(params)
-    self._with_step(0)._rounding_scalars(layout)   # rejects float16 params with rounding
+    self._rounding_scalars(layout, 0)   # rejects float16 params with rounding
     # float32 by default whatever the param dtype (flax used the param dtype: bf16 moments)
     fields = {k: layout.zeros(self.state_storage) for k in self.state_fields}
     if self.master_weights:
@@ -539,8 +524,8 @@ class FlatOptimizerDef(OptimizerDef):
     layout = state.param_states.layout
     p_leaves = layout.check(params, "target", allow_other_float=False)
     g_leaves = layout.check(grads, "grads")
-    new_p, new_fields = self._with_step(state.step).update_leaves(
-        hyper_params, state.step, layout, p_leaves, g_leaves, state.param_states.fields)
+    new_p, new_fields = self.update_leaves(hyper_params, StepContext(state.step), layout,
+                                           p_leaves, g_leaves, state.param_states.fields)
     new_params = jax.tree_util.tree_unflatten(layout.treedef, new_p)
     return new_params, OptimizerState(state.step + 1, FlatState(new_fields, layout))
 
@@ -569,57 +554,60 @@ class FlatOptimizerDef(OptimizerDef):
           platform="interpret" if self.backend == "triton_interpret" else None)
     else:
       finite, norm, gscale = gradient_prepass(g_leaves, grad_scale, clip_global_norm)
-    guarded_def = copy.copy(self._with_step(state.step))
-    guarded_def._guard = {"gscale": gscale, "ok": finite.astype(F32)}  # pylint: disable=protected-access
-    new_p, new_fields = guarded_def.update_leaves(hyper_params, state.step, layout, p_leaves,
-                                                  g_leaves, state.param_states.fields)
+    ctx = StepContext(state.step, guard={"gscale": gscale, "ok": finite.astype(F32)})
+    new_p, new_fields = self.update_leaves(hyper_params, ctx, layout, p_leaves, g_leaves,
+                                           state.param_states.fields)
     new_params = jax.tree_util.tree_unflatten(layout.treedef, new_p)
     new_state = OptimizerState(state.step + finite.astype(state.step.dtype),
                                FlatState(new_fields, layout))
     return new_params, new_state, finite, norm
 
-  def update_leaves(self, hp, step, layout, p_leaves, g_leaves, fields):
-    """One step over all groups: returns (new param leaves, new fields)."""
-    return self.run_rule(self.rule(hp), self.scalars(hp, step), {}, layout, p_leaves, g_leaves,
-                         fields)
+  def update_leaves(self, hp, ctx: StepContext, layout, p_leaves, g_leaves, fields):
+    """One step over all groups: returns (new param leaves, new fields). Multi-stage optimizers
+    (LAMB, LARS) override it, running their rules with ``run_rule``/``run_rule_sumsq`` and
+    per-tensor norms from ``ctx.leaf_norms``, so that the sharded driver runs them unchanged."""
+    return self.run_rule(self.rule(hp), self.scalars(hp, ctx.step), {}, ctx, layout, p_leaves,
+                         g_leaves, fields)
 
-  def run_rule(self, rule, scalars, seg, layout, p_leaves, g_leaves, fields):
-    """Runs ``rule`` over every dtype group with this optimizer's backend.
-
-    Returns (new param leaves, new fields)."""
-    new_p, new_fields, _ = self.run_rule_sumsq(rule, scalars, seg, layout, p_leaves, g_leaves,
-                                               fields)
+  def run_rule(self, rule, scalars, seg, ctx, layout, p_leaves, g_leaves, fields):
+    """Runs ``rule`` over every dtype group; returns (new param leaves, new fields)."""
+    new_p, new_fields, _ = self.run_rule_sumsq(rule, scalars, seg, ctx, layout, p_leaves,
+                                               g_leaves, fields)
     return new_p, new_fields
 
-  def prepared_rule(self, rule, scalars, layout):
+  def prepared_rule(self, rule, scalars, ctx, layout):
     """``(rule, scalars, rounding)`` for this step: master weights, the checked step's guard and
-    stochastic rounding's seed scalars applied (``rounding`` is {} when no group is rounded).
-    Every group executor starts here (this driver and the sharded one)."""
+    stochastic rounding's seed scalars applied (``rounding`` is {} when no group is rounded)."""
     rule = self.wrap_rule(rule)
-    guard = getattr(self, "_guard", None)
-    if guard is not None:   # inside apply_gradient_checked
-      rule, scalars = elementwise.guarded(rule), dict(scalars, **guard)
-    rounding = self._rounding_scalars(layout)   # stochastic rounding of the bf16 groups
+    if ctx.guard is not None:   # inside apply_gradient_checked
+      rule, scalars = elementwise.guarded(rule), dict(scalars, **ctx.guard)
+    rounding = self._rounding_scalars(layout, ctx.step)   # stochastic rounding of bf16 groups
     if rounding:
       scalars = dict(scalars, **rounding)
     return rule, scalars, rounding
 
-  def group_rule(self, rule, dtype, rounding):
+  def group_rule(self, rule, dtype, rounding, ctx):
     """``prepared_rule``'s rule as run on a group of ``dtype``: bf16 groups rounded
-    stochastically when asked; with ``with_param_deltas`` (fusedopt.tx) float32 groups return
-    ``p' - p`` and the others their new params, both in fresh buffers."""
+    stochastically when asked; with ``ctx.deltas`` (fusedopt.tx) float32 groups return
+    ``p' - p`` (optax's update, exact by Sterbenz when ``p/2 <= p' <= 2p``) and the others their
+    new params, both in fresh buffers (params that are not donated are not copied)."""
     dtype = np.dtype(dtype)
     if rounding and dtype == np.dtype(jnp.bfloat16):
       rule = elementwise.with_stochastic_rounding(rule)
-    if rule.writes_param and getattr(self, "_param_deltas", False):
+    if rule.writes_param and ctx.deltas:
       rule = (elementwise.as_delta(rule) if dtype == np.dtype(F32)
               else elementwise.out_of_place(rule))
     return rule
 
-  def run_rule_sumsq(self, rule, scalars, seg, layout, p_leaves, g_leaves, fields):
+  def run_rule_sumsq(self, rule, scalars, seg, ctx, layout, p_leaves, g_leaves, fields):
     """``run_rule`` plus, for a rule with ``sumsq``, per-leaf sums of its terms squared: a tuple
-    of float32 [num_leaves] vectors (else None). Kernel backends compute them in the same pass."""
-    rule, scalars, rounding = self.prepared_rule(rule, scalars, layout)
+    of float32 [num_leaves] vectors (else None). Kernel backends compute them in the same pass.
+
+    The one group loop of every driver: ``ctx.run_group`` runs a group (default ``run_group``,
+    on this device; the sharded driver's runs on its local slices) and ``ctx.reduce_sums``
+    combines the per-leaf sums across devices."""
+    rule, scalars, rounding = self.prepared_rule(rule, scalars, ctx, layout)
+    run = ctx.run_group or run_group
     names = self.all_state_fields
     n = len(layout.segments)
     new_p = list(p_leaves)
@@ -628,41 +616,55 @@ class FlatOptimizerDef(OptimizerDef):
     for gi, group in enumerate(layout.groups):
       if group.size == 0:   # only size-0 leaves: nothing to update, their sums are 0
         continue
-      grule = self.group_rule(rule, group.dtype, rounding)
-      run = _with_jnp_derivatives(_executor(self.backend, layout, gi, grule))
-      out = run(grule, scalars, seg, layout, gi, p_leaves, g_leaves,
-                tuple(fields[k][gi] for k in names))
-      out_p, out_state = out[0], out[1]
-      if out_p is not None:
-        for i, x in zip(group.segments, out_p):
-          new_p[i] = x
+      grule = self.group_rule(rule, group.dtype, rounding, ctx)
+      out_p, out_state, part = run(self, grule, scalars, seg, layout, gi, p_leaves, g_leaves,
+                                   tuple(fields[k][gi] for k in names))
+      for i, x in out_p or ():
+        new_p[i] = x
       for k, buf in zip(names, out_state):
         new_fields[k][gi] = buf
-      if rule.sumsq is None:
-        continue
-      mode = getattr(run, "fused_sumsq", False)
-      if mode == "per_leaf":                    # already per leaf, in group order
-        idx = np.asarray(group.segments)
-        part = [jnp.zeros((n,), F32).at[idx].set(u) for u in out[2]]
-      elif mode:                                # per-unit partial sums -> per leaf
-        ids = jnp.asarray(layout.block_segment_ids(gi))
-        # ids are sorted (segments lie in buffer order): on GPU the sorted scatter avoids
-        # serialising atomics on one address (docs/performance.md)
-        part = [jax.ops.segment_sum(u, ids, num_segments=n, indices_are_sorted=True)
-                for u in out[2]]
-      else:                                     # evaluated per leaf from the new state
-        idx = np.asarray(group.segments)
-        per = [elementwise.leaf_sumsq(
-            rule, scalars, seg, p_leaves[i], g_leaves[i],
-            tuple(_segment_view(buf, layout.segments[i]) for buf in out_state))
-               for i in group.segments]
-        part = [jnp.zeros((n,), F32).at[idx].set(jnp.stack([x[t] for x in per]))
-                for t in range(len(per[0]))]
-      sums = part if sums is None else [a + b for a, b in zip(sums, part)]
-    if rule.sumsq is not None and sums is None:
-      sums = [jnp.zeros((n,), F32)] * elementwise.num_sumsq_terms(rule)
+      if rule.sumsq is not None and part is not None:
+        sums = list(part) if sums is None else [a + b for a, b in zip(sums, part)]
+    if rule.sumsq is not None:
+      if sums is None:
+        sums = [jnp.zeros((n,), F32)] * elementwise.num_sumsq_terms(rule)
+      if ctx.reduce_sums is not None:
+        sums = ctx.reduce_sums(list(sums))
     return new_p, {k: tuple(v) for k, v in new_fields.items()}, (
-        None if sums is None else tuple(sums))
+        None if rule.sumsq is None else tuple(sums))
+
+
+def run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+  """``StepContext.run_group`` on this device: ``rule`` over group ``gi`` with ``opt_def``'s
+  backend (``_executor``; derivatives from the jnp path). Returns the new params as
+  ``(leaf index, value)`` pairs (None for a rule that writes none), the new state, and the
+  per-tensor sums as float32 [num_leaves] vectors whatever form the executor returns them in."""
+  run = _with_jnp_derivatives(_executor(opt_def.backend, layout, gi, rule))
+  out_p, out_state, raw = run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+  group = layout.groups[gi]
+  if out_p is not None:
+    out_p = list(zip(group.segments, out_p))
+  if rule.sumsq is None:
+    return out_p, out_state, None
+  n = len(layout.segments)
+  mode = getattr(run, "fused_sumsq", False)
+  if mode == "per_leaf":                    # already per leaf, in group order
+    idx = np.asarray(group.segments)
+    part = [jnp.zeros((n,), F32).at[idx].set(u) for u in raw]
+  elif mode:                                # per-unit partial sums -> per leaf
+    ids = jnp.asarray(layout.block_segment_ids(gi))
+    # ids are sorted (segments lie in buffer order): on GPU the sorted scatter avoids
+    # serialising atomics on one address (docs/performance.md)
+    part = [jax.ops.segment_sum(u, ids, num_segments=n, indices_are_sorted=True) for u in raw]
+  else:                                     # evaluated per leaf from the new state
+    idx = np.asarray(group.segments)
+    per = [elementwise.leaf_sumsq(
+        rule, scalars, seg, p_leaves[i], g_leaves[i],
+        tuple(_segment_view(buf, layout.segments[i]) for buf in out_state))
+           for i in group.segments]
+    part = [jnp.zeros((n,), F32).at[idx].set(jnp.stack([x[t] for x in per]))
+            for t in range(len(per[0]))]
+  return out_p, out_state, part
 
 
 def _segment_view(buf, seg):

@@ -79,12 +79,15 @@ class LAMB(FlatOptimizerDef):
   def _ratio_lr(s, p_sumsq, u_sumsq):
     return norms.safe_ratio(jnp.sqrt(p_sumsq), jnp.sqrt(u_sumsq)) * s["lr"]
 
-  def update_leaves(self, hp, step, layout, p_leaves, g_leaves, fields):
-    s = self.scalars(hp, step)
-    _, fields, (p_sq, u_sq) = self.run_rule_sumsq(MOMENTS_RULE, s, {}, layout, p_leaves,
+  def update_leaves(self, hp, ctx, layout, p_leaves, g_leaves, fields):
+    s = self.scalars(hp, ctx.step)
+    _, fields, (p_sq, u_sq) = self.run_rule_sumsq(MOMENTS_RULE, s, {}, ctx, layout, p_leaves,
                                                   g_leaves, fields)
-    return self.run_rule(APPLY_RULE, s, {"ratio_lr": self._ratio_lr(s, p_sq, u_sq)}, layout,
-                         p_leaves, g_leaves, fields)
+    return self.run_rule(APPLY_RULE, s, {"ratio_lr": self._ratio_lr(s, p_sq, u_sq)}, ctx,
+                         layout, p_leaves, g_leaves, fields)
+
+  def single_pass_rule(self, hp):
+    return None   # two passes with per-tensor norms between them
 
   def apply_param_gradient(self, step, hyper_params, param, state, grad):
     self.validate(hyper_params)

@@ -73,14 +73,19 @@ class LARS(FlatOptimizerDef):
     ratio = hp.trust_coefficient * pn / (gn + hp.weight_decay * pn + hp.eps)
     return hp.learning_rate * jnp.where((gn == 0.) | (pn == 0.), 1., ratio).astype(jnp.float32)
 
-  def update_leaves(self, hp, step, layout, p_leaves, g_leaves, fields):
-    gn = norms.per_leaf(g_leaves)
-    guard = getattr(self, "_guard", None)
-    if guard is not None:   # apply_gradient_checked: the rule sees g * gscale, so must the norm
-      gn = gn * guard["gscale"]
-    scaled_lr = self._scaled_lr(hp, norms.per_leaf(p_leaves), gn)
-    return self.run_rule(self.rule(hp), self.scalars(hp, step), {"scaled_lr": scaled_lr}, layout,
-                         p_leaves, g_leaves, fields)
+  def update_leaves(self, hp, ctx, layout, p_leaves, g_leaves, fields):
+    if ctx.leaf_norms is None:
+      pn, gn = norms.per_leaf(p_leaves), norms.per_leaf(g_leaves)
+    else:   # the sharded driver's: from per-shard partial sums
+      pn, gn = ctx.leaf_norms(layout, p_leaves, g_leaves)
+    if ctx.guard is not None:   # apply_gradient_checked: the rule sees g * gscale, so must the norm
+      gn = gn * ctx.guard["gscale"]
+    scaled_lr = self._scaled_lr(hp, pn, gn)
+    return self.run_rule(self.rule(hp), self.scalars(hp, ctx.step), {"scaled_lr": scaled_lr},
+                         ctx, layout, p_leaves, g_leaves, fields)
+
+  def single_pass_rule(self, hp):
+    return None   # the per-tensor norms of p and g come first
 
   def leaf_seg_scalars(self, hp, step, param, state, grad):
     return {"scaled_lr": self._scaled_lr(hp, norms.l2(param), norms.l2(grad))}

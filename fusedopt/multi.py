@@ -20,6 +20,7 @@ import numpy as np
 from . import elementwise, struct
 from .base import OptimizerDef, OptimizerState, ordered_fields
 from .flat import FlatOptimizerDef, FlatState
+from .step import StepContext
 
 
 class _Selected:
@@ -82,7 +83,7 @@ class MultiOptimizer(OptimizerDef):
     weights, state dtype and stochastic rounding (on/off and seed) for every sub-optimizer."""
     first = self.sub_optimizers[0]
     return (self.fuse and isinstance(first, FlatOptimizerDef)
-            and type(first).update_leaves is FlatOptimizerDef.update_leaves
+            and first.single_pass_rule(first.hyper_params) is not None
             and all(type(o) is type(first) and o.backend == first.backend
                     and o.master_weights == first.master_weights
                     and o.state_storage == first.state_storage
@@ -232,11 +233,9 @@ class MultiOptimizer(OptimizerDef):
     layout = fs.flat.layout
     ps = layout.check(tuple(p_leaves[i] for i in fs.union), "target", allow_other_float=False)
     gs = layout.check(tuple(g_leaves[i] for i in fs.union), "grads")
-    # _with_step: stochastic rounding's per-step seed (the same for every sub-optimizer, as they
-    # share the step and, to be fused, the rounding seed)
-    driver = subs[j0]._with_step(state.step)  # pylint: disable=protected-access
-    new_p, new_fields = driver.run_rule(elementwise.per_segment(rule), {}, seg, layout, ps, gs,
-                                        fs.flat.fields)
+    # one step context: the sub-optimizers share the step and, to be fused, the rounding seed
+    new_p, new_fields = subs[j0].run_rule(elementwise.per_segment(rule), {}, seg,
+                                          StepContext(state.step), layout, ps, gs, fs.flat.fields)
     out = list(p_leaves)
     for i, x in zip(fs.union, new_p):
       out[i] = x

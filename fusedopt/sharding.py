@@ -40,7 +40,6 @@ Checkpoints: ``Optimizer.state_dict()`` gathers the sharded buffers to per-leaf 
 layout-free format); ``restore_state`` / ``serialization.from_bytes`` put the restored buffers back
 with the template's sharding. ``restore_state(opt, state_dict)`` here also re-shards explicitly.
 """
-import copy
 import functools
 import warnings
 from typing import Any, Optional
@@ -54,11 +53,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from . import elementwise, norms, struct
 from .base import (HyperParamError, Optimizer, OptimizerDef, OptimizerState, _is_static,
                    _runtime_value)
+from .step import StepContext
 from .flat import (FlatOptimizerDef, FlatState, _concrete, _executor, _pallas, _place_like,
                    check_prepass_args,
                    prepass_result)
-from .lamb import LAMB
-from .lars import LARS
 from .layout import FlatLayout, LayoutError
 
 F32 = jnp.float32
@@ -159,9 +157,6 @@ class ShardedOptimizerDef(OptimizerDef):
       raise TypeError(
           f"{type(inner).__name__} has no flat state to shard; shard_optimizer takes the built-in "
           "flat optimizers (and Adafactor, whose small factored state is replicated)")
-    if self.flat and type(inner).update_leaves not in _KNOWN_UPDATES:
-      raise TypeError(f"{type(inner).__name__} overrides update_leaves; the sharded driver knows "
-                      "FlatOptimizerDef's, LAMB's and LARS's")
     if not self.flat and params == "sharded":
       raise TypeError("params='sharded' needs a flat optimizer (Adafactor's state is per leaf)")
     if axis_name not in mesh.shape:
@@ -364,16 +359,16 @@ class ShardedOptimizerDef(OptimizerDef):
         full = layout.pack_group(g_arg, gi, _grad_dtype(layout, gi, g_arg))
         part = lax.psum_scatter(full, ax, scatter_dimension=0, tiled=True)
         g_loc.append(part / n if reduce == "mean" else part)
-    d = copy.copy(self.inner._with_step(step))   # the step seeds stochastic rounding
-    d.run_rule_sumsq = functools.partial(_run_rule_sumsq_sharded, d, ctx)
-    finite = norm = None
+    finite = norm = guard = None
     if checked is not None:
       finite, norm, gscale = _prepass_sharded(g_loc, ax, *checked)
-      d._guard = {"gscale": gscale, "ok": finite.astype(F32)}  # pylint: disable=protected-access
-    if type(self.inner).update_leaves is LARS.update_leaves:
-      new_p, new_fields = _lars_update(d, ctx, hp, step, layout, p_loc, g_loc, fields)
-    else:
-      new_p, new_fields = d.update_leaves(hp, step, layout, p_loc, g_loc, fields)
+      guard = {"gscale": gscale, "ok": finite.astype(F32)}
+    # the optimizer's own update_leaves, on this device's slices (one "leaf" per group): groups
+    # run by _run_group_sharded, per-tensor sums and norms combined across the shards
+    step_ctx = StepContext(step, guard=guard, run_group=functools.partial(_run_group_sharded, ctx),
+                           reduce_sums=ctx.psum_terms,
+                           leaf_norms=functools.partial(_leaf_norms_sharded, ctx))
+    new_p, new_fields = self.inner.update_leaves(hp, step_ctx, layout, p_loc, g_loc, fields)
     new_p = list(new_p)
     if self.mode == "replicated":   # ZeRO-1: all-gather the new params, unpack to leaves
       full = [lax.all_gather(x, ax, tiled=True) for x in new_p]
@@ -386,9 +381,6 @@ class ShardedOptimizerDef(OptimizerDef):
     if finite is None:
       finite, norm = jnp.asarray(True), jnp.zeros((), F32)
     return new_p, new_fields, finite, norm
-
-
-_KNOWN_UPDATES = (FlatOptimizerDef.update_leaves, LAMB.update_leaves, LARS.update_leaves)
 
 
 def _grad_dtype(layout, gi, g_leaves):
@@ -508,45 +500,23 @@ class _ShardContext:
     return tuple(lax.psum(jnp.stack(terms), self.axis_name))
 
 
-def _run_rule_sumsq_sharded(d, ctx, rule, scalars, seg, layout, p_loc, g_loc, fields):
-  """``FlatOptimizerDef.run_rule_sumsq`` on this device's slices: ``p_loc``/``g_loc`` are the
-  local flat slices, one per group; ``seg`` holds [num_leaves] per-tensor scalars (global)."""
-  # stochastic rounding hashes each element's own inputs, not its position: the same bits as on
-  # one device
-  base_rule, scalars, rounding = d.prepared_rule(rule, scalars, layout)
-  names = d.all_state_fields
-  n = len(layout.segments)
-  new_p = list(p_loc)
-  new_fields = {k: list(v) for k, v in fields.items()}
-  sums = None
-  for gi, group in enumerate(layout.groups):
-    if group.size == 0:
-      continue
-    state = tuple(fields[k][gi] for k in names)
-    rule = d.group_rule(base_rule, group.dtype, rounding)
-    if rule.seg_scalars or rule.sumsq is not None:
-      q = {k: jnp.asarray(seg[k], F32)[ctx.ids(gi)] for k in rule.seg_scalars}
-      out_p, out_state, unit_sums = _run_units(d.backend, rule, scalars, q, p_loc[gi],
-                                               g_loc[gi], state, layout.align)
-    else:
-      run = _executor(d.backend, ctx.local, gi, rule)
-      out = run(rule, scalars, {}, ctx.local, gi, p_loc, g_loc, state)
-      out_p = None if out[0] is None else out[0][0]
-      out_state, unit_sums = out[1], None
-    if out_p is not None:
-      new_p[gi] = out_p
-    for k, buf in zip(names, out_state):
-      new_fields[k][gi] = buf
-    if unit_sums is not None:
-      part = ctx.per_segment(gi, unit_sums)
-      sums = part if sums is None else [a + b for a, b in zip(sums, part)]
-  if base_rule.sumsq is not None:
-    if sums is None:
-      sums = [jnp.zeros((n,), F32)] * elementwise.num_sumsq_terms(base_rule)
-    sums = ctx.psum_terms(list(sums))
+def _run_group_sharded(ctx, opt_def, rule, scalars, seg, layout, gi, p_loc, g_loc, state):
+  """``StepContext.run_group`` on this device's slices: ``p_loc``/``g_loc`` hold one local flat
+  slice per group; ``seg`` the global [num_leaves] per-tensor scalars. Rules with per-tensor
+  scalars or sums run on per-unit tables (``_run_units``); the others through the backend's
+  executor on the one-leaf local layout. Returns the group's new slice (at index ``gi``), its new
+  state and this shard's per-tensor partial sums (``reduce_sums`` adds them up)."""
+  if rule.seg_scalars or rule.sumsq is not None:
+    q = {k: jnp.asarray(seg[k], F32)[ctx.ids(gi)] for k in rule.seg_scalars}
+    out_p, out_state, unit_sums = _run_units(opt_def.backend, rule, scalars, q, p_loc[gi],
+                                             g_loc[gi], state, layout.align)
   else:
-    sums = None
-  return new_p, {k: tuple(v) for k, v in new_fields.items()}, sums
+    run = _executor(opt_def.backend, ctx.local, gi, rule)
+    out = run(rule, scalars, {}, ctx.local, gi, p_loc, g_loc, state)
+    out_p = None if out[0] is None else out[0][0]
+    out_state, unit_sums = out[1], None
+  part = None if unit_sums is None else ctx.per_segment(gi, unit_sums)
+  return (None if out_p is None else [(gi, out_p)]), tuple(out_state), part
 
 
 def _use_pallas(backend, dtype):
@@ -608,25 +578,19 @@ def _run_units(backend, rule, scalars, q, p, g, state, align):
   return out_p, new_state, sums
 
 
-def _lars_update(d, ctx, hp, step, layout, p_loc, g_loc, fields):
-  """LARS's ``update_leaves`` with the per-tensor norms of p and g from per-shard partial sums."""
+def _leaf_norms_sharded(ctx, layout, *loc_lists):
+  """``StepContext.leaf_norms`` on this device's slices: per-tensor L2 norms of each list of
+  local slices, from per-unit partial sums of squares, all lists in one psum."""
   n = len(layout.segments)
-  p_sq, g_sq = jnp.zeros((n,), F32), jnp.zeros((n,), F32)
+  sums = [jnp.zeros((n,), F32) for _ in loc_lists]
   for gi, group in enumerate(layout.groups):
     if group.size == 0:
       continue
     units = layout.shard_size(gi) // layout.align
     sq = lambda x: jnp.sum(jnp.square(x.astype(F32).reshape(units, layout.align)), axis=1)  # noqa: E731
-    a, b = ctx.per_segment(gi, [sq(p_loc[gi]), sq(g_loc[gi])])
-    p_sq, g_sq = p_sq + a, g_sq + b
-  p_sq, g_sq = ctx.psum_terms([p_sq, g_sq])
-  gn = jnp.sqrt(g_sq)
-  guard = getattr(d, "_guard", None)
-  if guard is not None:
-    gn = gn * guard["gscale"]
-  scaled_lr = d._scaled_lr(hp, jnp.sqrt(p_sq), gn)  # pylint: disable=protected-access
-  return d.run_rule(d.rule(hp), d.scalars(hp, step), {"scaled_lr": scaled_lr}, layout, p_loc,
-                    g_loc, fields)
+    parts = ctx.per_segment(gi, [sq(loc[gi]) for loc in loc_lists])
+    sums = [a + b for a, b in zip(sums, parts)]
+  return tuple(jnp.sqrt(x) for x in ctx.psum_terms(sums))
 
 
 def _prepass_sharded(g_loc, axis_name, grad_scale=None, clip_global_norm=None):

@@ -82,6 +82,7 @@ from .adagrad import Adagrad
 from .adam import ADAM_RULE, Adam, moment_scalars
 from .base import HyperParamError
 from .flat import FlatState, bias_correction, check_range, check_scalar, gradient_prepass
+from .step import StepContext
 from .lamb import LAMB, MOMENTS_RULE, APPLY_RULE
 from .lars import LARS, lars_rule
 from .layout import FlatLayout, LayoutError
@@ -207,26 +208,20 @@ def _compatible_layout(layout: FlatLayout, tree, what):
 
 
 class _Runner:
-  """Runs rules with the optimizer's backend; inside a checked step every rule is ``guarded``:
-  ``g`` is multiplied by ``gscale`` (the clip factor) and a non-finite step keeps everything."""
+  """Runs rules with the optimizer's backend in one step context: ``p' - p`` for float32 groups
+  (``StepContext.deltas``) and, inside a checked step, every rule ``guarded`` (``g`` multiplied
+  by ``gscale``, the clip factor; a non-finite step keeps everything)."""
 
-  def __init__(self, opt_def, guard):
-    # float32 groups return p' - p straight from the kernel (no copy of the non-donated params)
-    self.opt_def, self.guard = opt_def.with_param_deltas(), guard
+  def __init__(self, opt_def, guard, count):
+    self.opt_def = opt_def
+    self.ctx = StepContext(count, guard=guard, deltas=True)
     self.gscale = F32(1.0) if guard is None else guard["gscale"]
 
-  def _wrap(self, rule, scalars):
-    if self.guard is None:
-      return rule, scalars
-    return elementwise.guarded(rule), dict(scalars, **self.guard)
-
   def run(self, rule, scalars, seg, layout, p, g, fields):
-    rule, scalars = self._wrap(rule, scalars)
-    return self.opt_def.run_rule(rule, scalars, seg, layout, p, g, fields)
+    return self.opt_def.run_rule(rule, scalars, seg, self.ctx, layout, p, g, fields)
 
   def run_sumsq(self, rule, scalars, seg, layout, p, g, fields):
-    rule, scalars = self._wrap(rule, scalars)
-    return self.opt_def.run_rule_sumsq(rule, scalars, seg, layout, p, g, fields)
+    return self.opt_def.run_rule_sumsq(rule, scalars, seg, self.ctx, layout, p, g, fields)
 
 
 def _per_segment(rule, scalars, seg, n, overrides):
@@ -322,7 +317,7 @@ def _flat_step(spec, hp, count, guard, flat, updates, g_leaves, params):
       raise LayoutError(f"params and grads have different tree structures:\n  params: "
                         f"{p_layout.treedef}\n  grads: {layout.treedef}")
     p_leaves = layout.check(params, "params", allow_other_float=False)
-  runner = _Runner(spec.opt_def, guard)
+  runner = _Runner(spec.opt_def, guard, count)
   new_p, fields = spec.step(hp, count, runner, layout, p_leaves, g_leaves, flat.fields, params)
   # keep the state's own layout (treedef): the opt-state pytree never changes structure
   return new_p, p_leaves, FlatState(fields, flat.layout)

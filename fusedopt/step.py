@@ -1,0 +1,45 @@
+"""``StepContext``: what one step's group updates need to know besides the rule and the buffers.
+
+A step of a built-in optimizer runs ``update_leaves(hp, ctx, layout, p, g, fields)``, which runs
+rules with ``run_rule(rule, scalars, seg, ctx, layout, p, g, fields)`` (``fusedopt.flat``). The
+context travels down that chain as an explicit, frozen argument -- never as attributes set on
+copies of the optimizer -- and says:
+
+- ``step``: the step count (traced); it seeds stochastic rounding.
+- ``guard``: inside ``apply_gradient_checked``, the scalars ``{"gscale", "ok"}``: every rule runs
+  ``elementwise.guarded`` (gradient scaled; a non-finite step keeps params and state bitwise).
+- ``deltas``: ``fusedopt.tx``'s update: float32 groups write ``p' - p`` and the others their new
+  params, each to a fresh buffer (the params are not donated).
+- ``run_group``, ``reduce_sums``, ``leaf_norms``: where the step runs. By default on this
+  device (``fusedopt.flat.run_group``, no reduction, ``norms.per_leaf``); the sharded driver
+  (``fusedopt.sharding``) supplies a group runner over its local slices, a ``psum`` of the
+  per-tensor sums and per-tensor norms from per-shard partial sums.
+"""
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """The explicit context of one optimizer step (see the module docstring).
+
+  Attributes:
+    step: the step count.
+    guard: ``{"gscale": ..., "ok": ...}`` in a checked step, else None.
+    deltas: write ``p' - p`` (float32) / new params (other dtypes) to fresh buffers.
+    run_group: ``run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+      -> (new params as (index into p_leaves, value) pairs or None, new state, per-tensor sums
+      or None)``, the sums float32 [num_leaves] vectors; None: ``fusedopt.flat.run_group``.
+    reduce_sums: combines the per-tensor sums of all groups across devices; None: as they are.
+    leaf_norms: ``leaf_norms(layout, *leaf_lists) -> tuple of [num_leaves] L2 norms``, one per
+      list; None: ``norms.per_leaf`` of each list.
+  """
+  step: Any
+  guard: Optional[Mapping[str, Any]] = None
+  deltas: bool = False
+  run_group: Optional[Callable] = None
+  reduce_sums: Optional[Callable] = None
+  leaf_norms: Optional[Callable] = None
+
+  def replace(self, **changes) -> "StepContext":
+    return dataclasses.replace(self, **changes)
