@@ -19,6 +19,19 @@ from . import exact_float, struct
 from .exact_float import ExactFloat
 
 
+# What the flax API here needs from modules above it (docs/design.md, "Layers"): ``focus`` from
+# fusedopt.multi, ``state_dict``/``restore_state`` from fusedopt.serialization. Those modules put
+# their functions here when imported -- ``import fusedopt`` imports both -- so this module never
+# imports upwards.
+PROVIDED = {}
+
+
+def _provided(name):
+  if name not in PROVIDED:
+    raise RuntimeError(f"{name} needs the rest of the package: import fusedopt")
+  return PROVIDED[name]
+
+
 class HyperParamError(ValueError):
   """A hyper-parameter is missing or out of range."""
 
@@ -113,8 +126,7 @@ class OptimizerDef:
     """Creates an ``Optimizer`` for ``target``; ``focus`` (a Traversal) selects a subset."""
     opt_def = self
     if focus:
-      from .multi import MultiOptimizer  # pylint: disable=import-outside-toplevel
-      opt_def = MultiOptimizer((focus, opt_def))
+      opt_def = _provided("focus")(focus, opt_def)   # MultiOptimizer((focus, self))
     state = opt_def.init_state(target)
     return Optimizer(opt_def, state, target)
 
@@ -149,12 +161,10 @@ class OptimizerDef:
     return state
 
   def state_dict(self, target, state):
-    from . import serialization  # pylint: disable=import-outside-toplevel
-    return serialization.optimizer_state_dict(self, target, state)
+    return _provided("state_dict")(self, target, state)
 
   def restore_state(self, opt_target, opt_state, state_dict):
-    from . import serialization  # pylint: disable=import-outside-toplevel
-    return serialization.optimizer_restore_state(self, opt_target, opt_state, state_dict)
+    return _provided("restore_state")(self, opt_target, opt_state, state_dict)
 
 
 def _replace_checked(hp, overrides):

@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import elementwise, norms, struct
+from . import elementwise
 from .exact_float import ExactFloat
 from .base import HyperParamError, OptimizerDef, OptimizerState
+from .flat_state import FlatState, _place_like  # noqa: F401  (re-exported)
 from .layout import FlatLayout
+from .norms import gradient_prepass, prepass_result  # noqa: F401  (re-exported)
 from .step import StepContext
 
 F32 = jnp.float32
@@ -215,54 +217,6 @@ def _auto(layout, gi, rule):
     except ImportError:
       pass
   return elementwise.run_jnp
-
-
-# ----------------------------------------------------------------------------- state
-
-@struct.dataclass
-class FlatState:
-  """Optimizer state in flat buffers: ``fields[name][g]`` is field ``name`` for dtype group ``g``
-  of ``layout`` (same offsets as the parameters)."""
-  fields: Dict[str, Tuple[Any, ...]]
-  layout: FlatLayout = struct.field(pytree_node=False)
-
-  def leaf(self, name, i):
-    """Field ``name`` of leaf ``i`` as an array of the leaf's shape."""
-    return self.layout.view(self.fields[name], i)
-
-  def from_per_leaf(self, leaves):
-    """This state with its buffers rebuilt from ``leaves`` (one ``{field: array}`` per segment,
-    leaf order), each field keeping its dtype: the inverse of ``per_leaf``."""
-    fields = {k: tuple(self.layout.pack_group([leaf[k] for leaf in leaves], g, bufs[g].dtype)
-                       for g in range(len(self.layout.groups)))
-              for k, bufs in self.fields.items()}
-    return self.replace(fields=fields)
-
-  def restored_from(self, per_leaf_tree):
-    """``from_per_leaf`` of a tree shaped like ``per_leaf()``'s, each buffer placed where this
-    state's was (a sharded state stays sharded)."""
-    new = self.from_per_leaf(self.layout.treedef.flatten_up_to(per_leaf_tree))
-    return new.replace(fields={k: tuple(_place_like(b, old) for b, old in zip(bufs, self.fields[k]))
-                               for k, bufs in new.fields.items()})
-
-  def with_master_from(self, target):
-    """This state with its ``master`` field (master weights) packed from ``target`` in float32,
-    each buffer placed where the old one was."""
-    leaves = self.layout.check(target, "target", allow_other_float=False)
-    master = tuple(_place_like(self.layout.pack_group(leaves, g, F32), old)
-                   for g, old in enumerate(self.fields["master"]))
-    return self.replace(fields=dict(self.fields, master=master))
-
-  def per_leaf(self):
-    """The state as flax laid it out: a tree mirroring the params, each leaf a dict of fields."""
-    leaves = [{k: self.leaf(k, i) for k in self.fields} for i in range(len(self.layout.segments))]
-    return jax.tree_util.tree_unflatten(self.layout.treedef, leaves)
-
-
-def _place_like(new, old):
-  if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
-    return jax.device_put(new, old.sharding)
-  return new
 
 
 # ----------------------------------------------------------------------------- checks
@@ -669,41 +623,6 @@ def run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state
 
 def _segment_view(buf, seg):
   return jax.lax.slice(buf, (seg.offset,), (seg.offset + seg.size,)).reshape(seg.shape)
-
-
-def gradient_prepass(g_leaves, grad_scale=None, clip_global_norm=None):
-  """(all finite, global L2 norm of ``grad_scale * g``, the factor to multiply ``g`` by).
-
-  Per leaf, XLA fuses the sums of squares and the finite test into one read of the gradient; no
-  concatenated copy is made. Squares are summed in float32 after scaling, so a loss-scaled float16
-  gradient does not overflow in the square, and beside them the squares of ``g * 2**-80``
-  (``norms.sum_squares``), so that finite gradients whose sum of squares overflows (|g| ~ 1e20)
-  still have a finite norm: they are clipped, not skipped."""
-  scale = F32(1.0) if grad_scale is None else jnp.asarray(grad_scale, F32)
-  sq, sq_small, fin = [], [], []
-  for g in g_leaves:
-    x = jnp.asarray(g).astype(F32) * scale
-    a, b = norms.sum_squares(x)
-    sq.append(a)
-    sq_small.append(b)
-    fin.append(jnp.all(jnp.isfinite(x)))
-  if not sq:
-    return prepass_result(jnp.asarray(True), F32(0.0), scale, clip_global_norm)
-  finite = jnp.all(jnp.stack(fin))
-  norm = norms.norm_from_sums(jnp.sum(jnp.stack(sq)), jnp.sum(jnp.stack(sq_small)))
-  return prepass_result(finite, norm, scale, clip_global_norm)
-
-
-def prepass_result(finite, norm, scale, clip_global_norm=None):
-  """``gradient_prepass``'s (all finite, norm, g factor) from whether every element of
-  ``scale * g`` is finite and its global norm. Only non-finite *elements* skip a step; the factor
-  is ``scale`` times optax.clip_by_global_norm's (``max_norm / norm`` when ``norm`` exceeds
-  ``clip_global_norm``, else 1)."""
-  factor = scale
-  if clip_global_norm is not None:
-    max_norm = jnp.asarray(clip_global_norm, F32)
-    factor = scale * jnp.where(norm < max_norm, F32(1.0), max_norm / norm)
-  return finite, norm, factor
 
 
 def bias_correction(beta, step):

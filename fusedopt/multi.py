@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import elementwise, struct
+from . import base, elementwise, struct
 from .base import OptimizerDef, OptimizerState, ordered_fields
 from .flat import FlatOptimizerDef, FlatState
 from .step import StepContext
@@ -252,3 +252,6 @@ class FusedState:
   union: Tuple[int, ...] = struct.field(pytree_node=False)
   picks: Tuple[Tuple[int, ...], ...] = struct.field(pytree_node=False)
   owner: Tuple[int, ...] = struct.field(pytree_node=False)
+
+
+base.PROVIDED["focus"] = lambda focus, opt_def: MultiOptimizer((focus, opt_def))

@@ -1,4 +1,4 @@
-"""Per-tensor L2 norms for the layer-wise optimizers (LAMB, LARS)."""
+"""L2 norms without overflow: per tensor (LAMB, LARS) and global (the checked step's pre-pass)."""
 import jax
 import jax.numpy as jnp
 
@@ -47,3 +47,40 @@ def safe_ratio(num, den):
   """
   ok = (num > 0) & (den > 0)
   return jnp.where(ok, num / jnp.where(ok, den, 1.0), 1.0)
+
+
+# ----------------------------------------------------------------------------- the checked step
+
+def gradient_prepass(g_leaves, grad_scale=None, clip_global_norm=None):
+  """(all finite, global L2 norm of ``grad_scale * g``, the factor to multiply ``g`` by).
+
+  Per leaf, XLA fuses the sums of squares and the finite test into one read of the gradient; no
+  concatenated copy is made. Squares are summed in float32 after scaling, so a loss-scaled float16
+  gradient does not overflow in the square, and beside them the squares of ``g * 2**-80``
+  (``sum_squares``), so that finite gradients whose sum of squares overflows (|g| ~ 1e20)
+  still have a finite norm: they are clipped, not skipped."""
+  scale = F32(1.0) if grad_scale is None else jnp.asarray(grad_scale, F32)
+  sq, sq_small, fin = [], [], []
+  for g in g_leaves:
+    x = jnp.asarray(g).astype(F32) * scale
+    a, b = sum_squares(x)
+    sq.append(a)
+    sq_small.append(b)
+    fin.append(jnp.all(jnp.isfinite(x)))
+  if not sq:
+    return prepass_result(jnp.asarray(True), F32(0.0), scale, clip_global_norm)
+  finite = jnp.all(jnp.stack(fin))
+  norm = norm_from_sums(jnp.sum(jnp.stack(sq)), jnp.sum(jnp.stack(sq_small)))
+  return prepass_result(finite, norm, scale, clip_global_norm)
+
+
+def prepass_result(finite, norm, scale, clip_global_norm=None):
+  """``gradient_prepass``'s (all finite, norm, g factor) from whether every element of
+  ``scale * g`` is finite and its global norm. Only non-finite *elements* skip a step; the factor
+  is ``scale`` times optax.clip_by_global_norm's (``max_norm / norm`` when ``norm`` exceeds
+  ``clip_global_norm``, else 1)."""
+  factor = scale
+  if clip_global_norm is not None:
+    max_norm = jnp.asarray(clip_global_norm, F32)
+    factor = scale * jnp.where(norm < max_norm, F32(1.0), max_norm / norm)
+  return finite, norm, factor

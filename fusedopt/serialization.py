@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .flat import FlatState, _place_like
+from . import base
+from .flat_state import FlatState, _place_like
 
 
 class CheckpointError(ValueError):
@@ -378,3 +379,7 @@ def _orbax_spec(want, saved, path):
     raise ValueError(f"checkpoint leaf {path} has shape {tuple(saved.shape)}, the optimizer "
                      f"expects {tuple(want.shape)}")
   return jax.ShapeDtypeStruct(want.shape, saved.dtype, sharding=want.sharding)
+
+
+base.PROVIDED["state_dict"] = optimizer_state_dict
+base.PROVIDED["restore_state"] = optimizer_restore_state

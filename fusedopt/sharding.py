@@ -51,10 +51,10 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import elementwise, norms, struct
-from .base import (HyperParamError, Optimizer, OptimizerDef, OptimizerState, _is_static,
+from .base import (Optimizer, OptimizerDef, OptimizerState, _is_static,
                    _runtime_value)
 from .step import StepContext
-from .flat import (FlatOptimizerDef, FlatState, _concrete, _executor, _pallas, _place_like,
+from .flat import (FlatOptimizerDef, FlatState, _executor, _pallas,
                    check_prepass_args,
                    prepass_result)
 from .layout import FlatLayout, LayoutError

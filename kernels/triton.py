@@ -87,7 +87,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusedopt import elementwise, flat
+from fusedopt import elementwise, norms
 from fusedopt.kernels import symbolic
 
 F32 = jnp.float32
@@ -865,7 +865,7 @@ run.sequential_vmap = run_interpret.sequential_vmap = True
 
 
 def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *, platform=None):
-  """``fusedopt.flat.gradient_prepass`` with the work in leaf-direct Triton kernels
+  """``fusedopt.norms.gradient_prepass`` with the work in leaf-direct Triton kernels
   (``_PREPASS_LEAVES``: each program's sum of (scale*g)^2 and count of non-finite values, read
   from the gradient leaves themselves) and the per-program partial results reduced in XLA.
   Returns (all finite, global norm, g factor)."""
@@ -892,9 +892,9 @@ def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *
   finite = (jnp.sum(jnp.stack(bad)) == 0) if bad else jnp.asarray(True)
   # the kernel sums plain squares: where that overflowed (finite |g| ~ 1e20), the norm is read
   # again without overflow (a second pass over the gradients, only then)
-  norm = jax.lax.cond(jnp.isinf(sumsq), lambda: flat.gradient_prepass(g_leaves, scale)[1],
+  norm = jax.lax.cond(jnp.isinf(sumsq), lambda: norms.gradient_prepass(g_leaves, scale)[1],
                       lambda: jnp.sqrt(sumsq))
-  return flat.prepass_result(finite, norm, scale, clip_global_norm)
+  return norms.prepass_result(finite, norm, scale, clip_global_norm)
 
 
 def gradient_prepass_interpret(layout, g_leaves, grad_scale=None, clip_global_norm=None):
