@@ -11,12 +11,21 @@ os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), "f
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
-# Under CI (CI=true; .ci/run sets it) the `test` extra pins every tool the tests use (triton,
-# libtpu, jax-cuda12-plugin, optax, flax, a C++ compiler for the native kernels, the flax 0.5.3
-# venv): a test that skips there hides a broken environment, so every skip fails instead, with
-# its reason. Only tests marked ``ci_may_skip(reason)`` may skip: they need a tool the extra does
-# not pin (torch), or test another platform's behaviour (CPU-only checks on a GPU machine).
+# Under CI (CI=true; .ci/run sets it) the `test` extra, installed with constraints/ci.txt, pins
+# every tool the tests use (triton, libtpu, jax-cuda12-plugin, optax, flax, a C++ compiler for
+# the native kernels, the flax 0.5.3 venv): a test that skips there hides a broken environment,
+# so every skip fails instead, with its reason. Only tests marked ``ci_may_skip(reason)`` may
+# skip: they need a tool the extra does not pin (torch), or test another platform's behaviour
+# (CPU-only checks on a GPU machine).
 CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+# Multi-device subprocesses (8 host devices on 2 cores, beside another pytest worker): XLA:CPU
+# aborts a collective whose threads have not all arrived within 40 s, which a loaded machine can
+# exceed; the subprocesses extend these XLA_FLAGS, so they wait longer instead.
+COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
+if "collective_call_terminate_timeout" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + COLLECTIVE_TIMEOUTS).strip()
 
 
 def pytest_configure(config):
