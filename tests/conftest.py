@@ -19,13 +19,16 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 # (CPU-only checks on a GPU machine).
 CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
-# Multi-device subprocesses (8 host devices on 2 cores, beside another pytest worker): XLA:CPU
-# aborts a collective whose threads have not all arrived within 40 s, which a loaded machine can
-# exceed; the subprocesses extend these XLA_FLAGS, so they wait longer instead.
-COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
-                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
-if "collective_call_terminate_timeout" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + COLLECTIVE_TIMEOUTS).strip()
+
+
+def host_devices_flags(n):
+  """XLA_FLAGS (appended to the environment's) for a subprocess with ``n`` host devices. XLA:CPU
+  aborts a collective whose threads have not all arrived within 40 s, which n device threads on
+  2 cores beside another pytest worker can exceed: they wait up to 900 s instead. (Only for
+  subprocesses of today's jaxlib: the flax 0.5.3 venv's jaxlib rejects these flags.)"""
+  return (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+          " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+          " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300").strip()
 
 
 def pytest_configure(config):

@@ -11,7 +11,10 @@ import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+                           + " --xla_force_host_platform_device_count=8"
+                           # a loaded 2-core machine can exceed XLA:CPU's 40 s collective timeout
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+                           " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fusedopt.dynamic_scale import DynamicScale, DynamicScaleResult
+from conftest import host_devices_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -348,7 +349,7 @@ PMAP_SCRIPT = textwrap.dedent("""
 def test_axis_name_under_pmap_and_shard_map_in_subprocess():
   # The fake device count must be set before jax initialises, so it runs in a child process.
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+             XLA_FLAGS=host_devices_flags(4),
              PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
   proc = subprocess.run([sys.executable, "-c", PMAP_SCRIPT], env=env, cwd=REPO_ROOT,
                         capture_output=True, text=True, timeout=120)

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 import fusedopt as optim
 from fusedopt import sharding
 from fusedopt.layout import FlatLayout
+from conftest import host_devices_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -26,8 +27,7 @@ ROOT = os.path.dirname(HERE)
 @pytest.fixture(scope="module")
 def report():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                        + " --xla_force_host_platform_device_count=8").strip())
+             XLA_FLAGS=host_devices_flags(8))
   proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_checks.py")], env=env,
                         capture_output=True, text=True, timeout=600, cwd=ROOT)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]

@@ -35,6 +35,7 @@ from fusedopt.sgd import SGD_RULE
 
 from kernel_tools import h100_replicated
 import triton_cases
+from conftest import host_devices_flags
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_JAX_TRITON = HAS_TRITON and importlib.util.find_spec("jax_triton") is not None
@@ -56,8 +57,7 @@ def interpret_results():
   if not HAS_TRITON:
     pytest.skip("triton not installed")
   env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                        + " --xla_force_host_platform_device_count=4").strip(),
+             XLA_FLAGS=host_devices_flags(4),
              PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_cases.py")], env=env,
                         capture_output=True, text=True, timeout=600, check=False)
