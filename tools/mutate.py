@@ -132,7 +132,7 @@ MUTANTS = [
            "    keep = lambda new, old: new  # noqa: E731\n",
            _k(("tests/test_checked_update.py",), "non_finite and Adam-jnp"),
            "apply_gradient_checked: a non-finite step still writes params and state"),
-    Mutant("clip_factor_inverted", "fusedopt/flat.py",
+    Mutant("clip_factor_inverted", "fusedopt/norms.py",
            "jnp.where(norm < max_norm, F32(1.0), max_norm / norm)",
            "jnp.where(norm < max_norm, F32(1.0), norm / max_norm)",
            _k(("tests/test_checked_update.py",), "clip_matches and Adam-jnp"),
