@@ -343,6 +343,15 @@ def run_jnp(rule: Rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
 run_jnp.fused_sumsq = True
 
 
+def unit_sums_per_leaf(layout, gi, sums):
+  """``run_jnp``'s per-unit sums of group ``gi`` -> per leaf, in group order (the ``"per_leaf"``
+  form of the native and Triton executors)."""
+  pos = {leaf: k for k, leaf in enumerate(layout.groups[gi].segments)}
+  ids = jnp.asarray([pos[i] for i in layout.block_segment_ids(gi)], jnp.int32)
+  return tuple(jax.ops.segment_sum(u, ids, num_segments=len(pos), indices_are_sorted=True)
+               for u in sums)
+
+
 def _empty_sums(rule):
   return None if rule.sumsq is None else ()
 

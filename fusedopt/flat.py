@@ -156,11 +156,8 @@ def _with_jnp_derivatives(run):
     def reference(scalars, seg, p_leaves, g_leaves, state):
       new_p, new_state, sums = elementwise.run_jnp(rule, scalars, seg, layout, gi, p_leaves,
                                                    g_leaves, state)
-      if sums is not None and mode == "per_leaf":   # per unit -> per leaf, group order
-        pos = {leaf: k for k, leaf in enumerate(layout.groups[gi].segments)}
-        ids = jnp.asarray([pos[i] for i in layout.block_segment_ids(gi)], jnp.int32)
-        sums = tuple(jax.ops.segment_sum(u, ids, num_segments=len(pos), indices_are_sorted=True)
-                     for u in sums)
+      if sums is not None and mode == "per_leaf":
+        sums = elementwise.unit_sums_per_leaf(layout, gi, sums)
       return new_p, new_state, sums
 
     @step.defjvp

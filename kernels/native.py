@@ -388,12 +388,8 @@ def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
     _fallback_warning(e)
   new_p, new_state, sums = elementwise.run_jnp(rule, scalars, seg, layout, gi, p_leaves,
                                                g_leaves, state)
-  if sums:   # per layout unit -> per leaf, in group order
-    group = layout.groups[gi]
-    pos = {leaf: k for k, leaf in enumerate(group.segments)}
-    ids = jnp.asarray([pos[i] for i in layout.block_segment_ids(gi)], jnp.int32)
-    sums = tuple(jax.ops.segment_sum(u, ids, num_segments=len(group.segments),
-                                     indices_are_sorted=True) for u in sums)
+  if sums:
+    sums = elementwise.unit_sums_per_leaf(layout, gi, sums)
   return new_p, new_state, sums
 
 
