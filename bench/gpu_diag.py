@@ -44,7 +44,7 @@ def main():
   p, g = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
   sq = (rng.random_sample(n) * 1e-3).astype(np.float32)
   acc = (rng.random_sample(n) * 1e-6).astype(np.float32)
-  sc = {"lr": 1.0, "rho": 0.9, "omrho": 0.1, "eps": 1e-6, "lrwd": 1e-3}
+  sc = {"lr": 1.0, "rho": 0.9, "one_minus_rho": 0.1, "eps": 1e-6, "lr_wd": 1e-3}
   ker = jax.jit(lambda *a: kp.flat_update(ADADELTA_RULE, sc, {}, a[0], a[1], a[2:]))(p, g, sq, acc)
   ns = namespace({k: jnp.float32(x) for k, x in sc.items()})
   xla = jax.jit(lambda *a: ADADELTA_RULE.fn(jnp, ns, None, *a))(p, g, sq, acc)

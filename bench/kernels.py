@@ -132,11 +132,11 @@ def _torch_cuda():
 def sweep_triton(n, inner, repeats):
   """Adam fp32 on the triton backend over block x num_warps; rows sorted by median time."""
   rows = []
-  saved = dict(kt.TUNING)
+  saved = dict(kt.DEFAULT_TUNING)
   try:
     for block in (1024, 2048, 4096, 8192, 16384):
       for nw in (2, 4, 8, 16):
-        kt.TUNING[("gpu", 4)] = kt.Tuning(block=block, num_warps=nw)
+        kt.DEFAULT_TUNING[("gpu", 4)] = kt.Tuning(block=block, num_warps=nw)
         jax.clear_caches()
         try:
           r = bench_fusedopt("adam", "triton", n, inner, repeats)
@@ -148,8 +148,8 @@ def sweep_triton(n, inner, repeats):
             f"{r['median_s'] * 1e3:.3f} ms {r['gb_s']:.0f} GB/s")
         rows.append(r)
   finally:
-    kt.TUNING.clear()
-    kt.TUNING.update(saved)
+    kt.DEFAULT_TUNING.clear()
+    kt.DEFAULT_TUNING.update(saved)
     jax.clear_caches()
   return sorted(rows, key=lambda r: r["median_s"])
 
@@ -157,11 +157,11 @@ def sweep_triton(n, inner, repeats):
 def sweep(n, inner, repeats):
   """Adam fp32 over block_rows x num_warps; returns rows sorted by median time."""
   rows = []
-  saved = dict(kp.TUNING)
+  saved = dict(kp.DEFAULT_TUNING)
   try:
     for br in (1, 2, 4, 8, 16):
       for nw in (2, 4, 8):
-        kp.TUNING[("gpu", 4)] = kp.Tuning(block_rows=br, num_warps=nw)
+        kp.DEFAULT_TUNING[("gpu", 4)] = kp.Tuning(block=br * kp.ALIGN, num_warps=nw)
         jax.clear_caches()
         r = bench_fusedopt("adam", "pallas", n, inner, repeats)
         r.update(block_rows=br, num_warps=nw)
@@ -169,8 +169,8 @@ def sweep(n, inner, repeats):
             f"{r['median_s'] * 1e3:.3f} ms {r['gb_s']:.0f} GB/s")
         rows.append(r)
   finally:
-    kp.TUNING.clear()
-    kp.TUNING.update(saved)
+    kp.DEFAULT_TUNING.clear()
+    kp.DEFAULT_TUNING.update(saved)
     jax.clear_caches()
   return sorted(rows, key=lambda r: r["median_s"])
 

@@ -8,7 +8,7 @@ Reference: Zhuang et al., https://arxiv.org/abs/2010.07468.
 from typing import Any
 
 from . import struct
-from .adam import MOMENT_NAMES, moment_scalars, validate_moments
+from .adam import MOMENT_NAMES, MOMENT_SCALARS, moment_scalars, validate_moments
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_kinds, f32
 
@@ -24,15 +24,14 @@ class _AdaBeliefHyperParams:
 
 def _adabelief(xp, s, q, p, g, m, v):
   del q
-  m = s.b1 * m + s.omb1 * g
+  m = s.b1 * m + s.one_minus_b1 * g
   d = g - m
-  v = s.b2 * v + s.omb2 * (d * d) + s.eps
-  new_p = p - s.lr * (m / s.c1) / (xp.sqrt(v / s.c2) + s.eps)
-  return new_p - s.lrwd * p, (m, v)
+  v = s.b2 * v + s.one_minus_b2 * (d * d) + s.eps
+  new_p = p - s.lr * (m / s.bias_corr1) / (xp.sqrt(v / s.bias_corr2) + s.eps)
+  return new_p - s.lr_wd * p, (m, v)
 
 
-ADABELIEF_RULE = Rule("adabelief", _adabelief,
-                      ("lr", "b1", "omb1", "b2", "omb2", "c1", "c2", "eps", "lrwd"), 2)
+ADABELIEF_RULE = Rule("adabelief", _adabelief, MOMENT_SCALARS + ("lr_wd",), 2)
 
 
 class AdaBelief(FlatOptimizerDef):
@@ -57,4 +56,4 @@ class AdaBelief(FlatOptimizerDef):
     return ADABELIEF_RULE
 
   def scalars(self, hp, step):
-    return dict(moment_scalars(hp, step), lrwd=f32(hp.learning_rate * hp.weight_decay))
+    return dict(moment_scalars(hp, step), lr_wd=f32(hp.learning_rate * hp.weight_decay))

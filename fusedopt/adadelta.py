@@ -22,15 +22,15 @@ class _AdadeltaHyperParams:
 
 def _adadelta(xp, s, q, p, g, sq, acc):
   del q
-  sq = s.rho * sq + (g * g) * s.omrho
+  sq = s.rho * sq + (g * g) * s.one_minus_rho
   delta = (xp.sqrt(acc + s.eps) / xp.sqrt(sq + s.eps)) * g
   new_p = p - s.lr * delta
-  new_p = new_p - s.lrwd * p
-  acc = s.rho * acc + (delta * delta) * s.omrho
+  new_p = new_p - s.lr_wd * p
+  acc = s.rho * acc + (delta * delta) * s.one_minus_rho
   return new_p, (sq, acc)
 
 
-ADADELTA_RULE = Rule("adadelta", _adadelta, ("lr", "rho", "omrho", "eps", "lrwd"), 2)
+ADADELTA_RULE = Rule("adadelta", _adadelta, ("lr", "rho", "one_minus_rho", "eps", "lr_wd"), 2)
 
 
 class Adadelta(FlatOptimizerDef):
@@ -57,5 +57,5 @@ class Adadelta(FlatOptimizerDef):
     return ADADELTA_RULE
 
   def scalars(self, hp, step):
-    return {"lr": f32(hp.learning_rate), "rho": f32(hp.rho), "omrho": f32(1 - hp.rho),
-            "eps": f32(hp.eps), "lrwd": f32(hp.learning_rate * hp.weight_decay)}
+    return {"lr": f32(hp.learning_rate), "rho": f32(hp.rho), "one_minus_rho": f32(1 - hp.rho),
+            "eps": f32(hp.eps), "lr_wd": f32(hp.learning_rate * hp.weight_decay)}

@@ -2,6 +2,7 @@
 
 Reference: Duchi et al., https://jmlr.org/papers/v12/duchi11a.html.
 """
+import functools
 from typing import Any
 
 from . import struct
@@ -15,13 +16,26 @@ class _AdagradHyperParams:
   eps: Any
 
 
-def _adagrad(xp, s, q, p, g, acc):
-  del q
-  acc = acc + g * g
-  return p - s.lr * g / (xp.sqrt(acc) + s.eps), (acc,)
+@functools.lru_cache(maxsize=None)
+def adagrad_rule(eps_in_sqrt: bool = False) -> Rule:
+  """Adagrad's per-element update; ``eps_in_sqrt`` chooses optax's form (``optax.adagrad``'s
+  ``scale_by_rss``, used by ``fusedopt.tx``):
+
+      G <- G + g^2;   p <- p - lr * g / (sqrt(G) + eps)
+      eps_in_sqrt:    p <- p - lr * (g / sqrt(G + eps))    (0 where G = 0)
+  """
+  def fn(xp, s, q, p, g, acc):
+    del q
+    acc = acc + g * g
+    if eps_in_sqrt:
+      # acc == 0 only where every gradient so far was 0, so g == 0 there: where(., ., g) gives 0
+      return p - s.lr * xp.where(acc, g / xp.sqrt(acc + s.eps), g), (acc,)
+    return p - s.lr * g / (xp.sqrt(acc) + s.eps), (acc,)
+
+  return Rule("adagrad_eps_in_sqrt" if eps_in_sqrt else "adagrad", fn, ("lr", "eps"), 1)
 
 
-ADAGRAD_RULE = Rule("adagrad", _adagrad, ("lr", "eps"), 1)
+ADAGRAD_RULE = adagrad_rule()
 
 
 class Adagrad(FlatOptimizerDef):

@@ -5,12 +5,19 @@
 
 Reference: Kingma & Ba, https://arxiv.org/abs/1412.6980.
 """
+import functools
 from typing import Any
 
 from . import struct
 from .elementwise import Rule
 from .flat import (FlatOptimizerDef, bias_correction, check_beta, check_kinds, check_range,
                    f32)
+
+
+# the step scalars of the Adam family (``moment_scalars``): 1 - beta and the bias corrections
+# 1 - beta^t come from the host in float32, never from the rule
+MOMENT_SCALARS = ("lr", "b1", "one_minus_b1", "b2", "one_minus_b2", "bias_corr1", "bias_corr2",
+                  "eps")
 
 
 @struct.dataclass
@@ -22,22 +29,52 @@ class _AdamHyperParams:
   weight_decay: Any
 
 
-def _adam(xp, s, q, p, g, m, v):
-  del q
-  m = s.b1 * m + s.omb1 * g
-  v = s.b2 * v + s.omb2 * (g * g)
-  new_p = p - s.lr * (m / s.c1) / (xp.sqrt(v / s.c2) + s.eps)
-  return new_p - s.lrwd * p, (m, v)
+@functools.lru_cache(maxsize=None)
+def adam_rule(nesterov: bool = False, eps_root: bool = False) -> Rule:
+  """Adam's per-element update; ``nesterov`` and ``eps_root`` choose static variants (optax's
+  ``scale_by_adam`` options, used by ``fusedopt.tx``):
+
+      m <- b1 m + (1-b1) g;   v <- b2 v + (1-b2) g^2
+      m_hat = m / (1-b1^t)                      or, nesterov (Dozat 2016),
+      m_hat = b1 m / (1-b1^(t+1)) + (1-b1) g / (1-b1^t)
+      v_hat = v / (1-b2^t)                      or, eps_root,  v / (1-b2^t) + eps_root
+      p <- p - lr * m_hat / (sqrt(v_hat) + eps) - lr * wd * p
+
+  The default (``ADAM_RULE``, flax's ``Adam``) reads neither ``bias_corr1_next`` nor
+  ``eps_root``; each variant only adds its own terms, in the same operation order (the
+  default's: m, v, then ``lr * m_hat``, then the denominator).
+  """
+  def m_hat(s, g, m):
+    if nesterov:
+      return s.b1 * (m / s.bias_corr1_next) + s.one_minus_b1 * (g / s.bias_corr1)
+    return m / s.bias_corr1
+
+  def v_hat(s, v):
+    return v / s.bias_corr2 + s.eps_root if eps_root else v / s.bias_corr2
+
+  def fn(xp, s, q, p, g, m, v):
+    del q
+    m = s.b1 * m + s.one_minus_b1 * g
+    v = s.b2 * v + s.one_minus_b2 * (g * g)
+    new_p = p - s.lr * m_hat(s, g, m) / (xp.sqrt(v_hat(s, v)) + s.eps)
+    return new_p - s.lr_wd * p, (m, v)
+
+  name = "adam" + ("_nesterov" if nesterov else "") + ("_eps_root" if eps_root else "")
+  scalars = MOMENT_SCALARS + ("lr_wd",) + (("eps_root",) if eps_root else ()) + (
+      ("bias_corr1_next",) if nesterov else ())
+  return Rule(name, fn, scalars, 2)
 
 
-ADAM_RULE = Rule("adam", _adam, ("lr", "b1", "omb1", "b2", "omb2", "c1", "c2", "eps", "lrwd"), 2)
+ADAM_RULE = adam_rule()
 
 
 def moment_scalars(hp, step):
   """Scalars shared by the Adam family, in float32 whatever the param dtype."""
-  return {"lr": f32(hp.learning_rate), "b1": f32(hp.beta1), "omb1": f32(1. - hp.beta1),
-          "b2": f32(hp.beta2), "omb2": f32(1. - hp.beta2),
-          "c1": bias_correction(hp.beta1, step), "c2": bias_correction(hp.beta2, step),
+  return {"lr": f32(hp.learning_rate),
+          "b1": f32(hp.beta1), "one_minus_b1": f32(1. - hp.beta1),
+          "b2": f32(hp.beta2), "one_minus_b2": f32(1. - hp.beta2),
+          "bias_corr1": bias_correction(hp.beta1, step),
+          "bias_corr2": bias_correction(hp.beta2, step),
           "eps": f32(hp.eps)}
 
 
@@ -74,4 +111,4 @@ class Adam(FlatOptimizerDef):
     return ADAM_RULE
 
   def scalars(self, hp, step):
-    return dict(moment_scalars(hp, step), lrwd=f32(hp.learning_rate * hp.weight_decay))
+    return dict(moment_scalars(hp, step), lr_wd=f32(hp.learning_rate * hp.weight_decay))

@@ -190,23 +190,34 @@ def _is_static(x) -> bool:
   return x is None or isinstance(x, (bool, int, str, np.bool_, np.integer))
 
 
-def _runtime_value(x):
-  # A Python float keeps its float64 accuracy where it matters (1 - beta, bias corrections)
-  return ExactFloat.of(x) if isinstance(x, float) else x
+def split_static(tree, exact=True):
+  """``tree``'s leaves as ``((treedef, static), dynamic)``: flags, sizes and names (None, bools,
+  ints, strings) are compile-time constants kept in ``static``; floats and arrays are runtime
+  values in ``dynamic`` -- Python floats as ``ExactFloat`` (keeping their float64 accuracy where
+  it matters: 1 - beta, bias corrections), or as they are with ``exact=False``."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)
+  static = tuple((True, x) if _is_static(x) else (False, None) for x in leaves)
+  dynamic = [ExactFloat.of(x) if exact and isinstance(x, float) else x
+             for x in leaves if not _is_static(x)]
+  return (treedef, static), dynamic
+
+
+def join_static(static_part, dynamic):
+  """The tree ``split_static`` split."""
+  treedef, static = static_part
+  it = iter(dynamic)
+  return jax.tree_util.tree_unflatten(treedef, [v if is_static else next(it)
+                                                for is_static, v in static])
 
 
 def _compiled_step(opt, grads, hyper_params):
-  leaves, treedef = jax.tree_util.tree_flatten(hyper_params, is_leaf=lambda x: x is None)
-  static = tuple((True, x) if _is_static(x) else (False, None) for x in leaves)
-  dynamic = [_runtime_value(x) for x in leaves if not _is_static(x)]
-  return _jitted_step(treedef, static, opt, grads, dynamic)
+  static_part, dynamic = split_static(hyper_params)
+  return _jitted_step(static_part, opt, grads, dynamic)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _jitted_step(treedef, static, opt, grads, dynamic):
-  it = iter(dynamic)
-  hp = jax.tree_util.tree_unflatten(treedef, [v if is_static else next(it)
-                                              for is_static, v in static])
+@functools.partial(jax.jit, static_argnums=(0,))
+def _jitted_step(static_part, opt, grads, dynamic):
+  hp = join_static(static_part, dynamic)
   new_target, new_state = opt.optimizer_def.apply_gradient(hp, opt.target, opt.state, grads)
   return opt.replace(target=new_target, state=new_state)
 

@@ -14,7 +14,10 @@ uint32 operators ``^ & | + - * << >>`` with wrap-around), so the same function i
 jax.numpy (the ``jnp`` backend and the per-leaf path), by Pallas/Triton kernels, and symbolically
 into C++ by the ``native`` CPU backend (``fusedopt.kernels.native``).
 
-This module holds the rule type and the ``jnp`` backend: the test oracle for every kernel.
+This module holds the rule type, its wrappers (master weights, the checked step's guard, stochastic
+rounding, per-tensor scalars, optax's deltas) and the per-leaf evaluation. Backends that run rules
+over a layout's groups live in ``fusedopt.kernels`` (``kernels/registry.py``); the ``jnp`` one
+(``kernels/jnp.py``) is the test oracle for every kernel.
 """
 import dataclasses
 import functools
@@ -296,120 +299,3 @@ def leaf_sumsq(rule: Rule, scalars, seg, p, g, new_state):
   q = namespace({k: jnp.asarray(seg[k], F32) for k in rule.seg_scalars})
   terms = rule.sumsq(JNP, s, q, p.astype(F32), g.astype(F32), *(x.astype(F32) for x in new_state))
   return tuple(jnp.sum(t * t) for t in terms)
-
-
-def run_jnp(rule: Rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
-  """The ``jnp`` backend: ``rule`` over group ``gi``'s flat buffers in one XLA fusion.
-
-  Args:
-    scalars: name -> float32 scalar.
-    seg: name -> float32 [num_leaves] (indexed by leaf, all groups).
-    p_leaves, g_leaves: all leaves of params and grads (tree leaf order).
-    state: the group's flat state buffers, one per state field.
-  Returns:
-    (new param leaves of the group in group order, or None), tuple of new state buffers, and
-    (if ``rule.sumsq``) a tuple of float32 [group.size // align] per-unit sums of squares.
-  """
-  group = layout.groups[gi]
-  n_units = group.size // layout.align
-  if group.size == 0:
-    return (([p_leaves[i] for i in group.segments] if rule.writes_param else None), tuple(state),
-            _empty_sums(rule))
-  pf = layout.pack_group(p_leaves, gi, F32)
-  gf = layout.pack_group(g_leaves, gi, F32) if rule.reads_grad else jnp.zeros((), F32)
-  shape = (n_units, layout.align)
-  if rule.seg_scalars:
-    ids = layout.block_segment_ids(gi)
-    q = {k: jnp.asarray(seg[k], F32)[ids][:, None] for k in rule.seg_scalars}
-  else:
-    q = {}
-  s = namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
-  p2, g2 = pf.reshape(shape), (gf.reshape(shape) if rule.reads_grad else gf)
-  new_p, new_state = rule.fn(JNP, s, namespace(q), p2, g2,
-                             *(x.astype(F32).reshape(shape) for x in state))
-  sums = None
-  if rule.sumsq is not None:
-    sums = tuple(jnp.sum(t * t, axis=1)
-                 for t in rule.sumsq(JNP, s, namespace(q), p2, g2, *new_state))
-  if rule.writes_state:
-    new_state = tuple(n.reshape(-1).astype(x.dtype) for n, x in zip(new_state, state))
-  else:
-    new_state = tuple(state)
-  if not rule.writes_param:
-    return None, new_state, sums
-  return split_group(layout, gi, new_p.reshape(-1)), new_state, sums
-
-
-run_jnp.fused_sumsq = True
-
-
-def unit_sums_per_leaf(layout, gi, sums):
-  """``run_jnp``'s per-unit sums of group ``gi`` -> per leaf, in group order (the ``"per_leaf"``
-  form of the native and Triton executors)."""
-  pos = {leaf: k for k, leaf in enumerate(layout.groups[gi].segments)}
-  ids = jnp.asarray([pos[i] for i in layout.block_segment_ids(gi)], jnp.int32)
-  return tuple(jax.ops.segment_sum(u, ids, num_segments=len(pos), indices_are_sorted=True)
-               for u in sums)
-
-
-def _empty_sums(rule):
-  return None if rule.sumsq is None else ()
-
-
-def pack_grads(layout, gi, g_leaves):
-  """Group ``gi``'s gradients as one flat buffer in their own (common) dtype: the same expression
-  wherever a backend packs them in a step (pre-pass and update), so XLA builds the buffer once."""
-  return layout.pack_group(g_leaves, gi, jnp.result_type(*layout.group_leaves(g_leaves, gi)))
-
-
-def check_flat_buffers(rule: Rule, p, g, state, unit: int):
-  """Checks the buffers of a kernel backend's ``flat_update``: whole ``unit``s of elements, a
-  gradient where the rule reads one, the params' shape throughout, ``rule.n_state`` states."""
-  n = p.shape[0]
-  if n % unit:
-    raise ValueError(f"flat buffers must hold a multiple of {unit} elements, got {n}")
-  if rule.reads_grad and g is None:
-    raise ValueError(f"rule {rule.name} reads the gradient; got g=None")
-  for x in ((g,) if rule.reads_grad else ()) + tuple(state):
-    if x.shape != p.shape:
-      raise ValueError(f"flat buffer of shape {x.shape} does not match params {p.shape}")
-  if len(state) != rule.n_state:
-    raise ValueError(f"rule {rule.name} takes {rule.n_state} state buffers, got {len(state)}")
-
-
-def run_flat(flat_update, rule: Rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *,
-             unit: int, backend: str, grad_dtype_ok: Optional[Callable] = None, **kwargs):
-  """The group executor of a flat-buffer kernel backend (Pallas, Triton): ``run_jnp``'s contract
-  over ``flat_update(rule, scalars, seg_units, p, g, state, **kwargs)``.
-
-  ``flat_update`` takes the group's packed params and grads (``None`` for a rule that does not
-  read them; grads in their own dtype, float32 where ``grad_dtype_ok`` rejects it), per-segment
-  scalars given once per ``unit`` elements, and returns (new p, new state, per-``unit`` sums or
-  None); the sums are returned per layout unit, the params as leaves.
-  """
-  if layout.align % unit:
-    raise ValueError(f"the {backend} backend needs a layout aligned to a multiple of {unit}")
-  pf = layout.pack_group(p_leaves, gi)
-  gf = pack_grads(layout, gi, g_leaves) if rule.reads_grad else None
-  if gf is not None and grad_dtype_ok is not None and not grad_dtype_ok(gf.dtype):
-    gf = gf.astype(F32)
-  seg_units = {}
-  if rule.seg_scalars:
-    ids = np.repeat(layout.block_segment_ids(gi), layout.align // unit)
-    seg_units = {k: jnp.asarray(seg[k], F32)[ids] for k in rule.seg_scalars}
-  new_p, new_state, sums = flat_update(rule, scalars, seg_units, pf, gf, tuple(state), **kwargs)
-  if sums is not None and layout.align != unit:   # per layout unit
-    sums = tuple(x.reshape(-1, layout.align // unit).sum(axis=1) for x in sums)
-  out_p = split_group(layout, gi, new_p) if rule.writes_param else None
-  return out_p, new_state, sums
-
-
-def split_group(layout, gi, flat):
-  """A group's flat param buffer -> its leaves (group order), in the group's dtype."""
-  group = layout.groups[gi]
-  out = []
-  for i in group.segments:
-    seg_ = layout.segments[i]
-    leaf = jax.lax.slice(flat, (seg_.offset,), (seg_.offset + seg_.size,))
-    out.append(leaf.reshape(seg_.shape).astype(group.dtype))
-  return out

@@ -6,9 +6,7 @@ step's scalars once (float32, as runtime values), then runs the optimizer's ``Ru
 group with the selected backend. The same rule serves ``apply_param_gradient`` (the per-leaf path
 that flax's API exposes), so there is one copy of every optimizer's math.
 """
-import os
 import numbers
-import warnings
 from typing import Any, Dict, Tuple
 
 import jax
@@ -18,207 +16,24 @@ import numpy as np
 from . import elementwise
 from .exact_float import ExactFloat
 from .base import HyperParamError, OptimizerDef, OptimizerState
-from .flat_state import FlatState, _place_like  # noqa: F401  (re-exported)
+from .kernels import registry
+from .flat_state import FlatState
 from .layout import FlatLayout
-from .norms import gradient_prepass, prepass_result  # noqa: F401  (re-exported)
+from .norms import gradient_prepass
 from .step import StepContext
 
 F32 = jnp.float32
-BACKENDS = ("auto", "jnp", "native", "pallas", "pallas_interpret", "triton", "triton_interpret")
-
-
-# ----------------------------------------------------------------------------- backends
-
-def _native():
-  from .kernels import native  # pylint: disable=import-outside-toplevel
-  return native
-
-
-def _pallas():
-  from .kernels import pallas  # pylint: disable=import-outside-toplevel
-  return pallas
-
-
-def _triton():
-  # fusedopt.kernels.triton imports triton / jax-triton lazily: importing it never needs them
-  from .kernels import triton  # pylint: disable=import-outside-toplevel
-  return triton
+BACKENDS = registry.NAMES
 
 
 def available_backends():
-  """The backends that can run here, besides "auto" (``pallas_interpret`` always can)."""
-  out = ["jnp"]
-  try:
-    if jax.default_backend() == "cpu" and _native().available():
-      out.append("native")
-  except ImportError:
-    pass
-  if _pallas().available():
-    out.append("pallas")
-  out.append("pallas_interpret")
-  if _triton().available():
-    out.append("triton")
-  if os.environ.get("TRITON_INTERPRET") == "1" and _triton().interpreting():
-    out.append("triton_interpret")
-  return out
-
-
-def _warn_once(msg):  # Python's default filter shows it once per call site
-  warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
-def _executor(backend, layout, gi, rule):
-  """The function that runs ``rule`` over group ``gi``: ``run(rule, scalars, seg, layout, gi, ...)``.
-
-  An explicit kernel backend that cannot run here raises; one without a kernel for the group's
-  dtype warns and runs that group on jnp (never wrong numbers). ``auto`` picks by measurement:
-  see ``_auto``.
-  """
-  dtype = layout.groups[gi].dtype
-  if backend == "jnp":
-    return elementwise.run_jnp
-  if backend in ("pallas", "pallas_interpret", "triton", "triton_interpret"):
-    unit = _pallas().ALIGN if backend.startswith("pallas") else _triton().ALIGN
-    if layout.align % unit:
-      # a tree of many small leaves whose layout was given a smaller unit (layout.choose_align)
-      _warn_once(f"backend={backend!r} runs whole {unit}-element units; this tree's layout is "
-                 f"aligned to {layout.align} elements (padding every leaf to {unit} would cost "
-                 "over 1% more memory), so it runs on the jnp backend")
-      return elementwise.run_jnp
-  if backend == "pallas_interpret":
-    return _pallas().run_interpret
-  if backend in ("triton", "triton_interpret"):
-    return _triton_executor(backend, dtype)
-  if backend == "pallas":
-    if not _pallas().available():
-      raise RuntimeError(
-          f"backend='pallas' needs a GPU or TPU (jax's default backend is "
-          f"{jax.default_backend()!r}); use backend='pallas_interpret' to run the Pallas kernels "
-          "in interpret mode on CPU (slow: for verification), or 'auto'")
-    if not _pallas().supports(dtype):
-      _warn_once(f"backend='pallas' has no {np.dtype(dtype).name} kernel; that dtype group runs "
-                 "on the jnp backend")
-      return elementwise.run_jnp
-    return _pallas().run
-  if backend == "native":
-    native = _native()
-    if not native.available():
-      raise RuntimeError("backend='native' needs a C++ compiler and jaxlib's FFI headers; "
-                         "use backend='jnp' or 'auto'")
-    if not native.supports(dtype):
-      _warn_once(f"backend='native' has no {np.dtype(dtype).name} kernel yet; that dtype group "
-                 "runs on the jnp backend")
-      return elementwise.run_jnp
-    return native.run
-  return _auto(layout, gi, rule)
-
-
-def _sequential_vmap(fn):
-  """``fn`` whose ``jax.vmap`` runs it once per batch element (``lax.map``): for kernels without
-  a batching rule (jax-triton's ``triton_call`` raises under vmap)."""
-  fn = jax.custom_batching.custom_vmap(fn)
-
-  @fn.def_vmap
-  def rule(axis_size, in_batched, *args):
-    leaves, treedef = jax.tree_util.tree_flatten(args)
-    flags = jax.tree_util.tree_leaves(list(in_batched))   # same leaf order as ``args``
-    leaves = [x if b else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
-              for x, b in zip(leaves, flags)]
-    out = jax.lax.map(lambda xs: fn(*jax.tree_util.tree_unflatten(treedef, xs)), leaves)
-    return out, jax.tree_util.tree_map(lambda _: True, out)
-
-  return fn
-
-
-def _with_jnp_derivatives(run):
-  """``run`` (a kernel backend's group executor) whose derivatives are the jnp backend's.
-
-  Kernels (FFI calls, Pallas, Triton) have no JVP rule; the jnp backend runs the same rule in
-  ``jax.numpy``, so under ``jax.jvp``/``jax.grad`` (meta-learning: derivatives with respect to
-  hyper-parameters or inputs) the step's value comes from the kernel and its tangent from the jnp
-  path. ``jax.vmap`` batches the kernel itself (each backend's batching rule; one call per batch
-  element for an executor marked ``sequential_vmap``, the Triton kernels)."""
-  if run is elementwise.run_jnp:
-    return run
-  mode = getattr(run, "fused_sumsq", False)
-  sequential = getattr(run, "sequential_vmap", False)
-
-  def wrapped(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
-    def kernel(scalars, seg, p_leaves, g_leaves, state):
-      return run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
-    if sequential:
-      kernel = _sequential_vmap(kernel)
-
-    @jax.custom_jvp
-    def step(scalars, seg, p_leaves, g_leaves, state):
-      return kernel(scalars, seg, p_leaves, g_leaves, state)
-
-    def reference(scalars, seg, p_leaves, g_leaves, state):
-      new_p, new_state, sums = elementwise.run_jnp(rule, scalars, seg, layout, gi, p_leaves,
-                                                   g_leaves, state)
-      if sums is not None and mode == "per_leaf":
-        sums = elementwise.unit_sums_per_leaf(layout, gi, sums)
-      return new_p, new_state, sums
-
-    @step.defjvp
-    def step_jvp(primals, tangents):
-      _, t_out = jax.jvp(reference, primals, tangents)
-      return step(*primals), t_out
-
-    return step(dict(scalars), dict(seg), list(p_leaves), list(g_leaves), tuple(state))
-
-  wrapped.fused_sumsq = mode
-  return wrapped
-
-
-def _triton_executor(backend, dtype):
-  triton = _triton()
-  if backend == "triton_interpret":
-    if not triton.interpreting():
-      raise RuntimeError("backend='triton_interpret' runs the Triton kernels in Triton's "
-                         "interpreter: set TRITON_INTERPRET=1 before triton is first imported "
-                         "(slow: for verification); or use backend='auto'")
-    run = triton.run_interpret
-  elif not triton.available():
-    raise RuntimeError(f"backend='triton' cannot run here: {triton.unavailable_reason()}; "
-                       "use backend='auto' (or 'jnp')")
-  else:
-    run = triton.run
-  if not triton.supports(dtype):
-    _warn_once(f"backend={backend!r} has no {np.dtype(dtype).name} kernel; that dtype group runs "
-               "on the jnp backend")
-    return elementwise.run_jnp
-  return run
-
-
-def _auto(layout, gi, rule):
-  """``backend="auto"``, from the benchmarks in bench/results:
-
-  - CPU: the native kernels (float32, bfloat16, float16; when a C++ compiler is there), else jnp.
-  - GPU/TPU: the Pallas kernel when the group's flat buffer costs no copy (one leaf whose size
-    is a multiple of the alignment: the buffer *is* the leaf), or when the rule's norms are fused
-    into the kernel (LAMB). Otherwise the jnp path: XLA fuses the concatenation of the leaves
-    into the update itself, which a kernel cannot (H100 numbers: docs/performance.md).
-  """
-  group = layout.groups[gi]
-  if _pallas().available():
-    if not _pallas().supports(group.dtype) or layout.align % _pallas().ALIGN:
-      return elementwise.run_jnp
-    one_leaf = (len(group.segments) == 1
-                and layout.segments[group.segments[0]].size == group.size)
-    return _pallas().run if (one_leaf or rule.sumsq is not None) else elementwise.run_jnp
-  if jax.default_backend() == "cpu":
-    try:
-      if _native().available() and _native().supports(group.dtype):
-        return _native().run
-    except ImportError:
-      pass
-  return elementwise.run_jnp
+  """The backends that can run here, besides "auto" (``kernels/registry.py``)."""
+  return registry.available_backends()
 
 
 # ----------------------------------------------------------------------------- checks
 
-def _concrete(x):
+def concrete_float(x):
   """``x`` as a float if it is known at trace time, else None (traced values are not checked)."""
   if isinstance(x, numbers.Number):
     return float(x)
@@ -240,7 +55,7 @@ def check_prepass_args(grad_scale, clip_global_norm):
     if x is None:
       continue
     check_scalar(name, x)
-    v = _concrete(x)
+    v = concrete_float(x)
     if v is not None and not v > 0:
       raise HyperParamError(f"{name}={v} must be positive")
     if v is not None and name == "grad_scale" and not np.isfinite(v):
@@ -285,7 +100,7 @@ def check_range(hp, name, lo=None, hi=None, lo_open=False, hi_open=False, allow_
       raise HyperParamError("no learning rate provided.")
     raise HyperParamError(f"hyper-parameter {name} is None")
   check_scalar(name, x)
-  v = _concrete(x)
+  v = concrete_float(x)
   if v is None:
     return
   lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo}"
@@ -498,11 +313,9 @@ class FlatOptimizerDef(OptimizerDef):
     layout = state.param_states.layout
     p_leaves = layout.check(params, "target", allow_other_float=False)
     g_leaves = layout.check(grads, "grads")
-    if self.backend in ("triton", "triton_interpret"):   # the pre-pass as a Triton kernel
-      _triton_executor(self.backend, F32)   # raises where the backend cannot run
-      finite, norm, gscale = _triton().gradient_prepass(
-          layout, g_leaves, grad_scale, clip_global_norm,
-          platform="interpret" if self.backend == "triton_interpret" else None)
+    kernel_prepass = registry.gradient_prepass(self.backend)
+    if kernel_prepass is not None:   # the backend's own pre-pass kernel (Triton)
+      finite, norm, gscale = kernel_prepass(layout, g_leaves, grad_scale, clip_global_norm)
     else:
       finite, norm, gscale = gradient_prepass(g_leaves, grad_scale, clip_global_norm)
     ctx = StepContext(state.step, guard={"gscale": gscale, "ok": finite.astype(F32)})
@@ -586,40 +399,21 @@ class FlatOptimizerDef(OptimizerDef):
 
 
 def run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
-  """``StepContext.run_group`` on this device: ``rule`` over group ``gi`` with ``opt_def``'s
-  backend (``_executor``; derivatives from the jnp path). Returns the new params as
-  ``(leaf index, value)`` pairs (None for a rule that writes none), the new state, and the
-  per-tensor sums as float32 [num_leaves] vectors whatever form the executor returns them in."""
-  run = _with_jnp_derivatives(_executor(opt_def.backend, layout, gi, rule))
-  out_p, out_state, raw = run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+  """``StepContext.run_group`` on this device: ``rule`` over group ``gi`` with the backend
+  ``opt_def.backend`` selects for it (``registry.select``; derivatives from the jnp path).
+  Returns the new params as ``(leaf index, value)`` pairs (None for a rule that writes none), the
+  new state, and the per-tensor sums as float32 [num_leaves] vectors (None without ``sumsq``)."""
+  backend = registry.select(opt_def.backend, layout, gi, rule)
+  out_p, out_state, sums = registry.differentiable(backend)(
+      rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
   group = layout.groups[gi]
   if out_p is not None:
     out_p = list(zip(group.segments, out_p))
   if rule.sumsq is None:
     return out_p, out_state, None
+  idx = np.asarray(group.segments)
   n = len(layout.segments)
-  mode = getattr(run, "fused_sumsq", False)
-  if mode == "per_leaf":                    # already per leaf, in group order
-    idx = np.asarray(group.segments)
-    part = [jnp.zeros((n,), F32).at[idx].set(u) for u in raw]
-  elif mode:                                # per-unit partial sums -> per leaf
-    ids = jnp.asarray(layout.block_segment_ids(gi))
-    # ids are sorted (segments lie in buffer order): on GPU the sorted scatter avoids
-    # serialising atomics on one address (docs/performance.md)
-    part = [jax.ops.segment_sum(u, ids, num_segments=n, indices_are_sorted=True) for u in raw]
-  else:                                     # evaluated per leaf from the new state
-    idx = np.asarray(group.segments)
-    per = [elementwise.leaf_sumsq(
-        rule, scalars, seg, p_leaves[i], g_leaves[i],
-        tuple(_segment_view(buf, layout.segments[i]) for buf in out_state))
-           for i in group.segments]
-    part = [jnp.zeros((n,), F32).at[idx].set(jnp.stack([x[t] for x in per]))
-            for t in range(len(per[0]))]
-  return out_p, out_state, part
-
-
-def _segment_view(buf, seg):
-  return jax.lax.slice(buf, (seg.offset,), (seg.offset + seg.size,)).reshape(seg.shape)
+  return out_p, out_state, [jnp.zeros((n,), F32).at[idx].set(u) for u in sums]
 
 
 def bias_correction(beta, step):

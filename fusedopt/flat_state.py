@@ -2,6 +2,7 @@
 from typing import Any, Dict, Tuple
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from . import struct
@@ -33,14 +34,14 @@ class FlatState:
     """``from_per_leaf`` of a tree shaped like ``per_leaf()``'s, each buffer placed where this
     state's was (a sharded state stays sharded)."""
     new = self.from_per_leaf(self.layout.treedef.flatten_up_to(per_leaf_tree))
-    return new.replace(fields={k: tuple(_place_like(b, old) for b, old in zip(bufs, self.fields[k]))
+    return new.replace(fields={k: tuple(place_like(b, old) for b, old in zip(bufs, self.fields[k]))
                                for k, bufs in new.fields.items()})
 
   def with_master_from(self, target):
     """This state with its ``master`` field (master weights) packed from ``target`` in float32,
     each buffer placed where the old one was."""
     leaves = self.layout.check(target, "target", allow_other_float=False)
-    master = tuple(_place_like(self.layout.pack_group(leaves, g, F32), old)
+    master = tuple(place_like(self.layout.pack_group(leaves, g, F32), old)
                    for g, old in enumerate(self.fields["master"]))
     return self.replace(fields=dict(self.fields, master=master))
 
@@ -50,7 +51,18 @@ class FlatState:
     return jax.tree_util.tree_unflatten(self.layout.treedef, leaves)
 
 
-def _place_like(new, old):
+def place_like(new, old):
+  """``new`` on ``old``'s devices with its sharding (for concrete arrays; tracers as they are)."""
   if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
-    return jax.device_put(new, old.sharding)
+    return put(new, old.sharding)
   return new
+
+
+def put(x, sharding):
+  """``x`` with ``sharding`` (also across processes: every process passes the same value)."""
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.sharding == sharding:
+    return x
+  if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+    return jax.device_put(x, sharding)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])

@@ -6,12 +6,13 @@
 Two stages over the flat buffers: the moments, then (after the per-tensor norms) the update.
 Reference: You et al., https://arxiv.org/abs/1904.00962.
 """
-from typing import Any
+import functools
+from typing import Any, Tuple
 
 import jax.numpy as jnp
 
 from . import elementwise, norms, struct
-from .adam import MOMENT_NAMES, moment_scalars, validate_moments
+from .adam import MOMENT_NAMES, MOMENT_SCALARS, moment_scalars, validate_moments
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_kinds, f32
 
@@ -25,34 +26,47 @@ class _LAMBHyperParams:
   eps: Any
 
 
-def direction(xp, s, p, m, v):
-  """The unscaled LAMB update ``u`` from the *new* moments."""
-  return (m / s.c1) / (xp.sqrt(v / s.c2) + s.eps) + s.wd * p
+@functools.lru_cache(maxsize=None)
+def lamb_rules(eps_root: bool = False) -> Tuple[Rule, Rule]:
+  """LAMB's two stages, ``(moments, apply)``; ``eps_root`` chooses optax's variant (used by
+  ``fusedopt.tx.lamb``) with ``eps_root`` inside the square root:
+
+      moments:  m <- b1 m + (1-b1) g;   v <- b2 v + (1-b2) g^2;   also ||p||^2, ||u||^2 with
+      u = (m / (1-b1^t)) / (sqrt(v_hat) + eps) + wd * p,  v_hat = v / (1-b2^t) (+ eps_root)
+      apply:    p <- p - ratio_lr * u          (ratio_lr = lr * ||p|| / ||u||, per tensor)
+
+  Pass 1 reads p, g, m, v and writes m, v plus per-block partial norms (24 B/param in float32);
+  pass 2 reads p, m, v and writes p (16 B/param): 40 B/param in all.
+  """
+  def v_hat(s, v):
+    return v / s.bias_corr2 + s.eps_root if eps_root else v / s.bias_corr2
+
+  def direction(xp, s, p, m, v):
+    """The unscaled LAMB update ``u`` from the *new* moments."""
+    return (m / s.bias_corr1) / (xp.sqrt(v_hat(s, v)) + s.eps) + s.wd * p
+
+  def moments(xp, s, q, p, g, m, v):
+    del xp, q, p
+    return None, (s.b1 * m + s.one_minus_b1 * g, s.b2 * v + s.one_minus_b2 * (g * g))
+
+  def norm_terms(xp, s, q, p, g, m, v):
+    """Terms whose per-tensor sums of squares the moment pass also returns: ||p||^2, ||u||^2."""
+    del q, g
+    return p, direction(xp, s, p, m, v)
+
+  def apply(xp, s, q, p, g, m, v):
+    del g
+    return p - q.ratio_lr * direction(xp, s, p, m, v), (m, v)
+
+  scalars = MOMENT_SCALARS + ("wd",) + (("eps_root",) if eps_root else ())
+  suffix = "_eps_root" if eps_root else ""
+  return (Rule("lamb_moments" + suffix, moments, scalars, 2, writes_param=False,
+               sumsq=norm_terms),
+          Rule("lamb_apply" + suffix, apply, scalars, 2, seg_scalars=("ratio_lr",),
+               reads_grad=False, writes_state=False))
 
 
-def _moments(xp, s, q, p, g, m, v):
-  del xp, q, p
-  return None, (s.b1 * m + s.omb1 * g, s.b2 * v + s.omb2 * (g * g))
-
-
-def _norm_terms(xp, s, q, p, g, m, v):
-  """Terms whose per-tensor sums of squares the moment pass also returns: ||p||^2, ||u||^2."""
-  del q, g
-  return p, direction(xp, s, p, m, v)
-
-
-def _apply(xp, s, q, p, g, m, v):
-  del g
-  return p - q.ratio_lr * direction(xp, s, p, m, v), (m, v)
-
-
-_SCALARS = ("lr", "b1", "omb1", "b2", "omb2", "c1", "c2", "eps", "wd")
-# Pass 1 reads p, g, m, v and writes m, v plus per-block partial norms (24 B/param in float32);
-# pass 2 reads p, m, v and writes p (16 B/param): 40 B/param in all.
-MOMENTS_RULE = Rule("lamb_moments", _moments, _SCALARS, 2, writes_param=False,
-                    sumsq=_norm_terms)
-APPLY_RULE = Rule("lamb_apply", _apply, _SCALARS, 2, seg_scalars=("ratio_lr",), reads_grad=False,
-                  writes_state=False)
+MOMENTS_RULE, APPLY_RULE = lamb_rules()
 
 
 class LAMB(FlatOptimizerDef):

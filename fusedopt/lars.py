@@ -38,6 +38,16 @@ def lars_rule(nesterov: bool) -> Rule:
               seg_scalars=("scaled_lr",))
 
 
+def trust_ratio(trust_coefficient, pn, gn, denominator):
+  """Per tensor, ``trust_coefficient * ||p|| / denominator``, and 1 where ``||p|| = 0`` or the
+  gradient's norm ``gn`` is 0 (the paper's and optax's convention: a zero-initialised tensor
+  still trains, a zero gradient gives no 0/0). ``LARS``'s denominator is
+  ``||g|| + wd ||p|| + eps``; optax's (``fusedopt.tx.lars``) ``||g + wd p|| + eps`` with
+  ``gn = ||g + wd p||``."""
+  ratio = trust_coefficient * pn / denominator
+  return jnp.where((gn == 0.) | (pn == 0.), 1., ratio)
+
+
 class LARS(FlatOptimizerDef):
   """Layer-wise adaptive rate scaling (LARS) optimizer. State: ``momentum``."""
   state_fields = ("momentum",)
@@ -70,8 +80,8 @@ class LARS(FlatOptimizerDef):
 
   @staticmethod
   def _scaled_lr(hp, pn, gn):
-    ratio = hp.trust_coefficient * pn / (gn + hp.weight_decay * pn + hp.eps)
-    return hp.learning_rate * jnp.where((gn == 0.) | (pn == 0.), 1., ratio).astype(jnp.float32)
+    ratio = trust_ratio(hp.trust_coefficient, pn, gn, gn + hp.weight_decay * pn + hp.eps)
+    return hp.learning_rate * ratio.astype(jnp.float32)
 
   def update_leaves(self, hp, ctx, layout, p_leaves, g_leaves, fields):
     if ctx.leaf_norms is None:

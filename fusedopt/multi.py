@@ -101,7 +101,7 @@ class MultiOptimizer(OptimizerDef):
     return OptimizerState(jax.numpy.asarray(0, jax.numpy.int32), tuple(subs))
 
   def apply_gradient(self, hyper_params, params, state, grads):
-    if isinstance(state.param_states, FusedState):
+    if isinstance(state.param_states, FusedMultiState):
       return self._apply_fused(hyper_params, params, state, grads)
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     g_def = jax.tree_util.tree_structure(grads)
@@ -142,7 +142,7 @@ class MultiOptimizer(OptimizerDef):
   def flax_param_states(self, target, param_states):
     leaves, treedef = jax.tree_util.tree_flatten(target)
     out = [None] * len(leaves)
-    if isinstance(param_states, FusedState):
+    if isinstance(param_states, FusedMultiState):
       if param_states.flat is not None:
         order = self.sub_optimizers[0].all_state_fields
         for i, st in zip(param_states.union, param_states.flat.per_leaf()):
@@ -159,7 +159,7 @@ class MultiOptimizer(OptimizerDef):
   def from_flax_param_states(self, target, param_states, restored):
     leaves, treedef = jax.tree_util.tree_flatten(target)
     per_leaf = treedef.flatten_up_to(restored)
-    if isinstance(param_states, FusedState):
+    if isinstance(param_states, FusedMultiState):
       if param_states.flat is None:
         return param_states
       return param_states.replace(flat=param_states.flat.restored_from(
@@ -175,7 +175,7 @@ class MultiOptimizer(OptimizerDef):
     """Each sub-optimizer's state brought in line with its leaves of ``target``."""
     leaves = jax.tree_util.tree_leaves(target)
     fs = state.param_states
-    if isinstance(fs, FusedState):
+    if isinstance(fs, FusedMultiState):
       if fs.flat is None or not self.sub_optimizers[0].master_weights:
         return state
       return state.replace(param_states=fs.replace(
@@ -201,7 +201,7 @@ class MultiOptimizer(OptimizerDef):
     for j, idx in enumerate(picks):
       owner[[pos[i] for i in idx]] = j
     return OptimizerState(jnp.asarray(0, jnp.int32),
-                          FusedState(flat, union, tuple(tuple(pos[i] for i in idx)
+                          FusedMultiState(flat, union, tuple(tuple(pos[i] for i in idx)
                                                         for idx in picks), tuple(owner.tolist())))
 
   def _apply_fused(self, hyper_params, params, state, grads):
@@ -244,7 +244,7 @@ class MultiOptimizer(OptimizerDef):
 
 
 @struct.dataclass
-class FusedState:
+class FusedMultiState:
   """A fused MultiOptimizer's state: one ``FlatState`` over the ``union`` of selected leaves
   (their indices in the target's leaf order); ``picks[j]`` are sub-optimizer j's positions in
   the union, ``owner[k]`` the sub-optimizer of union position k."""

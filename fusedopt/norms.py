@@ -11,13 +11,14 @@ F32 = jnp.float32
 _SMALL = 2.0 ** -80
 
 
-def sum_squares(x):
-  """(sum(x**2), sum((x * 2**-80)**2)) in float32: two accumulators over one read of ``x``."""
+def sum_squares(x, axis=None):
+  """(sum(x**2), sum((x * 2**-80)**2)) in float32 over ``axis`` (default: all): two accumulators
+  over one read of ``x``."""
   x = jnp.asarray(x).astype(F32)
   # a runtime scale: with a constant, XLA rewrites (x*c)*(x*c) as (x*x)*(c*c) = inf*0 = NaN
   small = jax.lax.optimization_barrier(F32(_SMALL))
   y = x * small
-  return jnp.sum(x * x), jnp.sum(y * y)
+  return jnp.sum(x * x, axis=axis), jnp.sum(y * y, axis=axis)
 
 
 def norm_from_sums(sq, sq_small):
@@ -51,27 +52,30 @@ def safe_ratio(num, den):
 
 # ----------------------------------------------------------------------------- the checked step
 
-def gradient_prepass(g_leaves, grad_scale=None, clip_global_norm=None):
+def gradient_prepass(g_leaves, grad_scale=None, clip_global_norm=None, reduce=None):
   """(all finite, global L2 norm of ``grad_scale * g``, the factor to multiply ``g`` by).
 
   Per leaf, XLA fuses the sums of squares and the finite test into one read of the gradient; no
   concatenated copy is made. Squares are summed in float32 after scaling, so a loss-scaled float16
   gradient does not overflow in the square, and beside them the squares of ``g * 2**-80``
   (``sum_squares``), so that finite gradients whose sum of squares overflows (|g| ~ 1e20)
-  still have a finite norm: they are clipped, not skipped."""
+  still have a finite norm: they are clipped, not skipped. ``reduce`` combines the float32
+  [3] vector (sum of squares, scaled sum, count of non-finite elements) across devices (the
+  sharded driver's psum over each device's slices); None: these leaves are all there is."""
   scale = F32(1.0) if grad_scale is None else jnp.asarray(grad_scale, F32)
-  sq, sq_small, fin = [], [], []
+  sq, sq_small, bad = [], [], []
   for g in g_leaves:
     x = jnp.asarray(g).astype(F32) * scale
     a, b = sum_squares(x)
     sq.append(a)
     sq_small.append(b)
-    fin.append(jnp.all(jnp.isfinite(x)))
-  if not sq:
-    return prepass_result(jnp.asarray(True), F32(0.0), scale, clip_global_norm)
-  finite = jnp.all(jnp.stack(fin))
-  norm = norm_from_sums(jnp.sum(jnp.stack(sq)), jnp.sum(jnp.stack(sq_small)))
-  return prepass_result(finite, norm, scale, clip_global_norm)
+    bad.append(jnp.sum((~jnp.isfinite(x)).astype(F32)))
+  total = lambda xs: jnp.sum(jnp.stack(xs)) if xs else F32(0.0)  # noqa: E731
+  totals = jnp.stack([total(sq), total(sq_small), total(bad)])
+  if reduce is not None:
+    totals = reduce(totals)
+  return prepass_result(totals[2] == 0, norm_from_sums(totals[0], totals[1]), scale,
+                        clip_global_norm)
 
 
 def prepass_result(finite, norm, scale, clip_global_norm=None):

@@ -22,21 +22,35 @@ class _RMSPropHyperParams:
 
 
 @functools.lru_cache(maxsize=None)
-def rmsprop_rule(centered: bool) -> Rule:
+def rmsprop_rule(centered: bool, eps_in_sqrt: bool = False) -> Rule:
+  """RMSProp's per-element update; ``centered`` and ``eps_in_sqrt`` choose static variants
+  (``eps_in_sqrt``: optax's default form, used by ``fusedopt.tx``):
+
+      v <- b2 v + (1-b2) g^2;   centered: mg <- b2 mg + (1-b2) g,  w = v - mg^2;  else w = v
+      p <- p - lr * g / (sqrt(w) + eps)      eps_in_sqrt:  p <- p - lr * (g / sqrt(w + eps))
+  """
+  def apply(xp, s, p, g, w):
+    # w() = v or v - mg^2, called where the formula reads it (the trace keeps its op order)
+    if eps_in_sqrt:
+      return p - s.lr * (g / xp.sqrt(w() + s.eps))
+    return p - s.lr * g / (xp.sqrt(w()) + s.eps)
+
   def plain(xp, s, q, p, g, v):
     del q
-    v = s.b2 * v + s.omb2 * (g * g)
-    return p - s.lr * g / (xp.sqrt(v) + s.eps), (v,)
+    v = s.b2 * v + s.one_minus_b2 * (g * g)
+    return apply(xp, s, p, g, lambda: v), (v,)
 
   def centered_fn(xp, s, q, p, g, v, mg):
     del q
-    v = s.b2 * v + s.omb2 * (g * g)
-    mg = s.b2 * mg + s.omb2 * g
-    return p - s.lr * g / (xp.sqrt(v - mg * mg) + s.eps), (v, mg)
+    v = s.b2 * v + s.one_minus_b2 * (g * g)
+    mg = s.b2 * mg + s.one_minus_b2 * g
+    return apply(xp, s, p, g, lambda: v - mg * mg), (v, mg)
 
+  scalars = ("lr", "b2", "one_minus_b2", "eps")
+  suffix = "_eps_in_sqrt" if eps_in_sqrt else ""
   if centered:
-    return Rule("rmsprop_centered", centered_fn, ("lr", "b2", "omb2", "eps"), 2)
-  return Rule("rmsprop", plain, ("lr", "b2", "omb2", "eps"), 1)
+    return Rule("rmsprop_centered" + suffix, centered_fn, scalars, 2)
+  return Rule("rmsprop" + suffix, plain, scalars, 1)
 
 
 class RMSProp(FlatOptimizerDef):
@@ -78,5 +92,5 @@ class RMSProp(FlatOptimizerDef):
     return rmsprop_rule(bool(hp.centered))
 
   def scalars(self, hp, step):
-    return {"lr": f32(hp.learning_rate), "b2": f32(hp.beta2), "omb2": f32(1. - hp.beta2),
-            "eps": f32(hp.eps)}
+    return {"lr": f32(hp.learning_rate), "b2": f32(hp.beta2),
+            "one_minus_b2": f32(1. - hp.beta2), "eps": f32(hp.eps)}

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import base
-from .flat_state import FlatState, _place_like
+from .flat_state import FlatState, place_like
 
 
 class CheckpointError(ValueError):
@@ -124,7 +124,7 @@ def _restore_leaf(template, value, path):
     if not kind_ok or np.shape(template) != ():
       raise ValueError(f"checkpoint leaf {path or '/'} is the Python scalar {value!r}; the "
                        f"optimizer expects {want.name}{list(np.shape(template))}")
-    return _place_like(jnp.asarray(value, want), template)
+    return place_like(jnp.asarray(value, want), template)
   value = value if isinstance(value, jax.Array) else np.asarray(value)
   if np.shape(template) != value.shape:
     raise ValueError(f"checkpoint leaf {path or '/'} has shape {value.shape}, the optimizer "
@@ -133,7 +133,7 @@ def _restore_leaf(template, value, path):
   if got != want and (_kind(got) != _kind(want) or jnp.promote_types(got, want) != want):
     raise ValueError(f"checkpoint leaf {path or '/'} has dtype {got.name}, the optimizer expects "
                      f"{want.name} (only lossless widening, e.g. bfloat16 -> float32, is done)")
-  return _place_like(jnp.asarray(value, want), template)
+  return place_like(jnp.asarray(value, want), template)
 
 
 def optimizer_state_dict(opt_def, target, state):

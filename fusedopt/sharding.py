@@ -15,10 +15,10 @@ The update runs per shard under ``shard_map`` (a Pallas or FFI call is not parti
   ``dynamic_slice`` of the full pack costs on XLA:CPU);
   ``params="sharded"`` (FSDP) keeps the params themselves as flat sharded buffers
   (``FlatParams``), so the slice *is* the input and nothing is packed or gathered;
-- elementwise rules run the backend's group executor over the local slice (``native`` on CPU,
-  ``pallas`` on GPU/TPU for ``auto``, ``jnp``); rules with per-tensor scalars or per-tensor sums
-  (LAMB, LARS) run per alignment unit with a per-unit segment table (``jnp``, or the Pallas kernel
-  ``flat_update`` which takes per-row tables directly);
+- elementwise rules run the backend's ``run_group`` over the local slice as a one-leaf group
+  (``native`` on CPU, ``pallas`` on GPU/TPU for ``auto``, ``jnp``); rules with per-tensor scalars
+  or per-tensor sums (LAMB, LARS) run the backend's ``flat_update`` with per-unit tables (``jnp``,
+  Pallas, Triton; ``registry.select_flat``);
 - per-tensor sums of squares (LAMB's ||p||, ||u||; LARS's ||p||, ||g||) are per-unit partial sums
   -> per-segment vector of this shard -> one ``psum`` of the small ``[terms, num_leaves]`` vector;
   the ``apply_gradient_checked`` pre-pass likewise (local sum of squares and finite flag -> psum);
@@ -41,22 +41,20 @@ layout-free format); ``restore_state`` / ``serialization.from_bytes`` put the re
 with the template's sharding. ``restore_state(opt, state_dict)`` here also re-shards explicitly.
 """
 import functools
-import warnings
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import elementwise, norms, struct
-from .base import (Optimizer, OptimizerDef, OptimizerState, _is_static,
-                   _runtime_value)
+from . import norms, struct
+from .base import Optimizer, OptimizerDef, OptimizerState, join_static, split_static
+from .exact_float import ExactFloat
 from .step import StepContext
-from .flat import (FlatOptimizerDef, FlatState, _executor, _pallas,
-                   check_prepass_args,
-                   prepass_result)
+from .flat import FlatOptimizerDef, FlatState, check_prepass_args
+from .flat_state import place_like, put
+from .kernels import common, registry
 from .layout import FlatLayout, LayoutError
 
 F32 = jnp.float32
@@ -101,27 +99,11 @@ class FlatParams:
 
   def from_flax_tree(self, tree):
     new = tuple(self.layout.pack(tree))
-    return self.replace(buffers=tuple(_place_like(b, old) for b, old in zip(new, self.buffers)))
+    return self.replace(buffers=tuple(place_like(b, old) for b, old in zip(new, self.buffers)))
 
 
 def _tree_of(target):
   return target.tree() if isinstance(target, FlatParams) else target
-
-
-def _place_like(new, old):
-  if isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer):
-    return _put(new, old.sharding)
-  return new
-
-
-def _put(x, sharding):
-  """``x`` with ``sharding`` (also across processes: every process passes the same value)."""
-  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.sharding == sharding:
-    return x
-  if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
-    return jax.device_put(x, sharding)
-  host = np.asarray(x)
-  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 # ----------------------------------------------------------------------------- the wrapper
@@ -199,7 +181,7 @@ class ShardedOptimizerDef(OptimizerDef):
       return state
     st = state.param_states
     if isinstance(target, FlatParams):
-      master = tuple(_place_like(b.astype(F32), old)
+      master = tuple(place_like(b.astype(F32), old)
                      for b, old in zip(_as_flat(target, st.layout, "target").buffers,
                                        st.fields["master"]))
       return state.replace(param_states=st.replace(fields=dict(st.fields, master=master)))
@@ -245,7 +227,7 @@ class ShardedOptimizerDef(OptimizerDef):
   def init_state(self, params):
     if not self.flat:   # Adafactor: replicated per-leaf state
       state = self.inner.init_state(params)
-      return jax.tree_util.tree_map(lambda x: _put(x, self.replicated), state)
+      return jax.tree_util.tree_map(lambda x: put(x, self.replicated), state)
     inner = self.inner
     layout = FlatLayout.build(params, shards=self.n)
 
@@ -257,7 +239,7 @@ class ShardedOptimizerDef(OptimizerDef):
                                  for g in range(len(layout.groups)))
       return fields
     fields = _on_mesh(init, self.state_sharding)(params)
-    step = _put(jnp.asarray(0, jnp.int32), self.replicated)
+    step = put(jnp.asarray(0, jnp.int32), self.replicated)
     return OptimizerState(step, FlatState(fields, layout))
 
   # -- the step (global view: called under jit, or eagerly through Optimizer.apply_gradient)
@@ -297,8 +279,8 @@ class ShardedOptimizerDef(OptimizerDef):
       g_arg, g_spec, g_form = layout.check(grads, "grads"), rep, "leaves"
 
     def body(step, hp_dyn, chk_dyn, p_arg, g_arg, fields):
-      hp = _join_static(hp_static, hp_dyn)
-      chk = _join_static(chk_static, chk_dyn)
+      hp = join_static(hp_static, hp_dyn)
+      chk = join_static(chk_static, chk_dyn)
       return self._local_step(hp, step, p_arg, g_arg, dict(zip(names, fields)), layout,
                               g_form=g_form, reduce=None, checked=chk)
 
@@ -320,9 +302,8 @@ class ShardedOptimizerDef(OptimizerDef):
 
   def _g_dtype(self, hp, ctx, gi, g_leaves):
     """The dtype this device's grad slice of group ``gi`` is packed in (see ``_local_step``)."""
-    run = _executor(self.inner.backend, ctx.local, gi, self.inner.wrap_rule(self.inner.rule(hp)))
-    if run is elementwise.run_jnp and not _use_pallas(self.inner.backend,
-                                                      ctx.layout.groups[gi].dtype):
+    rule = self.inner.wrap_rule(self.inner.rule(hp))
+    if _group_backend(self.inner.backend, ctx, gi, rule).name == "jnp":
       return F32
     return _grad_dtype(ctx.layout, gi, g_leaves)
 
@@ -361,7 +342,8 @@ class ShardedOptimizerDef(OptimizerDef):
         g_loc.append(part / n if reduce == "mean" else part)
     finite = norm = guard = None
     if checked is not None:
-      finite, norm, gscale = _prepass_sharded(g_loc, ax, *checked)
+      finite, norm, gscale = norms.gradient_prepass(g_loc, *checked,
+                                                    reduce=lambda t: lax.psum(t, ax))
       guard = {"gscale": gscale, "ok": finite.astype(F32)}
     # the optimizer's own update_leaves, on this device's slices (one "leaf" per group): groups
     # run by _run_group_sharded, per-tensor sums and norms combined across the shards
@@ -375,7 +357,7 @@ class ShardedOptimizerDef(OptimizerDef):
       leaves = list(p_arg)
       for gi, group in enumerate(layout.groups):
         if group.size:
-          for i, x in zip(group.segments, elementwise.split_group(layout, gi, full[gi])):
+          for i, x in zip(group.segments, common.split_group(layout, gi, full[gi])):
             leaves[i] = x
       new_p = leaves
     if finite is None:
@@ -445,26 +427,17 @@ def _on_mesh(fn, sharding):
   def run(*args):
     if not sharding.is_fully_addressable:   # multi-process: inputs as global replicated arrays
       rep = NamedSharding(sharding.mesh, P())
-      args = jax.tree_util.tree_map(lambda x: _put(jnp.asarray(x), rep), args)
+      args = jax.tree_util.tree_map(lambda x: put(jnp.asarray(x), rep), args)
     out = jax.eval_shape(fn, *args)
     return jax.jit(fn, out_shardings=jax.tree_util.tree_map(lambda _: sharding, out))(*args)
   return run
 
 
 def _split_static(tree, exact=True):
-  """As in ``Optimizer.apply_gradient``: flags, sizes and None stay static; floats and arrays
-  become shard_map inputs (hyper-parameter floats as ``ExactFloat``, keeping their float64
-  accuracy where it matters; with ``exact=False`` as float32 arrays)."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)
-  static = tuple((True, x) if _is_static(x) else (False, None) for x in leaves)
-  return (treedef, static), [_runtime_value(x) if exact and isinstance(x, float)
-                             else jnp.asarray(x) for x in leaves if not _is_static(x)]
-
-
-def _join_static(static_part, dynamic):
-  treedef, static = static_part
-  it = iter(dynamic)
-  return jax.tree_util.tree_unflatten(treedef, [v if s else next(it) for s, v in static])
+  """``base.split_static`` with the runtime values as shard_map inputs: arrays (hyper-parameter
+  floats as ``ExactFloat`` when ``exact``, else float32 arrays)."""
+  static_part, dynamic = split_static(tree, exact)
+  return static_part, [x if isinstance(x, ExactFloat) else jnp.asarray(x) for x in dynamic]
 
 
 # ----------------------------------------------------------------------------- per-shard execution
@@ -500,112 +473,49 @@ class _ShardContext:
     return tuple(lax.psum(jnp.stack(terms), self.axis_name))
 
 
+def _group_backend(name, ctx, gi, rule):
+  """The backend that runs ``rule`` over this device's slice of group ``gi``: rules with
+  per-tensor scalars or sums on per-unit tables (``registry.select_flat``: a shard's units belong
+  to tensors known only at run time), the others as the one-leaf group of the local layout."""
+  if rule.seg_scalars or rule.sumsq is not None:
+    return registry.select_flat(name, ctx.layout.groups[gi].dtype, ctx.layout.align)
+  return registry.select(name, ctx.local, gi, rule)
+
+
 def _run_group_sharded(ctx, opt_def, rule, scalars, seg, layout, gi, p_loc, g_loc, state):
   """``StepContext.run_group`` on this device's slices: ``p_loc``/``g_loc`` hold one local flat
-  slice per group; ``seg`` the global [num_leaves] per-tensor scalars. Rules with per-tensor
-  scalars or sums run on per-unit tables (``_run_units``); the others through the backend's
-  executor on the one-leaf local layout. Returns the group's new slice (at index ``gi``), its new
-  state and this shard's per-tensor partial sums (``reduce_sums`` adds them up)."""
+  slice per group; ``seg`` the global [num_leaves] per-tensor scalars. Returns the group's new
+  slice (at index ``gi``), its new state and this shard's per-tensor partial sums
+  (``reduce_sums`` adds them up)."""
+  backend = _group_backend(opt_def.backend, ctx, gi, rule)
   if rule.seg_scalars or rule.sumsq is not None:
-    q = {k: jnp.asarray(seg[k], F32)[ctx.ids(gi)] for k in rule.seg_scalars}
-    out_p, out_state, unit_sums = _run_units(opt_def.backend, rule, scalars, q, p_loc[gi],
-                                             g_loc[gi], state, layout.align)
+    tables = {k: jnp.asarray(seg[k], F32)[ctx.ids(gi)] for k in rule.seg_scalars}
+    out_p, out_state, unit_sums = backend.flat_update(rule, scalars, tables, p_loc[gi],
+                                                      g_loc[gi], tuple(state), layout.align)
   else:
-    run = _executor(opt_def.backend, ctx.local, gi, rule)
-    out = run(rule, scalars, {}, ctx.local, gi, p_loc, g_loc, state)
+    out = registry.differentiable(backend)(rule, scalars, {}, ctx.local, gi, p_loc, g_loc, state)
     out_p = None if out[0] is None else out[0][0]
     out_state, unit_sums = out[1], None
   part = None if unit_sums is None else ctx.per_segment(gi, unit_sums)
   return (None if out_p is None else [(gi, out_p)]), tuple(out_state), part
 
 
-def _use_pallas(backend, dtype):
-  if backend == "pallas_interpret":
-    return "interpret"
-  if backend in ("pallas", "auto"):
-    pallas = _pallas()
-    if pallas.available() and pallas.supports(dtype):
-      return "device"
-    if backend == "pallas":
-      if not pallas.available():
-        raise RuntimeError("backend='pallas' needs a GPU or TPU; use 'pallas_interpret' on CPU")
-  return None
-
-
-_warned_native = []
-
-
-def _run_units(backend, rule, scalars, q, p, g, state, align):
-  """``rule`` over one local slice with per-unit tables ``q`` (name -> [units]); returns (new p or
-  None, new state, per-unit sums or None). Pallas where it runs (its kernel takes per-row tables),
-  else XLA (the ``native`` kernels take per-leaf tables with static offsets, which differ per
-  shard: they are not used for these rules)."""
-  plat = _use_pallas(backend, p.dtype)
-  if plat is not None and align % _pallas().ALIGN:   # a small-leaf layout: no whole units
-    plat = None
-  if plat is not None:
-    pallas = _pallas()
-    rep = align // pallas.ALIGN
-    rows = {k: (jnp.repeat(v, rep) if rep > 1 else v) for k, v in q.items()}
-    new_p, new_state, sums = pallas.flat_update(
-        rule, scalars, rows, p, g if rule.reads_grad else None, tuple(state),
-        platform="interpret" if plat == "interpret" else None)
-    if sums is not None and rep > 1:
-      sums = tuple(x.reshape(-1, rep).sum(axis=1) for x in sums)
-    return (new_p if rule.writes_param else None), tuple(new_state), sums
-  if backend == "native" and not _warned_native:
-    _warned_native.append(True)
-    warnings.warn("sharded state: rules with per-tensor scalars or sums (LAMB, LARS) run on the "
-                  "jnp backend per shard (the native kernels take static per-leaf tables)",
-                  RuntimeWarning, stacklevel=3)
-  units = p.shape[0] // align
-  shape = (units, align)
-  s = elementwise.namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
-  qn = elementwise.namespace({k: v[:, None] for k, v in q.items()})
-  p2 = p.astype(F32).reshape(shape)
-  g2 = g.astype(F32).reshape(shape) if rule.reads_grad else jnp.zeros((), F32)
-  new_p, new_state = rule.fn(elementwise.JNP, s, qn, p2, g2,
-                             *(x.astype(F32).reshape(shape) for x in state))
-  sums = None
-  if rule.sumsq is not None:
-    sums = tuple(jnp.sum(t * t, axis=1)
-                 for t in rule.sumsq(elementwise.JNP, s, qn, p2, g2, *new_state))
-  if rule.writes_state:
-    new_state = tuple(x.reshape(-1).astype(o.dtype) for x, o in zip(new_state, state))
-  else:
-    new_state = tuple(state)
-  out_p = new_p.reshape(-1).astype(p.dtype) if rule.writes_param else None
-  return out_p, new_state, sums
-
-
 def _leaf_norms_sharded(ctx, layout, *loc_lists):
   """``StepContext.leaf_norms`` on this device's slices: per-tensor L2 norms of each list of
-  local slices, from per-unit partial sums of squares, all lists in one psum."""
+  local slices from per-unit partial sums of squares (both of ``norms.sum_squares``'s, so that a
+  tensor whose plain sum overflows still gets its finite norm, as on one device), every list in
+  one psum."""
   n = len(layout.segments)
-  sums = [jnp.zeros((n,), F32) for _ in loc_lists]
+  sums = [jnp.zeros((n,), F32) for _ in range(2 * len(loc_lists))]
   for gi, group in enumerate(layout.groups):
     if group.size == 0:
       continue
     units = layout.shard_size(gi) // layout.align
-    sq = lambda x: jnp.sum(jnp.square(x.astype(F32).reshape(units, layout.align)), axis=1)  # noqa: E731
-    parts = ctx.per_segment(gi, [sq(loc[gi]) for loc in loc_lists])
+    rows = [norms.sum_squares(loc[gi].reshape(units, layout.align), axis=1) for loc in loc_lists]
+    parts = ctx.per_segment(gi, [s for pair in rows for s in pair])
     sums = [a + b for a, b in zip(sums, parts)]
-  return tuple(jnp.sqrt(x) for x in ctx.psum_terms(sums))
-
-
-def _prepass_sharded(g_loc, axis_name, grad_scale=None, clip_global_norm=None):
-  """``flat.gradient_prepass`` over the local grad slices: local sums of squares (plain and
-  scaled, ``norms.sum_squares``) and non-finite count, one psum of all three, then the same norm
-  and clip factor."""
-  scale = F32(1.0) if grad_scale is None else jnp.asarray(grad_scale, F32)
-  sq, sq_small, bad = jnp.zeros((), F32), jnp.zeros((), F32), jnp.zeros((), F32)
-  for g in g_loc:
-    x = g.astype(F32) * scale
-    a, b = norms.sum_squares(x)
-    sq, sq_small = sq + a, sq_small + b
-    bad = bad + jnp.sum((~jnp.isfinite(x)).astype(F32))
-  sq, sq_small, bad = lax.psum(jnp.stack([sq, sq_small, bad]), axis_name)
-  return prepass_result(bad == 0, norms.norm_from_sums(sq, sq_small), scale, clip_global_norm)
+  sums = ctx.psum_terms(sums)
+  return tuple(norms.norm_from_sums(sums[2 * k], sums[2 * k + 1]) for k in range(len(loc_lists)))
 
 
 # ----------------------------------------------------------------------------- user-facing helpers
@@ -700,7 +610,7 @@ def restore_state(opt: Optimizer, state_dict):
   new = opt.restore_state(state_dict)
   if not isinstance(opt.optimizer_def, ShardedOptimizerDef):
     return new
-  return jax.tree_util.tree_map(_put, new, shardings(opt))
+  return jax.tree_util.tree_map(put, new, shardings(opt))
 
 
 def state_fraction(opt: Optimizer):

@@ -78,13 +78,14 @@ import optax
 
 from . import elementwise, norms
 from .adafactor import Adafactor
-from .adagrad import Adagrad
-from .adam import ADAM_RULE, Adam, moment_scalars
+from .adagrad import Adagrad, adagrad_rule
+from .adam import Adam, adam_rule, moment_scalars
 from .base import HyperParamError
-from .flat import FlatState, bias_correction, check_range, check_scalar, gradient_prepass
+from .flat import (FlatState, concrete_float, bias_correction, check_range, check_scalar,
+                   gradient_prepass)
 from .step import StepContext
-from .lamb import LAMB, MOMENTS_RULE, APPLY_RULE
-from .lars import LARS, lars_rule
+from .lamb import LAMB, lamb_rules
+from .lars import LARS, lars_rule, trust_ratio
 from .layout import FlatLayout, LayoutError
 from .momentum import Momentum, momentum_rule
 from .rmsprop import RMSProp, rmsprop_rule
@@ -307,16 +308,13 @@ def _flat_step(spec, hp, count, guard, flat, updates, g_leaves, params):
   if not isinstance(flat, FlatState):
     raise TypeError(f"fusedopt.tx.{spec.name}: state.inner is a {type(flat).__name__}, expected "
                     "a FlatState")
-  layout = _compatible_layout(flat.layout, updates, "grads")
-  g_leaves = layout.check(updates, "grads")
   if params is None:
+    layout = _compatible_layout(flat.layout, updates, "grads")
     p_leaves = [jnp.zeros(s.shape, layout.groups[s.group].dtype) for s in layout.segments]
-  else:
-    p_layout = _compatible_layout(flat.layout, params, "params")
-    if p_layout.treedef != layout.treedef:
-      raise LayoutError(f"params and grads have different tree structures:\n  params: "
-                        f"{p_layout.treedef}\n  grads: {layout.treedef}")
+  else:   # the grads must have the params' tree structure (LayoutError naming both otherwise)
+    layout = _compatible_layout(flat.layout, params, "params")
     p_leaves = layout.check(params, "params", allow_other_float=False)
+  g_leaves = layout.check(updates, "grads")
   runner = _Runner(spec.opt_def, guard, count)
   new_p, fields = spec.step(hp, count, runner, layout, p_leaves, g_leaves, flat.fields, params)
   # keep the state's own layout (treedef): the opt-state pytree never changes structure
@@ -352,50 +350,22 @@ def _common(name, opt_def, hyper, step, *, clip_global_norm, skip_nonfinite, **k
     if _is_schedule(clip_global_norm):
       raise HyperParamError("clip_global_norm must be a number or an array, not a schedule")
     check_scalar("clip_global_norm", clip_global_norm)
-    v = _concrete(clip_global_norm)
+    v = concrete_float(clip_global_norm)
     if v is not None and not v > 0:
       raise HyperParamError(f"clip_global_norm={v} must be positive")
   return _transformation(_Spec(name, opt_def, hyper, step, clip=clip_global_norm,
                                skip_nonfinite=bool(skip_nonfinite), **kw))
 
 
-def _concrete(x):
-  try:
-    return float(np.asarray(x))
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
 # ----------------------------------------------------------------------------- Adam family
 
-@functools.lru_cache(maxsize=None)
-def _adam_optax_rule(nesterov: bool) -> elementwise.Rule:
-  """optax's ``scale_by_adam`` where fusedopt's ``ADAM_RULE`` has no knob for it:
-
-      m_hat = m / (1 - b1^t)                      or, nesterov (Dozat 2016),
-      m_hat = b1 m / (1 - b1^(t+1)) + (1 - b1) g / (1 - b1^t)
-      p <- p - lr m_hat / (sqrt(v / (1 - b2^t) + eps_root) + eps) - lr wd p
-
-  Same operation order as ``ADAM_RULE`` otherwise (with ``eps_root = 0``, ``nesterov=False`` it
-  gives the same numbers)."""
-  def fn(xp, s, q, p, g, m, v):
-    del q
-    m = s.b1 * m + s.omb1 * g
-    v = s.b2 * v + s.omb2 * (g * g)
-    m_hat = s.b1 * (m / s.c1n) + s.omb1 * (g / s.c1) if nesterov else m / s.c1
-    new_p = p - s.lr * m_hat / (xp.sqrt(v / s.c2 + s.eps_root) + s.eps)
-    return new_p - s.lrwd * p, (m, v)
-  names = ("lr", "b1", "omb1", "b2", "omb2", "c1", "c2", "eps", "lrwd", "eps_root")
-  return elementwise.Rule("optax_adam_nesterov" if nesterov else "optax_adam", fn,
-                          names + (("c1n",) if nesterov else ()), 2)
-
-
 def _adam_scalars(hp, count, wd):
+  """The scalars of ``adam_rule`` / ``lamb_rules`` (every variant's) from optax's names."""
   s = moment_scalars(types.SimpleNamespace(learning_rate=hp.learning_rate, beta1=hp.b1,
                                            beta2=hp.b2, eps=hp.eps), count)
-  s["lrwd"] = jnp.asarray(hp.learning_rate * wd, F32)
+  s["lr_wd"] = jnp.asarray(hp.learning_rate * wd, F32)
   s["eps_root"] = jnp.asarray(hp.eps_root, F32)
-  s["c1n"] = bias_correction(hp.b1, count + 1)
+  s["bias_corr1_next"] = bias_correction(hp.b1, count + 1)
   return s
 
 
@@ -403,11 +373,11 @@ def _adam_step(nesterov, eps_root_zero, mask):
   def step(hp, count, run, layout, p, g, fields, params):
     wd = getattr(hp, "weight_decay", 0.0)
     s = _adam_scalars(hp, count, wd)
-    rule = ADAM_RULE if (eps_root_zero and not nesterov) else _adam_optax_rule(nesterov)
+    rule = adam_rule(nesterov=nesterov, eps_root=not eps_root_zero)
     seg = {}
     if mask is not None:
       m = _mask_vector(mask, params, len(layout.segments))
-      rule, seg = _per_segment(rule, s, {}, len(layout.segments), {"lrwd": s["lrwd"] * m})
+      rule, seg = _per_segment(rule, s, {}, len(layout.segments), {"lr_wd": s["lr_wd"] * m})
     return run.run(rule, s, seg, layout, p, g, fields)
   return step
 
@@ -525,30 +495,6 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
 
 # ----------------------------------------------------------------------------- RMSProp, Adagrad
 
-@functools.lru_cache(maxsize=None)
-def _rmsprop_sqrt_rule(centered: bool) -> elementwise.Rule:
-  """optax's default ``eps_in_sqrt=True`` (fusedopt's ``RMSProp`` puts eps outside):
-
-      v <- b2 v + (1-b2) g^2;  centered: mg <- b2 mg + (1-b2) g
-      p <- p - lr g / sqrt(v + eps)      (centered: sqrt(v - mg^2 + eps))
-  """
-  def plain(xp, s, q, p, g, v):
-    del q
-    v = s.b2 * v + s.omb2 * (g * g)
-    return p - s.lr * (g / xp.sqrt(v + s.eps)), (v,)
-
-  def centered_fn(xp, s, q, p, g, v, mg):
-    del q
-    v = s.b2 * v + s.omb2 * (g * g)
-    mg = s.b2 * mg + s.omb2 * g
-    return p - s.lr * (g / xp.sqrt(v - mg * mg + s.eps)), (v, mg)
-
-  names = ("lr", "b2", "omb2", "eps")
-  if centered:
-    return elementwise.Rule("optax_rmsprop_centered", centered_fn, names, 2)
-  return elementwise.Rule("optax_rmsprop", plain, names, 1)
-
-
 def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True,
             centered=False, momentum=None, nesterov=False, bias_correction=False, *,
             backend="auto", state_dtype=None, clip_global_norm=None, skip_nonfinite=False
@@ -561,8 +507,9 @@ def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=T
     \ \text{ or }\ -\eta_t\, \frac{g_t}{\sqrt{v_t} + \epsilon}
 
   ``centered=True`` subtracts the squared mean gradient ``mg_t^2`` from ``v_t`` (Graves 2013).
-  ``eps_in_sqrt=False`` is fusedopt's ``RMSProp`` rule; ``eps_in_sqrt=True`` an optax-form rule
-  (``g / sqrt(v + eps)``; optax computes ``g * rsqrt(v + eps)``, equal to ~1 ulp).
+  ``eps_in_sqrt=False`` is fusedopt's ``RMSProp`` rule; ``eps_in_sqrt=True`` its optax-form
+  variant ``rmsprop_rule(centered, eps_in_sqrt=True)`` (``g / sqrt(v + eps)``; optax computes
+  ``g * rsqrt(v + eps)``, equal to ~1 ulp).
   ``initial_scale`` fills ``v`` at init. ``momentum``, ``nesterov`` and ``bias_correction=True``
   raise ``NotImplementedError``.
 
@@ -577,11 +524,11 @@ def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=T
   if _is_schedule(initial_scale):
     raise HyperParamError("initial_scale must be a number (it fills the state at init)")
   opt_def = RMSProp(0.0, centered=bool(centered), backend=backend, state_dtype=state_dtype)
-  rule = (_rmsprop_sqrt_rule(bool(centered)) if eps_in_sqrt
-          else rmsprop_rule(bool(centered)))
+  rule = rmsprop_rule(bool(centered), eps_in_sqrt=bool(eps_in_sqrt))
 
   def step(hp, count, run, layout, p, g, fields, params):
-    s = {"lr": hp.learning_rate, "b2": hp.decay, "omb2": _one_minus(hp.decay), "eps": hp.eps}
+    s = {"lr": hp.learning_rate, "b2": hp.decay, "one_minus_b2": _one_minus(hp.decay),
+         "eps": hp.eps}
     return run.run(rule, s, {}, layout, p, g, fields)
   return _common("rmsprop", opt_def, hyper, step, clip_global_norm=clip_global_norm,
                  skip_nonfinite=skip_nonfinite, init_fill={"v": "initial_scale"})
@@ -589,17 +536,6 @@ def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=T
 
 def _one_minus(x):
   return 1.0 - x if isinstance(x, numbers.Number) else F32(1.0) - x
-
-
-def _adagrad_optax(xp, s, q, p, g, acc):
-  """optax's ``scale_by_rss``: eps inside the square root, 0 where the accumulator is 0."""
-  del q
-  acc = acc + g * g
-  # acc == 0 only where every gradient so far was 0, so g == 0 there: where(., ., g) gives 0
-  return p - s.lr * xp.where(acc, g / xp.sqrt(acc + s.eps), g), (acc,)
-
-
-_ADAGRAD_OPTAX_RULE = elementwise.Rule("optax_adagrad", _adagrad_optax, ("lr", "eps"), 1)
 
 
 def adagrad(learning_rate, initial_accumulator_value=0.1, eps=1e-7, *, backend="auto",
@@ -612,8 +548,8 @@ def adagrad(learning_rate, initial_accumulator_value=0.1, eps=1e-7, *, backend="
     \ (0 \text{ where } G_t = 0)
 
   ``G_0 = initial_accumulator_value``. optax's form (eps inside the square root) differs from
-  fusedopt's ``Adagrad`` (``g / (sqrt(G) + eps)``), so this runs its own rule on ``Adagrad``'s
-  flat state (field ``G``).
+  fusedopt's ``Adagrad`` (``g / (sqrt(G) + eps)``): this runs the variant
+  ``adagrad_rule(eps_in_sqrt=True)`` on ``Adagrad``'s flat state (field ``G``).
 
   References:
     Duchi et al., 2011: https://jmlr.org/papers/v12/duchi11a.html
@@ -624,36 +560,15 @@ def adagrad(learning_rate, initial_accumulator_value=0.1, eps=1e-7, *, backend="
   if _is_schedule(initial_accumulator_value):
     raise HyperParamError("initial_accumulator_value must be a number (it fills the state)")
   opt_def = Adagrad(0.0, backend=backend, state_dtype=state_dtype)
+  rule = adagrad_rule(eps_in_sqrt=True)
 
   def step(hp, count, run, layout, p, g, fields, params):
-    return run.run(_ADAGRAD_OPTAX_RULE, {"lr": hp.learning_rate, "eps": hp.eps}, {}, layout, p,
-                   g, fields)
+    return run.run(rule, {"lr": hp.learning_rate, "eps": hp.eps}, {}, layout, p, g, fields)
   return _common("adagrad", opt_def, hyper, step, clip_global_norm=clip_global_norm,
                  skip_nonfinite=skip_nonfinite, init_fill={"G": "initial_accumulator_value"})
 
 
 # ----------------------------------------------------------------------------- LAMB, LARS
-
-@functools.lru_cache(maxsize=None)
-def _lamb_eps_root_rules():
-  """LAMB's two stages with optax's ``eps_root`` inside the square root."""
-  def direction(xp, s, p, m, v):
-    return (m / s.c1) / (xp.sqrt(v / s.c2 + s.eps_root) + s.eps) + s.wd * p
-
-  def norm_terms(xp, s, q, p, g, m, v):
-    del q, g
-    return p, direction(xp, s, p, m, v)
-
-  def apply(xp, s, q, p, g, m, v):
-    del g
-    return p - q.ratio_lr * direction(xp, s, p, m, v), (m, v)
-
-  names = MOMENTS_RULE.scalars + ("eps_root",)
-  moments = dataclasses.replace(MOMENTS_RULE, name="optax_lamb_moments", scalars=names,
-                                sumsq=norm_terms)
-  apply_rule = dataclasses.replace(APPLY_RULE, name="optax_lamb_apply", fn=apply, scalars=names)
-  return moments, apply_rule
-
 
 def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0.0, mask=None,
          *, backend="auto", state_dtype=None, clip_global_norm=None, skip_nonfinite=False
@@ -678,8 +593,7 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0
   _validate(dict(learning_rate=_LR, b1=_BETA, b2=_BETA, eps=_NONNEG, eps_root=_NONNEG,
                  weight_decay=_NONNEG), hyper)
   opt_def = LAMB(0.0, backend=backend, state_dtype=state_dtype)
-  moments, apply_rule = ((MOMENTS_RULE, APPLY_RULE) if _is_zero(eps_root)
-                         else _lamb_eps_root_rules())
+  moments, apply_rule = lamb_rules(eps_root=not _is_zero(eps_root))
 
   def step(hp, count, run, layout, p, g, fields, params):
     s = _adam_scalars(hp, count, 0.0)
@@ -736,8 +650,8 @@ def lars(learning_rate, weight_decay=0.0, weight_decay_mask=True, trust_coeffici
     d = [jnp.asarray(gi, F32) * gscale + wd[i] * jnp.asarray(pi, F32)
          for i, (pi, gi) in enumerate(zip(p, g))]
     pn, dn = norms.per_leaf(p), norms.per_leaf(d)
-    ratio = jnp.asarray(hp.trust_coefficient, F32) * pn / (dn + jnp.asarray(hp.eps, F32))
-    ratio = jnp.where((pn == 0.0) | (dn == 0.0), F32(1.0), ratio)
+    ratio = trust_ratio(jnp.asarray(hp.trust_coefficient, F32), pn, dn,
+                        dn + jnp.asarray(hp.eps, F32))
     if tr_masked:
       ratio = jnp.where(_mask_vector(trust_ratio_mask, params, n) != 0, ratio, F32(1.0))
     seg = {"scaled_lr": jnp.asarray(hp.learning_rate, F32) * ratio}

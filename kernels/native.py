@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusedopt import elementwise
-from fusedopt.kernels import symbolic
+from fusedopt.kernels import common, jnp as jnp_backend, symbolic
 
 F32 = jnp.float32
 # Results must not depend on the CPU that built the kernel: -ffp-contract=off (no FMA contraction,
@@ -379,18 +379,13 @@ def _fallback_warning(err):
 
 
 def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
-  """Same contract as ``fusedopt.elementwise.run_jnp`` for a float32/bfloat16/float16 group,
-  sums per leaf. Where a kernel cannot be built or loaded, warns once and runs the group on the
-  jnp backend instead."""
+  """``Backend.run_group`` for a float32/bfloat16/float16 group. Where a kernel cannot be built
+  or loaded, warns once and runs the group on the jnp backend instead."""
   try:
     return _run_native(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
   except NativeUnavailable as e:
     _fallback_warning(e)
-  new_p, new_state, sums = elementwise.run_jnp(rule, scalars, seg, layout, gi, p_leaves,
-                                               g_leaves, state)
-  if sums:
-    sums = elementwise.unit_sums_per_leaf(layout, gi, sums)
-  return new_p, new_state, sums
+  return jnp_backend.run_group(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
 
 
 def _run_native(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
@@ -410,9 +405,6 @@ def _run_native(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
   else:
     sums = None
   return (new_p if rule.writes_param else None), state, sums
-
-
-run.fused_sumsq = "per_leaf"
 
 
 def _call(rule, S, seg, layout, idx, p_leaves, g_leaves, state):
@@ -447,3 +439,16 @@ def _call(rule, S, seg, layout, idx, p_leaves, g_leaves, state):
     sums = tuple(outs[-1].reshape(n_terms, n))
     outs = outs[:-1]
   return (list(outs[k_out:]) if rule.writes_param else None), new_state, sums
+
+
+def _unavailable():
+  if jax.default_backend() != "cpu":
+    return (f"backend='native' runs on the CPU (jax's default backend is "
+            f"{jax.default_backend()!r}); use backend='auto'")
+  if not available():
+    return ("backend='native' needs a C++ compiler and jaxlib's FFI headers; use backend='jnp' "
+            "or 'auto'")
+  return None
+
+
+BACKENDS = {"native": common.Backend("native", run, supports=supports, unavailable=_unavailable)}

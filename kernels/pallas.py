@@ -10,7 +10,7 @@ Because every segment of the layout starts on a row boundary, a block never stra
 tensors, so per-tensor scalars (LAMB/LARS trust ratios) enter as a per-row table.
 
 No block is ragged: ``block_rows`` is the largest power of two dividing the row count (at most
-the tuned value), and the layout pads every group to whole rows. That matters on the Triton
+the tuned ``Tuning.block`` / ROW), and the layout pads every group to whole rows. That matters on the Triton
 backend, where a plain BlockSpec does *not* mask a ragged last block (silently out of bounds on a
 GPU; interpret mode hides it).
 
@@ -21,47 +21,38 @@ run time, so schedules and overrides never recompile. Params and state are updat
 The math is ``rule.fn`` — the same function the jnp oracle and the per-leaf path call — traced
 with ``jax.numpy`` inside the kernel body, in float32 whatever the storage dtype.
 """
-import contextlib
-import dataclasses
 import functools
 import types
 from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.extend import core as jax_core
 
 from fusedopt import elementwise
+from fusedopt.kernels import common
 
 F32 = jnp.float32
-ALIGN = 1024          # elements per layout alignment unit (fusedopt.layout.DEFAULT_ALIGN)
+ALIGN = common.ALIGN
+Tuning = common.Tuning
+targeting = common.targeting
+supports = common.supports
 
-
-@dataclasses.dataclass(frozen=True)
-class Tuning:
-  """Per-platform launch parameters. ``block_rows`` alignment units per program."""
-  block_rows: int
-  num_warps: int = 4     # GPU only
-  num_stages: int = 1    # GPU only
-
-
-# Block size per (platform, storage itemsize of the params). GPU numbers: 4096 f32 elements per
-# program with 4 warps = 32 elements (8 x 16-byte vectors) per thread per buffer; see
-# bench/results for the sweep they come from. TPU: 8 tiles of (8,128) per program.
-TUNING: Dict[Tuple[str, int], Tuning] = {
-    ("gpu", 4): Tuning(block_rows=4, num_warps=4),
-    ("gpu", 2): Tuning(block_rows=4, num_warps=4),
-    ("tpu", 4): Tuning(block_rows=64),
-    ("tpu", 2): Tuning(block_rows=64),
-    ("interpret", 4): Tuning(block_rows=64),   # interpret mode costs grid steps x buffer size
-    ("interpret", 2): Tuning(block_rows=64),
+# Launch parameters per (platform, storage itemsize of the params). GPU: 4096 f32 elements per
+# program with 4 warps = 32 elements (8 x 16-byte vectors) per thread per buffer (the sweep:
+# docs/performance.md). TPU: 64 tiles of (8,128) per program. Interpret mode costs grid steps x
+# buffer size, so it takes big blocks.
+DEFAULT_TUNING: Dict[Tuple[str, int], Tuning] = {
+    ("gpu", 4): Tuning(block=4 * ALIGN, num_warps=4),
+    ("gpu", 2): Tuning(block=4 * ALIGN, num_warps=4),
+    ("tpu", 4): Tuning(block=64 * ALIGN),
+    ("tpu", 2): Tuning(block=64 * ALIGN),
+    ("interpret", 4): Tuning(block=64 * ALIGN),
+    ("interpret", 2): Tuning(block=64 * ALIGN),
 }
 
-
-_TARGET = []   # platforms set by `targeting`, innermost last
 # What a rule's ``xp`` offers inside a kernel (fusedopt.elementwise documents the contract).
 # Bit operations (stochastic rounding) are jax's integer ops: Triton and Mosaic lower them natively,
 # and ``_gpu_precise_ops`` only replaces float32 arithmetic (integer ops never reach its PTX).
@@ -70,27 +61,14 @@ _XP = types.SimpleNamespace(sqrt=jnp.sqrt, where=lambda c, a, b: jnp.where(c != 
                             u32=elementwise.JNP.u32)
 
 
-@contextlib.contextmanager
-def targeting(platform: str):
-  """Trace kernels for ``platform`` ("gpu"/"tpu") whatever jax's default backend is: for
-  ahead-of-time compiles to a compile-only topology from a CPU host."""
-  _TARGET.append(platform)
-  try:
-    yield
-  finally:
-    _TARGET.pop()
-
-
 def _platform(platform: Optional[str]) -> str:
-  if platform is None:
-    platform = _TARGET[-1] if _TARGET else jax.default_backend()
-  if platform in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  if platform == "tpu":
-    return "tpu"
-  if platform in ("interpret", "cpu"):
-    return "interpret"
-  raise ValueError(f"no Pallas kernels for platform {platform!r}")
+  return common.platform(platform, ("gpu", "tpu", "interpret"), "Pallas")
+
+
+def default_tuning(rule, p_dtype, platform: Optional[str] = None) -> Tuning:
+  """The ``Tuning`` ``flat_update`` uses for ``rule`` on params of ``p_dtype``
+  (``common.default_tuning`` over ``DEFAULT_TUNING``)."""
+  return common.default_tuning(DEFAULT_TUNING, rule, p_dtype, _platform(platform))
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
@@ -207,25 +185,22 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
   """
   plat = _platform(platform)
   n = p.shape[0]
-  elementwise.check_flat_buffers(rule, p, g, state, ALIGN)
+  common.check_flat_buffers(rule, p, g, state, ALIGN)
   n_sums = elementwise.num_sumsq_terms(rule)
   units = n // ALIGN
   if n == 0:
     return ((p if rule.writes_param else None), tuple(state),
             tuple(jnp.zeros((0,), F32) for _ in range(n_sums)) if rule.sumsq else None)
-  if tuning is None:
-    tuning = TUNING[(plat, min(np.dtype(p.dtype).itemsize, 4))]
-    if plat == "gpu" and set(elementwise.ROUNDING_SCALARS) <= set(rule.scalars):
-      # stochastic rounding's hash costs registers: at 32 elements per thread Adam's kernel
-      # spills (sm_90: 255 registers + 96 B of spills); twice the warps on the same block (16
-      # elements per thread) need <= 187 and none (sm_80, sm_90; tests/test_pallas_lowering.py)
-      tuning = dataclasses.replace(tuning, num_warps=2 * tuning.num_warps)
+  tuning = tuning or default_tuning(rule, p.dtype, plat)
+  if tuning.block % ALIGN or tuning.block & (tuning.block - 1):
+    raise ValueError(f"Pallas blocks are a power of two of whole {ALIGN}-element units; got "
+                     f"block={tuning.block}")
 
   # GPU/interpret: (units, 1024); TPU: (8 * units, 128), so each unit is one (8,128) tile.
   width = 128 if plat == "tpu" else ALIGN
   rows = n // width
   per_unit = ALIGN // width
-  block = _largest_pow2_divisor(units, tuning.block_rows) * per_unit
+  block = _largest_pow2_divisor(units, tuning.block // ALIGN) * per_unit
 
   s_vec = jnp.stack([jnp.asarray(scalars[k], F32) for k in rule.scalars]
                     + [jnp.zeros((), F32)] * (_pad_pow2(len(rule.scalars)) - len(rule.scalars)))
@@ -284,37 +259,33 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
 
 def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
   """HBM traffic of one ``flat_update`` per parameter (the roofline model of the benchmark)."""
-  isz = lambda d: np.dtype(d).itemsize  # noqa: E731
-  reads = isz(p_dtype) + (isz(g_dtype) if rule.reads_grad else 0) + rule.n_state * isz(state_dtype)
-  writes = ((isz(p_dtype) if rule.writes_param else 0)
-            + (rule.n_state * isz(state_dtype) if rule.writes_state else 0))
-  return reads + writes
+  return common.bytes_per_element(rule, p_dtype, g_dtype, state_dtype)
 
 
-# ----------------------------------------------------------------------------- group executor
-
-def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=None):
-  """The ``pallas`` backend's group executor (same contract as ``elementwise.run_jnp``)."""
-  return elementwise.run_flat(flat_update, rule, scalars, seg, layout, gi, p_leaves, g_leaves,
-                              state, unit=ALIGN, backend="pallas", platform=platform)
-
-
-def run_interpret(*args):
-  """``run`` in Pallas interpret mode (CPU): the kernels' numerics, slowly."""
-  return run(*args, platform="interpret")
-
-
-run.fused_sumsq = run_interpret.fused_sumsq = True
-
+# ----------------------------------------------------------------------------- the backend
 
 def available() -> bool:
   """Whether compiled (non-interpret) Pallas kernels can run on jax's default backend."""
   return _platform(None) in ("gpu", "tpu")
 
 
-def supports(dtype) -> bool:
-  return np.dtype(dtype) in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+def _unavailable():
+  if available():
+    return None
+  return (f"backend='pallas' needs a GPU or TPU (jax's default backend is "
+          f"{jax.default_backend()!r}); use backend='pallas_interpret' to run the Pallas kernels "
+          "in interpret mode on CPU (slow: for verification), or 'auto'")
 
 
-__all__ = ["flat_update", "targeting", "run", "run_interpret", "available", "supports", "TUNING", "Tuning",
-           "bytes_per_element", "ALIGN"]
+def _backend(name, platform):
+  update = common.at_unit(functools.partial(flat_update, platform=platform), ALIGN)
+  return common.Backend(name, common.packed_run_group(update, grad_dtype_ok=lambda d: True),
+                        update, unit=ALIGN, supports=supports,
+                        unavailable=_unavailable if platform is None else (lambda: None))
+
+
+BACKENDS = {"pallas": _backend("pallas", None),
+            "pallas_interpret": _backend("pallas_interpret", "interpret")}
+
+__all__ = ["flat_update", "targeting", "available", "supports", "DEFAULT_TUNING", "Tuning",
+           "default_tuning", "bytes_per_element", "ALIGN", "BACKENDS"]

@@ -15,7 +15,7 @@ the hand-written driver templates:
   of the grads or params, no slicing back (a packed copy costs the jnp step on GPT-2-124M half of
   the copy bandwidth on an H100). Every variant (``guarded``/``with_master``/``per_segment``/
   stochastic rounding); for a rule with ``sumsq`` (LAMB's moment pass), per-row partial sums of
-  squares of its terms, summed per leaf in XLA (``run.fused_sumsq = "per_leaf"``);
+  squares of its terms, summed per leaf in XLA (``Backend.run_group``'s form);
 - ``_PREPASS_LEAVES``: per-program sum of squares and non-finite count of ``grad_scale * g`` read
   from the gradient leaves (the global-norm and finite pre-pass of ``apply_gradient_checked``);
 - ``_UPDATE``: the update over one flat buffer (``flat_update``, a low-level API with
@@ -65,7 +65,7 @@ Generated sources are written to ``$FUSEDOPT_CACHE_DIR/triton`` (default
 ``~/.cache/fusedopt/triton``), named by their hash, and imported from there: Triton reads a
 kernel's source with ``inspect``, so it must live in a real file.
 
-Tuning (``TUNING``): 4096 elements (4 rows) per program, as for the Pallas kernels, with 8 warps:
+Tuning (``DEFAULT_TUNING``): 4096 elements (4 rows) per program, as for the Pallas kernels, with 8 warps:
 16 float32 per thread per buffer, four 16-byte vectors. With 4 warps (32 per thread) ptxas
 spilled for AdaBelief and LAMB's moment pass (168 registers, sm_90; tests/test_triton_kernels.py
 checks every rule for zero spills); stochastically rounding rules get 16 warps
@@ -73,7 +73,6 @@ checks every rule for zero spills); stochastically rounding rules get 16 warps
 a GPU sweeps BLOCK x num_warps for this backend too. ``backend="auto"`` does not pick this backend: it
 keeps its measured choices until an H100 run of ``bench/gpu_run.sh`` shows this one faster.
 """
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -88,76 +87,46 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusedopt import elementwise, norms
-from fusedopt.kernels import symbolic
+from fusedopt.kernels import common, symbolic
 
 F32 = jnp.float32
-ALIGN = 1024          # elements per layout alignment unit (fusedopt.layout.DEFAULT_ALIGN)
+ALIGN = common.ALIGN
+Tuning = common.Tuning
+supports = common.supports
 
 
 class TritonUnavailable(RuntimeError):
   """triton / jax-triton missing, or no CUDA GPU: the triton backend cannot run here."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Tuning:
-  """Launch parameters: ``block`` elements per program (a power of two), warps, stages."""
-  block: int = 4096
-  num_warps: int = 4
-  num_stages: int = 1
-
-
 # (platform, storage itemsize of the params) -> Tuning. GPU: the Pallas kernels' measured block
-# (4096 elements; bench/results/kernels-gpu-2026-11-25-sweep.md) with 8 warps, the fewest with
-# zero spills for every rule (see the module docstring), until an H100 sweep of this backend
+# (4096 elements; docs/performance.md) with 8 warps, the fewest with zero spills for every rule
+# (see the module docstring), until an H100 sweep of this backend
 # (python -m bench.kernels --device gpu --sweep) says otherwise. Interpret mode costs Python per
 # program, so it takes big blocks.
-TUNING: Dict[Tuple[str, int], Tuning] = {
+DEFAULT_TUNING: Dict[Tuple[str, int], Tuning] = {
     ("gpu", 4): Tuning(block=4096, num_warps=8),
     ("gpu", 2): Tuning(block=4096, num_warps=8),
     ("interpret", 4): Tuning(block=16384),
     ("interpret", 2): Tuning(block=16384),
 }
 
-_TARGET = []   # (platform, compute capability) set by `targeting`, innermost last
-
 
 def default_tuning(rule, p_dtype, platform: Optional[str] = None) -> Tuning:
-  """The ``Tuning`` ``flat_update`` uses for ``rule`` on params of ``p_dtype``: ``TUNING``'s, and
-  on a GPU twice the warps for a stochastically rounding rule (``with_stochastic_rounding``):
-  its hash costs registers, and at 16 elements per thread the guarded Adam kernel spills on
-  sm_90 (128 registers + 4 B of spills); at 8 per thread no rule needs more than ~100 and none
-  spills (sm_80, sm_90; tests/test_triton_kernels.py), as for the Pallas kernels."""
-  plat = _platform(platform)
-  tuning = TUNING[(plat, min(np.dtype(p_dtype).itemsize, 4))]
-  if plat == "gpu" and set(elementwise.ROUNDING_SCALARS) <= set(rule.scalars):
-    tuning = dataclasses.replace(tuning, num_warps=2 * tuning.num_warps)
-  return tuning
+  """The ``Tuning`` the kernels use for ``rule`` on params of ``p_dtype``
+  (``common.default_tuning`` over ``DEFAULT_TUNING``: at 16 elements per thread the guarded,
+  stochastically rounding Adam kernel spills on sm_90, at 8 none does)."""
+  return common.default_tuning(DEFAULT_TUNING, rule, p_dtype, _platform(platform))
 
 
-@contextlib.contextmanager
 def targeting(platform: str = "gpu", compute_capability: Optional[int] = 90):
-  """Build kernels for ``platform`` whatever jax's default backend is: with ``"gpu"`` and a
-  ``compute_capability`` (90 = H100, 80 = A100), jax-triton lowers and compiles the kernels on a
-  machine without a GPU (ahead-of-time compiles to a compile-only topology, lowering tests)."""
-  _TARGET.append((platform, compute_capability))
-  try:
-    yield
-  finally:
-    _TARGET.pop()
+  """``common.targeting`` with an H100 by default: jax-triton lowers and compiles the kernels
+  for ``compute_capability`` (90 = H100, 80 = A100) on a machine without a GPU."""
+  return common.targeting(platform, compute_capability)
 
 
 def _platform(platform: Optional[str]) -> str:
-  if platform is None:
-    platform = _TARGET[-1][0] if _TARGET else jax.default_backend()
-  if platform in ("gpu", "cuda"):
-    return "gpu"
-  if platform in ("interpret", "cpu"):
-    return "interpret"
-  raise ValueError(f"no Triton kernels for platform {platform!r}")
-
-
-def _compute_capability():
-  return _TARGET[-1][1] if _TARGET else None
+  return common.platform(platform, ("gpu", "interpret"), "Triton")
 
 
 # ----------------------------------------------------------------------------- lazy imports
@@ -214,7 +183,7 @@ def _on_cuda() -> bool:
 def available() -> bool:
   """Whether compiled Triton kernels can run here: a CUDA GPU (or ``targeting("gpu", cc)`` for
   ahead-of-time lowering), triton and jax-triton."""
-  if _TARGET and _TARGET[-1][0] in ("gpu", "cuda"):
+  if common.targeted() in ("gpu", "cuda"):
     return _importable() and not interpreting()
   return _on_cuda() and _importable() and not interpreting()
 
@@ -225,10 +194,6 @@ def unavailable_reason() -> str:
   if not _importable():
     return "it needs the packages triton and jax-triton (pip install 'fusedopt[gpu]')"
   return "triton was imported with TRITON_INTERPRET=1 (interpreter only)"
-
-
-def supports(dtype) -> bool:
-  return np.dtype(dtype) in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 
 # ----------------------------------------------------------------------------- code generation
@@ -602,7 +567,7 @@ def _call(kernel, ins, out_shapes, aliases, scalars_after, grid, consts, tuning,
   """One kernel call over jax arrays: jax-triton on a GPU, the interpreter via a host callback."""
   if plat == "gpu":
     jt = _jax_triton()
-    cc = _compute_capability()
+    cc = common.compute_capability()
     return jt.triton_call(
         *ins, *scalars_after, kernel=kernel, out_shape=out_shapes, grid=grid, name=name,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, enable_fp_fusion=False,
@@ -633,14 +598,14 @@ def flat_update(rule, scalars, seg_units, p, g, state, *, platform=None, tuning=
     p, g: 1-D buffers of n elements, n a multiple of ALIGN; ``g`` None for a rule not reading it.
     state: ``rule.n_state`` 1-D buffers of n elements.
     platform: "gpu" (jax-triton) or "interpret" (Triton's interpreter, CPU); default: jax's.
-    tuning: a ``Tuning`` overriding ``TUNING``.
+    tuning: a ``Tuning`` overriding ``DEFAULT_TUNING``.
   Returns:
     (new p or None, tuple of new state, tuple of float32 [n // ALIGN] per-unit sums of squares of
     ``rule.sumsq``'s terms or None) -- the contract of ``fusedopt.kernels.pallas.flat_update``.
   """
   plat = _platform(platform)
   n = p.shape[0]
-  elementwise.check_flat_buffers(rule, p, g, state, ALIGN)
+  common.check_flat_buffers(rule, p, g, state, ALIGN)
   for x in (p, g) + tuple(state):
     if x is not None and not supports(x.dtype):
       raise ValueError(f"no Triton kernel for buffers of dtype {np.dtype(x.dtype).name}")
@@ -697,13 +662,8 @@ def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
                     np.dtype(g_dtype).name if rule.reads_grad else None,
                     (np.dtype(state_dtype).name,) * rule.n_state)
   src, _, _ = generate(spec)
-  isz = lambda d: np.dtype(d).itemsize  # noqa: E731
-  reads = sum(isz(d) for v, d in [("p", p_dtype), ("g", g_dtype)] +
-              [(f"st{k}", state_dtype) for k in range(rule.n_state)]
-              if re.search(rf"^    {v} = tl\.load", src, re.M))
-  writes = ((isz(p_dtype) if rule.writes_param else 0)
-            + (rule.n_state * isz(state_dtype) if rule.writes_state else 0))
-  return reads + writes
+  loads = set(re.findall(r"^    (\w+) = tl\.load", src, re.M))
+  return common.bytes_per_element(rule, p_dtype, g_dtype, state_dtype, loads=loads)
 
 
 # ----------------------------------------------------------------------------- group executor
@@ -795,8 +755,7 @@ def _group_grads(layout, gi, g_leaves):
 
 def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=None,
         tuning=None):
-  """The ``triton`` backend's group executor (``elementwise.run_jnp``'s contract; sums of
-  squares per leaf): leaf-direct kernels (``_UPDATE_LEAVES``) that read the params and grads in
+  """The ``triton`` backend's ``Backend.run_group``: leaf-direct kernels (``_UPDATE_LEAVES``) that read the params and grads in
   their own buffers and write the params in place -- no packed copy of either, so a step moves
   the rule's bytes per parameter and nothing more -- and update the flat state in place."""
   plat = _platform(platform)
@@ -854,16 +813,6 @@ def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=N
   return (new_p if rule.writes_param else None), state, (tuple(sums) if n_sums else None)
 
 
-def run_interpret(*args):
-  """``run`` in Triton's interpreter (CPU; needs TRITON_INTERPRET=1 before triton is imported)."""
-  return run(*args, platform="interpret")
-
-
-run.fused_sumsq = run_interpret.fused_sumsq = "per_leaf"
-# triton_call has no batching rule: under jax.vmap the driver calls the kernels once per element
-run.sequential_vmap = run_interpret.sequential_vmap = True
-
-
 def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *, platform=None):
   """``fusedopt.norms.gradient_prepass`` with the work in leaf-direct Triton kernels
   (``_PREPASS_LEAVES``: each program's sum of (scale*g)^2 and count of non-finite values, read
@@ -877,7 +826,7 @@ def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *
     if group.size == 0:
       continue
     grads = _group_grads(layout, gi, g_leaves)
-    tuning = TUNING[(plat, min(g.dtype.itemsize for g in grads))]
+    tuning = DEFAULT_TUNING[(plat, min(g.dtype.itemsize for g in grads))]
     for launch in plan_launches(layout, gi, tuning, [(g.dtype,) for g in grads]):
       kernel = prepass_kernel_leaves(len(launch.positions))
       ins = [s_vec] + [jnp.asarray(t) for t in launch.tables[:4]]
@@ -897,12 +846,31 @@ def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *
   return norms.prepass_result(finite, norm, scale, clip_global_norm)
 
 
-def gradient_prepass_interpret(layout, g_leaves, grad_scale=None, clip_global_norm=None):
-  return gradient_prepass(layout, g_leaves, grad_scale, clip_global_norm, platform="interpret")
+def _unavailable():
+  return None if available() else (f"backend='triton' cannot run here: {unavailable_reason()}; "
+                                   "use backend='auto' (or 'jnp')")
 
 
-__all__ = ["flat_update", "gradient_prepass", "targeting", "run",
-           "run_interpret", "available", "supports", "interpreting", "TUNING", "Tuning",
-           "KernelSpec", "generate", "update_kernel", "bytes_per_element", "ALIGN",
-           "default_tuning",
-           "TritonUnavailable"]
+def _interpret_unavailable():
+  # the variable first: asking the interpreter imports triton
+  if os.environ.get("TRITON_INTERPRET") == "1" and interpreting():
+    return None
+  return ("backend='triton_interpret' runs the Triton kernels in Triton's interpreter: set "
+          "TRITON_INTERPRET=1 before triton is first imported (slow: for verification); or use "
+          "backend='auto'")
+
+
+BACKENDS = {
+    # triton_call has no batching rule: under jax.vmap the kernels run once per batch element
+    name: common.Backend(
+        name, functools.partial(run, platform=plat),
+        common.at_unit(functools.partial(flat_update, platform=plat), ALIGN), unit=ALIGN,
+        supports=supports, unavailable=why, sequential_vmap=True,
+        gradient_prepass=functools.partial(gradient_prepass, platform=plat))
+    for name, plat, why in (("triton", None, _unavailable),
+                            ("triton_interpret", "interpret", _interpret_unavailable))}
+
+__all__ = ["flat_update", "gradient_prepass", "targeting", "run", "available",
+           "supports", "interpreting", "DEFAULT_TUNING", "Tuning", "KernelSpec", "generate",
+           "update_kernel", "bytes_per_element", "ALIGN", "default_tuning", "TritonUnavailable",
+           "BACKENDS"]

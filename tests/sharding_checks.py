@@ -243,6 +243,18 @@ def main():
     res[f"reduce_scatter/{name}"] = {"cmp": compare(ref, new), "split": state_is_split(new),
                                      "collectives": summarize(collectives(hlo))}
 
+  # 6a. LARS on params and grads of |x| ~ 1e20: finite, but their float32 sums of squares
+  # overflow; the per-tensor norms come from the overflow-safe pair of partial sums
+  big = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) * 1e20
+                               if x.dtype == jnp.float32 else x, params)
+  g = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) * 1e20
+                             if x.dtype == jnp.float32 else x, grads_for(params, 0))
+  o1 = jax.jit(lambda o, g: o.apply_gradient(g))(OPTIMIZERS["LARS"]("jnp").create(big), g)
+  o2 = jax.jit(lambda o, g: o.apply_gradient(g))(
+      sharding.shard_optimizer(OPTIMIZERS["LARS"]("jnp"), mesh, AX).create(big), g)
+  res["overflow/LARS"] = {"cmp": compare(o1, o2), "finite": bool(all(
+      np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree_util.tree_leaves(o2.target)))}
+
   # 6. apply_gradient_checked: scale + clip, and a non-finite step skipped bitwise
   for name in ("Adam", "LARS"):
     o1 = OPTIMIZERS[name]("jnp").create(params)

@@ -13,8 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     ("fusedopt.struct", "fusedopt.frozen_dict", "fusedopt.exact_float", "fusedopt.step",
      "fusedopt.layout", "fusedopt.norms", "fusedopt.elementwise", "fusedopt.traverse_util"),
-    ("fusedopt.kernels", "fusedopt.kernels.symbolic"),
+    ("fusedopt.kernels", "fusedopt.kernels.symbolic", "fusedopt.kernels.common"),
+    ("fusedopt.kernels.jnp",),
     ("fusedopt.kernels.native", "fusedopt.kernels.pallas", "fusedopt.kernels.triton"),
+    ("fusedopt.kernels.registry",),
     ("fusedopt.base",),
     ("fusedopt.flat_state",),
     ("fusedopt.flat",),

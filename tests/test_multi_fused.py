@@ -39,7 +39,7 @@ def test_fused_matches_reference_and_unfused(name, kw_a, kw_b, backend, mode):
   params = make_dict_params()
   grads = make_grads(params)
   fused = _multi(name, kw_a, kw_b, backend).create(params)
-  assert type(fused.state.param_states).__name__ == "FusedState"
+  assert type(fused.state.param_states).__name__ == "FusedMultiState"
   fused = run_fused(fused, grads, mode)
   expected, n = ref.run_multi([(is_kernel, name, kw_a), (is_bias, name, kw_b)], params, grads)
   assert_close(fused.target, expected, f"fused multi {name} {backend} {mode}")

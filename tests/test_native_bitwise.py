@@ -15,15 +15,14 @@ import fusedopt as optim
 from fusedopt import elementwise as ew
 from fusedopt.adabelief import ADABELIEF_RULE
 from fusedopt.adadelta import ADADELTA_RULE
-from fusedopt.adagrad import ADAGRAD_RULE
-from fusedopt.adam import ADAM_RULE
-from fusedopt.lamb import APPLY_RULE, MOMENTS_RULE
+from fusedopt.adagrad import ADAGRAD_RULE, adagrad_rule
+from fusedopt.adam import ADAM_RULE, adam_rule
+from fusedopt.lamb import APPLY_RULE, MOMENTS_RULE, lamb_rules
 from fusedopt.lars import lars_rule
 from fusedopt.layout import FlatLayout
 from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
 from fusedopt.sgd import SGD_RULE
-from fusedopt import tx
 
 from numpy_oracle import evaluate, native_sums, same_bits
 
@@ -37,9 +36,14 @@ BASE_RULES = {
     "rmsprop_centered": rmsprop_rule(True), "adabelief": ADABELIEF_RULE,
     "adadelta": ADADELTA_RULE, "lamb_moments": MOMENTS_RULE, "lamb_apply": APPLY_RULE,
     "lars": lars_rule(False), "lars_nesterov": lars_rule(True),
-    "optax_adam": tx._adam_optax_rule(False), "optax_adam_nesterov": tx._adam_optax_rule(True),
-    "optax_rmsprop": tx._rmsprop_sqrt_rule(False),
-    "optax_rmsprop_centered": tx._rmsprop_sqrt_rule(True), "optax_adagrad": tx._ADAGRAD_OPTAX_RULE,
+    # the static variants fusedopt.tx runs (optax's forms)
+    "adam_eps_root": adam_rule(eps_root=True), "adam_nesterov": adam_rule(nesterov=True),
+    "adam_nesterov_eps_root": adam_rule(nesterov=True, eps_root=True),
+    "rmsprop_eps_in_sqrt": rmsprop_rule(False, eps_in_sqrt=True),
+    "rmsprop_centered_eps_in_sqrt": rmsprop_rule(True, eps_in_sqrt=True),
+    "adagrad_eps_in_sqrt": adagrad_rule(eps_in_sqrt=True),
+    "lamb_moments_eps_root": lamb_rules(eps_root=True)[0],
+    "lamb_apply_eps_root": lamb_rules(eps_root=True)[1],
 }
 # (rule, param dtype, state dtype): every base rule in float32, the wrappers and storage dtypes on
 # a representative selection (each case compiles one kernel).

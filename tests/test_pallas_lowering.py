@@ -105,7 +105,7 @@ def test_t2_grid_covers_buffer_exactly():
 @pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 def test_t3_compiles_to_cubin_without_spills(rule, dtype, arch):
   n = 64 * kp.ALIGN
-  tuning = kp.TUNING[("gpu", jnp.dtype(dtype).itemsize)]
+  tuning = kp.DEFAULT_TUNING[("gpu", jnp.dtype(dtype).itemsize)]
   [(name, ttir)] = ttir_texts(lower_cuda(_update_fn(rule, "gpu", n), *_sds(rule, n, dtype)))
   assert name == f"fusedopt_{rule.name}"
   k = compile_ttir(ttir, arch, num_warps=tuning.num_warps, num_stages=tuning.num_stages)
@@ -223,7 +223,7 @@ def test_t2_stochastic_rounding_lowers_for_cuda(rule):
 def test_t3_stochastic_rounding_compiles_without_spills(rule, arch):
   """With the kernel's own launch parameters: SR rules get twice the default warps on GPU."""
   n = 64 * kp.ALIGN
-  tuning = kp.TUNING[("gpu", 2)]
+  tuning = kp.DEFAULT_TUNING[("gpu", 2)]
   [(name, ttir)] = ttir_texts(lower_cuda(_update_fn(rule, "gpu", n), *_sr_sds(rule, n)))
   assert name == f"fusedopt_{rule.name}"
   k = compile_ttir(ttir, arch, num_warps=2 * tuning.num_warps, num_stages=tuning.num_stages)
@@ -240,7 +240,7 @@ def test_t3_stochastic_rounding_with_bfloat16_state_compiles():
   n = 64 * kp.ALIGN
   [(_, ttir)] = ttir_texts(lower_cuda(_update_fn(rule, "gpu", n),
                                       *_sr_sds(rule, n, jnp.bfloat16)))
-  st = ptxas_stats(compile_ttir(ttir, 90, num_warps=2 * kp.TUNING[("gpu", 2)].num_warps)
+  st = ptxas_stats(compile_ttir(ttir, 90, num_warps=2 * kp.DEFAULT_TUNING[("gpu", 2)].num_warps)
                    .asm["ptx"], 90)
   assert st["spill_stores"] == 0 and st["spill_loads"] == 0, st["text"]
 

@@ -131,9 +131,9 @@ def test_block_sizes_and_unit_counts(block_rows, units):
   rng = np.random.RandomState(units)
   p, g, m = (jnp.asarray(rng.standard_normal(n), jnp.float32) for _ in range(3))
   v = jnp.asarray(rng.random_sample(n), jnp.float32)
-  s = {"lr": 1e-2, "b1": .9, "omb1": .1, "b2": .999, "omb2": 1e-3, "c1": .19, "c2": 2e-3,
-       "eps": 1e-8, "lrwd": 1e-4}
-  tuning = kp.Tuning(block_rows=block_rows)
+  s = {"lr": 1e-2, "b1": .9, "one_minus_b1": .1, "b2": .999, "one_minus_b2": 1e-3,
+       "bias_corr1": .19, "bias_corr2": 2e-3, "eps": 1e-8, "lr_wd": 1e-4}
+  tuning = kp.Tuning(block=block_rows * kp.ALIGN)
   out_p, (out_m, out_v), _ = jax.jit(lambda *a: kp.flat_update(
       ADAM_RULE, s, {}, a[0], a[1], a[2:], tuning=tuning,
       platform=None if ON_DEVICE else "interpret"))(p, g, m, v)
@@ -186,16 +186,16 @@ def test_step_scalars_do_not_recompile():
 def test_auto_choice_on_an_accelerator():
   """backend="auto" on GPU/TPU: Pallas where the flat buffer is the leaf itself or the rule's
   norms are fused (LAMB's moment pass); the XLA-fused jnp path where packing would cost copies."""
-  from fusedopt import elementwise, flat
+  from fusedopt.kernels import registry
   from fusedopt.adam import ADAM_RULE
   from fusedopt.lamb import MOMENTS_RULE, APPLY_RULE
   from fusedopt.layout import FlatLayout
   one = FlatLayout.build({"w": jnp.zeros((4, 1024))})
   many = FlatLayout.build({"a": jnp.zeros((3, 5)), "b": jnp.zeros((2048,))})
   with kp.targeting("gpu"):
-    assert flat._executor("auto", one, 0, ADAM_RULE) is kp.run
-    assert flat._executor("auto", many, 0, ADAM_RULE) is elementwise.run_jnp
-    assert flat._executor("auto", many, 0, MOMENTS_RULE) is kp.run
-    assert flat._executor("auto", many, 0, APPLY_RULE) is elementwise.run_jnp
+    assert registry.select("auto", one, 0, ADAM_RULE).name == "pallas"
+    assert registry.select("auto", many, 0, ADAM_RULE).name == "jnp"
+    assert registry.select("auto", many, 0, MOMENTS_RULE).name == "pallas"
+    assert registry.select("auto", many, 0, APPLY_RULE).name == "jnp"
   if not ON_DEVICE:
-    assert flat._executor("auto", one, 0, ADAM_RULE) is not kp.run
+    assert registry.select("auto", one, 0, ADAM_RULE).name != "pallas"

@@ -84,8 +84,10 @@ def test_compiled_step_never_gathers_the_state(report):
       # each device packs only its slice of p and g, never the full buffer
       assert h["max_concatenate"] <= h["max_shard"], (key, h)
     assert "reduce-scatter" not in h["collectives"] and "all-to-all" not in h["collectives"]
-    if name in ("LAMB", "LARS"):   # one psum of the small [2, num_leaves] norm vector
+    if name == "LAMB":   # one psum of the small [2, num_leaves] vector of sums of squares
       assert h["collectives"]["all-reduce"] == ["f32[10]"], (key, h)
+    elif name == "LARS":  # the same for ||p||, ||g||, each as norms.sum_squares' pair
+      assert h["collectives"]["all-reduce"] == ["f32[20]"], (key, h)
     else:
       assert "all-reduce" not in h["collectives"], (key, h)
 
@@ -105,6 +107,13 @@ def test_checked_update_sharded(report):
     assert r["finite"] and r["clipped"] and r["norm_rel"] < 1e-6, r
     assert r["cmp"]["ulps"] <= 4 and r["cmp"]["step"], r   # clip factor from a reordered norm
     assert not r["skip_finite_flag"] and r["skip_unchanged"] and r["skip_step"] and r["split"]
+
+
+def test_lars_norms_do_not_overflow_sharded(report):
+  """Params and grads of |x| ~ 1e20: their float32 sums of squares overflow, their norms do not;
+  the sharded step equals the single-device one (LARS's trust ratio from both norms)."""
+  r = report["overflow/LARS"]
+  assert r["finite"] and r["cmp"]["ulps"] <= 4 and r["cmp"]["step"], r
 
 
 def test_sharded_checkpoint_round_trips(report):

@@ -45,8 +45,9 @@ def test_adam_with_bfloat16_moments_matches_reference(backend):
       gk = np.asarray(g[k], np.float32)
       m_new = np.float32(b1) * m[k] + np.float32(1 - b1) * gk        # float32 math ...
       v_new = np.float32(b2) * v[k] + np.float32(1 - b2) * gk * gk
-      c1, c2 = np.float32(1 - b1 ** (t + 1)), np.float32(1 - b2 ** (t + 1))
-      ref[k] = ref[k] - lr * (m_new / c1) / (np.sqrt(v_new / c2) + eps)
+      bias_corr1 = np.float32(1 - b1 ** (t + 1))
+      bias_corr2 = np.float32(1 - b2 ** (t + 1))
+      ref[k] = ref[k] - lr * (m_new / bias_corr1) / (np.sqrt(v_new / bias_corr2) + eps)
       m[k], v[k] = _bf16(m_new), _bf16(v_new)                        # ... bf16 storage
   for k in ref:
     np.testing.assert_allclose(np.asarray(opt.target[k]), ref[k], rtol=1e-5, atol=1e-5 * lr)

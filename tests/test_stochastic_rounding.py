@@ -399,7 +399,7 @@ def test_fused_multi_optimizer_matches_unfused_bitwise(backend):
   without the option are not fused."""
   tree = _tree()
   fused, plain = _multi(backend).create(tree), _multi(backend, fuse=False).create(tree)
-  assert type(fused.state.param_states).__name__ == "FusedState"
+  assert type(fused.state.param_states).__name__ == "FusedMultiState"
   assert isinstance(plain.state.param_states, tuple)
   rtn = _multi(backend, rounding=(False, False)).create(tree)
   step = _step_fn(False)

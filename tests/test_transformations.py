@@ -5,8 +5,10 @@
 - grad: the derivative of a loss after one step with respect to the learning rate (meta-learning)
   and to the gradients equals the jnp backend's, which is checked against central differences.
 Kernels have no derivative rules: the driver takes the tangents from the jnp path
-(``fusedopt.flat._with_jnp_derivatives``); vmap batches the kernels themselves.
+(``fusedopt.kernels.registry.differentiable``); vmap batches the kernels themselves.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,7 +100,7 @@ def test_vmap_over_an_ensemble_equals_one_by_one(name, kw, backend):
 
 
 def test_sequential_vmap_for_kernels_without_a_batching_rule(monkeypatch):
-  """An executor marked ``sequential_vmap`` (the Triton kernels: ``triton_call`` raises under
+  """A backend marked ``sequential_vmap`` (the Triton kernels: ``triton_call`` raises under
   vmap) is called once per batch element. Shown on the native kernels with their FFI batching
   rule taken away (``vmap_method=None`` raises under vmap, as ``triton_call`` does): unmarked,
   vmap fails; marked, it runs and equals the members one by one."""
@@ -116,7 +118,8 @@ def test_sequential_vmap_for_kernels_without_a_batching_rule(monkeypatch):
   ensemble = jax.vmap(lambda lr: _after_step("Adam", {}, "native", lr, p, g).target)
   with pytest.raises(Exception, match="vmap"):
     jax.jit(ensemble)(lrs)
-  monkeypatch.setattr(native.run, "sequential_vmap", True, raising=False)
+  monkeypatch.setitem(native.BACKENDS, "native",
+                      dataclasses.replace(native.BACKENDS["native"], sequential_vmap=True))
   got = jax.jit(ensemble)(lrs)
   for k in range(3):
     one = jax.jit(lambda lr: _after_step("Adam", {}, "native", lr, p, g).target)(lrs[k])

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import fusedopt as optim
-from fusedopt import flat
+from fusedopt.kernels import registry
 from fusedopt.adabelief import ADABELIEF_RULE
 from fusedopt.adam import ADAM_RULE
 from fusedopt.elementwise import guarded, per_segment, with_master, with_stochastic_rounding
@@ -113,8 +113,8 @@ def test_auto_keeps_its_choices():
   with kp.targeting("gpu"), kt.targeting("gpu", 90):
     for layout in (one, many):
       for rule in (ADAM_RULE, MOMENTS_RULE, APPLY_RULE):
-        assert flat._executor("auto", layout, 0, rule) not in (kt.run, kt.run_interpret)  # pylint: disable=protected-access
-    assert flat._executor("triton", one, 0, ADAM_RULE) is kt.run  # pylint: disable=protected-access
+        assert registry.select("auto", layout, 0, rule).name in ("pallas", "jnp")
+    assert registry.select("triton", one, 0, ADAM_RULE) is kt.BACKENDS["triton"]
 
 
 def test_generated_source_reads_only_what_the_rule_uses():
@@ -142,7 +142,7 @@ def test_stochastic_rounding_source_is_uint32_and_reads_nothing_more():
             == kt.bytes_per_element(ADAM_RULE, p_dtype, p_dtype))
   assert kt.default_tuning(rule, "bfloat16", "gpu").num_warps == 2 * kt.default_tuning(
       ADAM_RULE, "bfloat16", "gpu").num_warps
-  assert kt.default_tuning(rule, "bfloat16", "interpret") == kt.TUNING[("interpret", 2)]
+  assert kt.default_tuning(rule, "bfloat16", "interpret") == kt.DEFAULT_TUNING[("interpret", 2)]
 
 
 # ----------------------------------------------------------------------------- T2

@@ -95,6 +95,8 @@ CASES = [
                                                 eps_in_sqrt=False)),
     ("rmsprop_centered", lambda m: m.rmsprop(1e-2, centered=True, initial_scale=0.5)),
     ("adagrad", lambda m: m.adagrad(0.1)),
+    # a zero accumulator and a large eps: eps inside the root (and the where(G > 0)) matter
+    ("adagrad_zero_init", lambda m: m.adagrad(0.1, initial_accumulator_value=0.0, eps=1e-2)),
     ("adafactor", lambda m: m.adafactor(1e-2)),
     ("adafactor_momentum_wd", lambda m: m.adafactor(1e-2, momentum=0.9, weight_decay_rate=1e-3,
                                                     min_dim_size_to_factor=3,

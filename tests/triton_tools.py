@@ -81,7 +81,7 @@ def compile_spec_leaves(spec, arch, tuning=None, rows=64):
 
 
 def compile_prepass_leaves(k, dtype, vec, arch, tuning=None):
-  tuning = tuning or kt.TUNING[("gpu", 4 if dtype == "float32" else 2)]
+  tuning = tuning or kt.DEFAULT_TUNING[("gpu", 4 if dtype == "float32" else 2)]
   r, c = kt._tile(64, tuning)  # pylint: disable=protected-access
   sig = {"S": "*fp32", **{name: "*i32" for name in kt.TABLES[:4]}}
   sig.update({f"G{j}": f"*{_TY[dtype]}" for j in range(k)})

@@ -1,0 +1,53 @@
+"""The ``jnp`` backend: a rule over a group's flat buffers in ``jax.numpy``, one XLA fusion.
+
+It runs everywhere and is the oracle every kernel is tested against. Packing the leaves into a
+float32 buffer costs no copy here: XLA fuses the concatenation into the update itself (a kernel
+cannot; docs/performance.md).
+"""
+import jax.numpy as jnp
+
+from fusedopt import elementwise
+from fusedopt.kernels import common
+
+F32 = jnp.float32
+
+
+def flat_update(rule, scalars, tables, p, g, state, unit):
+  """``Backend.flat_update``: ``rule`` over flat buffers of whole ``unit``s, viewed as
+  ``(n // unit, unit)``, the per-unit ``tables`` as a column; math in float32, results in the
+  buffers' dtypes; per-unit sums of ``rule.sumsq``'s terms squared."""
+  shape = (p.shape[0] // unit, unit)
+  s = elementwise.namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
+  q = elementwise.namespace({k: jnp.asarray(tables[k], F32)[:, None] for k in rule.seg_scalars})
+  p2 = p.astype(F32).reshape(shape)
+  g2 = g.astype(F32).reshape(shape) if rule.reads_grad else jnp.zeros((), F32)
+  new_p, new_state = rule.fn(elementwise.JNP, s, q, p2, g2,
+                             *(x.astype(F32).reshape(shape) for x in state))
+  sums = None
+  if rule.sumsq is not None:
+    sums = tuple(jnp.sum(t * t, axis=1)
+                 for t in rule.sumsq(elementwise.JNP, s, q, p2, g2, *new_state))
+  if rule.writes_state:
+    new_state = tuple(n.reshape(-1).astype(x.dtype) for n, x in zip(new_state, state))
+  else:
+    new_state = tuple(state)
+  new_p = new_p.reshape(-1).astype(p.dtype) if rule.writes_param else None
+  return new_p, new_state, sums
+
+
+def run_group(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+  """``Backend.run_group``: the group's params and grads packed in float32 (the packing fuses
+  into the update), ``flat_update`` over them, the params split back into leaves."""
+  group = layout.groups[gi]
+  if group.size == 0:
+    return (([p_leaves[i] for i in group.segments] if rule.writes_param else None), tuple(state),
+            None if rule.sumsq is None else ())
+  pf = layout.pack_group(p_leaves, gi, F32)
+  gf = layout.pack_group(g_leaves, gi, F32) if rule.reads_grad else None
+  tables = common.unit_tables(layout, gi, seg, rule.seg_scalars)
+  new_p, new_state, sums = flat_update(rule, scalars, tables, pf, gf, tuple(state), layout.align)
+  out_p = common.split_group(layout, gi, new_p) if rule.writes_param else None
+  return out_p, new_state, common.unit_sums_per_leaf(layout, gi, sums)
+
+
+BACKENDS = {"jnp": common.Backend("jnp", run_group, flat_update, kernel=False)}
