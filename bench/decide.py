@@ -5,7 +5,7 @@
 For every (tree, optimizer) of the results, the fusedopt backends that passed the correctness
 check, fastest first (median step time, the ratio to the fastest, temporary memory); then, per
 optimizer, the backend fastest on most trees (ties: the larger total time saved). This is the
-measurement ``fusedopt.flat._auto`` cites; ``bench/gpu_run.sh`` prints it at the end of a GPU run.
+measurement ``fusedopt.kernels.registry.auto_choice`` cites; ``bench/gpu_run.sh`` prints it at the end of a GPU run.
 """
 import collections
 import json

@@ -35,7 +35,7 @@ if [ "${NO_TREES:-0}" != 1 ]; then
   timeout ${TREES_TIMEOUT:-210} python3 -m bench --device gpu \
     --trees ${TREES:-gpt2-124m,resnet50,small-2000} --optims ${OPTIMS:-adam,lamb} \
     --impls optax,auto,jnp,pallas,triton --no-progress --out "$OUTDIR" 2>&1
-  stage "decide"   # per optimizer: the backend fastest on most trees (for fusedopt.flat._auto)
+  stage "decide"   # per optimizer: the backend fastest on most trees (for kernels/registry.py auto_choice)
   python3 -m bench.decide $(ls -t "$OUTDIR"/gpu-*.json | head -1) 2>&1
 fi
 stage "kernels"

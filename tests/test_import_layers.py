@@ -100,3 +100,22 @@ def test_no_import_cycles():
     if not state.get(m):
       visit(m)
   assert cycles == []
+
+
+def test_registry_names_every_backend_from_below():
+  """``kernels/registry.py`` imports the backend modules by name (``MODULES``, on first use):
+  each lies in a lower layer and exports a ``Backend`` of that name in ``BACKENDS``; every
+  ``BACKENDS`` entry of a kernels module is registered; "auto" and the registered names are the
+  names a ``backend=`` argument accepts."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  from fusedopt.kernels import common, registry  # pylint: disable=import-outside-toplevel
+  level = LEVEL["fusedopt.kernels.registry"]
+  exported = {}
+  for mod in sorted(set(registry.MODULES.values())):
+    full = f"fusedopt.kernels.{mod}"
+    assert LEVEL[full] < level, full
+    for name, backend in importlib.import_module(full).BACKENDS.items():
+      assert isinstance(backend, common.Backend) and backend.name == name, (full, name)
+      exported[name] = mod
+  assert exported == registry.MODULES
+  assert registry.NAMES == ("auto",) + tuple(registry.MODULES)
