@@ -36,6 +36,7 @@ import optax
 
 import fusedopt
 from fusedopt.base import OptimizerDef, OptimizerState
+from fusedopt.flat_state import ParamState
 
 from . import optims, trees
 
@@ -196,14 +197,14 @@ class FlaxLoop(JaxImpl):
     if self.optim.moment is None:
       return None
     field = self.optim.moment[0]
-    is_state = lambda x: isinstance(x, dict) and field in x
+    is_state = lambda x: isinstance(x, (dict, ParamState)) and field in x
     return _flat_host(jax.tree_util.tree_map(lambda s: s[field], carry[1].param_states,
                                              is_leaf=is_state))
 
   def master_of(self, carry):
     if not self.optim.master_weights:
       return None
-    is_state = lambda x: isinstance(x, dict) and "master" in x
+    is_state = lambda x: isinstance(x, (dict, ParamState)) and "master" in x
     return [np.asarray(s["master"]) for s in jax.tree_util.tree_leaves(
         carry[1].param_states, is_leaf=is_state)]
 

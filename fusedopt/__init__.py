@@ -11,6 +11,7 @@ from .adam import Adam
 from .base import HyperParamError, Optimizer, OptimizerDef, OptimizerState
 from .dynamic_scale import DynamicScale, DynamicScaleResult
 from .flat import FlatOptimizerDef, FlatState, available_backends
+from .flat_state import ParamState
 from .lamb import LAMB
 from .lars import LARS
 from .layout import FlatLayout, LayoutError
@@ -28,7 +29,8 @@ __all__ = [
     "AdaBelief", "Adadelta", "Adafactor", "Adagrad", "Adam", "DynamicScale",
     "DynamicScaleResult", "FlatLayout", "FlatOptimizerDef", "FlatState", "GradientDescent",
     "HyperParamError", "LAMB", "LARS", "LayoutError", "ModelParamTraversal", "Momentum",
-    "MultiOptimizer", "Optimizer", "OptimizerDef", "OptimizerState", "RMSProp", "WeightNorm",
+    "MultiOptimizer", "Optimizer", "OptimizerDef", "OptimizerState", "ParamState", "RMSProp",
+    "WeightNorm",
     "FlatParams", "available_backends", "serialization", "shard_optimizer", "sharding",
     "traverse_util",
 ]

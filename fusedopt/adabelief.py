@@ -11,6 +11,7 @@ from . import struct
 from .adam import MOMENT_NAMES, MOMENT_SCALARS, moment_scalars, validate_moments
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_kinds, f32
+from .flat_state import ParamState, param_state
 
 
 @struct.dataclass
@@ -20,6 +21,13 @@ class _AdaBeliefHyperParams:
   beta2: Any
   eps: Any
   weight_decay: Any
+
+
+@param_state
+class _AdaBeliefParamState(ParamState):
+  """AdaBelief's per-parameter state (flax 0.5.3's fields)."""
+  grad_ema: Any
+  grad_sq_ema: Any
 
 
 def _adabelief(xp, s, q, p, g, m, v):
@@ -37,6 +45,7 @@ ADABELIEF_RULE = Rule("adabelief", _adabelief, MOMENT_SCALARS + ("lr_wd",), 2)
 class AdaBelief(FlatOptimizerDef):
   """AdaBelief optimizer. State: ``grad_ema``, ``grad_sq_ema``."""
   state_fields = ("grad_ema", "grad_sq_ema")
+  param_state_class = _AdaBeliefParamState
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-16, weight_decay=0.0, *,
                backend="auto", master_weights=False,

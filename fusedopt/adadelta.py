@@ -10,6 +10,7 @@ from typing import Any
 from . import struct
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_beta, check_kinds, check_range, f32
+from .flat_state import ParamState, param_state
 
 
 @struct.dataclass
@@ -18,6 +19,13 @@ class _AdadeltaHyperParams:
   rho: Any
   eps: Any
   weight_decay: Any
+
+
+@param_state
+class _AdadeltaParamState(ParamState):
+  """Adadelta's per-parameter state (flax 0.5.3's fields)."""
+  sq_avg: Any
+  acc_delta: Any
 
 
 def _adadelta(xp, s, q, p, g, sq, acc):
@@ -36,6 +44,7 @@ ADADELTA_RULE = Rule("adadelta", _adadelta, ("lr", "rho", "one_minus_rho", "eps"
 class Adadelta(FlatOptimizerDef):
   """Adadelta optimizer. State: ``sq_avg``, ``acc_delta``."""
   state_fields = ("sq_avg", "acc_delta")
+  param_state_class = _AdadeltaParamState
 
   def __init__(self, learning_rate=None, rho=0.9, eps=1e-6, weight_decay=0.0, *,
                backend="auto", master_weights=False,

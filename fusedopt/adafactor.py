@@ -5,7 +5,7 @@ Reference: Shazeer & Stern, https://arxiv.org/abs/1804.04235. Semantics of flax 
 Adafactor's statistics are per-tensor reductions over rows and columns, so it runs per leaf on the
 tensors' own shapes (the element-wise part fuses inside XLA); its state is per leaf as in flax.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,7 @@ import numpy as np
 from . import struct
 from .base import OptimizerDef
 from .flat import BACKENDS, check_kinds, check_range
+from .flat_state import ParamState, fields_of, param_state
 
 F32 = jnp.float32
 
@@ -31,6 +32,17 @@ class _AdafactorHyperParams:
   min_dim_size_to_factor: int
   epsilon1: float
   epsilon2: float
+
+
+@param_state(master=False)
+class _AdafactorParamState(ParamState):
+  """Adafactor's per-parameter state (flax 0.5.3's fields). The unused ones are float32 zeros of
+  shape (1,), as in flax: ``v_row``/``v_col`` unless factored, ``v`` when factored, ``m``
+  without momentum (``beta1=None``)."""
+  v_row: Any   # the factored second moment, its rows ...
+  v_col: Any   # ... and columns
+  v: Any       # the unfactored second moment
+  m: Any       # the momentum (beta1)
 
 
 # A parameter's state fields, in flax 0.5.3's order (its _AdafactorParamState dataclass).
@@ -60,7 +72,12 @@ class Adafactor(OptimizerDef):
     self.backend = backend
 
   def flax_param_states(self, target, param_states):
-    return self.fields_in_order(target, param_states, _FIELDS)
+    dicts = jax.tree_util.tree_map(lambda _, st: fields_of(st), target, param_states)
+    return self.fields_in_order(target, dicts, _FIELDS)
+
+  def from_flax_param_states(self, target, param_states, restored):
+    return jax.tree_util.tree_map(lambda _, st: _AdafactorParamState.from_fields(st), target,
+                                  restored)
 
   def _factored_dims(self, shape: Sequence[int]) -> Optional[Tuple[int, int]]:
     """The two largest axes (second largest first) if both are >= min_dim_size_to_factor."""
@@ -83,7 +100,7 @@ class Adafactor(OptimizerDef):
       state["v"] = jnp.zeros(shape, F32)
     if self.hyper_params.beta1 is not None:
       state["m"] = jnp.zeros(shape, self.dtype_momentum)
-    return state
+    return _AdafactorParamState(**state)
 
   def validate(self, hp):
     check_range(hp, "learning_rate", 0.0)
@@ -109,6 +126,7 @@ class Adafactor(OptimizerDef):
 
   def apply_param_gradient(self, step, hyper_params, param, state, grad):
     hp = hyper_params
+    state = fields_of(state)   # an _AdafactorParamState, or a dict of its fields
     grad = grad.astype(F32)
     p32 = param.astype(F32)
     updates = {k: jnp.zeros((1,), F32) for k in _FIELDS}
@@ -145,4 +163,4 @@ class Adafactor(OptimizerDef):
       new_param = (1.0 - hp.weight_decay_rate) * p32 - subtrahend
     else:
       new_param = p32 - subtrahend
-    return new_param.astype(param.dtype), updates
+    return new_param.astype(param.dtype), _AdafactorParamState(**updates)

@@ -8,12 +8,19 @@ from typing import Any
 from . import struct
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_kinds, check_range, f32
+from .flat_state import ParamState, param_state
 
 
 @struct.dataclass
 class _AdagradHyperParams:
   learning_rate: Any
   eps: Any
+
+
+@param_state
+class _AdagradParamState(ParamState):
+  """Adagrad's per-parameter state (flax 0.5.3's fields)."""
+  G: Any
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,6 +48,7 @@ ADAGRAD_RULE = adagrad_rule()
 class Adagrad(FlatOptimizerDef):
   """Adagrad optimizer. State: ``G``."""
   state_fields = ("G",)
+  param_state_class = _AdagradParamState
 
   def __init__(self, learning_rate=None, eps=1e-8, *, backend="auto", master_weights=False,
                state_dtype=None, stochastic_rounding=False, rounding_seed=0):

@@ -12,6 +12,7 @@ from . import struct
 from .elementwise import Rule
 from .flat import (FlatOptimizerDef, bias_correction, check_beta, check_kinds, check_range,
                    f32)
+from .flat_state import ParamState, param_state
 
 
 # the step scalars of the Adam family (``moment_scalars``): 1 - beta and the bias corrections
@@ -27,6 +28,13 @@ class _AdamHyperParams:
   beta2: Any
   eps: Any
   weight_decay: Any
+
+
+@param_state
+class _AdamParamState(ParamState):
+  """Adam's per-parameter state (flax 0.5.3's fields)."""
+  grad_ema: Any
+  grad_sq_ema: Any
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,6 +101,7 @@ def validate_moments(hp):
 class Adam(FlatOptimizerDef):
   """Adam optimizer. State: ``grad_ema``, ``grad_sq_ema``."""
   state_fields = ("grad_ema", "grad_sq_ema")
+  param_state_class = _AdamParamState
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, *,
                backend="auto", master_weights=False,

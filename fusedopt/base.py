@@ -332,9 +332,144 @@ class Optimizer(struct.PyTreeNode):
     optimizer = self.apply_gradient(output_and_grad[-1], **hyper_param_overrides)
     return (optimizer,) + tuple(output_and_grad[:-1])
 
+  def replicate(self, devices=None, axis_name="batch"):
+    """Deprecated (as in flax 0.5.3): replicates the optimizer for data-parallel ``jax.pmap``.
+
+    Target and state get a leading axis of ``len(devices)`` (default: all local devices), one
+    copy per device, and the definition is wrapped in a ``ReplicatedOptimizer``, whose
+    ``apply_gradient`` averages the gradients over the pmap axis ``axis_name``
+    (``lax.psum(g) / lax.psum(1)``) before the update: call it inside
+    ``jax.pmap(..., axis_name=axis_name)``. ``state_dict()`` writes the first copy, as an
+    unreplicated optimizer would; ``restore_state`` replicates what it reads.
+
+    Prefer ``flax.jax_utils.replicate(optimizer)`` and ``jax.lax.pmean`` on the gradients (what
+    0.5.3's docstring recommends), or sharded state (``fusedopt.sharding``). Warns
+    ``DeprecationWarning`` with the text flax 0.5.3 emitted here.
+    """
+    warnings.warn(OPTAX_DEPRECATION, DeprecationWarning, stacklevel=2)
+    if devices is None:
+      devices = jax.local_devices()
+    optimizer_def = ReplicatedOptimizer(self.optimizer_def, devices, axis_name)
+    return dataclasses.replace(replicate_tree(self, devices), optimizer_def=optimizer_def)
+
+  def unreplicate(self):
+    """Deprecated (as in flax 0.5.3): the optimizer of the first device's copy of a replicated
+    optimizer (``replicate``), usable outside ``jax.pmap``. ValueError if it is not replicated."""
+    if not isinstance(self.optimizer_def, ReplicatedOptimizer):
+      raise ValueError("Cannot unreplicate an optimizer that is not replicated.")
+    return dataclasses.replace(unreplicate_tree(self),
+                               optimizer_def=self.optimizer_def.optimizer_def)
+
   def state_dict(self):
     return self.optimizer_def.state_dict(self.target, self.state)
 
   def restore_state(self, state):
     target, state = self.optimizer_def.restore_state(self.target, self.state, state)
     return self.replace(target=target, state=state)
+
+
+# What flax 0.5.3 warned (DeprecationWarning) whenever an OptimizerDef was built -- and so in
+# Optimizer.replicate, which builds a ReplicatedOptimizer. fusedopt warns only there.
+OPTAX_DEPRECATION = (
+    "Use `optax` instead of `flax.optim`. Refer to the update guide "
+    "https://flax.readthedocs.io/en/latest/howtos/optax_update_guide.html "
+    "for detailed instructions.")
+
+
+def replicate_tree(tree, devices):
+  """Every array leaf of ``tree`` stacked ``len(devices)`` times along a new leading axis, copy
+  ``i`` on ``devices[i]`` (flax's ``jax_utils.replicate``; what ``jax.pmap`` takes as input)."""
+  devices = list(devices)
+  if not devices:
+    raise ValueError("replicate needs at least one device")
+  mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
+
+  def rep(x):
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
+    one = x[None]   # each device gets its own copy of [1, ...]: no stacked copy on one device
+    return jax.make_array_from_single_device_arrays(
+        (len(devices),) + one.shape[1:], sharding, [jax.device_put(one, d) for d in devices])
+  return jax.tree_util.tree_map(rep, tree)
+
+
+def unreplicate_tree(tree):
+  """The first copy (``x[0]``) of every leaf of a replicated tree (flax's
+  ``jax_utils.unreplicate``), read from the device holding it without a gather."""
+  def first(x):
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and np.ndim(x) > 0:
+      for shard in x.addressable_shards:   # the shard holding exactly copy 0, if there is one
+        i = shard.index[0] if shard.index else slice(None)
+        start = i if isinstance(i, int) else (i.start or 0)
+        if start == 0 and shard.data.size * x.shape[0] == x.size:
+          return shard.data.reshape(x.shape[1:])
+    return x[0]
+  return jax.tree_util.tree_map(first, tree)
+
+
+def _is_replicated(state):
+  """A replicated optimizer's state outside ``pmap`` has a step of shape [n_devices]; inside
+  ``pmap`` (each device's copy) the step is a scalar."""
+  return np.ndim(state.step) > 0
+
+
+class ReplicatedOptimizer(OptimizerDef):
+  """Data-parallel optimizer (flax 0.5.3's, deprecated there): what ``Optimizer.replicate``
+  wraps the definition in. ``apply_gradient`` averages the gradients over the pmap axis
+  ``axis_name`` and then runs the wrapped definition; checkpoints hold one copy.
+
+  Use ``jax_utils.replicate(optimizer)`` and ``lax.pmean(grads, axis_name)`` to control the
+  replication and the averaging explicitly instead.
+  """
+
+  def __init__(self, optimizer_def, devices=None, axis_name="batch"):
+    super().__init__(optimizer_def.hyper_params)
+    if devices is None:
+      devices = jax.local_devices()
+    self.optimizer_def = optimizer_def
+    self.devices = devices
+    self.axis_name = axis_name
+
+  def init_state(self, params):
+    return self.optimizer_def.init_state(params)
+
+  def _cross_replica_mean(self, grad):
+    axis_size = jax.lax.psum(1, axis_name=self.axis_name)
+    return jax.lax.psum(grad, axis_name=self.axis_name) / axis_size
+
+  def apply_gradient(self, hyper_params, params, state, grads):
+    grads = jax.tree_util.tree_map(self._cross_replica_mean, grads)
+    return self.optimizer_def.apply_gradient(hyper_params, params, state, grads)
+
+  def apply_gradient_checked(self, hyper_params, params, state, grads, grad_scale=None,
+                             clip_global_norm=None):
+    if not hasattr(self.optimizer_def, "apply_gradient_checked"):
+      raise TypeError(f"{type(self.optimizer_def).__name__} has no fused checked update; use "
+                      "apply_gradient with DynamicScale.value_and_grad")
+    grads = jax.tree_util.tree_map(self._cross_replica_mean, grads)
+    return self.optimizer_def.apply_gradient_checked(hyper_params, params, state, grads,
+                                                     grad_scale, clip_global_norm)
+
+  def update_hyper_params(self, **hyper_param_overrides):
+    return self.optimizer_def.update_hyper_params(**hyper_param_overrides)
+
+  def state_for_target(self, target, state):
+    if not _is_replicated(state):   # inside pmap: one device's copy
+      return self.optimizer_def.state_for_target(target, state)
+    first = unreplicate_tree(state)
+    new = self.optimizer_def.state_for_target(unreplicate_tree(target), first)
+    return state if new is first else replicate_tree(new, self.devices)
+
+  def state_dict(self, target, state):
+    # only the first copy of the parameters and optimizer state is stored
+    if _is_replicated(state):
+      target, state = unreplicate_tree((target, state))
+    return self.optimizer_def.state_dict(target, state)
+
+  def restore_state(self, opt_target, opt_state, state_dict):
+    if not _is_replicated(opt_state):
+      return self.optimizer_def.restore_state(opt_target, opt_state, state_dict)
+    target, state = self.optimizer_def.restore_state(
+        *unreplicate_tree((opt_target, opt_state)), state_dict)
+    # the restored parameters and state, replicated to every device
+    return replicate_tree((target, state), self.devices)

@@ -15,9 +15,9 @@ import numpy as np
 
 from . import elementwise
 from .exact_float import ExactFloat
-from .base import HyperParamError, OptimizerDef, OptimizerState
+from .base import HyperParamError, OptimizerDef, OptimizerState, _check_tree
 from .kernels import registry
-from .flat_state import FlatState
+from .flat_state import FlatState, fields_of, make_param_state, with_master
 from .layout import FlatLayout
 from .norms import gradient_prepass
 from .step import StepContext
@@ -140,6 +140,10 @@ class FlatOptimizerDef(OptimizerDef):
   and may override ``update_leaves`` for multi-stage updates (LAMB, LARS).
   """
   state_fields: Tuple[str, ...] = ()
+  # the per-parameter state class, flax 0.5.3's (``_AdamParamState``, ...): what
+  # ``init_param_state``/``apply_param_gradient`` return and ``FlatState`` reads as per leaf
+  # (``state_class``: its ``...WithMaster`` subclass with master weights)
+  param_state_class = None
 
   def __init__(self, hyper_params, backend="auto", master_weights=False, state_dtype=None, *,
                stochastic_rounding=False, rounding_seed=0):
@@ -225,27 +229,57 @@ class FlatOptimizerDef(OptimizerDef):
 
   # -- checkpoints in flax's per-leaf layout
   def flax_param_states(self, target, param_states):
-    per_leaf = param_states.per_leaf() if isinstance(param_states, FlatState) else param_states
+    if isinstance(param_states, FlatState):
+      per_leaf = param_states.per_leaf_dicts()
+    else:   # flax's per-leaf form: a tree of state objects (or dicts)
+      per_leaf = jax.tree_util.tree_map(lambda _, st: fields_of(st), target, param_states)
     return self.fields_in_order(target, per_leaf, self.all_state_fields)
 
   def from_flax_param_states(self, target, param_states, restored):
     if isinstance(param_states, FlatState):
       return param_states.restored_from(restored)
-    return restored
+    return jax.tree_util.tree_map(lambda _, st: self.make_param_state(st), target, restored)
 
   def state_for_target(self, target, state):
     """With master weights, the master copy re-read from ``target`` (float32): edits to the
     params made through ``Optimizer.replace(target=...)`` win over the stored master."""
-    if not self.master_weights or not isinstance(state.param_states, FlatState):
+    if not self.master_weights:
       return state
+    if not isinstance(state.param_states, FlatState):   # flax's per-leaf form
+      return state.replace(param_states=jax.tree_util.tree_map(
+          lambda p, st: self.make_param_state(dict(fields_of(st), master=jnp.asarray(p, F32))),
+          target, state.param_states))
     return state.replace(param_states=state.param_states.with_master_from(target))
 
   # -- per-leaf (flax) API, on the same rule
+  @property
+  def state_class(self):
+    """The class of a parameter's state: ``param_state_class`` or, with master weights, its
+    subclass with the ``master`` field (``_AdamParamStateWithMaster``)."""
+    if self.master_weights:
+      return with_master(self.param_state_class)
+    return self.param_state_class
+
+  def make_param_state(self, values):
+    """One parameter's state from ``{field: array}``: a ``state_class`` instance (a dict for an
+    optimizer without one)."""
+    return make_param_state(self.state_class, values)
+
+  def leaf_state_values(self, state):
+    """The arrays of ``all_state_fields`` from one parameter's state (a state object or a dict,
+    as flax's per-leaf form or fusedopt's earlier dict form)."""
+    values = fields_of(state)
+    missing = [k for k in self.all_state_fields if k not in values]
+    if missing:
+      raise ValueError(f"{type(self).__name__}: a parameter's state lacks {missing} (got "
+                       f"{sorted(values)}; expected {list(self.all_state_fields)})")
+    return tuple(values[k] for k in self.all_state_fields)
+
   def init_param_state(self, param):
     state = {k: jnp.zeros(jnp.shape(param), self.state_storage) for k in self.state_fields}
     if self.master_weights:
       state["master"] = jnp.asarray(param, F32)
-    return state
+    return self.make_param_state(state)
 
   def apply_param_gradient(self, step, hyper_params, param, state, grad):
     self.validate(hyper_params)
@@ -253,8 +287,26 @@ class FlatOptimizerDef(OptimizerDef):
     rule, scalars = self._leaf_rounding(self.wrap_rule(self.rule(hyper_params)),
                                         self.scalars(hyper_params, step), step, param)
     new_p, new_state = elementwise.apply_to_leaf(
-        rule, scalars, seg, param, grad, tuple(state[k] for k in self.all_state_fields))
-    return new_p, dict(zip(self.all_state_fields, new_state))
+        rule, scalars, seg, param, grad, self.leaf_state_values(state))
+    return new_p, self.make_param_state(dict(zip(self.all_state_fields, new_state)))
+
+  def apply_gradient_per_leaf(self, hyper_params, params, state, grads):
+    """flax's functional form: ``state.param_states`` a tree mirroring ``params`` whose leaves
+    are per-parameter states (``init_param_state``'s; dicts accepted), updated leaf by leaf with
+    ``apply_param_gradient``; returns ``(new_params, OptimizerState(step + 1, new per-leaf
+    states))``. The hyper-parameters reach the rule as on the flat path (Python floats and
+    ``ExactFloat``s through ``scalars``), so each leaf runs the flat path's arithmetic."""
+    self.validate(hyper_params)
+    treedef = _check_tree(params, grads)
+    p_leaves = treedef.flatten_up_to(params)
+    s_leaves = treedef.flatten_up_to(state.param_states)
+    g_leaves = treedef.flatten_up_to(grads)
+    out = [self.apply_param_gradient(state.step, hyper_params, p, s, g)
+           for p, s, g in zip(p_leaves, s_leaves, g_leaves)]
+    new_p = [p for p, _ in out]
+    new_s = [s for _, s in out]
+    return (jax.tree_util.tree_unflatten(treedef, new_p),
+            OptimizerState(state.step + 1, jax.tree_util.tree_unflatten(treedef, new_s)))
 
   def _leaf_rounding(self, rule, scalars, step, param):
     """(rule, scalars) for the per-leaf path: with stochastic rounding and a bfloat16 ``param``,
@@ -281,11 +333,12 @@ class FlatOptimizerDef(OptimizerDef):
     if self.master_weights:
       leaves = jax.tree_util.tree_leaves(params)
       fields["master"] = tuple(layout.pack_group(leaves, g, F32) for g in range(len(layout.groups)))
-    return OptimizerState(jnp.asarray(0, jnp.int32), FlatState(fields, layout))
+    return OptimizerState(jnp.asarray(0, jnp.int32),
+                          FlatState(fields, layout, self.state_class))
 
   def apply_gradient(self, hyper_params, params, state, grads):
     if not isinstance(state.param_states, FlatState):
-      return super().apply_gradient(hyper_params, params, state, grads)
+      return self.apply_gradient_per_leaf(hyper_params, params, state, grads)
     self.validate(hyper_params)
     layout = state.param_states.layout
     p_leaves = layout.check(params, "target", allow_other_float=False)
@@ -293,7 +346,8 @@ class FlatOptimizerDef(OptimizerDef):
     new_p, new_fields = self.update_leaves(hyper_params, StepContext(state.step), layout,
                                            p_leaves, g_leaves, state.param_states.fields)
     new_params = jax.tree_util.tree_unflatten(layout.treedef, new_p)
-    return new_params, OptimizerState(state.step + 1, FlatState(new_fields, layout))
+    return new_params, OptimizerState(state.step + 1,
+                                      state.param_states.replace(fields=new_fields))
 
   def apply_gradient_checked(self, hyper_params, params, state, grads, grad_scale=None,
                              clip_global_norm=None):
@@ -323,7 +377,7 @@ class FlatOptimizerDef(OptimizerDef):
                                            state.param_states.fields)
     new_params = jax.tree_util.tree_unflatten(layout.treedef, new_p)
     new_state = OptimizerState(state.step + finite.astype(state.step.dtype),
-                               FlatState(new_fields, layout))
+                               state.param_states.replace(fields=new_fields))
     return new_params, new_state, finite, norm
 
   def update_leaves(self, hp, ctx: StepContext, layout, p_leaves, g_leaves, fields):

@@ -15,6 +15,7 @@ from . import elementwise, norms, struct
 from .adam import MOMENT_NAMES, MOMENT_SCALARS, moment_scalars, validate_moments
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_kinds, f32
+from .flat_state import ParamState, param_state
 
 
 @struct.dataclass
@@ -24,6 +25,13 @@ class _LAMBHyperParams:
   beta2: Any
   weight_decay: Any
   eps: Any
+
+
+@param_state
+class _LAMBParamState(ParamState):
+  """LAMB's per-parameter state (flax 0.5.3's fields)."""
+  grad_ema: Any
+  grad_sq_ema: Any
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,6 +80,7 @@ MOMENTS_RULE, APPLY_RULE = lamb_rules()
 class LAMB(FlatOptimizerDef):
   """Layer-wise adaptive moments (LAMB) optimizer. State: ``grad_ema``, ``grad_sq_ema``."""
   state_fields = ("grad_ema", "grad_sq_ema")
+  param_state_class = _LAMBParamState
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, weight_decay=0, eps=1e-6, *,
                backend="auto", master_weights=False,
@@ -106,14 +115,14 @@ class LAMB(FlatOptimizerDef):
   def apply_param_gradient(self, step, hyper_params, param, state, grad):
     self.validate(hyper_params)
     s = self.scalars(hyper_params, step)
-    st = tuple(state[k] for k in self.all_state_fields)
+    st = self.leaf_state_values(state)
     moments = self.wrap_rule(MOMENTS_RULE)
     # the apply stage writes the param: stochastically rounded (bf16) as on the flat path
     apply, s_apply = self._leaf_rounding(self.wrap_rule(APPLY_RULE), s, step, param)
     _, st = elementwise.apply_to_leaf(moments, s, {}, param, grad, st)
     ratio_lr = self._ratio_lr(s, *elementwise.leaf_sumsq(moments, s, {}, param, grad, st))
     new_p, st = elementwise.apply_to_leaf(apply, s_apply, {"ratio_lr": ratio_lr}, param, grad, st)
-    return new_p, dict(zip(self.all_state_fields, st))
+    return new_p, self.make_param_state(dict(zip(self.all_state_fields, st)))
 
   def rule(self, hp):
     return APPLY_RULE

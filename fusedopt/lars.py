@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from . import norms, struct
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_kinds, check_range, f32
+from .flat_state import ParamState, param_state
 
 
 @struct.dataclass
@@ -23,6 +24,12 @@ class _LARSHyperParams:
   trust_coefficient: Any
   eps: Any
   nesterov: bool
+
+
+@param_state
+class _LARSParamState(ParamState):
+  """LARS's per-parameter state (flax 0.5.3's fields)."""
+  momentum: Any
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,6 +58,7 @@ def trust_ratio(trust_coefficient, pn, gn, denominator):
 class LARS(FlatOptimizerDef):
   """Layer-wise adaptive rate scaling (LARS) optimizer. State: ``momentum``."""
   state_fields = ("momentum",)
+  param_state_class = _LARSParamState
 
   def __init__(self, learning_rate=None, beta=0.9, weight_decay=0, trust_coefficient=0.001,
                eps=0, nesterov=False, *, backend="auto", master_weights=False,

@@ -116,8 +116,8 @@ class FlatLayout:
     ``shards``: pad every group to a multiple of ``shards * align`` elements (see the module
     docstring), for buffers split evenly over ``shards`` devices."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    if not leaves_with_path:
-      raise LayoutError("cannot optimize an empty tree (it has no array leaves)")
+    # An empty tree ({}, or only empty containers / None) has no segments and no groups: every
+    # step is a no-op that still counts, as in flax 0.5.3.
     spec = tuple((jax.tree_util.keystr(p), tuple(np.shape(x)), _check_leaf(jax.tree_util.keystr(p), x))
                  for p, x in leaves_with_path)
     shards = int(shards)

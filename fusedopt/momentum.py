@@ -8,6 +8,7 @@ from typing import Any
 from . import struct
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_kinds, check_range, f32
+from .flat_state import ParamState, param_state
 
 
 @struct.dataclass
@@ -16,6 +17,12 @@ class _MomentumHyperParams:
   beta: Any
   weight_decay: Any
   nesterov: bool
+
+
+@param_state
+class _MomentumParamState(ParamState):
+  """Momentum's per-parameter state (flax 0.5.3's fields)."""
+  momentum: Any
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,6 +41,7 @@ def momentum_rule(nesterov: bool) -> Rule:
 class Momentum(FlatOptimizerDef):
   """Momentum optimizer. State: ``momentum``."""
   state_fields = ("momentum",)
+  param_state_class = _MomentumParamState
 
   def __init__(self, learning_rate=None, beta=0.9, weight_decay=0, nesterov=False, *,
                backend="auto", master_weights=False,

@@ -4,6 +4,11 @@ Each ``(traversal, optimizer)`` pair optimizes the leaves its traversal selects;
 twice is an error, a leaf selected by none never changes. Each sub-optimizer sees its leaves as a
 tuple (as in flax 0.5.3); the step is shared.
 
+What the state looks like: ``opt.state.param_states.per_leaf()`` is flax 0.5.3's
+``param_states``, a tree mirroring the target whose leaves are the owning sub-optimizer's
+per-leaf state (``None`` where no traversal selects the leaf; empty subtrees kept). In memory it
+is a ``MultiState`` (one state per sub-optimizer) or, fused, a ``FusedMultiState``.
+
 When every sub-optimizer is a built-in single-pass optimizer of the same kind (say Adam with
 different learning rates for kernels and biases), the groups are *fused*: one flat state over all
 selected leaves and one pass of the kernel per dtype group, with each optimizer's scalars (lr,
@@ -18,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import base, elementwise, struct
-from .base import OptimizerDef, OptimizerState, ordered_fields
-from .flat import FlatOptimizerDef, FlatState
+from .base import OptimizerDef, OptimizerState
+from .flat import FlatOptimizerDef, check_prepass_args
+from .kernels import registry
+from .norms import gradient_prepass
 from .step import StepContext
 
 
@@ -42,18 +49,31 @@ def _selected(traversal, params, paths):
 
 
 def _assign(traversals, params):
-  """For each traversal, the indices (tree leaf order) of the leaves it selects."""
-  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  """For each traversal, the indices (tree leaf order) of the leaves it selects.
+
+  A leaf selected by two traversals raises flax 0.5.3's ValueError, before anything looks at the
+  leaves' values (an integer leaf selected twice gets this error, not a dtype error): the
+  message shows the target's tree with each leaf's list of optimizer indices."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [p for p, _ in flat]
   picks = [_selected(t, params, paths) for t in traversals]
-  owners = {}
+  owners = [[] for _ in paths]
   for j, idx in enumerate(picks):
     for i in idx:
-      owners.setdefault(i, []).append(j)
-  clash = sorted((i, js) for i, js in owners.items() if len(js) > 1)
-  if clash:
-    detail = ", ".join(f"{jax.tree_util.keystr(paths[i])} <- optimizers {js}" for i, js in clash)
-    raise ValueError(f"Multiple optimizers match the same leaves : {detail}")
+      owners[i].append(j)
+  if any(len(js) > 1 for js in owners):
+    raise ValueError("Multiple optimizers match the same leaves : " +
+                     str(treedef.unflatten(owners)))
   return picks
+
+
+def _leaf_states(sub, n):
+  """A sub-optimizer's state ``sub`` for its ``n`` leaves (its target is a tuple), as a list with
+  one per-leaf state each: ``per_leaf()`` of flat state, per-leaf state as it is."""
+  view = sub.per_leaf() if hasattr(sub, "per_leaf") else sub
+  if isinstance(view, (tuple, list)) and len(view) == n:
+    return list(view)
+  raise TypeError(f"a sub-optimizer state of type {type(sub).__name__} has no per-leaf view")
 
 
 class MultiOptimizer(OptimizerDef):
@@ -92,27 +112,37 @@ class MultiOptimizer(OptimizerDef):
             and len({o.rule(o.hyper_params).name for o in self.sub_optimizers}) == 1)
 
   def init_state(self, params):
+    picks = _assign(self.traversals, params)   # first: a clash is reported before anything else
     if self._fusable():
-      return self._init_fused(params)
-    leaves = jax.tree_util.tree_leaves(params)
+      return self._init_fused(params, picks)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
     subs = []
-    for idx, opt in zip(_assign(self.traversals, params), self.sub_optimizers):
+    for idx, opt in zip(picks, self.sub_optimizers):
       subs.append(opt.init_state(tuple(leaves[i] for i in idx)).param_states if idx else None)
-    return OptimizerState(jax.numpy.asarray(0, jax.numpy.int32), tuple(subs))
+    return OptimizerState(jnp.asarray(0, jnp.int32),
+                          MultiState(tuple(subs), treedef, tuple(picks)))
 
-  def apply_gradient(self, hyper_params, params, state, grads):
-    if isinstance(state.param_states, FusedMultiState):
-      return self._apply_fused(hyper_params, params, state, grads)
+  def _leaves(self, params, grads, fs):
+    """Param and grad leaves; checks the grads' structure and that the traversals still select
+    the leaves the state was made for."""
     p_leaves, treedef = jax.tree_util.tree_flatten(params)
     g_def = jax.tree_util.tree_structure(grads)
     if g_def != treedef:
       raise ValueError(f"grads have a different tree structure than the target:\n"
                        f"  target: {treedef}\n  grads:  {g_def}")
-    g_leaves = treedef.flatten_up_to(grads)
+    if tuple(_assign(self.traversals, params)) != fs.selected():
+      raise ValueError("the traversals select other leaves than when the state was created")
+    return p_leaves, treedef, treedef.flatten_up_to(grads)
+
+  def apply_gradient(self, hyper_params, params, state, grads):
+    fs = state.param_states
+    if isinstance(fs, FusedMultiState):
+      new_params, new_fs, _, _ = self._apply_fused(hyper_params, params, state, grads)
+      return new_params, OptimizerState(state.step + 1, new_fs)
+    p_leaves, treedef, g_leaves = self._leaves(params, grads, fs)
     new_leaves = list(p_leaves)
     new_subs = []
-    for idx, opt, hp, sub in zip(_assign(self.traversals, params), self.sub_optimizers,
-                                 hyper_params, state.param_states):
+    for idx, opt, hp, sub in zip(fs.picks, self.sub_optimizers, hyper_params, fs.subs):
       if not idx:
         new_subs.append(sub)
         continue
@@ -122,7 +152,24 @@ class MultiOptimizer(OptimizerDef):
       for i, x in zip(idx, new_ps):
         new_leaves[i] = x
       new_subs.append(new_sub.param_states)
-    return treedef.unflatten(new_leaves), OptimizerState(state.step + 1, tuple(new_subs))
+    return treedef.unflatten(new_leaves), OptimizerState(
+        state.step + 1, fs.replace(subs=tuple(new_subs)))
+
+  def apply_gradient_checked(self, hyper_params, params, state, grads, grad_scale=None,
+                             clip_global_norm=None):
+    """``Optimizer.apply_gradient_checked`` for a fused MultiOptimizer (``create(focus=...)``
+    of a built-in single-pass optimizer is one): the pre-pass, the global norm and the skip of a
+    non-finite step cover the selected leaves' gradients (the others are never read)."""
+    fs = state.param_states
+    if not isinstance(fs, FusedMultiState):
+      raise TypeError("apply_gradient_checked needs a fused MultiOptimizer (every sub-optimizer "
+                      "a built-in single-pass optimizer of one kind; fuse=True); use "
+                      "apply_gradient with DynamicScale.value_and_grad")
+    check_prepass_args(grad_scale, clip_global_norm)
+    new_params, new_fs, finite, norm = self._apply_fused(
+        hyper_params, params, state, grads, checked=(grad_scale, clip_global_norm))
+    return (new_params, OptimizerState(state.step + finite.astype(state.step.dtype), new_fs),
+            finite, norm)
 
   def validate_for_jit(self, hyper_params):
     return all([opt.validate_for_jit(hp) for opt, hp in zip(self.sub_optimizers, hyper_params)])
@@ -138,38 +185,37 @@ class MultiOptimizer(OptimizerDef):
             for opt, hp in zip(self.sub_optimizers, hps)]
 
   # -- checkpoints: flax 0.5.3's layout, a tree mirroring the target whose leaves are the owning
-  # sub-optimizer's state for that leaf (None where no traversal selects it)
+  # sub-optimizer's state for that leaf in its checkpoint form (None where no traversal selects
+  # it), each sub-optimizer converting its own
+  def _parts(self, param_states):
+    """(sub-optimizer, its positions in the target's leaf order, its state) for each state."""
+    if isinstance(param_states, FusedMultiState):
+      if param_states.flat is None:
+        return []
+      return [(self.sub_optimizers[0], param_states.union, param_states.flat)]
+    return [(opt, idx, sub) for opt, idx, sub in zip(self.sub_optimizers, param_states.picks,
+                                                     param_states.subs) if idx]
+
   def flax_param_states(self, target, param_states):
     leaves, treedef = jax.tree_util.tree_flatten(target)
     out = [None] * len(leaves)
-    if isinstance(param_states, FusedMultiState):
-      if param_states.flat is not None:
-        order = self.sub_optimizers[0].all_state_fields
-        for i, st in zip(param_states.union, param_states.flat.per_leaf()):
-          out[i] = ordered_fields(st, order)
-      return treedef.unflatten(out)
-    for idx, opt, sub in zip(_assign(self.traversals, target), self.sub_optimizers,
-                             param_states):
-      if idx:
-        sub_target = tuple(leaves[i] for i in idx)
-        for i, st in zip(idx, opt.flax_param_states(sub_target, sub)):
-          out[i] = st
+    for opt, idx, sub in self._parts(param_states):
+      sub_target = tuple(leaves[i] for i in idx)
+      for i, st in zip(idx, opt.flax_param_states(sub_target, sub)):
+        out[i] = st
     return treedef.unflatten(out)
 
   def from_flax_param_states(self, target, param_states, restored):
     leaves, treedef = jax.tree_util.tree_flatten(target)
     per_leaf = treedef.flatten_up_to(restored)
+    new = {}
+    for opt, idx, sub in self._parts(param_states):
+      new[idx] = opt.from_flax_param_states(tuple(leaves[i] for i in idx), sub,
+                                            tuple(per_leaf[i] for i in idx))
     if isinstance(param_states, FusedMultiState):
-      if param_states.flat is None:
-        return param_states
-      return param_states.replace(flat=param_states.flat.restored_from(
-          tuple(per_leaf[i] for i in param_states.union)))
-    subs = []
-    for idx, opt, sub in zip(_assign(self.traversals, target), self.sub_optimizers,
-                             param_states):
-      subs.append(opt.from_flax_param_states(tuple(leaves[i] for i in idx), sub,
-                                             tuple(per_leaf[i] for i in idx)) if idx else sub)
-    return tuple(subs)
+      return param_states if not new else param_states.replace(flat=new[param_states.union])
+    return param_states.replace(subs=tuple(new[idx] if idx else sub for idx, sub in
+                                           zip(param_states.picks, param_states.subs)))
 
   def state_for_target(self, target, state):
     """Each sub-optimizer's state brought in line with its leaves of ``target``."""
@@ -181,19 +227,18 @@ class MultiOptimizer(OptimizerDef):
       return state.replace(param_states=fs.replace(
           flat=fs.flat.with_master_from(tuple(leaves[i] for i in fs.union))))
     subs = []
-    for idx, opt, sub in zip(_assign(self.traversals, target), self.sub_optimizers, fs):
+    for idx, opt, sub in zip(fs.picks, self.sub_optimizers, fs.subs):
       if idx:
         sub = opt.state_for_target(tuple(leaves[i] for i in idx),
                                    OptimizerState(state.step, sub)).param_states
       subs.append(sub)
-    return state.replace(param_states=tuple(subs))
+    return state.replace(param_states=fs.replace(subs=tuple(subs)))
 
   # -- fused: one flat state and one pass for all sub-optimizers
-  def _init_fused(self, params):
-    picks = _assign(self.traversals, params)
+  def _init_fused(self, params, picks):
     union = tuple(sorted(i for idx in picks for i in idx))
     pos = {i: k for k, i in enumerate(union)}
-    leaves = jax.tree_util.tree_leaves(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
     flat = None
     if union:
       flat = self.sub_optimizers[0].init_state(tuple(leaves[i] for i in union)).param_states
@@ -202,28 +247,25 @@ class MultiOptimizer(OptimizerDef):
       owner[[pos[i] for i in idx]] = j
     return OptimizerState(jnp.asarray(0, jnp.int32),
                           FusedMultiState(flat, union, tuple(tuple(pos[i] for i in idx)
-                                                        for idx in picks), tuple(owner.tolist())))
+                                                             for idx in picks),
+                                          tuple(owner.tolist()), treedef))
 
-  def _apply_fused(self, hyper_params, params, state, grads):
+  def _apply_fused(self, hyper_params, params, state, grads, checked=None):
+    """One step of the fused state: ``(new params, new FusedMultiState, finite, norm)``; with
+    ``checked=(grad_scale, clip_global_norm)`` the checked step (else finite and norm are
+    None)."""
     fs = state.param_states
-    p_leaves, treedef = jax.tree_util.tree_flatten(params)
-    g_def = jax.tree_util.tree_structure(grads)
-    if g_def != treedef:
-      raise ValueError(f"grads have a different tree structure than the target:\n"
-                       f"  target: {treedef}\n  grads:  {g_def}")
-    if tuple(_assign(self.traversals, params)) != tuple(tuple(fs.union[k] for k in ks)
-                                                  for ks in fs.picks):
-      raise ValueError("the traversals select other leaves than when the state was created")
-    if not fs.union:
-      return params, OptimizerState(state.step + 1, fs)
-    g_leaves = treedef.flatten_up_to(grads)
+    p_leaves, treedef, g_leaves = self._leaves(params, grads, fs)
     subs = self.sub_optimizers
+    for opt, hp in zip(subs, hyper_params):
+      opt.validate(hp)
+    if not fs.union:   # nothing selected (an empty target, say): the step still counts
+      return params, fs, (None if checked is None else jnp.asarray(True)), (
+          None if checked is None else jnp.zeros((), jnp.float32))
     rules = {subs[j].rule(hp).name for j, hp in enumerate(hyper_params) if fs.picks[j]}
     if len(rules) > 1:
       raise ValueError(f"fused MultiOptimizer: overrides gave the sub-optimizers different static "
                        f"variants {sorted(rules)}; create it with fuse=False")
-    for opt, hp in zip(subs, hyper_params):
-      opt.validate(hp)
     j0 = next(j for j in range(len(subs)) if fs.picks[j])
     rule = subs[j0].rule(hyper_params[j0])
     scal = [subs[j].scalars(hp, state.step) for j, hp in enumerate(hyper_params)]
@@ -234,24 +276,86 @@ class MultiOptimizer(OptimizerDef):
     ps = layout.check(tuple(p_leaves[i] for i in fs.union), "target", allow_other_float=False)
     gs = layout.check(tuple(g_leaves[i] for i in fs.union), "grads")
     # one step context: the sub-optimizers share the step and, to be fused, the rounding seed
-    new_p, new_fields = subs[j0].run_rule(elementwise.per_segment(rule), {}, seg,
-                                          StepContext(state.step), layout, ps, gs, fs.flat.fields)
+    ctx, finite, norm = StepContext(state.step), None, None
+    if checked is not None:
+      kernel_prepass = registry.gradient_prepass(subs[j0].backend)
+      if kernel_prepass is not None:   # the backend's own pre-pass kernel (Triton)
+        finite, norm, gscale = kernel_prepass(layout, gs, *checked)
+      else:
+        finite, norm, gscale = gradient_prepass(gs, *checked)
+      ctx = ctx.replace(guard={"gscale": gscale, "ok": finite.astype(jnp.float32)})
+    new_p, new_fields = subs[j0].run_rule(elementwise.per_segment(rule), {}, seg, ctx, layout,
+                                          ps, gs, fs.flat.fields)
     out = list(p_leaves)
     for i, x in zip(fs.union, new_p):
       out[i] = x
-    return (treedef.unflatten(out),
-            OptimizerState(state.step + 1, fs.replace(flat=FlatState(new_fields, layout))))
+    return (treedef.unflatten(out), fs.replace(flat=fs.flat.replace(fields=new_fields)), finite,
+            norm)
+
+
+class _ReadsAsTree:
+  """Reading a MultiOptimizer's state like flax 0.5.3's ``param_states`` tree:
+  ``param_states['Dense_0']['kernel'].momentum`` (None outside every traversal)."""
+
+  def __getitem__(self, key):
+    return self.per_leaf()[key]
+
+  def keys(self):
+    return self.per_leaf().keys()
+
+  def values(self):
+    return self.per_leaf().values()
+
+  def items(self):
+    return self.per_leaf().items()
 
 
 @struct.dataclass
-class FusedMultiState:
+class MultiState(_ReadsAsTree):
+  """A MultiOptimizer's state, one per sub-optimizer: ``subs[j]`` is sub-optimizer j's
+  ``param_states`` for its leaves (a tuple target), None where it selects none; ``picks[j]`` are
+  their indices in the target's leaf order (``treedef``). ``per_leaf()`` is flax 0.5.3's view."""
+  subs: Tuple[Any, ...]
+  treedef: Any = struct.field(pytree_node=False)
+  picks: Tuple[Tuple[int, ...], ...] = struct.field(pytree_node=False)
+
+  def selected(self):
+    return tuple(self.picks)
+
+  def per_leaf(self):
+    """flax 0.5.3's ``param_states``: a tree mirroring the target, each leaf its sub-optimizer's
+    per-leaf state (None where no traversal selects it)."""
+    out = [None] * self.treedef.num_leaves
+    for idx, sub in zip(self.picks, self.subs):
+      if idx:
+        for i, st in zip(idx, _leaf_states(sub, len(idx))):
+          out[i] = st
+    return self.treedef.unflatten(out)
+
+
+@struct.dataclass
+class FusedMultiState(_ReadsAsTree):
   """A fused MultiOptimizer's state: one ``FlatState`` over the ``union`` of selected leaves
-  (their indices in the target's leaf order); ``picks[j]`` are sub-optimizer j's positions in
-  the union, ``owner[k]`` the sub-optimizer of union position k."""
+  (their indices in the target's leaf order, ``treedef``; None when there are none);
+  ``picks[j]`` are sub-optimizer j's positions in the union, ``owner[k]`` the sub-optimizer of
+  union position k. ``per_leaf()`` is flax 0.5.3's view."""
   flat: Any
   union: Tuple[int, ...] = struct.field(pytree_node=False)
   picks: Tuple[Tuple[int, ...], ...] = struct.field(pytree_node=False)
   owner: Tuple[int, ...] = struct.field(pytree_node=False)
+  treedef: Any = struct.field(pytree_node=False)
+
+  def selected(self):
+    return tuple(tuple(self.union[k] for k in ks) for ks in self.picks)
+
+  def per_leaf(self):
+    """flax 0.5.3's ``param_states``: a tree mirroring the target, each leaf its per-leaf state
+    (the view of the flat buffers; None where no traversal selects it)."""
+    out = [None] * self.treedef.num_leaves
+    if self.flat is not None:
+      for i, st in zip(self.union, _leaf_states(self.flat, len(self.union))):
+        out[i] = st
+    return self.treedef.unflatten(out)
 
 
 base.PROVIDED["focus"] = lambda focus, opt_def: MultiOptimizer((focus, opt_def))

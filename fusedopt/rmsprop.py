@@ -11,6 +11,7 @@ import jax
 from . import struct
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_beta, check_kinds, check_range, f32
+from .flat_state import ParamState, param_state
 
 
 @struct.dataclass
@@ -19,6 +20,13 @@ class _RMSPropHyperParams:
   beta2: Any
   eps: Any
   centered: bool
+
+
+@param_state
+class _RMSPropParamState(ParamState):
+  """RMSProp's per-parameter state (flax 0.5.3's fields; ``mg`` is None unless centered)."""
+  v: Any
+  mg: Any
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,6 +63,7 @@ def rmsprop_rule(centered: bool, eps_in_sqrt: bool = False) -> Rule:
 
 class RMSProp(FlatOptimizerDef):
   """RMSProp optimizer. State: ``v`` (and ``mg`` when centered)."""
+  param_state_class = _RMSPropParamState
 
   def __init__(self, learning_rate=None, beta2=0.9, eps=1e-8, centered=False, *,
                backend="auto", master_weights=False,

@@ -19,6 +19,7 @@ also accept a fusedopt ``Optimizer`` (registered by ``register_with_flax``, call
 """
 import dataclasses
 import enum
+import functools
 import math
 import numbers
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import base
-from .flat_state import FlatState, place_like
+from .flat_state import PARAM_STATE_CLASSES, FlatState, place_like
 
 
 class CheckpointError(ValueError):
@@ -51,7 +52,7 @@ def to_state_dict(x):
   if _is_optimizer(x):
     return x.state_dict()
   if isinstance(x, FlatState):
-    return to_state_dict(x.per_leaf())
+    return to_state_dict(x.per_leaf_dicts())
   if hasattr(x, "as_flax_tree"):   # a container checkpointed as another tree (FlatParams)
     return to_state_dict(x.as_flax_tree())
   if isinstance(x, Mapping):
@@ -79,7 +80,7 @@ def from_state_dict(template, sd, path=""):
   if _is_optimizer(template) and not path:
     return template.restore_state(sd)
   if isinstance(template, FlatState):
-    return template.restored_from(from_state_dict(template.per_leaf(), sd, path))
+    return template.restored_from(from_state_dict(template.per_leaf_dicts(), sd, path))
   if hasattr(template, "as_flax_tree"):
     return template.from_flax_tree(from_state_dict(template.as_flax_tree(), sd, path))
   if isinstance(template, Mapping):
@@ -319,7 +320,27 @@ def register_with_flax() -> bool:
   flax_ser.register_serialization_state(
       FlatState, lambda st: to_state_dict(st), lambda st, sd: from_state_dict(st, sd),
       override=True)
+  # the per-parameter state classes, as flax 0.5.3 registered its struct dataclasses: a dict of
+  # the data fields (Adafactor's per-leaf states in an optax state of fusedopt.tx)
+  for cls in PARAM_STATE_CLASSES:
+    flax_ser.register_serialization_state(
+        cls, functools.partial(_param_state_to_dict, flax_ser),
+        functools.partial(_param_state_from_dict, flax_ser), override=True)
   return True
+
+
+def _data_fields(x):
+  return [f.name for f in dataclasses.fields(x) if f.metadata.get("pytree_node", True)]
+
+
+def _param_state_to_dict(flax_ser, x):
+  return {k: flax_ser.to_state_dict(getattr(x, k)) for k in _data_fields(x)}
+
+
+def _param_state_from_dict(flax_ser, x, sd):
+  names = _data_fields(x)
+  _keys_match("", names, sd)
+  return x.replace(**{k: flax_ser.from_state_dict(getattr(x, k), sd[k], name=k) for k in names})
 
 
 def state_dict_like(target) -> Any:

@@ -4,11 +4,23 @@ from typing import Any
 from . import struct
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_kinds, f32
+from .flat_state import ParamState, param_state
 
 
 @struct.dataclass
 class _GradientDescentHyperParams:
   learning_rate: Any
+
+
+@param_state
+class _GradientDescentMasterState(ParamState):
+  """fusedopt's: GradientDescent's per-parameter state with ``master_weights=True`` (the float32
+  copy). Without master weights the state is ``()``, as in flax 0.5.3."""
+  master: Any = None
+
+  @classmethod
+  def from_fields(cls, values):
+    return super().from_fields(values) if values else ()
 
 
 def _sgd(xp, s, q, p, g):
@@ -20,7 +32,8 @@ SGD_RULE = Rule("sgd", _sgd, ("lr",), n_state=0)
 
 
 class GradientDescent(FlatOptimizerDef):
-  """Gradient descent optimizer (no state)."""
+  """Gradient descent optimizer (no state: ``()`` per parameter)."""
+  param_state_class = _GradientDescentMasterState
 
   def __init__(self, learning_rate=None, *, backend="auto", master_weights=False,
                state_dtype=None, stochastic_rounding=False, rounding_seed=0):

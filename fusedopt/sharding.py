@@ -240,7 +240,7 @@ class ShardedOptimizerDef(OptimizerDef):
       return fields
     fields = _on_mesh(init, self.state_sharding)(params)
     step = put(jnp.asarray(0, jnp.int32), self.replicated)
-    return OptimizerState(step, FlatState(fields, layout))
+    return OptimizerState(step, FlatState(fields, layout, self.inner.state_class))
 
   # -- the step (global view: called under jit, or eagerly through Optimizer.apply_gradient)
   def apply_gradient(self, hyper_params, params, state, grads):
@@ -295,7 +295,7 @@ class ShardedOptimizerDef(OptimizerDef):
     else:
       new_params = jax.tree_util.tree_unflatten(layout.treedef, new_p)
     inc = 1 if checked is None else finite.astype(state.step.dtype)
-    new_state = OptimizerState(state.step + inc, FlatState(new_fields, layout))
+    new_state = OptimizerState(state.step + inc, state.param_states.replace(fields=new_fields))
     if checked is None:
       return new_params, new_state, None, None
     return new_params, new_state, finite, norm
@@ -599,7 +599,7 @@ def apply_gradient_local(opt: Optimizer, grads, *, reduce: Optional[str] = "mean
   else:
     target = jax.tree_util.tree_unflatten(layout.treedef, new_p)
   inc = 1 if checked is None else finite.astype(opt.state.step.dtype)
-  state = OptimizerState(opt.state.step + inc, FlatState(new_fields, layout))
+  state = OptimizerState(opt.state.step + inc, opt.state.param_states.replace(fields=new_fields))
   new = opt.replace(target=target, state=state)
   return new if checked is None else (new, finite, norm)
 

@@ -57,7 +57,7 @@ count unchanged (zero updates) when a gradient is not finite, decided on the dev
 buffers, float32 by default), ``clip_global_norm``, ``skip_nonfinite``.
 
 **State.** ``FusedState(count, inner)``: ``count`` the int32 number of updates, ``inner`` a
-``FlatState`` (Adafactor: a tuple of per-leaf state dicts). It is a pytree that passes through
+``FlatState`` (Adafactor: a tuple of per-leaf ``_AdafactorParamState``s). It is a pytree that passes through
 ``jit``, donation, ``lax.scan``, ``flax.serialization`` (``FlatState`` is registered by
 ``fusedopt.serialization`` when flax is installed: the flat buffers are written per leaf,
 ``{field: array}`` mirroring the parameters, independent of the layout) and ``nnx.Optimizer``
@@ -105,8 +105,8 @@ class FusedState(NamedTuple):
   Attributes:
     count: int32 scalar, the number of updates applied (schedules are evaluated at it; with
       ``skip_nonfinite`` a skipped step does not count).
-    inner: the optimizer state: a ``fusedopt.FlatState`` (Adafactor: a tuple with one state dict
-      per parameter leaf, in leaf order).
+    inner: the optimizer state: a ``fusedopt.FlatState`` (Adafactor: a tuple with one
+      ``_AdafactorParamState`` per parameter leaf, in leaf order).
   """
   count: Any
   inner: Any
@@ -695,7 +695,8 @@ def _per_leaf_step(spec, hp, count, guard, finite, states, grads, g_leaves, para
     new_leaf, new_st = opt_def.apply_param_gradient(count, h, p, st, g)
     if spec.skip_nonfinite:
       new_leaf = jnp.where(finite, new_leaf, p)
-      new_st = {k: jnp.where(finite, v, st[k]) for k, v in new_st.items()}
+      # (a per-leaf state object, _AdafactorParamState: the same class comes back)
+      new_st = new_st.replace(**{k: jnp.where(finite, v, st[k]) for k, v in new_st.items()})
     new_p.append(new_leaf)
     new_states.append(new_st)
   return new_p, p_leaves, tuple(new_states)

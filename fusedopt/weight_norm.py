@@ -13,6 +13,7 @@ from jax import lax
 from . import struct
 from .base import OptimizerDef
 from .flat import check_range
+from .flat_state import ParamState, param_state
 
 
 @struct.dataclass
@@ -22,12 +23,55 @@ class _WeightNormHyperParams:
   wn_eps: Any
 
 
+@param_state(master=False)
+class _WeightNormParamState(ParamState):
+  """WeightNorm's per-parameter state in flax 0.5.3's form (its fields, in its order): the
+  wrapped optimizer's state for the direction and for the scale, and those two params (for a
+  leaf that is not decomposed: the param itself, and ``()`` as scale and scale state)."""
+  direction_state: Any
+  scale_state: Any
+  direction: Any
+  scale: Any
+
+
 @struct.dataclass
 class WeightNormState:
-  """The wrapped optimizer's param_states over ``{'direction', 'scale'}``, plus those params."""
+  """The wrapped optimizer's param_states over ``{'direction', 'scale'}``, plus those params.
+
+  fusedopt keeps WeightNorm's state in this form (the wrapped optimizer's flat state runs over
+  all directions and scales at once); ``per_leaf()`` gives flax 0.5.3's form, a tree mirroring
+  the params of ``_WeightNormParamState``s, and ``state[key]`` reads like that tree."""
   inner: Any
   direction: Any
   scale: Any
+
+  def per_leaf(self):
+    """flax 0.5.3's per-leaf form: a tree mirroring the params, each leaf a
+    ``_WeightNormParamState(direction_state, scale_state, direction, scale)``."""
+    inner = self.inner.per_leaf() if hasattr(self.inner, "per_leaf") else self.inner
+    return _per_leaf(self.direction, inner["direction"], inner["scale"], self.direction,
+                     self.scale)
+
+  def __getitem__(self, key):
+    return self.per_leaf()[key]
+
+
+def _per_leaf(params, direction_state, scale_state, direction, scale):
+  return jax.tree_util.tree_map(lambda _, *args: _WeightNormParamState(*args), params,
+                                direction_state, scale_state, direction, scale)
+
+
+def _components(params, param_states):
+  """``(inner, direction, scale)`` of a WeightNorm state: fusedopt's ``WeightNormState``, or
+  flax's per-leaf tree of ``_WeightNormParamState``s (``inner`` then the wrapped optimizer's
+  per-leaf states as ``{'direction': ..., 'scale': ...}``)."""
+  if isinstance(param_states, WeightNormState):
+    return param_states.inner, param_states.direction, param_states.scale
+  treedef = jax.tree_util.tree_structure(params)
+  leaves = treedef.flatten_up_to(param_states)
+  field = lambda k: treedef.unflatten([x[k] for x in leaves])  # noqa: E731
+  return ({"direction": field("direction_state"), "scale": field("scale_state")},
+          field("direction"), field("scale"))
 
 
 def _decomposed(p):
@@ -81,27 +125,35 @@ class WeightNorm(OptimizerDef):
 
   # -- checkpoints: flax 0.5.3 kept per leaf {direction_state, scale_state, direction, scale}
   def flax_param_states(self, target, param_states):
-    wn = param_states
+    wn_inner, wn_direction, wn_scale = _components(target, param_states)
     inner = self.wrapped_optimizer.flax_param_states(
-        {"direction": wn.direction, "scale": wn.scale}, wn.inner)
+        {"direction": wn_direction, "scale": wn_scale}, wn_inner)
     return jax.tree_util.tree_map(
         lambda _, ds, ss, d, s: {"direction_state": ds, "scale_state": ss, "direction": d,
                                  "scale": s},
-        target, inner["direction"], inner["scale"], wn.direction, wn.scale)
+        target, inner["direction"], inner["scale"], wn_direction, wn_scale)
 
   def from_flax_param_states(self, target, param_states, restored):
     treedef = jax.tree_util.tree_structure(target)
     per_leaf = treedef.flatten_up_to(restored)
     field = lambda k: treedef.unflatten([x[k] for x in per_leaf])  # noqa: E731
     direction, scale = field("direction"), field("scale")
+    template_inner = _components(target, param_states)[0]
     inner = self.wrapped_optimizer.from_flax_param_states(
-        {"direction": direction, "scale": scale}, param_states.inner,
+        {"direction": direction, "scale": scale}, template_inner,
         {"direction": field("direction_state"), "scale": field("scale_state")})
-    return WeightNormState(inner, direction, scale)
+    if isinstance(param_states, WeightNormState):
+      return WeightNormState(inner, direction, scale)
+    return _per_leaf(target, inner["direction"], inner["scale"], direction, scale)
 
   def apply_gradient(self, hyper_params, params, state, grads):
+    """With fusedopt's ``WeightNormState`` (``init_state``'s) or, as flax 0.5.3's functional
+    form, a per-leaf tree of ``_WeightNormParamState``s (the wrapped optimizer then runs on its
+    per-leaf states too); returns the state in the form it was given."""
     self.validate(hyper_params)
-    wn = state.param_states
+    per_leaf = not isinstance(state.param_states, WeightNormState)
+    inner, wn_direction, wn_scale = _components(params, state.param_states)
+    wn = WeightNormState(inner, wn_direction, wn_scale)
     eps, decay = hyper_params.wn_eps, hyper_params.wn_decay
     merge = lambda d, s: jax.tree_util.tree_map(lambda a, b: _merge(a, b, eps), d, s)
     p_def, g_def = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(grads)
@@ -116,5 +168,9 @@ class WeightNorm(OptimizerDef):
         hyper_params.inner, {"direction": wn.direction, "scale": wn.scale},
         state.replace(param_states=wn.inner), {"direction": dir_grad, "scale": scale_grad})
     direction, scale = new_wn["direction"], new_wn["scale"]
+    if per_leaf:
+      new_inner = new_state.param_states
+      return merge(direction, scale), new_state.replace(param_states=_per_leaf(
+          params, new_inner["direction"], new_inner["scale"], direction, scale))
     return merge(direction, scale), new_state.replace(
         param_states=WeightNormState(new_state.param_states, direction, scale))

@@ -454,6 +454,127 @@ def deprecated_compute_gradient(rec):
   rec.meta["deprecation_warned"] = warned
 
 
+# Empty trees, empty subtrees, the per-leaf view of focus/MultiOptimizer state, the clash error,
+# replicate/unreplicate (issue 16).
+EMPTY_SUB = dict(BASE, empty={}, nested={"e": {}})
+
+
+def param_states_view(rec, opt):
+  """Records flax 0.5.3's ``opt.state.param_states`` (a tree mirroring the target); fusedopt's
+  view of it is ``per_leaf()`` (its in-memory state is flat): the tree with each per-leaf state
+  as the dict of its fields that are not None (``value/view``), and each leaf's type name
+  (meta ``view_types``: ``_MomentumParamState``, ``NoneType``, ``{}`` for an empty subtree)."""
+  ps = opt.state.param_states
+  tree = ps if IMPL == "flax" else ps.per_leaf()
+  types = {}
+
+  def walk(x, path):
+    if isinstance(x, Mapping):
+      if not x:
+        types[path] = "{}"
+      return {k: walk(v, f"{path}/{k}") for k, v in x.items()}
+    types[path] = type(x).__name__
+    if x is None:
+      return None
+    return {k: v for k, v in serialization.to_state_dict(x).items() if v is not None}
+  rec.tree("value/view", walk(tree, ""))
+  rec.meta["view_types"] = types
+
+
+_plain("empty_tree_momentum", lambda: optim.Momentum(learning_rate=0.1), shapes={})
+_plain("empty_tree_adam", lambda: optim.Adam(learning_rate=0.1), shapes={})
+_plain("empty_subtrees_adam", lambda: optim.Adam(learning_rate=0.01), shapes=EMPTY_SUB)
+
+
+@scenario
+def empty_tree_jit(rec):
+  """An empty target under jit. (A MultiOptimizer or ``focus=`` over an empty dict raised
+  IndexError in 0.5.3 -- its ``traverse_util.unflatten_dict`` of the empty path -- and works
+  in fusedopt: docs/differences.md.)"""
+  step = jax.jit(lambda o, g: o.apply_gradient(g))
+  opt = optim.GradientDescent(learning_rate=0.1).create({})
+  for k in range(1, 3):
+    opt = step(opt, {})
+    rec.tree(f"value/jit/{k}", sd(opt))
+
+
+@scenario
+def view_focus_empty_subtree(rec):
+  """``create(focus=...)`` over a target with empty subtrees: the state view keeps them and has
+  None outside the focus."""
+  kernels, _ = _traversals()
+  opt = run_steps(rec, optim.Momentum(learning_rate=0.1), EMPTY_SUB, steps=2, focus=kernels)
+  param_states_view(rec, opt)
+
+
+@scenario
+def view_multi_mixed(rec):
+  kernels, biases = _traversals()
+  opt_def = optim.MultiOptimizer((kernels, optim.Momentum(learning_rate=0.1)),
+                                 (biases, optim.Adagrad(learning_rate=0.1)))
+  opt = run_steps(rec, opt_def, EMPTY_SUB, steps=2)
+  param_states_view(rec, opt)
+
+
+@scenario
+def view_multi_fused(rec):
+  kernels, biases = _traversals()
+  opt_def = optim.MultiOptimizer((kernels, optim.Momentum(learning_rate=0.1)),
+                                 (biases, optim.Momentum(learning_rate=0.5, beta=0.5)))
+  opt = run_steps(rec, opt_def, BASE, steps=2, frozen=True)
+  param_states_view(rec, opt)
+
+
+@scenario
+def clash_message(rec):
+  """Two traversals selecting the same leaves (one of them an integer leaf): 0.5.3's ValueError
+  and message, for a dict and a FrozenDict."""
+  everything_but_scale = optim.ModelParamTraversal(lambda path, _: path != "/scale")
+  kernels_and_n = optim.ModelParamTraversal(lambda path, _: "kernel" in path or path == "/n")
+  opt_def = optim.MultiOptimizer((kernels_and_n, optim.Momentum(learning_rate=0.1)),
+                                 (everything_but_scale, optim.Momentum(learning_rate=0.2)))
+  params = dict(make_params(BASE), n=jnp.int32(3))
+  for kind, target in (("dict", params), ("frozen", FrozenDict(params))):
+    try:
+      opt_def.create(target)
+      rec.meta[kind] = "no error"
+    except Exception as e:  # noqa: BLE001
+      rec.meta[kind] = f"{type(e).__name__}: {e}"
+
+
+@scenario
+def replicate_adam(rec):
+  """``Optimizer.replicate()`` (deprecated in 0.5.3; its warnings recorded), two pmapped steps,
+  the replicated optimizer's state dict (one copy), ``unreplicate()`` and a step after it."""
+  n = jax.local_device_count()
+  params = make_params(EMPTY_SUB)
+  opt = optim.Adam(learning_rate=0.01, weight_decay=0.01).create(params)
+  rec.tree("sd/0", sd(opt))
+  with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    rep = opt.replicate()
+  rec.meta["replicate_warns"] = [[c.category.__name__, str(c.message)] for c in w]
+  rec.meta["def"] = type(rep.optimizer_def).__name__
+  rec.meta["axis_name"] = rep.optimizer_def.axis_name
+  step = jax.pmap(lambda o, g: o.apply_gradient(g), axis_name="batch")
+  for k in (1, 2):
+    grads = jax.tree_util.tree_map(lambda x: jnp.stack([x] * n), make_grads(EMPTY_SUB, k))
+    rep = step(rep, grads)
+    rec.tree(f"sd/{k}", sd(rep))
+  rec.tree("value/replicated_target", rep.target)
+  with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    back = rep.unreplicate()
+  rec.meta["unreplicate_warns"] = [[c.category.__name__, str(c.message)] for c in w]
+  rec.meta["unreplicated_def"] = type(back.optimizer_def).__name__
+  rec.tree("sd/3", sd(back.apply_gradient(make_grads(EMPTY_SUB, 3))))
+  try:
+    opt.unreplicate()
+    rec.meta["unreplicate_plain"] = "no error"
+  except Exception as e:  # noqa: BLE001
+    rec.meta["unreplicate_plain"] = f"{type(e).__name__}: {e}"
+
+
 # Checkpoints: after two steps, ``serialization.to_bytes``; restored (phase 1: own bytes;
 # phase 2: the other implementation's bytes) into a freshly created optimizer, then step 3.
 def _ckpt(name, make_def, shapes=BASE, frozen=False):
@@ -501,6 +622,9 @@ _ckpt("ckpt_multi_fused_rmsprop", lambda: optim.MultiOptimizer(   # fusedopt fus
 _ckpt("ckpt_weight_norm", lambda: optim.WeightNorm(optim.Adam(learning_rate=0.01)), shapes=WN)
 _ckpt("ckpt_frozendict_lamb", lambda: optim.LAMB(learning_rate=0.01, weight_decay=0.01),
       frozen=True)
+_ckpt("ckpt_empty_tree", lambda: optim.Momentum(learning_rate=0.1), shapes={})
+_ckpt("ckpt_empty_subtrees_focus", lambda: optim.MultiOptimizer(
+    (_traversals()[0], optim.Adam(learning_rate=0.01))), shapes=EMPTY_SUB)
 
 
 # ----------------------------------------------------------------------------------------------

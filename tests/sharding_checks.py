@@ -24,6 +24,7 @@ from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 
 import fusedopt as optim  # noqa: E402
 from fusedopt import serialization, sharding  # noqa: E402
+from fusedopt.flat_state import ParamState, fields_of  # noqa: E402
 
 N = 8
 AX = "data"
@@ -76,8 +77,13 @@ def compare(o1, o2):
   """Over targets and per-leaf state: (all bitwise equal, max scaled ulps, same step)."""
   t1, t2 = [t.tree() if isinstance(t, sharding.FlatParams) else t for t in (o1.target, o2.target)]
   pairs = list(zip(jax.tree_util.tree_leaves(t1), jax.tree_util.tree_leaves(t2)))
-  pairs += list(zip(jax.tree_util.tree_leaves(o1.state.param_states.per_leaf()),
-                    jax.tree_util.tree_leaves(o2.state.param_states.per_leaf())))
+  # per-leaf state as dicts (a state built without its class reads as dicts; a dict's leaves
+  # come in key order, a state object's in field order)
+  as_dicts = lambda o: jax.tree_util.tree_map(  # noqa: E731
+      lambda x: fields_of(x) if isinstance(x, ParamState) else x,
+      o.state.param_states.per_leaf(), is_leaf=lambda x: isinstance(x, ParamState))
+  pairs += list(zip(jax.tree_util.tree_leaves(as_dicts(o1)),
+                    jax.tree_util.tree_leaves(as_dicts(o2))))
   ds = [diff(x, y) for x, y in pairs]
   return {"bitwise": all(d[0] for d in ds), "ulps": max(d[1] for d in ds),
           "step": int(o1.state.step) == int(o2.state.step)}

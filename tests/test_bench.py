@@ -21,6 +21,7 @@ if _ROOT not in sys.path:
 
 from bench import __main__ as cli  # noqa: E402
 from bench import impls, measure, optims, trees  # noqa: E402
+from fusedopt.flat_state import ParamState  # noqa: E402
 
 TINY = {"dense": {"kernel": (16, 8), "bias": (8,)}, "ln": {"scale": (8,)}}
 
@@ -190,7 +191,7 @@ def test_every_optimizer_agrees_with_its_peers():
     if o.master_weights:
       ours = opt.state.param_states.per_leaf()
       ours = jax.tree_util.tree_map(lambda s: s["master"], ours,
-                                    is_leaf=lambda x: isinstance(x, dict) and "master" in x)
+                                    is_leaf=lambda x: isinstance(x, ParamState))
     pairs = list(zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ours)))
     close = all(np.allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
                             atol=1e-7) for a, b in pairs)

@@ -162,6 +162,10 @@ TOLERANCES = {
     "ckpt_multi": BIAS_CORRECTED, "ckpt_multi_fused_rmsprop": Tol(),
     "ckpt_weight_norm": WEIGHT_NORM_ADAM,
     "ckpt_frozendict_lamb": BIAS_CORRECTED,
+    "empty_tree_momentum": Tol(), "empty_tree_adam": Tol(), "empty_subtrees_adam": BIAS_CORRECTED,
+    "empty_tree_jit": Tol(), "view_focus_empty_subtree": Tol(), "view_multi_mixed": Tol(),
+    "view_multi_fused": Tol(), "clash_message": Tol(), "replicate_adam": BIAS_CORRECTED,
+    "ckpt_empty_tree": Tol(), "ckpt_empty_subtrees_focus": BIAS_CORRECTED,
 }
 
 # Values a scenario's own loss function computes (losses, aux outputs, a scalar's gradient):
