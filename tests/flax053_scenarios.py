@@ -575,6 +575,70 @@ def replicate_adam(rec):
     rec.meta["unreplicate_plain"] = f"{type(e).__name__}: {e}"
 
 
+# The functional OptimizerDef API (issue 16): ``init_state``, ``init_param_state`` and
+# ``apply_gradient(hyper_params, params, state, grads)`` on a hand-built per-leaf state, as code
+# written against flax 0.5.3's documentation calls them.
+
+def _per_leaf_view(tree, types, prefix):
+  """A per-leaf state tree as {field: value} dicts (None fields left out), each leaf's type name
+  in ``types`` (``_AdamParamState``, ``tuple`` for GradientDescent's ``()``)."""
+  def walk(x, path):
+    if isinstance(x, Mapping):
+      return {k: walk(v, f"{path}/{k}") for k, v in x.items()}
+    types[prefix + path] = type(x).__name__
+    if isinstance(x, tuple) and not hasattr(x, "__dataclass_fields__"):
+      return {}
+    return {k: (_per_leaf_view(v, types, f"{prefix}{path}/{k}") if k.endswith("_state") else v)
+            for k, v in ((f.name, getattr(x, f.name)) for f in x.__dataclass_fields__.values())
+            if v is not None}
+  return walk(tree, "")
+
+
+def _functional(name, make_def, shapes=BASE, steps=2, from_init_state=False):
+  """``from_init_state``: the per-leaf states are ``init_state``'s (WeightNorm has no
+  ``init_param_state``: NotImplementedError in both), else ``init_param_state``'s."""
+  def fn(rec):
+    opt_def = make_def()
+    params = make_params(shapes)
+    types = {}
+    st = opt_def.init_state(params)
+    # fusedopt keeps flat state; per_leaf() is the per-leaf tree flax 0.5.3 holds
+    ps = st.param_states.per_leaf() if hasattr(st.param_states, "per_leaf") else st.param_states
+    rec.tree("value/init_state", {"step": st.step, "view": _per_leaf_view(ps, types, "init")})
+    per_leaf = (ps if from_init_state
+                else jax.tree_util.tree_map(opt_def.init_param_state, params))
+    state = optim.OptimizerState(jnp.asarray(0, jnp.int32), per_leaf)
+    for k in range(1, steps + 1):
+      params, state = opt_def.apply_gradient(opt_def.hyper_params, params, state,
+                                             make_grads(shapes, k))
+      rec.tree(f"value/functional/{k}", {
+          "target": params, "step": state.step,
+          "view": _per_leaf_view(state.param_states, types, f"step{k}")})
+    rec.meta["types"] = types
+  fn.__name__ = name
+  scenario(fn)
+
+
+_functional("functional_sgd", lambda: optim.GradientDescent(learning_rate=0.1))
+_functional("functional_momentum", lambda: optim.Momentum(learning_rate=0.1, beta=0.8,
+                                                          weight_decay=0.01, nesterov=True))
+_functional("functional_adam", lambda: optim.Adam(learning_rate=0.01, weight_decay=0.01))
+_functional("functional_adagrad", lambda: optim.Adagrad(learning_rate=0.1))
+_functional("functional_rmsprop", lambda: optim.RMSProp(learning_rate=0.01))
+_functional("functional_rmsprop_centered", lambda: optim.RMSProp(learning_rate=0.01,
+                                                                 centered=True))
+_functional("functional_lamb", lambda: optim.LAMB(learning_rate=0.01, weight_decay=0.01))
+_functional("functional_lars", lambda: optim.LARS(learning_rate=0.1, weight_decay=0.01))
+_functional("functional_adabelief", lambda: optim.AdaBelief(learning_rate=0.01))
+_functional("functional_adadelta", lambda: optim.Adadelta(learning_rate=1.0))
+_functional("functional_adafactor", lambda: optim.Adafactor(learning_rate=0.1,
+                                                            min_dim_size_to_factor=2), FACT)
+_functional("functional_adafactor_beta1", lambda: optim.Adafactor(
+    learning_rate=0.1, beta1=0.9, min_dim_size_to_factor=2), FACT)
+_functional("functional_weight_norm", lambda: optim.WeightNorm(
+    optim.Momentum(learning_rate=0.1, beta=0.9)), WN, from_init_state=True)
+
+
 # Checkpoints: after two steps, ``serialization.to_bytes``; restored (phase 1: own bytes;
 # phase 2: the other implementation's bytes) into a freshly created optimizer, then step 3.
 def _ckpt(name, make_def, shapes=BASE, frozen=False):

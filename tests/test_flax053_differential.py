@@ -166,6 +166,10 @@ TOLERANCES = {
     "empty_tree_jit": Tol(), "view_focus_empty_subtree": Tol(), "view_multi_mixed": Tol(),
     "view_multi_fused": Tol(), "clash_message": Tol(), "replicate_adam": BIAS_CORRECTED,
     "ckpt_empty_tree": Tol(), "ckpt_empty_subtrees_focus": BIAS_CORRECTED,
+    # the functional API: values compared with VALUE_RTOL ("value/" records), types exactly
+    **{f"functional_{n}": Tol() for n in (
+        "sgd", "momentum", "adam", "adagrad", "rmsprop", "rmsprop_centered", "lamb", "lars",
+        "adabelief", "adadelta", "adafactor", "adafactor_beta1", "weight_norm")},
 }
 
 # Values a scenario's own loss function computes (losses, aux outputs, a scalar's gradient):
