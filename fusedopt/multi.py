@@ -136,6 +136,8 @@ class MultiOptimizer(OptimizerDef):
 
   def apply_gradient(self, hyper_params, params, state, grads):
     fs = state.param_states
+    if not isinstance(fs, (FusedMultiState, MultiState)):
+      return self._apply_per_leaf(hyper_params, params, state, grads)
     if isinstance(fs, FusedMultiState):
       new_params, new_fs, _, _ = self._apply_fused(hyper_params, params, state, grads)
       return new_params, OptimizerState(state.step + 1, new_fs)
@@ -154,6 +156,35 @@ class MultiOptimizer(OptimizerDef):
       new_subs.append(new_sub.param_states)
     return treedef.unflatten(new_leaves), OptimizerState(
         state.step + 1, fs.replace(subs=tuple(new_subs)))
+
+  def _apply_per_leaf(self, hyper_params, params, state, grads):
+    """flax 0.5.3's functional form: ``state.param_states`` mirrors ``params``, each selected
+    leaf holding its sub-optimizer's per-leaf state and the others None; each sub-optimizer
+    runs its own functional ``apply_gradient`` on its leaves (a tuple), and the new states come
+    back in the same form."""
+    picks = _assign(self.traversals, params)
+    p_leaves, treedef = jax.tree_util.tree_flatten(params)
+    g_def = jax.tree_util.tree_structure(grads)
+    if g_def != treedef:
+      raise ValueError(f"grads have a different tree structure than the target:\n"
+                       f"  target: {treedef}\n  grads:  {g_def}")
+    g_leaves = treedef.flatten_up_to(grads)
+    try:
+      s_leaves = treedef.flatten_up_to(state.param_states)
+    except (ValueError, TypeError) as e:
+      raise ValueError("state.param_states must mirror the target (each selected leaf its "
+                       "sub-optimizer's per-leaf state, None elsewhere), as init_param_state "
+                       f"builds it: {e}") from None
+    new_p, new_s = list(p_leaves), list(s_leaves)
+    for idx, opt, hp in zip(picks, self.sub_optimizers, hyper_params):
+      if not idx:
+        continue
+      sub = OptimizerState(state.step, tuple(s_leaves[i] for i in idx))
+      ps, new_sub = opt.apply_gradient(hp, tuple(p_leaves[i] for i in idx), sub,
+                                       tuple(g_leaves[i] for i in idx))
+      for k, i in enumerate(idx):
+        new_p[i], new_s[i] = ps[k], new_sub.param_states[k]
+    return treedef.unflatten(new_p), OptimizerState(state.step + 1, treedef.unflatten(new_s))
 
   def apply_gradient_checked(self, hyper_params, params, state, grads, grad_scale=None,
                              clip_global_norm=None):

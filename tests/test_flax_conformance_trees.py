@@ -380,3 +380,42 @@ def test_replicate_pmap_over_two_host_devices_in_subprocess():
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "REPLICATE_OK" in proc.stdout
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_multi_optimizer_functional_per_leaf_state(fuse):
+  """flax 0.5.3's functional form of a MultiOptimizer: ``apply_gradient`` on a hand-built
+  ``OptimizerState`` whose ``param_states`` mirrors the target (each selected leaf its
+  sub-optimizer's ``_...ParamState``, None elsewhere) gives the optimizer's own steps and returns
+  the same form; a state that does not mirror the target is a clear error."""
+  rng = np.random.default_rng(0)
+  params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+                        "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)},
+            "scale": jnp.float32(0.5)}
+  grads = jax.tree_util.tree_map(lambda x: x * 0.1 + 0.01, params)
+  kernels = optim.ModelParamTraversal(lambda path, _: "kernel" in path)
+  biases = optim.ModelParamTraversal(lambda path, _: "bias" in path)
+  md = optim.MultiOptimizer((kernels, optim.Adam(0.01, weight_decay=0.01, backend="jnp")),
+                            (biases, optim.Momentum(0.1, beta=0.9, backend="jnp")), fuse=fuse)
+  from fusedopt.adam import _AdamParamState  # pylint: disable=import-outside-toplevel
+  from fusedopt.momentum import _MomentumParamState  # pylint: disable=import-outside-toplevel
+  per_leaf = {"Dense_0": {"kernel": _AdamParamState(jnp.zeros((4, 3)), jnp.zeros((4, 3))),
+                          "bias": _MomentumParamState(jnp.zeros((3,)))}, "scale": None}
+  p, st = params, optim.OptimizerState(jnp.asarray(0, jnp.int32), per_leaf)
+  for _ in range(2):
+    p, st = md.apply_gradient(md.hyper_params, p, st, grads)
+  opt = md.create(params).apply_gradient(grads).apply_gradient(grads)
+  for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(opt.target)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  assert int(st.step) == 2 and st.param_states["scale"] is None
+  assert type(st.param_states["Dense_0"]["kernel"]) is _AdamParamState
+  assert type(st.param_states["Dense_0"]["bias"]) is _MomentumParamState
+  view = opt.state.param_states.per_leaf()
+  for path in (("Dense_0", "kernel"), ("Dense_0", "bias")):
+    got, ref = st.param_states[path[0]][path[1]], view[path[0]][path[1]]
+    for f in got.__dataclass_fields__:
+      np.testing.assert_allclose(np.asarray(getattr(got, f)), np.asarray(getattr(ref, f)),
+                                 rtol=1e-6, atol=1e-8)
+  with pytest.raises(ValueError, match="mirror the target"):
+    md.apply_gradient(md.hyper_params, params,
+                      optim.OptimizerState(jnp.asarray(0), {"Dense_0": None}), grads)
