@@ -55,6 +55,15 @@ class WeightNormState:
   def __getitem__(self, key):
     return self.per_leaf()[key]
 
+  def __eq__(self, other):
+    """As flax's equality of the per-leaf form (``FlatState.__eq__``'s convention): ``per_leaf()``
+    compared with ``other`` (or with ``other.per_leaf()``); the same object is equal at once."""
+    if other is self:
+      return True
+    if isinstance(other, WeightNormState):
+      other = other.per_leaf()
+    return self.per_leaf() == other
+
 
 def _per_leaf(params, direction_state, scale_state, direction, scale):
   return jax.tree_util.tree_map(lambda _, *args: _WeightNormParamState(*args), params,

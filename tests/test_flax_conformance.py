@@ -733,6 +733,20 @@ def test_equality_as_flax_per_leaf_form():
   assert big != st
 
 
+def test_weight_norm_state_equality_as_flax_per_leaf_form():
+  """WeightNorm's state compares as 0.5.3's per-leaf tree of ``_WeightNormParamState``s, in
+  either order; a different value makes it unequal (size-1 leaves, as flax's tests use)."""
+  params = {"a": np.full((1,), 2.0, np.float32), "b": np.full((1, 1), 3.0, np.float32)}
+  d = optim.WeightNorm(optim.Momentum(learning_rate=0.1, beta=0.9, backend="jnp"))
+  opt = d.create(params).apply_gradient({"a": np.full((1,), 0.5, np.float32),
+                                         "b": np.full((1, 1), 0.25, np.float32)})
+  ps = opt.state.param_states
+  view = ps.per_leaf()
+  assert type(view["a"]).__name__ == "_WeightNormParamState"
+  assert ps == view and view == ps and ps == ps
+  assert ps != jax.tree_util.tree_map(lambda x: x + 1, view)
+
+
 def test_old_flat_state_without_class_reads_as_dicts():
   """A FlatState pickled before it knew its class (no ``param_state``) still loads and reads,
   as dicts; so does one built without it."""
