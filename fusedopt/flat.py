@@ -7,6 +7,7 @@ group with the selected backend. The same rule serves ``apply_param_gradient`` (
 that flax's API exposes), so there is one copy of every optimizer's math.
 """
 import numbers
+from collections.abc import Mapping
 from typing import Any, Dict, Tuple
 
 import jax
@@ -127,6 +128,13 @@ def check_kinds(hp, *names, optional=("learning_rate",), allow_inf=()):
     check_range(hp, name, allow_none=name in optional, allow_inf=name in allow_inf)
 
 
+def _float_dtype(name, dtype):
+  d = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+  if not jnp.issubdtype(d, jnp.floating):
+    raise ValueError(f"{name}={d} must be a floating-point dtype")
+  return d
+
+
 # ----------------------------------------------------------------------------- the driver
 
 class FlatOptimizerDef(OptimizerDef):
@@ -172,10 +180,11 @@ class FlatOptimizerDef(OptimizerDef):
     super().__init__(hyper_params)
     self.backend = backend
     self.master_weights = bool(master_weights)
-    sd = np.dtype(F32 if state_dtype is None else jax.dtypes.canonicalize_dtype(state_dtype))
-    if not jnp.issubdtype(sd, jnp.floating):
-      raise ValueError(f"state_dtype={sd} must be a floating-point dtype")
-    self.state_storage = sd
+    per_field = dict(state_dtype) if isinstance(state_dtype, Mapping) else {}
+    default = None if isinstance(state_dtype, Mapping) else state_dtype
+    self.state_storage = _float_dtype("state_dtype", F32 if default is None else default)
+    # {field: dtype} for the fields stored otherwise (optax's mu_dtype: the first moment only)
+    self.field_storage = {k: _float_dtype(f"state_dtype[{k!r}]", d) for k, d in per_field.items()}
     if not isinstance(rounding_seed, (numbers.Integral, np.integer)):
       raise TypeError(f"rounding_seed={rounding_seed!r} must be a Python int")
     self.stochastic_rounding = bool(stochastic_rounding)
@@ -275,8 +284,19 @@ class FlatOptimizerDef(OptimizerDef):
                        f"{sorted(values)}; expected {list(self.all_state_fields)})")
     return tuple(values[k] for k in self.all_state_fields)
 
+  def storage_of(self, field):
+    """The dtype state field ``field`` is stored in: ``state_dtype``'s for it (a dict
+    ``state_dtype`` names fields; unknown names raise), float32 for ``master``."""
+    unknown = sorted(set(self.field_storage) - set(self.state_fields))
+    if unknown:
+      raise ValueError(f"state_dtype names {unknown}, which are not state fields of "
+                       f"{type(self).__name__} (its fields: {list(self.state_fields)})")
+    if field == "master":
+      return np.dtype(F32)
+    return self.field_storage.get(field, self.state_storage)
+
   def init_param_state(self, param):
-    state = {k: jnp.zeros(jnp.shape(param), self.state_storage) for k in self.state_fields}
+    state = {k: jnp.zeros(jnp.shape(param), self.storage_of(k)) for k in self.state_fields}
     if self.master_weights:
       state["master"] = jnp.asarray(param, F32)
     return self.make_param_state(state)
@@ -329,7 +349,7 @@ class FlatOptimizerDef(OptimizerDef):
     layout = FlatLayout.build(params)
     self._rounding_scalars(layout, 0)   # rejects float16 params with rounding
     # float32 by default whatever the param dtype (flax used the param dtype: bf16 moments)
-    fields = {k: layout.zeros(self.state_storage) for k in self.state_fields}
+    fields = {k: layout.zeros(self.storage_of(k)) for k in self.state_fields}
     if self.master_weights:
       leaves = jax.tree_util.tree_leaves(params)
       fields["master"] = tuple(layout.pack_group(leaves, g, F32) for g in range(len(layout.groups)))

@@ -107,6 +107,7 @@ class MultiOptimizer(OptimizerDef):
             and all(type(o) is type(first) and o.backend == first.backend
                     and o.master_weights == first.master_weights
                     and o.state_storage == first.state_storage
+                    and o.field_storage == first.field_storage
                     and o.stochastic_rounding == first.stochastic_rounding
                     and o.rounding_seed == first.rounding_seed for o in self.sub_optimizers)
             and len({o.rule(o.hyper_params).name for o in self.sub_optimizers}) == 1)

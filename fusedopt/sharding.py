@@ -232,7 +232,7 @@ class ShardedOptimizerDef(OptimizerDef):
     layout = FlatLayout.build(params, shards=self.n)
 
     def init(params):
-      fields = {k: layout.zeros(inner.state_storage) for k in inner.state_fields}
+      fields = {k: layout.zeros(inner.storage_of(k)) for k in inner.state_fields}
       if inner.master_weights:
         leaves = jax.tree_util.tree_leaves(params)
         fields["master"] = tuple(layout.pack_group(leaves, g, F32)

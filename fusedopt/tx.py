@@ -41,8 +41,8 @@ the step count): it is evaluated, like optax's, at the number of updates applied
 array in the state), and enters the kernels as a float32 runtime value, so nothing recompiles.
 ``optax.inject_hyperparams(tx.adamw)(learning_rate=...)`` works (injected values arrive as arrays
 or tracers). Concrete values are validated at construction (``HyperParamError`` naming the
-argument); where optax's formula for some argument value cannot be matched (``mu_dtype``,
-``rmsprop(momentum=...)``, ...) the constructor raises ``NotImplementedError`` naming it.
+argument); where optax's formula for some argument value cannot be matched
+(``rmsprop(momentum=...)``, ...) the constructor raises ``NotImplementedError`` naming it.
 
 **Fused clipping and skipping.** ``clip_global_norm=c`` (keyword-only, every optimizer) or
 ``tx.chain(optax.clip_by_global_norm(c), tx.adamw(...))`` folds clipping into the update: one read
@@ -328,9 +328,9 @@ def _transformation(spec: _Spec) -> optax.GradientTransformationExtraArgs:
                         tuple(spec.opt_def.init_param_state(p)
                               for p in jax.tree_util.tree_leaves(params)))
     layout = FlatLayout.build(params)
-    sd = spec.opt_def.state_storage
     fields = {}
     for k in spec.opt_def.all_state_fields:
+      sd = spec.opt_def.storage_of(k)
       fill = spec.init_fill.get(k)
       if fill is None or _is_zero(spec.hyper[fill]):
         fields[k] = layout.zeros(sd)
@@ -390,10 +390,9 @@ def _adam_like(name, learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_deca
     hyper["weight_decay"] = weight_decay
     ranges["weight_decay"] = _NONNEG
   _validate(ranges, hyper)
-  if mu_dtype is not None and jnp.dtype(mu_dtype) != jnp.dtype(F32):
-    raise NotImplementedError(
-        f"mu_dtype={mu_dtype!r} is not supported by fusedopt.tx (the flat state stores both "
-        "moments in one dtype); pass state_dtype= for both moments, or use optax")
+  if mu_dtype is not None:   # optax: the first moment's dtype; the second keeps state_dtype's
+    base = F32 if state_dtype is None else state_dtype
+    state_dtype = {"grad_ema": mu_dtype, "grad_sq_ema": base}
   opt_def = Adam(0.0, backend=backend, state_dtype=state_dtype)
   step = _adam_step(bool(nesterov), _is_zero(eps_root), mask)
   return _common(name, opt_def, hyper, step, clip_global_norm=clip_global_norm,
@@ -410,8 +409,8 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
     u_t = -\eta_t\, \frac{m_t / (1-b_1^t)}{\sqrt{v_t/(1-b_2^t) + \epsilon_{root}} + \epsilon}
 
   ``nesterov=True`` uses Nadam's ``m_hat`` (Dozat 2016), as optax. State: the flat buffers
-  ``grad_ema``, ``grad_sq_ema`` (float32, or ``state_dtype``). ``mu_dtype`` other than
-  float32 raises ``NotImplementedError`` (one dtype for both moments: use ``state_dtype``).
+  ``grad_ema``, ``grad_sq_ema`` (float32, or ``state_dtype``); ``mu_dtype`` (optax's) stores
+  the first moment in that dtype (computed in float32, rounded to nearest when stored).
   Bias corrections are computed accurately in float32 (``fusedopt.flat.bias_correction``);
   optax's ``1 - b**t`` rounds ``b`` first (relative differences ~1e-6 in early steps).
 

@@ -371,8 +371,6 @@ def test_bad_hyper_parameters():
     tx.rmsprop(1e-3, momentum=0.9)
   with pytest.raises(NotImplementedError, match="bias_correction"):
     tx.rmsprop(1e-3, bias_correction=True)
-  with pytest.raises(NotImplementedError, match="mu_dtype"):
-    tx.adamw(1e-3, mu_dtype=jnp.bfloat16)
   with pytest.raises(ValueError, match="backend"):
     tx.adamw(1e-3, backend="cuda")
 
@@ -404,3 +402,72 @@ def test_import_fusedopt_does_not_import_optax():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env,
                  capture_output=True)
+
+
+@pytest.mark.parametrize("backend", [b for b in fusedopt.available_backends()
+                                     if b in ("jnp", "native", "pallas_interpret")])
+def test_adamw_mu_dtype_as_optax(backend):
+  """``mu_dtype=bfloat16`` (optax's): the first moment is stored in bfloat16, the second stays
+  float32. Each of 5 steps, taken by both from the same state (optax's state set to ours), gives
+  optax.adamw(mu_dtype=bfloat16)'s update and stored moment up to optax's bfloat16 product
+  ``b1 * mu`` (fusedopt computes the new moment in float32, uses it, then rounds it once)."""
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.asarray(rng.normal(size=(40, 30)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(30,)), jnp.float32)}
+  # dyadic betas: optax's float32 bias correction is then exact too (module docstring)
+  kw = dict(b1=0.875, b2=1 - 2 ** -10, weight_decay=1e-2, mu_dtype=jnp.bfloat16)
+  ours = tx.adamw(1e-2, backend=backend, **kw)
+  ref = optax.adamw(1e-2, **kw)
+  s1, s2 = ours.init(params), ref.init(params)
+  fields = s1.inner.fields
+  assert {np.dtype(b.dtype).name for b in fields["grad_ema"]} == {"bfloat16"}
+  assert {np.dtype(b.dtype).name for b in fields["grad_sq_ema"]} == {"float32"}
+  p = params
+  for t in range(5):
+    g = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
+                               params)
+    view = s1.inner.per_leaf()
+    adam_state = s2[0]._replace(
+        count=jnp.asarray(t, jnp.int32),
+        mu={k: view[k]["grad_ema"] for k in params}, nu={k: view[k]["grad_sq_ema"] for k in params})
+    s2 = (adam_state,) + tuple(s2[1:])
+    u1, s1 = ours.update(g, s1, p)
+    u2, s2 = ref.update(g, s2, p)
+    for a, b in zip(jax.tree_util.tree_leaves(u1), jax.tree_util.tree_leaves(u2)):
+      # optax computes ``b1 * mu`` in bfloat16 (a Python float times a bfloat16 array stays
+      # bfloat16), fusedopt in float32: the new moments differ by up to a bfloat16 rounding of
+      # that term, 2^-9 of it; bounded here by 2^-8 of the leaf's largest update
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6,
+                                 atol=2 ** -8 * float(np.max(np.abs(np.asarray(b)))))
+    view = s1.inner.per_leaf()
+    for k in params:
+      assert view[k]["grad_ema"].dtype == jnp.bfloat16 and s2[0].mu[k].dtype == jnp.bfloat16
+      np.testing.assert_allclose(np.asarray(view[k]["grad_ema"], np.float32),
+                                 np.asarray(s2[0].mu[k], np.float32), rtol=2 ** -7,
+                                 atol=2 ** -8 * float(np.max(np.abs(np.asarray(s2[0].mu[k],
+                                                                               np.float32)))))
+    p = optax.apply_updates(p, u1)
+
+
+def test_state_dtype_per_field():
+  """``state_dtype={field: dtype}`` stores each named field in its dtype (the others float32),
+  on every backend the same numbers as jnp; an unknown field is an error naming it."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 2048, dtype=jnp.float32).reshape(32, 64)}
+  g = jax.tree_util.tree_map(lambda x: 0.1 * x + 0.01, params)
+  outs = {}
+  for backend in [b for b in fusedopt.available_backends()
+                  if b in ("jnp", "native", "pallas_interpret")]:
+    opt = fusedopt.Adam(0.1, state_dtype={"grad_ema": jnp.bfloat16},
+                        backend=backend).create(params)
+    opt = opt.apply_gradient(g).apply_gradient(g)
+    st = opt.state.param_states
+    assert st.fields["grad_ema"][0].dtype == jnp.bfloat16
+    assert st.fields["grad_sq_ema"][0].dtype == jnp.float32
+    outs[backend] = (np.asarray(opt.target["w"]), np.asarray(st["w"].grad_ema, np.float32))
+  for b, (p, m) in outs.items():
+    np.testing.assert_allclose(p, outs["jnp"][0], rtol=1e-6, atol=1e-7, err_msg=b)
+    np.testing.assert_allclose(m, outs["jnp"][1], rtol=2 ** -8, err_msg=b)
+  with pytest.raises(ValueError, match="grad_emma"):
+    fusedopt.Adam(0.1, state_dtype={"grad_emma": jnp.bfloat16}).create(params)
+  with pytest.raises(ValueError, match="floating"):
+    fusedopt.Adam(0.1, state_dtype={"grad_ema": jnp.int32})
