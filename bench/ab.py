@@ -14,12 +14,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+
+from bench.report import _cpu_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BENCH_ARGS = ["--impls", "auto,jnp", "--optims", "adam,momentum,lamb"]
@@ -62,17 +63,6 @@ def _medians(result):
       if "median_s" in step:
         out[(row["tree"], row["optim"], impl["impl"])] = step["median_s"]
   return out
-
-
-def _cpu_name():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def main(argv=None):
@@ -133,7 +123,7 @@ def main(argv=None):
            f"`python -m bench.ab --base {args.base}"
            + (f" --head {args.head}" if args.head else "") + f" --rounds {args.rounds} -- "
            + " ".join(bench_args) + "`", "",
-           f"Machine: {_cpu_name()}, {os.cpu_count()} cores; "
+           f"Machine: {_cpu_model()}, {os.cpu_count()} cores; "
            f"{date}. Each version ran {args.rounds} times, alternating; per row the median over "
            "rounds of each run's median step time (ms).", "", f"**{summary}**", "",
            "| tree | optimizer | impl | base ms | head ms | head/base | rounds base | rounds head |",
