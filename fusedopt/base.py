@@ -74,8 +74,13 @@ class OptimizerDef:
 
   def apply_gradient(self, hyper_params, params, state, grads):
     """Applies ``grads`` to ``params`` leaf by leaf; returns ``(new_params, new_state)``."""
+    # the per-leaf rules of a user's subclass see float32 arrays, not ExactFloats
+    return self.apply_leaf_by_leaf(exact_float.plain(hyper_params), params, state, grads)
+
+  def apply_leaf_by_leaf(self, hyper_params, params, state, grads):
+    """``apply_param_gradient`` on every leaf (``state.param_states`` mirrors ``params``);
+    returns ``(new_params, OptimizerState(step + 1, new per-leaf states))``."""
     step = state.step
-    hyper_params = exact_float.plain(hyper_params)   # the per-leaf rules see float32 arrays
     treedef = _check_tree(params, grads)
     params_flat = treedef.flatten_up_to(params)
     states_flat = treedef.flatten_up_to(state.param_states)

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import elementwise
 from .exact_float import ExactFloat
-from .base import HyperParamError, OptimizerDef, OptimizerState, _check_tree
+from .base import HyperParamError, OptimizerDef, OptimizerState
 from .kernels import registry
 from .flat_state import FlatState, fields_of, make_param_state, with_master
 from .layout import FlatLayout
@@ -317,16 +317,7 @@ class FlatOptimizerDef(OptimizerDef):
     states))``. The hyper-parameters reach the rule as on the flat path (Python floats and
     ``ExactFloat``s through ``scalars``), so each leaf runs the flat path's arithmetic."""
     self.validate(hyper_params)
-    treedef = _check_tree(params, grads)
-    p_leaves = treedef.flatten_up_to(params)
-    s_leaves = treedef.flatten_up_to(state.param_states)
-    g_leaves = treedef.flatten_up_to(grads)
-    out = [self.apply_param_gradient(state.step, hyper_params, p, s, g)
-           for p, s, g in zip(p_leaves, s_leaves, g_leaves)]
-    new_p = [p for p, _ in out]
-    new_s = [s for _, s in out]
-    return (jax.tree_util.tree_unflatten(treedef, new_p),
-            OptimizerState(state.step + 1, jax.tree_util.tree_unflatten(treedef, new_s)))
+    return self.apply_leaf_by_leaf(hyper_params, params, state, grads)
 
   def _leaf_rounding(self, rule, scalars, step, param):
     """(rule, scalars) for the per-leaf path: with stochastic rounding and a bfloat16 ``param``,
