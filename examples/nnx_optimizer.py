@@ -1,7 +1,8 @@
 """Train a small MLP with ``flax.nnx.Optimizer`` and a fused fusedopt optimizer.
 
 ``fusedopt.tx.adamw`` is an ``optax.GradientTransformation``: ``nnx.Optimizer`` wraps its state
-(a ``FusedState`` holding flat buffers) into ``nnx.OptState`` variables like any optax state.
+(optax's own structure: ``ScaleByAdamState(count, mu, nu)``, ...) into ``nnx.OptState``
+variables like any optax state.
 ``optax.inject_hyperparams`` makes the learning rate part of the state, so it can be changed
 between steps without recompiling. Runs on CPU in a few seconds::
 

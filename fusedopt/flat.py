@@ -6,6 +6,7 @@ step's scalars once (float32, as runtime values), then runs the optimizer's ``Ru
 group with the selected backend. The same rule serves ``apply_param_gradient`` (the per-leaf path
 that flax's API exposes), so there is one copy of every optimizer's math.
 """
+import functools
 import numbers
 from collections.abc import Mapping
 from typing import Any, Dict, Tuple
@@ -436,8 +437,12 @@ class FlatOptimizerDef(OptimizerDef):
     on this device; the sharded driver's runs on its local slices) and ``ctx.reduce_sums``
     combines the per-leaf sums across devices."""
     rule, scalars, rounding = self.prepared_rule(rule, scalars, ctx, layout)
-    run = ctx.run_group or run_group
-    names = self.all_state_fields
+    per_leaf = ctx.leaf_state is not None
+    if per_leaf and ctx.run_group is not None:
+      raise ValueError("per-leaf state (StepContext.leaf_state) runs on this device only")
+    run = ctx.run_group or (run_group_leaf_state if per_leaf else run_group)
+    # per-leaf state (fusedopt.tx) is named by its owner (optax's names), in the rule's order
+    names = tuple(ctx.leaf_state) if per_leaf else self.all_state_fields
     n = len(layout.segments)
     new_p = list(p_leaves)
     new_fields = {k: list(v) for k, v in fields.items()}
@@ -446,12 +451,20 @@ class FlatOptimizerDef(OptimizerDef):
       if group.size == 0:   # only size-0 leaves: nothing to update, their sums are 0
         continue
       grule = self.group_rule(rule, group.dtype, rounding, ctx)
+      if per_leaf:
+        state = tuple(tuple(fields[k][i] for i in group.segments) for k in names)
+      else:
+        state = tuple(fields[k][gi] for k in names)
       out_p, out_state, part = run(self, grule, scalars, seg, layout, gi, p_leaves, g_leaves,
-                                   tuple(fields[k][gi] for k in names))
+                                   state)
       for i, x in out_p or ():
         new_p[i] = x
       for k, buf in zip(names, out_state):
-        new_fields[k][gi] = buf
+        if per_leaf:
+          for i, leaf in zip(group.segments, buf):
+            new_fields[k][i] = leaf
+        else:
+          new_fields[k][gi] = buf
       if rule.sumsq is not None and part is not None:
         sums = list(part) if sums is None else [a + b for a, b in zip(sums, part)]
     if rule.sumsq is not None:
@@ -463,13 +476,15 @@ class FlatOptimizerDef(OptimizerDef):
         None if rule.sumsq is None else tuple(sums))
 
 
-def run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+def run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *,
+              leaf_state=False):
   """``StepContext.run_group`` on this device: ``rule`` over group ``gi`` with the backend
   ``opt_def.backend`` selects for it (``registry.select``; derivatives from the jnp path).
   Returns the new params as ``(leaf index, value)`` pairs (None for a rule that writes none), the
-  new state, and the per-tensor sums as float32 [num_leaves] vectors (None without ``sumsq``)."""
-  backend = registry.select(opt_def.backend, layout, gi, rule)
-  out_p, out_state, sums = registry.differentiable(backend)(
+  new state, and the per-tensor sums as float32 [num_leaves] vectors (None without ``sumsq``).
+  ``leaf_state``: ``state`` (and the new state) per field a tuple of the group's state leaves."""
+  backend = registry.select(opt_def.backend, layout, gi, rule, leaf_state=leaf_state)
+  out_p, out_state, sums = registry.differentiable(backend, leaf_state)(
       rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
   group = layout.groups[gi]
   if out_p is not None:
@@ -479,6 +494,9 @@ def run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state
   idx = np.asarray(group.segments)
   n = len(layout.segments)
   return out_p, out_state, [jnp.zeros((n,), F32).at[idx].set(u) for u in sums]
+
+
+run_group_leaf_state = functools.partial(run_group, leaf_state=True)
 
 
 def bias_correction(beta, step):

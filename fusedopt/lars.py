@@ -33,16 +33,26 @@ class _LARSParamState(ParamState):
 
 
 @functools.lru_cache(maxsize=None)
-def lars_rule(nesterov: bool) -> Rule:
+def lars_rule(nesterov: bool, descent_trace: bool = False) -> Rule:
+  """LARS's per-element update with the per-tensor ``scaled_lr = lr * trust_ratio``::
+
+      d = scaled_lr (g + wd p);   m <- beta m + d;   p <- p - m   (nesterov: p - (d + beta m))
+
+  ``descent_trace`` keeps optax's sign (``optax.lars`` traces the already negated step, so its
+  ``trace`` is ``-m``; ``fusedopt.tx.lars``): ``t <- beta t - d``, ``p <- p + t``, the same
+  values as optax's ``t <- (-d) + beta t``."""
   def fn(xp, s, q, p, g, m):
     del xp
     g = g + s.wd * p
     sg = q.scaled_lr * g
+    if descent_trace:
+      m = s.beta * m - sg
+      return p + (s.beta * m - sg if nesterov else m), (m,)
     m = s.beta * m + sg
     d = sg + s.beta * m if nesterov else m
     return p - d, (m,)
-  return Rule("lars_nesterov" if nesterov else "lars", fn, ("beta", "wd"), 1,
-              seg_scalars=("scaled_lr",))
+  name = "lars" + ("_nesterov" if nesterov else "") + ("_descent_trace" if descent_trace else "")
+  return Rule(name, fn, ("beta", "wd"), 1, seg_scalars=("scaled_lr",))
 
 
 def trust_ratio(trust_coefficient, pn, gn, denominator):

@@ -30,35 +30,65 @@ class _RMSPropParamState(ParamState):
 
 
 @functools.lru_cache(maxsize=None)
-def rmsprop_rule(centered: bool, eps_in_sqrt: bool = False) -> Rule:
+def rmsprop_rule(centered: bool, eps_in_sqrt: bool = False, bias_correction: bool = False,
+                 momentum: bool = False, nesterov: bool = False) -> Rule:
   """RMSProp's per-element update; ``centered`` and ``eps_in_sqrt`` choose static variants
   (``eps_in_sqrt``: optax's default form, used by ``fusedopt.tx``):
 
       v <- b2 v + (1-b2) g^2;   centered: mg <- b2 mg + (1-b2) g,  w = v - mg^2;  else w = v
       p <- p - lr * g / (sqrt(w) + eps)      eps_in_sqrt:  p <- p - lr * (g / sqrt(w + eps))
-  """
-  def apply(xp, s, p, g, w):
-    # w() = v or v - mg^2, called where the formula reads it (the trace keeps its op order)
-    if eps_in_sqrt:
-      return p - s.lr * (g / xp.sqrt(w() + s.eps))
-    return p - s.lr * g / (xp.sqrt(w()) + s.eps)
 
-  def plain(xp, s, q, p, g, v):
+  optax's ``rmsprop`` options (``fusedopt.tx.rmsprop``): ``bias_correction`` divides ``v`` and
+  ``mg`` by ``bias_corr2 = 1 - b2^t`` before use; ``momentum`` keeps optax's ``trace`` ``t`` of
+  the learning-rate-scaled step ``u = -lr * g / den`` (an extra state after ``v``/``mg``)::
+
+      t <- beta t + u;   p <- p + t          nesterov:  p <- p + (u + beta t)
+  """
+  def w_of(xp, s, v, mg):
+    if bias_correction:
+      v = v / s.bias_corr2
+      mg = None if mg is None else mg / s.bias_corr2
+    return v if mg is None else v - mg * mg
+
+  def step(xp, s, p, g, w):
+    # w() = v or v - mg^2, called where the formula reads it (the trace keeps its op order)
+    if not momentum:
+      if eps_in_sqrt:
+        return p - s.lr * (g / xp.sqrt(w() + s.eps)), ()
+      return p - s.lr * g / (xp.sqrt(w()) + s.eps), ()
+    scaled = g / xp.sqrt(w() + s.eps) if eps_in_sqrt else g / (xp.sqrt(w()) + s.eps)
+    return scaled, ()
+
+  def trace(s, p, scaled, t):
+    # optax: u = -lr * scaled; t = u + beta t -- the same values as beta t - lr * scaled
+    u = s.lr * scaled
+    t = s.beta * t - u
+    return (p + (s.beta * t - u) if nesterov else p + t), (t,)
+
+  def plain(xp, s, q, p, g, v, *t):
     del q
     v = s.b2 * v + s.one_minus_b2 * (g * g)
-    return apply(xp, s, p, g, lambda: v), (v,)
+    out, _ = step(xp, s, p, g, lambda: w_of(xp, s, v, None))
+    if momentum:
+      out, t = trace(s, p, out, t[0])
+    return out, (v,) + tuple(t)
 
-  def centered_fn(xp, s, q, p, g, v, mg):
+  def centered_fn(xp, s, q, p, g, v, mg, *t):
     del q
     v = s.b2 * v + s.one_minus_b2 * (g * g)
     mg = s.b2 * mg + s.one_minus_b2 * g
-    return apply(xp, s, p, g, lambda: v - mg * mg), (v, mg)
+    out, _ = step(xp, s, p, g, lambda: w_of(xp, s, v, mg))
+    if momentum:
+      out, t = trace(s, p, out, t[0])
+    return out, (v, mg) + tuple(t)
 
-  scalars = ("lr", "b2", "one_minus_b2", "eps")
-  suffix = "_eps_in_sqrt" if eps_in_sqrt else ""
-  if centered:
-    return Rule("rmsprop_centered" + suffix, centered_fn, scalars, 2)
-  return Rule("rmsprop" + suffix, plain, scalars, 1)
+  scalars = (("lr", "b2", "one_minus_b2", "eps") + (("bias_corr2",) if bias_correction else ())
+             + (("beta",) if momentum else ()))
+  name = ("rmsprop" + ("_centered" if centered else "") + ("_eps_in_sqrt" if eps_in_sqrt else "")
+          + ("_bias_corrected" if bias_correction else "")
+          + (("_nesterov" if nesterov else "_momentum") if momentum else ""))
+  n_state = (2 if centered else 1) + (1 if momentum else 0)
+  return Rule(name, centered_fn if centered else plain, scalars, n_state)
 
 
 class RMSProp(FlatOptimizerDef):

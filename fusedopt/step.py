@@ -10,13 +10,18 @@ copies of the optimizer -- and says:
   ``elementwise.guarded`` (gradient scaled; a non-finite step keeps params and state bitwise).
 - ``deltas``: ``fusedopt.tx``'s update: float32 groups write ``p' - p`` and the others their new
   params, each to a fresh buffer (the params are not donated).
+- ``leaf_state``: None for flat state (``fields[k][gi]``, a buffer per dtype group), or the
+  names of per-leaf state fields in the rule's state order (``fields[k][i]`` the state of leaf
+  ``i``: optax's params-shaped state, ``fusedopt.tx``, named as optax names them); backends run
+  them with ``Backend.run_leaves``. The order is explicit: a dict that passed through ``jit``
+  comes back with its keys sorted.
 - ``run_group``, ``reduce_sums``, ``leaf_norms``: where the step runs. By default on this
   device (``fusedopt.flat.run_group``, no reduction, ``norms.per_leaf``); the sharded driver
   (``fusedopt.sharding``) supplies a group runner over its local slices, a ``psum`` of the
   per-tensor sums and per-tensor norms from per-shard partial sums.
 """
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +32,7 @@ class StepContext:
     step: the step count.
     guard: ``{"gscale": ..., "ok": ...}`` in a checked step, else None.
     deltas: write ``p' - p`` (float32) / new params (other dtypes) to fresh buffers.
+    leaf_state: None (flat state), or the per-leaf state fields' names in the rule's order.
     run_group: ``run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
       -> (new params as (index into p_leaves, value) pairs or None, new state, per-tensor sums
       or None)``, the sums float32 [num_leaves] vectors; None: ``fusedopt.flat.run_group``.
@@ -37,6 +43,7 @@ class StepContext:
   step: Any
   guard: Optional[Mapping[str, Any]] = None
   deltas: bool = False
+  leaf_state: Optional[Tuple[str, ...]] = None
   run_group: Optional[Callable] = None
   reduce_sums: Optional[Callable] = None
   leaf_norms: Optional[Callable] = None

@@ -41,8 +41,7 @@ the step count): it is evaluated, like optax's, at the number of updates applied
 array in the state), and enters the kernels as a float32 runtime value, so nothing recompiles.
 ``optax.inject_hyperparams(tx.adamw)(learning_rate=...)`` works (injected values arrive as arrays
 or tracers). Concrete values are validated at construction (``HyperParamError`` naming the
-argument); where optax's formula for some argument value cannot be matched
-(``rmsprop(momentum=...)``, ...) the constructor raises ``NotImplementedError`` naming it.
+argument).
 
 **Fused clipping and skipping.** ``clip_global_norm=c`` (keyword-only, every optimizer) or
 ``tx.chain(optax.clip_by_global_norm(c), tx.adamw(...))`` folds clipping into the update: one read
@@ -54,14 +53,22 @@ count unchanged (zero updates) when a gradient is not finite, decided on the dev
 **fusedopt extras** (keyword-only, after optax's arguments): ``backend`` (``"auto"``, ``"jnp"``,
 ``"native"``, ``"pallas"``, ``"pallas_interpret"``, ``"triton"``, ``"triton_interpret"``),
 ``state_dtype`` (storage dtype of the state
-buffers, float32 by default), ``clip_global_norm``, ``skip_nonfinite``.
+fields, optax's by default), ``clip_global_norm``, ``skip_nonfinite``.
 
-**State.** ``FusedState(count, inner)``: ``count`` the int32 number of updates, ``inner`` a
-``FlatState`` (Adafactor: a tuple of per-leaf ``_AdafactorParamState``s). It is a pytree that passes through
-``jit``, donation, ``lax.scan``, ``flax.serialization`` (``FlatState`` is registered by
-``fusedopt.serialization`` when flax is installed: the flat buffers are written per leaf,
-``{field: array}`` mirroring the parameters, independent of the layout) and ``nnx.Optimizer``
-(which re-wraps the leaves into variables).
+**State: optax's own.** ``tx.<name>(...).init(params)`` returns exactly
+``optax.<name>(...).init(params)``: the same pytree (optax's chain tuple of
+``ScaleByAdamState(count, mu, nu)``, ``TraceState(trace)``, ...), leaf shapes and dtypes (it *is*
+optax's init), so ``optax.tree_map_params``, partition rules derived from the params, optax,
+flax and orbax checkpoints carry over in both directions. ``update`` finds the params-shaped
+fields it reads (``mu``, ``nu``, ...) in that state and runs the rule over every leaf with the
+leaf's own state arrays (``StepContext.leaf_state``): the native CPU kernels read and write each
+leaf's state by address in one pass (as apex's multi_tensor_apply), the jnp backend runs one
+XLA fusion per leaf, Pallas and Triton pack the state into their flat buffers and back. Every
+``count`` of the state advances as optax's (``safe_increment``); schedules are evaluated at the
+state's first count, as optax evaluates them (an alias whose state has no count -- ``sgd`` with
+a constant learning rate -- cannot take a schedule for another argument: ``HyperParamError``).
+``state_dtype`` (one dtype, or ``{field: dtype}`` with optax's field names) stores fields in
+another dtype than optax's (which is the params' dtype; ``mu_dtype`` for Adam's ``mu``).
 
 Import cost: this module imports optax; ``import fusedopt`` does not import it.
 """
@@ -69,7 +76,7 @@ import dataclasses
 import functools
 import numbers
 import types
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,8 +88,9 @@ from .adafactor import Adafactor
 from .adagrad import Adagrad, adagrad_rule
 from .adam import Adam, adam_rule, moment_scalars
 from .base import HyperParamError
-from .flat import (FlatState, concrete_float, bias_correction, check_range, check_scalar,
+from .flat import (concrete_float, bias_correction, check_range, check_scalar,
                    gradient_prepass)
+from .flat import bias_correction as bias_correction_of
 from .step import StepContext
 from .lamb import LAMB, lamb_rules
 from .lars import LARS, lars_rule, trust_ratio
@@ -94,22 +102,9 @@ from .sgd import GradientDescent, SGD_RULE
 F32 = jnp.float32
 
 __all__ = [
-    "FusedState", "adafactor", "adagrad", "adam", "adamw", "chain", "clip_by_global_norm",
+    "adafactor", "adagrad", "adam", "adamw", "chain", "clip_by_global_norm",
     "lamb", "lars", "nadam", "nadamw", "rmsprop", "sgd",
 ]
-
-
-class FusedState(NamedTuple):
-  """State of a fused transformation.
-
-  Attributes:
-    count: int32 scalar, the number of updates applied (schedules are evaluated at it; with
-      ``skip_nonfinite`` a skipped step does not count).
-    inner: the optimizer state: a ``fusedopt.FlatState`` (Adafactor: a tuple with one
-      ``_AdafactorParamState`` per parameter leaf, in leaf order).
-  """
-  count: Any
-  inner: Any
 
 
 # ----------------------------------------------------------------------------- hyper-parameters
@@ -168,14 +163,6 @@ def _is_zero(x):
     return False
 
 
-def _no(name, value, default, why):
-  """NotImplementedError for an optax argument whose formula fusedopt does not implement."""
-  same = value is default if default is None or isinstance(default, bool) else value == default
-  if not same:
-    raise NotImplementedError(f"{name}={value!r} is not supported by fusedopt.tx ({why}); "
-                              f"use optax's own optimizer for it")
-
-
 def _mask_vector(mask, params, n):
   """optax's ``mask`` (a tree of bools, a prefix of the params tree, or a callable of the params)
   as a float32 [n] vector in the params' leaf order (1 = apply)."""
@@ -193,29 +180,15 @@ def _mask_vector(mask, params, n):
 
 # ----------------------------------------------------------------------------- the engine
 
-def _compatible_layout(layout: FlatLayout, tree, what):
-  """``layout`` with the tree structure of ``tree`` when only the containers differ.
-
-  ``nnx.Optimizer`` initialises with a tree of ``nnx.Param`` variables and updates with the bare
-  arrays: same leaves, another treedef. The buffers' offsets depend only on the leaves' shapes and
-  dtypes (checked by ``FlatLayout.check`` afterwards), so the layout carries over."""
-  treedef = jax.tree_util.tree_structure(tree)
-  if treedef == layout.treedef:
-    return layout
-  if treedef.num_leaves != len(layout.segments):
-    raise LayoutError(f"{what} has {treedef.num_leaves} leaves, the optimizer state was built for "
-                      f"{len(layout.segments)}:\n  state: {layout.treedef}\n  {what}: {treedef}")
-  return dataclasses.replace(layout, treedef=treedef)
-
-
 class _Runner:
-  """Runs rules with the optimizer's backend in one step context: ``p' - p`` for float32 groups
-  (``StepContext.deltas``) and, inside a checked step, every rule ``guarded`` (``g`` multiplied
-  by ``gscale``, the clip factor; a non-finite step keeps everything)."""
+  """Runs rules with the optimizer's backend in one step context: per-leaf state (optax's
+  params-shaped state), ``p' - p`` for float32 groups (``StepContext.deltas``) and, inside a
+  checked step, every rule ``guarded`` (``g`` multiplied by ``gscale``, the clip factor; a
+  non-finite step keeps everything)."""
 
-  def __init__(self, opt_def, guard, count):
+  def __init__(self, opt_def, guard, count, slots):
     self.opt_def = opt_def
-    self.ctx = StepContext(count, guard=guard, deltas=True)
+    self.ctx = StepContext(count, guard=guard, deltas=True, leaf_state=tuple(slots))
     self.gscale = F32(1.0) if guard is None else guard["gscale"]
 
   def run(self, rule, scalars, seg, layout, p, g, fields):
@@ -223,6 +196,71 @@ class _Runner:
 
   def run_sumsq(self, rule, scalars, seg, layout, p, g, fields):
     return self.opt_def.run_rule_sumsq(rule, scalars, seg, self.ctx, layout, p, g, fields)
+
+
+# ----------------------------------------------------------------------------- optax's state
+
+def _is_node(x):
+  """An optax state object (``ScaleByAdamState``, ``TraceState``, ``EmptyState``, ...)."""
+  return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _state_nodes(state):
+  """The state objects of an optax alias's state, in order: the chain's tuple is walked, and a
+  ``MaskedState``'s (or any wrapper's) ``inner_state``."""
+  if _is_node(state):
+    yield state
+    if "inner_state" in state._fields:
+      yield from _state_nodes(state.inner_state)
+  elif isinstance(state, tuple):
+    for x in state:
+      yield from _state_nodes(x)
+
+
+def _map_nodes(state, fn):
+  """``state`` with every state object ``x`` (``_state_nodes``' order) replaced by ``fn(x)``."""
+  if _is_node(state):
+    out = fn(state)
+    if "inner_state" in out._fields:
+      out = out._replace(inner_state=_map_nodes(out.inner_state, fn))
+    return out
+  if isinstance(state, tuple):
+    return tuple(_map_nodes(x, fn) for x in state)
+  return state
+
+
+def _holder(state, attr, name):
+  """The one state object of ``state`` with the params-shaped field ``attr``."""
+  found = [x for x in _state_nodes(state) if attr in x._fields]
+  if len(found) != 1:
+    raise TypeError(f"fusedopt.tx.{name}: expected the state made by its init() (optax's "
+                    f"structure, one object with the field {attr!r}), got {type(state).__name__}"
+                    f" with {len(found)}")
+  return found[0]
+
+
+def _step_count(state):
+  """The step count of an optax state: its first ``count`` field (optax increments all of them
+  together), or None where the state has none (``sgd`` with a constant learning rate)."""
+  for x in _state_nodes(state):
+    if "count" in x._fields:
+      return x.count
+  return None
+
+
+def _increment(count, by):
+  """optax's ``safe_increment``: ``count + by``, saturating at the int32 maximum."""
+  top = jnp.iinfo(jnp.int32).max
+  return jnp.where(count < top, count + jnp.asarray(by, count.dtype), count)
+
+
+def _cast_fields(state, dtypes):
+  """``state`` with the params-shaped fields named in ``dtypes`` (attr -> dtype) cast."""
+  def cast(node):
+    changes = {a: jax.tree_util.tree_map(lambda x: x.astype(dt), getattr(node, a))
+               for a, dt in dtypes.items() if a in node._fields}
+    return node._replace(**changes) if changes else node
+  return _map_nodes(state, cast)
 
 
 def _per_segment(rule, scalars, seg, n, overrides):
@@ -240,22 +278,28 @@ class _Spec:
 
   Attributes:
     name: the optax alias it replaces (for error messages).
-    opt_def: a built-in ``FlatOptimizerDef`` (backend, state fields and dtype) or ``Adafactor``.
+    opt_def: a built-in ``FlatOptimizerDef`` (the backend) or ``Adafactor``.
     hyper: optax-named hyper-parameters (values or schedules), evaluated per step by ``_at``.
+    ref: optax's own transformation for the same arguments: its ``init`` gives the state (the
+      structure, shapes, dtypes and initial values the fused update reads and writes).
+    slots: the params-shaped fields of that state the rule reads and writes, in the rule's state
+      order (optax's names: ``("mu", "nu")``; each held by exactly one state object).
     step: ``step(hp, count, runner, layout, p_leaves, g_leaves, fields, params) ->
-      (new_p_leaves, new_fields)``; ``hp`` a namespace of the values at ``count``.
-    init_fill: field -> hyper-parameter name whose (concrete) value fills it at init (optax's
-      ``initial_scale`` / ``initial_accumulator_value``).
-    needs_params: whether ``update`` needs ``params`` (``bool`` or a function of ``hyper``).
+      (new_p_leaves, new_fields)``; ``hp`` a namespace of the values at ``count``, ``fields``
+      slot -> per-leaf list.
+    cast: slot -> dtype: fields stored in another dtype than optax's (``state_dtype``).
+    needs_params: whether ``update`` needs ``params``.
     clip: global-norm clipping threshold (or None); skip_nonfinite: skip non-finite steps.
-    per_leaf: the optimizer runs per leaf (Adafactor), its state a tuple of per-leaf dicts.
+    per_leaf: the optimizer runs per leaf (Adafactor).
     wd_mask: Adafactor's ``weight_decay_mask``.
   """
   name: str
   opt_def: Any
   hyper: dict
+  ref: Any
+  slots: tuple
   step: Callable
-  init_fill: dict = dataclasses.field(default_factory=dict)
+  cast: dict = dataclasses.field(default_factory=dict)
   needs_params: bool = False
   clip: Any = None
   skip_nonfinite: bool = False
@@ -273,78 +317,89 @@ class _FusedUpdate:
   def __call__(self, updates, state, params=None, **extra_args):
     del extra_args
     spec = self.spec
-    if not isinstance(state, FusedState):
-      raise TypeError(f"fusedopt.tx.{spec.name}: expected the FusedState made by its init(), got "
-                      f"{type(state).__name__}")
     if params is None and spec.needs_params:
       raise ValueError(f"fusedopt.tx.{spec.name} reads the parameters (weight decay, trust "
                        "ratio or parameter scale): call update(grads, state, params)")
-    count = state.count
-    hp = types.SimpleNamespace(**{k: _at(v, count) for k, v in spec.hyper.items()})
+    holders = [_holder(state, a, spec.name) for a in spec.slots]
+    count = _step_count(state)
+    hp = types.SimpleNamespace(
+        **{k: _at(v, F32(0) if count is None else count) for k, v in spec.hyper.items()})
     g_leaves, g_def = jax.tree_util.tree_flatten(updates)
+    fields = {}
+    for a, h in zip(spec.slots, holders):
+      leaves, tdef = jax.tree_util.tree_flatten(getattr(h, a))
+      if len(leaves) != len(g_leaves):
+        raise LayoutError(f"fusedopt.tx.{spec.name}: the state's {a!r} has {len(leaves)} leaves, "
+                          f"the grads {len(g_leaves)}:\n  state: {tdef}\n  grads: {g_def}")
+      fields[a] = (leaves, tdef)
+    if not g_leaves:   # an empty tree: nothing to update; the step still counts (optax)
+      return updates, _map_nodes(state, _counted(1))
     if spec.clip is not None or spec.skip_nonfinite:
       finite, _, gscale = gradient_prepass(g_leaves, None, spec.clip)
       ok = finite.astype(F32) if spec.skip_nonfinite else F32(1.0)
       guard = {"gscale": gscale, "ok": ok}
     else:
       finite, guard = None, None
+    step_count = jnp.zeros([], jnp.int32) if count is None else count
+    values = {a: leaves for a, (leaves, _) in fields.items()}
     if spec.per_leaf:
-      new_p, p_leaves, inner = _per_leaf_step(spec, hp, count, guard, finite, state.inner,
-                                              updates, g_leaves, params)
+      new_p, p_leaves, new_values = _per_leaf_step(spec, hp, step_count, guard, finite, values,
+                                                   g_leaves, params)
     else:
-      new_p, p_leaves, inner = _flat_step(spec, hp, count, guard, state.inner, updates, g_leaves,
-                                          params)
+      new_p, p_leaves, new_values = _flat_step(spec, hp, step_count, guard, values, updates,
+                                               g_leaves, params)
     if params is None:
       u = new_p                                  # computed from p = 0: optax's update exactly
     elif spec.per_leaf:
       u = [n - p for n, p in zip(new_p, p_leaves)]   # exact when p/2 <= p' <= 2p (Sterbenz)
     else:   # the kernels already returned p' - p for float32 params (``with_param_deltas``)
       u = [n if jnp.result_type(p) == F32 else n - p for n, p in zip(new_p, p_leaves)]
-    new_count = count + (finite.astype(count.dtype) if spec.skip_nonfinite else 1)
-    return jax.tree_util.tree_unflatten(g_def, u), FusedState(new_count, inner)
+    new_trees = {a: jax.tree_util.tree_unflatten(fields[a][1], new_values[a])
+                 for a in spec.slots}
+    by = finite.astype(jnp.int32) if spec.skip_nonfinite else 1
+
+    def put(node):
+      node = _counted(by)(node)
+      changes = {a: t for a, t in new_trees.items() if a in node._fields}
+      return node._replace(**changes) if changes else node
+    return jax.tree_util.tree_unflatten(g_def, u), _map_nodes(state, put)
 
 
-def _flat_step(spec, hp, count, guard, flat, updates, g_leaves, params):
-  if not isinstance(flat, FlatState):
-    raise TypeError(f"fusedopt.tx.{spec.name}: state.inner is a {type(flat).__name__}, expected "
-                    "a FlatState")
+def _counted(by):
+  """A state object with its ``count`` (if any) advanced by ``by`` (optax's safe increment)."""
+  def f(node):
+    return node._replace(count=_increment(node.count, by)) if "count" in node._fields else node
+  return f
+
+
+def _flat_step(spec, hp, count, guard, values, updates, g_leaves, params):
   if params is None:
-    layout = _compatible_layout(flat.layout, updates, "grads")
+    layout = FlatLayout.build(updates)
     p_leaves = [jnp.zeros(s.shape, layout.groups[s.group].dtype) for s in layout.segments]
   else:   # the grads must have the params' tree structure (LayoutError naming both otherwise)
-    layout = _compatible_layout(flat.layout, params, "params")
+    layout = FlatLayout.build(params)
     p_leaves = layout.check(params, "params", allow_other_float=False)
   g_leaves = layout.check(updates, "grads")
-  runner = _Runner(spec.opt_def, guard, count)
-  new_p, fields = spec.step(hp, count, runner, layout, p_leaves, g_leaves, flat.fields, params)
-  # keep the state's own layout (treedef): the opt-state pytree never changes structure
-  return new_p, p_leaves, FlatState(fields, flat.layout)
+  for a, leaves in values.items():
+    for seg, x in zip(layout.segments, leaves):
+      if tuple(jnp.shape(x)) != seg.shape:
+        raise LayoutError(f"fusedopt.tx.{spec.name}: state {a!r} leaf {seg.path} has shape "
+                          f"{tuple(jnp.shape(x))}, the parameter {seg.shape}")
+  runner = _Runner(spec.opt_def, guard, count, spec.slots)
+  new_p, new_values = spec.step(hp, count, runner, layout, p_leaves, g_leaves, dict(values),
+                                params)
+  return new_p, p_leaves, {a: list(v) for a, v in new_values.items()}
 
 
 def _transformation(spec: _Spec) -> optax.GradientTransformationExtraArgs:
   def init(params):
-    if spec.per_leaf:
-      return FusedState(jnp.zeros([], jnp.int32),
-                        tuple(spec.opt_def.init_param_state(p)
-                              for p in jax.tree_util.tree_leaves(params)))
-    layout = FlatLayout.build(params)
-    fields = {}
-    for k in spec.opt_def.all_state_fields:
-      sd = spec.opt_def.storage_of(k)
-      fill = spec.init_fill.get(k)
-      if fill is None or _is_zero(spec.hyper[fill]):
-        fields[k] = layout.zeros(sd)
-      else:
-        v = spec.hyper[fill]
-        fields[k] = tuple(layout.pack_group([jnp.full(s.shape, v, sd) for s in layout.segments],
-                                            g, sd)
-                          for g in range(len(layout.groups)))
-    return FusedState(jnp.zeros([], jnp.int32), FlatState(fields, layout))
+    state = spec.ref.init(params)
+    return _cast_fields(state, spec.cast) if spec.cast else state
 
   return optax.GradientTransformationExtraArgs(init, _FusedUpdate(spec))
 
 
-def _common(name, opt_def, hyper, step, *, clip_global_norm, skip_nonfinite, **kw):
+def _common(name, opt_def, hyper, ref, slots, step, *, clip_global_norm, skip_nonfinite, **kw):
   if clip_global_norm is not None:
     _check_kind("clip_global_norm", clip_global_norm)
     if _is_schedule(clip_global_norm):
@@ -353,8 +408,33 @@ def _common(name, opt_def, hyper, step, *, clip_global_norm, skip_nonfinite, **k
     v = concrete_float(clip_global_norm)
     if v is not None and not v > 0:
       raise HyperParamError(f"clip_global_norm={v} must be positive")
-  return _transformation(_Spec(name, opt_def, hyper, step, clip=clip_global_norm,
-                               skip_nonfinite=bool(skip_nonfinite), **kw))
+  schedules = [k for k, v in hyper.items() if _is_schedule(v)]
+  if schedules and _step_count(jax.eval_shape(ref.init, {"x": jax.ShapeDtypeStruct((1,), F32)})
+                               ) is None:
+    raise HyperParamError(f"fusedopt.tx.{name}: {schedules} are schedules, but optax's state for "
+                          "these arguments has no step count to evaluate them at; pass the "
+                          "learning rate as a schedule too, or use optax.inject_hyperparams")
+  return _transformation(_Spec(name, opt_def, hyper, ref, tuple(slots), step,
+                               clip=clip_global_norm, skip_nonfinite=bool(skip_nonfinite), **kw))
+
+
+def _storage(state_dtype, slots, name):
+  """``state_dtype`` (one dtype, or ``{slot: dtype}`` with optax's field names) as slot ->
+  dtype; None keeps optax's dtypes."""
+  if state_dtype is None:
+    return {}
+  if isinstance(state_dtype, dict):
+    unknown = sorted(set(state_dtype) - set(slots))
+    if unknown:
+      raise ValueError(f"fusedopt.tx.{name}: state_dtype names {unknown}; its state fields are "
+                       f"{list(slots)}")
+    out = dict(state_dtype)
+  else:
+    out = {a: state_dtype for a in slots}
+  for a, dt in out.items():
+    if not jnp.issubdtype(jnp.dtype(dt), jnp.floating):
+      raise HyperParamError(f"state_dtype for {a!r} must be a floating dtype, got {dt!r}")
+  return {a: jnp.dtype(dt) for a, dt in out.items()}
 
 
 # ----------------------------------------------------------------------------- Adam family
@@ -390,13 +470,21 @@ def _adam_like(name, learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_deca
     hyper["weight_decay"] = weight_decay
     ranges["weight_decay"] = _NONNEG
   _validate(ranges, hyper)
-  if mu_dtype is not None:   # optax: the first moment's dtype; the second keeps state_dtype's
-    base = F32 if state_dtype is None else state_dtype
-    state_dtype = {"grad_ema": mu_dtype, "grad_sq_ema": base}
-  opt_def = Adam(0.0, backend=backend, state_dtype=state_dtype)
+  slots = ("mu", "nu")
+  cast = _storage(state_dtype, slots, name)
+  if mu_dtype is not None:   # optax's: the first moment's dtype (over state_dtype's)
+    cast["mu"] = jnp.dtype(mu_dtype)
+  opt_def = Adam(0.0, backend=backend)
   step = _adam_step(bool(nesterov), _is_zero(eps_root), mask)
-  return _common(name, opt_def, hyper, step, clip_global_norm=clip_global_norm,
-                 skip_nonfinite=skip_nonfinite, needs_params=weight_decay is not None)
+  kw = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+            mu_dtype=mu_dtype, nesterov=nesterov)
+  if weight_decay is None:
+    ref = optax.adam(**kw)
+  else:
+    ref = optax.adamw(**kw, weight_decay=weight_decay, mask=mask)
+  return _common(name, opt_def, hyper, ref, slots, step, clip_global_norm=clip_global_norm,
+                 skip_nonfinite=skip_nonfinite, needs_params=weight_decay is not None,
+                 cast=cast)
 
 
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
@@ -408,9 +496,9 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
     m_t = b_1 m_{t-1} + (1-b_1) g_t,\quad v_t = b_2 v_{t-1} + (1-b_2) g_t^2 \\
     u_t = -\eta_t\, \frac{m_t / (1-b_1^t)}{\sqrt{v_t/(1-b_2^t) + \epsilon_{root}} + \epsilon}
 
-  ``nesterov=True`` uses Nadam's ``m_hat`` (Dozat 2016), as optax. State: the flat buffers
-  ``grad_ema``, ``grad_sq_ema`` (float32, or ``state_dtype``); ``mu_dtype`` (optax's) stores
-  the first moment in that dtype (computed in float32, rounded to nearest when stored).
+  ``nesterov=True`` uses Nadam's ``m_hat`` (Dozat 2016), as optax. State: optax's
+  ``(ScaleByAdamState(count, mu, nu), ...)``; ``mu_dtype`` (optax's) stores the first moment in
+  that dtype (computed in float32, rounded to nearest when stored).
   Bias corrections are computed accurately in float32 (``fusedopt.flat.bias_correction``);
   optax's ``1 - b**t`` rounds ``b`` first (relative differences ~1e-6 in early steps).
 
@@ -476,19 +564,21 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
     hyper["momentum"] = momentum
     ranges["momentum"] = _DECAY
   _validate(ranges, hyper)
+  ref = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov,
+                  accumulator_dtype=accumulator_dtype)
   if momentum is None:
-    opt_def = GradientDescent(0.0, backend=backend)
+    opt_def, slots = GradientDescent(0.0, backend=backend), ()
 
     def step(hp, count, run, layout, p, g, fields, params):
       return run.run(SGD_RULE, {"lr": hp.learning_rate}, {}, layout, p, g, fields)
   else:
-    opt_def = Momentum(0.0, backend=backend, state_dtype=accumulator_dtype)
+    opt_def, slots = Momentum(0.0, backend=backend), ("trace",)
     rule = momentum_rule(bool(nesterov))
 
     def step(hp, count, run, layout, p, g, fields, params):
       s = {"lr": hp.learning_rate, "beta": hp.momentum, "wd": F32(0.0)}
       return run.run(rule, s, {}, layout, p, g, fields)
-  return _common("sgd", opt_def, hyper, step, clip_global_norm=clip_global_norm,
+  return _common("sgd", opt_def, hyper, ref, slots, step, clip_global_norm=clip_global_norm,
                  skip_nonfinite=skip_nonfinite)
 
 
@@ -509,28 +599,42 @@ def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=T
   ``eps_in_sqrt=False`` is fusedopt's ``RMSProp`` rule; ``eps_in_sqrt=True`` its optax-form
   variant ``rmsprop_rule(centered, eps_in_sqrt=True)`` (``g / sqrt(v + eps)``; optax computes
   ``g * rsqrt(v + eps)``, equal to ~1 ulp).
-  ``initial_scale`` fills ``v`` at init. ``momentum``, ``nesterov`` and ``bias_correction=True``
-  raise ``NotImplementedError``.
+  ``initial_scale`` fills ``v`` at init. ``bias_correction=True`` divides ``v`` (and ``mg``) by
+  ``1 - d^t``; ``momentum`` keeps optax's ``trace`` of the learning-rate-scaled step
+  (``t = beta t - eta g / den``, ``u = t``, nesterov ``u = beta t - eta g / den``), fused into
+  the same rule (``rmsprop_rule(..., momentum=True)``). State: optax's ``ScaleByRmsState`` /
+  ``ScaleByRStdDevState`` (with a count under ``bias_correction``) and ``TraceState``.
 
   References:
     Tieleman & Hinton, 2012 (lecture 6.5); Graves, 2013: https://arxiv.org/abs/1308.0850
   """
-  _no("momentum", momentum, None, "no momentum trace after RMSProp's scaling")
-  _no("nesterov", nesterov, False, "no momentum trace after RMSProp's scaling")
-  _no("bias_correction", bias_correction, False, "no bias-corrected RMSProp rule")
   hyper = dict(learning_rate=learning_rate, decay=decay, eps=eps, initial_scale=initial_scale)
-  _validate(dict(learning_rate=_LR, decay=_BETA, eps=_NONNEG, initial_scale=_NONNEG), hyper)
+  ranges = dict(learning_rate=_LR, decay=_BETA, eps=_NONNEG, initial_scale=_NONNEG)
+  if momentum is not None:
+    hyper["momentum"] = momentum
+    ranges["momentum"] = _DECAY
+  _validate(ranges, hyper)
   if _is_schedule(initial_scale):
     raise HyperParamError("initial_scale must be a number (it fills the state at init)")
-  opt_def = RMSProp(0.0, centered=bool(centered), backend=backend, state_dtype=state_dtype)
-  rule = rmsprop_rule(bool(centered), eps_in_sqrt=bool(eps_in_sqrt))
+  opt_def = RMSProp(0.0, centered=bool(centered), backend=backend)
+  rule = rmsprop_rule(bool(centered), eps_in_sqrt=bool(eps_in_sqrt),
+                      bias_correction=bool(bias_correction), momentum=momentum is not None,
+                      nesterov=bool(nesterov))
+  slots = ("nu",) + (("mu",) if centered else ()) + (("trace",) if momentum is not None else ())
+  ref = optax.rmsprop(learning_rate, decay=decay, eps=eps, initial_scale=initial_scale,
+                      eps_in_sqrt=eps_in_sqrt, centered=centered, momentum=momentum,
+                      nesterov=nesterov, bias_correction=bias_correction)
 
   def step(hp, count, run, layout, p, g, fields, params):
     s = {"lr": hp.learning_rate, "b2": hp.decay, "one_minus_b2": _one_minus(hp.decay),
          "eps": hp.eps}
+    if bias_correction:
+      s["bias_corr2"] = bias_correction_of(hp.decay, count)
+    if momentum is not None:
+      s["beta"] = hp.momentum
     return run.run(rule, s, {}, layout, p, g, fields)
-  return _common("rmsprop", opt_def, hyper, step, clip_global_norm=clip_global_norm,
-                 skip_nonfinite=skip_nonfinite, init_fill={"v": "initial_scale"})
+  return _common("rmsprop", opt_def, hyper, ref, slots, step, clip_global_norm=clip_global_norm,
+                 skip_nonfinite=skip_nonfinite, cast=_storage(state_dtype, slots, "rmsprop"))
 
 
 def _one_minus(x):
@@ -558,13 +662,15 @@ def adagrad(learning_rate, initial_accumulator_value=0.1, eps=1e-7, *, backend="
   _validate(dict(learning_rate=_LR, eps=_NONNEG, initial_accumulator_value=_NONNEG), hyper)
   if _is_schedule(initial_accumulator_value):
     raise HyperParamError("initial_accumulator_value must be a number (it fills the state)")
-  opt_def = Adagrad(0.0, backend=backend, state_dtype=state_dtype)
+  opt_def = Adagrad(0.0, backend=backend)
   rule = adagrad_rule(eps_in_sqrt=True)
+  ref = optax.adagrad(learning_rate, initial_accumulator_value=initial_accumulator_value, eps=eps)
+  slots = ("sum_of_squares",)
 
   def step(hp, count, run, layout, p, g, fields, params):
     return run.run(rule, {"lr": hp.learning_rate, "eps": hp.eps}, {}, layout, p, g, fields)
-  return _common("adagrad", opt_def, hyper, step, clip_global_norm=clip_global_norm,
-                 skip_nonfinite=skip_nonfinite, init_fill={"G": "initial_accumulator_value"})
+  return _common("adagrad", opt_def, hyper, ref, slots, step, clip_global_norm=clip_global_norm,
+                 skip_nonfinite=skip_nonfinite, cast=_storage(state_dtype, slots, "adagrad"))
 
 
 # ----------------------------------------------------------------------------- LAMB, LARS
@@ -591,7 +697,10 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0
                weight_decay=weight_decay)
   _validate(dict(learning_rate=_LR, b1=_BETA, b2=_BETA, eps=_NONNEG, eps_root=_NONNEG,
                  weight_decay=_NONNEG), hyper)
-  opt_def = LAMB(0.0, backend=backend, state_dtype=state_dtype)
+  opt_def = LAMB(0.0, backend=backend)
+  slots = ("mu", "nu")
+  ref = optax.lamb(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                   weight_decay=weight_decay, mask=mask)
   moments, apply_rule = lamb_rules(eps_root=not _is_zero(eps_root))
 
   def step(hp, count, run, layout, p, g, fields, params):
@@ -606,8 +715,9 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0
     _, fields, (p_sq, u_sq) = run.run_sumsq(mrule, s, seg, layout, p, g, fields)
     ratio_lr = norms.safe_ratio(jnp.sqrt(p_sq), jnp.sqrt(u_sq)) * jnp.asarray(s["lr"], F32)
     return run.run(arule, s, dict(seg, ratio_lr=ratio_lr), layout, p, g, fields)
-  return _common("lamb", opt_def, hyper, step, clip_global_norm=clip_global_norm,
-                 skip_nonfinite=skip_nonfinite, needs_params=True)
+  return _common("lamb", opt_def, hyper, ref, slots, step, clip_global_norm=clip_global_norm,
+                 skip_nonfinite=skip_nonfinite, needs_params=True,
+                 cast=_storage(state_dtype, slots, "lamb"))
 
 
 def lars(learning_rate, weight_decay=0.0, weight_decay_mask=True, trust_coefficient=0.001,
@@ -635,8 +745,12 @@ def lars(learning_rate, weight_decay=0.0, weight_decay_mask=True, trust_coeffici
                trust_coefficient=trust_coefficient, eps=eps, momentum=momentum)
   _validate(dict(learning_rate=_LR, weight_decay=_NONNEG, trust_coefficient=_NONNEG,
                  eps=_NONNEG, momentum=_DECAY), hyper)
-  opt_def = LARS(0.0, backend=backend, state_dtype=state_dtype)
-  rule = lars_rule(bool(nesterov))
+  opt_def = LARS(0.0, backend=backend)
+  slots = ("trace",)
+  ref = optax.lars(learning_rate, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+                   trust_coefficient=trust_coefficient, eps=eps,
+                   trust_ratio_mask=trust_ratio_mask, momentum=momentum, nesterov=nesterov)
+  rule = lars_rule(bool(nesterov), descent_trace=True)   # optax's trace holds -m
   wd_masked = weight_decay_mask is not True
   tr_masked = trust_ratio_mask is not True
 
@@ -659,18 +773,20 @@ def lars(learning_rate, weight_decay=0.0, weight_decay_mask=True, trust_coeffici
     if wd_masked:
       r, seg = _per_segment(rule, s, seg, n, {"wd": wd})
     return run.run(r, s, seg, layout, p, g, fields)
-  return _common("lars", opt_def, hyper, step, clip_global_norm=clip_global_norm,
-                 skip_nonfinite=skip_nonfinite, needs_params=True)
+  return _common("lars", opt_def, hyper, ref, slots, step, clip_global_norm=clip_global_norm,
+                 skip_nonfinite=skip_nonfinite, needs_params=True,
+                 cast=_storage(state_dtype, slots, "lars"))
 
 
 # ----------------------------------------------------------------------------- Adafactor
 
-def _per_leaf_step(spec, hp, count, guard, finite, states, grads, g_leaves, params):
+_ADAFACTOR_SLOTS = {"v_row": "v_row", "v_col": "v_col", "v": "v", "ema": "m"}
+
+
+def _per_leaf_step(spec, hp, count, guard, finite, values, g_leaves, params):
+  """Adafactor: fusedopt's ``Adafactor`` per leaf, its state read from and written to optax's
+  fields (``FactoredState``'s ``v_row``/``v_col``/``v``, the momentum ``EmaState``'s ``ema``)."""
   opt_def = spec.opt_def
-  if not isinstance(states, tuple) or len(states) != len(g_leaves):
-    raise LayoutError(f"fusedopt.tx.{spec.name}: the state holds state for "
-                      f"{len(states) if isinstance(states, tuple) else '?'} leaves, the grads "
-                      f"have {len(g_leaves)}")
   if params is None:
     p_leaves = [jnp.zeros(jnp.shape(g), jnp.result_type(g)) for g in g_leaves]
   else:
@@ -684,21 +800,24 @@ def _per_leaf_step(spec, hp, count, guard, finite, states, grads, g_leaves, para
       learning_rate=1.0 if hp.learning_rate is None else hp.learning_rate,
       beta1=hp.momentum, decay_rate=hp.decay_rate, step_offset=hp.decay_offset,
       clipping_threshold=hp.clipping_threshold, epsilon1=hp.eps)
-  new_p, new_states = [], []
-  for i, (p, st, g) in enumerate(zip(p_leaves, states, g_leaves)):
+  new_p = []
+  new_values = {a: [] for a in values}
+  for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
     # (1 - 0) * p == p: a masked-out leaf gets exactly the undecayed update
     h = base_hp.replace(weight_decay_rate=None if wdr is None else
                         (wdr[i] if spec.wd_mask is not None else wdr))
     if guard is not None:
       g = (jnp.asarray(g, F32) * guard["gscale"]).astype(jnp.result_type(g))
+    st = opt_def.init_param_state(p).replace(
+        **{_ADAFACTOR_SLOTS[a]: v[i] for a, v in values.items()})
     new_leaf, new_st = opt_def.apply_param_gradient(count, h, p, st, g)
     if spec.skip_nonfinite:
       new_leaf = jnp.where(finite, new_leaf, p)
-      # (a per-leaf state object, _AdafactorParamState: the same class comes back)
-      new_st = new_st.replace(**{k: jnp.where(finite, v, st[k]) for k, v in new_st.items()})
     new_p.append(new_leaf)
-    new_states.append(new_st)
-  return new_p, p_leaves, tuple(new_states)
+    for a, v in values.items():
+      x = new_st[_ADAFACTOR_SLOTS[a]].astype(v[i].dtype)
+      new_values[a].append(jnp.where(finite, x, v[i]) if spec.skip_nonfinite else x)
+  return new_p, p_leaves, new_values
 
 
 def adafactor(learning_rate=None, min_dim_size_to_factor=128, decay_rate=0.8, decay_offset=0,
@@ -754,7 +873,14 @@ def adafactor(learning_rate=None, min_dim_size_to_factor=128, decay_rate=0.8, de
                       dtype_momentum=dtype_momentum)
   needs = (bool(multiply_by_parameter_scale) or weight_decay_rate is not None
            or weight_decay_mask is not None)
-  return _common("adafactor", opt_def, hyper, None, clip_global_norm=clip_global_norm,
+  ref = optax.adafactor(
+      learning_rate, min_dim_size_to_factor=min_dim, decay_rate=decay_rate,
+      decay_offset=decay_offset, multiply_by_parameter_scale=multiply_by_parameter_scale,
+      clipping_threshold=clipping_threshold, momentum=momentum, dtype_momentum=dtype_momentum,
+      weight_decay_rate=weight_decay_rate, eps=eps, factored=factored,
+      weight_decay_mask=weight_decay_mask)
+  slots = ("v_row", "v_col", "v") + (("ema",) if momentum is not None else ())
+  return _common("adafactor", opt_def, hyper, ref, slots, None, clip_global_norm=clip_global_norm,
                  skip_nonfinite=skip_nonfinite, needs_params=needs, per_leaf=True,
                  wd_mask=weight_decay_mask)
 
@@ -781,18 +907,42 @@ def chain(*transforms) -> optax.GradientTransformation:
   """``optax.chain``, with ``optax.clip_by_global_norm(c)`` immediately followed by a fused
   optimizer replaced by that optimizer with ``clip_global_norm=c`` (one pass, no clipped copy of
   the gradients; the clip factor is optax's, ``min(1, c / ||g||)``, applied as ``g * factor``
-  where optax computes ``(g / ||g||) * c``: equal to 1 ulp). A chain that reduces to a single
-  transformation is returned as it is (its state is then not wrapped in a tuple)."""
-  out, i = [], 0
+  where optax computes ``(g / ||g||) * c``: equal to 1 ulp). The state is ``optax.chain``'s,
+  entry for entry (the clip's ``EmptyState`` included). A chain that reduces to a single
+  transformation is returned as it is."""
+  parts, i, folded = [], 0, False   # (transformation, number of optax.chain entries it holds)
   while i < len(transforms):
     t = transforms[i]
     nxt = transforms[i + 1] if i + 1 < len(transforms) else None
     max_norm = _clip_max_norm(t)
     if (max_norm is not None and nxt is not None and isinstance(nxt.update, _FusedUpdate)
         and nxt.update.spec.clip is None):
-      out.append(_transformation(dataclasses.replace(nxt.update.spec, clip=max_norm)))
-      i += 2
+      spec = nxt.update.spec   # its state: optax.chain(clip, opt)'s, (EmptyState(), opt's)
+      parts.append((_transformation(dataclasses.replace(spec, clip=max_norm,
+                                                        ref=optax.chain(t, spec.ref))), 2))
+      i, folded = i + 2, True
       continue
-    out.append(t)
+    parts.append((t, 1))
     i += 1
-  return out[0] if len(out) == 1 else optax.chain(*out)
+  if not folded:
+    return optax.chain(*transforms)
+  if len(parts) == 1:
+    return parts[0][0]
+  parts = [(optax.with_extra_args_support(t), n) for t, n in parts]
+
+  def init(params):
+    out = []
+    for t, n in parts:
+      s = t.init(params)
+      out.extend(s if n == 2 else (s,))
+    return tuple(out)
+
+  def update(updates, state, params=None, **extra_args):
+    out, k = [], 0
+    for t, n in parts:
+      s = tuple(state[k:k + 2]) if n == 2 else state[k]
+      updates, s = t.update(updates, s, params, **extra_args)
+      out.extend(s if n == 2 else (s,))
+      k += n
+    return updates, tuple(out)
+  return optax.GradientTransformationExtraArgs(init, update)

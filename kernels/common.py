@@ -111,6 +111,12 @@ class Backend:
   rule that writes none; the new state buffers; for a rule with ``sumsq``, per leaf of the group
   the sum of each term squared, float32 [len(group.segments)] vectors in group order, else None).
 
+  ``run_leaves`` (same arguments, but ``state`` a tuple per state field of the group's own
+  state *leaves*, in group order: optax's params-shaped state, ``fusedopt.tx``) returns the new
+  state in that form too. None: ``packed_leaves(run_group)`` packs the state leaves into flat
+  buffers and splits them back (an extra pass over the state; the jnp backend runs each leaf as
+  its own XLA fusion instead, the native one reads and writes the leaves by address).
+
   ``flat_update(rule, scalars, tables, p, g, state, unit)`` (None where a backend's kernels only
   address leaves) runs ``rule`` over flat buffers of whole ``unit``s with per-unit tables
   ``tables`` (name -> float32 [n // unit]) and returns (new p or None, new state, per-unit sums
@@ -125,6 +131,11 @@ class Backend:
   kernel: bool = True                         # False for jnp: derivatives are its own
   sequential_vmap: bool = False               # no batching rule: vmap runs it per element
   gradient_prepass: Optional[Callable] = None   # (layout, g_leaves, grad_scale, clip) -> ...
+  run_leaves: Optional[Callable] = None       # run_group with per-leaf state (see above)
+
+  def leaf_runner(self) -> Callable:
+    """``run_leaves``, or ``run_group`` behind ``packed_leaves`` where the backend has none."""
+    return self.run_leaves or packed_leaves(self.run_group)
 
 
 # ----------------------------------------------------------------------------- group buffers
@@ -159,6 +170,36 @@ def split_group(layout, gi, flat):
     leaf = jax.lax.slice(flat, (seg_.offset,), (seg_.offset + seg_.size,))
     out.append(leaf.reshape(seg_.shape).astype(group.dtype))
   return out
+
+
+def split_group_as(layout, gi, flat, dtypes):
+  """A group's flat state buffer -> its leaves (group order), leaf j in ``dtypes[j]``."""
+  out = []
+  for i, dt in zip(layout.groups[gi].segments, dtypes):
+    seg_ = layout.segments[i]
+    leaf = jax.lax.slice(flat, (seg_.offset,), (seg_.offset + seg_.size,))
+    out.append(leaf.reshape(seg_.shape).astype(dt))
+  return out
+
+
+def packed_leaves(run_group):
+  """``Backend.run_leaves`` of a backend that only has ``run_group``: each state field's leaves
+  packed into the group's flat buffer (in the first leaf's dtype), ``run_group``, and the new
+  buffers split back into leaves of their own dtypes. Costs a pack and a split of the state."""
+  def run_leaves(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+    members = layout.groups[gi].segments
+    flat = []
+    for leaves in state:
+      full = [None] * len(layout.segments)
+      for i, x in zip(members, leaves):
+        full[i] = x
+      flat.append(layout.pack_group(full, gi, jnp.result_type(leaves[0])))
+    out_p, new_flat, sums = run_group(rule, scalars, seg, layout, gi, p_leaves, g_leaves,
+                                      tuple(flat))
+    new_state = tuple(tuple(split_group_as(layout, gi, buf, [x.dtype for x in leaves]))
+                      for buf, leaves in zip(new_flat, state))
+    return out_p, new_state, sums
+  return run_leaves
 
 
 def unit_tables(layout, gi, seg, names):

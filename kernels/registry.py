@@ -73,11 +73,23 @@ def _explicit(name: str) -> common.Backend:
   return backend
 
 
-def select(name: str, layout, gi: int, rule) -> common.Backend:
-  """The backend that runs ``rule`` over group ``gi`` of ``layout`` when ``name`` is asked for."""
+def select(name: str, layout, gi: int, rule, leaf_state: bool = False) -> common.Backend:
+  """The backend that runs ``rule`` over group ``gi`` of ``layout`` when ``name`` is asked for
+  (``leaf_state``: with per-leaf state, ``Backend.run_leaves``)."""
   if name == "auto":
-    return auto_choice(layout, gi, rule)
+    return auto_leaf_choice(layout, gi) if leaf_state else auto_choice(layout, gi, rule)
   return _fallback(_explicit(name), layout.groups[gi].dtype, layout.align)
+
+
+def auto_leaf_choice(layout, gi: int) -> common.Backend:
+  """``backend="auto"`` with per-leaf state (``fusedopt.tx``): the native kernels on a CPU with
+  one device (they read and write every leaf by address in one pass), else jnp (one XLA fusion
+  per leaf, nothing packed). Not native with several devices: the caller may shard the step under
+  ``jit``, and XLA gathers a custom call's sharded operands."""
+  if (_runs_here("native") and jax.device_count() == 1
+      and get("native").supports(layout.groups[gi].dtype)):
+    return get("native")
+  return get("jnp")
 
 
 def auto_choice(layout, gi: int, rule) -> common.Backend:
@@ -149,21 +161,23 @@ def _sequential_vmap(fn):
   return fn
 
 
-def differentiable(backend: common.Backend):
-  """``backend.run_group`` with the jnp backend's derivatives.
+def differentiable(backend: common.Backend, leaf_state: bool = False):
+  """``backend.run_group`` (``leaf_state``: ``Backend.leaf_runner()``) with the jnp backend's
+  derivatives.
 
   Kernels (FFI calls, Pallas, Triton) have no JVP rule; the jnp backend runs the same rule in
   ``jax.numpy``, so under ``jax.jvp``/``jax.grad`` (meta-learning: derivatives with respect to
   hyper-parameters or inputs) the step's value comes from the kernel and its tangent from the jnp
   path. ``jax.vmap`` batches the kernel itself (each backend's batching rule; one call per batch
   element for a ``sequential_vmap`` backend, the Triton kernels)."""
+  run_fn = backend.leaf_runner() if leaf_state else backend.run_group
   if not backend.kernel:
-    return backend.run_group
-  reference_run = get("jnp").run_group
+    return run_fn
+  reference_run = get("jnp").leaf_runner() if leaf_state else get("jnp").run_group
 
   def run_group(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
     def kernel(scalars, seg, p_leaves, g_leaves, state):
-      return backend.run_group(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+      return run_fn(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
     if backend.sequential_vmap:
       kernel = _sequential_vmap(kernel)
 
@@ -185,4 +199,4 @@ def differentiable(backend: common.Backend):
 
 
 __all__ = ["NAMES", "MODULES", "get", "available_backends", "select", "auto_choice",
-           "select_flat", "gradient_prepass", "differentiable"]
+           "select_flat", "gradient_prepass", "differentiable", "auto_leaf_choice"]

@@ -796,12 +796,15 @@ def test_per_leaf_master_follows_replaced_target():
 
 
 def test_tx_adafactor_state_keeps_its_structure():
-  """``fusedopt.tx.adafactor`` holds Adafactor's per-leaf state objects; a step (also one that
-  skips a non-finite gradient) returns the same pytree structure, as ``lax.scan`` needs."""
+  """``fusedopt.tx.adafactor`` holds optax's state (``FactoredState`` and, with momentum, an
+  ``EmaState``), Adafactor's per-leaf fields read from it; a step (also one that skips a
+  non-finite gradient) returns the same pytree structure, as ``lax.scan`` needs."""
   from fusedopt import tx   # pylint: disable=import-outside-toplevel
+  import optax   # pylint: disable=import-outside-toplevel
   params = _tree(11)
   for t in (tx.adafactor(1e-2), tx.adafactor(1e-2, momentum=0.9, skip_nonfinite=True)):
     state = t.init(params)
-    assert all(type(s) is adafactor._AdafactorParamState for s in state.inner)
+    assert isinstance(state[0], optax.FactoredState)
+    assert adafactor._FIELDS == ("v_row", "v_col", "v", "m")   # tx's slots map onto these
     _, new = jax.jit(t.update)(_grads(params, 0), state, params)
     assert jax.tree.structure(new) == jax.tree.structure(state)
