@@ -183,8 +183,17 @@ def _leaf_state_step(opt_def, tree, grads, leaf_state, steps=3):
   return p, fields
 
 
-@pytest.mark.parametrize("backend", LEAF_STATE_BACKENDS)
-@pytest.mark.parametrize("name, kw", CONFIGS, ids=IDS)
+# kernels compile per rule and dtypes (seconds each on CPU): the kernel backends run one rule of
+# each shape -- no state, two states, LAMB's norms in the pass, per-tensor scalars (LARS), a
+# rule with sqrt of a difference (centered RMSProp); jnp runs every rule
+KERNEL_SHAPES = ("GradientDescent-", "Adam-weight_decay=0.1", "LAMB-weight_decay=0.01",
+                 "LARS-nesterov=True-weight_decay=0.01-eps=1e-06", "RMSProp-centered=True")
+LEAF_STATE_CASES = [(n, kw, b) for n, kw in CONFIGS for b in LEAF_STATE_BACKENDS
+                    if b == "jnp" or config_id(n, kw) in KERNEL_SHAPES]
+
+
+@pytest.mark.parametrize("name, kw, backend", LEAF_STATE_CASES,
+                         ids=[f"{config_id(n, kw)}-{b}" for n, kw, b in LEAF_STATE_CASES])
 def test_leaf_state_equals_flat_state(name, kw, backend):
   """Per-leaf state (``StepContext.leaf_state``: optax's params-shaped state, fusedopt.tx) runs
   the same rule as flat state on every backend: native reads and writes each leaf's state by
