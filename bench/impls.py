@@ -12,6 +12,9 @@
                  Adafactor, which runs per leaf on every backend. A backend that cannot run here
                  (``fusedopt.available_backends()``: pallas/triton on CPU, native on GPU) is
                  skipped, with the reason in the results
+  tx             ``fusedopt.tx``'s alias (optax's state) + ``optax.apply_updates``: optax's two calls
+  tx-onepass     ``fusedopt.tx.update_and_apply``: the same state, the new params in one pass
+                 (``fusedopt.training.TrainState.apply_gradients``' step)
   torch-fused, torch-foreach
                  ``torch.optim.AdamW`` / ``SGD`` with ``fused=True`` / ``foreach=True``, only where
                  torch with CUDA is importable (adam and momentum)
@@ -45,7 +48,8 @@ FUSEDOPT_BACKENDS = ("auto", "native", "jnp", "pallas", "triton")
 # at "cpu" to check the torch runner against fusedopt where torch has no GPU.
 TORCH_DEVICE = "cuda"
 TORCH_IMPLS = ("torch-fused", "torch-foreach")
-ALL_IMPLS = ("optax", "optax-flatten", "flax-loop") + FUSEDOPT_BACKENDS + TORCH_IMPLS
+TX_IMPLS = ("tx", "tx-onepass")
+ALL_IMPLS = ("optax", "optax-flatten", "flax-loop") + FUSEDOPT_BACKENDS + TX_IMPLS + TORCH_IMPLS
 
 
 def torch_cuda():
@@ -64,7 +68,7 @@ def default_impls():
   code twice); name it in ``--impls`` to see both.
   """
   avail = fusedopt.available_backends()
-  out = ["optax", "optax-flatten", "flax-loop", "auto"]
+  out = ["optax", "optax-flatten", "flax-loop", "auto", "tx", "tx-onepass"]
   out += [b for b in ("jnp", "pallas", "triton") if b in avail]
   if jax.default_backend() != "cpu" and "native" in avail:
     out.append("native")
@@ -84,6 +88,8 @@ def for_optim(optim, names):
       skipped[n] = "optax.flatten would turn per-tensor statistics into global ones"
     elif n == "flax-loop" and not optim.flat:
       skipped[n] = "fusedopt runs this optimizer per leaf already (the same code)"
+    elif n in TX_IMPLS and (optim.tx_fn is None or optim.variant):
+      skipped[n] = f"fusedopt.tx has no alias for {optim.name} with these semantics"
     elif n in TORCH_IMPLS and optim.torch is None:
       skipped[n] = optim.torch_why or f"torch.optim has no {optim.name} with these semantics"
     elif n in FUSEDOPT_BACKENDS and not optim.flat and fused_seen:
@@ -169,6 +175,28 @@ class Optax(JaxImpl):
       return None
     m = _find(carry[1], self.optim.moment[1])
     return None if m is None else _flat_host(m)
+
+
+class Tx(Optax):
+  """``fusedopt.tx``'s alias, optax's state: ``update`` + ``apply_updates`` (``tx``) or
+  ``update_and_apply`` (``tx-onepass``)."""
+
+  def __init__(self, optim, one_pass):
+    JaxImpl.__init__(self, "tx-onepass" if one_pass else "tx", optim)
+    self.flatten, self.one_pass = False, one_pass
+    self.label = (f"fusedopt.tx {optim.name} " +
+                  ("update_and_apply (one pass)" if one_pass else "update + apply_updates"))
+
+  def _tx(self, lr):
+    return self.optim.fusedopt_tx(lr)
+
+  def step(self, params, opt_state, grads, lr):
+    t = self._tx(lr)
+    if self.one_pass:
+      from fusedopt import tx  # pylint: disable=import-outside-toplevel
+      return tx.update_and_apply(t, grads, opt_state, params)
+    updates, opt_state = t.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
 class FlaxLoop(JaxImpl):
@@ -258,6 +286,8 @@ def make(name, optim):
     return Optax(optim, flatten=name == "optax-flatten")
   if name == "flax-loop":
     return FlaxLoop(optim)
+  if name in TX_IMPLS:
+    return Tx(optim, one_pass=name == "tx-onepass")
   if name in FUSEDOPT_BACKENDS:
     return Fusedopt(name, optim)
   raise ValueError(f"unknown implementation {name!r}; expected one of {ALL_IMPLS}")

@@ -131,6 +131,8 @@ class Optim:
   peer: Optional[Peer] = None
   torch_why: str = ""
   desc: str = ""                          # the variant in words (the table's heading)
+  # fusedopt.tx's alias with optax_fn's arguments (the tx rows), or None where there is none
+  tx_fn: Optional[Callable[[Any, Dict[str, Any]], optax.GradientTransformation]] = None
 
   def fusedopt_def(self, backend):
     kw = dict(self.variant)
@@ -142,6 +144,10 @@ class Optim:
   def optax_tx(self, lr):
     fn = self.peer.optax_fn if self.peer is not None and self.peer.optax_fn else self.optax_fn
     return fn(lr, self.hp)
+
+  def fusedopt_tx(self, lr):
+    """``fusedopt.tx``'s transformation for the same update (the ``tx`` rows)."""
+    return self.tx_fn(lr, self.hp)
 
   def torch_optimizer(self):
     """(torch.optim class name, kwargs besides lr) for the same update, or None."""
@@ -221,6 +227,11 @@ def adafactor_leaf_bytes(shape, factored=True, momentum=False, min_dim_size_to_f
   return per * n + stats
 
 
+def _tx():
+  from fusedopt import tx  # pylint: disable=import-outside-toplevel
+  return tx
+
+
 def _adam_hp(wd):
   return dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd)
 
@@ -237,14 +248,18 @@ OPTIMS = {
         28, "read p, g, m, v; write p, m, v", state_buffers=2,
         moment=("grad_ema", "mu", "exp_avg"),
         torch=lambda h: ("AdamW", dict(betas=(h["beta1"], h["beta2"]), eps=h["eps"],
-                                       weight_decay=h["weight_decay"]))),
+                                       weight_decay=h["weight_decay"])),
+        tx_fn=lambda lr, h: _tx().adamw(lr, b1=h["beta1"], b2=h["beta2"], eps=h["eps"],
+                                        weight_decay=h["weight_decay"])),
     "lamb": Optim(
         "lamb", "LAMB", dict(beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=1e-2),
         lambda lr, h: optax.lamb(lr, b1=h["beta1"], b2=h["beta2"], eps=h["eps"],
                                  weight_decay=h["weight_decay"]),
         40, "pass 1 reads p, g, m, v, writes m, v (+ per-tensor norms); pass 2 reads p, m, v, "
         "writes p: the trust ratio needs the norms of the new update before any p is written",
-        state_buffers=2, moment=("grad_ema", "mu", None), flatten_ok=False),
+        state_buffers=2, moment=("grad_ema", "mu", None), flatten_ok=False,
+        tx_fn=lambda lr, h: _tx().lamb(lr, b1=h["beta1"], b2=h["beta2"], eps=h["eps"],
+                                       weight_decay=h["weight_decay"])),
     "momentum": Optim(
         "momentum", "Momentum", dict(beta=0.9, weight_decay=1e-4),
         lambda lr, h: optax.chain(optax.add_decayed_weights(h["weight_decay"]),
@@ -254,7 +269,7 @@ OPTIMS = {
         torch=lambda h: ("SGD", dict(momentum=h["beta"], weight_decay=h["weight_decay"]))),
     "sgd": Optim(
         "sgd", "GradientDescent", {}, lambda lr, h: optax.sgd(lr),
-        12, "read p, g; write p"),
+        12, "read p, g; write p", tx_fn=lambda lr, h: _tx().sgd(lr)),
     "adafactor": Optim(
         "adafactor", "Adafactor", _ADAFACTOR_HP,
         lambda lr, h: optax.adafactor(

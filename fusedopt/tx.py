@@ -103,7 +103,7 @@ F32 = jnp.float32
 
 __all__ = [
     "adafactor", "adagrad", "adam", "adamw", "chain", "clip_by_global_norm",
-    "lamb", "lars", "nadam", "nadamw", "rmsprop", "sgd",
+    "lamb", "lars", "nadam", "nadamw", "rmsprop", "sgd", "update_and_apply",
 ]
 
 
@@ -186,9 +186,9 @@ class _Runner:
   checked step, every rule ``guarded`` (``g`` multiplied by ``gscale``, the clip factor; a
   non-finite step keeps everything)."""
 
-  def __init__(self, opt_def, guard, count, slots):
+  def __init__(self, opt_def, guard, count, slots, deltas=True):
     self.opt_def = opt_def
-    self.ctx = StepContext(count, guard=guard, deltas=True, leaf_state=tuple(slots))
+    self.ctx = StepContext(count, guard=guard, deltas=deltas, leaf_state=tuple(slots))
     self.gscale = F32(1.0) if guard is None else guard["gscale"]
 
   def run(self, rule, scalars, seg, layout, p, g, fields):
@@ -316,6 +316,17 @@ class _FusedUpdate:
 
   def __call__(self, updates, state, params=None, **extra_args):
     del extra_args
+    return self._step(updates, state, params, deltas=True)
+
+  def apply(self, grads, state, params):
+    """``(new_params, new_state)`` in one pass: the kernels write the new params over the old
+    ones (in place when the caller donates them), no update tree in between."""
+    if params is None:
+      raise ValueError(f"fusedopt.tx.{self.spec.name}: update_and_apply needs the params")
+    return self._step(grads, state, params, deltas=False)
+
+  def _step(self, updates, state, params, deltas):
+    """optax's ``update`` (``deltas``: the updates ``p' - p``) or the new params."""
     spec = self.spec
     if params is None and spec.needs_params:
       raise ValueError(f"fusedopt.tx.{spec.name} reads the parameters (weight decay, trust "
@@ -333,7 +344,7 @@ class _FusedUpdate:
                           f"the grads {len(g_leaves)}:\n  state: {tdef}\n  grads: {g_def}")
       fields[a] = (leaves, tdef)
     if not g_leaves:   # an empty tree: nothing to update; the step still counts (optax)
-      return updates, _map_nodes(state, _counted(1))
+      return (updates if deltas else params), _map_nodes(state, _counted(1))
     if spec.clip is not None or spec.skip_nonfinite:
       finite, _, gscale = gradient_prepass(g_leaves, None, spec.clip)
       ok = finite.astype(F32) if spec.skip_nonfinite else F32(1.0)
@@ -347,8 +358,11 @@ class _FusedUpdate:
                                                    g_leaves, params)
     else:
       new_p, p_leaves, new_values = _flat_step(spec, hp, step_count, guard, values, updates,
-                                               g_leaves, params)
-    if params is None:
+                                               g_leaves, params, deltas)
+    if not deltas:
+      u = new_p
+      g_def = jax.tree_util.tree_structure(params)
+    elif params is None:
       u = new_p                                  # computed from p = 0: optax's update exactly
     elif spec.per_leaf:
       u = [n - p for n, p in zip(new_p, p_leaves)]   # exact when p/2 <= p' <= 2p (Sterbenz)
@@ -372,7 +386,7 @@ def _counted(by):
   return f
 
 
-def _flat_step(spec, hp, count, guard, values, updates, g_leaves, params):
+def _flat_step(spec, hp, count, guard, values, updates, g_leaves, params, deltas=True):
   if params is None:
     layout = FlatLayout.build(updates)
     p_leaves = [jnp.zeros(s.shape, layout.groups[s.group].dtype) for s in layout.segments]
@@ -385,7 +399,7 @@ def _flat_step(spec, hp, count, guard, values, updates, g_leaves, params):
       if tuple(jnp.shape(x)) != seg.shape:
         raise LayoutError(f"fusedopt.tx.{spec.name}: state {a!r} leaf {seg.path} has shape "
                           f"{tuple(jnp.shape(x))}, the parameter {seg.shape}")
-  runner = _Runner(spec.opt_def, guard, count, spec.slots)
+  runner = _Runner(spec.opt_def, guard, count, spec.slots, deltas)
   new_p, new_values = spec.step(hp, count, runner, layout, p_leaves, g_leaves, dict(values),
                                 params)
   return new_p, p_leaves, {a: list(v) for a, v in new_values.items()}
@@ -936,13 +950,48 @@ def chain(*transforms) -> optax.GradientTransformation:
       s = t.init(params)
       out.extend(s if n == 2 else (s,))
     return tuple(out)
+  return optax.GradientTransformationExtraArgs(init, _ChainUpdate(parts))
 
-  def update(updates, state, params=None, **extra_args):
+
+class _ChainUpdate:
+  """``update`` of a ``tx.chain`` with a folded clip: each part's state is its entries of the
+  flat ``optax.chain`` tuple (2 for a fused optimizer with the clip folded in)."""
+
+  def __init__(self, parts):
+    self.parts = parts
+
+  def _run(self, updates, state, params, extra_args, last=None):
     out, k = [], 0
-    for t, n in parts:
+    for j, (t, n) in enumerate(self.parts):
       s = tuple(state[k:k + 2]) if n == 2 else state[k]
-      updates, s = t.update(updates, s, params, **extra_args)
+      if last is not None and j == len(self.parts) - 1:
+        updates, s = last(t, updates, s)
+      else:
+        updates, s = t.update(updates, s, params, **extra_args)
       out.extend(s if n == 2 else (s,))
       k += n
     return updates, tuple(out)
-  return optax.GradientTransformationExtraArgs(init, update)
+
+  def __call__(self, updates, state, params=None, **extra_args):
+    return self._run(updates, state, params, extra_args)
+
+  def apply(self, grads, state, params):
+    """The chain, its last transformation run with ``update_and_apply``."""
+    return self._run(grads, state, params, {},
+                     last=lambda t, g, s: update_and_apply(t, g, s, params))
+
+
+def update_and_apply(transformation, grads, state, params):
+  """``(new_params, new_state)``: ``transformation.update`` then ``optax.apply_updates``, in one
+  fused pass where ``transformation`` is a ``fusedopt.tx`` optimizer (or a ``tx.chain`` ending
+  in one): the kernels write ``p'`` over ``p`` (in place when the caller donates the params and
+  the state: ``jax.jit(step, donate_argnums=...)``) instead of writing ``p' - p`` for
+  ``apply_updates`` to read back. Same state, same values as the two calls (float32: bitwise
+  where ``p/2 <= p' <= 2p``, see the module docstring). Any other transformation runs the two
+  calls."""
+  upd = getattr(transformation, "update", None)
+  if isinstance(upd, (_FusedUpdate, _ChainUpdate)):
+    return upd.apply(grads, state, params)
+  updates, state = transformation.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+

@@ -77,16 +77,25 @@ def select(name: str, layout, gi: int, rule, leaf_state: bool = False) -> common
   """The backend that runs ``rule`` over group ``gi`` of ``layout`` when ``name`` is asked for
   (``leaf_state``: with per-leaf state, ``Backend.run_leaves``)."""
   if name == "auto":
-    return auto_leaf_choice(layout, gi) if leaf_state else auto_choice(layout, gi, rule)
+    return auto_leaf_choice(layout, gi, rule) if leaf_state else auto_choice(layout, gi, rule)
   return _fallback(_explicit(name), layout.groups[gi].dtype, layout.align)
 
 
-def auto_leaf_choice(layout, gi: int) -> common.Backend:
-  """``backend="auto"`` with per-leaf state (``fusedopt.tx``): the native kernels on a CPU with
-  one device (they read and write every leaf by address in one pass), else jnp (one XLA fusion
-  per leaf, nothing packed). Not native with several devices: the caller may shard the step under
-  ``jit``, and XLA gathers a custom call's sharded operands."""
-  if (_runs_here("native") and jax.device_count() == 1
+def auto_leaf_choice(layout, gi: int, rule) -> common.Backend:
+  """``backend="auto"`` with per-leaf state (``fusedopt.tx``), from the tx rows of the CPU bench
+  (docs/performance.md):
+
+  - a rule that writes its params in place (``tx.update_and_apply``, the one-pass step): the
+    native kernels on a CPU with one device -- every leaf's param, grad and state read and
+    written by address in one pass;
+  - a rule whose param output is a fresh buffer (optax's ``update``: ``p' - p``), and anywhere
+    else: jnp, one XLA fusion per leaf, which XLA fuses with the caller's ``apply_updates`` so
+    the update never reaches memory. A kernel would write it to a fresh buffer each step and
+    ``apply_updates`` read it back (2-3x slower on CPU).
+
+  Not native with several devices: the caller may shard the step under ``jit``, and XLA gathers
+  a custom call's sharded operands."""
+  if (rule.param_in_place and _runs_here("native") and jax.device_count() == 1
       and get("native").supports(layout.groups[gi].dtype)):
     return get("native")
   return get("jnp")

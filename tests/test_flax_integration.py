@@ -36,7 +36,7 @@ def data(seed=0):
 
 # ----------------------------------------------------------------------------- TrainState
 
-def _linen_states(make_tx):
+def _linen_states(make_tx, classes=None):
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
 
   class MLP(nn.Module):
@@ -55,9 +55,10 @@ def _linen_states(make_tx):
     return state.apply_gradients(grads=grads)
 
   out = {}
-  for name, mod in (("optax", optax), ("tx", tx)):
-    state = train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                          tx=make_tx(mod))
+  classes = classes or {"optax": (optax, train_state.TrainState),
+                        "tx": (tx, train_state.TrainState)}
+  for name, (mod, cls) in classes.items():
+    state = cls.create(apply_fn=model.apply, params=params, tx=make_tx(mod))
     for _ in range(5):
       state = step(state)
     out[name] = state
@@ -102,10 +103,10 @@ class _MLP(nnx.Module):
     return self.l2(nnx.tanh(self.bn(self.l1(x))))
 
 
-def _nnx_train(t, steps=5):
+def _nnx_train(t, steps=5, cls=nnx.Optimizer):
   x, y = data()
   model = _MLP(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, t, wrt=nnx.Param)
+  optimizer = cls(model, t, wrt=nnx.Param)
   traces = []
 
   @nnx.jit
@@ -177,3 +178,41 @@ def test_example_runs_and_learns(name, capsys):
   assert len(losses) == 60 and all(np.isfinite(losses))
   assert losses[-1] < 0.5 * losses[0]
   assert "loss" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- one pass
+
+ONE_PASS = [
+    lambda m: m.adamw(1e-2, b1=B1, b2=B2, weight_decay=1e-2),
+    lambda m: m.chain(optax.clip_by_global_norm(0.5), m.lamb(1e-2, b1=B1, b2=B2)),
+    lambda m: m.adafactor(1e-2, momentum=0.9),
+    lambda m: m.chain(optax.scale_by_adam(), optax.scale(-1e-3)),   # not fused: two calls
+]
+
+
+@pytest.mark.parametrize("make_tx", ONE_PASS, ids=["adamw", "clip_lamb", "adafactor", "optax"])
+def test_one_pass_train_state(make_tx):
+  """``fusedopt.training.TrainState``: Flax's TrainState with ``apply_gradients`` in one fused
+  pass; the same state and values as Flax's two-call TrainState with the same tx."""
+  from fusedopt import training  # pylint: disable=import-outside-toplevel
+  states = _linen_states(make_tx, {"two": (tx, train_state.TrainState),
+                                   "one": (tx, training.TrainState),
+                                   "optax": (optax, train_state.TrainState)})
+  one, two = states["one"], states["two"]
+  assert int(one.step) == 5
+  assert jax.tree_util.tree_structure(one.opt_state) == jax.tree_util.tree_structure(
+      states["optax"].opt_state)
+  assert_close(one.params, two.params, "one pass vs two calls")
+  assert_close(one.opt_state, two.opt_state, "one pass vs two calls: state")
+  assert_close(one.params, states["optax"].params, "one pass vs optax")
+
+
+def test_one_pass_nnx_optimizer():
+  from fusedopt import training  # pylint: disable=import-outside-toplevel
+  make = lambda m: m.adamw(1e-2, b1=B1, b2=B2, weight_decay=1e-2)   # noqa: E731
+  m_one, opt_one, n_traces = _nnx_train(make(tx), cls=training.Optimizer)
+  m_ox, opt_ox, _ = _nnx_train(make(optax))
+  assert n_traces == 1 and int(opt_one.step[...]) == 5
+  assert (jax.tree_util.tree_structure(nnx.state(opt_one, nnx.OptState))
+          == jax.tree_util.tree_structure(nnx.state(opt_ox, nnx.OptState)))
+  assert_close(nnx.state(m_one, nnx.Param), nnx.state(m_ox, nnx.Param), "nnx one pass")

@@ -26,6 +26,7 @@ LAYERS = [
     ("fusedopt.adabelief", "fusedopt.lamb"),
     ("fusedopt.multi", "fusedopt.serialization", "fusedopt.sharding"),
     ("fusedopt.tx",),
+    ("fusedopt.training",),
     ("fusedopt", "fusedopt.demo"),
 ]
 LEVEL = {m: i for i, layer in enumerate(LAYERS) for m in layer}

@@ -235,7 +235,7 @@ def test_apply_updates_reproduces_fused_params(dtype, backend, data):
     ratio = w / np.where(p == 0, 1, p)
     sterbenz = (p != 0) & (ratio >= 0.5) & (ratio <= 2)
     ulp = np.spacing(np.maximum(np.abs(p), np.abs(w)).astype(dtype)).astype(np.float64)
-    if backend == "jnp":
+    if backend in ("jnp", "auto"):   # (auto: jnp for optax's update, registry.auto_leaf_choice)
       # tx's jnp path runs each leaf as its own XLA fusion with optax's per-leaf state, the
       # Optimizer's the flat buffers: XLA:CPU contracts a*b+c into FMAs differently (1 ulp of
       # the update, up to 2 of p')
@@ -243,7 +243,7 @@ def test_apply_updates_reproduces_fused_params(dtype, backend, data):
     else:
       np.testing.assert_array_equal(g[sterbenz], w[sterbenz])
     tol = 1.5 * ulp
-    if backend == "jnp":   # (+ 2 ulp of the update itself: its FMA contraction, see above)
+    if backend in ("jnp", "auto"):   # (+ 2 ulp of the update itself: FMA contraction, above)
       tol = tol + 2 * np.spacing(np.abs(w - p).astype(dtype)).astype(np.float64)
     assert np.all(np.abs(g - w)[~sterbenz] <= tol[~sterbenz])
     n_sterbenz, n_total = n_sterbenz + int(np.sum(sterbenz)), n_total + p.size
@@ -613,3 +613,67 @@ def test_checkpoint_interchange_with_optax(tmp_path, data):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   _, s_next = jax.jit(ref.update)(grads[4], back, params)   # optax continues from it
   assert_same_structure(s_next, s_ref)
+
+
+# ----------------------------------------------------------------------------- one pass
+
+@pytest.mark.parametrize("case", STATE_CASES, ids=[c[0] for c in STATE_CASES])
+def test_update_and_apply_equals_two_calls(case, data):
+  """``tx.update_and_apply``: the kernels write ``p'`` itself; the same state and params as
+  ``update`` + ``apply_updates`` (float32: bitwise where ``p/2 <= p' <= 2p``, Sterbenz)."""
+  name, make = case
+  params, grads = data
+  t = make(tx)
+  two = run(t, params, grads[:3])
+
+  @jax.jit
+  def step(p, s, g):
+    return tx.update_and_apply(t, g, s, p)
+  p, s = params, t.init(params)
+  for g in grads[:3]:
+    p, s = step(p, s, g)
+  assert_same_structure(s, two[1])
+  assert_close(p, two[0], name)
+  assert_close(s, two[1], name)
+
+
+def test_update_and_apply_is_in_place(data):
+  """Donated params and state: the compiled one-pass step copies no param-sized buffer and
+  aliases every param and moment to its output (written where it is)."""
+  params, grads = data
+  t = tx.adamw(0.05, weight_decay=1e-2)
+  lowered = jax.jit(lambda p, s, g: tx.update_and_apply(t, g, s, p),
+                    donate_argnums=(0, 1)).lower(params, t.init(params), grads[0])
+  hlo = lowered.compile().as_text()
+  sizes = {int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params)}
+  copies = [int(np.prod([int(d) for d in m.split(",") if d]))
+            for m in re.findall(r"= f32\[([0-9,]*)\]\{[^}]*\} copy\(", hlo)]
+  assert not [c for c in copies if c in sizes and c > 1], copies
+  n_leaves = len(jax.tree_util.tree_leaves(params))
+  header = hlo.splitlines()[0]    # HloModule ..., input_output_alias={ {0}: (1, {}, may-alias), ...
+  assert header.count("may-alias") + header.count("must-alias") >= 3 * n_leaves, header
+
+
+@pytest.mark.skipif("native" not in fusedopt.available_backends(), reason="no C++ compiler")
+def test_auto_picks_native_for_one_pass_jnp_for_two_calls(data):
+  """``auto`` with optax's state on a one-device CPU: the native kernel for the in-place
+  one-pass step; jnp for optax's ``update``, whose per-leaf fusions XLA merges with
+  ``apply_updates`` (a kernel would write ``p' - p`` to fresh memory each step)."""
+  params, grads = data
+  t = tx.adamw(0.05, weight_decay=1e-2)
+  s = t.init(params)
+
+  def two(p, s, g):
+    u, s = t.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  one = jax.jit(lambda p, s, g: tx.update_and_apply(t, g, s, p)).lower(params, s, grads[0])
+  assert "custom-call" in one.compile().as_text()
+  assert "custom-call" not in jax.jit(two).lower(params, s, grads[0]).compile().as_text()
+
+
+def test_update_and_apply_falls_back_for_optax(data):
+  params, grads = data
+  t = optax.adam(1e-2)
+  p, s = tx.update_and_apply(t, grads[0], t.init(params), params)
+  u, s2 = t.update(grads[0], t.init(params), params)
+  assert_close(p, optax.apply_updates(params, u), "fallback")
