@@ -677,3 +677,78 @@ def test_update_and_apply_falls_back_for_optax(data):
   p, s = tx.update_and_apply(t, grads[0], t.init(params), params)
   u, s2 = t.update(grads[0], t.init(params), params)
   assert_close(p, optax.apply_updates(params, u), "fallback")
+
+
+# ----------------------------------------------------------------------------- composition
+
+def _label_tree(params):
+  return {"dense": "adam", "big": "sgd", "misc": "adam"}
+
+
+COMPOSITIONS = [
+    ("multi_steps", lambda m: optax.MultiSteps(m.adamw(1e-2, b1=B1, b2=B2), every_k_schedule=2)),
+    ("apply_if_finite", lambda m: optax.apply_if_finite(m.adamw(1e-2, b1=B1, b2=B2), 3)),
+    ("masked", lambda m: optax.masked(m.sgd(1e-2, momentum=0.9), ALL_TRUE_BUT_BIG)),
+    ("multi_transform", lambda m: optax.multi_transform(
+        {"adam": m.adamw(1e-2, b1=B1, b2=B2), "sgd": m.sgd(1e-2, momentum=0.9)}, _label_tree)),
+    ("chain_optax_first", lambda m: optax.chain(optax.clip(1.0), m.lamb(1e-2, b1=B1, b2=B2))),
+    ("inject_schedule", lambda m: optax.inject_hyperparams(m.rmsprop)(
+        learning_rate=optax.linear_schedule(1e-2, 1e-3, 5), momentum=0.5)),
+]
+
+
+@pytest.mark.parametrize("case", COMPOSITIONS, ids=[c[0] for c in COMPOSITIONS])
+def test_optax_composition(case, data):
+  """optax's wrappers around fusedopt.tx: the same state structure and values as around
+  optax's own alias (MultiSteps accumulates, apply_if_finite, masked / multi_transform hand
+  the optimizer a tree with optax's MaskedNode placeholders)."""
+  name, make = case
+  params, grads = data
+  grads = [dict(g) for g in grads[:6]]
+  if name == "apply_if_finite":   # one non-finite step, skipped by both
+    grads[2] = jax.tree_util.tree_map(lambda x: x * jnp.nan, grads[2])
+  expected, expected_state = run(make(optax), params, grads)
+  got, state = run(make(tx), params, grads)
+  assert_same_structure(state, expected_state)
+  assert_close(got, expected, name)
+  assert_close(state, expected_state, name, rtol=2e-6, atol_rel=2e-6)
+
+
+def test_reduce_on_plateau(data):
+  """``optax.contrib.reduce_on_plateau`` after a fused optimizer: the loss arrives as an extra
+  argument, the scale applies to the fused updates."""
+  params, grads = data
+  out = {}
+  for m in (optax, tx):
+    t = optax.chain(m.adamw(1e-2, b1=B1, b2=B2),
+                    optax.contrib.reduce_on_plateau(factor=0.5, patience=1, accumulation_size=1))
+    s, p = t.init(params), params
+    step = jax.jit(lambda p, s, g, v: t.update(g, s, p, value=v))
+    for i, g in enumerate(grads[:6]):
+      u, s = step(p, s, g, jnp.float32(1.0))   # a flat loss: the scale drops
+      p = optax.apply_updates(p, u)
+    out[m.__name__] = (p, s)
+  assert float(out["fusedopt.tx"][1][1].scale) == float(out["optax"][1][1].scale) < 1.0
+  assert_close(out["fusedopt.tx"][0], out["optax"][0], "reduce_on_plateau")
+
+
+def test_state_sharded_like_the_params_on_8_devices():
+  """The state takes the params' partition specs (``optax.tree_map_params``) and the compiled
+  steps (two calls and one pass) hold no collective: nothing is resharded. LAMB's per-tensor
+  norms of a sharded tensor are partial sums: they need an all-reduce, the one collective
+  allowed (XLA inserts it for the norms, not for the state). The values equal one device's."""
+  from conftest import host_devices_flags  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=host_devices_flags(8))
+  proc = subprocess.run([sys.executable, os.path.join(here, "tx_sharding_checks.py")], env=env,
+                        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(here))
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
+  report = json.loads(lines[-1])
+  for key, colls in report["collectives"].items():
+    allowed = ["all-reduce"] if key.startswith("lamb") else []
+    assert colls == allowed or (allowed and colls == []), (key, colls)
+  assert all(report["state_sharded_like_params"].values()), report["state_sharded_like_params"]
+  for key, d in report["max_rel_diff"].items():
+    assert d <= 1e-6, (key, d)
