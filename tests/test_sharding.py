@@ -142,7 +142,14 @@ def test_multihost_example_two_processes():
     import multihost_zero1  # pylint: disable=import-outside-toplevel
   finally:
     sys.path.pop(0)
-  codes, outs = multihost_zero1.launch(2, timeout=150, extra=["--steps", "5"])
+  # ~6 s alone. Once (2026-12-06, a loaded 2-core machine) process 0 never finished while
+  # process 1 printed OK: a gloo/XLA:CPU collective hang like the 8-device one in ``report``
+  # above, not a wrong result. A run killed at the timeout is run once more; any other failure
+  # fails.
+  for attempt in range(2):
+    codes, outs = multihost_zero1.launch(2, timeout=90, extra=["--steps", "5"])
+    if not any("[timed out]" in o for o in outs) or attempt:
+      break
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
   for out in outs:
     assert "1/8 per device: True" in out and "round trip bitwise: True" in out and "OK" in out
