@@ -752,3 +752,13 @@ def test_state_sharded_like_the_params_on_8_devices():
   assert all(report["state_sharded_like_params"].values()), report["state_sharded_like_params"]
   for key, d in report["max_rel_diff"].items():
     assert d <= 1e-6, (key, d)
+
+
+def test_complex_params_are_a_clear_error_for_now():
+  """Complex params (optax's Adam family accepts them) are not supported yet: a LayoutError
+  naming the leaf and its dtype, raised before any state changes."""
+  t = tx.adam(1e-2)
+  params = {"re": jnp.ones(3), "z": jnp.ones(3, jnp.complex64)}
+  state = t.init(params)
+  with pytest.raises(fusedopt.LayoutError, match=r"\['z'\].*complex64"):
+    t.update(params, state, params)
