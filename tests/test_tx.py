@@ -382,6 +382,11 @@ def test_skip_nonfinite(data):
   assert all(bool(jnp.all(x == 0)) for x in jax.tree_util.tree_leaves(u2))
   for a, b in zip(jax.tree_util.tree_leaves(state2), jax.tree_util.tree_leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the one-pass step skips the same way: params and state bitwise unchanged
+  p3, state3 = jax.jit(lambda p, s, g: tx.update_and_apply(t, g, s, p))(params, state, bad)
+  for a, b in zip(jax.tree_util.tree_leaves((p3, state3)),
+                  jax.tree_util.tree_leaves((params, state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ----------------------------------------------------------------------------- jit, errors, state
