@@ -30,14 +30,14 @@ def report():
   # number) stay out of the way of XLA:CPU's 8 device threads on a 2-core machine. Those
   # threads have twice been seen stuck in an all-gather rendezvous with the 8th device's program
   # never launched (XLA:CPU thread-pool starvation under a loaded pytest worker, gdb: 7 threads
-  # in AllGatherThunk): the checks take ~40 s, so a run past 240 s is that hang, and it is run
+  # in AllGatherThunk): the checks take ~40 s, so a run past 180 s is that hang, and it is run
   # once more -- a jaxlib runtime hang, not a result of ours.
   env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
              XLA_FLAGS=host_devices_flags(8))
   for attempt in range(2):
     try:
       proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_checks.py")], env=env,
-                            capture_output=True, text=True, timeout=240, cwd=ROOT)
+                            capture_output=True, text=True, timeout=180, cwd=ROOT)
       break
     except subprocess.TimeoutExpired:
       if attempt:
@@ -153,6 +153,35 @@ def test_multihost_example_two_processes():
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
   for out in outs:
     assert "1/8 per device: True" in out and "round trip bitwise: True" in out and "OK" in out
+
+
+def test_tx_state_sharded_like_the_params_on_8_devices():
+  """fusedopt.tx (here, not in test_tx.py: one 8-device subprocess at a time per pytest worker,
+  the other is ``report``'s). The state takes the params' partition specs
+  (``optax.tree_map_params``) and the compiled steps (two calls and one pass) hold no
+  collective: nothing is resharded. LAMB's per-tensor
+  norms of a sharded tensor are partial sums: they need an all-reduce, the one collective
+  allowed (XLA inserts it for the norms, not for the state). The values equal one device's."""
+  pytest.importorskip("optax")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
+             XLA_FLAGS=host_devices_flags(8))
+  for attempt in range(2):   # ~7 s; past 120 s it is the rendezvous hang of ``report`` above
+    try:
+      proc = subprocess.run([sys.executable, os.path.join(HERE, "tx_sharding_checks.py")],
+                            env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+      break
+    except subprocess.TimeoutExpired:
+      if attempt:
+        raise
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
+  rep = json.loads(lines[-1])
+  for key, colls in rep["collectives"].items():
+    allowed = ["all-reduce"] if key.startswith("lamb") else []
+    assert colls == allowed or (allowed and colls == []), (key, colls)
+  assert all(rep["state_sharded_like_params"].values()), rep["state_sharded_like_params"]
+  for key, d in rep["max_rel_diff"].items():
+    assert d <= 1e-6, (key, d)
 
 
 # ----------------------------------------------------------------------------- in process

@@ -737,27 +737,6 @@ def test_reduce_on_plateau(data):
   assert_close(out["fusedopt.tx"][0], out["optax"][0], "reduce_on_plateau")
 
 
-def test_state_sharded_like_the_params_on_8_devices():
-  """The state takes the params' partition specs (``optax.tree_map_params``) and the compiled
-  steps (two calls and one pass) hold no collective: nothing is resharded. LAMB's per-tensor
-  norms of a sharded tensor are partial sums: they need an all-reduce, the one collective
-  allowed (XLA inserts it for the norms, not for the state). The values equal one device's."""
-  from conftest import host_devices_flags  # pylint: disable=import-outside-toplevel
-  import json  # pylint: disable=import-outside-toplevel
-  here = os.path.dirname(os.path.abspath(__file__))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=host_devices_flags(8))
-  proc = subprocess.run([sys.executable, os.path.join(here, "tx_sharding_checks.py")], env=env,
-                        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(here))
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
-  report = json.loads(lines[-1])
-  for key, colls in report["collectives"].items():
-    allowed = ["all-reduce"] if key.startswith("lamb") else []
-    assert colls == allowed or (allowed and colls == []), (key, colls)
-  assert all(report["state_sharded_like_params"].values()), report["state_sharded_like_params"]
-  for key, d in report["max_rel_diff"].items():
-    assert d <= 1e-6, (key, d)
-
 
 def test_complex_params_are_a_clear_error_for_now():
   """Complex params (optax's Adam family accepts them) are not supported yet: a LayoutError
