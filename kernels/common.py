@@ -164,16 +164,11 @@ def pack_grads(layout, gi, g_leaves):
 def split_group(layout, gi, flat):
   """A group's flat param buffer -> its leaves (group order), in the group's dtype."""
   group = layout.groups[gi]
-  out = []
-  for i in group.segments:
-    seg_ = layout.segments[i]
-    leaf = jax.lax.slice(flat, (seg_.offset,), (seg_.offset + seg_.size,))
-    out.append(leaf.reshape(seg_.shape).astype(group.dtype))
-  return out
+  return split_group_as(layout, gi, flat, [group.dtype] * len(group.segments))
 
 
 def split_group_as(layout, gi, flat, dtypes):
-  """A group's flat state buffer -> its leaves (group order), leaf j in ``dtypes[j]``."""
+  """A group's flat buffer -> its leaves (group order), leaf j in ``dtypes[j]``."""
   out = []
   for i, dt in zip(layout.groups[gi].segments, dtypes):
     seg_ = layout.segments[i]

@@ -32,12 +32,18 @@ def report():
   # never launched (XLA:CPU thread-pool starvation under a loaded pytest worker, gdb: 7 threads
   # in AllGatherThunk): the checks take ~40 s, so a run past 180 s is that hang, and it is run
   # once more -- a jaxlib runtime hang, not a result of ours.
+  return _eight_device_report("sharding_checks.py", timeout=180)
+
+
+def _eight_device_report(script, timeout):
+  """Runs ``script`` on 8 host devices (see ``report``: a run past ``timeout`` is the rendezvous
+  hang and is run once more) and returns the JSON report it prints last."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
              XLA_FLAGS=host_devices_flags(8))
   for attempt in range(2):
     try:
-      proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_checks.py")], env=env,
-                            capture_output=True, text=True, timeout=180, cwd=ROOT)
+      proc = subprocess.run([sys.executable, os.path.join(HERE, script)], env=env,
+                            capture_output=True, text=True, timeout=timeout, cwd=ROOT)
       break
     except subprocess.TimeoutExpired:
       if attempt:
@@ -163,19 +169,7 @@ def test_tx_state_sharded_like_the_params_on_8_devices():
   norms of a sharded tensor are partial sums: they need an all-reduce, the one collective
   allowed (XLA inserts it for the norms, not for the state). The values equal one device's."""
   pytest.importorskip("optax")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
-             XLA_FLAGS=host_devices_flags(8))
-  for attempt in range(2):   # ~7 s; past 120 s it is the rendezvous hang of ``report`` above
-    try:
-      proc = subprocess.run([sys.executable, os.path.join(HERE, "tx_sharding_checks.py")],
-                            env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
-      break
-    except subprocess.TimeoutExpired:
-      if attempt:
-        raise
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
-  rep = json.loads(lines[-1])
+  rep = _eight_device_report("tx_sharding_checks.py", timeout=120)   # (~7 s)
   for key, colls in rep["collectives"].items():
     allowed = ["all-reduce"] if key.startswith("lamb") else []
     assert colls == allowed or (allowed and colls == []), (key, colls)
