@@ -98,6 +98,57 @@ static inline float u2f(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x;
 """
 
 
+# The handler is written against XLA's FFI *C* API (``xla/ffi/api/c_api.h``, plain structs), not
+# the C++ binding (``ffi.h``): the C++ header's templates cost ~1.8 s of compile time per kernel,
+# which every distinct kernel paid on a cold cache (about 4x the rest of the kernel). The C API is
+# XLA's stable ABI; what the C++ binding did for us is here: answer the metadata query with the
+# API version of the headers built against, decode the buffers, find the two attributes by name.
+_FFI_C_API = r"""#include "xla/ffi/api/c_api.h"
+
+static XLA_FFI_Error* fail(XLA_FFI_CallFrame* call, const char* msg) {
+  XLA_FFI_Error_Create_Args e;
+  std::memset(&e, 0, sizeof e);
+  e.struct_size = XLA_FFI_Error_Create_Args_STRUCT_SIZE;
+  e.message = msg;
+  e.errc = XLA_FFI_Error_Code_INVALID_ARGUMENT;
+  return call->api->XLA_FFI_Error_Create(&e);
+}
+
+static XLA_FFI_Error* metadata(XLA_FFI_CallFrame* call) {
+  auto* ext = reinterpret_cast<XLA_FFI_Metadata_Extension*>(call->extension_start);
+  if (ext->extension_base.struct_size < XLA_FFI_Metadata_Extension_STRUCT_SIZE ||
+      ext->metadata->struct_size < XLA_FFI_Metadata_STRUCT_SIZE)
+    return fail(call, "fusedopt kernel: unexpected FFI metadata struct size");
+  ext->metadata->api_version = XLA_FFI_Api_Version{XLA_FFI_Api_Version_STRUCT_SIZE, nullptr,
+                                                   XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR};
+  ext->metadata->traits = 0;
+  return nullptr;
+}
+
+// the int64 array attributes "offs" and "sizes" (of equal length n)
+static bool int64_array_attrs(XLA_FFI_CallFrame* call, const int64_t** offs,
+                              const int64_t** sizes, int64_t* n) {
+  const XLA_FFI_Array* found[2] = {nullptr, nullptr};
+  static const char* names[2] = {"offs", "sizes"};
+  for (int64_t a = 0; a < call->attrs.size; ++a) {
+    const XLA_FFI_ByteSpan* name = call->attrs.names[a];
+    for (int k = 0; k < 2; ++k)
+      if (name->len == std::strlen(names[k]) && std::memcmp(name->ptr, names[k], name->len) == 0) {
+        if (call->attrs.types[a] != XLA_FFI_AttrType_ARRAY) return false;
+        found[k] = static_cast<const XLA_FFI_Array*>(call->attrs.attrs[a]);
+      }
+  }
+  if (!found[0] || !found[1] || found[0]->dtype != XLA_FFI_DataType_S64 ||
+      found[1]->dtype != XLA_FFI_DataType_S64 || found[0]->size != found[1]->size)
+    return false;
+  *offs = static_cast<const int64_t*>(found[0]->data);
+  *sizes = static_cast<const int64_t*>(found[1]->data);
+  *n = static_cast<int64_t>(found[0]->size);
+  return true;
+}
+"""
+
+
 def _segment_loops(body, n_terms):
   """The element loop of ``segment``: ``body`` computes element ``j`` (and, with sums, adds its
   squares into lane ``l`` of each ``acc<t>``)."""
@@ -160,16 +211,13 @@ def generate(rule, p_dtype="float32", g_dtype="float32", st_dtypes=None,
     st_args = "".join(f", ST{i}[i] + a" for i in range(k))
     st_ptrs = "".join(f"  std::vector<{stt[i]}*> ST{i}(n);\n" for i in range(k))
     st_fill = "".join(
-        f"    ST{f}[i] = static_cast<{stt[f]}*>(WRITES_ST ? "
-        f"rets.get<ffi::AnyBuffer>({f} * n + i).value()->untyped_data() : "
-        f"args.get<ffi::AnyBuffer>(2 + {f} * n + i).value().untyped_data());\n"
+        f"    ST{f}[i] = static_cast<{stt[f]}*>(WRITES_ST ? ret({f} * n + i) : arg(2 + {f} * n + i));\n"
         for f in range(k))
   else:
     st_args = "".join(f", st{i}p + o" for i in range(k))
     st_ptrs = "".join(
-        f"  {stt[i]}* st{i}p = static_cast<{stt[i]}*>(WRITES_ST ? "
-        f"rets.get<ffi::AnyBuffer>({i}).value()->untyped_data() : "
-        f"args.get<ffi::AnyBuffer>({2 + i}).value().untyped_data());\n" for i in range(k))
+        f"  {stt[i]}* st{i}p = static_cast<{stt[i]}*>(WRITES_ST ? ret({i}) : arg({2 + i}));\n"
+        for i in range(k))
     st_fill = ""
   loops = _segment_loops(body, n_terms)
   p_qual = f"{pt}*" if rule.writes_param and not out_of_place else f"const {pt}*"
@@ -185,42 +233,48 @@ def generate(rule, p_dtype="float32", g_dtype="float32", st_dtypes=None,
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#include "xla/ffi/api/ffi.h"
-namespace ffi = xla::ffi;
-{_CONVERSIONS}{_BITCASTS if ("f2u(" in body or "u2f(" in body) else ""}
+{_FFI_C_API}{_CONVERSIONS}{_BITCASTS if ("f2u(" in body or "u2f(" in body) else ""}
 static inline void segment(const float* __restrict S, const float* __restrict Q,
                            {p_qual} __restrict p{pout_param}, const {gt}* __restrict g{st_params},
                            int64_t n, float* __restrict acc_out) {{
 {loops}
 }}
 
-static ffi::Error Impl(ffi::RemainingArgs args, ffi::RemainingRets rets,
-                       ffi::Span<const int64_t> offs, ffi::Span<const int64_t> sizes) {{
+extern "C" XLA_FFI_Error* FusedoptKernel(XLA_FFI_CallFrame* call) {{
+  if (call->extension_start != nullptr &&
+      call->extension_start->type == XLA_FFI_Extension_Metadata)
+    return metadata(call);
+  if (call->stage != XLA_FFI_ExecutionStage_EXECUTE)
+    return fail(call, "fusedopt kernel: called outside the execute stage");
+  const int64_t* offs; const int64_t* sizes; int64_t n;
+  if (!int64_array_attrs(call, &offs, &sizes, &n))
+    return fail(call, "fusedopt kernel: expected int64 array attributes offs and sizes");
   constexpr int64_t K = {k}, NQ = {max(len(rule.seg_scalars), 1)};
   constexpr bool WRITES_P = {str(rule.writes_param).lower()};
   constexpr bool WRITES_ST = {str(rule.writes_state).lower()};
-  const int64_t n = offs.size();
+  constexpr bool P_IN_PLACE = {str(not out_of_place).lower()};
+  constexpr int64_t T = {n_terms};
   const int64_t NS = K * {"n" if leaf_state else "1"};       // state buffers
   const int64_t KO = WRITES_ST ? NS : 0;  // state outputs (an unchanged state is input only)
-  const float* S = static_cast<const float*>(args.get<ffi::AnyBuffer>(0).value().untyped_data());
-  const float* SEG = static_cast<const float*>(args.get<ffi::AnyBuffer>(1).value().untyped_data());
+  if (call->args.size != 2 + NS + 2 * n ||
+      call->rets.size != KO + (WRITES_P ? n : 0) + (T > 0 ? 1 : 0))
+    return fail(call, "fusedopt kernel: wrong number of operands or results");
+  auto arg = [call](int64_t i) {{ return static_cast<XLA_FFI_Buffer*>(call->args.args[i])->data; }};
+  auto ret = [call](int64_t i) {{ return static_cast<XLA_FFI_Buffer*>(call->rets.rets[i])->data; }};
+  const float* S = static_cast<const float*>(arg(0));
+  const float* SEG = static_cast<const float*>(arg(1));
 {st_ptrs}
-  constexpr bool P_IN_PLACE = {str(not out_of_place).lower()};
   std::vector<{pt}*> P(n), POUT(n);
   std::vector<const {gt}*> G(n);
   for (int64_t i = 0; i < n; ++i) {{
-    P[i] = WRITES_P && P_IN_PLACE
-        ? static_cast<{pt}*>(rets.get<ffi::AnyBuffer>(KO + i).value()->untyped_data())
-        : static_cast<{pt}*>(args.get<ffi::AnyBuffer>(2 + NS + i).value().untyped_data());
-    POUT[i] = WRITES_P ? static_cast<{pt}*>(rets.get<ffi::AnyBuffer>(KO + i).value()->untyped_data())
-                       : nullptr;
-    G[i] = static_cast<const {gt}*>(args.get<ffi::AnyBuffer>(2 + NS + n + i).value().untyped_data());
+    P[i] = static_cast<{pt}*>(WRITES_P && P_IN_PLACE ? ret(KO + i) : arg(2 + NS + i));
+    POUT[i] = WRITES_P ? static_cast<{pt}*>(ret(KO + i)) : nullptr;
+    G[i] = static_cast<const {gt}*>(arg(2 + NS + n + i));
 {st_fill}  }}
   std::vector<int64_t> leaf, start;
   for (int64_t i = 0; i < n; ++i)
     for (int64_t a = 0; a < sizes[i]; a += {_CHUNK}) {{ leaf.push_back(i); start.push_back(a); }}
   const int64_t nc = static_cast<int64_t>(leaf.size());
-  constexpr int64_t T = {n_terms};
   std::vector<float> part(static_cast<size_t>(nc * (T > 0 ? T : 1)));
   #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < nc; ++c) {{
@@ -231,19 +285,14 @@ static ffi::Error Impl(ffi::RemainingArgs args, ffi::RemainingRets rets,
     segment(S, Q, P[i] + a{pout_arg}, G[i] + a{st_args}, len, part.data() + c * T);
   }}
   if (T > 0) {{  // per-leaf sums of squares: the last output, [T, n]
-    float* out = static_cast<float*>(
-        rets.get<ffi::AnyBuffer>(KO + (WRITES_P ? n : 0)).value()->untyped_data());
+    float* out = static_cast<float*>(ret(KO + (WRITES_P ? n : 0)));
     std::vector<double> tot(static_cast<size_t>(T * n), 0.0);
     for (int64_t c = 0; c < nc; ++c)
       for (int64_t t = 0; t < T; ++t) tot[t * n + leaf[c]] += part[c * T + t];
     for (int64_t x = 0; x < T * n; ++x) out[x] = static_cast<float>(tot[x]);
   }}
-  return ffi::Error::Success();
+  return nullptr;
 }}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedoptKernel, Impl,
-    ffi::Ffi::Bind().RemainingArgs().RemainingRets()
-        .Attr<ffi::Span<const int64_t>>("offs").Attr<ffi::Span<const int64_t>>("sizes"));
 """
 
 

@@ -127,3 +127,26 @@ def test_concurrent_processes_building_one_cache_agree(tmp_path):
     with open(os.path.join(tmp_path, f + ".sha256")) as fh:
       size, _ = fh.read().split()
     assert int(size) == os.path.getsize(os.path.join(tmp_path, f))
+
+
+def test_handler_rejects_malformed_calls():
+  """The handler decodes XLA's FFI C call frame itself (no C++ binding): a call with the wrong
+  number of operands, or without its ``offs``/``sizes`` attributes, is an error naming it, never
+  a read past the operand list."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from fusedopt.kernels import native  # pylint: disable=import-outside-toplevel
+  from fusedopt.sgd import SGD_RULE  # pylint: disable=import-outside-toplevel
+  name = native.target_for(SGD_RULE)
+  out = [jax.ShapeDtypeStruct((4,), jnp.float32)]
+  s, seg, x = jnp.ones(2), jnp.zeros(1), jnp.ones(4)
+  one = dict(offs=np.array([0], np.int64), sizes=np.array([4], np.int64))
+  # in place: the param (operand 2) is aliased to the output; p - lr * g with lr = S[0] = 1
+  good = jax.ffi.ffi_call(name, out, input_output_aliases={2: 0})(s, seg, x, x, **one)[0]
+  np.testing.assert_array_equal(np.asarray(good), np.zeros(4))
+  with pytest.raises(Exception, match="wrong number of operands"):
+    jax.block_until_ready(jax.ffi.ffi_call(name, out)(s, seg, x, **one))
+  with pytest.raises(Exception, match="int64 array attributes offs and sizes"):
+    jax.block_until_ready(jax.ffi.ffi_call(name, out)(s, seg, x, x,
+                                                     offs=np.array([0], np.int64)))
