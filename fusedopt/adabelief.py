@@ -34,7 +34,7 @@ def _adabelief(xp, s, q, p, g, m, v):
   del q
   m = s.b1 * m + s.one_minus_b1 * g
   d = g - m
-  v = s.b2 * v + s.one_minus_b2 * (d * d) + s.eps
+  v = s.b2 * v + s.one_minus_b2 * xp.abs_sq(d) + s.eps
   new_p = p - s.lr * (m / s.bias_corr1) / (xp.sqrt(v / s.bias_corr2) + s.eps)
   return new_p - s.lr_wd * p, (m, v)
 

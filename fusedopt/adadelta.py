@@ -30,7 +30,7 @@ class _AdadeltaParamState(ParamState):
 
 def _adadelta(xp, s, q, p, g, sq, acc):
   del q
-  sq = s.rho * sq + (g * g) * s.one_minus_rho
+  sq = s.rho * sq + xp.abs_sq(g) * s.one_minus_rho
   delta = (xp.sqrt(acc + s.eps) / xp.sqrt(sq + s.eps)) * g
   new_p = p - s.lr * delta
   new_p = new_p - s.lr_wd * p

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import struct
+from . import norms, struct
+from .elementwise import store
 from .base import OptimizerDef
 from .flat import BACKENDS, check_kinds, check_range
 from .flat_state import ParamState, fields_of, param_state
@@ -127,16 +128,17 @@ class Adafactor(OptimizerDef):
   def apply_param_gradient(self, step, hyper_params, param, state, grad):
     hp = hyper_params
     state = fields_of(state)   # an _AdafactorParamState, or a dict of its fields
-    grad = grad.astype(F32)
-    p32 = param.astype(F32)
+    # float32 math; a complex leaf (fusedopt.tx, as optax) in complex64 with real |g|^2 statistics
+    grad = grad.astype(norms.compute_dtype(grad))
+    p32 = param.astype(norms.compute_dtype(param))
     updates = {k: jnp.zeros((1,), F32) for k in _FIELDS}
     t = jnp.asarray(step - hp.step_offset, F32) + 1.0
     decay = 1.0 - t ** (-jnp.asarray(hp.decay_rate, F32))
     mixing = 1.0 - decay
     update_scale = hp.learning_rate
     if self.hyper_params.multiply_by_parameter_scale:
-      update_scale *= jnp.maximum(jnp.sqrt(jnp.mean(p32 * p32)), hp.epsilon2)
-    grad_sqr = grad * grad + hp.epsilon1
+      update_scale *= jnp.maximum(jnp.sqrt(jnp.mean(norms.abs_sq(p32))), hp.epsilon2)
+    grad_sqr = norms.abs_sq(grad) + hp.epsilon1
     dims = self._factored_dims(param.shape)
     if dims is not None:
       d1, d0 = dims
@@ -153,12 +155,12 @@ class Adafactor(OptimizerDef):
       updates["v"] = new_v
       y = grad * new_v ** -0.5
     if hp.clipping_threshold is not None:
-      y /= jnp.maximum(1.0, jnp.sqrt(jnp.mean(y * y)) / hp.clipping_threshold)
+      y /= jnp.maximum(1.0, jnp.sqrt(jnp.mean(norms.abs_sq(y))) / hp.clipping_threshold)
     subtrahend = update_scale * y
     if hp.beta1 is not None:
       new_m = hp.beta1 * state["m"] + (1.0 - hp.beta1) * subtrahend
       subtrahend = new_m
-      updates["m"] = new_m.astype(self.dtype_momentum)
+      updates["m"] = store(new_m, self.dtype_momentum)
     if hp.weight_decay_rate is not None:
       new_param = (1.0 - hp.weight_decay_rate) * p32 - subtrahend
     else:

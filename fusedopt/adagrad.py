@@ -33,7 +33,7 @@ def adagrad_rule(eps_in_sqrt: bool = False) -> Rule:
   """
   def fn(xp, s, q, p, g, acc):
     del q
-    acc = acc + g * g
+    acc = acc + xp.abs_sq(g)
     if eps_in_sqrt:
       # acc == 0 only where every gradient so far was 0, so g == 0 there: where(., ., g) gives 0
       return p - s.lr * xp.where(acc, g / xp.sqrt(acc + s.eps), g), (acc,)

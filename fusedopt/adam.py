@@ -63,7 +63,7 @@ def adam_rule(nesterov: bool = False, eps_root: bool = False) -> Rule:
   def fn(xp, s, q, p, g, m, v):
     del q
     m = s.b1 * m + s.one_minus_b1 * g
-    v = s.b2 * v + s.one_minus_b2 * (g * g)
+    v = s.b2 * v + s.one_minus_b2 * xp.abs_sq(g)
     new_p = p - s.lr * m_hat(s, g, m) / (xp.sqrt(v_hat(s, v)) + s.eps)
     return new_p - s.lr_wd * p, (m, v)
 

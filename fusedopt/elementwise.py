@@ -7,7 +7,9 @@ An optimizer's update is a ``Rule``: a Python function of float32 *values*
 where ``s`` holds the step's global scalars (learning rate, betas, bias corrections — computed in
 float32 by the optimizer, entering every backend as runtime values so schedules never recompile),
 ``seg`` holds per-segment (per-tensor) scalars such as LAMB/LARS trust ratios, and ``xp`` supplies
-``sqrt`` and ``where(c, a, b)`` (c a scalar, nonzero = true). It uses only arithmetic operators
+``sqrt``, ``where(c, a, b)`` (c a scalar, nonzero = true) and ``abs_sq(x)`` (``|x|^2``: ``x * x``
+in the kernels, which are real; real ``re^2 + im^2`` for a complex leaf on the per-leaf jnp path,
+as optax squares complex gradients). It uses only arithmetic operators
 and those (plus, for bit-level wrappers such as stochastic rounding, ``xp.bits(x)`` (float32 ->
 uint32 bitcast), ``xp.from_bits(u)``, ``xp.u32(x)`` (float32 integer value -> uint32) and the
 uint32 operators ``^ & | + - * << >>`` with wrap-around), so the same function is traced by
@@ -27,6 +29,8 @@ from typing import Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from . import norms
 
 F32 = jnp.float32
 
@@ -262,21 +266,36 @@ def _u32(x):
 
 
 JNP = types.SimpleNamespace(sqrt=jnp.sqrt, where=_where, bits=_bits, from_bits=_from_bits,
-                            u32=_u32)
+                            u32=_u32, abs_sq=norms.abs_sq)
 
 
 def namespace(values: Dict[str, object]):
   return types.SimpleNamespace(**values)
 
 
+def store(x, dtype):
+  """``x`` in the storage ``dtype``. A complex value stored in a real dtype keeps its real part:
+  optax creates a state field in an explicit real dtype (``accumulator_dtype``,
+  ``dtype_momentum``) even for complex params, and casts into it."""
+  if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+    x = jnp.real(x)
+  return x.astype(dtype)
+
+
+def _compute(x):
+  """``x`` in the rules' compute dtype: float32, or complex64 for a complex leaf."""
+  return x.astype(norms.compute_dtype(x))
+
+
 def apply_to_leaf(rule: Rule, scalars, seg, p, g, state):
-  """The per-leaf path: ``rule`` on one leaf (any shape), math in float32, results cast back."""
+  """The per-leaf path: ``rule`` on one leaf (any shape), math in float32 (complex64 for a
+  complex leaf: ``xp.abs_sq`` gives its real ``|g|^2``), results cast back."""
   s = namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
   q = namespace({k: jnp.asarray(seg[k], F32) for k in rule.seg_scalars})
-  new_p, new_state = rule.fn(JNP, s, q, p.astype(F32), g.astype(F32),
-                             *(x.astype(F32) for x in state))
+  new_p, new_state = rule.fn(JNP, s, q, _compute(p), _compute(g),
+                             *(_compute(x) for x in state))
   new_p = p if new_p is None else new_p.astype(p.dtype)
-  return new_p, tuple(n.astype(x.dtype) for n, x in zip(new_state, state))
+  return new_p, tuple(store(n, x.dtype) for n, x in zip(new_state, state))
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,5 +316,5 @@ def leaf_sumsq(rule: Rule, scalars, seg, p, g, new_state):
   """Per-leaf ``rule.sumsq``: the sums of its terms squared, as float32 scalars."""
   s = namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
   q = namespace({k: jnp.asarray(seg[k], F32) for k in rule.seg_scalars})
-  terms = rule.sumsq(JNP, s, q, p.astype(F32), g.astype(F32), *(x.astype(F32) for x in new_state))
-  return tuple(jnp.sum(t * t) for t in terms)
+  terms = rule.sumsq(JNP, s, q, _compute(p), _compute(g), *(_compute(x) for x in new_state))
+  return tuple(jnp.sum(norms.abs_sq(t)) for t in terms)

@@ -54,8 +54,8 @@ def lamb_rules(eps_root: bool = False) -> Tuple[Rule, Rule]:
     return (m / s.bias_corr1) / (xp.sqrt(v_hat(s, v)) + s.eps) + s.wd * p
 
   def moments(xp, s, q, p, g, m, v):
-    del xp, q, p
-    return None, (s.b1 * m + s.one_minus_b1 * g, s.b2 * v + s.one_minus_b2 * (g * g))
+    del q, p
+    return None, (s.b1 * m + s.one_minus_b1 * g, s.b2 * v + s.one_minus_b2 * xp.abs_sq(g))
 
   def norm_terms(xp, s, q, p, g, m, v):
     """Terms whose per-tensor sums of squares the moment pass also returns: ||p||^2, ||u||^2."""

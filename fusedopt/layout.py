@@ -60,8 +60,10 @@ def _round_up(n, m):
   return -(-n // m) * m
 
 
-def _check_leaf(path, x):
+def _check_leaf(path, x, complex_ok=False):
   dtype = np.dtype(jnp.result_type(x))
+  if complex_ok and jnp.issubdtype(dtype, jnp.complexfloating):
+    return dtype
   if not jnp.issubdtype(dtype, jnp.floating):
     raise LayoutError(
         f"leaf {path} has dtype {dtype}; fusedopt optimizes floating-point leaves only "
@@ -108,17 +110,22 @@ class FlatLayout:
   # ---------------------------------------------------------------- construction
 
   @staticmethod
-  def build(tree, align: Optional[int] = None, shards: int = 1) -> "FlatLayout":
+  def build(tree, align: Optional[int] = None, shards: int = 1,
+            complex_ok: bool = False) -> "FlatLayout":
     """The layout of ``tree`` (arrays or ShapeDtypeStructs). Cached per structure/shapes/dtypes.
 
     ``align``: the alignment unit in elements; by default (None) ``choose_align``'s, which
     bounds the padding to 1% of the parameters plus ``PAD_ALLOWANCE`` elements.
     ``shards``: pad every group to a multiple of ``shards * align`` elements (see the module
-    docstring), for buffers split evenly over ``shards`` devices."""
+    docstring), for buffers split evenly over ``shards`` devices.
+    ``complex_ok``: admit complex leaves (a group per complex dtype), for drivers that run those
+    groups per leaf (``fusedopt.tx``); flat buffers and kernels are real, so by default a
+    complex leaf is a ``LayoutError`` naming it."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
     # An empty tree ({}, or only empty containers / None) has no segments and no groups: every
     # step is a no-op that still counts, as in flax 0.5.3.
-    spec = tuple((jax.tree_util.keystr(p), tuple(np.shape(x)), _check_leaf(jax.tree_util.keystr(p), x))
+    spec = tuple((jax.tree_util.keystr(p), tuple(np.shape(x)),
+                  _check_leaf(jax.tree_util.keystr(p), x, complex_ok))
                  for p, x in leaves_with_path)
     shards = int(shards)
     if shards < 1:

@@ -11,14 +11,29 @@ F32 = jnp.float32
 _SMALL = 2.0 ** -80
 
 
+def abs_sq(x):
+  """``|x|^2`` per element: ``x * x`` for real ``x``; ``re^2 + im^2`` (a real array) for complex
+  ``x``, as optax's ``numerics.abs_sq`` (``(x.conj() * x).real``)."""
+  if jnp.iscomplexobj(x):
+    return (x.conj() * x).real
+  return x * x
+
+
+def compute_dtype(x):
+  """The dtype the rules compute ``x`` in: float32, or complex64 for a complex ``x`` (whose
+  first moments are complex, its second moments ``|g|^2`` real)."""
+  return jnp.complex64 if jnp.iscomplexobj(x) else F32
+
+
 def sum_squares(x, axis=None):
-  """(sum(x**2), sum((x * 2**-80)**2)) in float32 over ``axis`` (default: all): two accumulators
-  over one read of ``x``."""
-  x = jnp.asarray(x).astype(F32)
+  """(sum(|x|**2), sum(|x * 2**-80|**2)) in float32 over ``axis`` (default: all): two
+  accumulators over one read of ``x`` (complex ``x``: ``abs_sq``)."""
+  x = jnp.asarray(x)
+  x = x.astype(compute_dtype(x))
   # a runtime scale: with a constant, XLA rewrites (x*c)*(x*c) as (x*x)*(c*c) = inf*0 = NaN
   small = jax.lax.optimization_barrier(F32(_SMALL))
   y = x * small
-  return jnp.sum(x * x, axis=axis), jnp.sum(y * y, axis=axis)
+  return jnp.sum(abs_sq(x), axis=axis), jnp.sum(abs_sq(y), axis=axis)
 
 
 def norm_from_sums(sq, sq_small):
@@ -65,7 +80,8 @@ def gradient_prepass(g_leaves, grad_scale=None, clip_global_norm=None, reduce=No
   scale = F32(1.0) if grad_scale is None else jnp.asarray(grad_scale, F32)
   sq, sq_small, bad = [], [], []
   for g in g_leaves:
-    x = jnp.asarray(g).astype(F32) * scale
+    g = jnp.asarray(g)
+    x = g.astype(compute_dtype(g)) * scale
     a, b = sum_squares(x)
     sq.append(a)
     sq_small.append(b)

@@ -48,7 +48,7 @@ def rmsprop_rule(centered: bool, eps_in_sqrt: bool = False, bias_correction: boo
     if bias_correction:
       v = v / s.bias_corr2
       mg = None if mg is None else mg / s.bias_corr2
-    return v if mg is None else v - mg * mg
+    return v if mg is None else v - xp.abs_sq(mg)
 
   def step(xp, s, p, g, w):
     # w() = v or v - mg^2, called where the formula reads it (the trace keeps its op order)
@@ -67,7 +67,7 @@ def rmsprop_rule(centered: bool, eps_in_sqrt: bool = False, bias_correction: boo
 
   def plain(xp, s, q, p, g, v, *t):
     del q
-    v = s.b2 * v + s.one_minus_b2 * (g * g)
+    v = s.b2 * v + s.one_minus_b2 * xp.abs_sq(g)
     out, _ = step(xp, s, p, g, lambda: w_of(xp, s, v, None))
     if momentum:
       out, t = trace(s, p, out, t[0])
@@ -75,7 +75,7 @@ def rmsprop_rule(centered: bool, eps_in_sqrt: bool = False, bias_correction: boo
 
   def centered_fn(xp, s, q, p, g, v, mg, *t):
     del q
-    v = s.b2 * v + s.one_minus_b2 * (g * g)
+    v = s.b2 * v + s.one_minus_b2 * xp.abs_sq(g)
     mg = s.b2 * mg + s.one_minus_b2 * g
     out, _ = step(xp, s, p, g, lambda: w_of(xp, s, v, mg))
     if momentum:

@@ -70,6 +70,11 @@ a constant learning rate -- cannot take a schedule for another argument: ``Hyper
 ``state_dtype`` (one dtype, or ``{field: dtype}`` with optax's field names) stores fields in
 another dtype than optax's (which is the params' dtype; ``mu_dtype`` for Adam's ``mu``).
 
+**Complex params** (as optax's): complex first moments, real second moments ``|g|^2``
+(``xp.abs_sq`` in the rules), norms of ``|x|^2``; a tree's complex leaves form their own groups,
+which run on the jnp backend whatever ``backend`` says (the kernels are real; an explicit kernel
+backend warns once).
+
 Import cost: this module imports optax; ``import fusedopt`` does not import it.
 """
 import dataclasses
@@ -387,11 +392,12 @@ def _counted(by):
 
 
 def _flat_step(spec, hp, count, guard, values, updates, g_leaves, params, deltas=True):
+  # complex leaves form their own groups, which run on the jnp backend (``registry.select``)
   if params is None:
-    layout = FlatLayout.build(updates)
+    layout = FlatLayout.build(updates, complex_ok=True)
     p_leaves = [jnp.zeros(s.shape, layout.groups[s.group].dtype) for s in layout.segments]
   else:   # the grads must have the params' tree structure (LayoutError naming both otherwise)
-    layout = FlatLayout.build(params)
+    layout = FlatLayout.build(params, complex_ok=True)
     p_leaves = layout.check(params, "params", allow_other_float=False)
   g_leaves = layout.check(updates, "grads")
   for a, leaves in values.items():
@@ -774,8 +780,8 @@ def lars(learning_rate, weight_decay=0.0, weight_decay_mask=True, trust_coeffici
     if wd_masked:
       wd = wd * _mask_vector(weight_decay_mask, params, n)
     gscale = run.gscale
-    d = [jnp.asarray(gi, F32) * gscale + wd[i] * jnp.asarray(pi, F32)
-         for i, (pi, gi) in enumerate(zip(p, g))]
+    up = lambda x: jnp.asarray(x).astype(norms.compute_dtype(x))  # noqa: E731  (complex stays)
+    d = [up(gi) * gscale + wd[i] * up(pi) for i, (pi, gi) in enumerate(zip(p, g))]
     pn, dn = norms.per_leaf(p), norms.per_leaf(d)
     ratio = trust_ratio(jnp.asarray(hp.trust_coefficient, F32), pn, dn,
                         dn + jnp.asarray(hp.eps, F32))
@@ -821,7 +827,8 @@ def _per_leaf_step(spec, hp, count, guard, finite, values, g_leaves, params):
     h = base_hp.replace(weight_decay_rate=None if wdr is None else
                         (wdr[i] if spec.wd_mask is not None else wdr))
     if guard is not None:
-      g = (jnp.asarray(g, F32) * guard["gscale"]).astype(jnp.result_type(g))
+      g = (jnp.asarray(g).astype(norms.compute_dtype(g)) * guard["gscale"]).astype(
+          jnp.result_type(g))
     st = opt_def.init_param_state(p).replace(
         **{_ADAFACTOR_SLOTS[a]: v[i] for a, v in values.items()})
     new_leaf, new_st = opt_def.apply_param_gradient(count, h, p, st, g)

@@ -155,7 +155,8 @@ def xp(em: Emitter):
       where=where,
       bits=lambda x: em.new(d.bits.format(x=em.operand(x)), UInt),
       from_bits=lambda u: em.new(d.from_bits.format(x=em.operand(u, UInt))),
-      u32=lambda x: em.new(d.u32.format(x=em.operand(x)), UInt))
+      u32=lambda x: em.new(d.u32.format(x=em.operand(x)), UInt),
+      abs_sq=lambda x: x * x)   # kernels are real: |x|^2 is x * x, one traced multiply
 
 
 def trace(rule, em: Emitter, scalars, seg_scalars, p, g, state):
@@ -181,6 +182,6 @@ def trace(rule, em: Emitter, scalars, seg_scalars, p, g, state):
   except AttributeError as e:   # an xp function or operator the emitter does not know
     raise NotImplementedError(
         f"the {em.dialect.backend} backend cannot generate rule {rule.name!r} ({e}); its emitter "
-        "supports + - * /, sqrt and where on float32 values, and bits/from_bits/u32 with the "
+        "supports + - * /, sqrt, abs_sq and where on float32 values, and bits/from_bits/u32 with the "
         "uint32 operators + - * ^ & | << >>") from e
   return new_p, (tuple(new_state) if rule.writes_state else ()), terms

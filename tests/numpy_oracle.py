@@ -22,7 +22,8 @@ def _from_bits(u):
 
 NPX = types.SimpleNamespace(
     sqrt=np.sqrt, where=lambda c, a, b: np.where(np.asarray(c) != 0, a, b),
-    bits=_bits, from_bits=_from_bits, u32=lambda x: np.asarray(x, _F32).astype(_U32))
+    bits=_bits, from_bits=_from_bits, u32=lambda x: np.asarray(x, _F32).astype(_U32),
+    abs_sq=lambda x: x * x)
 
 
 def scalars_ns(values):

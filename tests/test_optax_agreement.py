@@ -99,9 +99,10 @@ def assert_close(actual, expected, what, rtol=RTOL, atol_rel=ATOL_REL):
   e_leaves, e_def = jax.tree_util.tree_flatten(expected)
   assert a_def == e_def, what
   for i, (a, e) in enumerate(zip(a_leaves, e_leaves)):
-    e = np.asarray(e, np.float64)
+    wide = np.complex128 if np.iscomplexobj(e) or np.iscomplexobj(a) else np.float64
+    e = np.asarray(e, wide)
     scale = max(1.0, float(np.max(np.abs(e)))) if e.size else 1.0
-    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol_rel * scale,
+    np.testing.assert_allclose(np.asarray(a, wide), e, rtol=rtol, atol=atol_rel * scale,
                                err_msg=f'{what} leaf {i} shape {e.shape}')
 
 

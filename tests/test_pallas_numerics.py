@@ -20,7 +20,7 @@ import pytest
 
 import fusedopt as optim
 from fusedopt.kernels import pallas as kp
-from fusedopt.elementwise import namespace
+from fusedopt.elementwise import JNP, namespace
 
 from cases import CONFIGS, IDS, SHAPES, ulps_error
 
@@ -138,7 +138,7 @@ def test_block_sizes_and_unit_counts(block_rows, units):
       ADAM_RULE, s, {}, a[0], a[1], a[2:], tuning=tuning,
       platform=None if ON_DEVICE else "interpret"))(p, g, m, v)
   ns = namespace({k: jnp.float32(x) for k, x in s.items()})
-  ref_p, (ref_m, ref_v) = _on_oracle(jax.jit(lambda *a: ADAM_RULE.fn(jnp, ns, None, *a)),
+  ref_p, (ref_m, ref_v) = _on_oracle(jax.jit(lambda *a: ADAM_RULE.fn(JNP, ns, None, *a)),
                                       p, g, m, v)
   _assert_close(out_p, ref_p, p, "p", F32_ULPS, 1e-2)
   _assert_close(out_m, ref_m, m, "m", F32_ULPS, np.abs(np.asarray(g)) if ON_DEVICE else 0)

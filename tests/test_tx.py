@@ -1,6 +1,7 @@
 """fusedopt.tx (optax GradientTransformations on the fused engine) vs optax 0.2.8.
 
-Agreement: each tx against optax's own optimizer over 10 steps on a small mixed tree (float32).
+Agreement: each tx against optax's own optimizer over 20 steps on a tree with every kind of leaf
+optax takes (float32 tensors and scalars, complex64, bfloat16, ``None``, empty containers).
 Betas are dyadic (0.875, 1 - 2**-10, ...) where optax's bias correction ``1 - b**t`` would
 otherwise round ``b`` first: fusedopt computes it accurately (see fusedopt.flat.bias_correction),
 so with a non-representable beta the two differ by ~1e-6 relative in the update, which is
@@ -28,7 +29,7 @@ from fusedopt import tx  # noqa: E402
 import fusedopt  # noqa: E402
 import test_optax_agreement  # noqa: E402
 
-N_STEPS = 10
+N_STEPS = 20
 B1, B2 = 0.875, 1.0 - 2.0 ** -10      # exactly representable: optax's 1 - b**t is then accurate
 
 
@@ -54,6 +55,39 @@ def make_grads(params, seed=1, steps=N_STEPS):
 def data():
   params = make_params()
   return params, make_grads(params)
+
+
+def make_zoo(seed=0):
+  """``make_params``' tree with complex64 leaves (a matrix large enough for Adafactor to factor
+  among them), a bfloat16 leaf, ``None`` and empty containers added; the masks of ``CASES``
+  are prefixes of it."""
+  rng = np.random.RandomState(seed)
+  c = lambda shape, s: jnp.asarray((s * (rng.standard_normal(shape)  # noqa: E731
+                                         + 1j * rng.standard_normal(shape))).astype(np.complex64))
+  params = make_params(seed)
+  params["big"].append(c((129, 131), 0.5))
+  params["misc"] = params["misc"] + (c((4, 3), 0.7), c((), 1.2), None, {},
+                                     jnp.asarray(rng.standard_normal((5,)), jnp.bfloat16))
+  return params
+
+
+def zoo_grads(params, seed=1, steps=N_STEPS):
+  rng = np.random.RandomState(seed)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  mags = [float(10.0 ** rng.uniform(-1, 1)) for _ in leaves]
+
+  def draw(p, m):
+    x = rng.standard_normal(p.shape)
+    if jnp.iscomplexobj(p):
+      x = x + 1j * rng.standard_normal(p.shape)
+    return jnp.asarray(m * x).astype(p.dtype)
+  return [treedef.unflatten([draw(p, m) for p, m in zip(leaves, mags)]) for _ in range(steps)]
+
+
+@pytest.fixture(scope="module")
+def zoo():
+  params = make_zoo()
+  return params, zoo_grads(params)
 
 
 def run(t, params, grads, with_params=True):
@@ -126,18 +160,76 @@ CASES = [
 ILL_CONDITIONED = {"rmsprop_centered_bias_correction": dict(rtol=1e-4, atol_rel=1e-4)}
 
 
+def _split_bf16(tree):
+  """(the tree with its bfloat16 leaves set to None, the bfloat16 leaves)."""
+  is_bf16 = lambda x: x is not None and jnp.result_type(x) == jnp.bfloat16  # noqa: E731
+  rest = jax.tree_util.tree_map(lambda x: None if is_bf16(x) else x, tree)
+  return rest, [x for x in jax.tree_util.tree_leaves(tree) if is_bf16(x)]
+
+
+def run64(make, params, grads):
+  """optax's own transformation run in float64 (complex128): the reference where float32 or
+  bfloat16 roundings make optax and fusedopt differ (returned as NumPy arrays)."""
+  def wide(x):
+    return x.astype(jnp.complex128 if jnp.iscomplexobj(x) else jnp.float64)
+  with jax.enable_x64(True):
+    p64 = jax.tree_util.tree_map(wide, params)
+    out, _ = run(make(optax), p64, [jax.tree_util.tree_map(wide, g) for g in grads])
+    return jax.tree_util.tree_map(np.asarray, out)
+
+
+def assert_as_accurate(got, optax32, ref, name, ulps=1.0):
+  """Leaf by leaf, fusedopt's float32/bf16 result is at least as close to the float64 reference
+  as optax's own (up to ``ulps`` of the leaf's largest magnitude in the leaf's dtype)."""
+  for i, (g, o, r) in enumerate(zip(jax.tree_util.tree_leaves(got),
+                                    jax.tree_util.tree_leaves(optax32),
+                                    jax.tree_util.tree_leaves(ref))):
+    dtype = jnp.result_type(g)
+    wide = np.complex128 if np.iscomplexobj(r) else np.float64
+    g, o, r = (np.asarray(x, wide) for x in (g, o, r))
+    real = jnp.finfo(dtype).dtype   # complex64 -> float32
+    ulp = float(np.spacing(np.asarray(max(np.max(np.abs(r)), 1e-3), real)))
+    err_g, err_o = float(np.max(np.abs(g - r))), float(np.max(np.abs(o - r)))
+    assert err_g <= err_o + ulps * ulp, (name, i, dtype, err_g, err_o, ulp)
+
+
+def assert_close_zoo(got, expected, name, ref=None, **tol):
+  """float32/complex64 leaves within ``tol`` (default rtol 1e-6) of optax's. bfloat16 leaves:
+  optax computes a bf16 leaf's moments and update in bf16 and rounds at every operation,
+  fusedopt in float32 rounding once per stored value; after 20 steps of rounded bf16 updates
+  they part by several ulps, so there fusedopt must be at least as close as optax to the
+  float64 reference ``ref`` (``run64``)."""
+  rest_g, bf_g = _split_bf16(got)
+  rest_e, bf_e = _split_bf16(expected)
+  assert_close(rest_g, rest_e, name, **tol)
+  assert len(bf_g) == len(bf_e)
+  if ref is not None:
+    bf_r = [r for r, e in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(expected))
+            if jnp.result_type(e) == jnp.bfloat16]
+    assert_as_accurate(bf_g, bf_e, bf_r, name)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_agrees_with_optax(case, data):
+def test_agrees_with_optax(case, zoo):
+  """optax's state structure (tree, shapes, dtypes) exactly, and the same params and state after
+  20 steps on a tree of float32, complex64 and bfloat16 leaves with None and empty subtrees."""
   name, make = case
-  params, grads = data
+  params, grads = zoo
   expected, expected_state = run(make(optax), params, grads)
   got, state = run(make(tx), params, grads)
   assert_same_structure(state, expected_state)
-  assert_close(got, expected, name, **ILL_CONDITIONED.get(name, {}))
+  assert_close_zoo(got, expected, name, ref=run64(make, params, grads),
+                   **ILL_CONDITIONED.get(name, {}))
   # optax's own state, field by field: counts exactly, moments/traces as closely as the params
   for a, e in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(expected_state)):
     if jnp.issubdtype(e.dtype, jnp.integer):
       assert int(a) == int(e) == N_STEPS, name
+  # the state of the bfloat16 leaf follows that leaf's (rounded) trajectory: left out here, its
+  # effect is in the params checked above
+  ref_t = make(optax)
+  keep = lambda st: optax.tree_map_params(  # noqa: E731
+      ref_t, lambda x, p: None if jnp.result_type(p) == jnp.bfloat16 else x, st, params)
+  state, expected_state = keep(state), keep(expected_state)
   if name == "sgd_accumulator_bf16":   # optax rounds g + b t in bfloat16, fusedopt once: 1 ulp
     assert_close(state, expected_state, name, rtol=2 ** -7, atol_rel=2 ** -8)
   else:
@@ -152,13 +244,74 @@ def assert_same_structure(state, expected):
     assert (jnp.shape(a), jnp.result_type(a)) == (jnp.shape(e), jnp.result_type(e))
 
 
-def test_defaults_agree_with_optax(data):
-  """optax's default betas: only optax's float32 rounding of beta**t separates the two."""
-  params, grads = data
-  for name in ("adamw", "lamb"):
-    expected, _ = run(getattr(optax, name)(1e-2), params, grads)
-    got, _ = run(getattr(tx, name)(1e-2), params, grads)
-    assert_close(got, expected, name, rtol=1e-5)
+DEFAULT_BETAS = [
+    ("adamw", lambda m: m.adamw(1e-2, weight_decay=1e-2)),
+    ("nadamw", lambda m: m.nadamw(1e-2)),
+    ("lamb", lambda m: m.lamb(1e-2)),
+    ("rmsprop_bias_correction", lambda m: m.rmsprop(1e-2, bias_correction=True, momentum=0.9)),
+]
+
+
+@pytest.mark.parametrize("case", DEFAULT_BETAS, ids=[c[0] for c in DEFAULT_BETAS])
+def test_defaults_agree_with_optax(case, zoo):
+  """optax's default betas (0.9, 0.999) over 20 steps: optax's float32 bias corrections (below)
+  and the rounding of the parameters separate the two by up to ~1e-5; bfloat16 leaves at least
+  as close to the float64 run as optax's."""
+  name, make = case
+  params, grads = zoo
+  expected, _ = run(make(optax), params, grads)
+  got, _ = run(make(tx), params, grads)
+  assert_close_zoo(got, expected, name, ref=run64(make, params, grads), rtol=2e-5,
+                   atol_rel=2e-5)
+
+
+BIAS_CORRECTED = [
+    ("adam", lambda m: m.adam(1e-2)),
+    ("nadam", lambda m: m.nadam(1e-2)),
+    ("rmsprop_bias_correction", lambda m: m.rmsprop(1e-2, bias_correction=True)),
+]
+
+
+@pytest.mark.parametrize("case", BIAS_CORRECTED, ids=[c[0] for c in BIAS_CORRECTED])
+def test_bias_correction_more_accurate_than_optax(case, zoo):
+  """The update itself, from one state, against float64: optax computes ``1 - b**t`` in float32
+  from ``b`` rounded to float32 (``1 - 0.999`` carries a relative error of 1.3e-5), fusedopt from
+  the exact ``b``. At steps 1, 2, 5 and 20 of optax's own float32 trajectory, tx's update (with
+  ``params=None``: computed from ``p = 0``, so no parameter rounding enters) and optax's are
+  compared with optax's update run in float64 from the same state: fusedopt's within 1e-6 of
+  the largest update of each leaf, and at least as close as optax's."""
+  name, make = case
+  params, grads = zoo
+  ref_t, t = make(optax), make(tx)
+  wide = lambda x: x.astype(  # noqa: E731
+      jnp.complex128 if jnp.iscomplexobj(x) else jnp.float64) if jnp.issubdtype(
+          jnp.result_type(x), jnp.inexact) else x
+  state, p = ref_t.init(params), params
+  worst = {"tx": 0.0, "optax": 0.0}
+  update_optax, update_tx = jax.jit(ref_t.update), jax.jit(t.update)
+  update64 = jax.jit(lambda g, s: ref_t.update(jax.tree_util.tree_map(wide, g),
+                                               jax.tree_util.tree_map(wide, s))[0])
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *ref_t.update(g, s, p)))
+  for k, g in enumerate(grads):
+    if k + 1 in (1, 2, 5, 20):
+      u_optax, _ = update_optax(g, state)
+      u_tx, _ = update_tx(g, state)
+      with jax.enable_x64(True):
+        u64 = jax.tree_util.tree_map(np.asarray, update64(g, state))
+      for x_tx, x_o, r, leaf in zip(*(jax.tree_util.tree_leaves(x) for x in (u_tx, u_optax,
+                                                                              u64, p))):
+        if jnp.result_type(leaf) == jnp.bfloat16:
+          continue   # rounded to bf16 either way
+        wide_np = np.complex128 if np.iscomplexobj(r) else np.float64
+        scale = float(np.max(np.abs(r)))
+        for key, x in (("tx", x_tx), ("optax", x_o)):
+          err = float(np.max(np.abs(np.asarray(x, wide_np) - r))) / scale
+          worst[key] = max(worst[key], err)
+    p, state = step(p, state, g)
+  assert worst["tx"] <= 1e-6, (name, worst)
+  print(name, worst)
+  assert worst["tx"] <= worst["optax"], (name, worst)
 
 
 @pytest.mark.parametrize("backend", ["jnp", "pallas_interpret"])
@@ -738,11 +891,33 @@ def test_reduce_on_plateau(data):
 
 
 
-def test_complex_params_are_a_clear_error_for_now():
-  """Complex params (optax's Adam family accepts them) are not supported yet: a LayoutError
-  naming the leaf and its dtype, raised before any state changes."""
-  t = tx.adam(1e-2)
+@pytest.mark.parametrize("backend", ["native", "pallas_interpret"])
+def test_complex_leaves_on_kernel_backends(backend):
+  """The kernels are real: with an explicit kernel backend, a tree's complex leaves run on the
+  jnp backend (one warning naming the dtype), the real ones on the kernels; the results are
+  optax's, in both the two-call and the one-pass form."""
+  if backend not in fusedopt.available_backends():
+    pytest.skip(f"{backend} not available")
+  rng = np.random.RandomState(3)
+  params = {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
+            "z": jnp.asarray(rng.standard_normal(5) + 1j * rng.standard_normal(5), jnp.complex64)}
+  grads = zoo_grads(params, steps=3)
+  make = lambda m, **k: m.adamw(1e-2, b1=B1, b2=B2, weight_decay=1e-2, **k)  # noqa: E731
+  expected, _ = run(make(optax), params, grads)
+  with pytest.warns(RuntimeWarning, match="no complex64 kernel"):
+    got, _ = run(make(tx, backend=backend), params, grads)
+  assert_close(got, expected, backend)
+  t = make(tx, backend=backend)
+  p, state = params, t.init(params)
+  with pytest.warns(RuntimeWarning, match="no complex64 kernel"):
+    for g in grads:
+      p, state = jax.jit(functools.partial(tx.update_and_apply, t))(g, state, p)
+  assert_close(p, expected, backend + " update_and_apply")
+
+
+def test_complex_params_in_the_flax_api_are_a_clear_error():
+  """The flax.optim API keeps its state in flat real buffers: a complex leaf is a LayoutError
+  naming the leaf and its dtype (fusedopt.tx takes complex leaves)."""
   params = {"re": jnp.ones(3), "z": jnp.ones(3, jnp.complex64)}
-  state = t.init(params)
   with pytest.raises(fusedopt.LayoutError, match=r"\['z'\].*complex64"):
-    t.update(params, state, params)
+    fusedopt.Adam(1e-2).create(params)

@@ -28,6 +28,7 @@ import numpy as np
 
 import fusedopt as optim
 from fusedopt import flat
+from fusedopt.elementwise import JNP
 from fusedopt.kernels import triton as kt
 
 from cases import SHAPES, ulps_error
@@ -387,7 +388,7 @@ def block_sizes(backend, stats):
       out_p, (out_m, out_v), _ = jax.jit(lambda *a, tu=tuning: kt.flat_update(
           ADAM_RULE, s, {}, a[0], a[1], a[2:], tuning=tu, platform=plat))(p, g, m, v)
       with jax.default_device(_cpu()):
-        ref_p, (ref_m, ref_v) = jax.jit(lambda *a: ADAM_RULE.fn(jnp, ns, None, *a))(
+        ref_p, (ref_m, ref_v) = jax.jit(lambda *a: ADAM_RULE.fn(JNP, ns, None, *a))(
             *jax.device_put((p, g, m, v), _cpu()))
       assert_close(out_p, ref_p, p, ("p", units, block), 2, stats, 1e-2)
       assert_close(out_m, ref_m, m, ("m", units, block), 2, stats)
@@ -395,8 +396,8 @@ def block_sizes(backend, stats):
       _, _, sums = jax.jit(lambda *a, tu=tuning: kt.flat_update(
           MOMENTS_RULE, s, {}, a[0], a[1], a[2:], tuning=tu, platform=plat))(p, g, m, v)
       with jax.default_device(_cpu()):
-        _, new = MOMENTS_RULE.fn(jnp, ns, None, *jax.device_put((p, g, m, v), _cpu()))
-        terms = MOMENTS_RULE.sumsq(jnp, ns, None, p, g, *new)
+        _, new = MOMENTS_RULE.fn(JNP, ns, None, *jax.device_put((p, g, m, v), _cpu()))
+        terms = MOMENTS_RULE.sumsq(JNP, ns, None, p, g, *new)
         ref = [np.asarray(jnp.sum((x * x).reshape(units, kt.ALIGN), axis=1)) for x in terms]
       for x, y in zip(sums, ref):
         assert x.shape == (units,)
