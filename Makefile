@@ -22,7 +22,14 @@
 #
 # Variables: PYTHON (interpreter that creates the venv, default python3), CONSTRAINTS, TESTS
 # (what pytest runs, default tests), PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS
-# (default auto: one per core; 0 runs in one process), DEMO_ARGS, BENCH_ARGS.
+# (default auto: one per core; 0 runs in one process), TEST_XLA_FLAGS, DEMO_ARGS, BENCH_ARGS.
+#
+# TEST_XLA_FLAGS (prepended to XLA_FLAGS for the test run): LLVM's expensive passes off when
+# XLA:CPU compiles the suite's ~thousand small programs (compiling is most of the suite's time on
+# 2 cores). It changes no result (the same IEEE operations, bitwise: the tests that compare XLA
+# programs bit for bit pass either way); `make test TEST_XLA_FLAGS=` runs with XLA's defaults.
+# The run also shares one jax compilation cache (a fresh temporary directory, removed after) among
+# the pytest workers and their subprocesses, so an identical program compiles once.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -39,6 +46,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers (one per core); each test file stays on one worker (--dist loadfile), so a
 # file's module-scoped set-up (the Triton interpreter run, the flax 0.5.3 venv) runs once
 PYTEST_WORKERS ?= auto
+TEST_XLA_FLAGS ?= --xla_llvm_disable_expensive_passes=true
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
@@ -61,7 +69,11 @@ $(VENV)/.installed-%-$(KEY): | $(PY)
 	touch $@
 
 test: $(call stamp,test)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(TESTS) $(PYTEST_ARGS)
+	cache=$$(mktemp -d) && trap 'rm -rf "$$cache"' EXIT && \
+	  JAX_PLATFORMS=cpu XLA_FLAGS="$(TEST_XLA_FLAGS) $${XLA_FLAGS:-}" \
+	  JAX_COMPILATION_CACHE_DIR="$$cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+	  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 \
+	  $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(TESTS) $(PYTEST_ARGS)
 
 demo: $(call stamp,demo)
 	JAX_PLATFORMS=cpu $(PY) examples/digits_mlp.py $(DEMO_ARGS)

@@ -62,8 +62,9 @@ optax's init), so ``optax.tree_map_params``, partition rules derived from the pa
 flax and orbax checkpoints carry over in both directions. ``update`` finds the params-shaped
 fields it reads (``mu``, ``nu``, ...) in that state and runs the rule over every leaf with the
 leaf's own state arrays (``StepContext.leaf_state``): the native CPU kernels read and write each
-leaf's state by address in one pass (as apex's multi_tensor_apply), the jnp backend runs one
-XLA fusion per leaf, Pallas and Triton pack the state into their flat buffers and back. Every
+leaf's state by address in one pass (as apex's multi_tensor_apply), and so do the leaf-direct
+Triton kernels; the jnp backend runs one XLA fusion per leaf, Pallas packs the state into its
+flat buffers and back. Every
 ``count`` of the state advances as optax's (``safe_increment``); schedules are evaluated at the
 state's first count, as optax evaluates them (an alias whose state has no count -- ``sgd`` with
 a constant learning rate -- cannot take a schedule for another argument: ``HyperParamError``).

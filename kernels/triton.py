@@ -11,7 +11,10 @@ the hand-written driver templates:
 - ``_UPDATE_LEAVES`` (what ``backend="triton"`` runs): the element-wise update of a rule over one
   dtype group, **leaf-direct** -- like apex's ``multi_tensor_apply`` and the native CPU kernel, a
   launch takes up to ``LEAVES_PER_LAUNCH`` leaves' own param and grad buffers as pointer
-  arguments and the group's flat state buffers, so the step packs nothing: no concatenated copy
+  arguments and the group's flat state buffers -- or, for optax's params-shaped state
+  (``fusedopt.tx``, ``Backend.run_leaves``), each leaf's own state buffers too, chosen per program
+  like its params (``leaves_per_launch``: fewer leaves as state fields add pointers, within
+  CUDA's 4 KB of kernel parameters) -- so the step packs nothing: no concatenated copy
   of the grads or params, no slicing back (a packed copy costs the jnp step on GPT-2-124M half of
   the copy bandwidth on an H100). Every variant (``guarded``/``with_master``/``per_segment``/
   stochastic rounding); for a rule with ``sumsq`` (LAMB's moment pass), per-row partial sums of
@@ -304,11 +307,14 @@ class KernelSpec:
   st_dtypes: Tuple[str, ...]
   leaves: int = 0                   # 0: the flat-buffer kernel (_UPDATE)
   vec: int = 1
+  leaf_state: bool = False          # leaf-direct state: each leaf's own state buffers
 
   @property
   def name(self):
     base = "fusedopt_" + re.sub(r"\W", "_", self.rule.name)
-    return base if not self.leaves else f"{base}_x{self.leaves}_v{self.vec}"
+    if not self.leaves:
+      return base
+    return f"{base}_x{self.leaves}_v{self.vec}" + ("_ls" if self.leaf_state else "")
 
 
 def _store(ptr, offs, mask, val, dtype):
@@ -333,8 +339,11 @@ def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
   The rule is traced with ``symbolic.Float`` values; the inputs it never reads are not loaded.
   The flat kernel (``spec.leaves == 0``) addresses one buffer per operand; the leaf-direct one
   (``_UPDATE_LEAVES``) reads and writes the params and grads in the leaves' own buffers
-  (``p_in``/``g_in``/``p_out``, chosen per program) and the state in its flat buffers."""
+  (``p_in``/``g_in``/``p_out``, chosen per program) and the state in its flat buffers, or, with
+  ``spec.leaf_state`` (optax's params-shaped state, ``fusedopt.tx``), in each leaf's own state
+  buffers too (``st<i>_in``/``st<i>_out``, chosen the same way, over the leaf's n elements)."""
   rule, k = spec.rule, spec.leaves
+  ls = bool(k and spec.leaf_state)
   em, new_p, new_state, terms = _trace(rule)
   n_terms = len(terms)
   if k:
@@ -347,14 +356,23 @@ def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
     p_ins, g_ins, p_outs, tables = ["P"], ["G"], ["P_OUT"], []
     leaf_offs, leaf_mask, st_offs = "offs", "mask", "offs"
     p_ptr, g_ptr, p_out = "P", "G", "P_OUT"
+  if ls:   # field-major: every leaf's buffer of field 0, then of field 1, ...
+    st_ins = [f"ST{i}_{j}" for i in range(rule.n_state) for j in range(k)]
+    st_outs = [f"ST{i}_{j}_OUT" for i in range(len(new_state)) for j in range(k)]
+    st_offs, st_mask, st_in, st_out = "offs", "lmask", "st{i}_in", "st{i}_out"
+  else:
+    st_ins = [f"ST{i}" for i in range(rule.n_state)]
+    st_outs = [f"ST{i}_OUT" for i in range(len(new_state))]
+    st_mask, st_in, st_out = "mask", "ST{i}", "ST{i}_OUT"
   ins = (["S"] + [f"Q{i}" for i in range(len(rule.seg_scalars))] + tables + p_ins
-         + (g_ins if rule.reads_grad else []) + [f"ST{i}" for i in range(rule.n_state)])
-  outs = ((p_outs if rule.writes_param else []) + [f"ST{i}_OUT" for i in range(len(new_state))]
+         + (g_ins if rule.reads_grad else []) + st_ins)
+  outs = ((p_outs if rule.writes_param else []) + st_outs
           + [f"SUM{t}" for t in range(n_terms)])
 
   stores = []
   for i, v in enumerate(new_state):
-    stores.append(_store(f"ST{i}_OUT", st_offs, "mask", em.operand(v), spec.st_dtypes[i]))
+    stores.append(_store(st_out.format(i=i), st_offs, st_mask, em.operand(v),
+                         spec.st_dtypes[i]))
   if rule.writes_param:
     stores.append(_store(p_out, leaf_offs, leaf_mask, em.operand(new_p), spec.p_dtype))
   for t, v in enumerate(terms):
@@ -371,6 +389,11 @@ def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
   if k:   # this program's leaf: branch-free selects among the launch's leaf pointers
     sel = [("p_in", p_ins, "p" in used)] + [("g_in", g_ins, rule.reads_grad and "g" in used)]
     sel += [("p_out", p_outs, rule.writes_param)]
+    if ls:
+      sel += [(f"st{i}_in", [f"ST{i}_{j}" for j in range(k)], f"st{i}" in used)
+              for i in range(rule.n_state)]
+      sel += [(f"st{i}_out", [f"ST{i}_{j}_OUT" for j in range(k)], True)
+              for i in range(len(new_state))]
     for var, ptrs, needed in sel:
       if needed:
         loads.append(f"{var} = {ptrs[0]}")
@@ -383,7 +406,7 @@ def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
             if f"q{i}" in used]
   bufs = [("p", p_ptr, leaf_offs, leaf_mask)]
   bufs += [("g", g_ptr, leaf_offs, leaf_mask)] if rule.reads_grad else []
-  bufs += [(f"st{i}", f"ST{i}", st_offs, "mask") for i in range(rule.n_state)]
+  bufs += [(f"st{i}", st_in.format(i=i), st_offs, st_mask) for i in range(rule.n_state)]
   loads += [f"{v} = tl.load({ptr} + {offs}, mask={mask}, other=0.0).to(tl.float32)"
             for v, ptr, offs, mask in bufs if v in used]
   indent = lambda xs: "\n".join("    " + x for x in xs) or "    pass"  # noqa: E731
@@ -392,6 +415,7 @@ def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
           f"state {', '.join(spec.st_dtypes) or '-'}")
   if k:
     what += f", {k} leaves a launch, sizes multiples of {spec.vec}"
+    what += ", per-leaf state" if ls else ""
   src = _HEADER.format(what=what)
   src += (_UPDATE_LEAVES if k else _UPDATE).format(
       name=spec.name, params=params, loads=indent(loads), body=indent(em.lines),
@@ -676,6 +700,19 @@ TABLES = ("SLOT", "CHUNK", "NROWS", "PADV", "ROW0")
 # and a model needs at most two kernel variants per (rule, dtypes, vector width): one for full
 # launches, one for the last.
 LEAVES_PER_LAUNCH = 64
+# With per-leaf state each leaf adds two pointers per state field: launches take fewer leaves so
+# that a kernel's pointer parameters stay within ``_PARAM_POINTERS`` (4 KB less room for the
+# scalars and tables).
+_PARAM_POINTERS = (4096 - 256) // 8
+
+
+def leaves_per_launch(rule, leaf_state: bool) -> int:
+  """Leaves per launch for ``rule``: ``LEAVES_PER_LAUNCH``, fewer where per-leaf state pointers
+  would exceed the kernel-parameter budget."""
+  if not leaf_state:
+    return LEAVES_PER_LAUNCH
+  per_leaf = 3 + 2 * rule.n_state   # param in and out, grad, each state field in and out
+  return max(1, min(LEAVES_PER_LAUNCH, _PARAM_POINTERS // per_leaf))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -704,14 +741,15 @@ def _vector_width(dtypes) -> int:
   return 16 // min(np.dtype(d).itemsize for d in dtypes)
 
 
-def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None):
+def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None, leaves_per_launch=None):
   """The leaf-direct launches over group ``gi``'s non-empty leaves.
 
   ``leaf_dtypes[j]``: the dtypes of the leaf buffers the kernel reads or writes for the group's
   j-th leaf (default: the group's dtype). Leaves launched together have the same ones (one
   pointer type per argument) and the same vector width: the largest power of two dividing the
   leaf's size, up to 16 bytes of its narrowest buffer. In group order within a launch,
-  ``LEAVES_PER_LAUNCH`` at most."""
+  ``leaves_per_launch`` (default ``LEAVES_PER_LAUNCH``) at most."""
+  per_launch = leaves_per_launch or LEAVES_PER_LAUNCH
   group = layout.groups[gi]
   c = min(tuning.block, ALIGN)
   if layout.align % c:
@@ -726,8 +764,8 @@ def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None):
       classes.setdefault((-vec, dts), []).append(pos)
   out = []
   for (neg_vec, _), members in sorted(classes.items()):
-    for s in range(0, len(members), LEAVES_PER_LAUNCH):
-      pos = tuple(members[s:s + LEAVES_PER_LAUNCH])
+    for s in range(0, len(members), per_launch):
+      pos = tuple(members[s:s + per_launch])
       segs = [layout.segments[group.segments[j]] for j in pos]
       nrows = np.asarray([-(-seg.size // layout.align) * layout.align // c for seg in segs],
                          np.int64)
@@ -754,14 +792,17 @@ def _group_grads(layout, gi, g_leaves):
 
 
 def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=None,
-        tuning=None):
-  """The ``triton`` backend's ``Backend.run_group``: leaf-direct kernels (``_UPDATE_LEAVES``) that read the params and grads in
-  their own buffers and write the params in place -- no packed copy of either, so a step moves
-  the rule's bytes per parameter and nothing more -- and update the flat state in place."""
+        tuning=None, leaf_state=False):
+  """The ``triton`` backend's ``Backend.run_group``: leaf-direct kernels (``_UPDATE_LEAVES``) that
+  read the params and grads in their own buffers and write the params in place -- no packed copy
+  of either, so a step moves the rule's bytes per parameter and nothing more -- and update the
+  flat state in place. ``leaf_state`` (``Backend.run_leaves``): ``state`` per field the group's
+  own state leaves, each read and written by its address in the same pass (aliased in place),
+  as apex's multi_tensor_apply takes per-tensor state lists."""
   plat = _platform(platform)
   group = layout.groups[gi]
-  state = tuple(state)
-  for x in state:
+  state = tuple(tuple(f) for f in state) if leaf_state else tuple(state)
+  for x in (x for f in state for x in f) if leaf_state else state:
     if not supports(x.dtype):
       raise ValueError(f"no Triton kernel for state of dtype {np.dtype(x.dtype).name}")
   n_sums = elementwise.num_sumsq_terms(rule) if rule.sumsq is not None else 0
@@ -770,23 +811,32 @@ def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=N
   grads = _group_grads(layout, gi, g_leaves) if rule.reads_grad else None
   tuning = tuning or default_tuning(rule, group.dtype, plat)
   leaf_dtypes = [(group.dtype,) + ((grads[j].dtype,) if grads else ())
+                 + (tuple(f[j].dtype for f in state) if leaf_state else ())
                  for j in range(len(group.segments))]
   s_vec = jnp.stack([jnp.asarray(scalars[k], F32) for k in rule.scalars]
                     or [jnp.zeros((), F32)])
-  st_names = tuple(np.dtype(x.dtype).name for x in state)
-  for launch in plan_launches(layout, gi, tuning, leaf_dtypes):
+  new_state = [list(f) for f in state] if leaf_state else None
+  for launch in plan_launches(layout, gi, tuning, leaf_dtypes,
+                              leaves_per_launch(rule, leaf_state)):
     k, leaf_ids = len(launch.positions), [group.segments[j] for j in launch.positions]
+    first = launch.positions[0]
+    st_names = tuple(np.dtype(f[first].dtype if leaf_state else f.dtype).name for f in state)
     spec = KernelSpec(rule, np.dtype(group.dtype).name,
-                      np.dtype(grads[launch.positions[0]].dtype).name if grads else None,
-                      st_names, leaves=k, vec=launch.vec)
+                      np.dtype(grads[first].dtype).name if grads else None,
+                      st_names, leaves=k, vec=launch.vec, leaf_state=leaf_state)
     kernel, in_names, _ = update_kernel(spec)
     ins = [s_vec] + [jnp.asarray(seg[q], F32)[np.asarray(leaf_ids)] for q in rule.seg_scalars]
     ins += [jnp.asarray(t) for t in launch.tables]
     ins += [jnp.reshape(new_p[j], (-1,)) for j in launch.positions]
     ins += [grads[j] for j in launch.positions] if rule.reads_grad else []
-    ins += list(state)
+    if leaf_state:   # field-major, as the kernel's parameters
+      st_ins = [jnp.reshape(new_state[f][j], (-1,)) for f in range(rule.n_state)
+                for j in launch.positions]
+    else:
+      st_ins = list(state)
+    ins += st_ins
     assert len(ins) == len(in_names)
-    first_p, first_state = in_names.index("P0"), len(ins) - rule.n_state
+    first_p, first_state = in_names.index("P0"), len(ins) - len(st_ins)
     out_shapes, aliases = [], {}
     if rule.writes_param:
       for j, pos in enumerate(launch.positions):
@@ -795,7 +845,7 @@ def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=N
         out_shapes.append(jax.ShapeDtypeStruct((layout.segments[group.segments[pos]].size,),
                                                group.dtype))
     if rule.writes_state:
-      for j, x in enumerate(state):
+      for j, x in enumerate(st_ins):
         aliases[first_state + j] = len(out_shapes)
         out_shapes.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
     n_p, n_big = (k if rule.writes_param else 0), len(out_shapes)
@@ -804,12 +854,18 @@ def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=N
                  {"R": launch.r, "C": launch.c, "VEC": launch.vec}, tuning, plat, spec.name)
     for pos, x in zip(launch.positions, outs[:n_p]):
       new_p[pos] = x.reshape(layout.segments[group.segments[pos]].shape)
-    if rule.writes_state:
+    if rule.writes_state and leaf_state:
+      for f in range(rule.n_state):
+        for j, pos in enumerate(launch.positions):
+          new_state[f][pos] = outs[n_p + f * k + j].reshape(state[f][pos].shape)
+    elif rule.writes_state:
       state = tuple(outs[n_p:n_big])
     ids = jnp.asarray(launch.row_ids())
     sums = [acc + jax.ops.segment_sum(x, ids, num_segments=len(group.segments),
                                       indices_are_sorted=True)
             for acc, x in zip(sums, outs[n_big:])]
+  if leaf_state:
+    state = tuple(tuple(f) for f in new_state)
   return (new_p if rule.writes_param else None), state, (tuple(sums) if n_sums else None)
 
 
@@ -866,7 +922,8 @@ BACKENDS = {
         name, functools.partial(run, platform=plat),
         common.at_unit(functools.partial(flat_update, platform=plat), ALIGN), unit=ALIGN,
         supports=supports, unavailable=why, sequential_vmap=True,
-        gradient_prepass=functools.partial(gradient_prepass, platform=plat))
+        gradient_prepass=functools.partial(gradient_prepass, platform=plat),
+        run_leaves=functools.partial(run, platform=plat, leaf_state=True))
     for name, plat, why in (("triton", None, _unavailable),
                             ("triton_interpret", "interpret", _interpret_unavailable))}
 

@@ -243,6 +243,38 @@ def test_t2_leaf_direct_kernels_compile(rule, dtype, arch):
     assert _vectors(c1.asm["ptx"], "ld") == 2 * per_thread * 4 // 16
 
 
+LEAF_STATE_CASES = [pytest.param(r, d, st, a, id=f"{r.name}-{d}-{st}-{a}") for r, d, st, a in (
+    (ADAM_RULE, "float32", "float32", 90), (ADAM_RULE, "float32", "float32", 80),
+    (with_master(ADAM_RULE), "bfloat16", "float32", 90),
+    (guarded(ADAM_RULE), "bfloat16", "bfloat16", 90), (MOMENTS_RULE, "float32", "float32", 90))]
+
+
+@needs_triton
+@pytest.mark.parametrize("rule, dtype, st_dtype, arch", LEAF_STATE_CASES)
+def test_t2_leaf_state_kernels_compile(rule, dtype, st_dtype, arch):
+  """The leaf-direct kernel with per-leaf state (``fusedopt.tx``'s optax state, each leaf's state
+  buffers chosen by selects like its params): a full launch of ``leaves_per_launch`` leaves
+  (fewer with more state fields: the pointers stay in the 4 KB of kernel parameters), no spills,
+  no branches, and the state moved in 16-byte vectors as the params are."""
+  from triton_tools import compile_spec_leaves  # pylint: disable=import-outside-toplevel
+  k = kt.leaves_per_launch(rule, True)
+  assert 8 * (3 + 2 * rule.n_state) * k <= 4096 - 256
+  vec = 16 // min(np.dtype(dtype).itemsize, np.dtype(st_dtype).itemsize)
+  spec = kt.KernelSpec(rule, dtype, dtype if rule.reads_grad else None,
+                       (st_dtype,) * rule.n_state, leaves=k, vec=vec, leaf_state=True)
+  c = compile_spec_leaves(spec, arch)
+  st = _check_compiled(c, arch, dtype)
+  ptx = c.asm["ptx"]
+  assert not re.search(r"^\s*(@%p\d+ )?bra", ptx, re.M), "branches"
+  tuning = kt.default_tuning(rule, dtype, "gpu")
+  per_thread = tuning.block // (32 * tuning.num_warps)
+  st_bytes = per_thread * np.dtype(st_dtype).itemsize // 16   # 16-byte vectors per field
+  p_bytes = per_thread * np.dtype(dtype).itemsize // 16
+  want_stores = (p_bytes if rule.writes_param else 0) + rule.n_state * st_bytes
+  assert _vectors(ptx, "st") == want_stores, st["text"]
+  assert _vectors(ptx, "ld") >= rule.n_state * st_bytes, st["text"]
+
+
 @needs_triton
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -377,6 +409,25 @@ def test_t3_full_step_lowers_with_jax_triton(name, kw):
     want = [len(l.positions) + n_state for l in plan]
   assert sorted(a for a, _ in calls) == sorted(want)
   assert all("tt.func" in ttir for _, ttir in calls)
+  assert _packed_sizes(low.as_text()) == []
+
+
+@needs_jax_triton
+def test_t3_tx_one_pass_lowers_with_per_leaf_state():
+  """``tx.update_and_apply(tx.adamw(backend="triton"))`` with optax's state: one custom call per
+  leaf-direct launch, each leaf's param and its ``mu``/``nu`` leaves aliased in place, and
+  nothing packed (no concatenation or slicing of the state in the step)."""
+  pytest.importorskip("optax")
+  from fusedopt import tx  # pylint: disable=import-outside-toplevel
+  from triton_tools import triton_calls  # pylint: disable=import-outside-toplevel
+  t = tx.adamw(1e-3, weight_decay=0.1, backend="triton")
+  state = jax.eval_shape(t.init, TREE)
+  with kt.targeting("gpu", 90):
+    low = jax.jit(lambda g, s, p: tx.update_and_apply(t, g, s, p), donate_argnums=(1, 2)).trace(
+        TREE, state, TREE).lower(lowering_platforms=("cuda",))
+  calls = triton_calls(low)
+  plan = [l for group in _launches(TREE) for l in group]
+  assert sorted(a for a, _ in calls) == sorted(3 * len(l.positions) for l in plan)
   assert _packed_sizes(low.as_text()) == []
 
 

@@ -447,6 +447,84 @@ def bitwise_vs_numpy(backend, stats):
         assert same, (rule.name, dt)
 
 
+def _same_bits(x, y):
+  return np.array_equal(np.reshape(np.asarray(x), -1).view(np.uint8),
+                        np.reshape(np.asarray(y), -1).view(np.uint8))
+
+
+def leaf_state(backend, stats):
+  """Per-leaf state (``fusedopt.tx``'s optax state: each leaf's state buffers read and written by
+  address in the leaf-direct launch, ``Backend.run_leaves``) equals the flat-state kernels bit
+  for bit, over several launches (``leaves_per_launch`` forced to 3), float32/bf16/f16 groups
+  with state in mixed dtypes, a rule with three state fields (master weights), the guarded
+  variant, and LAMB's moment pass with its per-leaf sums of squares. Then ``tx.adamw`` on the
+  optax API (two calls and one pass) against the jnp backend: params and optax's state."""
+  from fusedopt.adam import ADAM_RULE
+  from fusedopt.elementwise import guarded, with_master
+  from fusedopt.lamb import MOMENTS_RULE
+  from fusedopt.kernels import common
+  plat = "interpret" if backend == "triton_interpret" else None
+  shapes = SHAPES + [(i + 1, 3) for i in range(5)]
+  t = tree(LOW, shapes)
+  layout = optim.FlatLayout.build(t)
+  p_leaves, g_leaves = jax.tree.leaves(t), jax.tree.leaves(grads(t, 9))
+  rng = np.random.RandomState(4)
+  saved = kt.leaves_per_launch
+  kt.leaves_per_launch = lambda rule, ls: 3
+  try:
+    for rule, st_dtypes in ((ADAM_RULE, (jnp.float32, jnp.bfloat16)),
+                            (with_master(ADAM_RULE), (jnp.float32,) * 3),
+                            (guarded(ADAM_RULE), (jnp.float32, jnp.float32)),
+                            (MOMENTS_RULE, (jnp.bfloat16, jnp.float32))):
+      sv = {k: jnp.float32(rng.uniform(0.05, 0.9)) for k in rule.scalars}
+      if "ok" in sv:
+        sv["ok"] = jnp.float32(1.0)
+      for gi, group in enumerate(layout.groups):
+        members = group.segments
+        st_leaves = tuple(tuple(jnp.asarray(np.abs(rng.standard_normal(layout.segments[i].shape)),
+                                            dt) for i in members) for dt in st_dtypes)
+        flat_st = []
+        for f, dt in enumerate(st_dtypes):
+          full = [None] * len(layout.segments)
+          for i, x in zip(members, st_leaves[f]):
+            full[i] = x
+          flat_st.append(layout.pack_group(full, gi, dt))
+        pa, sa, ua = jax.jit(lambda p, g, st: kt.run(
+            rule, sv, {}, layout, gi, p, g, st, platform=plat))(p_leaves, g_leaves, flat_st)
+        pb, sb, ub = jax.jit(lambda p, g, st: kt.run(
+            rule, sv, {}, layout, gi, p, g, st, platform=plat, leaf_state=True))(
+                p_leaves, g_leaves, st_leaves)
+        if rule.writes_param:
+          for x, y in zip(pa, pb):
+            assert _same_bits(x, y), (rule.name, gi)
+        for f in range(rule.n_state):
+          split = common.split_group_as(layout, gi, sa[f], [x.dtype for x in st_leaves[f]])
+          for x, y in zip(split, sb[f]):
+            assert x.shape == y.shape and x.dtype == y.dtype, (rule.name, x.shape, y.shape)
+            assert _same_bits(x, y), (rule.name, gi, f)
+        for x, y in zip(ua or (), ub or ()):
+          assert np.array_equal(np.asarray(x), np.asarray(y)), (rule.name, "sums")
+        stats.note(group.dtype, 0)
+  finally:
+    kt.leaves_per_launch = saved
+  from fusedopt import tx  # pylint: disable=import-outside-toplevel
+  t = tree(LOW)
+  txs = {b: tx.adamw(0.05, weight_decay=0.1, backend=b) for b in ("jnp", backend)}
+  state = txs["jnp"].init(t)
+  g = grads(t, 60)
+  with jax.default_device(_cpu()):
+    pa, sa = jax.jit(lambda g, s, p: tx.update_and_apply(txs["jnp"], g, s, p))(
+        *jax.device_put((g, state, t), _cpu()))
+  pb, sb = jax.jit(lambda g, s, p: tx.update_and_apply(txs[backend], g, s, p))(g, state, t)
+  for x, y, p in zip(jax.tree.leaves((pa, sa)), jax.tree.leaves((pb, sb)),
+                     jax.tree.leaves((t, state))):
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      assert int(x) == int(y)
+      continue
+    assert_close(np.asarray(y), np.asarray(x), np.asarray(p), "tx one pass",
+                 2 if x.dtype == jnp.float32 else 1, stats, step_size=0.05)
+
+
 def stochastic_rounding(backend, stats):
   """stochastic_rounding=True on bf16 (and float32) params: from the same state, the kernel's
   bf16 params equal the jnp oracle's *bitwise* -- the uint32 hash (bitcasts, wrapping multiplies,
@@ -506,6 +584,7 @@ CASES["leaf-direct-launches"] = leaf_launches
 CASES["sharded-zero1-fsdp"] = sharded
 CASES["multi-optimizer-fused"] = multi_fused
 CASES["optax-api-tx-adamw"] = optax_api
+CASES["leaf-state-equals-flat-state"] = leaf_state
 CASES["checked-update-and-skipped-step"] = checked_update
 CASES["prepass-equals-xla"] = prepass
 CASES["block-sizes-and-masking"] = block_sizes

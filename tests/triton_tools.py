@@ -64,7 +64,7 @@ def signature_leaves(spec):
       ty[name] = p
     elif re.fullmatch(r"G\d+", name):
       ty[name] = f"*{_TY[spec.g_dtype]}"
-    elif m := re.fullmatch(r"ST(\d+)(_OUT)?", name):
+    elif m := re.fullmatch(r"ST(\d+)(_\d+)?(_OUT)?", name):   # flat, or per leaf (ST<f>_<j>)
       ty[name] = st[int(m.group(1))]
     elif re.fullmatch(r"(Q|SUM)\d+", name):
       ty[name] = "*fp32"
