@@ -14,6 +14,8 @@ and tested in tests/test_optax_agreement.py:
              (coupled L2: wd*p joins the gradient before the trace; so does torch.optim.SGD's
              weight_decay)
   sgd        fusedopt.GradientDescent(lr)          optax.sgd(lr)
+  lion       fusedopt.Lion(lr, b1, b2, wd)         optax.lion(lr, b1, b2, weight_decay=wd)
+             (Chen et al. 2023; the same decoupled decay lr*wd*p; torch.optim has no Lion)
   adafactor  fusedopt.Adafactor(lr) (defaults)     optax.adafactor(lr, decay_rate=0.8,
                                                    multiply_by_parameter_scale=True, ...)
              (same chain; flax's epsilon2 is optax's fixed 1e-3 floor, kept at its default)
@@ -270,6 +272,14 @@ OPTIMS = {
     "sgd": Optim(
         "sgd", "GradientDescent", {}, lambda lr, h: optax.sgd(lr),
         12, "read p, g; write p", tx_fn=lambda lr, h: _tx().sgd(lr)),
+    "lion": Optim(
+        "lion", "Lion", dict(beta1=0.9, beta2=0.99, weight_decay=1e-2),
+        lambda lr, h: optax.lion(lr, b1=h["beta1"], b2=h["beta2"],
+                                 weight_decay=h["weight_decay"]),
+        20, "read p, g, m; write p, m", state_buffers=1, moment=("grad_ema", "mu", None),
+        torch_why="torch.optim has no Lion",
+        tx_fn=lambda lr, h: _tx().lion(lr, b1=h["beta1"], b2=h["beta2"],
+                                       weight_decay=h["weight_decay"])),
     "adafactor": Optim(
         "adafactor", "Adafactor", _ADAFACTOR_HP,
         lambda lr, h: optax.adafactor(
@@ -344,4 +354,4 @@ MIXED_OPTIMS = ("adam-bf16-master", "adam-bf16-sr", "adam-state-bf16", "momentum
                 "lamb-bf16-master")
 OPTIMS.update(_mixed())
 DEFAULT_OPTIMS = ("adam", "momentum", "lamb")
-FULL_OPTIMS = ("adam", "lamb", "momentum", "adafactor") + MIXED_OPTIMS
+FULL_OPTIMS = ("adam", "lamb", "momentum", "adafactor", "lion") + MIXED_OPTIMS

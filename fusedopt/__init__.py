@@ -15,6 +15,7 @@ from .flat_state import ParamState
 from .lamb import LAMB
 from .lars import LARS
 from .layout import FlatLayout, LayoutError
+from .lion import Lion
 from .momentum import Momentum
 from .multi import MultiOptimizer
 from .rmsprop import RMSProp
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaBelief", "Adadelta", "Adafactor", "Adagrad", "Adam", "DynamicScale",
     "DynamicScaleResult", "FlatLayout", "FlatOptimizerDef", "FlatState", "GradientDescent",
-    "HyperParamError", "LAMB", "LARS", "LayoutError", "ModelParamTraversal", "Momentum",
+    "HyperParamError", "LAMB", "LARS", "LayoutError", "Lion", "ModelParamTraversal", "Momentum",
     "MultiOptimizer", "Optimizer", "OptimizerDef", "OptimizerState", "ParamState", "RMSProp",
     "WeightNorm",
     "FlatParams", "available_backends", "serialization", "shard_optimizer", "sharding",

@@ -7,7 +7,8 @@ An optimizer's update is a ``Rule``: a Python function of float32 *values*
 where ``s`` holds the step's global scalars (learning rate, betas, bias corrections — computed in
 float32 by the optimizer, entering every backend as runtime values so schedules never recompile),
 ``seg`` holds per-segment (per-tensor) scalars such as LAMB/LARS trust ratios, and ``xp`` supplies
-``sqrt``, ``where(c, a, b)`` (c a scalar, nonzero = true) and ``abs_sq(x)`` (``|x|^2``: ``x * x``
+``sqrt``, ``sign`` (-1, +1, or ``x`` itself for +-0 and NaN, as ``jnp.sign``),
+``where(c, a, b)`` (c a scalar, nonzero = true) and ``abs_sq(x)`` (``|x|^2``: ``x * x``
 in the kernels, which are real; real ``re^2 + im^2`` for a complex leaf on the per-leaf jnp path,
 as optax squares complex gradients). It uses only arithmetic operators
 and those (plus, for bit-level wrappers such as stochastic rounding, ``xp.bits(x)`` (float32 ->
@@ -266,7 +267,7 @@ def _u32(x):
 
 
 JNP = types.SimpleNamespace(sqrt=jnp.sqrt, where=_where, bits=_bits, from_bits=_from_bits,
-                            u32=_u32, abs_sq=norms.abs_sq)
+                            u32=_u32, abs_sq=norms.abs_sq, sign=jnp.sign)
 
 
 def namespace(values: Dict[str, object]):

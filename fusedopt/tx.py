@@ -100,6 +100,7 @@ from .flat import bias_correction as bias_correction_of
 from .step import StepContext
 from .lamb import LAMB, lamb_rules
 from .lars import LARS, lars_rule, trust_ratio
+from .lion import LION_RULE, Lion, lion_scalars
 from .layout import FlatLayout, LayoutError
 from .momentum import Momentum, momentum_rule
 from .rmsprop import RMSProp, rmsprop_rule
@@ -109,7 +110,7 @@ F32 = jnp.float32
 
 __all__ = [
     "adafactor", "adagrad", "adam", "adamw", "chain", "clip_by_global_norm",
-    "lamb", "lars", "nadam", "nadamw", "rmsprop", "sgd", "update_and_apply",
+    "lamb", "lars", "lion", "nadam", "nadamw", "rmsprop", "sgd", "update_and_apply",
 ]
 
 
@@ -552,6 +553,45 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None
     raise HyperParamError("hyper-parameter weight_decay is None")
   return _adam_like("adamw", learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
                     nesterov, backend, state_dtype, clip_global_norm, skip_nonfinite)
+
+
+def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *,
+         backend="auto", state_dtype=None, clip_global_norm=None, skip_nonfinite=False
+         ) -> optax.GradientTransformationExtraArgs:
+  r"""Lion (optax.lion), fused: one pass, one state buffer (``mu``).
+
+  .. math::
+    c_t = (1-b_1) g_t + b_1 m_{t-1},\quad
+    u_t = -\eta_t (\operatorname{sign}(c_t) + \lambda_t p_{t-1}),\quad
+    m_t = (1-b_2) g_t + b_2 m_{t-1}
+
+  ``mask`` (a tree of bools, a prefix of the params, or a callable; True = decay) applies the
+  weight decay per tensor; ``mu_dtype`` stores the moment in that dtype (optax's). State:
+  optax's ``(ScaleByLionState(count, mu), ...)``. Requires ``params`` in ``update`` (the decay).
+
+  References:
+    Chen et al., 2023: https://arxiv.org/abs/2302.06675
+  """
+  hyper = dict(learning_rate=learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
+  _validate(dict(learning_rate=_LR, b1=_BETA, b2=_BETA, weight_decay=_NONNEG), hyper)
+  slots = ("mu",)
+  cast = _storage(state_dtype, slots, "lion")
+  if mu_dtype is not None:
+    cast["mu"] = jnp.dtype(mu_dtype)
+  ref = optax.lion(learning_rate, b1=b1, b2=b2, mu_dtype=mu_dtype, weight_decay=weight_decay,
+                   mask=mask)
+
+  def step(hp, count, run, layout, p, g, fields, params):
+    del count
+    s = lion_scalars(hp.learning_rate, hp.b1, hp.b2, hp.weight_decay)
+    rule, seg = LION_RULE, {}
+    if mask is not None:
+      n = len(layout.segments)
+      rule, seg = _per_segment(rule, s, {}, n, {"wd": s["wd"] * _mask_vector(mask, params, n)})
+    return run.run(rule, s, seg, layout, p, g, fields)
+  return _common("lion", Lion(0.0, backend=backend), hyper, ref, slots, step,
+                 clip_global_norm=clip_global_norm, skip_nonfinite=skip_nonfinite,
+                 needs_params=True, cast=cast)
 
 
 nadam = functools.partial(adam, nesterov=True)

@@ -67,7 +67,8 @@ CPP = symbolic.Dialect(
     float_literal=_lit, uint_literal=lambda v: f"{v}u",
     sqrt="std::sqrt({x})", where="({c} != {zero} ? {a} : {b})",
     # C++ ``uint32_t`` arithmetic wraps modulo 2^32 and ``>>`` is logical, like jax's uint32.
-    bits="f2u({x})", from_bits="u2f({x})", u32="static_cast<uint32_t>({x})")
+    bits="f2u({x})", from_bits="u2f({x})", u32="static_cast<uint32_t>({x})",
+    sign="({x} > 0.f ? 1.f : ({x} < 0.f ? -1.f : {x}))")
 
 
 # Storage types: the math is float32 whatever the params/grads are stored in.

@@ -58,7 +58,8 @@ DEFAULT_TUNING: Dict[Tuple[str, int], Tuning] = {
 # and ``_gpu_precise_ops`` only replaces float32 arithmetic (integer ops never reach its PTX).
 _XP = types.SimpleNamespace(sqrt=jnp.sqrt, where=lambda c, a, b: jnp.where(c != 0, a, b),
                             bits=elementwise.JNP.bits, from_bits=elementwise.JNP.from_bits,
-                            u32=elementwise.JNP.u32, abs_sq=lambda x: x * x)   # real kernels
+                            u32=elementwise.JNP.u32, abs_sq=lambda x: x * x,   # real kernels
+                            sign=jnp.sign)
 
 
 def _platform(platform: Optional[str]) -> str:

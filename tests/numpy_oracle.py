@@ -23,7 +23,9 @@ def _from_bits(u):
 NPX = types.SimpleNamespace(
     sqrt=np.sqrt, where=lambda c, a, b: np.where(np.asarray(c) != 0, a, b),
     bits=_bits, from_bits=_from_bits, u32=lambda x: np.asarray(x, _F32).astype(_U32),
-    abs_sq=lambda x: x * x)
+    abs_sq=lambda x: x * x,
+    # jnp.sign's: x itself for +-0 and NaN (np.sign(-0.0) is +0.0)
+    sign=lambda x: np.where(x > 0, _F32(1), np.where(x < 0, _F32(-1), x)))
 
 
 def scalars_ns(values):

@@ -45,6 +45,7 @@ DEFAULTS = {
                       epsilon2=1e-3),
     'AdaBelief': dict(learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-16, weight_decay=0.0),
     'Adadelta': dict(learning_rate=None, rho=0.9, eps=1e-6, weight_decay=0.0),
+    'Lion': dict(learning_rate=None, beta1=0.9, beta2=0.99, weight_decay=0.0),
 }
 
 
@@ -96,6 +97,8 @@ def init_state(name, hp, param):
     return {}
   if name in ('Momentum', 'LARS'):
     return {'momentum': z()}
+  if name == 'Lion':
+    return {'grad_ema': z()}
   if name in ('Adam', 'LAMB', 'AdaBelief'):
     return {'grad_ema': z(), 'grad_sq_ema': z()}
   if name == 'Adagrad':
@@ -259,6 +262,14 @@ def adadelta(step, hp, p, s, g):
   return new_p, {'sq_avg': sq, 'acc_delta': acc}
 
 
+def lion(step, hp, p, s, g):
+  """Chen et al. 2023, Algorithm 2: the sign of the interpolation, decoupled weight decay."""
+  b1, b2 = f64(hp['beta1']), f64(hp['beta2'])
+  c = (1. - b1) * g + b1 * s['grad_ema']
+  new_p = p - hp['learning_rate'] * (np.sign(c) + hp['weight_decay'] * p)
+  return new_p, {'grad_ema': (1. - b2) * g + b2 * s['grad_ema']}
+
+
 STEP_FNS = {
     'GradientDescent': gradient_descent,
     'Momentum': momentum,
@@ -270,6 +281,7 @@ STEP_FNS = {
     'Adafactor': adafactor,
     'AdaBelief': adabelief,
     'Adadelta': adadelta,
+    'Lion': lion,
 }
 
 

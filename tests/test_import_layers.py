@@ -22,7 +22,7 @@ LAYERS = [
     ("fusedopt.flat",),
     ("fusedopt.sgd", "fusedopt.momentum", "fusedopt.adam", "fusedopt.adagrad", "fusedopt.rmsprop",
      "fusedopt.adadelta", "fusedopt.adafactor", "fusedopt.dynamic_scale", "fusedopt.weight_norm",
-     "fusedopt.lars"),
+     "fusedopt.lars", "fusedopt.lion"),
     ("fusedopt.adabelief", "fusedopt.lamb"),
     ("fusedopt.multi", "fusedopt.serialization", "fusedopt.sharding"),
     ("fusedopt.tx",),

@@ -20,6 +20,7 @@ from fusedopt.adam import ADAM_RULE, adam_rule
 from fusedopt.lamb import APPLY_RULE, MOMENTS_RULE, lamb_rules
 from fusedopt.lars import lars_rule
 from fusedopt.layout import FlatLayout
+from fusedopt.lion import LION_RULE
 from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
 from fusedopt.sgd import SGD_RULE
@@ -35,7 +36,7 @@ BASE_RULES = {
     "adam": ADAM_RULE, "adagrad": ADAGRAD_RULE, "rmsprop": rmsprop_rule(False),
     "rmsprop_centered": rmsprop_rule(True), "adabelief": ADABELIEF_RULE,
     "adadelta": ADADELTA_RULE, "lamb_moments": MOMENTS_RULE, "lamb_apply": APPLY_RULE,
-    "lars": lars_rule(False), "lars_nesterov": lars_rule(True),
+    "lars": lars_rule(False), "lars_nesterov": lars_rule(True), "lion": LION_RULE,
     # the static variants fusedopt.tx runs (optax's forms)
     "adam_eps_root": adam_rule(eps_root=True), "adam_nesterov": adam_rule(nesterov=True),
     "adam_nesterov_eps_root": adam_rule(nesterov=True, eps_root=True),

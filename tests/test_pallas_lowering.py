@@ -25,6 +25,7 @@ from fusedopt.elementwise import guarded, per_segment
 from fusedopt.kernels import pallas as kp
 from fusedopt.lamb import APPLY_RULE, MOMENTS_RULE
 from fusedopt.lars import lars_rule
+from fusedopt.lion import LION_RULE
 from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
 from fusedopt.sgd import SGD_RULE
@@ -40,7 +41,8 @@ RULES = [SGD_RULE, momentum_rule(False), momentum_rule(True), ADAM_RULE, ADAGRAD
          rmsprop_rule(False), rmsprop_rule(True), ADABELIEF_RULE, ADADELTA_RULE, MOMENTS_RULE,
          APPLY_RULE, lars_rule(False), lars_rule(True),
          # apply_gradient_checked (unscale + clip + skip) and a fused MultiOptimizer
-         guarded(ADAM_RULE), guarded(MOMENTS_RULE), guarded(APPLY_RULE), per_segment(ADAM_RULE)]
+         guarded(ADAM_RULE), guarded(MOMENTS_RULE), guarded(APPLY_RULE), per_segment(ADAM_RULE),
+         LION_RULE]
 RULE_IDS = [r.name for r in RULES]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 

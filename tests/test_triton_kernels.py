@@ -29,6 +29,7 @@ from fusedopt.elementwise import guarded, per_segment, with_master, with_stochas
 from fusedopt.kernels import triton as kt
 from fusedopt.lamb import APPLY_RULE, MOMENTS_RULE
 from fusedopt.lars import lars_rule
+from fusedopt.lion import LION_RULE
 from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
 from fusedopt.sgd import SGD_RULE
@@ -151,7 +152,8 @@ RULES = [SGD_RULE, momentum_rule(False), momentum_rule(True), ADAM_RULE, with_ma
          rmsprop_rule(True), ADABELIEF_RULE, MOMENTS_RULE, APPLY_RULE, lars_rule(True),
          guarded(ADAM_RULE), guarded(with_master(MOMENTS_RULE)), per_segment(ADAM_RULE),
          # stochastic rounding (uint32 hash): guarded Adam is the one that spilled at 8 warps
-         with_stochastic_rounding(ADAM_RULE), with_stochastic_rounding(guarded(ADAM_RULE))]
+         with_stochastic_rounding(ADAM_RULE), with_stochastic_rounding(guarded(ADAM_RULE)),
+         LION_RULE]
 SR_RULE = with_stochastic_rounding(guarded(ADAM_RULE))
 DTYPES = ["float32", "bfloat16", "float16"]
 # sm_80 (A100) compiles only these representative rules, to save time: every rule's sm_80 compile
