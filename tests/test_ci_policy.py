@@ -114,3 +114,21 @@ def test_h100_topology_errors_are_not_skips(monkeypatch):
     assert "broken topology" in str(e)
   else:
     pytest.fail("no error")
+
+
+def test_every_mutant_still_applies():
+  """``tools/mutate.py`` substitutes each mutant's text in its file; a refactor that changes that
+  text silently retires the mutant (the script then stops on it). Each must occur exactly once."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, os.path.join(root, "tools"))
+  try:
+    import mutate  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  stale = []
+  for m in mutate.MUTANTS:
+    with open(os.path.join(root, m.path)) as f:
+      n = f.read().count(m.old)
+    if n != 1:
+      stale.append(f"{m.name}: {m.path} has its text {n} times")
+  assert stale == []

@@ -94,7 +94,7 @@ MUTANTS = [
            _k(NUMERICS, "test_optimizer_matches_reference and Momentum and jnp-jit"),
            "Momentum(nesterov=True) runs plain momentum"),
     Mutant("rmsprop_centered_sign", "fusedopt/rmsprop.py",
-           "lambda: v - mg * mg", "lambda: v + mg * mg",
+           "else v - xp.abs_sq(mg)", "else v + xp.abs_sq(mg)",
            _k(NUMERICS, "test_optimizer_matches_reference and RMSProp and jnp-jit"),
            "centered RMSProp adds mg^2 instead of subtracting it"),
     Mutant("lamb_flax053_zero_norm_rule", "fusedopt/norms.py",
@@ -227,6 +227,22 @@ MUTANTS = [
            '    pytest.skip(f"no CUDA compile-only topology here: {e}")\n',
            ("tests/test_ci_policy.py",),
            "the H100 compile-only topology turns any error into a skip"),
+    # Lion (issue 19): the interpolation whose sign is the update
+    Mutant("lion_interpolates_with_beta2", "fusedopt/lion.py",
+           "  c = s.one_minus_b1 * g + s.b1 * m\n", "  c = s.one_minus_b2 * g + s.b2 * m\n",
+           _k(("tests/test_lion.py",), "float64_reference and wd-jnp"),
+           "Lion's sign taken of the b2 interpolation (the EMA's), not b1's"),
+    # complex params (fusedopt.tx): |g|^2 must be re^2 + im^2, optax's abs_sq
+    Mutant("complex_square_without_conj", "fusedopt/norms.py",
+           "    return (x.conj() * x).real\n", "    return (x * x).real\n",
+           _k(("tests/test_tx.py",), "agrees_with_optax and adamw_mask"),
+           "|g|^2 of a complex gradient computed as Re(g^2) = re^2 - im^2"),
+    # the leaf-direct Triton kernels with per-leaf state: every leaf's own state pointer
+    Mutant("triton_leaf_state_pointer_of_first_leaf", "kernels/triton.py",
+           'sel += [(f"st{i}_in", [f"ST{i}_{j}" for j in range(k)], f"st{i}" in used)',
+           'sel += [(f"st{i}_in", [f"ST{i}_0" for j in range(k)], f"st{i}" in used)',
+           _k(("tests/test_triton_kernels.py",), "t1 and leaf-state"),
+           "each program reads the first leaf's state instead of its own leaf's"),
 ]
 
 # Runs in the copy: checks where fusedopt comes from, then runs pytest in this process.
