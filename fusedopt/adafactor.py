@@ -129,8 +129,8 @@ class Adafactor(OptimizerDef):
     hp = hyper_params
     state = fields_of(state)   # an _AdafactorParamState, or a dict of its fields
     # float32 math; a complex leaf (fusedopt.tx, as optax) in complex64 with real |g|^2 statistics
-    grad = grad.astype(norms.compute_dtype(grad))
-    p32 = param.astype(norms.compute_dtype(param))
+    grad = norms.upcast(grad)
+    p32 = norms.upcast(param)
     updates = {k: jnp.zeros((1,), F32) for k in _FIELDS}
     t = jnp.asarray(step - hp.step_offset, F32) + 1.0
     decay = 1.0 - t ** (-jnp.asarray(hp.decay_rate, F32))

@@ -283,18 +283,13 @@ def store(x, dtype):
   return x.astype(dtype)
 
 
-def _compute(x):
-  """``x`` in the rules' compute dtype: float32, or complex64 for a complex leaf."""
-  return x.astype(norms.compute_dtype(x))
-
-
 def apply_to_leaf(rule: Rule, scalars, seg, p, g, state):
   """The per-leaf path: ``rule`` on one leaf (any shape), math in float32 (complex64 for a
   complex leaf: ``xp.abs_sq`` gives its real ``|g|^2``), results cast back."""
   s = namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
   q = namespace({k: jnp.asarray(seg[k], F32) for k in rule.seg_scalars})
-  new_p, new_state = rule.fn(JNP, s, q, _compute(p), _compute(g),
-                             *(_compute(x) for x in state))
+  new_p, new_state = rule.fn(JNP, s, q, norms.upcast(p), norms.upcast(g),
+                             *(norms.upcast(x) for x in state))
   new_p = p if new_p is None else new_p.astype(p.dtype)
   return new_p, tuple(store(n, x.dtype) for n, x in zip(new_state, state))
 
@@ -317,5 +312,6 @@ def leaf_sumsq(rule: Rule, scalars, seg, p, g, new_state):
   """Per-leaf ``rule.sumsq``: the sums of its terms squared, as float32 scalars."""
   s = namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
   q = namespace({k: jnp.asarray(seg[k], F32) for k in rule.seg_scalars})
-  terms = rule.sumsq(JNP, s, q, _compute(p), _compute(g), *(_compute(x) for x in new_state))
+  terms = rule.sumsq(JNP, s, q, norms.upcast(p), norms.upcast(g),
+                     *(norms.upcast(x) for x in new_state))
   return tuple(jnp.sum(norms.abs_sq(t)) for t in terms)

@@ -19,17 +19,17 @@ def abs_sq(x):
   return x * x
 
 
-def compute_dtype(x):
-  """The dtype the rules compute ``x`` in: float32, or complex64 for a complex ``x`` (whose
+def upcast(x):
+  """``x`` in the dtype the rules compute in: float32, or complex64 for a complex ``x`` (whose
   first moments are complex, its second moments ``|g|^2`` real)."""
-  return jnp.complex64 if jnp.iscomplexobj(x) else F32
+  x = jnp.asarray(x)
+  return x.astype(jnp.complex64 if jnp.iscomplexobj(x) else F32)
 
 
 def sum_squares(x, axis=None):
   """(sum(|x|**2), sum(|x * 2**-80|**2)) in float32 over ``axis`` (default: all): two
   accumulators over one read of ``x`` (complex ``x``: ``abs_sq``)."""
-  x = jnp.asarray(x)
-  x = x.astype(compute_dtype(x))
+  x = upcast(x)
   # a runtime scale: with a constant, XLA rewrites (x*c)*(x*c) as (x*x)*(c*c) = inf*0 = NaN
   small = jax.lax.optimization_barrier(F32(_SMALL))
   y = x * small
@@ -80,8 +80,7 @@ def gradient_prepass(g_leaves, grad_scale=None, clip_global_norm=None, reduce=No
   scale = F32(1.0) if grad_scale is None else jnp.asarray(grad_scale, F32)
   sq, sq_small, bad = [], [], []
   for g in g_leaves:
-    g = jnp.asarray(g)
-    x = g.astype(compute_dtype(g)) * scale
+    x = upcast(g) * scale
     a, b = sum_squares(x)
     sq.append(a)
     sq_small.append(b)

@@ -821,8 +821,8 @@ def lars(learning_rate, weight_decay=0.0, weight_decay_mask=True, trust_coeffici
     if wd_masked:
       wd = wd * _mask_vector(weight_decay_mask, params, n)
     gscale = run.gscale
-    up = lambda x: jnp.asarray(x).astype(norms.compute_dtype(x))  # noqa: E731  (complex stays)
-    d = [up(gi) * gscale + wd[i] * up(pi) for i, (pi, gi) in enumerate(zip(p, g))]
+    d = [norms.upcast(gi) * gscale + wd[i] * norms.upcast(pi)   # (complex stays complex)
+         for i, (pi, gi) in enumerate(zip(p, g))]
     pn, dn = norms.per_leaf(p), norms.per_leaf(d)
     ratio = trust_ratio(jnp.asarray(hp.trust_coefficient, F32), pn, dn,
                         dn + jnp.asarray(hp.eps, F32))
@@ -868,8 +868,7 @@ def _per_leaf_step(spec, hp, count, guard, finite, values, g_leaves, params):
     h = base_hp.replace(weight_decay_rate=None if wdr is None else
                         (wdr[i] if spec.wd_mask is not None else wdr))
     if guard is not None:
-      g = (jnp.asarray(g).astype(norms.compute_dtype(g)) * guard["gscale"]).astype(
-          jnp.result_type(g))
+      g = (norms.upcast(g) * guard["gscale"]).astype(jnp.result_type(g))
     st = opt_def.init_param_state(p).replace(
         **{_ADAFACTOR_SLOTS[a]: v[i] for a, v in values.items()})
     new_leaf, new_st = opt_def.apply_param_gradient(count, h, p, st, g)

@@ -177,18 +177,21 @@ def split_group_as(layout, gi, flat, dtypes):
   return out
 
 
+def pack_leaves(layout, gi, leaves, dtype=None):
+  """Group ``gi``'s own leaves (one per member, in group order) packed into its zero-padded flat
+  buffer, in ``dtype`` (default the first leaf's)."""
+  full = [None] * len(layout.segments)
+  for i, x in zip(layout.groups[gi].segments, leaves):
+    full[i] = x
+  return layout.pack_group(full, gi, jnp.result_type(leaves[0]) if dtype is None else dtype)
+
+
 def packed_leaves(run_group):
   """``Backend.run_leaves`` of a backend that only has ``run_group``: each state field's leaves
   packed into the group's flat buffer (in the first leaf's dtype), ``run_group``, and the new
   buffers split back into leaves of their own dtypes. Costs a pack and a split of the state."""
   def run_leaves(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
-    members = layout.groups[gi].segments
-    flat = []
-    for leaves in state:
-      full = [None] * len(layout.segments)
-      for i, x in zip(members, leaves):
-        full[i] = x
-      flat.append(layout.pack_group(full, gi, jnp.result_type(leaves[0])))
+    flat = [pack_leaves(layout, gi, leaves) for leaves in state]
     out_p, new_flat, sums = run_group(rule, scalars, seg, layout, gi, p_leaves, g_leaves,
                                       tuple(flat))
     new_state = tuple(tuple(split_group_as(layout, gi, buf, [x.dtype for x in leaves]))

@@ -137,7 +137,7 @@ def test_tx_lion_agrees_with_optax(case):
   bf16 ulp or two."""
   name, make = case
   params = test_tx.make_zoo(bf16=False)
-  grads = test_tx.zoo_grads(params)
+  grads = test_tx.make_grads(params)
   expected, expected_state = test_tx.run(make(optax), params, grads)
   got, state = test_tx.run(make(tx), params, grads)
   test_tx.assert_same_structure(state, expected_state)

@@ -44,11 +44,18 @@ def make_params(seed=0):
 
 
 def make_grads(params, seed=1, steps=N_STEPS):
+  """``steps`` gradient trees for ``params``: normal draws scaled per leaf by 10^U(-1, 1), in each
+  leaf's dtype (complex leaves: independent real and imaginary parts)."""
   rng = np.random.RandomState(seed)
   leaves, treedef = jax.tree_util.tree_flatten(params)
   mags = [float(10.0 ** rng.uniform(-1, 1)) for _ in leaves]
-  return [treedef.unflatten([jnp.asarray((m * rng.standard_normal(p.shape)).astype(np.float32))
-                             for p, m in zip(leaves, mags)]) for _ in range(steps)]
+
+  def draw(p, m):
+    x = rng.standard_normal(p.shape)
+    if jnp.iscomplexobj(p):
+      x = x + 1j * rng.standard_normal(p.shape)
+    return jnp.asarray(m * x).astype(p.dtype)
+  return [treedef.unflatten([draw(p, m) for p, m in zip(leaves, mags)]) for _ in range(steps)]
 
 
 @pytest.fixture(scope="module")
@@ -72,30 +79,17 @@ def make_zoo(seed=0, bf16=True):
   return params
 
 
-def zoo_grads(params, seed=1, steps=N_STEPS):
-  rng = np.random.RandomState(seed)
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  mags = [float(10.0 ** rng.uniform(-1, 1)) for _ in leaves]
-
-  def draw(p, m):
-    x = rng.standard_normal(p.shape)
-    if jnp.iscomplexobj(p):
-      x = x + 1j * rng.standard_normal(p.shape)
-    return jnp.asarray(m * x).astype(p.dtype)
-  return [treedef.unflatten([draw(p, m) for p, m in zip(leaves, mags)]) for _ in range(steps)]
-
-
 @pytest.fixture(scope="module")
 def zoo():
   params = make_zoo()
-  return params, zoo_grads(params)
+  return params, make_grads(params)
 
 
 @pytest.fixture(scope="module")
 def zoo_f32():
   """The zoo without its bfloat16 leaf (``test_agrees_with_optax``: rtol 1e-6 everywhere)."""
   params = make_zoo(bf16=False)
-  return params, zoo_grads(params)
+  return params, make_grads(params)
 
 
 def run(t, params, grads, with_params=True):
@@ -903,7 +897,7 @@ def test_complex_leaves_on_kernel_backends(backend):
   rng = np.random.RandomState(3)
   params = {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
             "z": jnp.asarray(rng.standard_normal(5) + 1j * rng.standard_normal(5), jnp.complex64)}
-  grads = zoo_grads(params, steps=3)
+  grads = make_grads(params, steps=3)
   make = lambda m, **k: m.adamw(1e-2, b1=B1, b2=B2, weight_decay=1e-2, **k)  # noqa: E731
   expected, _ = run(make(optax), params, grads)
   with pytest.warns(RuntimeWarning, match="no complex64 kernel"):

@@ -491,12 +491,7 @@ def leaf_state(backend, stats):
         members = group.segments
         st_leaves = tuple(tuple(jnp.asarray(np.abs(rng.standard_normal(layout.segments[i].shape)),
                                             dt) for i in members) for dt in st_dtypes)
-        flat_st = []
-        for f, dt in enumerate(st_dtypes):
-          full = [None] * len(layout.segments)
-          for i, x in zip(members, st_leaves[f]):
-            full[i] = x
-          flat_st.append(layout.pack_group(full, gi, dt))
+        flat_st = [common.pack_leaves(layout, gi, leaves) for leaves in st_leaves]
         pa, sa, ua = jax.jit(lambda p, g, st: kt.run(
             rule, sv, {}, layout, gi, p, g, st, platform=plat))(p_leaves, g_leaves, flat_st)
         pb, sb, ub = jax.jit(lambda p, g, st: kt.run(
