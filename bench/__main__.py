@@ -103,6 +103,9 @@ def parse_args(argv):
   timing.add_argument("--warmup", type=int, default=2, help="untimed steps after the check steps")
   timing.add_argument("--copy-mib", type=int, default=None,
                       help="size of the copy-bandwidth buffer (default 256, 1024 with --full)")
+  timing.add_argument("--dispatch-floor", action="store_true",
+                      help="also time the jitted, donated identity over (params, optax state): "
+                      "jax's cost of passing that many buffers, under every optax-state row")
   timing.add_argument("--mem-budget-gib", type=float, default=None,
                       help="memory the implementations of one tree may hold at once; more are "
                       "run in batches, each timed round-robin on its own (default: 80%% of the "
@@ -310,9 +313,10 @@ def check(name, ref_name, snaps, p0, optim=None):
   return chk
 
 
-def time_round_robin(runners, copy, warmup, repeats, tick):
-  """Warm-up, then ``repeats`` rounds of one timed step each, rotating the order every round."""
-  timed = list(runners) + [copy]
+def time_round_robin(runners, refs, warmup, repeats, tick):
+  """Warm-up, then ``repeats`` rounds of one timed step each, rotating the order every round
+  (``refs``: the copy and, with --dispatch-floor, the floor, timed beside the batch)."""
+  timed = list(runners) + list(refs)
   for _ in range(warmup):
     for r in timed:
       r.sync_step()
@@ -346,6 +350,10 @@ def bench_group(tree_name, optim_name, batches, skipped, args, tick):
            "skipped": skipped, "reference": None, "batches": batches, "impls": []}
   recs, times, batch_of, ref = {}, {}, {}, None
   copy = measure.CopyRunner(args.copy_mib)
+  floor = None
+  if args.dispatch_floor and optim.optax_fn is not None:
+    p_floor, g_floor = inputs.for_impl("optax")
+    floor = measure.FloorRunner(p_floor, optim.optax_tx(optims.LR).init, g_floor, lr)
   for b, batch in enumerate(batches):
     active = []
     for name in batch:
@@ -372,7 +380,8 @@ def bench_group(tree_name, optim_name, batches, skipped, args, tick):
       else:
         r.close()
       tick(1)
-    time_round_robin(active, copy, args.warmup, args.repeats, tick)
+    refs = [copy] + ([floor] if floor is not None and b == 0 else [])
+    time_round_robin(active, refs, args.warmup, args.repeats, tick)
     for r in active:
       times[r.impl.name] = list(r.times)
       r.close()
@@ -383,6 +392,11 @@ def bench_group(tree_name, optim_name, batches, skipped, args, tick):
   group["copy"] = {"mib": args.copy_mib, "bytes_per_run": copy.bytes_moved, "step": copy_stats,
                    "gb_s": copy_bw}
   copy.close()
+  if floor is not None:
+    group["floor"] = {"buffers": floor.n_buffers, "step": measure.summarize(floor.times)}
+    log(f"  floor         {group['floor']['step']['median_s'] * 1e3:8.2f} ms  (identity over "
+        f"{floor.n_buffers} donated buffers)")
+    floor.close()
   group["impls"] = [recs[n] for n in args.impl_list if n in recs]
   if args.fresh_compile:
     for rec in group["impls"]:

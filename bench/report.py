@@ -211,6 +211,10 @@ def markdown(payload, plots=None):
       if cp:
         lines.append(f"| {g['tree']} | | | copy `x*1.0000001` ({cp['mib']} MiB) "
                      f"| {_step(cp['step'])} | | | {cp['gb_s']:.1f} | 100% | | | | |")
+      fl = g.get("floor")
+      if fl:
+        lines.append(f"| {g['tree']} | | | dispatch floor: identity over (params, optax state), "
+                     f"{fl['buffers']} donated buffers | {_step(fl['step'])} | | | | | | | | |")
       for k, why in g.get("skipped", {}).items():
         skipped.setdefault(k, why)
     if skipped or uncompared:
