@@ -16,6 +16,12 @@ and tested in tests/test_optax_agreement.py:
   sgd        fusedopt.GradientDescent(lr)          optax.sgd(lr)
   lion       fusedopt.Lion(lr, b1, b2, wd)         optax.lion(lr, b1, b2, weight_decay=wd)
              (Chen et al. 2023; the same decoupled decay lr*wd*p; torch.optim has no Lion)
+  adan       fusedopt.Adan(lr, b1, b2, b3, wd)     optax.adan(lr, b1, b2, b3, weight_decay=wd)
+             (Xie et al. 2022 in optax's form: decays as betas, additive decay lr*wd*p)
+  ademamix   fusedopt.AdEMAMix(lr, b1, b2, b3,     optax.contrib.ademamix(lr, b1, b2, b3, alpha,
+             alpha, wd)                            weight_decay=wd)   (Pagliardini et al. 2024)
+  adopt      fusedopt.ADOPT(lr, b1, b2, eps)       optax.contrib.adopt(lr, b1, b2, eps)
+             (Taniguchi et al. 2024; clipping at step**0.25 in both)
   adafactor  fusedopt.Adafactor(lr) (defaults)     optax.adafactor(lr, decay_rate=0.8,
                                                    multiply_by_parameter_scale=True, ...)
              (same chain; flax's epsilon2 is optax's fixed 1e-3 floor, kept at its default)
@@ -280,6 +286,29 @@ OPTIMS = {
         torch_why="torch.optim has no Lion",
         tx_fn=lambda lr, h: _tx().lion(lr, b1=h["beta1"], b2=h["beta2"],
                                        weight_decay=h["weight_decay"])),
+    "adan": Optim(
+        "adan", "Adan", dict(beta1=0.98, beta2=0.92, beta3=0.99, weight_decay=1e-2),
+        lambda lr, h: optax.adan(lr, b1=h["beta1"], b2=h["beta2"], b3=h["beta3"],
+                                 weight_decay=h["weight_decay"]),
+        44, "read p, g, m, v, n, g_prev; write p, m, v, n, g_prev", state_buffers=4,
+        moment=("grad_ema", "m", None), torch_why="torch.optim has no Adan",
+        tx_fn=lambda lr, h: _tx().adan(lr, b1=h["beta1"], b2=h["beta2"], b3=h["beta3"],
+                                       weight_decay=h["weight_decay"])),
+    "ademamix": Optim(
+        "ademamix", "AdEMAMix", dict(beta1=0.9, beta2=0.999, beta3=0.9999, alpha=5.0,
+                                     weight_decay=1e-2),
+        lambda lr, h: optax.contrib.ademamix(lr, b1=h["beta1"], b2=h["beta2"], b3=h["beta3"],
+                                             alpha=h["alpha"], weight_decay=h["weight_decay"]),
+        36, "read p, g, m1, m2, nu; write p, m1, m2, nu", state_buffers=3,
+        moment=("fast_ema", "m1", None), torch_why="torch.optim has no AdEMAMix",
+        tx_fn=lambda lr, h: _tx().ademamix(lr, b1=h["beta1"], b2=h["beta2"], b3=h["beta3"],
+                                           alpha=h["alpha"], weight_decay=h["weight_decay"])),
+    "adopt": Optim(
+        "adopt", "ADOPT", dict(beta1=0.9, beta2=0.9999, eps=1e-6),
+        lambda lr, h: optax.contrib.adopt(lr, b1=h["beta1"], b2=h["beta2"], eps=h["eps"]),
+        28, "read p, g, m, v; write p, m, v", state_buffers=2,
+        moment=("grad_ema", "mu", None), torch_why="torch.optim has no ADOPT",
+        tx_fn=lambda lr, h: _tx().adopt(lr, b1=h["beta1"], b2=h["beta2"], eps=h["eps"])),
     "adafactor": Optim(
         "adafactor", "Adafactor", _ADAFACTOR_HP,
         lambda lr, h: optax.adafactor(
@@ -354,4 +383,5 @@ MIXED_OPTIMS = ("adam-bf16-master", "adam-bf16-sr", "adam-state-bf16", "momentum
                 "lamb-bf16-master")
 OPTIMS.update(_mixed())
 DEFAULT_OPTIMS = ("adam", "momentum", "lamb")
-FULL_OPTIMS = ("adam", "lamb", "momentum", "adafactor", "lion") + MIXED_OPTIMS
+FULL_OPTIMS = (("adam", "lamb", "momentum", "adafactor", "lion", "adan", "ademamix", "adopt")
+               + MIXED_OPTIMS)

@@ -8,6 +8,9 @@ from .adadelta import Adadelta
 from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam
+from .adan import Adan
+from .ademamix import AdEMAMix
+from .adopt import ADOPT
 from .base import HyperParamError, Optimizer, OptimizerDef, OptimizerState
 from .dynamic_scale import DynamicScale, DynamicScaleResult
 from .flat import FlatOptimizerDef, FlatState, available_backends
@@ -27,7 +30,7 @@ from .weight_norm import WeightNorm
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaBelief", "Adadelta", "Adafactor", "Adagrad", "Adam", "DynamicScale",
+    "AdaBelief", "Adadelta", "Adafactor", "Adagrad", "Adam", "Adan", "AdEMAMix", "ADOPT", "DynamicScale",
     "DynamicScaleResult", "FlatLayout", "FlatOptimizerDef", "FlatState", "GradientDescent",
     "HyperParamError", "LAMB", "LARS", "LayoutError", "Lion", "ModelParamTraversal", "Momentum",
     "MultiOptimizer", "Optimizer", "OptimizerDef", "OptimizerState", "ParamState", "RMSProp",

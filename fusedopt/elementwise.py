@@ -7,7 +7,8 @@ An optimizer's update is a ``Rule``: a Python function of float32 *values*
 where ``s`` holds the step's global scalars (learning rate, betas, bias corrections — computed in
 float32 by the optimizer, entering every backend as runtime values so schedules never recompile),
 ``seg`` holds per-segment (per-tensor) scalars such as LAMB/LARS trust ratios, and ``xp`` supplies
-``sqrt``, ``sign`` (-1, +1, or ``x`` itself for +-0 and NaN, as ``jnp.sign``),
+``sqrt``, ``sign`` (-1, +1, or ``x`` itself for +-0 and NaN, as ``jnp.sign``), ``maximum(a, b)``
+and ``minimum(a, b)`` (NaN if either operand is, as ``jnp.maximum``/``jnp.minimum``),
 ``where(c, a, b)`` (c a scalar, nonzero = true) and ``abs_sq(x)`` (``|x|^2``: ``x * x``
 in the kernels, which are real; real ``re^2 + im^2`` for a complex leaf on the per-leaf jnp path,
 as optax squares complex gradients). It uses only arithmetic operators
@@ -267,7 +268,8 @@ def _u32(x):
 
 
 JNP = types.SimpleNamespace(sqrt=jnp.sqrt, where=_where, bits=_bits, from_bits=_from_bits,
-                            u32=_u32, abs_sq=norms.abs_sq, sign=jnp.sign)
+                            u32=_u32, abs_sq=norms.abs_sq, sign=jnp.sign, maximum=jnp.maximum,
+                            minimum=jnp.minimum)
 
 
 def namespace(values: Dict[str, object]):

@@ -100,6 +100,9 @@ from .flat import bias_correction as bias_correction_of
 from .step import StepContext
 from .lamb import LAMB, lamb_rules
 from .lars import LARS, lars_rule, trust_ratio
+from .adan import ADAN_RULE, Adan, adan_scalars
+from .ademamix import ADEMAMIX_RULE, AdEMAMix, ademamix_scalars
+from .adopt import ADOPT, adopt_rule, adopt_scalars
 from .lion import LION_RULE, Lion, lion_scalars
 from .layout import FlatLayout, LayoutError
 from .momentum import Momentum, momentum_rule
@@ -110,7 +113,8 @@ F32 = jnp.float32
 
 __all__ = [
     "adafactor", "adagrad", "adam", "adamw", "chain", "clip_by_global_norm",
-    "lamb", "lars", "lion", "nadam", "nadamw", "rmsprop", "sgd", "update_and_apply",
+    "lamb", "lars", "lion", "adan", "ademamix", "adopt", "nadam", "nadamw", "rmsprop", "sgd",
+    "update_and_apply",
 ]
 
 
@@ -246,12 +250,18 @@ def _holder(state, attr, name):
   return found[0]
 
 
+# optax's step counters (``ScaleByAdanState.t``, AdEMAMix's ``count_m2``): every one advances by
+# one per update, together
+_COUNTERS = ("count", "t", "count_m2")
+
+
 def _step_count(state):
-  """The step count of an optax state: its first ``count`` field (optax increments all of them
+  """The step count of an optax state: its first counter (optax increments all of them
   together), or None where the state has none (``sgd`` with a constant learning rate)."""
   for x in _state_nodes(state):
-    if "count" in x._fields:
-      return x.count
+    for c in _COUNTERS:
+      if c in x._fields:
+        return getattr(x, c)
   return None
 
 
@@ -387,9 +397,10 @@ class _FusedUpdate:
 
 
 def _counted(by):
-  """A state object with its ``count`` (if any) advanced by ``by`` (optax's safe increment)."""
+  """A state object with its counters (if any) advanced by ``by`` (optax's safe increment)."""
   def f(node):
-    return node._replace(count=_increment(node.count, by)) if "count" in node._fields else node
+    return node._replace(**{c: _increment(getattr(node, c), by) for c in _COUNTERS
+                            if c in node._fields})
   return f
 
 
@@ -592,6 +603,141 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
   return _common("lion", Lion(0.0, backend=backend), hyper, ref, slots, step,
                  clip_global_norm=clip_global_norm, skip_nonfinite=skip_nonfinite,
                  needs_params=True, cast=cast)
+
+
+def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, eps_root=1e-8, weight_decay=0.0,
+         mask=None, *, backend="auto", state_dtype=None, clip_global_norm=None,
+         skip_nonfinite=False) -> optax.GradientTransformationExtraArgs:
+  r"""Adan (optax.adan), fused: one pass over p, g and four state buffers (``m, v, n, g``).
+
+  .. math::
+    d_t = g_t - g_{t-1}\ (0 	ext{ at } t=1),\quad m_t = b_1 m + (1-b_1) g_t,\quad
+    v_t = b_2 v + (1-b_2) d_t,\quad n_t = b_3 n + (1-b_3) |g_t + (1-b_2) d_t|^2
+
+    u_t = -\eta_t \left(rac{\hat m_t + (1-b_2) \hat v_t}{\sqrt{\hat n_t + \epsilon_{root}}
+          + \epsilon} + \lambda_t p_{t-1}
+ight)
+
+  with the hats the bias-corrected averages (``1 - b^t`` from the exact ``b``). ``mask`` (a tree
+  of bools, a prefix of the params, or a callable; True = decay) applies the weight decay per
+  tensor. State: optax's ``(ScaleByAdanState(m, v, n, g, t), ...)``. Requires ``params`` in
+  ``update`` (optax's ``add_decayed_weights`` does).
+
+  References:
+    Xie et al., 2022: https://arxiv.org/abs/2208.06677
+  """
+  hyper = dict(learning_rate=learning_rate, b1=b1, b2=b2, b3=b3, eps=eps, eps_root=eps_root,
+               weight_decay=weight_decay)
+  _validate(dict(learning_rate=_LR, b1=_BETA, b2=_BETA, b3=_BETA, eps=_NONNEG,
+                 eps_root=_NONNEG, weight_decay=_NONNEG), hyper)
+  slots = ("m", "v", "n", "g")
+  ref = optax.adan(learning_rate, b1=b1, b2=b2, b3=b3, eps=eps, eps_root=eps_root,
+                   weight_decay=weight_decay, mask=mask)
+
+  def step(hp, count, run, layout, p, g, fields, params):
+    s = adan_scalars(hp.learning_rate, hp.b1, hp.b2, hp.b3, hp.eps, hp.eps_root,
+                     hp.weight_decay, count)
+    rule, seg = ADAN_RULE, {}
+    if mask is not None:
+      n = len(layout.segments)
+      rule, seg = _per_segment(rule, s, {}, n, {"wd": s["wd"] * _mask_vector(mask, params, n)})
+    return run.run(rule, s, seg, layout, p, g, fields)
+  return _common("adan", Adan(0.0, backend=backend), hyper, ref, slots, step,
+                 clip_global_norm=clip_global_norm, skip_nonfinite=skip_nonfinite,
+                 needs_params=True, cast=_storage(state_dtype, slots, "adan"))
+
+
+def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=0.0,
+             mu_dtype=None, weight_decay=0.0, mask=None, *, backend="auto", state_dtype=None,
+             clip_global_norm=None, skip_nonfinite=False
+             ) -> optax.GradientTransformationExtraArgs:
+  r"""AdEMAMix (optax.contrib.ademamix), fused: one pass over p, g and three state buffers.
+
+  .. math::
+    m_1 \gets b_1 m_1 + (1-b_1) g,\quad m_2 \gets b_3 m_2 + (1-b_3) g,\quad
+    \nu \gets b_2 \nu + (1-b_2) |g|^2
+
+    u_t = -\eta_t \left(\frac{\hat m_1 + \alpha_t m_2}{\sqrt{\hat\nu + \epsilon_{root}}
+          + \epsilon} + \lambda p_{t-1}\right)
+
+  ``b3`` and ``alpha`` may be schedules (the paper warms both up), like every argument; they enter
+  the kernel as runtime values. ``mu_dtype`` stores all three averages in that dtype (optax's).
+  ``mask`` applies the weight decay per tensor. State: optax's
+  ``(ScaleByAdemamixState(count, count_m2, m1, m2, nu), ...)``. Requires ``params``.
+
+  References:
+    Pagliardini, Ablin & Grangier, 2024: https://arxiv.org/abs/2409.03137
+  """
+  hyper = dict(learning_rate=learning_rate, b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps,
+               eps_root=eps_root, weight_decay=weight_decay)
+  _validate(dict(learning_rate=_LR, b1=_BETA, b2=_BETA, b3=_BETA, alpha=_NONNEG, eps=_NONNEG,
+                 eps_root=_NONNEG, weight_decay=_NONNEG), hyper)
+  slots = ("m1", "m2", "nu")
+  cast = _storage(state_dtype, slots, "ademamix")
+  if mu_dtype is not None:   # optax's: every average's dtype (over state_dtype's)
+    cast.update({a: jnp.dtype(mu_dtype) for a in slots})
+  ref = optax.contrib.ademamix(learning_rate, b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps,
+                               eps_root=eps_root, mu_dtype=mu_dtype, weight_decay=weight_decay,
+                               mask=mask)
+
+  def step(hp, count, run, layout, p, g, fields, params):
+    s = ademamix_scalars(hp.learning_rate, hp.b1, hp.b2, hp.b3, hp.alpha, hp.eps, hp.eps_root,
+                         hp.weight_decay, count)
+    rule, seg = ADEMAMIX_RULE, {}
+    if mask is not None:
+      n = len(layout.segments)
+      rule, seg = _per_segment(rule, s, {}, n, {"wd": s["wd"] * _mask_vector(mask, params, n)})
+    return run.run(rule, s, seg, layout, p, g, fields)
+  return _common("ademamix", AdEMAMix(0.0, backend=backend), hyper, ref, slots, step,
+                 clip_global_norm=clip_global_norm, skip_nonfinite=skip_nonfinite,
+                 needs_params=True, cast=cast)
+
+
+def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov=False,
+          use_clipping=True, clip_value_fn=lambda x: x ** 0.25, backend="auto",
+          state_dtype=None, clip_global_norm=None, skip_nonfinite=False
+          ) -> optax.GradientTransformationExtraArgs:
+  r"""ADOPT (optax.contrib.adopt), fused: one pass, Adam's two state buffers.
+
+  .. math::
+    u = \operatorname{clip}\left(\frac{g_t}{\max(\sqrt{\nu_{t-1}}, \epsilon)},
+        -c_t, c_t\right),\quad
+    \mu_t = b_1 \mu_{t-1} + (1-b_1) u,\quad \nu_t = b_2 \nu_{t-1} + (1-b_2) |g_t|^2,\quad
+    u_t = -\eta_t \mu_t
+
+  with ``b1 = 1``, ``b2 = 0`` at the first step (optax's) and ``c_t = clip_value_fn(t)``
+  (``t**0.25``; evaluated per step, a runtime value in the kernel), no clip with
+  ``use_clipping=False`` (required for complex params: they have no order to clip by).
+  ``nesterov`` applies the average once more. State: optax's
+  ``(ScaleByAdamState(count, mu, nu), ...)``. ``params`` are not needed.
+
+  References:
+    Taniguchi et al., 2024: https://arxiv.org/abs/2411.02853
+  """
+  hyper = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
+  _validate(dict(learning_rate=_LR, b1=_BETA, b2=_BETA, eps=_NONNEG), hyper)
+  if not callable(clip_value_fn):
+    raise HyperParamError(f"clip_value_fn={clip_value_fn!r} must be a function of the step count")
+  slots = ("mu", "nu")
+  cast = _storage(state_dtype, slots, "adopt")
+  if mu_dtype is not None:   # optax's: the first moment's dtype (over state_dtype's)
+    cast["mu"] = jnp.dtype(mu_dtype)
+  ref = optax.contrib.adopt(learning_rate, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype,
+                            nesterov=nesterov, use_clipping=use_clipping,
+                            clip_value_fn=clip_value_fn)
+  rule = adopt_rule(bool(nesterov), bool(use_clipping))
+
+  def step(hp, count, run, layout, p, g, fields, params):
+    del params
+    if use_clipping and any(jnp.issubdtype(gr.dtype, jnp.complexfloating)
+                            for gr in layout.groups):
+      raise ValueError("fusedopt.tx.adopt: complex parameters have no ordering to clip by "
+                       "(optax's jnp.clip refuses them too); pass use_clipping=False")
+    clip = clip_value_fn(count) if use_clipping else 0.0
+    s = adopt_scalars(hp.learning_rate, hp.b1, hp.b2, hp.eps, clip, count)
+    return run.run(rule, s, {}, layout, p, g, fields)
+  return _common("adopt", ADOPT(0.0, backend=backend), hyper, ref, slots, step,
+                 clip_global_norm=clip_global_norm, skip_nonfinite=skip_nonfinite, cast=cast)
 
 
 nadam = functools.partial(adam, nesterov=True)

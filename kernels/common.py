@@ -37,13 +37,20 @@ class Tuning:
   num_stages: int = 1
 
 
+HEAVY_STATE_BUFFERS = 4   # a rule with this many state buffers runs at half the elements/thread
+
+
 def default_tuning(table: Dict[Tuple[str, int], Tuning], rule, p_dtype, platform: str) -> Tuning:
   """``table``'s entry for (platform, storage itemsize of the params, at most 4), and on a GPU
-  twice the warps for a stochastically rounding rule (``with_stochastic_rounding``): its hash
-  costs registers, and at the table's elements per thread the Adam kernels spill on sm_90; at
-  half as many none does (sm_80, sm_90; tests/test_pallas_lowering.py, test_triton_kernels.py)."""
+  twice the warps (half the elements per thread) for a rule heavy on registers: a
+  stochastically rounding rule (``with_stochastic_rounding``: its hash), or one with four or more
+  state buffers (Adan: 6 loads and 5 stores per element). At the table's elements per thread
+  those spill on sm_90; at half as many none does (sm_80, sm_90; tests/test_pallas_lowering.py,
+  test_triton_kernels.py)."""
   tuning = table[(platform, min(np.dtype(p_dtype).itemsize, 4))]
-  if platform == "gpu" and set(elementwise.ROUNDING_SCALARS) <= set(rule.scalars):
+  heavy = (set(elementwise.ROUNDING_SCALARS) <= set(rule.scalars)
+           or rule.n_state >= HEAVY_STATE_BUFFERS)
+  if platform == "gpu" and heavy:
     tuning = dataclasses.replace(tuning, num_warps=2 * tuning.num_warps)
   return tuning
 

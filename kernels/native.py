@@ -68,7 +68,10 @@ CPP = symbolic.Dialect(
     sqrt="std::sqrt({x})", where="({c} != {zero} ? {a} : {b})",
     # C++ ``uint32_t`` arithmetic wraps modulo 2^32 and ``>>`` is logical, like jax's uint32.
     bits="f2u({x})", from_bits="u2f({x})", u32="static_cast<uint32_t>({x})",
-    sign="({x} > 0.f ? 1.f : ({x} < 0.f ? -1.f : {x}))")
+    sign="({x} > 0.f ? 1.f : ({x} < 0.f ? -1.f : {x}))",
+    # NaN-propagating, as jnp's (std::max/fmaxf return the other operand for a NaN)
+    maximum="(({a} > {b} || {a} != {a}) ? {a} : {b})",
+    minimum="(({a} < {b} || {a} != {a}) ? {a} : {b})")
 
 
 # Storage types: the math is float32 whatever the params/grads are stored in.

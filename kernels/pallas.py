@@ -59,7 +59,7 @@ DEFAULT_TUNING: Dict[Tuple[str, int], Tuning] = {
 _XP = types.SimpleNamespace(sqrt=jnp.sqrt, where=lambda c, a, b: jnp.where(c != 0, a, b),
                             bits=elementwise.JNP.bits, from_bits=elementwise.JNP.from_bits,
                             u32=elementwise.JNP.u32, abs_sq=lambda x: x * x,   # real kernels
-                            sign=jnp.sign)
+                            sign=jnp.sign, maximum=jnp.maximum, minimum=jnp.minimum)
 
 
 def _platform(platform: Optional[str]) -> str:

@@ -47,6 +47,8 @@ class Dialect:
   from_bits: str                     # uint32 -> float32, bit pattern kept
   u32: str                           # float32 (an integer value) -> uint32
   sign: str                          # -1, +1, or x itself for +-0 and NaN (as jnp.sign)
+  maximum: str                       # NaN if either is NaN (as jnp.maximum), else the larger
+  minimum: str                       # NaN if either is NaN (as jnp.minimum), else the smaller
   div: str = "{a} / {b}"
   # When set, literals are not written inline but declared once each as a named constant
   # ``c<k> = <constant>`` (``Emitter.consts``), e.g. Triton's ``tl.full([], {lit}, {type})``:
@@ -158,6 +160,8 @@ def xp(em: Emitter):
       from_bits=lambda u: em.new(d.from_bits.format(x=em.operand(u, UInt))),
       u32=lambda x: em.new(d.u32.format(x=em.operand(x)), UInt),
       sign=lambda x: em.new(d.sign.format(x=em.operand(x))),
+      maximum=lambda a, b: em.new(d.maximum.format(a=em.operand(a), b=em.operand(b))),
+      minimum=lambda a, b: em.new(d.minimum.format(a=em.operand(a), b=em.operand(b))),
       abs_sq=lambda x: x * x)   # kernels are real: |x|^2 is x * x, one traced multiply
 
 
@@ -184,6 +188,6 @@ def trace(rule, em: Emitter, scalars, seg_scalars, p, g, state):
   except AttributeError as e:   # an xp function or operator the emitter does not know
     raise NotImplementedError(
         f"the {em.dialect.backend} backend cannot generate rule {rule.name!r} ({e}); its emitter "
-        "supports + - * /, sqrt, abs_sq, sign and where on float32 values, and bits/from_bits/u32 with the "
-        "uint32 operators + - * ^ & | << >>") from e
+        "supports + - * /, sqrt, abs_sq, sign, maximum, minimum and where on float32 values, and "
+        "bits/from_bits/u32 with the uint32 operators + - * ^ & | << >>") from e
   return new_p, (tuple(new_state) if rule.writes_state else ()), terms

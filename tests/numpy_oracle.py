@@ -25,7 +25,8 @@ NPX = types.SimpleNamespace(
     bits=_bits, from_bits=_from_bits, u32=lambda x: np.asarray(x, _F32).astype(_U32),
     abs_sq=lambda x: x * x,
     # jnp.sign's: x itself for +-0 and NaN (np.sign(-0.0) is +0.0)
-    sign=lambda x: np.where(x > 0, _F32(1), np.where(x < 0, _F32(-1), x)))
+    sign=lambda x: np.where(x > 0, _F32(1), np.where(x < 0, _F32(-1), x)),
+    maximum=np.maximum, minimum=np.minimum)   # NaN-propagating, as jnp's
 
 
 def scalars_ns(values):

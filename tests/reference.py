@@ -46,6 +46,12 @@ DEFAULTS = {
     'AdaBelief': dict(learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-16, weight_decay=0.0),
     'Adadelta': dict(learning_rate=None, rho=0.9, eps=1e-6, weight_decay=0.0),
     'Lion': dict(learning_rate=None, beta1=0.9, beta2=0.99, weight_decay=0.0),
+    'Adan': dict(learning_rate=None, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8,
+                 eps_root=1e-8, weight_decay=0.0),
+    'AdEMAMix': dict(learning_rate=None, beta1=0.9, beta2=0.999, beta3=0.9999, alpha=5.0,
+                     eps=1e-8, eps_root=0.0, weight_decay=0.0),
+    'ADOPT': dict(learning_rate=None, beta1=0.9, beta2=0.9999, eps=1e-6, nesterov=False,
+                  use_clipping=True),
 }
 
 
@@ -99,6 +105,12 @@ def init_state(name, hp, param):
     return {'momentum': z()}
   if name == 'Lion':
     return {'grad_ema': z()}
+  if name == 'ADOPT':
+    return {'grad_ema': z(), 'grad_sq_ema': z()}
+  if name == 'AdEMAMix':
+    return {'fast_ema': z(), 'slow_ema': z(), 'grad_sq_ema': z()}
+  if name == 'Adan':
+    return {'grad_ema': z(), 'grad_diff_ema': z(), 'sq_ema': z(), 'prev_grad': z()}
   if name in ('Adam', 'LAMB', 'AdaBelief'):
     return {'grad_ema': z(), 'grad_sq_ema': z()}
   if name == 'Adagrad':
@@ -270,6 +282,48 @@ def lion(step, hp, p, s, g):
   return new_p, {'grad_ema': (1. - b2) * g + b2 * s['grad_ema']}
 
 
+def adan(step, hp, p, s, g):
+  """Xie et al. 2022, Algorithm 1 in optax's form: betas are the averages' decays, no
+  difference at the first step, decoupled additive weight decay."""
+  b1, b2, b3 = f64(hp['beta1']), f64(hp['beta2']), f64(hp['beta3'])
+  t = step + 1
+  d = g - s['prev_grad'] if step > 0 else np.zeros_like(g)
+  m = b1 * s['grad_ema'] + (1. - b1) * g
+  v = b2 * s['grad_diff_ema'] + (1. - b2) * d
+  n = b3 * s['sq_ema'] + (1. - b3) * np.square(g + (1. - b2) * d)
+  u = (m / (1. - b1 ** t) + (1. - b2) * v / (1. - b2 ** t)) / (
+      np.sqrt(n / (1. - b3 ** t) + hp['eps_root']) + hp['eps'])
+  new_p = p - hp['learning_rate'] * (u + hp['weight_decay'] * p)
+  return new_p, {'grad_ema': m, 'grad_diff_ema': v, 'sq_ema': n, 'prev_grad': g}
+
+
+def ademamix(step, hp, p, s, g):
+  """Pagliardini et al. 2024, Algorithm 1 (no warm-up: alpha and beta3 as given)."""
+  b1, b2, b3 = f64(hp['beta1']), f64(hp['beta2']), f64(hp['beta3'])
+  t = step + 1
+  m1 = b1 * s['fast_ema'] + (1. - b1) * g
+  m2 = b3 * s['slow_ema'] + (1. - b3) * g
+  nu = b2 * s['grad_sq_ema'] + (1. - b2) * np.square(g)
+  u = (m1 / (1. - b1 ** t) + hp['alpha'] * m2) / (
+      np.sqrt(nu / (1. - b2 ** t) + hp['eps_root']) + hp['eps'])
+  new_p = p - hp['learning_rate'] * (u + hp['weight_decay'] * p)
+  return new_p, {'fast_ema': m1, 'slow_ema': m2, 'grad_sq_ema': nu}
+
+
+def adopt(step, hp, p, s, g):
+  """Taniguchi et al. 2024, Algorithm 2 with clipping at step**0.25, as optax.contrib.adopt:
+  at the first step the second moment starts at g^2 and nothing else moves."""
+  b1, b2 = (f64(hp['beta1']), f64(hp['beta2'])) if step > 0 else (f64(1), f64(0))
+  u = g / np.maximum(np.sqrt(s['grad_sq_ema']), hp['eps'])
+  if hp['use_clipping']:
+    c = f64(step) ** 0.25
+    u = np.clip(u, -c, c)
+  m = b1 * s['grad_ema'] + (1. - b1) * u
+  out = b1 * m + (1. - b1) * u if hp['nesterov'] else m
+  v = b2 * s['grad_sq_ema'] + (1. - b2) * np.square(g)
+  return p - hp['learning_rate'] * out, {'grad_ema': m, 'grad_sq_ema': v}
+
+
 STEP_FNS = {
     'GradientDescent': gradient_descent,
     'Momentum': momentum,
@@ -282,6 +336,9 @@ STEP_FNS = {
     'AdaBelief': adabelief,
     'Adadelta': adadelta,
     'Lion': lion,
+    'Adan': adan,
+    'AdEMAMix': ademamix,
+    'ADOPT': adopt,
 }
 
 

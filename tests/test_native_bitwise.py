@@ -20,6 +20,9 @@ from fusedopt.adam import ADAM_RULE, adam_rule
 from fusedopt.lamb import APPLY_RULE, MOMENTS_RULE, lamb_rules
 from fusedopt.lars import lars_rule
 from fusedopt.layout import FlatLayout
+from fusedopt.adan import ADAN_RULE
+from fusedopt.ademamix import ADEMAMIX_RULE
+from fusedopt.adopt import adopt_rule
 from fusedopt.lion import LION_RULE
 from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
@@ -37,6 +40,7 @@ BASE_RULES = {
     "rmsprop_centered": rmsprop_rule(True), "adabelief": ADABELIEF_RULE,
     "adadelta": ADADELTA_RULE, "lamb_moments": MOMENTS_RULE, "lamb_apply": APPLY_RULE,
     "lars": lars_rule(False), "lars_nesterov": lars_rule(True), "lion": LION_RULE,
+    "adan": ADAN_RULE, "ademamix": ADEMAMIX_RULE, "adopt_nesterov": adopt_rule(nesterov=True),
     # the static variants fusedopt.tx runs (optax's forms)
     "adam_eps_root": adam_rule(eps_root=True), "adam_nesterov": adam_rule(nesterov=True),
     "adam_nesterov_eps_root": adam_rule(nesterov=True, eps_root=True),
@@ -160,3 +164,22 @@ def test_native_full_step_bitwise_equals_numpy(opt):
       ratio_lr = np.float32(pn / un) * s["lr"]
       ref_p, _, _ = evaluate(APPLY_RULE, s, {"ratio_lr": ratio_lr}, tree[k], g[k], st)
     assert same_bits(np.asarray(new.target[k]), ref_p), (opt, k)
+
+
+def test_maximum_minimum_propagate_nan_as_jnp():
+  """``xp.maximum``/``xp.minimum`` (ADOPT's ``max(sqrt(v), eps)`` and clip) in the C++ dialect:
+  NaN when either operand is NaN, as ``jnp.maximum``/``jnp.minimum`` (``std::max``/``fmaxf``
+  return the other operand), and the larger/smaller otherwise, infinities included."""
+  from fusedopt.kernels import native   # pylint: disable=import-outside-toplevel
+  rule = ew.Rule("maxmin", lambda xp, s, q, p, g, m: (xp.maximum(p, g), (xp.minimum(g, p),)),
+                 (), 1)
+  vals = np.array([np.nan, -np.inf, -2.0, -0.5, 0.5, 3.0, np.inf], np.float32)
+  a, b = (x.ravel() for x in np.meshgrid(vals, vals))
+  tree = {"x": a}
+  layout = FlatLayout.build(tree)
+  out_p, (out_m,), _ = native.run(rule, {}, {}, layout, 0, [jnp.asarray(a)], [jnp.asarray(b)],
+                                  (_pack(layout, [np.zeros_like(a)]),))
+  want_max, want_min = np.asarray(jnp.maximum(a, b)), np.asarray(jnp.minimum(b, a))
+  np.testing.assert_array_equal(np.asarray(out_p[0]), want_max)
+  np.testing.assert_array_equal(np.asarray(out_m)[:a.size], want_min)
+  assert np.isnan(want_max).sum() == 2 * len(vals) - 1   # either operand NaN: NaN

@@ -25,6 +25,9 @@ from fusedopt.elementwise import guarded, per_segment
 from fusedopt.kernels import pallas as kp
 from fusedopt.lamb import APPLY_RULE, MOMENTS_RULE
 from fusedopt.lars import lars_rule
+from fusedopt.adan import ADAN_RULE
+from fusedopt.ademamix import ADEMAMIX_RULE
+from fusedopt.adopt import adopt_rule
 from fusedopt.lion import LION_RULE
 from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
@@ -42,7 +45,7 @@ RULES = [SGD_RULE, momentum_rule(False), momentum_rule(True), ADAM_RULE, ADAGRAD
          APPLY_RULE, lars_rule(False), lars_rule(True),
          # apply_gradient_checked (unscale + clip + skip) and a fused MultiOptimizer
          guarded(ADAM_RULE), guarded(MOMENTS_RULE), guarded(APPLY_RULE), per_segment(ADAM_RULE),
-         LION_RULE]
+         LION_RULE, ADAN_RULE, ADEMAMIX_RULE, adopt_rule(nesterov=True)]
 RULE_IDS = [r.name for r in RULES]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
@@ -106,8 +109,10 @@ def test_t2_grid_covers_buffer_exactly():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 def test_t3_compiles_to_cubin_without_spills(rule, dtype, arch):
+  """With the kernel's own launch parameters (``default_tuning``: twice the warps for a rule
+  with four or more state buffers)."""
   n = 64 * kp.ALIGN
-  tuning = kp.DEFAULT_TUNING[("gpu", jnp.dtype(dtype).itemsize)]
+  tuning = kp.default_tuning(rule, dtype, "gpu")
   [(name, ttir)] = ttir_texts(lower_cuda(_update_fn(rule, "gpu", n), *_sds(rule, n, dtype)))
   assert name == f"fusedopt_{rule.name}"
   k = compile_ttir(ttir, arch, num_warps=tuning.num_warps, num_stages=tuning.num_stages)

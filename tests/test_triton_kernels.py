@@ -29,6 +29,9 @@ from fusedopt.elementwise import guarded, per_segment, with_master, with_stochas
 from fusedopt.kernels import triton as kt
 from fusedopt.lamb import APPLY_RULE, MOMENTS_RULE
 from fusedopt.lars import lars_rule
+from fusedopt.adan import ADAN_RULE
+from fusedopt.ademamix import ADEMAMIX_RULE
+from fusedopt.adopt import adopt_rule
 from fusedopt.lion import LION_RULE
 from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
@@ -153,7 +156,7 @@ RULES = [SGD_RULE, momentum_rule(False), momentum_rule(True), ADAM_RULE, with_ma
          guarded(ADAM_RULE), guarded(with_master(MOMENTS_RULE)), per_segment(ADAM_RULE),
          # stochastic rounding (uint32 hash): guarded Adam is the one that spilled at 8 warps
          with_stochastic_rounding(ADAM_RULE), with_stochastic_rounding(guarded(ADAM_RULE)),
-         LION_RULE]
+         LION_RULE, ADAN_RULE, ADEMAMIX_RULE, adopt_rule(nesterov=True)]
 SR_RULE = with_stochastic_rounding(guarded(ADAM_RULE))
 DTYPES = ["float32", "bfloat16", "float16"]
 # sm_80 (A100) compiles only these representative rules, to save time: every rule's sm_80 compile

@@ -47,6 +47,9 @@ CONFIGS = [
     ("AdaBelief", {"weight_decay": 0.01}),
     ("Adadelta", {"weight_decay": 0.01}),
     ("Lion", {"weight_decay": 0.1}),
+    ("Adan", {"weight_decay": 0.1}),
+    ("AdEMAMix", {"weight_decay": 0.1}),
+    ("ADOPT", {"nesterov": True}),
 ]
 # bf16/f16/f32 groups in one tree: weight decay on/off, nesterov on/off, master weights
 MIXED = [("Momentum", {"nesterov": True, "weight_decay": 0.01}), ("Adam", {"weight_decay": 0.1}),

@@ -243,6 +243,27 @@ MUTANTS = [
            'sel += [(f"st{i}_in", [f"ST{i}_0" for j in range(k)], f"st{i}" in used)',
            _k(("tests/test_triton_kernels.py",), "t1 and leaf-state"),
            "each program reads the first leaf's state instead of its own leaf's"),
+    # issue 19: Adan's difference, AdEMAMix's slow average, ADOPT's first step and NaN-aware max
+    Mutant("adan_difference_at_first_step", "fusedopt/adan.py",
+           '"not_first": jnp.asarray(jnp.asarray(step) > 0, jnp.float32)',
+           '"not_first": jnp.asarray(jnp.asarray(step) >= 0, jnp.float32)',
+           _k(("tests/test_recent_optimizers.py",), "first_step_has_no_difference"),
+           "Adan takes g - 0 as the first step's gradient difference (optax: 0)"),
+    Mutant("ademamix_slow_average_bias_corrected", "fusedopt/ademamix.py",
+           "  u = (m1 / s.bias_corr1 + s.alpha * m2)",
+           "  u = (m1 / s.bias_corr1 + s.alpha * m2 / s.bias_corr1)",
+           _k(("tests/test_recent_optimizers.py",), "float64_reference and AdEMAMix and jnp"),
+           "AdEMAMix's slow average divided by a bias correction (the paper has none)"),
+    Mutant("adopt_first_step_moves", "fusedopt/adopt.py",
+           "  b1 = jnp.where(later, f32(beta1), F32(1.0))",
+           "  b1 = f32(beta1)",
+           _k(("tests/test_recent_optimizers.py",), "adopt_first_step"),
+           "ADOPT's first step averages g/eps into m (optax: b1 = 1 at t = 0)"),
+    Mutant("native_maximum_drops_nan", "kernels/native.py",
+           'maximum="(({a} > {b} || {a} != {a}) ? {a} : {b})"',
+           'maximum="({a} > {b} ? {a} : {b})"',
+           _k(("tests/test_native_bitwise.py",), "maximum_minimum_propagate_nan"),
+           "the C++ maximum returns the other operand for a NaN (jnp.maximum: NaN)"),
 ]
 
 # Runs in the copy: checks where fusedopt comes from, then runs pytest in this process.
