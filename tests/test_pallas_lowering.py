@@ -104,10 +104,17 @@ def test_t2_grid_covers_buffer_exactly():
 
 # ----------------------------------------------------------------------------- T3
 
+# sm_80 (A100) compiles the representative rules only, to save test time: every rule's sm_80
+# compile was checked (2026-12-07, triton 3.9.0: all pass without spills), and sm_90 -- the
+# tighter one for registers -- covers every rule.
+SM80_RULES = {r.name for r in (ADAM_RULE, MOMENTS_RULE, momentum_rule(True), ADAN_RULE,
+                               guarded(ADAM_RULE))}
+T3_CASES = [pytest.param(r, d, a, id=f"{r.name}-{jnp.dtype(d).name}-{a}") for r in RULES
+            for d in DTYPES for a in (80, 90) if a == 90 or r.name in SM80_RULES]
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (the `test` extra has it)")
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("rule, dtype, arch", T3_CASES)
 def test_t3_compiles_to_cubin_without_spills(rule, dtype, arch):
   """With the kernel's own launch parameters (``default_tuning``: twice the warps for a rule
   with four or more state buffers)."""
