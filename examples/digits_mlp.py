@@ -1,6 +1,7 @@
 """Train an MLP on scikit-learn's digits with fusedopt's Adam and with optax's adamw, side by side.
 
     python examples/digits_mlp.py            # (make demo runs this on CPU)
+    python examples/digits_mlp.py --optimizer lion --lr 3e-4    # or adan, ademamix, adopt
 
 Both runs start from the same weights and see the same batches in the same order.
 ``fusedopt.Adam(lr, weight_decay=wd)`` is flax 0.5.3's Adam with decoupled weight decay times the
@@ -13,6 +14,11 @@ checks the first epoch's mean training loss within ``--tolerance-first`` (relati
 1e-4) of optax's and every epoch's within ``--tolerance`` (default 1e-2), and exits non-zero
 otherwise; a formula difference (bias correction or weight decay dropped, eps misplaced) breaks
 the first bound at once.
+
+``--optimizer`` picks another pair with the same update in both libraries: ``lion``
+(``fusedopt.Lion`` / ``optax.lion``), ``adan`` (``Adan`` / ``optax.adan``), ``ademamix``
+(``AdEMAMix`` / ``optax.contrib.ademamix``), ``adopt`` (``ADOPT`` / ``optax.contrib.adopt``, which
+has no weight decay: ``--weight-decay`` is ignored). The same tolerances apply.
 
 It prints the loss per epoch for both, the final test accuracy, writes a PNG of both curves
 (``--plot``), and ends with the timing of the full jitted train step against optax.
@@ -31,10 +37,28 @@ import fusedopt
 from fusedopt.demo import accuracy, bench, init_mlp, load_data, loss_fn
 
 
+# --optimizer: (fusedopt OptimizerDef, optax transformation) of the same update, from the args
+PAIRS = {
+    "adam": (lambda a: fusedopt.Adam(learning_rate=a.lr, weight_decay=a.weight_decay),
+             lambda a: optax.adamw(a.lr, weight_decay=a.weight_decay)),
+    "lion": (lambda a: fusedopt.Lion(learning_rate=a.lr, weight_decay=a.weight_decay),
+             lambda a: optax.lion(a.lr, weight_decay=a.weight_decay)),
+    "adan": (lambda a: fusedopt.Adan(learning_rate=a.lr, weight_decay=a.weight_decay),
+             lambda a: optax.adan(a.lr, weight_decay=a.weight_decay)),
+    "ademamix": (lambda a: fusedopt.AdEMAMix(learning_rate=a.lr, weight_decay=a.weight_decay),
+                 lambda a: optax.contrib.ademamix(a.lr, weight_decay=a.weight_decay)),
+    "adopt": (lambda a: fusedopt.ADOPT(learning_rate=a.lr),
+              lambda a: optax.contrib.adopt(a.lr)),
+}
+LABELS = {"adam": ("fusedopt.Adam", "optax.adamw"), "lion": ("fusedopt.Lion", "optax.lion"),
+          "adan": ("fusedopt.Adan", "optax.adan"),
+          "ademamix": ("fusedopt.AdEMAMix", "optax.contrib.ademamix"),
+          "adopt": ("fusedopt.ADOPT", "optax.contrib.adopt")}
+
+
 def fusedopt_run(args, train_data, sizes):
   """Per-step losses and final params with the flax.optim API on fusedopt."""
-  opt = fusedopt.Adam(learning_rate=args.lr, weight_decay=args.weight_decay).create(
-      init_mlp(args.seed, sizes))
+  opt = PAIRS[args.optimizer][0](args).create(init_mlp(args.seed, sizes))
 
   @jax.jit
   def step(opt, batch):
@@ -50,8 +74,8 @@ def fusedopt_run(args, train_data, sizes):
 
 
 def optax_run(args, train_data, sizes):
-  """The same training with optax.adamw."""
-  tx = optax.adamw(args.lr, weight_decay=args.weight_decay)
+  """The same training with optax's peer (optax.adamw by default)."""
+  tx = PAIRS[args.optimizer][1](args)
   params = init_mlp(args.seed, sizes)
   state = (params, tx.init(params))
 
@@ -81,7 +105,7 @@ def batches(args, train_data):
       yield x[idx], y[idx]
 
 
-def plot(path, f_epoch, o_epoch, f_steps, o_steps, steps_per_epoch):
+def plot(path, f_epoch, o_epoch, f_steps, o_steps, steps_per_epoch, labels):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -90,8 +114,8 @@ def plot(path, f_epoch, o_epoch, f_steps, o_steps, steps_per_epoch):
   ax.plot(t, f_steps, lw=0.6, alpha=0.35, color="tab:blue")
   ax.plot(t, o_steps, lw=0.6, alpha=0.35, color="tab:orange")
   e = np.arange(1, len(f_epoch) + 1)
-  ax.plot(e, f_epoch, "o-", color="tab:blue", label="fusedopt.Adam (flax.optim API)")
-  ax.plot(e, o_epoch, "x--", color="tab:orange", label="optax.adamw")
+  ax.plot(e, f_epoch, "o-", color="tab:blue", label=f"{labels[0]} (flax.optim API)")
+  ax.plot(e, o_epoch, "x--", color="tab:orange", label=labels[1])
   ax.set_yscale("log")
   ax.set_xlabel("epoch")
   ax.set_ylabel("training loss (cross-entropy)")
@@ -104,6 +128,8 @@ def plot(path, f_epoch, o_epoch, f_steps, o_steps, steps_per_epoch):
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--optimizer", choices=sorted(PAIRS), default="adam",
+                 help="the fusedopt/optax pair to train with (default adam: Adam / optax.adamw)")
   p.add_argument("--epochs", type=int, default=15)
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--hidden", type=int, default=128)
@@ -126,8 +152,10 @@ def main(argv=None):
   train_data, (x_test, y_test) = load_data(args.seed)
   sizes = [train_data[0].shape[1], args.hidden, args.hidden, 10]
   steps_per_epoch = len(train_data[0]) // args.batch_size
-  print(f"digits: {len(train_data[0])} train / {len(x_test)} test, MLP {sizes}, Adam/adamw "
-        f"lr {args.lr:g} weight decay {args.weight_decay:g}, batch {args.batch_size}, "
+  labels = LABELS[args.optimizer]
+  print(f"digits: {len(train_data[0])} train / {len(x_test)} test, MLP {sizes}, "
+        f"{labels[0]} / {labels[1]} lr {args.lr:g} weight decay "
+        f"{0.0 if args.optimizer == 'adopt' else args.weight_decay:g}, batch {args.batch_size}, "
         f"jax {jax.__version__} on {jax.default_backend()}", flush=True)
   t0 = time.perf_counter()
   f_steps, f_params = fusedopt_run(args, train_data, sizes)
@@ -136,9 +164,9 @@ def main(argv=None):
   t2 = time.perf_counter()
   f_epoch = f_steps.reshape(args.epochs, -1).mean(axis=1)
   o_epoch = o_steps.reshape(args.epochs, -1).mean(axis=1)
-  print("epoch   fusedopt.Adam   optax.adamw   rel. diff")
+  print(f"epoch   {labels[0]:>17s}   {labels[1]:>22s}   rel. diff")
   for e, (a, b) in enumerate(zip(f_epoch, o_epoch), 1):
-    print(f"{e:5d}   {a:13.6f}   {b:11.6f}   {abs(a - b) / abs(b):9.2e}")
+    print(f"{e:5d}   {a:17.6f}   {b:22.6f}   {abs(a - b) / abs(b):9.2e}")
   rel = np.abs(f_epoch - o_epoch) / np.abs(o_epoch)
   worst, first = float(np.max(rel)), float(rel[0])
   f_acc = float(accuracy(f_params, jnp.asarray(x_test), jnp.asarray(y_test)))
@@ -146,7 +174,7 @@ def main(argv=None):
   print(f"final test accuracy: fusedopt {f_acc:.4f}, optax {o_acc:.4f}  "
         f"(training {t1 - t0:.1f}s vs {t2 - t1:.1f}s, compile included)")
   if args.plot:
-    plot(args.plot, f_epoch, o_epoch, f_steps, o_steps, steps_per_epoch)
+    plot(args.plot, f_epoch, o_epoch, f_steps, o_steps, steps_per_epoch, labels)
     print(f"loss curves: {args.plot}")
   ok = worst <= args.tolerance and first <= args.tolerance_first
   print(f"loss curves {'agree' if ok else 'DISAGREE'}: relative difference of the epoch mean loss "
@@ -155,7 +183,7 @@ def main(argv=None):
   if args.steps > 0:
     bench(argparse.Namespace(batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                              backend="auto", warmup=args.warmup, steps=args.steps),
-          train_data, sizes)
+          train_data, sizes, pair=(PAIRS[args.optimizer][0](args), PAIRS[args.optimizer][1](args)))
   return 0 if ok else 1
 
 

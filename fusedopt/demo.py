@@ -126,8 +126,9 @@ def _time_step(step, state, batch):
   return state, time.perf_counter() - t0
 
 
-def bench(args, train_data, sizes):
-  """Median time of the full jitted train step: fusedopt.Adam vs optax.adam, interleaved."""
+def bench(args, train_data, sizes, pair=None):
+  """Median time of the full jitted train step: fusedopt.Adam vs optax.adam (or ``pair``: a
+  fusedopt ``OptimizerDef`` and an optax transformation), interleaved."""
   try:
     import optax
   except ImportError:
@@ -139,8 +140,8 @@ def bench(args, train_data, sizes):
   params = lambda: init_mlp(args.seed + 1, sizes)  # noqa: E731
 
   f_step = jax.jit(fusedopt_step, donate_argnums=0)
-  f_state = make_adam(args).create(params())
-  tx = optax.adam(args.lr)
+  opt_def, tx = pair if pair is not None else (make_adam(args), optax.adam(args.lr))
+  f_state = opt_def.create(params())
   o_step = jax.jit(make_optax_step(tx), donate_argnums=0)
   o_params = params()
   o_state = (o_params, tx.init(o_params))

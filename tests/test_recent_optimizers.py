@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import fusedopt as optim
 import reference
 from cases import SHAPES, ulps_error
+from test_numerics import is_bias, is_kernel, make_dict_params
 
 N_STEPS = 6
 LR = 0.01
@@ -158,6 +159,51 @@ def test_state_dict_round_trip(name):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_driver_features(name):
+  """What every built-in gets from the driver, on these rules (native backend):
+  - MultiOptimizer over two of them (different hyper-parameters) fuses into one state and one
+    pass and matches the float64 reference per traversal;
+  - ``apply_gradient_checked`` with a non-finite gradient leaves params, state and step bitwise
+    unchanged;
+  - ``stochastic_rounding`` on bfloat16 params stays within one bfloat16 ulp of the float32
+    update."""
+  cls = getattr(optim, name)
+  params = make_dict_params()
+  grads = _grads(params, 3)
+  kw_a, kw_b = dict(learning_rate=LR), dict(learning_rate=2 * LR, beta1=0.8)
+  multi = optim.MultiOptimizer((optim.ModelParamTraversal(is_kernel), cls(**kw_a)),
+                               (optim.ModelParamTraversal(is_bias), cls(**kw_b))).create(params)
+  assert type(multi.state.param_states).__name__ == "FusedMultiState"
+  step = jax.jit(lambda o, g: o.apply_gradient(g))
+  for g in grads:
+    multi = step(multi, g)
+  want, _ = reference.run_multi([(is_kernel, name, kw_a), (is_bias, name, kw_b)], params, grads)
+  for path, got in jax.tree_util.tree_leaves_with_path(multi.target):
+    ref = want
+    for k in path:
+      ref = ref[k.key]
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-6, atol=1e-7, err_msg=str(path))
+
+  opt = cls(learning_rate=LR).create(params).apply_gradient(grads[0])
+  bad = jax.tree.map(lambda g: g.at[..., 0].set(jnp.inf) if g.ndim else jnp.inf, grads[1])
+  new, finite, _ = jax.jit(lambda o, g: o.apply_gradient_checked(g))(opt, bad)
+  assert not bool(finite)
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(opt)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  sr = cls(learning_rate=LR, stochastic_rounding=True).create(bf).apply_gradient(
+      jax.tree.map(lambda x: x.astype(jnp.bfloat16), grads[0]))
+  f32 = cls(learning_rate=LR).create(jax.tree.map(lambda x: x.astype(jnp.float32), bf))
+  f32 = f32.apply_gradient(jax.tree.map(lambda x: x.astype(jnp.float32).astype(jnp.bfloat16)
+                                        .astype(jnp.float32), grads[0]))
+  for a, b in zip(jax.tree.leaves(sr.target), jax.tree.leaves(f32.target)):
+    b = np.asarray(b)
+    ulp = np.spacing(np.abs(b).astype(np.float32)) * 2.0 ** 16   # bfloat16 spacing
+    assert np.all(np.abs(np.asarray(a, np.float32) - b) <= ulp * (1 + 1e-3)), name
+
+
 # ----------------------------------------------------------------------------- fusedopt.tx
 
 optax = pytest.importorskip("optax")
@@ -177,12 +223,10 @@ def _contrib(m):
 
 
 TX_CASES = [
-    ("adan_defaults", lambda m: m.adan(1e-3)),
     ("adan_mask_wd_betas", lambda m: m.adan(1e-3, b1=0.9, b2=0.8, b3=0.95, eps_root=0.0,
                                             weight_decay=0.5, mask=test_tx.ALL_TRUE_BUT_BIG)),
     ("adan_schedules", lambda m: m.adan(optax.linear_schedule(1e-3, 1e-4, 10),
                                         weight_decay=optax.linear_schedule(0.1, 0.0, 10))),
-    ("ademamix_defaults", lambda m: _contrib(m).ademamix(1e-3)),
     ("ademamix_mask_wd", lambda m: _contrib(m).ademamix(1e-3, b1=0.8, b2=0.95, eps_root=1e-8,
                                                         weight_decay=0.5,
                                                         mask=test_tx.ALL_TRUE_BUT_BIG)),
@@ -228,6 +272,24 @@ def test_tx_agrees_with_optax(case, zoo_f32):
   test_tx.assert_close(state, expected_state, name, **LOOSE.get(name.split("_")[0], dict(
       rtol=2e-6, atol_rel=2e-6)))
   test_tx.assert_as_accurate(got, expected, test_tx.run64(make, params, grads), name, ulps=4)
+
+
+@pytest.mark.parametrize("name", ["adan", "ademamix", "adopt"])
+def test_tx_defaults_are_optax(name):
+  """Every argument optax has, with optax's default (``clip_value_fn``: a function, compared by
+  its values), then fusedopt's keyword-only extras. The cases above run optax's defaults
+  wherever they do not name an argument."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  ours = inspect.signature(getattr(tx, name)).parameters
+  theirs = inspect.signature(getattr(optax, name, None) or getattr(optax.contrib, name)).parameters
+  assert list(ours)[:len(theirs)] == list(theirs), name
+  for k, p in theirs.items():
+    if k == "clip_value_fn":
+      assert all(float(ours[k].default(t)) == float(p.default(t)) for t in (0, 1, 16, 1000))
+    else:
+      assert ours[k].default == p.default, (name, k)
+  assert set(list(ours)[len(theirs):]) == {"backend", "state_dtype", "clip_global_norm",
+                                            "skip_nonfinite"}
 
 
 def _real_or_none(x):
