@@ -109,8 +109,10 @@ def test_adopt_first_step_only_measures():
                              rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", ["native", "pallas_interpret"])
-@pytest.mark.parametrize("name", NAMES)
+# Pallas' interpreter for the rules that add something to it: Adan's four state buffers, ADOPT's
+# maximum/minimum (AdEMAMix's operations are Adam's)
+@pytest.mark.parametrize("name, backend", [(n, "native") for n in NAMES]
+                         + [("Adan", "pallas_interpret"), ("ADOPT", "pallas_interpret")])
 def test_kernel_backends_match_jnp_mixed_dtypes(name, backend):
   """float32, bfloat16 and float16 leaves, with master weights and with bfloat16 state: the
   kernel backends against the jnp backend over 3 steps, within 2 ulps of the update's terms
@@ -254,9 +256,10 @@ def test_tx_agrees_with_optax(case, zoo_f32):
   """20 steps on the float32/complex64 zoo: optax's state structure exactly (its counters --
   ``t``, ``count``, ``count_m2`` -- counted as optax's), params and state within rtol 1e-6
   where optax's float32 bias corrections allow: ``1 - b^t`` carries optax's float32 rounding of
-  ``b``, so the params are compared at 1e-5, and against optax run in float64, where fusedopt's
-  must be as close as optax's up to 4 ulps of the leaf (each of the 20 steps rounds the params
-  once, in either library)."""
+  ``b``, so the params are compared at 1e-5. ADOPT (``LOOSE``: optax's ``1 - b2`` in float32) is
+  compared more loosely and against optax run in float64, where fusedopt's must be as close as
+  optax's up to 4 ulps of the leaf (each of the 20 steps rounds the params once, in either
+  library)."""
   name, make = case
   params, grads = zoo_f32
   if name in REAL_ONLY:
@@ -271,7 +274,8 @@ def test_tx_agrees_with_optax(case, zoo_f32):
   test_tx.assert_close(got, expected, name, **tol)
   test_tx.assert_close(state, expected_state, name, **LOOSE.get(name.split("_")[0], dict(
       rtol=2e-6, atol_rel=2e-6)))
-  test_tx.assert_as_accurate(got, expected, test_tx.run64(make, params, grads), name, ulps=4)
+  if name.split("_")[0] in LOOSE:   # where optax's float32 rounding is the larger difference
+    test_tx.assert_as_accurate(got, expected, test_tx.run64(make, params, grads), name, ulps=4)
 
 
 @pytest.mark.parametrize("name", ["adan", "ademamix", "adopt"])
