@@ -9,7 +9,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
-class Runner:
+class _Timed:
+  """``sync_step`` and ``timed_step`` (appended to ``self.times``) over a subclass's ``step``."""
+
+  def sync_step(self):
+    jax.block_until_ready(self.step())
+
+  def timed_step(self):
+    t = time.perf_counter()
+    jax.block_until_ready(self.step())
+    dt = time.perf_counter() - t
+    self.times.append(dt)
+    return dt
+
+
+class Runner(_Timed):
   """One implementation on one tree: compiled step plus its carried (donated) state."""
 
   def __init__(self, impl, params_host, grads, lr):
@@ -56,16 +70,6 @@ class Runner:
     self.carry = out if self.impl.n_carry > 1 else (out,)
     return self.carry
 
-  def sync_step(self):
-    jax.block_until_ready(self.step())
-
-  def timed_step(self):
-    t = time.perf_counter()
-    jax.block_until_ready(self.step())
-    dt = time.perf_counter() - t
-    self.times.append(dt)
-    return dt
-
   def params_host(self):
     return jax.tree_util.tree_map(np.array, self.impl.params_of(self.carry))
 
@@ -81,7 +85,7 @@ class Runner:
     gc.collect()
 
 
-class CopyRunner:
+class CopyRunner(_Timed):
   """A jitted, donated ``x * 1.0000001`` over a big float32 buffer: the same-run reference for
   memory bandwidth (read + write = 8 B per element)."""
   name = "copy"
@@ -96,16 +100,6 @@ class CopyRunner:
     self.x = self.f(self.x)
     return self.x
 
-  def sync_step(self):
-    jax.block_until_ready(self.step())
-
-  def timed_step(self):
-    t = time.perf_counter()
-    jax.block_until_ready(self.step())
-    dt = time.perf_counter() - t
-    self.times.append(dt)
-    return dt
-
   @property
   def bytes_moved(self):
     return 8 * self.n
@@ -115,7 +109,7 @@ class CopyRunner:
     gc.collect()
 
 
-class FloorRunner:
+class FloorRunner(_Timed):
   """The jitted, donated identity over ``(params, optax state)`` with the step's signature: what
   dispatching that many buffers costs before any math. Every row that carries optax's
   params-shaped state pays it (2000 leaves: 6000 donated buffers); the flat API does not."""
@@ -132,16 +126,6 @@ class FloorRunner:
   def step(self):
     self.carry = self.f(*self.carry, self.grads, self.lr)
     return self.carry
-
-  def sync_step(self):
-    jax.block_until_ready(self.step())
-
-  def timed_step(self):
-    t = time.perf_counter()
-    jax.block_until_ready(self.step())
-    dt = time.perf_counter() - t
-    self.times.append(dt)
-    return dt
 
   def close(self):
     self.carry = None

@@ -451,6 +451,16 @@ def _common(name, opt_def, hyper, ref, slots, step, *, clip_global_norm, skip_no
                                clip=clip_global_norm, skip_nonfinite=bool(skip_nonfinite), **kw))
 
 
+def _run_masked_decay(run, rule, s, mask, layout, p, g, fields, params):
+  """``run.run(rule, ...)`` with optax's weight-decay ``mask`` (None: every tensor decays) as a
+  per-tensor ``wd`` (``elementwise.per_segment``): the decoupled-decay aliases' step."""
+  seg = {}
+  if mask is not None:
+    n = len(layout.segments)
+    rule, seg = _per_segment(rule, s, {}, n, {"wd": s["wd"] * _mask_vector(mask, params, n)})
+  return run.run(rule, s, seg, layout, p, g, fields)
+
+
 def _storage(state_dtype, slots, name):
   """``state_dtype`` (one dtype, or ``{slot: dtype}`` with optax's field names) as slot ->
   dtype; None keeps optax's dtypes."""
@@ -595,11 +605,7 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
   def step(hp, count, run, layout, p, g, fields, params):
     del count
     s = lion_scalars(hp.learning_rate, hp.b1, hp.b2, hp.weight_decay)
-    rule, seg = LION_RULE, {}
-    if mask is not None:
-      n = len(layout.segments)
-      rule, seg = _per_segment(rule, s, {}, n, {"wd": s["wd"] * _mask_vector(mask, params, n)})
-    return run.run(rule, s, seg, layout, p, g, fields)
+    return _run_masked_decay(run, LION_RULE, s, mask, layout, p, g, fields, params)
   return _common("lion", Lion(0.0, backend=backend), hyper, ref, slots, step,
                  clip_global_norm=clip_global_norm, skip_nonfinite=skip_nonfinite,
                  needs_params=True, cast=cast)
@@ -637,11 +643,7 @@ ight)
   def step(hp, count, run, layout, p, g, fields, params):
     s = adan_scalars(hp.learning_rate, hp.b1, hp.b2, hp.b3, hp.eps, hp.eps_root,
                      hp.weight_decay, count)
-    rule, seg = ADAN_RULE, {}
-    if mask is not None:
-      n = len(layout.segments)
-      rule, seg = _per_segment(rule, s, {}, n, {"wd": s["wd"] * _mask_vector(mask, params, n)})
-    return run.run(rule, s, seg, layout, p, g, fields)
+    return _run_masked_decay(run, ADAN_RULE, s, mask, layout, p, g, fields, params)
   return _common("adan", Adan(0.0, backend=backend), hyper, ref, slots, step,
                  clip_global_norm=clip_global_norm, skip_nonfinite=skip_nonfinite,
                  needs_params=True, cast=_storage(state_dtype, slots, "adan"))
@@ -683,11 +685,7 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
   def step(hp, count, run, layout, p, g, fields, params):
     s = ademamix_scalars(hp.learning_rate, hp.b1, hp.b2, hp.b3, hp.alpha, hp.eps, hp.eps_root,
                          hp.weight_decay, count)
-    rule, seg = ADEMAMIX_RULE, {}
-    if mask is not None:
-      n = len(layout.segments)
-      rule, seg = _per_segment(rule, s, {}, n, {"wd": s["wd"] * _mask_vector(mask, params, n)})
-    return run.run(rule, s, seg, layout, p, g, fields)
+    return _run_masked_decay(run, ADEMAMIX_RULE, s, mask, layout, p, g, fields, params)
   return _common("ademamix", AdEMAMix(0.0, backend=backend), hyper, ref, slots, step,
                  clip_global_norm=clip_global_norm, skip_nonfinite=skip_nonfinite,
                  needs_params=True, cast=cast)

@@ -17,23 +17,11 @@ import jax.numpy as jnp
 
 import fusedopt as optim
 import reference
-from cases import SHAPES, ulps_error
+from cases import ulps_error
+from test_lion import _grads, _tree   # test_lion's trees: cases.SHAPES, one leaf per shape
 from test_numerics import is_bias, is_kernel, make_dict_params
 
-N_STEPS = 6
 LR = 0.01
-
-
-def _tree(dtypes=(jnp.float32,), seed=0):
-  rng = np.random.RandomState(seed)
-  return {f"l{i:02d}": jnp.asarray(rng.standard_normal(s), dtypes[i % len(dtypes)])
-          for i, s in enumerate(SHAPES)}
-
-
-def _grads(tree, steps=N_STEPS, seed=1):
-  rng = np.random.RandomState(seed)
-  return [jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), tree)
-          for _ in range(steps)]
 
 
 # non-default hyper-parameters of each (every beta moved, weight decay on)
