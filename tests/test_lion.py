@@ -152,16 +152,3 @@ def test_tx_lion_agrees_with_optax(case):
     assert float(np.max(gap, initial=0.0)) <= 2 * 1e-3 * len(grads), name
   test_tx.assert_close(state, expected_state, name, rtol=2 ** -6, atol_rel=2 ** -7)
 
-
-def test_tx_lion_one_pass_and_native():
-  """``update_and_apply`` (the native kernel in place on CPU) equals the two calls."""
-  params = test_tx.make_params()
-  grads = test_tx.make_grads(params, steps=3)
-  t = tx.lion(1e-3, weight_decay=0.1)
-  expected, expected_state = test_tx.run(t, params, grads)
-  p, s = params, t.init(params)
-  step = jax.jit(lambda g, s, p: tx.update_and_apply(t, g, s, p))
-  for g in grads:
-    p, s = step(g, s, p)
-  test_tx.assert_close(p, expected, "one pass")
-  test_tx.assert_close(s, expected_state, "one pass state")

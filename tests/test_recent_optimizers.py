@@ -297,8 +297,9 @@ def test_tx_adopt_complex_params_with_clipping_are_a_clear_error(zoo_f32):
 
 @pytest.mark.parametrize("make", [lambda: tx.adan(1e-3, weight_decay=0.1),
                                   lambda: tx.ademamix(1e-3, weight_decay=0.1),
-                                  lambda: tx.adopt(1e-3, nesterov=True)],
-                         ids=["adan", "ademamix", "adopt"])
+                                  lambda: tx.adopt(1e-3, nesterov=True),
+                                  lambda: tx.lion(1e-3, weight_decay=0.1)],
+                         ids=["adan", "ademamix", "adopt", "lion"])
 def test_tx_one_pass_equals_two_calls(make):
   """``update_and_apply`` (the native kernel, each leaf's state arrays by address, in place)
   equals ``update`` + ``apply_updates``."""
