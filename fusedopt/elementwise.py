@@ -57,6 +57,9 @@ class Rule:
     sumsq: optional ``sumsq(xp, s, seg, p, g, *new_state) -> tuple of terms``. Executors return,
       per tensor, the sum of each term squared (LAMB's ||p||^2 and ||u||^2): kernel backends
       fuse it into the same pass as per-block partial sums; others evaluate it per leaf.
+    real_state: for complex params, which state buffers hold real values (second moments,
+      ``|g|^2``), where the rule does not write its state (LAMB's apply stage); None: inferred
+      from the rule (``fusedopt.kernels.planes``).
   """
   name: str
   fn: Callable
@@ -68,6 +71,7 @@ class Rule:
   writes_state: bool = True
   sumsq: Optional[Callable] = None
   param_in_place: bool = True
+  real_state: Optional[Tuple[bool, ...]] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,7 +140,9 @@ def with_master(rule: Rule) -> Rule:
     return sumsq(xp, s, q, master, g, *st)
 
   return dataclasses.replace(rule, name=rule.name + "_master", fn=m_fn, n_state=rule.n_state + 1,
-                             writes_state=True, sumsq=None if sumsq is None else m_sumsq)
+                             writes_state=True, sumsq=None if sumsq is None else m_sumsq,
+                             real_state=None if rule.real_state is None
+                             else rule.real_state + (False,))
 
 
 # ----------------------------------------------------------------------------- stochastic rounding

@@ -71,7 +71,7 @@ def lamb_rules(eps_root: bool = False) -> Tuple[Rule, Rule]:
   return (Rule("lamb_moments" + suffix, moments, scalars, 2, writes_param=False,
                sumsq=norm_terms),
           Rule("lamb_apply" + suffix, apply, scalars, 2, seg_scalars=("ratio_lr",),
-               reads_grad=False, writes_state=False))
+               reads_grad=False, writes_state=False, real_state=(False, True)))
 
 
 MOMENTS_RULE, APPLY_RULE = lamb_rules()

@@ -73,8 +73,8 @@ another dtype than optax's (which is the params' dtype; ``mu_dtype`` for Adam's 
 
 **Complex params** (as optax's): complex first moments, real second moments ``|g|^2``
 (``xp.abs_sq`` in the rules), norms of ``|x|^2``; a tree's complex leaves form their own groups,
-which run on the jnp backend whatever ``backend`` says (the kernels are real; an explicit kernel
-backend warns once).
+which ``auto`` runs on jnp and an explicit kernel backend as real and imaginary planes
+(``fusedopt.kernels.planes``, docs/tx.md).
 
 Import cost: this module imports optax; ``import fusedopt`` does not import it.
 """
@@ -405,7 +405,7 @@ def _counted(by):
 
 
 def _flat_step(spec, hp, count, guard, values, updates, g_leaves, params, deltas=True):
-  # complex leaves form their own groups, which run on the jnp backend (``registry.select``)
+  # complex leaves form their own groups (``registry.select``: jnp for auto, else planes)
   if params is None:
     layout = FlatLayout.build(updates, complex_ok=True)
     p_leaves = [jnp.zeros(s.shape, layout.groups[s.group].dtype) for s in layout.segments]

@@ -10,7 +10,9 @@ triton or a compiler). A new backend is one module exporting ``BACKENDS`` and on
 - one without a kernel for the group's dtype, or whose kernels need a larger alignment than the
   layout's (``layout.choose_align``: a tree of many small leaves), warns once and runs that group
   on ``jnp`` (never wrong numbers);
-- ``auto``: ``auto_choice``.
+- a complex group with per-leaf state (``fusedopt.tx``) on a kernel backend runs as its real
+  and imaginary planes (``kernels/planes.py``);
+- ``auto``: ``auto_choice`` (``auto_leaf_choice`` with per-leaf state: complex groups on jnp).
 """
 import importlib
 import warnings
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusedopt.kernels import common
+from fusedopt.kernels import common, planes
 
 NAMES = ("auto", "jnp", "native", "pallas", "pallas_interpret", "triton", "triton_interpret")
 MODULES = {"jnp": "jnp", "native": "native", "pallas": "pallas", "pallas_interpret": "pallas",
@@ -78,7 +80,14 @@ def select(name: str, layout, gi: int, rule, leaf_state: bool = False) -> common
   (``leaf_state``: with per-leaf state, ``Backend.run_leaves``)."""
   if name == "auto":
     return auto_leaf_choice(layout, gi, rule) if leaf_state else auto_choice(layout, gi, rule)
-  return _fallback(_explicit(name), layout.groups[gi].dtype, layout.align)
+  backend, dtype = _explicit(name), layout.groups[gi].dtype
+  if leaf_state and backend.kernel and jnp.issubdtype(dtype, jnp.complexfloating):
+    why = planes.unsupported_dtype(backend, dtype)
+    if why is not None:
+      _warn_once(f"{why}; that group runs on the jnp backend")
+      return get("jnp")
+    backend, dtype = planes.on_planes(backend, get("jnp")), jnp.finfo(dtype).dtype
+  return _fallback(backend, dtype, layout.align)
 
 
 def auto_leaf_choice(layout, gi: int, rule) -> common.Backend:

@@ -887,30 +887,6 @@ def test_reduce_on_plateau(data):
 
 
 
-@pytest.mark.parametrize("backend", ["native", "pallas_interpret"])
-def test_complex_leaves_on_kernel_backends(backend):
-  """The kernels are real: with an explicit kernel backend, a tree's complex leaves run on the
-  jnp backend (one warning naming the dtype), the real ones on the kernels; the results are
-  optax's, in both the two-call and the one-pass form."""
-  if backend not in fusedopt.available_backends():
-    pytest.skip(f"{backend} not available")
-  rng = np.random.RandomState(3)
-  params = {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
-            "z": jnp.asarray(rng.standard_normal(5) + 1j * rng.standard_normal(5), jnp.complex64)}
-  grads = make_grads(params, steps=3)
-  make = lambda m, **k: m.adamw(1e-2, b1=B1, b2=B2, weight_decay=1e-2, **k)  # noqa: E731
-  expected, _ = run(make(optax), params, grads)
-  with pytest.warns(RuntimeWarning, match="no complex64 kernel"):
-    got, _ = run(make(tx, backend=backend), params, grads)
-  assert_close(got, expected, backend)
-  t = make(tx, backend=backend)
-  p, state = params, t.init(params)
-  with pytest.warns(RuntimeWarning, match="no complex64 kernel"):
-    for g in grads:
-      p, state = jax.jit(functools.partial(tx.update_and_apply, t))(g, state, p)
-  assert_close(p, expected, backend + " update_and_apply")
-
-
 def test_complex_params_in_the_flax_api_are_a_clear_error():
   """The flax.optim API keeps its state in flat real buffers: a complex leaf is a LayoutError
   naming the leaf and its dtype (fusedopt.tx takes complex leaves)."""

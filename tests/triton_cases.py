@@ -283,6 +283,40 @@ def optax_api(backend, stats):
       params, state = optax.apply_updates(params, ua), sa
 
 
+def complex_planes(backend, stats):
+  """``fusedopt.tx`` on complex64 leaves (kernels/planes.py: real and imaginary planes through
+  the leaf-direct kernels) vs the same on jnp: Adam (an inferred real second moment) and LAMB
+  (per-tensor sums, a stage with declared real fields), with no fallback to jnp."""
+  import warnings  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from fusedopt import tx  # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(7)
+  c = lambda *shape: jnp.asarray((rng.standard_normal(shape)  # noqa: E731
+                                  + 1j * rng.standard_normal(shape)).astype(np.complex64))
+  params = {"w": c(33, 40), "b": c(70), "s": c()}
+  ulps = {tx.adamw: 2, tx.lamb: 4}   # LAMB: its norms are sums in each backend's own order
+  for make in (tx.adamw, tx.lamb):
+    txs = {b: make(0.05, weight_decay=0.1, backend=b) for b in ("jnp", backend)}
+    state = txs["jnp"].init(params)
+    p = params
+    for i in range(2):
+      g = jax.tree.map(lambda x, k=i: x * (0.5 + k) + 0.25j, params)
+      with jax.default_device(_cpu()):
+        ua, sa = jax.jit(txs["jnp"].update)(*jax.device_put((g, state, p), _cpu()))
+      with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ub, _ = jax.jit(txs[backend].update)(g, state, p)
+      for (path, x), y, q in zip(jax.tree_util.tree_leaves_with_path(ua), jax.tree.leaves(ub),
+                                 jax.tree.leaves(p)):
+        assert y.dtype == jnp.complex64, (path, y.dtype)
+        for part in (np.real, np.imag):
+          assert_close(part(np.asarray(optax.apply_updates(q, y))),
+                       part(np.asarray(optax.apply_updates(q, x))), part(np.asarray(q)),
+                       ("tx complex", make.__name__, path, i), ulps[make], stats,
+                       step_size=0.05)
+      p, state = optax.apply_updates(p, ua), sa
+
+
 def checked_update(backend, stats):
   """apply_gradient_checked: the Triton pre-pass + guarded kernels vs the jnp backend, with loss
   scaling and clipping, then a skipped step (a NaN gradient) that changes nothing bitwise."""
@@ -590,6 +624,7 @@ CASES["leaf-direct-launches"] = leaf_launches
 CASES["sharded-zero1-fsdp"] = sharded
 CASES["multi-optimizer-fused"] = multi_fused
 CASES["optax-api-tx-adamw"] = optax_api
+CASES["optax-api-complex-planes"] = complex_planes
 CASES["leaf-state-equals-flat-state"] = leaf_state
 CASES["checked-update-and-skipped-step"] = checked_update
 CASES["prepass-equals-xla"] = prepass

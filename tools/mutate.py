@@ -265,6 +265,21 @@ MUTANTS = [
            'maximum="({a} > {b} ? {a} : {b})"',
            _k(("tests/test_native_bitwise.py",), "maximum_minimum_propagate_nan"),
            "the C++ maximum returns the other operand for a NaN (jnp.maximum: NaN)"),
+    Mutant("planes_product_sign", "kernels/planes.py",
+           "return CVal(self.re * o.re - self.im * o.im, self.re * o.im + self.im * o.re)",
+           "return CVal(self.re * o.re + self.im * o.im, self.re * o.im + self.im * o.re)",
+           ("tests/test_complex_planes.py",),
+           "the complex product on planes adds re*re + im*im"),
+    Mutant("planes_every_field_real", "kernels/planes.py",
+           "    real = (True,) * rule.n_state\n",
+           "    return Plan((True,) * rule.n_state, (True,) * 4)\n",
+           ("tests/test_complex_planes.py",),
+           "every state field of a complex group taken as real (first moments lose their im)"),
+    Mutant("planes_sign_unscaled", "kernels/planes.py",
+           "    r = xp.sqrt(a * a + b * b)\n    return CVal(xp.where(m, a / r, x.re)",
+           "    r = xp.sqrt(x.re * x.re + x.im * x.im)\n    return CVal(xp.where(m, x.re / r, x.re)",
+           _k(("tests/test_complex_planes.py",), "pair_arithmetic"),
+           "the complex sign from an unscaled |z| (tiny z: 0/0; huge z: 0)"),
 ]
 
 # Runs in the copy: checks where fusedopt comes from, then runs pytest in this process.
