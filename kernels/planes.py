@@ -41,6 +41,7 @@ import numpy as np
 
 from fusedopt import elementwise
 from fusedopt.kernels import common
+from fusedopt.layout import FlatLayout
 
 F32 = jnp.float32
 
@@ -293,7 +294,6 @@ def on_planes(backend: common.Backend, fallback: common.Backend) -> common.Backe
   inner = backend.leaf_runner()
 
   def run_leaves(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
-    from fusedopt.layout import FlatLayout
     group = layout.groups[gi]
     members = list(group.segments)
     real = _real_dtype(group.dtype)
