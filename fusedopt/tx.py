@@ -108,13 +108,14 @@ from .layout import FlatLayout, LayoutError
 from .momentum import Momentum, momentum_rule
 from .rmsprop import RMSProp, rmsprop_rule
 from .sgd import GradientDescent, SGD_RULE
+from . import schedule_free
 
 F32 = jnp.float32
 
 __all__ = [
     "adafactor", "adagrad", "adam", "adamw", "chain", "clip_by_global_norm",
-    "lamb", "lars", "lion", "adan", "ademamix", "adopt", "nadam", "nadamw", "rmsprop", "sgd",
-    "update_and_apply",
+    "lamb", "lars", "lion", "adan", "ademamix", "adopt", "nadam", "nadamw", "rmsprop",
+    "schedule_free_adamw", "schedule_free_eval_params", "sgd", "update_and_apply",
 ]
 
 
@@ -216,13 +217,19 @@ def _is_node(x):
   return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
+# fields of a state object that hold a wrapped optimizer's state (optax.masked's, schedule-free's)
+_NESTED = ("inner_state", "base_optimizer_state")
+
+
 def _state_nodes(state):
   """The state objects of an optax alias's state, in order: the chain's tuple is walked, and a
-  ``MaskedState``'s (or any wrapper's) ``inner_state``."""
+  wrapper's inner state (``MaskedState.inner_state``, ``ScheduleFreeState``'s
+  ``base_optimizer_state``) after the wrapper."""
   if _is_node(state):
     yield state
-    if "inner_state" in state._fields:
-      yield from _state_nodes(state.inner_state)
+    for f in _NESTED:
+      if f in state._fields:
+        yield from _state_nodes(getattr(state, f))
   elif isinstance(state, tuple):
     for x in state:
       yield from _state_nodes(x)
@@ -232,9 +239,8 @@ def _map_nodes(state, fn):
   """``state`` with every state object ``x`` (``_state_nodes``' order) replaced by ``fn(x)``."""
   if _is_node(state):
     out = fn(state)
-    if "inner_state" in out._fields:
-      out = out._replace(inner_state=_map_nodes(out.inner_state, fn))
-    return out
+    changes = {f: _map_nodes(getattr(out, f), fn) for f in _NESTED if f in out._fields}
+    return out._replace(**changes) if changes else out
   if isinstance(state, tuple):
     return tuple(_map_nodes(x, fn) for x in state)
   return state
@@ -309,6 +315,10 @@ class _Spec:
     clip: global-norm clipping threshold (or None); skip_nonfinite: skip non-finite steps.
     per_leaf: the optimizer runs per leaf (Adafactor).
     wd_mask: Adafactor's ``weight_decay_mask``.
+    outer: state that is not per parameter (schedule-free's averaging weights):
+      ``outer(state) -> (values, advance)``; ``values`` (name -> scalar) join ``hp`` for
+      ``step``, ``advance(node, by)`` returns a state object with those fields advanced (``by``:
+      1, or 0 for a skipped step, which must leave them unchanged).
   """
   name: str
   opt_def: Any
@@ -322,6 +332,7 @@ class _Spec:
   skip_nonfinite: bool = False
   per_leaf: bool = False
   wd_mask: Any = None
+  outer: Any = None
 
 
 class _FusedUpdate:
@@ -350,8 +361,12 @@ class _FusedUpdate:
                        "ratio or parameter scale): call update(grads, state, params)")
     holders = [_holder(state, a, spec.name) for a in spec.slots]
     count = _step_count(state)
-    hp = types.SimpleNamespace(
-        **{k: _at(v, F32(0) if count is None else count) for k, v in spec.hyper.items()})
+    hp = {k: _at(v, F32(0) if count is None else count) for k, v in spec.hyper.items()}
+    advance = None
+    if spec.outer is not None:
+      values, advance = spec.outer(state)
+      hp.update(values)
+    hp = types.SimpleNamespace(**hp)
     g_leaves, g_def = jax.tree_util.tree_flatten(updates)
     fields = {}
     for a, h in zip(spec.slots, holders):
@@ -361,7 +376,7 @@ class _FusedUpdate:
                           f"the grads {len(g_leaves)}:\n  state: {tdef}\n  grads: {g_def}")
       fields[a] = (leaves, tdef)
     if not g_leaves:   # an empty tree: nothing to update; the step still counts (optax)
-      return (updates if deltas else params), _map_nodes(state, _counted(1))
+      return (updates if deltas else params), _map_nodes(state, _counted(1, advance))
     if spec.clip is not None or spec.skip_nonfinite:
       finite, _, gscale = gradient_prepass(g_leaves, None, spec.clip)
       ok = finite.astype(F32) if spec.skip_nonfinite else F32(1.0)
@@ -390,17 +405,19 @@ class _FusedUpdate:
     by = finite.astype(jnp.int32) if spec.skip_nonfinite else 1
 
     def put(node):
-      node = _counted(by)(node)
+      node = _counted(by, advance)(node)
       changes = {a: t for a, t in new_trees.items() if a in node._fields}
       return node._replace(**changes) if changes else node
     return jax.tree_util.tree_unflatten(g_def, u), _map_nodes(state, put)
 
 
-def _counted(by):
-  """A state object with its counters (if any) advanced by ``by`` (optax's safe increment)."""
+def _counted(by, advance=None):
+  """A state object with its counters (if any) advanced by ``by`` (optax's safe increment), and
+  by ``advance`` (``_Spec.outer``) where given."""
   def f(node):
-    return node._replace(**{c: _increment(getattr(node, c), by) for c in _COUNTERS
+    node = node._replace(**{c: _increment(getattr(node, c), by) for c in _COUNTERS
                             if c in node._fields})
+    return node if advance is None else advance(node, by)
   return f
 
 
@@ -736,6 +753,77 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
     return run.run(rule, s, {}, layout, p, g, fields)
   return _common("adopt", ADOPT(0.0, backend=backend), hyper, ref, slots, step,
                  clip_global_norm=clip_global_norm, skip_nonfinite=skip_nonfinite, cast=cast)
+
+
+def schedule_free_adamw(learning_rate=0.0025, warmup_steps=None, b1=0.9, b2=0.999, eps=1e-8,
+                        weight_decay=0.0, weight_lr_power=2.0, state_dtype=None, *,
+                        backend="auto", clip_global_norm=None, skip_nonfinite=False
+                        ) -> optax.GradientTransformationExtraArgs:
+  r"""Schedule-free AdamW (optax.contrib.schedule_free_adamw), fused: one pass over the params
+  ``y``, the gradient and two state buffers (``nu``, ``z``).
+
+  .. math::
+    
+u \gets b_2 
+u + (1-b_2) |g|^2,\quad
+    z' = z - \eta_t \left(rac{g}{\sqrt{
+u / (1-b_2^t)} + \epsilon} + \lambda yight)
+
+    x = rac{y - (1-b_1) z}{b_1},\quad x' = (1-c_t) x + c_t z',\quad
+    y' = b_1 x' + (1-b_1) z'
+
+  with ``c_t = w_t / \sum_{i \le t} w_i``, ``w_t = (\max_{i \le t} \eta_i)^r`` (``r`` =
+  ``weight_lr_power``). The params are the training point ``y``; evaluate at ``x`` with
+  ``schedule_free_eval_params(state, params)`` (optax's, re-exported). ``warmup_steps`` warms
+  the learning rate up linearly from 0 (optax's ``warmup_constant_schedule``); ``state_dtype``
+  is optax's: the dtype of ``z``. State: optax's ``ScheduleFreeState(b1, weight_sum,
+  step_count, max_lr, base_optimizer_state=(ScaleByRmsWithCountState(count, nu), ...), z)``;
+  its scalars (the averaging weights) are updated outside the kernel. Requires ``params``.
+
+  References:
+    Defazio et al., 2024: https://arxiv.org/abs/2405.15682
+  """
+  hyper = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  _validate(dict(learning_rate=_LR, b1=dict(lo=0.0, lo_open=True, hi=1.0), b2=_BETA,
+                 eps=_NONNEG, weight_decay=_NONNEG), hyper)
+  _check_kind("weight_lr_power", weight_lr_power)
+  if warmup_steps is not None:
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) \
+        or warmup_steps < 1:
+      raise HyperParamError(f"warmup_steps={warmup_steps!r} must be a positive int or None")
+    learning_rate = optax.warmup_constant_schedule(0.0, learning_rate, int(warmup_steps))
+    hyper["learning_rate"] = learning_rate
+  ref = optax.contrib.schedule_free_adamw(learning_rate, b1=b1, b2=b2, eps=eps,
+                                          weight_decay=weight_decay,
+                                          weight_lr_power=weight_lr_power,
+                                          state_dtype=state_dtype)
+
+  def outer(state):
+    sf = _holder(state, "weight_sum", "schedule_free_adamw")
+    lr = _at(learning_rate, sf.step_count)
+    c, max_lr, total = schedule_free.averaging_weight(sf.max_lr, sf.weight_sum, lr,
+                                                      weight_lr_power)
+
+    def advance(node, by):
+      if "weight_sum" not in node._fields:
+        return node
+      keep = jnp.asarray(by) == 0
+      return node._replace(weight_sum=jnp.where(keep, node.weight_sum, total),
+                           max_lr=jnp.where(keep, node.max_lr, max_lr),
+                           step_count=_increment(node.step_count, by))
+    return {"c": jnp.real(c) if jnp.iscomplexobj(c) else c}, advance
+
+  def step(hp, count, run, layout, p, g, fields, params):
+    del params
+    s = schedule_free.schedule_free_scalars(hp.learning_rate, hp.b1, hp.b2, hp.eps,
+                                            hp.weight_decay, hp.c, count)
+    return run.run(schedule_free.SCHEDULE_FREE_ADAMW_RULE, s, {}, layout, p, g, fields)
+  return _common("schedule_free_adamw", Adam(0.0, backend=backend), hyper, ref, ("nu", "z"),
+                 step, clip_global_norm=clip_global_norm, skip_nonfinite=skip_nonfinite,
+                 needs_params=True, outer=outer)
+
+
+schedule_free_eval_params = optax.contrib.schedule_free_eval_params
 
 
 nadam = functools.partial(adam, nesterov=True)

@@ -23,6 +23,7 @@ from fusedopt.layout import FlatLayout
 from fusedopt.adan import ADAN_RULE
 from fusedopt.ademamix import ADEMAMIX_RULE
 from fusedopt.adopt import adopt_rule
+from fusedopt.schedule_free import SCHEDULE_FREE_ADAMW_RULE
 from fusedopt.lion import LION_RULE
 from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
@@ -41,6 +42,7 @@ BASE_RULES = {
     "adadelta": ADADELTA_RULE, "lamb_moments": MOMENTS_RULE, "lamb_apply": APPLY_RULE,
     "lars": lars_rule(False), "lars_nesterov": lars_rule(True), "lion": LION_RULE,
     "adan": ADAN_RULE, "ademamix": ADEMAMIX_RULE, "adopt_nesterov": adopt_rule(nesterov=True),
+    "schedule_free_adamw": SCHEDULE_FREE_ADAMW_RULE,
     # the static variants fusedopt.tx runs (optax's forms)
     "adam_eps_root": adam_rule(eps_root=True), "adam_nesterov": adam_rule(nesterov=True),
     "adam_nesterov_eps_root": adam_rule(nesterov=True, eps_root=True),

@@ -28,6 +28,7 @@ from fusedopt.lars import lars_rule
 from fusedopt.adan import ADAN_RULE
 from fusedopt.ademamix import ADEMAMIX_RULE
 from fusedopt.adopt import adopt_rule
+from fusedopt.schedule_free import SCHEDULE_FREE_ADAMW_RULE
 from fusedopt.lion import LION_RULE
 from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
@@ -45,7 +46,8 @@ RULES = [SGD_RULE, momentum_rule(False), momentum_rule(True), ADAM_RULE, ADAGRAD
          APPLY_RULE, lars_rule(False), lars_rule(True),
          # apply_gradient_checked (unscale + clip + skip) and a fused MultiOptimizer
          guarded(ADAM_RULE), guarded(MOMENTS_RULE), guarded(APPLY_RULE), per_segment(ADAM_RULE),
-         LION_RULE, ADAN_RULE, ADEMAMIX_RULE, adopt_rule(nesterov=True)]
+         LION_RULE, ADAN_RULE, ADEMAMIX_RULE, adopt_rule(nesterov=True),
+         SCHEDULE_FREE_ADAMW_RULE]
 RULE_IDS = [r.name for r in RULES]
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 

@@ -32,6 +32,7 @@ from fusedopt.lars import lars_rule
 from fusedopt.adan import ADAN_RULE
 from fusedopt.ademamix import ADEMAMIX_RULE
 from fusedopt.adopt import adopt_rule
+from fusedopt.schedule_free import SCHEDULE_FREE_ADAMW_RULE
 from fusedopt.lion import LION_RULE
 from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
@@ -156,7 +157,8 @@ RULES = [SGD_RULE, momentum_rule(False), momentum_rule(True), ADAM_RULE, with_ma
          guarded(ADAM_RULE), guarded(with_master(MOMENTS_RULE)), per_segment(ADAM_RULE),
          # stochastic rounding (uint32 hash): guarded Adam is the one that spilled at 8 warps
          with_stochastic_rounding(ADAM_RULE), with_stochastic_rounding(guarded(ADAM_RULE)),
-         LION_RULE, ADAN_RULE, ADEMAMIX_RULE, adopt_rule(nesterov=True)]
+         LION_RULE, ADAN_RULE, ADEMAMIX_RULE, adopt_rule(nesterov=True),
+         SCHEDULE_FREE_ADAMW_RULE]
 SR_RULE = with_stochastic_rounding(guarded(ADAM_RULE))
 DTYPES = ["float32", "bfloat16", "float16"]
 # sm_80 (A100) compiles only these representative rules, to save time: every rule's sm_80 compile

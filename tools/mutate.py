@@ -280,6 +280,15 @@ MUTANTS = [
            "    r = xp.sqrt(x.re * x.re + x.im * x.im)\n    return CVal(xp.where(m, x.re / r, x.re)",
            _k(("tests/test_complex_planes.py",), "pair_arithmetic"),
            "the complex sign from an unscaled |z| (tiny z: 0/0; huge z: 0)"),
+    Mutant("schedule_free_average_from_new_z", "fusedopt/schedule_free.py",
+           "((y - s.one_minus_b1 * z) / s.b1)", "((y - s.one_minus_b1 * z_new) / s.b1)",
+           _k(("tests/test_schedule_free.py",), "agrees_with_optax and defaults"),
+           "schedule-free's old average x recovered from the new z instead of the old one"),
+    Mutant("schedule_free_weight_from_current_lr", "fusedopt/schedule_free.py",
+           "max_lr = jnp.maximum(max_lr, jnp.asarray(lr, max_lr.dtype))",
+           "max_lr = jnp.asarray(lr, max_lr.dtype)",
+           _k(("tests/test_schedule_free.py",), "agrees_with_optax and schedule"),
+           "schedule-free's averaging weight from the current learning rate, not the maximum"),
 ]
 
 # Runs in the copy: checks where fusedopt comes from, then runs pytest in this process.
