@@ -6,6 +6,7 @@ the tree by more than ``sum // 100 + PAD_ALLOWANCE`` elements (``layout.choose_a
 LARS) stay per tensor at every alignment, and kernels that need whole 1024-element units leave
 such layouts to the jnp path with a warning.
 """
+import functools
 import warnings
 
 import jax
@@ -72,25 +73,38 @@ def test_padding_bound_on_any_tree(sizes, n_dtypes, shards):
 BACKENDS = [b for b in optim.available_backends() if b in ("jnp", "native")]
 
 
+def _tiny_tree():
+  rng = np.random.RandomState(0)
+  tree = {f"l{i}": jnp.asarray(rng.standard_normal((1 + i % 9,)), jnp.float32)
+          for i in range(120)}
+  tree["zero"] = jnp.zeros((5,))   # a zero-initialised tensor: trust ratio 1
+  return tree, jax.tree.map(lambda x: jnp.cos(x) + 0.1, tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _per_leaf_reference(name):
+  """flax's per-leaf path on ``_tiny_tree`` (the same for every backend: computed once)."""
+  tree, g = _tiny_tree()
+  opt_def = getattr(optim, name)(learning_rate=0.05, weight_decay=0.01, backend="jnp")
+  per_leaf = OptimizerState(jnp.int32(0), jax.tree.map(opt_def.init_param_state, tree))
+  ref, _ = jax.jit(lambda t, s, g: OptimizerDef.apply_gradient(
+      opt_def, opt_def.hyper_params, t, s, g))(tree, per_leaf, g)
+  return ref
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["LAMB", "LARS", "Adam"])
 def test_tiny_leaves_keep_per_tensor_norms(name, backend):
   """A tree of 120 tiny leaves (align < 1024): the flat step equals flax's per-leaf path, whose
   norms are per tensor by construction."""
-  rng = np.random.RandomState(0)
-  tree = {f"l{i}": jnp.asarray(rng.standard_normal((1 + i % 9,)), jnp.float32)
-          for i in range(120)}
-  tree["zero"] = jnp.zeros((5,))   # a zero-initialised tensor: trust ratio 1
+  tree, g = _tiny_tree()
   opt_def = getattr(optim, name)(learning_rate=0.05, weight_decay=0.01, backend=backend)
   flat = opt_def.create(tree)
   assert flat.state.param_states.layout.align < 1024
-  g = jax.tree.map(lambda x: jnp.cos(x) + 0.1, tree)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")     # pallas: "runs on the jnp backend"
     new = jax.jit(lambda o, g: o.apply_gradient(g))(flat, g)
-  per_leaf = OptimizerState(jnp.int32(0), jax.tree.map(opt_def.init_param_state, tree))
-  ref, _ = jax.jit(lambda t, s, g: OptimizerDef.apply_gradient(
-      opt_def, opt_def.hyper_params, t, s, g))(tree, per_leaf, g)
+  ref = _per_leaf_reference(name)
   for k in tree:
     np.testing.assert_allclose(np.asarray(new.target[k]), np.asarray(ref[k]), rtol=2e-6,
                                atol=1e-7)
