@@ -24,7 +24,7 @@ LAYERS = [
     ("fusedopt.sgd", "fusedopt.momentum", "fusedopt.adam", "fusedopt.adagrad", "fusedopt.rmsprop",
      "fusedopt.adadelta", "fusedopt.adafactor", "fusedopt.dynamic_scale", "fusedopt.weight_norm",
      "fusedopt.lars", "fusedopt.lion", "fusedopt.adan",
-     "fusedopt.ademamix", "fusedopt.adopt"),
+     "fusedopt.ademamix", "fusedopt.adopt", "fusedopt.schedule_free"),
     ("fusedopt.adabelief", "fusedopt.lamb"),
     ("fusedopt.multi", "fusedopt.serialization", "fusedopt.sharding"),
     ("fusedopt.tx",),
