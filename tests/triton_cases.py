@@ -283,6 +283,29 @@ def optax_api(backend, stats):
       params, state = optax.apply_updates(params, ua), sa
 
 
+def schedule_free(backend, stats):
+  """``fusedopt.tx.schedule_free_adamw`` (its rule, and the averaging scalars from optax's state)
+  on the leaf-direct kernels vs the same on jnp, over bf16 and f32 leaves (optax's state takes
+  the lowest float dtype of the tree, which bf16 and f16 together do not have), two steps."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from fusedopt import tx  # pylint: disable=import-outside-toplevel
+  t = tree((jnp.bfloat16, jnp.float32))
+  txs = {b: tx.schedule_free_adamw(0.05, weight_decay=0.1, backend=b) for b in ("jnp", backend)}
+  state, params = txs["jnp"].init(t), t
+  for i in range(2):
+    g = grads(t, 60 + i)
+    with jax.default_device(_cpu()):
+      ua, sa = jax.jit(txs["jnp"].update)(*jax.device_put((g, state, params), _cpu()))
+    ub, sb = jax.jit(txs[backend].update)(g, state, params)
+    assert float(sb.weight_sum) == float(sa.weight_sum) and int(sb.step_count) == i + 2
+    for (path, x), y, p in zip(jax.tree_util.tree_leaves_with_path(ua), jax.tree.leaves(ub),
+                               jax.tree.leaves(params)):
+      assert_close(np.asarray(optax.apply_updates(p, y)), np.asarray(optax.apply_updates(p, x)),
+                   np.asarray(p), ("schedule-free", path, i), 2 if p.dtype == jnp.float32 else 1,
+                   stats, step_size=0.05)
+    params, state = optax.apply_updates(params, ua), sa
+
+
 def complex_planes(backend, stats):
   """``fusedopt.tx`` on complex64 leaves (kernels/planes.py: real and imaginary planes through
   the leaf-direct kernels) vs the same on jnp: Adam (an inferred real second moment) and LAMB
@@ -625,6 +648,7 @@ CASES["sharded-zero1-fsdp"] = sharded
 CASES["multi-optimizer-fused"] = multi_fused
 CASES["optax-api-tx-adamw"] = optax_api
 CASES["optax-api-complex-planes"] = complex_planes
+CASES["optax-api-schedule-free"] = schedule_free
 CASES["leaf-state-equals-flat-state"] = leaf_state
 CASES["checked-update-and-skipped-step"] = checked_update
 CASES["prepass-equals-xla"] = prepass
