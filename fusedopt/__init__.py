@@ -23,6 +23,7 @@ from .momentum import Momentum
 from .multi import MultiOptimizer
 from .rmsprop import RMSProp
 from .sharding import FlatParams, shard_optimizer
+from .schedule_free import ScheduleFreeAdamW, ScheduleFreeOptimizerState
 from .sgd import GradientDescent
 from .traverse_util import ModelParamTraversal
 from .weight_norm import WeightNorm
@@ -34,7 +35,7 @@ __all__ = [
     "DynamicScaleResult", "FlatLayout", "FlatOptimizerDef", "FlatState", "GradientDescent",
     "HyperParamError", "LAMB", "LARS", "LayoutError", "Lion", "ModelParamTraversal", "Momentum",
     "MultiOptimizer", "Optimizer", "OptimizerDef", "OptimizerState", "ParamState", "RMSProp",
-    "WeightNorm",
+    "ScheduleFreeAdamW", "ScheduleFreeOptimizerState", "WeightNorm",
     "FlatParams", "available_backends", "serialization", "shard_optimizer", "sharding",
     "traverse_util",
 ]

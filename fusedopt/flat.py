@@ -355,11 +355,12 @@ class FlatOptimizerDef(OptimizerDef):
     layout = state.param_states.layout
     p_leaves = layout.check(params, "target", allow_other_float=False)
     g_leaves = layout.check(grads, "grads")
-    new_p, new_fields = self.update_leaves(hyper_params, StepContext(state.step), layout,
-                                           p_leaves, g_leaves, state.param_states.fields)
+    ctx = self.step_context(hyper_params, state)
+    new_p, new_fields = self.update_leaves(hyper_params, ctx, layout, p_leaves, g_leaves,
+                                           state.param_states.fields)
     new_params = jax.tree_util.tree_unflatten(layout.treedef, new_p)
-    return new_params, OptimizerState(state.step + 1,
-                                      state.param_states.replace(fields=new_fields))
+    return new_params, self.next_state(state, 1, state.param_states.replace(fields=new_fields),
+                                       ctx)
 
   def apply_gradient_checked(self, hyper_params, params, state, grads, grad_scale=None,
                              clip_global_norm=None):
@@ -384,13 +385,26 @@ class FlatOptimizerDef(OptimizerDef):
       finite, norm, gscale = kernel_prepass(layout, g_leaves, grad_scale, clip_global_norm)
     else:
       finite, norm, gscale = gradient_prepass(g_leaves, grad_scale, clip_global_norm)
-    ctx = StepContext(state.step, guard={"gscale": gscale, "ok": finite.astype(F32)})
+    ctx = self.step_context(hyper_params, state,
+                            guard={"gscale": gscale, "ok": finite.astype(F32)})
     new_p, new_fields = self.update_leaves(hyper_params, ctx, layout, p_leaves, g_leaves,
                                            state.param_states.fields)
     new_params = jax.tree_util.tree_unflatten(layout.treedef, new_p)
-    new_state = OptimizerState(state.step + finite.astype(state.step.dtype),
-                               state.param_states.replace(fields=new_fields))
+    new_state = self.next_state(state, finite.astype(state.step.dtype),
+                                state.param_states.replace(fields=new_fields), ctx)
     return new_params, new_state, finite, norm
+
+  def step_context(self, hp, state, guard=None) -> StepContext:
+    """The context of one step on this device from ``state`` (``guard``: the checked step's).
+    An optimizer with optimizer-wide state (schedule-free) adds its step's values (``outer``)."""
+    del hp
+    return StepContext(state.step, guard=guard)
+
+  def next_state(self, state, inc, param_states, ctx):
+    """``state`` after a step: its count advanced by ``inc`` (1, or 0 for a skipped step) and
+    the new per-parameter state; optimizer-wide fields (a subclass's) from ``ctx.outer``."""
+    del ctx
+    return state.replace(step=state.step + inc, param_states=param_states)
 
   def update_leaves(self, hp, ctx: StepContext, layout, p_leaves, g_leaves, fields):
     """One step over all groups: returns (new param leaves, new fields). Multi-stage optimizers

@@ -93,6 +93,11 @@ class MultiOptimizer(OptimizerDef):
     if not traversals_and_optimizers:
       raise ValueError("MultiOptimizer needs at least one (traversal, optimizer) pair")
     traversals, sub_optimizers = zip(*traversals_and_optimizers)
+    for opt in sub_optimizers:
+      if getattr(opt, "has_outer_state", False):
+        raise NotImplementedError(
+            f"MultiOptimizer: {type(opt).__name__} keeps optimizer-wide state (its averaging "
+            "weights), which MultiOptimizer's state does not carry yet")
     super().__init__([opt.hyper_params for opt in sub_optimizers])
     self.traversals = traversals
     self.sub_optimizers = sub_optimizers

@@ -17,10 +17,17 @@ Reference: Defazio et al., 2024, "The Road Less Scheduled", https://arxiv.org/ab
 optax.contrib.schedule_free_adamw (the base optimizer ``scale_by_rms(eps_in_sqrt=False,
 bias_correction=True)`` + ``add_decayed_weights`` + the learning rate).
 """
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 
+from . import struct
+from .base import OptimizerState
 from .elementwise import Rule
-from .flat import bias_correction, f32
+from .flat import (FlatOptimizerDef, bias_correction, check_beta, check_kinds, check_range,
+                   f32)
+from .flat_state import FlatState, ParamState, param_state
 
 F32 = jnp.float32
 
@@ -66,3 +73,139 @@ def eval_params(y, z, b1):
   """The point to evaluate, ``x = (y - (1-b1) z) / b1``, per leaf (optax's
   ``schedule_free_eval_params``)."""
   return (y - (1.0 - b1) * z) / b1
+
+
+# ----------------------------------------------------------------------------- the flax.optim API
+
+@struct.dataclass
+class _ScheduleFreeHyperParams:
+  learning_rate: Any
+  beta1: Any
+  beta2: Any
+  eps: Any
+  weight_decay: Any
+  weight_lr_power: Any
+
+
+@param_state
+class _ScheduleFreeParamState(ParamState):
+  """Schedule-free AdamW's per-parameter state: the second moment and the ``z`` sequence."""
+  grad_sq_ema: Any
+  z: Any
+
+
+@struct.dataclass
+class ScheduleFreeOptimizerState(OptimizerState):
+  """flax.optim's ``OptimizerState`` (``step``, ``param_states``) and schedule-free's
+  optimizer-wide averaging scalars (float32): the sum of the averaging weights so far and the
+  largest learning rate so far."""
+  weight_sum: Any = None
+  max_lr: Any = None
+
+
+class ScheduleFreeAdamW(FlatOptimizerDef):
+  """Schedule-free AdamW (Defazio et al. 2024; the module docstring has the equations).
+
+  The params are the training point ``y``; ``eval_params(optimizer)`` gives the point to
+  evaluate and ship, ``x = (y - (1-b1) z) / b1``. The learning rate may change every step
+  (``apply_gradient(g, learning_rate=lr_t)``: a warmup, as the paper recommends; no decay is
+  needed); the averaging weight of a step is ``max_{i<=t}(lr_i)^weight_lr_power`` over the sum
+  of those so far, kept in the state (``ScheduleFreeOptimizerState``). State per parameter:
+  ``grad_sq_ema``, ``z`` (``z`` starts at the params). Not yet with ``shard_optimizer``,
+  ``MultiOptimizer`` or flax's per-leaf state form: those keep only the step and the
+  per-parameter state (a clear error says so).
+
+  Args:
+    learning_rate: the step size (no default, as flax's optimizers).
+    beta1: the interpolation between ``z`` and the average ``x`` (0.9; in (0, 1]).
+    beta2: the decay of the second moment (0.999).
+    eps: added to the square root of the second moment (1e-8).
+    weight_decay: decoupled weight decay at ``y``, scaled by the learning rate (0.0).
+    weight_lr_power: the power of the learning rate in the averaging weight (2.0).
+  """
+  state_fields = ("grad_sq_ema", "z")
+  param_state_class = _ScheduleFreeParamState
+  has_outer_state = True
+
+  def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+               weight_lr_power=2.0, *, backend="auto", master_weights=False, state_dtype=None,
+               stochastic_rounding=False, rounding_seed=0):
+    super().__init__(_ScheduleFreeHyperParams(learning_rate, beta1, beta2, eps, weight_decay,
+                                              weight_lr_power), backend,
+                     master_weights=master_weights, state_dtype=state_dtype,
+                     stochastic_rounding=stochastic_rounding, rounding_seed=rounding_seed)
+    check_kinds(self.hyper_params, "learning_rate", "beta1", "beta2", "eps", "weight_decay",
+                "weight_lr_power")
+
+  def validate(self, hp):
+    check_range(hp, "learning_rate", 0.0)
+    check_range(hp, "beta1", 0.0, 1.0, lo_open=True)
+    check_beta(hp, "beta2")
+    check_range(hp, "eps", 0.0)
+    check_range(hp, "weight_decay", 0.0)
+    check_range(hp, "weight_lr_power")
+
+  def rule(self, hp):
+    return SCHEDULE_FREE_ADAMW_RULE
+
+  def init_state(self, params):
+    state = super().init_state(params)
+    ps = state.param_states
+    # z starts at the params (stored in its field's dtype)
+    z = tuple(ps.layout.pack_group(jax.tree_util.tree_leaves(params), g, buf.dtype)
+              for g, buf in enumerate(ps.fields["z"]))
+    return ScheduleFreeOptimizerState(state.step, ps.replace(fields=dict(ps.fields, z=z)),
+                                      weight_sum=jnp.zeros([], F32), max_lr=jnp.zeros([], F32))
+
+  def init_param_state(self, param):
+    raise NotImplementedError(
+        "ScheduleFreeAdamW keeps optimizer-wide state (its averaging weights), which flax's "
+        "per-leaf state form has no place for: use its flat state (ScheduleFreeAdamW(...)"
+        ".create(params))")
+
+  def apply_param_gradient(self, step, hyper_params, param, state, grad):
+    self.init_param_state(param)   # raises: see there
+
+  def step_context(self, hp, state, guard=None):
+    if not isinstance(state, ScheduleFreeOptimizerState):
+      raise TypeError(f"ScheduleFreeAdamW needs its own state (ScheduleFreeOptimizerState, from "
+                      f"create()/init_state()); got {type(state).__name__}")
+    c, max_lr, total = averaging_weight(jnp.asarray(state.max_lr, F32),
+                                        jnp.asarray(state.weight_sum, F32),
+                                        f32(hp.learning_rate), f32(hp.weight_lr_power))
+    return super().step_context(hp, state, guard).replace(
+        outer={"c": c, "max_lr": max_lr, "weight_sum": total})
+
+  def next_state(self, state, inc, param_states, ctx):
+    keep = jnp.asarray(inc) == 0   # a skipped step keeps the averaging scalars too
+    return super().next_state(state, inc, param_states, ctx).replace(
+        weight_sum=jnp.where(keep, state.weight_sum, ctx.outer["weight_sum"]),
+        max_lr=jnp.where(keep, state.max_lr, ctx.outer["max_lr"]))
+
+  def update_leaves(self, hp, ctx, layout, p_leaves, g_leaves, fields):
+    if ctx.outer is None:
+      raise NotImplementedError("ScheduleFreeAdamW's step needs the averaging weight from its "
+                                "own state (step_context); this driver does not provide it")
+    s = schedule_free_scalars(hp.learning_rate, hp.beta1, hp.beta2, hp.eps, hp.weight_decay,
+                              ctx.outer["c"], ctx.step)
+    return self.run_rule(SCHEDULE_FREE_ADAMW_RULE, s, {}, ctx, layout, p_leaves, g_leaves,
+                         fields)
+
+  def scalars(self, hp, step):
+    raise NotImplementedError("ScheduleFreeAdamW's scalars need the step's averaging weight "
+                              "(StepContext.outer): see update_leaves")
+
+  def single_pass_rule(self, hp):
+    return None   # its step needs optimizer-wide state: not fused into a MultiOptimizer
+
+  def eval_params(self, optimizer):
+    """The point to evaluate, ``x = (y - (1-b1) z) / b1`` per leaf, from an ``Optimizer`` of
+    this definition (its target ``y`` and state ``z``), in the params' dtypes."""
+    ps = optimizer.state.param_states
+    if not isinstance(ps, FlatState):
+      raise TypeError("eval_params needs ScheduleFreeAdamW's flat state")
+    b1 = self.hyper_params.beta1
+    leaves = [eval_params(jnp.asarray(y, F32), jnp.asarray(ps.leaf("z", i), F32), b1
+                          ).astype(jnp.result_type(y))
+              for i, y in enumerate(jax.tree_util.tree_leaves(optimizer.target))]
+    return jax.tree_util.tree_unflatten(ps.layout.treedef, leaves)

@@ -133,6 +133,11 @@ class ShardedOptimizerDef(OptimizerDef):
       raise TypeError("the optimizer is already sharded")
     if params not in MODES:
       raise ValueError(f"params={params!r}; expected one of {MODES}")
+    if getattr(inner, "has_outer_state", False):
+      raise NotImplementedError(
+          f"shard_optimizer: {type(inner).__name__} keeps optimizer-wide state (its averaging "
+          "weights), which the sharded driver does not carry yet; fusedopt.tx's version shards "
+          "like any optax state (docs/sharding.md)")
     self.flat = isinstance(inner, FlatOptimizerDef)
     from .adafactor import Adafactor  # pylint: disable=import-outside-toplevel
     if not self.flat and not isinstance(inner, Adafactor):

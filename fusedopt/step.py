@@ -15,6 +15,8 @@ copies of the optimizer -- and says:
   ``i``: optax's params-shaped state, ``fusedopt.tx``, named as optax names them); backends run
   them with ``Backend.run_leaves``. The order is explicit: a dict that passed through ``jit``
   comes back with its keys sorted.
+- ``outer``: values computed from optimizer-wide state for this step (schedule-free's averaging
+  weight and the new ``weight_sum``/``max_lr``: ``fusedopt.schedule_free``), or None.
 - ``run_group``, ``reduce_sums``, ``leaf_norms``: where the step runs. By default on this
   device (``fusedopt.flat.run_group``, no reduction, ``norms.per_leaf``); the sharded driver
   (``fusedopt.sharding``) supplies a group runner over its local slices, a ``psum`` of the
@@ -33,6 +35,8 @@ class StepContext:
     guard: ``{"gscale": ..., "ok": ...}`` in a checked step, else None.
     deltas: write ``p' - p`` (float32) / new params (other dtypes) to fresh buffers.
     leaf_state: None (flat state), or the per-leaf state fields' names in the rule's order.
+    outer: name -> value of this step, from optimizer-wide state (``FlatOptimizerDef
+      .step_context``), or None.
     run_group: ``run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
       -> (new params as (index into p_leaves, value) pairs or None, new state, per-tensor sums
       or None)``, the sums float32 [num_leaves] vectors; None: ``fusedopt.flat.run_group``.
@@ -44,6 +48,7 @@ class StepContext:
   guard: Optional[Mapping[str, Any]] = None
   deltas: bool = False
   leaf_state: Optional[Tuple[str, ...]] = None
+  outer: Optional[Mapping[str, Any]] = None
   run_group: Optional[Callable] = None
   reduce_sums: Optional[Callable] = None
   leaf_norms: Optional[Callable] = None

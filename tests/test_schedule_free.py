@@ -157,3 +157,151 @@ def test_params_are_required():
   params = {"w": jnp.ones(3)}
   with pytest.raises(ValueError, match="reads the parameters"):
     t.update(params, t.init(params))
+
+
+# ----------------------------------------------------------------------------- the flax.optim API
+
+def numpy_schedule_free(params, grads, lrs, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, power=2.0):
+  """Schedule-free AdamW in float64 NumPy, from the paper (Defazio et al. 2024, Algorithm 1
+  with Adam's second moment; the step's learning rate in both the base step and the averaging
+  weight, as its reference implementation): ``(y, z)`` after the steps."""
+  y = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  z = dict(y)
+  v = {k: np.zeros_like(x) for k, x in y.items()}
+  weight_sum, max_lr = 0.0, 0.0
+  for t, (g, lr) in enumerate(zip(grads, lrs)):
+    max_lr = max(max_lr, lr)
+    weight = max_lr ** power
+    weight_sum += weight
+    c = weight / weight_sum if weight_sum > 0 else 0.0
+    for k in y:
+      gk = np.asarray(g[k], np.float64)
+      v[k] = b2 * v[k] + (1 - b2) * gk * gk
+      u = gk / (np.sqrt(v[k] / (1 - b2 ** (t + 1))) + eps) + wd * y[k]
+      z_new = z[k] - lr * u
+      x = (1 - c) * ((y[k] - (1 - b1) * z[k]) / b1) + c * z_new
+      y[k], z[k] = b1 * x + (1 - b1) * z_new, z_new
+  return y, z
+
+
+def _flat_tree(dtype=jnp.float32):
+  rng = np.random.RandomState(4)
+  return {"w": jnp.asarray(rng.standard_normal((33, 40)), dtype),
+          "b": jnp.asarray(rng.standard_normal(70), dtype), "s": jnp.asarray(1.5, dtype)}
+
+
+def _flat_grads(tree, n=8):
+  rng = np.random.RandomState(5)
+  return [jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), tree)
+          for _ in range(n)]
+
+
+LRS = [0.0, 0.004, 0.008, 0.01, 0.01, 0.006, 0.003, 0.001]   # warmup from 0, then decay
+HP = dict(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, weight_lr_power=1.5)
+
+
+def _flat_run(backend, tree, grads, **kw):
+  opt = fusedopt.ScheduleFreeAdamW(0.01, **dict(HP, **kw), backend=backend).create(tree)
+  step = jax.jit(lambda o, g, lr: o.apply_gradient(g, learning_rate=lr))
+  for g, lr in zip(grads, LRS):
+    opt = step(opt, g, jnp.float32(lr))
+  return opt
+
+
+@pytest.mark.parametrize("backend", ["jnp", "native", "pallas_interpret"])
+def test_flat_matches_float64_reference(backend):
+  """``fusedopt.ScheduleFreeAdamW`` with a learning rate that warms up from 0 and decays
+  (overridden per step, one compiled step), against the paper's algorithm in float64: params,
+  ``z`` and the eval point within float32 rounding of the terms; the averaging scalars."""
+  if backend not in fusedopt.available_backends():
+    pytest.skip(f"{backend} not available")
+  tree, grads = _flat_tree(), _flat_grads(_flat_tree())
+  opt = _flat_run(backend, tree, grads)
+  y, z = numpy_schedule_free(tree, grads, LRS, b1=HP["beta1"], b2=HP["beta2"], eps=HP["eps"],
+                             wd=HP["weight_decay"], power=HP["weight_lr_power"])
+  for k in tree:
+    np.testing.assert_allclose(opt.target[k], y[k], rtol=2e-5, atol=2e-6, err_msg=k)
+    np.testing.assert_allclose(opt.state.param_states[k].z, z[k], rtol=2e-5, atol=2e-6)
+  ev = opt.optimizer_def.eval_params(opt)
+  for k in tree:
+    np.testing.assert_allclose(ev[k], (y[k] - (1 - HP["beta1"]) * z[k]) / HP["beta1"],
+                               rtol=2e-5, atol=1e-5, err_msg=k)
+  assert int(opt.state.step) == len(LRS)
+  np.testing.assert_allclose(float(opt.state.max_lr), 0.01, rtol=1e-7)
+  np.testing.assert_allclose(float(opt.state.weight_sum),
+                             sum(max(LRS[:i + 1]) ** 1.5 for i in range(len(LRS))), rtol=1e-6)
+
+
+def test_flat_equals_tx_at_a_constant_learning_rate():
+  """At a constant learning rate the flat API and ``tx.schedule_free_adamw`` (optax's schedule
+  reading: the averaging at the 1-based ``step_count``) are the same algorithm."""
+  tree, grads = _flat_tree(), _flat_grads(_flat_tree())
+  opt = fusedopt.ScheduleFreeAdamW(0.01, weight_decay=0.1).create(tree)
+  step = jax.jit(lambda o, g: o.apply_gradient(g))
+  for g in grads:
+    opt = step(opt, g)
+  expected, state = test_tx.run(tx.schedule_free_adamw(0.01, weight_decay=0.1), tree, grads)
+  test_tx.assert_close(opt.target, expected, "flat vs tx", rtol=1e-5, atol_rel=1e-5)
+  assert float(opt.state.weight_sum) == float(state.weight_sum)
+
+
+def test_flat_checked_step_skips_everything_and_master_weights():
+  """``apply_gradient_checked``: a NaN gradient changes nothing (params, state, step and the
+  averaging scalars, bitwise); bf16 params with master weights follow the float32 run."""
+  tree = _flat_tree(jnp.bfloat16)
+  grads = _flat_grads(tree, 4)
+  d = fusedopt.ScheduleFreeAdamW(0.01, weight_decay=0.1, master_weights=True)
+  opt = d.create(tree)
+  checked = jax.jit(lambda o, g: o.apply_gradient_checked(g))
+  for k, g in enumerate(grads):
+    if k == 2:
+      bad = dict(g, b=g["b"].at[0].set(jnp.nan))
+      new, finite, _ = checked(opt, bad)
+      assert not bool(finite)
+      for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(opt)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    opt, finite, _ = checked(opt, g)
+    assert bool(finite)
+  f32 = fusedopt.ScheduleFreeAdamW(0.01, weight_decay=0.1).create(
+      jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+  for g in grads:
+    f32 = f32.apply_gradient(jax.tree.map(lambda x: x.astype(jnp.float32), g))
+  for k in tree:
+    np.testing.assert_allclose(opt.state.param_states[k].master, f32.target[k], rtol=2e-6,
+                               atol=1e-6)
+    assert opt.target[k].dtype == jnp.bfloat16
+
+
+def test_flat_checkpoint_round_trip():
+  """The averaging scalars are part of the checkpoint: restoring into a fresh optimizer and
+  continuing equals not stopping; a checkpoint without them is a clear error."""
+  tree, grads = _flat_tree(), _flat_grads(_flat_tree())
+  d = fusedopt.ScheduleFreeAdamW(0.01, weight_decay=0.1)
+  opt = d.create(tree)
+  for g in grads[:4]:
+    opt = opt.apply_gradient(g)
+  sd = fusedopt.serialization.to_state_dict(opt)
+  assert set(sd["state"]) == {"step", "param_states", "weight_sum", "max_lr"}
+  restored = fusedopt.serialization.from_bytes(d.create(tree),
+                                               fusedopt.serialization.to_bytes(opt))
+  assert float(restored.state.weight_sum) == float(opt.state.weight_sum) > 0
+  for g in grads[4:]:
+    opt, restored = opt.apply_gradient(g), restored.apply_gradient(g)
+  for a, b in zip(jax.tree.leaves(opt), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  del sd["state"]["weight_sum"]
+  with pytest.raises(ValueError, match="weight_sum"):
+    fusedopt.serialization.from_state_dict(d.create(tree), sd)
+
+
+def test_flat_paths_without_optimizer_wide_state_are_clear_errors():
+  tree = _flat_tree()
+  d = fusedopt.ScheduleFreeAdamW(0.01)
+  with pytest.raises(NotImplementedError, match="optimizer-wide state"):
+    fusedopt.shard_optimizer(d, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)), "x")
+  with pytest.raises(NotImplementedError, match="MultiOptimizer"):
+    fusedopt.MultiOptimizer((fusedopt.ModelParamTraversal(lambda p, x: True), d))
+  with pytest.raises(NotImplementedError, match="per-leaf state form"):
+    d.init_param_state(tree["w"])
+  with pytest.raises(HyperParamError, match="beta1"):
+    fusedopt.ScheduleFreeAdamW(0.01, beta1=0.0).create(tree).apply_gradient(tree)
