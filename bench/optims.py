@@ -22,6 +22,9 @@ and tested in tests/test_optax_agreement.py:
              alpha, wd)                            weight_decay=wd)   (Pagliardini et al. 2024)
   adopt      fusedopt.ADOPT(lr, b1, b2, eps)       optax.contrib.adopt(lr, b1, b2, eps)
              (Taniguchi et al. 2024; clipping at step**0.25 in both)
+  schedule-free  fusedopt.ScheduleFreeAdamW(lr, b1,  optax.contrib.schedule_free_adamw(lr, b1, b2,
+             b2, wd)                               weight_decay=wd)   (Defazio et al. 2024; a
+             constant learning rate, where the two read it alike)
   adafactor  fusedopt.Adafactor(lr) (defaults)     optax.adafactor(lr, decay_rate=0.8,
                                                    multiply_by_parameter_scale=True, ...)
              (same chain; flax's epsilon2 is optax's fixed 1e-3 floor, kept at its default)
@@ -309,6 +312,14 @@ OPTIMS = {
         28, "read p, g, m, v; write p, m, v", state_buffers=2,
         moment=("grad_ema", "mu", None), torch_why="torch.optim has no ADOPT",
         tx_fn=lambda lr, h: _tx().adopt(lr, b1=h["beta1"], b2=h["beta2"], eps=h["eps"])),
+    "schedule-free": Optim(
+        "schedule-free", "ScheduleFreeAdamW", dict(beta1=0.9, beta2=0.999, weight_decay=1e-2),
+        lambda lr, h: optax.contrib.schedule_free_adamw(lr, b1=h["beta1"], b2=h["beta2"],
+                                                        weight_decay=h["weight_decay"]),
+        28, "read p, g, v, z; write p, v, z", state_buffers=2, moment=("z", "z", None),
+        torch_why="torch.optim has no schedule-free AdamW",
+        tx_fn=lambda lr, h: _tx().schedule_free_adamw(lr, b1=h["beta1"], b2=h["beta2"],
+                                                      weight_decay=h["weight_decay"])),
     "adafactor": Optim(
         "adafactor", "Adafactor", _ADAFACTOR_HP,
         lambda lr, h: optax.adafactor(
@@ -383,5 +394,6 @@ MIXED_OPTIMS = ("adam-bf16-master", "adam-bf16-sr", "adam-state-bf16", "momentum
                 "lamb-bf16-master")
 OPTIMS.update(_mixed())
 DEFAULT_OPTIMS = ("adam", "momentum", "lamb")
-FULL_OPTIMS = (("adam", "lamb", "momentum", "adafactor", "lion", "adan", "ademamix", "adopt")
+FULL_OPTIMS = (("adam", "lamb", "momentum", "adafactor", "lion", "adan", "ademamix", "adopt",
+                "schedule-free")
                + MIXED_OPTIMS)
