@@ -42,6 +42,13 @@ class OptimizerState:
   param_states: Any
 
 
+def outer_fields(state):
+  """The names of a state's optimizer-wide fields: those of an ``OptimizerState`` subclass beyond
+  flax's ``step`` and ``param_states`` (``ScheduleFreeOptimizerState``'s ``weight_sum``,
+  ``max_lr``); none for flax's own."""
+  return [f.name for f in dataclasses.fields(state) if f.name not in ("step", "param_states")]
+
+
 def _check_tree(params, grads):
   """flax raises ValueError for a grads tree of another structure; name both structures."""
   p_def = jax.tree_util.tree_structure(params)

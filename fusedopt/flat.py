@@ -340,13 +340,24 @@ class FlatOptimizerDef(OptimizerDef):
   def init_state(self, params):
     layout = FlatLayout.build(params)
     self._rounding_scalars(layout, 0)   # rejects float16 params with rounding
-    # float32 by default whatever the param dtype (flax used the param dtype: bf16 moments)
+    return self.initial_state(jnp.asarray(0, jnp.int32),
+                              FlatState(self.initial_fields(layout, params), layout,
+                                        self.state_class))
+
+  def initial_fields(self, layout, params):
+    """The flat state buffers at step 0 (``layout`` may be padded for shards): zeros in each
+    field's storage dtype -- float32 by default whatever the param dtype (flax used the param
+    dtype: bf16 moments) -- and, with master weights, the params packed in float32."""
     fields = {k: layout.zeros(self.storage_of(k)) for k in self.state_fields}
     if self.master_weights:
       leaves = jax.tree_util.tree_leaves(params)
       fields["master"] = tuple(layout.pack_group(leaves, g, F32) for g in range(len(layout.groups)))
-    return OptimizerState(jnp.asarray(0, jnp.int32),
-                          FlatState(fields, layout, self.state_class))
+    return fields
+
+  def initial_state(self, step, param_states):
+    """The optimizer state at ``step`` holding ``param_states``: flax's ``OptimizerState``; an
+    optimizer with optimizer-wide state returns its subclass, those fields at their start."""
+    return OptimizerState(step, param_states)
 
   def apply_gradient(self, hyper_params, params, state, grads):
     if not isinstance(state.param_states, FlatState):

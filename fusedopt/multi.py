@@ -93,11 +93,6 @@ class MultiOptimizer(OptimizerDef):
     if not traversals_and_optimizers:
       raise ValueError("MultiOptimizer needs at least one (traversal, optimizer) pair")
     traversals, sub_optimizers = zip(*traversals_and_optimizers)
-    for opt in sub_optimizers:
-      if getattr(opt, "has_outer_state", False):
-        raise NotImplementedError(
-            f"MultiOptimizer: {type(opt).__name__} keeps optimizer-wide state (its averaging "
-            "weights), which MultiOptimizer's state does not carry yet")
     super().__init__([opt.hyper_params for opt in sub_optimizers])
     self.traversals = traversals
     self.sub_optimizers = sub_optimizers
@@ -122,11 +117,15 @@ class MultiOptimizer(OptimizerDef):
     if self._fusable():
       return self._init_fused(params, picks)
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    subs = []
+    subs, outer = [], []
     for idx, opt in zip(picks, self.sub_optimizers):
-      subs.append(opt.init_state(tuple(leaves[i] for i in idx)).param_states if idx else None)
-    return OptimizerState(jnp.asarray(0, jnp.int32),
-                          MultiState(tuple(subs), treedef, tuple(picks)))
+      st = opt.init_state(tuple(leaves[i] for i in idx)) if idx else None
+      subs.append(None if st is None else st.param_states)
+      outer.append({} if st is None else {k: getattr(st, k) for k in base.outer_fields(st)})
+    state = MultiState(tuple(subs), treedef, tuple(picks))
+    if any(outer):   # a sub-optimizer with optimizer-wide state (ScheduleFreeAdamW)
+      return MultiOptimizerState(jnp.asarray(0, jnp.int32), state, outer=tuple(outer))
+    return OptimizerState(jnp.asarray(0, jnp.int32), state)
 
   def _leaves(self, params, grads, fs):
     """Param and grad leaves; checks the grads' structure and that the traversals still select
@@ -150,18 +149,27 @@ class MultiOptimizer(OptimizerDef):
     p_leaves, treedef, g_leaves = self._leaves(params, grads, fs)
     new_leaves = list(p_leaves)
     new_subs = []
-    for idx, opt, hp, sub in zip(fs.picks, self.sub_optimizers, hyper_params, fs.subs):
+    outer = getattr(state, "outer", None) or ({},) * len(fs.subs)
+    new_outer = []
+    for idx, opt, hp, sub, out in zip(fs.picks, self.sub_optimizers, hyper_params, fs.subs,
+                                      outer):
       if not idx:
         new_subs.append(sub)
+        new_outer.append(out)
         continue
       ps = tuple(p_leaves[i] for i in idx)
       gs = tuple(g_leaves[i] for i in idx)
-      new_ps, new_sub = opt.apply_gradient(hp, ps, OptimizerState(state.step, sub), gs)
+      sub_state = (opt.initial_state(state.step, sub).replace(**out) if out
+                   else OptimizerState(state.step, sub))
+      new_ps, new_sub = opt.apply_gradient(hp, ps, sub_state, gs)
       for i, x in zip(idx, new_ps):
         new_leaves[i] = x
       new_subs.append(new_sub.param_states)
-    return treedef.unflatten(new_leaves), OptimizerState(
-        state.step + 1, fs.replace(subs=tuple(new_subs)))
+      new_outer.append({k: getattr(new_sub, k) for k in out})
+    new_state = state.replace(step=state.step + 1, param_states=fs.replace(subs=tuple(new_subs)))
+    if isinstance(state, MultiOptimizerState):
+      new_state = new_state.replace(outer=tuple(new_outer))
+    return treedef.unflatten(new_leaves), new_state
 
   def _apply_per_leaf(self, hyper_params, params, state, grads):
     """flax 0.5.3's functional form: ``state.param_states`` mirrors ``params``, each selected
@@ -345,6 +353,14 @@ class _ReadsAsTree:
 
   def items(self):
     return self.per_leaf().items()
+
+
+@struct.dataclass
+class MultiOptimizerState(OptimizerState):
+  """A MultiOptimizer's state when a sub-optimizer keeps optimizer-wide state
+  (``ScheduleFreeAdamW``'s averaging scalars): flax's ``step`` and ``param_states``, and per
+  sub-optimizer a dict of those fields (empty for the others)."""
+  outer: Tuple[Any, ...] = ()
 
 
 @struct.dataclass

@@ -111,9 +111,9 @@ class ScheduleFreeAdamW(FlatOptimizerDef):
   (``apply_gradient(g, learning_rate=lr_t)``: a warmup, as the paper recommends; no decay is
   needed); the averaging weight of a step is ``max_{i<=t}(lr_i)^weight_lr_power`` over the sum
   of those so far, kept in the state (``ScheduleFreeOptimizerState``). State per parameter:
-  ``grad_sq_ema``, ``z`` (``z`` starts at the params). Not yet with ``shard_optimizer``,
-  ``MultiOptimizer`` or flax's per-leaf state form: those keep only the step and the
-  per-parameter state (a clear error says so).
+  ``grad_sq_ema``, ``z`` (``z`` starts at the params). ``shard_optimizer`` keeps the scalars
+  replicated; ``MultiOptimizer`` keeps them per sub-optimizer (unfused); flax's per-leaf state
+  form has no place for them (a clear error says so).
 
   Args:
     learning_rate: the step size (no default, as flax's optimizers).
@@ -148,14 +148,16 @@ class ScheduleFreeAdamW(FlatOptimizerDef):
   def rule(self, hp):
     return SCHEDULE_FREE_ADAMW_RULE
 
-  def init_state(self, params):
-    state = super().init_state(params)
-    ps = state.param_states
-    # z starts at the params (stored in its field's dtype)
-    z = tuple(ps.layout.pack_group(jax.tree_util.tree_leaves(params), g, buf.dtype)
-              for g, buf in enumerate(ps.fields["z"]))
-    return ScheduleFreeOptimizerState(state.step, ps.replace(fields=dict(ps.fields, z=z)),
-                                      weight_sum=jnp.zeros([], F32), max_lr=jnp.zeros([], F32))
+  def initial_fields(self, layout, params):
+    fields = super().initial_fields(layout, params)
+    leaves = jax.tree_util.tree_leaves(params)   # z starts at the params, in its field's dtype
+    fields["z"] = tuple(layout.pack_group(leaves, g, buf.dtype)
+                        for g, buf in enumerate(fields["z"]))
+    return fields
+
+  def initial_state(self, step, param_states):
+    return ScheduleFreeOptimizerState(step, param_states, weight_sum=jnp.zeros([], F32),
+                                      max_lr=jnp.zeros([], F32))
 
   def init_param_state(self, param):
     raise NotImplementedError(
@@ -196,7 +198,7 @@ class ScheduleFreeAdamW(FlatOptimizerDef):
                               "(StepContext.outer): see update_leaves")
 
   def single_pass_rule(self, hp):
-    return None   # its step needs optimizer-wide state: not fused into a MultiOptimizer
+    return None   # its step needs its own optimizer-wide state: a MultiOptimizer runs it unfused
 
   def eval_params(self, optimizer):
     """The point to evaluate, ``x = (y - (1-b1) z) / b1`` per leaf, from an ``Optimizer`` of

@@ -137,18 +137,12 @@ def _restore_leaf(template, value, path):
   return place_like(jnp.asarray(value, want), template)
 
 
-def _outer_fields(state):
-  """Optimizer-wide fields of a state beyond flax's ``step`` and ``param_states`` (a subclass
-  of ``OptimizerState``: ``ScheduleFreeOptimizerState``'s ``weight_sum``, ``max_lr``)."""
-  return [f.name for f in dataclasses.fields(state) if f.name not in ("step", "param_states")]
-
-
 def optimizer_state_dict(opt_def, target, state):
   return {"target": to_state_dict(target),
           "state": {"step": to_state_dict(state.step),
                     "param_states": to_state_dict(opt_def.flax_param_states(
                         target, state.param_states)),
-                    **{k: to_state_dict(getattr(state, k)) for k in _outer_fields(state)}}}
+                    **{k: to_state_dict(getattr(state, k)) for k in base.outer_fields(state)}}}
 
 
 def optimizer_restore_state(opt_def, target, state, state_dict):
@@ -159,7 +153,7 @@ def optimizer_restore_state(opt_def, target, state, state_dict):
   sd_state = state_dict["state"]
   if not isinstance(sd_state, Mapping):
     raise ValueError("checkpoint entry /state is not a dict")
-  outer = _outer_fields(state)
+  outer = base.outer_fields(state)
   _keys_match("/state", ["step", "param_states"] + outer, sd_state)
   new_target = from_state_dict(target, state_dict["target"], "/target")
   step = from_state_dict(state.step, sd_state["step"], "/state/step")

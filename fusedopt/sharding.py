@@ -49,7 +49,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import norms, struct
-from .base import Optimizer, OptimizerDef, OptimizerState, join_static, split_static
+from .base import Optimizer, OptimizerDef, join_static, outer_fields, split_static
 from .exact_float import ExactFloat
 from .step import StepContext
 from .flat import FlatOptimizerDef, FlatState, check_prepass_args
@@ -133,11 +133,6 @@ class ShardedOptimizerDef(OptimizerDef):
       raise TypeError("the optimizer is already sharded")
     if params not in MODES:
       raise ValueError(f"params={params!r}; expected one of {MODES}")
-    if getattr(inner, "has_outer_state", False):
-      raise NotImplementedError(
-          f"shard_optimizer: {type(inner).__name__} keeps optimizer-wide state (its averaging "
-          "weights), which the sharded driver does not carry yet; fusedopt.tx's version shards "
-          "like any optax state (docs/sharding.md)")
     self.flat = isinstance(inner, FlatOptimizerDef)
     from .adafactor import Adafactor  # pylint: disable=import-outside-toplevel
     if not self.flat and not isinstance(inner, Adafactor):
@@ -236,16 +231,12 @@ class ShardedOptimizerDef(OptimizerDef):
     inner = self.inner
     layout = FlatLayout.build(params, shards=self.n)
 
-    def init(params):
-      fields = {k: layout.zeros(inner.storage_of(k)) for k in inner.state_fields}
-      if inner.master_weights:
-        leaves = jax.tree_util.tree_leaves(params)
-        fields["master"] = tuple(layout.pack_group(leaves, g, F32)
-                                 for g in range(len(layout.groups)))
-      return fields
-    fields = _on_mesh(init, self.state_sharding)(params)
+    fields = _on_mesh(lambda p: inner.initial_fields(layout, p), self.state_sharding)(params)
     step = put(jnp.asarray(0, jnp.int32), self.replicated)
-    return OptimizerState(step, FlatState(fields, layout, self.inner.state_class))
+    state = inner.initial_state(step, FlatState(fields, layout, self.inner.state_class))
+    # optimizer-wide fields (schedule-free's scalars): replicated, as the step
+    return state.replace(**{k: put(getattr(state, k), self.replicated)
+                            for k in outer_fields(state)})
 
   # -- the step (global view: called under jit, or eagerly through Optimizer.apply_gradient)
   def apply_gradient(self, hyper_params, params, state, grads):
@@ -283,24 +274,29 @@ class ShardedOptimizerDef(OptimizerDef):
       p_arg, p_spec = layout.check(params, "target", allow_other_float=False), rep
       g_arg, g_spec, g_form = layout.check(grads, "grads"), rep, "leaves"
 
-    def body(step, hp_dyn, chk_dyn, p_arg, g_arg, fields):
+    # optimizer-wide values of this step (schedule-free's), from the replicated state
+    outer = self.inner.step_context(hp, state).outer or {}
+
+    def body(step, hp_dyn, chk_dyn, outer, p_arg, g_arg, fields):
       hp = join_static(hp_static, hp_dyn)
       chk = join_static(chk_static, chk_dyn)
       return self._local_step(hp, step, p_arg, g_arg, dict(zip(names, fields)), layout,
-                              g_form=g_form, reduce=None, checked=chk)
+                              g_form=g_form, reduce=None, checked=chk, outer=outer)
 
     out_p_spec = ax if self.mode == "sharded" else rep
     out_specs = (out_p_spec, {k: ax for k in names}, rep, rep)
     fn = jax.shard_map(body, mesh=self.mesh,
-                       in_specs=(rep, rep, rep, p_spec, g_spec, ax),
+                       in_specs=(rep, rep, rep, rep, p_spec, g_spec, ax),
                        out_specs=out_specs, check_vma=False)
-    new_p, new_fields, finite, norm = fn(state.step, hp_dyn, chk_dyn, p_arg, g_arg, fields)
+    new_p, new_fields, finite, norm = fn(state.step, hp_dyn, chk_dyn, outer, p_arg, g_arg,
+                                         fields)
     if self.mode == "sharded":
       new_params = params.replace(buffers=tuple(new_p))
     else:
       new_params = jax.tree_util.tree_unflatten(layout.treedef, new_p)
     inc = 1 if checked is None else finite.astype(state.step.dtype)
-    new_state = OptimizerState(state.step + inc, state.param_states.replace(fields=new_fields))
+    new_state = self.inner.next_state(state, inc, state.param_states.replace(fields=new_fields),
+                                      StepContext(state.step, outer=outer or None))
     if checked is None:
       return new_params, new_state, None, None
     return new_params, new_state, finite, norm
@@ -319,7 +315,8 @@ class ShardedOptimizerDef(OptimizerDef):
                       f"FlatState whose layout has shards={self.n}); use .create(params)")
 
   # -- the per-device program (inside shard_map over self.axis_name)
-  def _local_step(self, hp, step, p_arg, g_arg, fields, layout, *, g_form, reduce, checked):
+  def _local_step(self, hp, step, p_arg, g_arg, fields, layout, *, g_form, reduce, checked,
+                  outer=None):
     """Returns (new params: leaves [ZeRO-1] or local flat slices [FSDP], new local fields,
     finite, norm)."""
     ax, n = self.axis_name, self.n
@@ -352,7 +349,8 @@ class ShardedOptimizerDef(OptimizerDef):
       guard = {"gscale": gscale, "ok": finite.astype(F32)}
     # the optimizer's own update_leaves, on this device's slices (one "leaf" per group): groups
     # run by _run_group_sharded, per-tensor sums and norms combined across the shards
-    step_ctx = StepContext(step, guard=guard, run_group=functools.partial(_run_group_sharded, ctx),
+    step_ctx = StepContext(step, guard=guard, outer=outer or None,
+                           run_group=functools.partial(_run_group_sharded, ctx),
                            reduce_sums=ctx.psum_terms,
                            leaf_norms=functools.partial(_leaf_norms_sharded, ctx))
     new_p, new_fields = self.inner.update_leaves(hp, step_ctx, layout, p_loc, g_loc, fields)
@@ -534,8 +532,9 @@ def partition_specs(opt: Optimizer):
   if not d.flat:
     return jax.tree_util.tree_map(lambda _: rep, opt)
   ps = opt.state.param_states
-  state = OptimizerState(rep, ps.replace(fields={k: tuple(ax for _ in v)
-                                                 for k, v in ps.fields.items()}))
+  # step and optimizer-wide fields replicated, the flat buffers split
+  state = jax.tree_util.tree_map(lambda _: rep, opt.state).replace(
+      param_states=ps.replace(fields={k: tuple(ax for _ in v) for k, v in ps.fields.items()}))
   if d.mode == "sharded":
     target = opt.target.replace(buffers=tuple(ax for _ in opt.target.buffers))
   else:
@@ -596,15 +595,17 @@ def apply_gradient_local(opt: Optimizer, grads, *, reduce: Optional[str] = "mean
     g_arg, g_form = _as_flat(grads, layout, "grads").buffers, "flat"
   else:
     g_arg, g_form = layout.check(grads, "grads"), "leaves"
+  outer = d.inner.step_context(hp, opt.state).outer
   new_p, new_fields, finite, norm = d._local_step(  # pylint: disable=protected-access
       hp, opt.state.step, p_arg, g_arg, dict(opt.state.param_states.fields), layout,
-      g_form=g_form, reduce=reduce, checked=checked)
+      g_form=g_form, reduce=reduce, checked=checked, outer=outer)
   if d.mode == "sharded":
     target = opt.target.replace(buffers=tuple(new_p))
   else:
     target = jax.tree_util.tree_unflatten(layout.treedef, new_p)
   inc = 1 if checked is None else finite.astype(opt.state.step.dtype)
-  state = OptimizerState(opt.state.step + inc, opt.state.param_states.replace(fields=new_fields))
+  state = d.inner.next_state(opt.state, inc, opt.state.param_states.replace(fields=new_fields),
+                             StepContext(opt.state.step, outer=outer))
   new = opt.replace(target=target, state=state)
   return new if checked is None else (new, finite, norm)
 

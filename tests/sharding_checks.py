@@ -44,6 +44,8 @@ OPTIMIZERS = {
     "Adan": lambda b: optim.Adan(1e-2, weight_decay=0.1, backend=b),
     "AdEMAMix": lambda b: optim.AdEMAMix(1e-2, weight_decay=0.1, backend=b),
     "ADOPT": lambda b: optim.ADOPT(1e-2, nesterov=True, backend=b),
+    # optimizer-wide state (its averaging scalars) beside the sharded buffers, replicated
+    "ScheduleFreeAdamW": lambda b: optim.ScheduleFreeAdamW(1e-2, weight_decay=1e-3, backend=b),
 }
 REDUCING = ("LAMB", "LARS")   # per-tensor norms: sums reordered across shards
 AUTO_CHECKED = ("Adam", "Momentum", "LAMB", "LARS")

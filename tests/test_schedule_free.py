@@ -294,13 +294,62 @@ def test_flat_checkpoint_round_trip():
     fusedopt.serialization.from_state_dict(d.create(tree), sd)
 
 
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+def test_flat_sharded_driver_carries_the_averaging_scalars(mode):
+  """``shard_optimizer`` (ZeRO-1 and FSDP, here on a one-device mesh; 8 devices in
+  tests/sharding_checks.py) initialises ``z`` from the params, carries the optimizer-wide
+  scalars replicated beside the split buffers and steps as the single-device optimizer,
+  checked steps and ``partition_specs`` included."""
+  tree, grads = _flat_tree(), _flat_grads(_flat_tree(), 4)
+  d = fusedopt.ScheduleFreeAdamW(0.01, weight_decay=0.1, backend="jnp")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+  sd = fusedopt.shard_optimizer(d, mesh, "x", params=mode)
+  single, opt = d.create(tree), sd.create(tree)
+  assert isinstance(opt.state, fusedopt.ScheduleFreeOptimizerState)
+  specs = fusedopt.sharding.partition_specs(opt)
+  assert specs.state.weight_sum == jax.sharding.PartitionSpec()
+  pack = (lambda g, o: fusedopt.FlatParams.pack(g, o.target.layout)) if mode == "sharded" else (
+      lambda g, o: g)
+  step = jax.jit(lambda o, g: o.apply_gradient_checked(pack(g, o))[0])
+  for g in grads:
+    single, opt = single.apply_gradient(g), step(opt, g)
+  got = opt.target.tree() if mode == "sharded" else opt.target
+  for k in tree:
+    np.testing.assert_allclose(got[k], single.target[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  assert float(opt.state.weight_sum) == float(single.state.weight_sum)
+  assert float(opt.state.max_lr) == float(single.state.max_lr) and int(opt.state.step) == 4
+
+
+def test_flat_in_a_multi_optimizer():
+  """``MultiOptimizer`` with a schedule-free part and an Adam part: each part as its optimizer
+  alone, the averaging scalars kept per sub-optimizer (``MultiOptimizerState.outer``), through a
+  checkpoint too."""
+  tree, grads = _flat_tree(), _flat_grads(_flat_tree(), 4)
+  mats = fusedopt.ModelParamTraversal(lambda path, x: x.ndim == 2)
+  rest = fusedopt.ModelParamTraversal(lambda path, x: x.ndim != 2)
+  sf, adam = fusedopt.ScheduleFreeAdamW(0.01, weight_decay=0.1), fusedopt.Adam(0.01)
+  multi = fusedopt.MultiOptimizer((mats, sf), (rest, adam))
+  opt = multi.create(tree)
+  step = jax.jit(lambda o, g: o.apply_gradient(g))
+  for g in grads[:2]:
+    opt = step(opt, g)
+  opt = fusedopt.serialization.from_bytes(multi.create(tree),
+                                          fusedopt.serialization.to_bytes(opt))
+  for g in grads[2:]:
+    opt = step(opt, g)
+  alone = {"sf": sf.create({"w": tree["w"]}), "adam": adam.create({"b": tree["b"], "s": tree["s"]})}
+  for g in grads:
+    alone["sf"] = alone["sf"].apply_gradient({"w": g["w"]})
+    alone["adam"] = alone["adam"].apply_gradient({"b": g["b"], "s": g["s"]})
+  np.testing.assert_array_equal(opt.target["w"], alone["sf"].target["w"])
+  np.testing.assert_array_equal(opt.target["b"], alone["adam"].target["b"])
+  assert float(opt.state.outer[0]["weight_sum"]) == float(alone["sf"].state.weight_sum)
+  assert opt.state.outer[1] == {}
+
+
 def test_flat_paths_without_optimizer_wide_state_are_clear_errors():
   tree = _flat_tree()
   d = fusedopt.ScheduleFreeAdamW(0.01)
-  with pytest.raises(NotImplementedError, match="optimizer-wide state"):
-    fusedopt.shard_optimizer(d, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)), "x")
-  with pytest.raises(NotImplementedError, match="MultiOptimizer"):
-    fusedopt.MultiOptimizer((fusedopt.ModelParamTraversal(lambda p, x: True), d))
   with pytest.raises(NotImplementedError, match="per-leaf state form"):
     d.init_param_state(tree["w"])
   with pytest.raises(HyperParamError, match="beta1"):

@@ -54,7 +54,7 @@ def _eight_device_report(script, timeout):
 
 
 ELEMENTWISE = ("GradientDescent", "Momentum", "Adam", "Adagrad", "RMSProp", "AdaBelief",
-               "Adadelta", "Lion", "Adan", "AdEMAMix", "ADOPT")
+               "Adadelta", "Lion", "Adan", "AdEMAMix", "ADOPT", "ScheduleFreeAdamW")
 
 
 def test_every_optimizer_matches_the_single_device_path(report):
