@@ -354,3 +354,31 @@ def test_flat_paths_without_optimizer_wide_state_are_clear_errors():
     d.init_param_state(tree["w"])
   with pytest.raises(HyperParamError, match="beta1"):
     fusedopt.ScheduleFreeAdamW(0.01, beta1=0.0).create(tree).apply_gradient(tree)
+
+
+def test_flat_state_dtype_and_stochastic_rounding():
+  """The built-ins' storage options apply: ``state_dtype=bfloat16`` stores ``v`` and ``z`` in
+  bf16 (the run stays within bf16 rounding of the float32 one); bf16 params with
+  ``stochastic_rounding`` move where rounding to nearest would lose the step, the same on the
+  native kernels as on jnp."""
+  tree, grads = _flat_tree(), _flat_grads(_flat_tree(), 4)
+  ref = _flat_run("jnp", tree, grads[:4])
+  low = _flat_run("jnp", tree, grads[:4], state_dtype=jnp.bfloat16)
+  assert low.state.param_states.fields["z"][0].dtype == jnp.bfloat16
+  for k in tree:
+    np.testing.assert_allclose(low.target[k], ref.target[k], rtol=2e-2, atol=2e-2, err_msg=k)
+  bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree)
+  runs = {}
+  for b in [b for b in ("jnp", "native") if b in fusedopt.available_backends()]:
+    opt = fusedopt.ScheduleFreeAdamW(1e-4, backend=b, stochastic_rounding=True).create(bf)
+    for g in grads[:3]:
+      opt = opt.apply_gradient(jax.tree.map(lambda x: x.astype(jnp.bfloat16), g))
+    runs[b] = opt.target
+  near = fusedopt.ScheduleFreeAdamW(1e-4).create(bf)
+  for g in grads[:3]:
+    near = near.apply_gradient(jax.tree.map(lambda x: x.astype(jnp.bfloat16), g))
+  assert any(not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+             for a, b in zip(jax.tree.leaves(runs["jnp"]), jax.tree.leaves(near.target)))
+  for a, b in zip(jax.tree.leaves(runs["jnp"]), jax.tree.leaves(runs.get("native", runs["jnp"]))):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=2 ** -7, atol=0)
