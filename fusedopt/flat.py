@@ -421,8 +421,14 @@ class FlatOptimizerDef(OptimizerDef):
     """One step over all groups: returns (new param leaves, new fields). Multi-stage optimizers
     (LAMB, LARS) override it, running their rules with ``run_rule``/``run_rule_sumsq`` and
     per-tensor norms from ``ctx.leaf_norms``, so that the sharded driver runs them unchanged."""
-    return self.run_rule(self.rule(hp), self.scalars(hp, ctx.step), {}, ctx, layout, p_leaves,
+    return self.run_rule(self.rule(hp), self.step_scalars(hp, ctx), {}, ctx, layout, p_leaves,
                          g_leaves, fields)
+
+  def step_scalars(self, hp, ctx: StepContext):
+    """The global scalars of ``single_pass_rule`` for the step ``ctx`` describes: ``scalars(hp,
+    ctx.step)``; an optimizer with optimizer-wide state reads its step's values in
+    ``ctx.outer``."""
+    return self.scalars(hp, ctx.step)
 
   def run_rule(self, rule, scalars, seg, ctx, layout, p_leaves, g_leaves, fields):
     """Runs ``rule`` over every dtype group; returns (new param leaves, new fields)."""

@@ -144,8 +144,8 @@ class MultiOptimizer(OptimizerDef):
     if not isinstance(fs, (FusedMultiState, MultiState)):
       return self._apply_per_leaf(hyper_params, params, state, grads)
     if isinstance(fs, FusedMultiState):
-      new_params, new_fs, _, _ = self._apply_fused(hyper_params, params, state, grads)
-      return new_params, OptimizerState(state.step + 1, new_fs)
+      new_params, new_fs, _, _, outer = self._apply_fused(hyper_params, params, state, grads)
+      return new_params, _advanced(state, 1, new_fs, outer)
     p_leaves, treedef, g_leaves = self._leaves(params, grads, fs)
     new_leaves = list(p_leaves)
     new_subs = []
@@ -211,9 +211,9 @@ class MultiOptimizer(OptimizerDef):
                       "a built-in single-pass optimizer of one kind; fuse=True); use "
                       "apply_gradient with DynamicScale.value_and_grad")
     check_prepass_args(grad_scale, clip_global_norm)
-    new_params, new_fs, finite, norm = self._apply_fused(
+    new_params, new_fs, finite, norm, outer = self._apply_fused(
         hyper_params, params, state, grads, checked=(grad_scale, clip_global_norm))
-    return (new_params, OptimizerState(state.step + finite.astype(state.step.dtype), new_fs),
+    return (new_params, _advanced(state, finite.astype(state.step.dtype), new_fs, outer),
             finite, norm)
 
   def validate_for_jit(self, hyper_params):
@@ -290,10 +290,14 @@ class MultiOptimizer(OptimizerDef):
     owner = np.zeros((len(union),), np.int32)
     for j, idx in enumerate(picks):
       owner[[pos[i] for i in idx]] = j
-    return OptimizerState(jnp.asarray(0, jnp.int32),
-                          FusedMultiState(flat, union, tuple(tuple(pos[i] for i in idx)
-                                                             for idx in picks),
-                                          tuple(owner.tolist()), treedef))
+    step = jnp.asarray(0, jnp.int32)
+    fs = FusedMultiState(flat, union, tuple(tuple(pos[i] for i in idx) for idx in picks),
+                         tuple(owner.tolist()), treedef)
+    # each sub-optimizer's optimizer-wide state (schedule-free's averaging scalars), if any
+    outer = tuple(_outer_of(opt.initial_state(step, None)) for opt in self.sub_optimizers)
+    if any(outer):
+      return MultiOptimizerState(step, fs, outer=outer)
+    return OptimizerState(step, fs)
 
   def _apply_fused(self, hyper_params, params, state, grads, checked=None):
     """One step of the fused state: ``(new params, new FusedMultiState, finite, norm)``; with
@@ -304,16 +308,21 @@ class MultiOptimizer(OptimizerDef):
     subs = self.sub_optimizers
     for opt, hp in zip(subs, hyper_params):
       opt.validate(hp)
+    outer = getattr(state, "outer", None)
     if not fs.union:   # nothing selected (an empty target, say): the step still counts
       return params, fs, (None if checked is None else jnp.asarray(True)), (
-          None if checked is None else jnp.zeros((), jnp.float32))
+          None if checked is None else jnp.zeros((), jnp.float32)), outer
     rules = {subs[j].rule(hp).name for j, hp in enumerate(hyper_params) if fs.picks[j]}
     if len(rules) > 1:
       raise ValueError(f"fused MultiOptimizer: overrides gave the sub-optimizers different static "
                        f"variants {sorted(rules)}; create it with fuse=False")
     j0 = next(j for j in range(len(subs)) if fs.picks[j])
     rule = subs[j0].rule(hyper_params[j0])
-    scal = [subs[j].scalars(hp, state.step) for j, hp in enumerate(hyper_params)]
+    # each sub-optimizer's scalars from its own step context (and optimizer-wide state)
+    sub_states = [opt.initial_state(state.step, None).replace(**outer[j]) if outer
+                  else OptimizerState(state.step, None) for j, opt in enumerate(subs)]
+    sub_ctx = [opt.step_context(hp, st) for opt, hp, st in zip(subs, hyper_params, sub_states)]
+    scal = [opt.step_scalars(hp, c) for opt, hp, c in zip(subs, hyper_params, sub_ctx)]
     owner = np.asarray(fs.owner)
     seg = {k: jnp.stack([jnp.asarray(sc[k], jnp.float32) for sc in scal])[owner]
            for k in rule.scalars}
@@ -334,8 +343,12 @@ class MultiOptimizer(OptimizerDef):
     out = list(p_leaves)
     for i, x in zip(fs.union, new_p):
       out[i] = x
+    if outer:   # advanced as each sub-optimizer's own next_state does (kept on a skipped step)
+      inc = 1 if finite is None else finite.astype(state.step.dtype)
+      outer = tuple(_outer_of(opt.next_state(st, inc, None, c))
+                    for opt, st, c in zip(subs, sub_states, sub_ctx))
     return (treedef.unflatten(out), fs.replace(flat=fs.flat.replace(fields=new_fields)), finite,
-            norm)
+            norm, outer)
 
 
 class _ReadsAsTree:
@@ -353,6 +366,18 @@ class _ReadsAsTree:
 
   def items(self):
     return self.per_leaf().items()
+
+
+def _outer_of(state):
+  """``{field: value}`` of a state's optimizer-wide fields (``base.outer_fields``)."""
+  return {k: getattr(state, k) for k in base.outer_fields(state)}
+
+
+def _advanced(state, inc, param_states, outer):
+  """``state`` with its step advanced by ``inc``, new ``param_states`` and, for a
+  ``MultiOptimizerState``, the sub-optimizers' new optimizer-wide state ``outer``."""
+  new = state.replace(step=state.step + inc, param_states=param_states)
+  return new.replace(outer=outer) if isinstance(state, MultiOptimizerState) else new
 
 
 @struct.dataclass

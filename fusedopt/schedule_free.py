@@ -184,21 +184,16 @@ class ScheduleFreeAdamW(FlatOptimizerDef):
         weight_sum=jnp.where(keep, state.weight_sum, ctx.outer["weight_sum"]),
         max_lr=jnp.where(keep, state.max_lr, ctx.outer["max_lr"]))
 
-  def update_leaves(self, hp, ctx, layout, p_leaves, g_leaves, fields):
+  def step_scalars(self, hp, ctx):
     if ctx.outer is None:
       raise NotImplementedError("ScheduleFreeAdamW's step needs the averaging weight from its "
                                 "own state (step_context); this driver does not provide it")
-    s = schedule_free_scalars(hp.learning_rate, hp.beta1, hp.beta2, hp.eps, hp.weight_decay,
-                              ctx.outer["c"], ctx.step)
-    return self.run_rule(SCHEDULE_FREE_ADAMW_RULE, s, {}, ctx, layout, p_leaves, g_leaves,
-                         fields)
+    return schedule_free_scalars(hp.learning_rate, hp.beta1, hp.beta2, hp.eps, hp.weight_decay,
+                                 ctx.outer["c"], ctx.step)
 
   def scalars(self, hp, step):
     raise NotImplementedError("ScheduleFreeAdamW's scalars need the step's averaging weight "
-                              "(StepContext.outer): see update_leaves")
-
-  def single_pass_rule(self, hp):
-    return None   # its step needs its own optimizer-wide state: a MultiOptimizer runs it unfused
+                              "(StepContext.outer): see step_scalars")
 
   def eval_params(self, optimizer):
     """The point to evaluate, ``x = (y - (1-b1) z) / b1`` per leaf, from an ``Optimizer`` of

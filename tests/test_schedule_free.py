@@ -321,9 +321,9 @@ def test_flat_sharded_driver_carries_the_averaging_scalars(mode):
 
 
 def test_flat_in_a_multi_optimizer():
-  """``MultiOptimizer`` with a schedule-free part and an Adam part: each part as its optimizer
-  alone, the averaging scalars kept per sub-optimizer (``MultiOptimizerState.outer``), through a
-  checkpoint too."""
+  """``MultiOptimizer`` with a schedule-free part and an Adam part (unfused: two kinds): each
+  part as its optimizer alone, the averaging scalars kept per sub-optimizer
+  (``MultiOptimizerState.outer``), through a checkpoint too."""
   tree, grads = _flat_tree(), _flat_grads(_flat_tree(), 4)
   mats = fusedopt.ModelParamTraversal(lambda path, x: x.ndim == 2)
   rest = fusedopt.ModelParamTraversal(lambda path, x: x.ndim != 2)
@@ -345,6 +345,34 @@ def test_flat_in_a_multi_optimizer():
   np.testing.assert_array_equal(opt.target["b"], alone["adam"].target["b"])
   assert float(opt.state.outer[0]["weight_sum"]) == float(alone["sf"].state.weight_sum)
   assert opt.state.outer[1] == {}
+
+
+def test_flat_fused_multi_optimizer():
+  """Two schedule-free parts (other learning rates and decays) fuse into one pass, each with
+  its own averaging scalars: equal to each part alone; a skipped checked step keeps them."""
+  tree, grads = _flat_tree(), _flat_grads(_flat_tree(), 4)
+  mats = fusedopt.ModelParamTraversal(lambda path, x: x.ndim == 2)
+  rest = fusedopt.ModelParamTraversal(lambda path, x: x.ndim != 2)
+  a = fusedopt.ScheduleFreeAdamW(0.01, weight_decay=0.1)
+  b = fusedopt.ScheduleFreeAdamW(0.003, beta1=0.8)
+  multi = fusedopt.MultiOptimizer((mats, a), (rest, b))
+  opt = multi.create(tree)
+  assert type(opt.state.param_states).__name__ == "FusedMultiState"
+  step = jax.jit(lambda o, g: o.apply_gradient_checked(g)[0])
+  for k, g in enumerate(grads):
+    if k == 2:
+      skipped = step(opt, dict(g, s=jnp.float32(jnp.nan)))
+      for x, y in zip(jax.tree.leaves(skipped), jax.tree.leaves(opt)):
+        np.testing.assert_array_equal(x, y)
+    opt = step(opt, g)
+  alone = {"a": a.create({"w": tree["w"]}), "b": b.create({"b": tree["b"], "s": tree["s"]})}
+  for g in grads:
+    alone["a"] = alone["a"].apply_gradient({"w": g["w"]})
+    alone["b"] = alone["b"].apply_gradient({"b": g["b"], "s": g["s"]})
+  np.testing.assert_allclose(opt.target["w"], alone["a"].target["w"], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(opt.target["b"], alone["b"].target["b"], rtol=1e-6, atol=1e-7)
+  assert [float(o["weight_sum"]) for o in opt.state.outer] == [
+      float(alone["a"].state.weight_sum), float(alone["b"].state.weight_sum)]
 
 
 def test_flat_paths_without_optimizer_wide_state_are_clear_errors():
