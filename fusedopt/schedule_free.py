@@ -112,7 +112,8 @@ class ScheduleFreeAdamW(FlatOptimizerDef):
   needed); the averaging weight of a step is ``max_{i<=t}(lr_i)^weight_lr_power`` over the sum
   of those so far, kept in the state (``ScheduleFreeOptimizerState``). State per parameter:
   ``grad_sq_ema``, ``z`` (``z`` starts at the params). ``shard_optimizer`` keeps the scalars
-  replicated; ``MultiOptimizer`` keeps them per sub-optimizer (unfused); flax's per-leaf state
+  replicated; ``MultiOptimizer`` keeps them per sub-optimizer (schedule-free parts fuse into one
+  pass); flax's per-leaf state
   form has no place for them (a clear error says so).
 
   Args:
