@@ -113,8 +113,7 @@ class ScheduleFreeAdamW(FlatOptimizerDef):
   of those so far, kept in the state (``ScheduleFreeOptimizerState``). State per parameter:
   ``grad_sq_ema``, ``z`` (``z`` starts at the params). ``shard_optimizer`` keeps the scalars
   replicated; ``MultiOptimizer`` keeps them per sub-optimizer (schedule-free parts fuse into one
-  pass); flax's per-leaf state
-  form has no place for them (a clear error says so).
+  pass); flax's per-leaf state form has no place for them (a clear error says so).
 
   Args:
     learning_rate: the step size (no default, as flax's optimizers).
