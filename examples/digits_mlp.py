@@ -1,7 +1,8 @@
 """Train an MLP on scikit-learn's digits with fusedopt's Adam and with optax's adamw, side by side.
 
     python examples/digits_mlp.py            # (make demo runs this on CPU)
-    python examples/digits_mlp.py --optimizer lion --lr 3e-4    # or adan, ademamix, adopt
+    python examples/digits_mlp.py --optimizer lion --lr 3e-4    # or adan, ademamix, adopt,
+                                                                # schedule-free
 
 Both runs start from the same weights and see the same batches in the same order.
 ``fusedopt.Adam(lr, weight_decay=wd)`` is flax 0.5.3's Adam with decoupled weight decay times the
@@ -18,7 +19,9 @@ the first bound at once.
 ``--optimizer`` picks another pair with the same update in both libraries: ``lion``
 (``fusedopt.Lion`` / ``optax.lion``), ``adan`` (``Adan`` / ``optax.adan``), ``ademamix``
 (``AdEMAMix`` / ``optax.contrib.ademamix``), ``adopt`` (``ADOPT`` / ``optax.contrib.adopt``, which
-has no weight decay: ``--weight-decay`` is ignored). The same tolerances apply.
+has no weight decay: ``--weight-decay`` is ignored), ``schedule-free`` (``ScheduleFreeAdamW`` /
+``optax.contrib.schedule_free_adamw``; the loss is the training point's, as optax's). The same
+tolerances apply.
 
 It prints the loss per epoch for both, the final test accuracy, writes a PNG of both curves
 (``--plot``), and ends with the timing of the full jitted train step against optax.
@@ -49,11 +52,15 @@ PAIRS = {
                  lambda a: optax.contrib.ademamix(a.lr, weight_decay=a.weight_decay)),
     "adopt": (lambda a: fusedopt.ADOPT(learning_rate=a.lr),
               lambda a: optax.contrib.adopt(a.lr)),
+    "schedule-free": (
+        lambda a: fusedopt.ScheduleFreeAdamW(learning_rate=a.lr, weight_decay=a.weight_decay),
+        lambda a: optax.contrib.schedule_free_adamw(a.lr, weight_decay=a.weight_decay)),
 }
 LABELS = {"adam": ("fusedopt.Adam", "optax.adamw"), "lion": ("fusedopt.Lion", "optax.lion"),
           "adan": ("fusedopt.Adan", "optax.adan"),
           "ademamix": ("fusedopt.AdEMAMix", "optax.contrib.ademamix"),
-          "adopt": ("fusedopt.ADOPT", "optax.contrib.adopt")}
+          "adopt": ("fusedopt.ADOPT", "optax.contrib.adopt"),
+          "schedule-free": ("fusedopt.ScheduleFreeAdamW", "optax.contrib.schedule_free_adamw")}
 
 
 def fusedopt_run(args, train_data, sizes):
