@@ -121,7 +121,7 @@ class MultiOptimizer(OptimizerDef):
     for idx, opt in zip(picks, self.sub_optimizers):
       st = opt.init_state(tuple(leaves[i] for i in idx)) if idx else None
       subs.append(None if st is None else st.param_states)
-      outer.append({} if st is None else {k: getattr(st, k) for k in base.outer_fields(st)})
+      outer.append({} if st is None else _outer_of(st))
     state = MultiState(tuple(subs), treedef, tuple(picks))
     if any(outer):   # a sub-optimizer with optimizer-wide state (ScheduleFreeAdamW)
       return MultiOptimizerState(jnp.asarray(0, jnp.int32), state, outer=tuple(outer))
@@ -159,17 +159,13 @@ class MultiOptimizer(OptimizerDef):
         continue
       ps = tuple(p_leaves[i] for i in idx)
       gs = tuple(g_leaves[i] for i in idx)
-      sub_state = (opt.initial_state(state.step, sub).replace(**out) if out
-                   else OptimizerState(state.step, sub))
-      new_ps, new_sub = opt.apply_gradient(hp, ps, sub_state, gs)
+      new_ps, new_sub = opt.apply_gradient(hp, ps, _sub_state(opt, state.step, sub, out), gs)
       for i, x in zip(idx, new_ps):
         new_leaves[i] = x
       new_subs.append(new_sub.param_states)
-      new_outer.append({k: getattr(new_sub, k) for k in out})
-    new_state = state.replace(step=state.step + 1, param_states=fs.replace(subs=tuple(new_subs)))
-    if isinstance(state, MultiOptimizerState):
-      new_state = new_state.replace(outer=tuple(new_outer))
-    return treedef.unflatten(new_leaves), new_state
+      new_outer.append(_outer_of(new_sub))
+    return treedef.unflatten(new_leaves), _advanced(state, 1, fs.replace(subs=tuple(new_subs)),
+                                                    tuple(new_outer))
 
   def _apply_per_leaf(self, hyper_params, params, state, grads):
     """flax 0.5.3's functional form: ``state.param_states`` mirrors ``params``, each selected
@@ -319,8 +315,8 @@ class MultiOptimizer(OptimizerDef):
     j0 = next(j for j in range(len(subs)) if fs.picks[j])
     rule = subs[j0].rule(hyper_params[j0])
     # each sub-optimizer's scalars from its own step context (and optimizer-wide state)
-    sub_states = [opt.initial_state(state.step, None).replace(**outer[j]) if outer
-                  else OptimizerState(state.step, None) for j, opt in enumerate(subs)]
+    sub_states = [_sub_state(opt, state.step, None, outer[j] if outer else {})
+                  for j, opt in enumerate(subs)]
     sub_ctx = [opt.step_context(hp, st) for opt, hp, st in zip(subs, hyper_params, sub_states)]
     scal = [opt.step_scalars(hp, c) for opt, hp, c in zip(subs, hyper_params, sub_ctx)]
     owner = np.asarray(fs.owner)
@@ -371,6 +367,14 @@ class _ReadsAsTree:
 def _outer_of(state):
   """``{field: value}`` of a state's optimizer-wide fields (``base.outer_fields``)."""
   return {k: getattr(state, k) for k in base.outer_fields(state)}
+
+
+def _sub_state(opt, step, param_states, outer):
+  """A sub-optimizer's state at ``step``: flax's ``OptimizerState``, or with its optimizer-wide
+  fields ``outer`` (non-empty) its own state class (``initial_state``)."""
+  if outer:
+    return opt.initial_state(step, param_states).replace(**outer)
+  return OptimizerState(step, param_states)
 
 
 def _advanced(state, inc, param_states, outer):

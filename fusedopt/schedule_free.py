@@ -60,6 +60,13 @@ def averaging_weight(max_lr, weight_sum, lr, weight_lr_power):
   return c, max_lr, total
 
 
+def advanced_scalars(inc, weight_sum, max_lr, new_weight_sum, new_max_lr):
+  """``(weight_sum, max_lr)`` after a step: the new values, or the old ones where the step was
+  skipped (``inc`` 0: a checked step with a non-finite gradient)."""
+  keep = jnp.asarray(inc) == 0
+  return jnp.where(keep, weight_sum, new_weight_sum), jnp.where(keep, max_lr, new_max_lr)
+
+
 def schedule_free_scalars(learning_rate, beta1, beta2, eps, weight_decay, c, step):
   """The scalars of ``SCHEDULE_FREE_ADAMW_RULE`` at ``step`` (0-based) with averaging weight
   ``c``; ``1 - b1`` from the exact ``b1`` (a Python number), ``1 - c`` in float32 as optax."""
@@ -179,10 +186,10 @@ class ScheduleFreeAdamW(FlatOptimizerDef):
         outer={"c": c, "max_lr": max_lr, "weight_sum": total})
 
   def next_state(self, state, inc, param_states, ctx):
-    keep = jnp.asarray(inc) == 0   # a skipped step keeps the averaging scalars too
-    return super().next_state(state, inc, param_states, ctx).replace(
-        weight_sum=jnp.where(keep, state.weight_sum, ctx.outer["weight_sum"]),
-        max_lr=jnp.where(keep, state.max_lr, ctx.outer["max_lr"]))
+    weight_sum, max_lr = advanced_scalars(inc, state.weight_sum, state.max_lr,
+                                          ctx.outer["weight_sum"], ctx.outer["max_lr"])
+    return super().next_state(state, inc, param_states, ctx).replace(weight_sum=weight_sum,
+                                                                      max_lr=max_lr)
 
   def step_scalars(self, hp, ctx):
     if ctx.outer is None:

@@ -767,7 +767,8 @@ def schedule_free_adamw(learning_rate=0.0025, warmup_steps=None, b1=0.9, b2=0.99
 u \gets b_2 
 u + (1-b_2) |g|^2,\quad
     z' = z - \eta_t \left(rac{g}{\sqrt{
-u / (1-b_2^t)} + \epsilon} + \lambda yight)
+u / (1-b_2^t)} + \epsilon} + \lambda y
+ight)
 
     x = rac{y - (1-b_1) z}{b_1},\quad x' = (1-c_t) x + c_t z',\quad
     y' = b_1 x' + (1-b_1) z'
@@ -807,9 +808,9 @@ u / (1-b_2^t)} + \epsilon} + \lambda yight)
     def advance(node, by):
       if "weight_sum" not in node._fields:
         return node
-      keep = jnp.asarray(by) == 0
-      return node._replace(weight_sum=jnp.where(keep, node.weight_sum, total),
-                           max_lr=jnp.where(keep, node.max_lr, max_lr),
+      weight_sum, new_max = schedule_free.advanced_scalars(by, node.weight_sum, node.max_lr,
+                                                           total, max_lr)
+      return node._replace(weight_sum=weight_sum, max_lr=new_max,
                            step_count=_increment(node.step_count, by))
     return {"c": jnp.real(c) if jnp.iscomplexobj(c) else c}, advance
 
