@@ -45,6 +45,7 @@ ADABELIEF_RULE = Rule("adabelief", _adabelief, MOMENT_SCALARS + ("lr_wd",), 2)
 class AdaBelief(FlatOptimizerDef):
   """AdaBelief optimizer. State: ``grad_ema``, ``grad_sq_ema``."""
   state_fields = ("grad_ema", "grad_sq_ema")
+  nonnegative_fields = ('grad_sq_ema',)
   param_state_class = _AdaBeliefParamState
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-16, weight_decay=0.0, *,

@@ -44,6 +44,7 @@ ADADELTA_RULE = Rule("adadelta", _adadelta, ("lr", "rho", "one_minus_rho", "eps"
 class Adadelta(FlatOptimizerDef):
   """Adadelta optimizer. State: ``sq_avg``, ``acc_delta``."""
   state_fields = ("sq_avg", "acc_delta")
+  nonnegative_fields = ('sq_avg', 'acc_delta')
   param_state_class = _AdadeltaParamState
 
   def __init__(self, learning_rate=None, rho=0.9, eps=1e-6, weight_decay=0.0, *,

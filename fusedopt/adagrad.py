@@ -48,6 +48,7 @@ ADAGRAD_RULE = adagrad_rule()
 class Adagrad(FlatOptimizerDef):
   """Adagrad optimizer. State: ``G``."""
   state_fields = ("G",)
+  nonnegative_fields = ('G',)
   param_state_class = _AdagradParamState
 
   def __init__(self, learning_rate=None, eps=1e-8, *, backend="auto", master_weights=False,

@@ -101,6 +101,7 @@ def validate_moments(hp):
 class Adam(FlatOptimizerDef):
   """Adam optimizer. State: ``grad_ema``, ``grad_sq_ema``."""
   state_fields = ("grad_ema", "grad_sq_ema")
+  nonnegative_fields = ('grad_sq_ema',)
   param_state_class = _AdamParamState
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, *,

@@ -86,6 +86,7 @@ class Adan(FlatOptimizerDef):
     weight_decay: decoupled weight decay, scaled by the learning rate (0.0).
   """
   state_fields = ("grad_ema", "grad_diff_ema", "sq_ema", "prev_grad")
+  nonnegative_fields = ('sq_ema',)
   param_state_class = _AdanParamState
 
   def __init__(self, learning_rate=None, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8,

@@ -80,6 +80,7 @@ class AdEMAMix(FlatOptimizerDef):
     weight_decay: decoupled weight decay, scaled by the learning rate (0.0).
   """
   state_fields = ("fast_ema", "slow_ema", "grad_sq_ema")
+  nonnegative_fields = ('grad_sq_ema',)
   param_state_class = _AdEMAMixParamState
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, beta3=0.9999, alpha=5.0,

@@ -92,6 +92,7 @@ class ADOPT(FlatOptimizerDef):
     use_clipping: clip the normalised gradient to ``±step**0.25`` (static; True, as optax).
   """
   state_fields = ("grad_ema", "grad_sq_ema")
+  nonnegative_fields = ('grad_sq_ema',)
   param_state_class = _ADOPTParamState
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.9999, eps=1e-6, *, nesterov=False,

@@ -6,6 +6,7 @@ step's scalars once (float32, as runtime values), then runs the optimizer's ``Ru
 group with the selected backend. The same rule serves ``apply_param_gradient`` (the per-leaf path
 that flax's API exposes), so there is one copy of every optimizer's math.
 """
+import dataclasses
 import functools
 import numbers
 from collections.abc import Mapping
@@ -15,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import elementwise
+from . import elementwise, quantization
 from .exact_float import ExactFloat
 from .base import HyperParamError, OptimizerDef, OptimizerState
-from .kernels import registry
+from .kernels import jnp as jnp_kernels, registry
 from .flat_state import FlatState, fields_of, make_param_state, with_master
 from .layout import FlatLayout
 from .norms import gradient_prepass
@@ -136,6 +137,21 @@ def _float_dtype(name, dtype):
   return d
 
 
+def _storage(name, dtype):
+  """A ``state_dtype`` value: a float dtype (the buffers' dtype), or the name of a quantized
+  format, "int8" or "float8_e4m3fn" (``fusedopt.quantization``: 8-bit codes, a float32 scale per
+  block)."""
+  kind = quantization.storage_kind(dtype)
+  if kind is not None:
+    return kind
+  try:
+    return _float_dtype(name, dtype)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name}={dtype!r}: expected a floating-point dtype, \"int8\" (8-bit "
+                     "blockwise dynamic quantization) or jnp.float8_e4m3fn (blockwise-scaled "
+                     "e4m3)") from None
+
+
 # ----------------------------------------------------------------------------- the driver
 
 class FlatOptimizerDef(OptimizerDef):
@@ -149,6 +165,9 @@ class FlatOptimizerDef(OptimizerDef):
   and may override ``update_leaves`` for multi-stage updates (LAMB, LARS).
   """
   state_fields: Tuple[str, ...] = ()
+  # the fields that are never negative (second moments): quantized to int8 with the unsigned
+  # dynamic map, twice the signed map's resolution (``fusedopt.quantization``)
+  nonnegative_fields: Tuple[str, ...] = ()
   # the per-parameter state class, flax 0.5.3's (``_AdamParamState``, ...): what
   # ``init_param_state``/``apply_param_gradient`` return and ``FlatState`` reads as per leaf
   # (``state_class``: its ``...WithMaster`` subclass with master weights)
@@ -183,9 +202,9 @@ class FlatOptimizerDef(OptimizerDef):
     self.master_weights = bool(master_weights)
     per_field = dict(state_dtype) if isinstance(state_dtype, Mapping) else {}
     default = None if isinstance(state_dtype, Mapping) else state_dtype
-    self.state_storage = _float_dtype("state_dtype", F32 if default is None else default)
+    self.state_storage = _storage("state_dtype", F32 if default is None else default)
     # {field: dtype} for the fields stored otherwise (optax's mu_dtype: the first moment only)
-    self.field_storage = {k: _float_dtype(f"state_dtype[{k!r}]", d) for k, d in per_field.items()}
+    self.field_storage = {k: _storage(f"state_dtype[{k!r}]", d) for k, d in per_field.items()}
     if not isinstance(rounding_seed, (numbers.Integral, np.integer)):
       raise TypeError(f"rounding_seed={rounding_seed!r} must be a Python int")
     self.stochastic_rounding = bool(stochastic_rounding)
@@ -296,7 +315,41 @@ class FlatOptimizerDef(OptimizerDef):
       return np.dtype(F32)
     return self.field_storage.get(field, self.state_storage)
 
+  def quantized_format(self, field):
+    """The ``quantization.Format`` field ``field`` is stored in, or None for a float dtype."""
+    kind = self.storage_of(field)
+    if not isinstance(kind, str):
+      return None
+    return quantization.format_for(kind, field in self.nonnegative_fields)
+
+  @property
+  def quantizes(self) -> bool:
+    """Whether any state field is stored quantized."""
+    return any(self.quantized_format(k) is not None for k in self.state_fields)
+
+  def build_layout(self, params):
+    """The flat layout of ``params``: with quantized state, the tensors of at least
+    ``quantization.MIN_SIZE`` elements in groups of their own, aligned to whole blocks."""
+    quantize = (quantization.MIN_SIZE, quantization.BLOCK) if self.quantizes else None
+    return FlatLayout.build(params, quantize=quantize)
+
+  def field_buffer(self, layout, g, field):
+    """Zero state of ``field`` for group ``g``: a ``QuantizedArray`` in a quantized group (small
+    tensors' groups keep float32), else a buffer of the field's dtype."""
+    fmt = self.quantized_format(field)
+    size = layout.groups[g].size
+    if fmt is None:
+      return jnp.zeros((size,), self.storage_of(field))
+    if layout.groups[g].block:
+      return quantization.QuantizedArray.zeros(size, fmt, layout.groups[g].block)
+    return jnp.zeros((size,), F32)
+
   def init_param_state(self, param):
+    if self.quantizes:
+      raise NotImplementedError(
+          f"{type(self).__name__}(state_dtype=...): quantized state is blockwise over the flat "
+          "layout; flax's per-leaf state form (init_param_state/apply_param_gradient) keeps "
+          "float state -- use Optimizer/init_state, whose per_leaf() views are dequantized")
     state = {k: jnp.zeros(jnp.shape(param), self.storage_of(k)) for k in self.state_fields}
     if self.master_weights:
       state["master"] = jnp.asarray(param, F32)
@@ -338,7 +391,7 @@ class FlatOptimizerDef(OptimizerDef):
 
   # -- the flat path
   def init_state(self, params):
-    layout = FlatLayout.build(params)
+    layout = self.build_layout(params)
     self._rounding_scalars(layout, 0)   # rejects float16 params with rounding
     return self.initial_state(jnp.asarray(0, jnp.int32),
                               FlatState(self.initial_fields(layout, params), layout,
@@ -348,7 +401,8 @@ class FlatOptimizerDef(OptimizerDef):
     """The flat state buffers at step 0 (``layout`` may be padded for shards): zeros in each
     field's storage dtype -- float32 by default whatever the param dtype (flax used the param
     dtype: bf16 moments) -- and, with master weights, the params packed in float32."""
-    fields = {k: layout.zeros(self.storage_of(k)) for k in self.state_fields}
+    fields = {k: tuple(self.field_buffer(layout, g, k) for g in range(len(layout.groups)))
+              for k in self.state_fields}
     if self.master_weights:
       leaves = jax.tree_util.tree_leaves(params)
       fields["master"] = tuple(layout.pack_group(leaves, g, F32) for g in range(len(layout.groups)))
@@ -514,9 +568,13 @@ def run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state
   Returns the new params as ``(leaf index, value)`` pairs (None for a rule that writes none), the
   new state, and the per-tensor sums as float32 [num_leaves] vectors (None without ``sumsq``).
   ``leaf_state``: ``state`` (and the new state) per field a tuple of the group's state leaves."""
-  backend = registry.select(opt_def.backend, layout, gi, rule, leaf_state=leaf_state)
-  out_p, out_state, sums = registry.differentiable(backend, leaf_state)(
-      rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+  if any(quantization.is_quantized(x) for x in state):
+    out_p, out_state, sums = run_quantized(opt_def.backend, rule, scalars, seg, layout, gi,
+                                           p_leaves, g_leaves, state)
+  else:
+    backend = registry.select(opt_def.backend, layout, gi, rule, leaf_state=leaf_state)
+    out_p, out_state, sums = registry.differentiable(backend, leaf_state)(
+        rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
   group = layout.groups[gi]
   if out_p is not None:
     out_p = list(zip(group.segments, out_p))
@@ -528,6 +586,38 @@ def run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state
 
 
 run_group_leaf_state = functools.partial(run_group, leaf_state=True)
+
+
+def run_quantized(name, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+  """A group with quantized state fields (``quantization.QuantizedArray``) on the jnp path:
+  each such field decoded to float32, the rule, and its new value encoded block by block, in
+  one XLA computation. A skipped checked step (``ok`` = 0) keeps codes and scales bitwise; a
+  rule that writes no state (LAMB's apply stage) returns them as they were."""
+  if name not in ("auto", "jnp"):
+    registry.warn_once(f"backend={name!r} has no kernel for quantized state yet; groups with "
+                       "quantized state run on the jnp backend")
+  jnp_backend = jnp_kernels.BACKENDS["jnp"]
+  dense = tuple(x.dequantize() if quantization.is_quantized(x) else x for x in state)
+  if not rule.writes_state:
+    out_p, _, sums = jnp_backend.run_group(rule, scalars, seg, layout, gi, p_leaves, g_leaves,
+                                           dense)
+    return out_p, tuple(state), sums
+  # per-tensor sums (LAMB's ||u||) come from the state as stored: what the next stage reads
+  no_sums = rule if rule.sumsq is None else dataclasses.replace(rule, sumsq=None)
+  out_p, new_dense, _ = jnp_backend.run_group(no_sums, scalars, seg, layout, gi, p_leaves,
+                                              g_leaves, dense)
+  out = []
+  for new, old in zip(new_dense, state):
+    if quantization.is_quantized(old):
+      new = quantization.quantize_like(new, old)
+      if "ok" in rule.scalars:
+        new = quantization.kept(new, old, scalars["ok"])
+    out.append(new)
+  sums = None
+  if rule.sumsq is not None:
+    stored = tuple(x.dequantize() if quantization.is_quantized(x) else x for x in out)
+    sums = jnp_kernels.group_sums(rule, scalars, seg, layout, gi, p_leaves, g_leaves, stored)
+  return out_p, tuple(out), sums
 
 
 def bias_correction(beta, step):

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import jax.numpy as jnp
 
-from . import struct
+from . import quantization, struct
 from .layout import FlatLayout
 
 F32 = jnp.float32
@@ -143,22 +143,71 @@ class FlatState:
   param_state: Optional[type] = struct.field(pytree_node=False, default=None)
 
   def leaf(self, name, i):
-    """Field ``name`` of leaf ``i`` as an array of the leaf's shape."""
+    """Field ``name`` of leaf ``i`` as an array of the leaf's shape (quantized state:
+    dequantized, float32)."""
+    x = self.stored_leaf(name, i)
+    return quantization.leaf_values(x) if quantization.is_quantized(x) else x
+
+  def stored_leaf(self, name, i):
+    """Field ``name`` of leaf ``i`` as stored: an array of the leaf's shape, or for quantized
+    state the leaf's codes (its shape) and its blocks' scales (a ``QuantizedArray``)."""
+    seg = self.layout.segments[i]
+    buf = self.fields[name][seg.group]
+    if quantization.is_quantized(buf):
+      return quantization.leaf_of(buf, seg.offset, seg.size, seg.shape)
     return self.layout.view(self.fields[name], i)
 
   def from_per_leaf(self, leaves):
-    """This state with its buffers rebuilt from ``leaves`` (one ``{field: array}`` per segment,
-    leaf order), each field keeping its dtype: the inverse of ``per_leaf``."""
-    fields = {k: tuple(self.layout.pack_group([leaf[k] for leaf in leaves], g, bufs[g].dtype)
+    """This state with its buffers rebuilt from ``leaves`` (one ``{field: value}`` per segment,
+    leaf order), each field keeping its storage: the inverse of ``per_leaf`` and of
+    ``per_leaf_dicts``. A value is an array or a per-leaf ``QuantizedArray``; one stored
+    otherwise than its buffer is converted (float values quantized, quantized ones decoded)."""
+    fields = {k: tuple(self._pack_field([leaf[k] for leaf in leaves], g, bufs[g])
                        for g in range(len(self.layout.groups)))
               for k, bufs in self.fields.items()}
     return self.replace(fields=fields)
+
+  def _pack_field(self, values, g, like):
+    layout, members = self.layout, self.layout.groups[g].segments
+    if not quantization.is_quantized(like):
+      values = [quantization.leaf_values(v) if quantization.is_quantized(v) else v
+                for v in values]
+      return layout.pack_group(values, g, like.dtype)
+    same = [values[i] for i in members]
+    if same and all(quantization.is_quantized(v) and v.fmt == like.fmt and v.block == like.block
+                    for v in same):   # codes and scales as they are: lossless
+      codes = layout.pack_group([jnp.ravel(v.codes) if quantization.is_quantized(v) else None
+                                 for v in values], g, jnp.uint8)
+      pad = quantization.zero_code(like.fmt)
+      if pad:   # padding holds the code of 0
+        mask = layout.pack_group([None if i not in members else jnp.ones(layout.segments[i].shape,
+                                                                         jnp.uint8)
+                                  for i in range(len(values))], g, jnp.uint8)
+        codes = jnp.where(mask != 0, codes, jnp.uint8(pad))
+      return quantization.QuantizedArray(codes, self._place_scales(g, same, like), like.fmt,
+                                         like.block)
+    values = [quantization.leaf_values(v) if quantization.is_quantized(v) else v for v in values]
+    return quantization.quantize_like(layout.pack_group(values, g, jnp.float32), like)
+
+  def _place_scales(self, g, leaf_values, like):
+    """Each member's block scales at its segment's first block, zeros between and after."""
+    parts, at = [], 0
+    for i, v in zip(self.layout.groups[g].segments, leaf_values):
+      start = self.layout.segments[i].offset // like.block
+      if start > at:
+        parts.append(jnp.zeros((start - at,), jnp.float32))
+      parts.append(jnp.asarray(v.scales, jnp.float32))
+      at = start + v.scales.shape[0]
+    if like.scales.shape[0] > at:
+      parts.append(jnp.zeros((like.scales.shape[0] - at,), jnp.float32))
+    return jnp.concatenate(parts)
 
   def restored_from(self, per_leaf_tree):
     """``from_per_leaf`` of a tree shaped like ``per_leaf()``'s, each buffer placed where this
     state's was (a sharded state stays sharded)."""
     new = self.from_per_leaf(self.layout.treedef.flatten_up_to(per_leaf_tree))
-    return new.replace(fields={k: tuple(place_like(b, old) for b, old in zip(bufs, self.fields[k]))
+    return new.replace(fields={k: tuple(jax.tree_util.tree_map(place_like, b, old)
+                                        for b, old in zip(bufs, self.fields[k]))
                                for k, bufs in new.fields.items()})
 
   def with_master_from(self, target):
@@ -184,7 +233,8 @@ class FlatState:
   def per_leaf_dicts(self):
     """``per_leaf`` with each leaf a dict ``{field: array}`` (in ``fields``' order): the
     checkpoint form (``serialization``, ``flax_param_states``)."""
-    leaves = [{k: self.leaf(k, i) for k in self.fields} for i in range(len(self.layout.segments))]
+    leaves = [{k: self.stored_leaf(k, i) for k in self.fields}
+              for i in range(len(self.layout.segments))]
     return jax.tree_util.tree_unflatten(self.layout.treedef, leaves)
 
   # -- reading like the per-leaf tree: ``param_states['Dense_0']['kernel'].grad_ema``

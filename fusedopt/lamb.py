@@ -80,6 +80,7 @@ MOMENTS_RULE, APPLY_RULE = lamb_rules()
 class LAMB(FlatOptimizerDef):
   """Layer-wise adaptive moments (LAMB) optimizer. State: ``grad_ema``, ``grad_sq_ema``."""
   state_fields = ("grad_ema", "grad_sq_ema")
+  nonnegative_fields = ('grad_sq_ema',)
   param_state_class = _LAMBParamState
 
   def __init__(self, learning_rate=None, beta1=0.9, beta2=0.999, weight_decay=0, eps=1e-6, *,

@@ -54,6 +54,9 @@ class Group:
   dtype: np.dtype
   size: int
   segments: Tuple[int, ...]   # Segment indices, in buffer order
+  # > 0: the group's leaves hold quantized state (``build(..., quantize=...)``), in blocks of
+  # this many elements: its segments start on multiples of max(align, block)
+  block: int = 0
 
 
 def _round_up(n, m):
@@ -93,8 +96,8 @@ class FlatLayout:
   # working even for layouts built in different places.
   @property
   def _key(self):
-    return (self.treedef, tuple((s.shape, self.groups[s.group].dtype) for s in self.segments),
-            self.align, self.shards)
+    return (self.treedef, tuple((s.shape, self.groups[s.group].dtype, self.groups[s.group].block)
+                                for s in self.segments), self.align, self.shards)
 
   def __eq__(self, other):
     return isinstance(other, FlatLayout) and self._key == other._key
@@ -103,7 +106,8 @@ class FlatLayout:
     return hash(self._key)
 
   def __repr__(self):
-    groups = ", ".join(f"{g.dtype.name}[{g.size}]" for g in self.groups)
+    groups = ", ".join(f"{g.dtype.name}[{g.size}]" + (f"/q{g.block}" if g.block else "")
+                       for g in self.groups)
     shards = f"; shards={self.shards}" if self.shards != 1 else ""
     return f"FlatLayout({len(self.segments)} leaves; {groups}; align={self.align}{shards})"
 
@@ -111,7 +115,7 @@ class FlatLayout:
 
   @staticmethod
   def build(tree, align: Optional[int] = None, shards: int = 1,
-            complex_ok: bool = False) -> "FlatLayout":
+            complex_ok: bool = False, quantize: Optional[Tuple[int, int]] = None) -> "FlatLayout":
     """The layout of ``tree`` (arrays or ShapeDtypeStructs). Cached per structure/shapes/dtypes.
 
     ``align``: the alignment unit in elements; by default (None) ``choose_align``'s, which
@@ -120,18 +124,31 @@ class FlatLayout:
     docstring), for buffers split evenly over ``shards`` devices.
     ``complex_ok``: admit complex leaves (a group per complex dtype), for drivers that run those
     groups per leaf (``fusedopt.tx``); flat buffers and kernels are real, so by default a
-    complex leaf is a ``LayoutError`` naming it."""
+    complex leaf is a ``LayoutError`` naming it.
+    ``quantize=(min_size, block)``: leaves of at least ``min_size`` elements go to groups of
+    their own (one per dtype, ``Group.block = block``) whose segments start on multiples of
+    ``max(align, block)``, so that a block of quantized state never straddles two tensors; the
+    smaller leaves stay in the plain groups (``fusedopt.quantization``)."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
     # An empty tree ({}, or only empty containers / None) has no segments and no groups: every
     # step is a no-op that still counts, as in flax 0.5.3.
     spec = tuple((jax.tree_util.keystr(p), tuple(np.shape(x)),
                   _check_leaf(jax.tree_util.keystr(p), x, complex_ok))
                  for p, x in leaves_with_path)
+    if quantize is not None:
+      min_size, block = (int(v) for v in quantize)
+      if block < 1 or block & (block - 1):
+        raise ValueError(f"quantization block={block} must be a power of two")
+      spec = tuple((path, shape, dtype,
+                    block if int(np.prod(shape, dtype=np.int64)) >= min_size else 0)
+                   for path, shape, dtype in spec)
+    else:
+      spec = tuple(s + (0,) for s in spec)
     shards = int(shards)
     if shards < 1:
       raise ValueError(f"shards={shards} must be a positive integer")
     if align is None:
-      align = choose_align([int(np.prod(shape, dtype=np.int64)) for _, shape, _ in spec])
+      align = choose_align([int(np.prod(shape, dtype=np.int64)) for _, shape, _, _ in spec])
     elif int(align) < 1:
       raise ValueError(f"align={align} must be a positive integer")
     return _build(treedef, spec, int(align), shards)
@@ -142,8 +159,13 @@ class FlatLayout:
 
   def with_shards(self, shards: int) -> "FlatLayout":
     """This layout with its groups padded for ``shards`` devices (same segments and offsets)."""
-    spec = tuple((s.path, s.shape, self.groups[s.group].dtype) for s in self.segments)
+    spec = tuple((s.path, s.shape, self.groups[s.group].dtype, self.groups[s.group].block)
+                  for s in self.segments)
     return _build(self.treedef, spec, self.align, int(shards))
+
+  def unit(self, g: int) -> int:
+    """Group ``g``'s segment alignment: ``align``, or the quantization block if larger."""
+    return max(self.align, self.groups[g].block)
 
   def shard_size(self, g: int) -> int:
     """Elements of group ``g`` held by each of the ``shards`` devices."""
@@ -179,13 +201,14 @@ class FlatLayout:
     group = self.groups[g]
     dtype = group.dtype if dtype is None else dtype
     parts = []
+    unit = self.unit(g)
     for i in group.segments:
       seg = self.segments[i]
       parts.append(jnp.ravel(jnp.asarray(leaves[i])).astype(dtype))
-      pad = _round_up(seg.size, self.align) - seg.size
+      pad = _round_up(seg.size, unit) - seg.size
       if pad:
         parts.append(jnp.zeros((pad,), dtype))
-    tail = group.size - sum(_round_up(self.segments[i].size, self.align) for i in group.segments)
+    tail = group.size - sum(_round_up(self.segments[i].size, unit) for i in group.segments)
     if tail:   # shard padding (shards > 1)
       parts.append(jnp.zeros((tail,), dtype))
     if not parts:
@@ -226,10 +249,11 @@ class FlatLayout:
     ids = np.empty((group.size // self.align,), np.int32)
     if group.segments:
       ids[:] = group.segments[-1]
+    unit = self.unit(g)
     for i in group.segments:
       seg = self.segments[i]
       a = seg.offset // self.align
-      ids[a:a + _round_up(seg.size, self.align) // self.align] = i
+      ids[a:a + _round_up(seg.size, unit) // self.align] = i
     return ids
 
 
@@ -246,16 +270,20 @@ def choose_align(sizes) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _build(treedef, spec, align, shards=1):
+  """``spec``: per leaf (path, shape, dtype, quantization block or 0); a group per (dtype,
+  block), in order of first appearance."""
   segments, groups, order = [None] * len(spec), {}, []
-  for i, (path, shape, dtype) in enumerate(spec):
-    if dtype not in groups:
-      groups[dtype] = [0, []]
-      order.append(dtype)
+  for i, (path, shape, dtype, block) in enumerate(spec):
+    key = (dtype, block)
+    if key not in groups:
+      groups[key] = [0, []]
+      order.append(key)
     size = int(np.prod(shape, dtype=np.int64))
-    g = order.index(dtype)
-    segments[i] = Segment(i, path, shape, g, groups[dtype][0], size)
-    groups[dtype][0] += _round_up(size, align)
-    groups[dtype][1].append(i)
-  group_objs = tuple(Group(d, _round_up(groups[d][0], shards * align), tuple(groups[d][1]))
-                     for d in order)
+    g = order.index(key)
+    segments[i] = Segment(i, path, shape, g, groups[key][0], size)
+    groups[key][0] += _round_up(size, max(align, block))
+    groups[key][1].append(i)
+  group_objs = tuple(Group(d, _round_up(groups[(d, b)][0], shards * max(align, b)),
+                           tuple(groups[(d, b)][1]), b)
+                     for d, b in order)
   return FlatLayout(treedef, tuple(segments), group_objs, align, shards)

@@ -105,6 +105,7 @@ class RMSProp(FlatOptimizerDef):
                      rounding_seed=rounding_seed)
     check_kinds(self.hyper_params, "learning_rate", "beta2", "eps")
     self.state_fields = ("v", "mg") if centered else ("v",)
+    self.nonnegative_fields = ("v",)
 
   # flax 0.5.3's state has ``mg: None`` when not centered; checkpoints keep that key
   def flax_param_states(self, target, param_states):

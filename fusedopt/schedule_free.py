@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import struct
+from . import quantization, struct
 from .base import OptimizerState
 from .elementwise import Rule
 from .flat import (FlatOptimizerDef, bias_correction, check_beta, check_kinds, check_range,
@@ -131,6 +131,7 @@ class ScheduleFreeAdamW(FlatOptimizerDef):
     weight_lr_power: the power of the learning rate in the averaging weight (2.0).
   """
   state_fields = ("grad_sq_ema", "z")
+  nonnegative_fields = ('grad_sq_ema',)
   param_state_class = _ScheduleFreeParamState
   has_outer_state = True
 
@@ -158,8 +159,11 @@ class ScheduleFreeAdamW(FlatOptimizerDef):
   def initial_fields(self, layout, params):
     fields = super().initial_fields(layout, params)
     leaves = jax.tree_util.tree_leaves(params)   # z starts at the params, in its field's dtype
-    fields["z"] = tuple(layout.pack_group(leaves, g, buf.dtype)
-                        for g, buf in enumerate(fields["z"]))
+    def packed(g, buf):
+      if quantization.is_quantized(buf):
+        return quantization.quantize_like(layout.pack_group(leaves, g, F32), buf)
+      return layout.pack_group(leaves, g, buf.dtype)
+    fields["z"] = tuple(packed(g, buf) for g, buf in enumerate(fields["z"]))
     return fields
 
   def initial_state(self, step, param_states):

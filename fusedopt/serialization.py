@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import base
+from . import base, quantization
 from .flat_state import PARAM_STATE_CLASSES, FlatState, place_like
 
 
@@ -53,6 +53,8 @@ def to_state_dict(x):
     return x.state_dict()
   if isinstance(x, FlatState):
     return to_state_dict(x.per_leaf_dicts())
+  if quantization.is_quantized(x):
+    return _quantized_to_dict(x)
   if hasattr(x, "as_flax_tree"):   # a container checkpointed as another tree (FlatParams)
     return to_state_dict(x.as_flax_tree())
   if isinstance(x, Mapping):
@@ -81,6 +83,8 @@ def from_state_dict(template, sd, path=""):
     return template.restore_state(sd)
   if isinstance(template, FlatState):
     return template.restored_from(from_state_dict(template.per_leaf_dicts(), sd, path))
+  if quantization.is_quantized(template) or _is_quantized_dict(sd):
+    return _restore_maybe_quantized(template, sd, path)
   if hasattr(template, "as_flax_tree"):
     return template.from_flax_tree(from_state_dict(template.as_flax_tree(), sd, path))
   if isinstance(template, Mapping):
@@ -107,6 +111,58 @@ def from_state_dict(template, sd, path=""):
       raise ValueError(f"checkpoint and optimizer disagree on an empty entry at {path or '/'}")
     return None
   return _restore_leaf(template, sd, path)
+
+
+# ----------------------------------------------------------------------------- quantized state
+
+_QKEYS = ("codes", "scales", "format")
+
+
+def _quantized_to_dict(q):
+  """One leaf's quantized state: its codes (uint8, the leaf's shape), its blocks' scales and
+  ``format`` = [format id, block] (``quantization.FORMAT_IDS``), so a checkpoint says how to
+  read its codes whatever optimizer restores it."""
+  return {"codes": q.codes, "scales": q.scales,
+          "format": np.asarray([quantization.FORMAT_IDS[q.fmt.name], q.block], np.int32)}
+
+
+def _is_quantized_dict(sd):
+  return isinstance(sd, Mapping) and set(sd) == set(_QKEYS)
+
+
+def _quantized_from_dict(sd, shape, path):
+  fmt_id, block = (int(v) for v in np.asarray(sd["format"]).reshape(-1)[:2])
+  names = {v: k for k, v in quantization.FORMAT_IDS.items()}
+  if fmt_id not in names or block < 1:
+    raise ValueError(f"checkpoint leaf {path}: unknown quantized state format {fmt_id}/{block}")
+  codes = np.asarray(sd["codes"])
+  scales = np.asarray(sd["scales"])
+  n = int(np.prod(shape, dtype=np.int64))
+  if codes.dtype != np.uint8 or codes.shape != tuple(shape):
+    raise ValueError(f"checkpoint leaf {path}/codes is {codes.dtype}{list(codes.shape)}, the "
+                     f"optimizer expects uint8{list(shape)}")
+  if scales.dtype != np.float32 or scales.shape != (-(-n // block),):
+    raise ValueError(f"checkpoint leaf {path}/scales is {scales.dtype}{list(scales.shape)}, "
+                     f"expected float32[{-(-n // block)}] (blocks of {block})")
+  return quantization.QuantizedArray(jnp.asarray(codes), jnp.asarray(scales),
+                                     quantization.FORMATS[names[fmt_id]], block)
+
+
+def _restore_maybe_quantized(template, sd, path):
+  """A state leaf where the optimizer or the checkpoint stores quantized state: codes and
+  scales as they are, or float values the caller's state quantizes (and quantized ones it
+  decodes: ``FlatState.from_per_leaf``)."""
+  shape = template.shape if quantization.is_quantized(template) else np.shape(template)
+  if _is_quantized_dict(sd):
+    return _quantized_from_dict(sd, shape, path or "/")
+  if isinstance(sd, Mapping):
+    raise ValueError(f"checkpoint has a dict at {path or '/'} where the optimizer has state "
+                     "(an array, or quantized codes, scales and format)")
+  value = np.asarray(sd)
+  if value.shape != tuple(shape) or not jnp.issubdtype(value.dtype, jnp.floating):
+    raise ValueError(f"checkpoint leaf {path or '/'} is {value.dtype}{list(value.shape)}, the "
+                     f"optimizer expects float state of shape {list(shape)}")
+  return jnp.asarray(value, jnp.float32)
 
 
 def _kind(dtype):

@@ -50,6 +50,23 @@ def run_group(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
   return out_p, new_state, common.unit_sums_per_leaf(layout, gi, sums)
 
 
+def group_sums(rule, scalars, seg, layout, gi, p_leaves, g_leaves, new_state):
+  """Per leaf of group ``gi``, the sums of ``rule.sumsq``'s terms squared, evaluated on the
+  given new state (flat float buffers): for state stored otherwise than the rule computed it
+  (quantized: ``fusedopt.flat.run_quantized``), the norms of what a later stage will read."""
+  unit = layout.align
+  shape = (layout.groups[gi].size // unit, unit)
+  s = elementwise.namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
+  tables = common.unit_tables(layout, gi, seg, rule.seg_scalars)
+  q = elementwise.namespace({k: jnp.asarray(tables[k], F32)[:, None] for k in rule.seg_scalars})
+  p2 = layout.pack_group(p_leaves, gi, F32).reshape(shape)
+  g2 = (layout.pack_group(g_leaves, gi, F32).reshape(shape) if rule.reads_grad
+        else jnp.zeros((), F32))
+  terms = rule.sumsq(elementwise.JNP, s, q, p2, g2,
+                     *(x.astype(F32).reshape(shape) for x in new_state))
+  return common.unit_sums_per_leaf(layout, gi, tuple(jnp.sum(t * t, axis=1) for t in terms))
+
+
 def run_leaves(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
   """``Backend.run_leaves``: the rule on each leaf of the group with its own state leaves
   (``elementwise.apply_to_leaf``): one XLA fusion per leaf, as optax's own update, and nothing

@@ -67,6 +67,9 @@ def _fallback(backend: common.Backend, dtype, align: int):
   return backend
 
 
+warn_once = _warn_once
+
+
 def _explicit(name: str) -> common.Backend:
   backend = get(name)
   why = backend.unavailable()
@@ -216,5 +219,5 @@ def differentiable(backend: common.Backend, leaf_state: bool = False):
   return run_group
 
 
-__all__ = ["NAMES", "MODULES", "get", "available_backends", "select", "auto_choice",
+__all__ = ["NAMES", "MODULES", "get", "warn_once", "available_backends", "select", "auto_choice",
            "select_flat", "gradient_prepass", "differentiable", "auto_leaf_choice"]

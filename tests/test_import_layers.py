@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # composes them
 LAYERS = [
     ("fusedopt.struct", "fusedopt.frozen_dict", "fusedopt.exact_float", "fusedopt.step",
-     "fusedopt.layout", "fusedopt.norms", "fusedopt.elementwise", "fusedopt.traverse_util"),
+     "fusedopt.layout", "fusedopt.norms", "fusedopt.elementwise", "fusedopt.traverse_util",
+     "fusedopt.quantization"),
     ("fusedopt.kernels", "fusedopt.kernels.symbolic", "fusedopt.kernels.common"),
     ("fusedopt.kernels.jnp",),
     ("fusedopt.kernels.native", "fusedopt.kernels.pallas", "fusedopt.kernels.triton",
