@@ -135,8 +135,10 @@ def encode(take, where, fmt: Format, y):
   and torchao search their map. fp8 codes are computed by the caller's dtype conversion."""
   assert not fmt.is_fp8
   thr = thresholds(fmt.name == "int8_signed")
-  code = jnp.zeros_like(y)
-  for step in (128, 64, 32, 16, 8, 4, 2, 1):
+  # the first comparison is against one constant (no lookup: XLA would fold a gather at a
+  # constant index into a constant of the buffer's size)
+  code = where(y >= thr[127], np.float32(128.0), np.float32(0.0))
+  for step in (64, 32, 16, 8, 4, 2, 1):
     code = where(y >= take(thr, code + (step - 1)), code + step, code)
   return code
 

@@ -139,6 +139,11 @@ class ShardedOptimizerDef(OptimizerDef):
       raise TypeError(
           f"{type(inner).__name__} has no flat state to shard; shard_optimizer takes the built-in "
           "flat optimizers (and Adafactor, whose small factored state is replicated)")
+    if self.flat and inner.quantizes:
+      raise NotImplementedError(
+          f"shard_optimizer({type(inner).__name__}(state_dtype=...)): quantized optimizer state "
+          "is not sharded yet (docs/low-bit-state.md); shard float state, or keep the quantized "
+          "optimizer replicated")
     if not self.flat and params == "sharded":
       raise TypeError("params='sharded' needs a flat optimizer (Adafactor's state is per leaf)")
     if axis_name not in mesh.shape:

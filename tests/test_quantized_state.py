@@ -445,8 +445,8 @@ def test_flax_per_leaf_form_is_refused():
 # ----------------------------------------------------------------------------- training
 
 def test_digits_mlp_reaches_float32_adams_loss():
-  """Digits MLP, 3 epochs: int8 and fp8 Adam state end within 2% of float32 Adam's final loss
-  (mean over the last epoch)."""
+  """Digits MLP, 3 epochs: int8 and fp8 Adam state reach float32 Adam's final loss (mean over
+  the last epoch) within 2% (and not suspiciously far below it)."""
   from fusedopt.demo import init_mlp, load_data, loss_fn
   (x, y), _ = load_data(0)
   bs = 64
@@ -468,4 +468,33 @@ def test_digits_mlp_reaches_float32_adams_loss():
   base = train(None)
   for kind in ("int8", "float8_e4m3fn"):
     got = train(kind)
-    assert abs(got - base) <= 0.02 * base + 1e-3, (kind, got, base)
+    assert got <= 1.02 * base and got >= 0.8 * base, (kind, got, base)
+
+
+# ----------------------------------------------------------------------------- composition
+
+def test_multi_optimizer_fused_equals_unfused():
+  """Two int8 Adams with their own learning rates fuse into one pass over one quantized
+  layout; the result is the unfused MultiOptimizer's (each part on its own state)."""
+  big = optim.ModelParamTraversal(lambda path, _: path in ("/w", "/b"))
+  rest = optim.ModelParamTraversal(lambda path, _: path not in ("/w", "/b"))
+
+  def make(fuse):
+    return optim.MultiOptimizer((big, optim.Adam(1e-2, state_dtype="int8")),
+                                (rest, optim.Adam(3e-3, state_dtype="int8")), fuse=fuse)
+  fused, unfused = make(True).create(_tree()), make(False).create(_tree())
+  assert any(Q.is_quantized(b) for b in fused.state.param_states.flat.fields["grad_ema"])
+  for s in range(3):
+    fused, unfused = fused.apply_gradient(_grads(s)), unfused.apply_gradient(_grads(s))
+  for a, b in zip(jax.tree_util.tree_leaves(fused.target),
+                  jax.tree_util.tree_leaves(unfused.target)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  for k in ("w", "e"):
+    np.testing.assert_allclose(np.asarray(fused.state.param_states[k].grad_sq_ema),
+                               np.asarray(unfused.state.param_states[k].grad_sq_ema), rtol=1e-6)
+
+
+def test_sharding_quantized_state_is_refused_clearly():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("d",))
+  with pytest.raises(NotImplementedError, match="quantized"):
+    optim.shard_optimizer(optim.Adam(1e-2, state_dtype="int8"), mesh, "d")
