@@ -170,9 +170,7 @@ class FlatState:
   def _pack_field(self, values, g, like):
     layout, members = self.layout, self.layout.groups[g].segments
     if not quantization.is_quantized(like):
-      values = [quantization.leaf_values(v) if quantization.is_quantized(v) else v
-                for v in values]
-      return layout.pack_group(values, g, like.dtype)
+      return layout.pack_group(_decoded(values), g, like.dtype)
     same = [values[i] for i in members]
     if same and all(quantization.is_quantized(v) and v.fmt == like.fmt and v.block == like.block
                     for v in same):   # codes and scales as they are: lossless
@@ -186,8 +184,7 @@ class FlatState:
         codes = jnp.where(mask != 0, codes, jnp.uint8(pad))
       return quantization.QuantizedArray(codes, self._place_scales(g, same, like), like.fmt,
                                          like.block)
-    values = [quantization.leaf_values(v) if quantization.is_quantized(v) else v for v in values]
-    return quantization.quantize_like(layout.pack_group(values, g, jnp.float32), like)
+    return quantization.quantize_like(layout.pack_group(_decoded(values), g, jnp.float32), like)
 
   def _place_scales(self, g, leaf_values, like):
     """Each member's block scales at its segment's first block, zeros between and after."""
@@ -282,6 +279,11 @@ class FlatState:
         return True
       other = other.per_leaf()
     return self.per_leaf() == other
+
+
+def _decoded(values):
+  """Per-leaf state values with each ``QuantizedArray`` decoded to float32."""
+  return [quantization.leaf_values(v) if quantization.is_quantized(v) else v for v in values]
 
 
 def place_like(new, old):
