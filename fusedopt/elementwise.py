@@ -104,7 +104,8 @@ def guarded(rule: Rule) -> Rule:
 
   def g_fn(xp, s, q, p, g, *state):
     new_p, new_state = fn(xp, s, q, p, g * s.gscale, *state)
-    keep = lambda new, old: xp.where(s.ok, new, old)  # noqa: E731
+    # a field the rule passes through stays that very value (``symbolic.passed_through``)
+    keep = lambda new, old: old if new is old else xp.where(s.ok, new, old)  # noqa: E731
     return (None if new_p is None else keep(new_p, p),
             tuple(keep(n, o) for n, o in zip(new_state, state)))
 

@@ -6,7 +6,6 @@ step's scalars once (float32, as runtime values), then runs the optimizer's ``Ru
 group with the selected backend. The same rule serves ``apply_param_gradient`` (the per-leaf path
 that flax's API exposes), so there is one copy of every optimizer's math.
 """
-import dataclasses
 import functools
 import numbers
 from collections.abc import Mapping
@@ -19,7 +18,7 @@ import numpy as np
 from . import elementwise, quantization
 from .exact_float import ExactFloat
 from .base import HyperParamError, OptimizerDef, OptimizerState
-from .kernels import jnp as jnp_kernels, registry
+from .kernels import registry
 from .flat_state import FlatState, fields_of, make_param_state, with_master
 from .layout import FlatLayout
 from .norms import gradient_prepass
@@ -568,13 +567,13 @@ def run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state
   Returns the new params as ``(leaf index, value)`` pairs (None for a rule that writes none), the
   new state, and the per-tensor sums as float32 [num_leaves] vectors (None without ``sumsq``).
   ``leaf_state``: ``state`` (and the new state) per field a tuple of the group's state leaves."""
-  if any(quantization.is_quantized(x) for x in state):
-    out_p, out_state, sums = run_quantized(opt_def.backend, rule, scalars, seg, layout, gi,
-                                           p_leaves, g_leaves, state)
+  quantized = any(quantization.is_quantized(x) for x in state)
+  if quantized:   # low-bit state: the backends' run_quantized
+    backend = registry.select_quantized(opt_def.backend, layout, gi, rule)
   else:
     backend = registry.select(opt_def.backend, layout, gi, rule, leaf_state=leaf_state)
-    out_p, out_state, sums = registry.differentiable(backend, leaf_state)(
-        rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+  out_p, out_state, sums = registry.differentiable(backend, leaf_state, quantized)(
+      rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
   group = layout.groups[gi]
   if out_p is not None:
     out_p = list(zip(group.segments, out_p))
@@ -586,38 +585,6 @@ def run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state
 
 
 run_group_leaf_state = functools.partial(run_group, leaf_state=True)
-
-
-def run_quantized(name, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
-  """A group with quantized state fields (``quantization.QuantizedArray``) on the jnp path:
-  each such field decoded to float32, the rule, and its new value encoded block by block, in
-  one XLA computation. A skipped checked step (``ok`` = 0) keeps codes and scales bitwise; a
-  rule that writes no state (LAMB's apply stage) returns them as they were."""
-  if name not in ("auto", "jnp"):
-    registry.warn_once(f"backend={name!r} has no kernel for quantized state yet; groups with "
-                       "quantized state run on the jnp backend")
-  jnp_backend = jnp_kernels.BACKENDS["jnp"]
-  dense = tuple(x.dequantize() if quantization.is_quantized(x) else x for x in state)
-  if not rule.writes_state:
-    out_p, _, sums = jnp_backend.run_group(rule, scalars, seg, layout, gi, p_leaves, g_leaves,
-                                           dense)
-    return out_p, tuple(state), sums
-  # per-tensor sums (LAMB's ||u||) come from the state as stored: what the next stage reads
-  no_sums = rule if rule.sumsq is None else dataclasses.replace(rule, sumsq=None)
-  out_p, new_dense, _ = jnp_backend.run_group(no_sums, scalars, seg, layout, gi, p_leaves,
-                                              g_leaves, dense)
-  out = []
-  for new, old in zip(new_dense, state):
-    if quantization.is_quantized(old):
-      new = quantization.quantize_like(new, old)
-      if "ok" in rule.scalars:
-        new = quantization.kept(new, old, scalars["ok"])
-    out.append(new)
-  sums = None
-  if rule.sumsq is not None:
-    stored = tuple(x.dequantize() if quantization.is_quantized(x) else x for x in out)
-    sums = jnp_kernels.group_sums(rule, scalars, seg, layout, gi, p_leaves, g_leaves, stored)
-  return out_p, tuple(out), sums
 
 
 def bias_correction(beta, step):

@@ -9,8 +9,9 @@ Two formats (``Format``):
   Quantization" (2022, https://arxiv.org/abs/2110.02861), as bitsandbytes and torchao define it
   (``create_dynamic_map``): a signed map for fields of either sign (first moments), an unsigned
   one with twice the resolution for fields that are never negative (second moments). A code is
-  the index of the map's value nearest to ``x / absmax`` (ties go up, torchao's rule); the scale
-  is the block's absmax.
+  the index of the map's value nearest to ``x / absmax``, decided as bitsandbytes' kernels
+  decide it: against the float32 midpoints of neighbouring values (``thresholds``), a value at
+  a midpoint taking the upper code; the scale is the block's absmax.
 - ``float8_e4m3fn``: the block's values scaled so that its absmax is e4m3's largest finite value
   (448) and rounded to nearest-even e4m3 (torchao's ``AdamWFp8`` state); the code is the e4m3 bit
   pattern, the scale ``absmax * float32(1/448)``.
@@ -22,7 +23,8 @@ anchors' threshold: their quantization error matters, their memory does not).
 
 ``encode``/``decode`` are written once on a small namespace of element operations (``take``
 from a 256-entry table, ``where``, arithmetic), the blockwise reduction on whole blocks; the jnp
-path and the NumPy reference in the tests use them.
+path uses them. The native kernels encode through ``bucket_table`` (one lookup instead of a
+binary search), the same codes.
 """
 import dataclasses
 import functools
@@ -141,6 +143,68 @@ def encode(take, where, fmt: Format, y):
   for step in (64, 32, 16, 8, 4, 2, 1):
     code = where(y >= take(thr, code + (step - 1)), code + step, code)
   return code
+
+
+# Below 2^(BUCKET_EXPONENT - 127) (1.2e-7) every value has the code of 0: the maps' smallest
+# magnitudes are 3.25e-7 (unsigned) and 5.5e-7 (signed), their midpoints with 0 above it.
+BUCKET_EXPONENT = 104
+NUM_BUCKETS = (128 - BUCKET_EXPONENT) * 128   # per sign: exponents 104..127, 7 mantissa bits
+
+
+def bucket_index(bits):
+  """The bucket of float32 values in ``[-1, 1]`` from their bits (a uint32 NumPy array; the
+  native kernels compute the same in C++): the sign, exponent and top 7 mantissa bits, with all
+  magnitudes below ``2^(BUCKET_EXPONENT - 127)`` in one bucket and NaN in another.
+  ``bucket_table``'s index."""
+  a = bits & 0x7FFFFFFF
+  t = (a >> 16).astype(np.int32) - BUCKET_EXPONENT * 128
+  t = np.clip(t, -1, NUM_BUCKETS)
+  return (bits >> 31).astype(np.int32) * (NUM_BUCKETS + 2) + t + 1
+
+
+@functools.lru_cache(maxsize=None)
+def bucket_table(signed: bool) -> np.ndarray:
+  """``encode`` as one lookup and integer arithmetic, for kernels that gather slowly (a
+  vectorised gather costs about as much as the rest of an Adam step on a CPU). Per bucket, an
+  int32 ``base | invert << 8 | split << 9``: ``base`` is the number of midpoints at or below the
+  bucket's lowest value, and since no bucket holds two midpoints (checked here) one comparison
+  of ``y``'s low 16 bits finishes: ``code = base + ((low16 >= split) ^ invert)``. A bucket
+  without a midpoint has ``split = 2^16`` (never reached); with one at ``thr``, ``split`` is
+  ``thr``'s low 16 bits (positive values: their bits grow with them) or those plus one with
+  ``invert`` (negative values: ``y >= thr`` is ``low16 <= low16(thr)``). NaN's bucket gives code
+  0, as the binary search does. int32 [2 * (NUM_BUCKETS + 2)], positive values first."""
+  thr = thresholds(signed)[:255]
+  count = lambda v: np.searchsorted(thr, v, side="right").astype(np.int64)  # noqa: E731
+  never = np.int64(1 << 16)
+  table = np.zeros((2, NUM_BUCKETS + 2), np.int64)
+  for sign in (0, 1):
+    top = (np.arange(BUCKET_EXPONENT * 128, 128 * 128, dtype=np.uint32) | (sign << 15)) << 16
+    first, last = top.view(np.float32), (top | 0xFFFF).view(np.float32)
+    lo, hi = (first, last) if sign == 0 else (last, first)
+    base = count(lo)
+    inside = count(hi) - base
+    if np.any(inside > 1):
+      raise AssertionError("a bucket holds two of the map's midpoints")
+    low = (thr[np.minimum(base, 254)].view(np.uint32) & 0xFFFF).astype(np.int64)
+    split = np.where(inside == 1, low + sign, never)
+    invert = np.where(inside == 1, sign, 0)
+    tiny = np.array([(BUCKET_EXPONENT << 23) - 1], np.uint32).view(np.float32)[0]
+    tiny = np.float32(-tiny if sign else tiny)
+    if count(tiny) != count(np.float32(-0.0 if sign else 0.0)):
+      raise AssertionError("the tiny bucket's values do not share one code")
+    table[sign, 0] = count(tiny) | never << 9
+    table[sign, 1:NUM_BUCKETS + 1] = base | invert << 8 | split << 9
+    table[sign, NUM_BUCKETS + 1] = never << 9   # NaN: code 0
+  return table.reshape(-1).astype(np.int32)
+
+
+def encode_by_buckets(table, y):
+  """``encode``'s codes (int32) of float32 values ``y`` (NumPy) through ``bucket_table``: what
+  the native kernels compute."""
+  bits = np.asarray(y, np.float32).view(np.uint32)
+  entry = table[bucket_index(bits)]
+  low = (bits & 0xFFFF).astype(np.int32)
+  return (entry & 0xFF) + ((low >= (entry >> 9)).astype(np.int32) ^ ((entry >> 8) & 1))
 
 
 def decode(take, fmt: Format, code):

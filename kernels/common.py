@@ -124,6 +124,10 @@ class Backend:
   buffers and splits them back (an extra pass over the state; the jnp backend runs each leaf as
   its own XLA fusion instead, the native one reads and writes the leaves by address).
 
+  ``run_quantized`` (``run_group``'s arguments and results, but a state field may be a
+  ``fusedopt.quantization.QuantizedArray``: low-bit state) decodes, updates and encodes those
+  fields in the same pass. None: the group runs on the jnp backend's (with a warning).
+
   ``flat_update(rule, scalars, tables, p, g, state, unit)`` (None where a backend's kernels only
   address leaves) runs ``rule`` over flat buffers of whole ``unit``s with per-unit tables
   ``tables`` (name -> float32 [n // unit]) and returns (new p or None, new state, per-unit sums
@@ -139,6 +143,7 @@ class Backend:
   sequential_vmap: bool = False               # no batching rule: vmap runs it per element
   gradient_prepass: Optional[Callable] = None   # (layout, g_leaves, grad_scale, clip) -> ...
   run_leaves: Optional[Callable] = None       # run_group with per-leaf state (see above)
+  run_quantized: Optional[Callable] = None    # run_group with quantized state (see above)
 
   def leaf_runner(self) -> Callable:
     """``run_leaves``, or ``run_group`` behind ``packed_leaves`` where the backend has none."""

@@ -4,10 +4,12 @@ It runs everywhere and is the oracle every kernel is tested against. Packing the
 float32 buffer costs no copy here: XLA fuses the concatenation into the update itself (a kernel
 cannot; docs/performance.md).
 """
+import dataclasses
+
 import jax.numpy as jnp
 
-from fusedopt import elementwise
-from fusedopt.kernels import common
+from fusedopt import elementwise, quantization
+from fusedopt.kernels import common, symbolic
 
 F32 = jnp.float32
 
@@ -53,7 +55,7 @@ def run_group(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
 def group_sums(rule, scalars, seg, layout, gi, p_leaves, g_leaves, new_state):
   """Per leaf of group ``gi``, the sums of ``rule.sumsq``'s terms squared, evaluated on the
   given new state (flat float buffers): for state stored otherwise than the rule computed it
-  (quantized: ``fusedopt.flat.run_quantized``), the norms of what a later stage will read."""
+  (quantized: ``run_quantized``), the norms of what a later stage will read."""
   unit = layout.align
   shape = (layout.groups[gi].size // unit, unit)
   s = elementwise.namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
@@ -90,5 +92,28 @@ def run_leaves(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
   return (new_p if rule.writes_param else None), tuple(tuple(x) for x in new_state), sums
 
 
+def run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+  """``Backend.run_quantized``: each quantized field (``quantization.QuantizedArray``) decoded to
+  float32, the rule, and its new value encoded block by block, in one XLA computation. A field
+  the rule passes through (``symbolic.passed_through``) and a skipped checked step (``ok`` = 0)
+  keep codes and scales bitwise: encoding decoded values again could move a code. Per-tensor sums
+  (LAMB's ||u||) are taken over the state as stored, which is what the next stage reads."""
+  dense = tuple(x.dequantize() if quantization.is_quantized(x) else x for x in state)
+  no_sums = rule if rule.sumsq is None else dataclasses.replace(rule, sumsq=None)
+  out_p, new_dense, _ = run_group(no_sums, scalars, seg, layout, gi, p_leaves, g_leaves, dense)
+  out = []
+  for new, old, same in zip(new_dense, state, symbolic.passed_through(rule)):
+    if quantization.is_quantized(old):
+      new = old if same else quantization.quantize_like(new, old)
+      if "ok" in rule.scalars and not same:
+        new = quantization.kept(new, old, scalars["ok"])
+    out.append(new)
+  sums = None
+  if rule.sumsq is not None:
+    stored = tuple(x.dequantize() if quantization.is_quantized(x) else x for x in out)
+    sums = group_sums(rule, scalars, seg, layout, gi, p_leaves, g_leaves, stored)
+  return out_p, tuple(out), sums
+
+
 BACKENDS = {"jnp": common.Backend("jnp", run_group, flat_update, kernel=False,
-                                  run_leaves=run_leaves)}
+                                  run_leaves=run_leaves, run_quantized=run_quantized)}

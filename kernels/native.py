@@ -16,6 +16,7 @@ Scope: float32, bfloat16 and float16 params/grads (float32 math and state; other
 to the jnp backend in the driver).
 """
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusedopt import elementwise
+from fusedopt import elementwise, quantization
 from fusedopt.kernels import common, jnp as jnp_backend, symbolic
 
 F32 = jnp.float32
@@ -300,6 +301,262 @@ extern "C" XLA_FFI_Error* FusedoptKernel(XLA_FFI_CallFrame* call) {{
 """
 
 
+# ----------------------------------------------------------------------------- quantized state
+
+def _exact(v) -> str:
+  """A float32 value as an exact C++ literal (hexadecimal)."""
+  v = float(v)
+  if not np.isfinite(v):
+    return _lit(v)
+  return f"{v.hex()}f"
+
+
+def _format_source(fmt) -> str:
+  """C++ for one quantized format (``fusedopt.quantization``): ``MAP_<name>``, the value of each
+  of the 256 codes, and ``enc_<name>(y)``, the code of ``y = x * fmax / absmax`` -- for the
+  dynamic maps by ``quantization.bucket_table`` (one table read and a comparison of the low
+  bits, the same codes as the binary search), for e4m3 by rounding to nearest even in integer
+  arithmetic."""
+  name = fmt.name
+  if fmt.is_fp8:
+    values = np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32)
+  else:
+    signed = fmt is quantization.INT8_SIGNED
+    values = quantization.dynamic_map(signed)
+  table = lambda t, vals: f"static const {t} {vals}"  # noqa: E731
+  src = table("float", f"MAP_{name}[256] = {{{', '.join(_exact(v) for v in values)}}};\n")
+  if fmt.is_fp8:
+    # normal (|y| >= 2^-6): 3 mantissa bits rounded to nearest even in the float32 bits, exponent
+    # rebiased (127 -> 7); subnormal: |y| * 2^9 rounded to an integer (adding and subtracting
+    # 2^23 rounds to nearest even); NaN -> 0x7f. |y| <= 448, so nothing overflows.
+    return src + """static inline uint32_t enc_float8_e4m3fn(float y) {
+  const uint32_t u = f2u(y), a = u & 0x7fffffffu, s = (u >> 24) & 0x80u;
+  const uint32_t nrm = ((a + 0x7ffffu + ((a >> 20) & 1u)) >> 20) - (120u << 3);
+  const uint32_t sub = static_cast<uint32_t>((u2f(a) * 512.f + 8388608.f) - 8388608.f);
+  return s | (a > 0x7f800000u ? 0x7fu : (a >= 0x3c800000u ? nrm : sub));
+}
+"""
+  buckets = quantization.bucket_table(signed)
+  nb, lo = quantization.NUM_BUCKETS, quantization.BUCKET_EXPONENT * 128
+  src += table("int32_t", f"BKT_{name}[{buckets.size}] = {{{', '.join(map(str, buckets))}}};\n")
+  return src + f"""static inline uint32_t enc_{name}(float y) {{
+  const uint32_t u = f2u(y), a = u & 0x7fffffffu;
+  int32_t t = static_cast<int32_t>(a >> 16) - {lo};
+  t = t < -1 ? -1 : (t > {nb} ? {nb} : t);
+  const uint32_t e =
+      static_cast<uint32_t>(BKT_{name}[static_cast<int32_t>(u >> 31) * {nb + 2} + t + 1]);
+  return (e & 0xffu) + (static_cast<uint32_t>((u & 0xffffu) >= (e >> 9)) ^ ((e >> 8) & 1u));
+}}
+"""
+
+
+QBLOCK = quantization.BLOCK
+
+
+def generate_quantized(rule, p_dtype, g_dtype, kinds) -> str:
+  """C++ source of the FFI handler ``FusedoptKernel`` for ``rule`` over a group whose state
+  field ``k`` is stored as ``kinds[k]``: a float dtype name (a flat buffer) or a quantized
+  format's name (``fusedopt.quantization``: uint8 codes and a float32 scale per block of
+  ``QBLOCK``, two buffers).
+
+  One pass per block of ``QBLOCK`` elements: decode (``MAP[code] * scale``), the rule in
+  float32, the block's absmax, encode -- the jnp backend's ``run_quantized``, operation for
+  operation, and bitwise equal to NumPy's float32 evaluation of it
+  (tests/test_quantized_native.py). A leaf is run over its blocks (its last one zero-padded, as
+  the flat buffers are), a field the rule passes through is not stored again, and a checked
+  step whose ``ok`` is 0 keeps codes and scales. Per-tensor sums (``rule.sumsq``) are taken
+  over the state as stored."""
+  pt, gt = _CTYPES[np.dtype(p_dtype).name], _CTYPES[np.dtype(g_dtype).name]
+  fmts = [quantization.FORMATS.get(kind) for kind in kinds]
+  stt = [None if f is not None else _CTYPES[np.dtype(kind).name] for kind, f in zip(kinds, fmts)]
+  k_all = rule.n_state
+  em = symbolic.Emitter(CPP)
+  loads = [symbolic.Float(f"ld(st{k}[j])", em) if f is None
+           else em.new(f"MAP_{f.name}[c{k}[j]] * q{k}") for k, f in enumerate(fmts)]
+  scalars = [f"S[{i}]" for i in range(len(rule.scalars))]
+  segs = [f"Q[{i}]" for i in range(len(rule.seg_scalars))]
+  new_p, new_state, _ = symbolic.trace(dataclasses.replace(rule, sumsq=None), em, scalars, segs,
+                                       symbolic.Float("ld(p[j])", em),
+                                       symbolic.Float("ld(g[j])", em), loads)
+  stored = [k for k in range(k_all) if rule.writes_state and new_state[k] is not loads[k]]
+  out_of_place = rule.writes_param and not rule.param_in_place
+  keep_p = rule.writes_param and rule.param_in_place and rule.sumsq is not None
+  stores = []
+  if keep_p:   # the sums read the old param
+    stores.append("p_old[j] = ld(p[j]);")
+  for k in stored:
+    v = new_state[k].name
+    stores.append(f"st(st{k}[j], {v});" if fmts[k] is None else
+                  f"y{k}[j] = {v}; am{k} = std::max(am{k}, std::fabs({v})); "
+                  f"bad{k} |= ({v} != {v});")
+  if rule.writes_param:
+    stores.append(f"st({'pout' if out_of_place else 'p'}[j], {new_p.name});")
+  quant = [k for k in stored if fmts[k] is not None]
+  reductions = "".join(f" reduction(max:am{k}) reduction(|:bad{k})" for k in quant)
+  decl = "".join(f"  alignas(64) float y{k}[{QBLOCK}]; float am{k} = 0.f; int bad{k} = 0;\n"
+                 for k in quant)
+  decl += "".join(f"  const float q{k} = *sc{k};\n" for k, f in enumerate(fmts) if f is not None)
+  if keep_p:
+    decl += f"  alignas(64) float p_old[{QBLOCK}];\n"
+  encode = ""
+  for k in quant:
+    f = fmts[k]
+    fmax = _exact(f.fmax)
+    scale = f"am * {_exact(np.float32(1.0 / f.fmax))}" if f.is_fp8 else "am"
+    encode += f"""  if (store) {{
+    const float am = bad{k} ? NAN : am{k};
+    const float inv = am > 0.f ? {fmax} / am : 0.f;
+    #pragma omp simd
+    for (int64_t j = 0; j < {QBLOCK}; ++j)
+      c{k}[j] = static_cast<uint8_t>(enc_{f.name}(clip(y{k}[j] * inv, {fmax})));
+    *sc{k} = {scale};
+  }}
+"""
+  # the sums: rule.sumsq on the state as stored (decoded again), the old param, the grad
+  n_terms = elementwise.num_sumsq_terms(rule)
+  sums = ""
+  if n_terms:
+    em2 = symbolic.Emitter(CPP)
+    st_vals = [symbolic.Float(f"ld(st{k}[j])", em2) if f is None
+               else em2.new(f"MAP_{f.name}[c{k}[j]] * (*sc{k})") for k, f in enumerate(fmts)]
+    p_val = symbolic.Float("p_old[j]" if keep_p else "ld(p[j])", em2)
+    terms = symbolic.trace_terms(rule, em2, scalars, segs, p_val, symbolic.Float("ld(g[j])", em2),
+                                 st_vals)
+    body = "\n        ".join(em2.lines + [f"acc[{t} * {LANES} + l] += {v.name} * {v.name};"
+                                          for t, v in enumerate(terms)])
+    sums = f"""  for (int64_t j0 = 0; j0 < {QBLOCK}; j0 += {LANES}) {{
+    #pragma omp simd
+    for (int l = 0; l < {LANES}; ++l) {{
+      const int64_t j = j0 + l;
+        {body}
+    }}
+  }}
+"""
+  body = "\n      ".join(em.lines + stores)
+  field_params = "".join(
+      f", {stt[k]}* __restrict st{k}" if f is None
+      else f", uint8_t* __restrict c{k}, float* __restrict sc{k}" for k, f in enumerate(fmts))
+  p_qual = f"{pt}*" if rule.writes_param and not out_of_place else f"const {pt}*"
+  pout_param = f", {pt}* __restrict pout" if out_of_place else ""
+  # buffers: a float field is one, a quantized one two (codes, scales)
+  bufs, field_args = 0, ""
+  for k, f in enumerate(fmts):
+    if f is None:
+      field_args += f", static_cast<{stt[k]}*>(buf({bufs})) + o"
+      bufs += 1
+    else:
+      field_args += (f", static_cast<uint8_t*>(buf({bufs})) + o, "
+                     f"static_cast<float*>(buf({bufs + 1})) + o / {QBLOCK}")
+      bufs += 2
+  store = f"S[{rule.scalars.index('ok')}] != 0.f" if "ok" in rule.scalars else "true"
+  formats = "".join(_format_source(f) for f in dict.fromkeys(f for f in fmts if f is not None))
+  return f"""// generated by fusedopt.kernels.native from rule {rule.name!r}
+// ({pt} params, {gt} grads, state {", ".join(kinds)}; blocks of {QBLOCK})
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+{_FFI_C_API}{_CONVERSIONS}{_BITCASTS}
+// jnp.clip(y, -f, f) (NaN stays NaN) on the bits, which GCC vectorises (float selects it does not)
+static inline float clip(float y, float f) {{
+  const uint32_t u = f2u(y), a = u & 0x7fffffffu;
+  return u2f((u & 0x80000000u) | (a > 0x7f800000u ? a : std::min(a, f2u(f))));
+}}
+{formats}
+static inline void block(const float* __restrict S, const float* __restrict Q,
+                         {p_qual} __restrict p{pout_param}, const {gt}* __restrict g{field_params},
+                         bool store, float* __restrict acc) {{
+{decl}  #pragma omp simd{reductions}
+  for (int64_t j = 0; j < {QBLOCK}; ++j) {{
+      {body}
+  }}
+{encode}{sums}}}
+
+extern "C" XLA_FFI_Error* FusedoptKernel(XLA_FFI_CallFrame* call) {{
+  if (call->extension_start != nullptr &&
+      call->extension_start->type == XLA_FFI_Extension_Metadata)
+    return metadata(call);
+  if (call->stage != XLA_FFI_ExecutionStage_EXECUTE)
+    return fail(call, "fusedopt kernel: called outside the execute stage");
+  const int64_t* offs; const int64_t* sizes; int64_t n;
+  if (!int64_array_attrs(call, &offs, &sizes, &n))
+    return fail(call, "fusedopt kernel: expected int64 array attributes offs and sizes");
+  constexpr int64_t B = {QBLOCK}, NB = {bufs}, NQ = {max(len(rule.seg_scalars), 1)};
+  constexpr bool WRITES_P = {str(rule.writes_param).lower()};
+  constexpr bool WRITES_ST = {str(rule.writes_state).lower()};
+  constexpr bool P_IN_PLACE = {str(not out_of_place).lower()};
+  constexpr int64_t T = {n_terms};
+  const int64_t KO = WRITES_ST ? NB : 0;  // state outputs (an unchanged state is input only)
+  if (call->args.size != 2 + NB + 2 * n ||
+      call->rets.size != KO + (WRITES_P ? n : 0) + (T > 0 ? 1 : 0))
+    return fail(call, "fusedopt kernel: wrong number of operands or results");
+  auto arg = [call](int64_t i) {{ return static_cast<XLA_FFI_Buffer*>(call->args.args[i])->data; }};
+  auto ret = [call](int64_t i) {{ return static_cast<XLA_FFI_Buffer*>(call->rets.rets[i])->data; }};
+  auto buf = [&](int64_t b) {{ return WRITES_ST ? ret(b) : arg(2 + b); }};
+  const float* S = static_cast<const float*>(arg(0));
+  const float* SEG = static_cast<const float*>(arg(1));
+  const bool store = {store};
+  std::vector<{pt}*> P(n), POUT(n);
+  std::vector<const {gt}*> G(n);
+  for (int64_t i = 0; i < n; ++i) {{
+    P[i] = static_cast<{pt}*>(WRITES_P && P_IN_PLACE ? ret(KO + i) : arg(2 + NB + i));
+    POUT[i] = WRITES_P ? static_cast<{pt}*>(ret(KO + i)) : nullptr;
+    G[i] = static_cast<const {gt}*>(arg(2 + NB + n + i));
+  }}
+  // work items: {_CHUNK} elements of one leaf's blocks (its size rounded up to whole blocks)
+  std::vector<int64_t> leaf, start;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t a = 0; a < (sizes[i] + B - 1) / B * B; a += {_CHUNK}) {{
+      leaf.push_back(i); start.push_back(a);
+    }}
+  const int64_t nc = static_cast<int64_t>(leaf.size());
+  std::vector<float> part(static_cast<size_t>(nc * (T > 0 ? T : 1)));
+  #pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < nc; ++c) {{
+    const int64_t i = leaf[c], a = start[c];
+    const int64_t len = std::min<int64_t>({_CHUNK}, (sizes[i] + B - 1) / B * B - a);
+    float Q[NQ];
+    for (int64_t f = 0; f < NQ; ++f) Q[f] = SEG[f * n + i];
+    float acc[(T > 0 ? T : 1) * {LANES}] = {{0.f}};
+    alignas(64) {pt} pz[B], pzo[B];
+    alignas(64) {gt} gz[B];
+    for (int64_t b = a; b < a + len; b += B) {{
+      const int64_t o = offs[i] + b, real = std::min<int64_t>(B, sizes[i] - b);
+      {pt}* pp = P[i] + b;
+      {pt}* po = POUT[i] == nullptr ? nullptr : POUT[i] + b;
+      const {gt}* gg = G[i] + b;
+      if (real < B) {{  // the leaf's last block: zero-padded copies, as in the flat buffers
+        std::memset(static_cast<void*>(pz), 0, sizeof pz);
+        std::memset(static_cast<void*>(gz), 0, sizeof gz);
+        std::memcpy(static_cast<void*>(pz), pp, real * sizeof({pt}));
+        std::memcpy(static_cast<void*>(gz), gg, real * sizeof({gt}));
+        pp = pz; gg = gz; po = pzo;
+      }}
+      block(S, Q, pp{", po" if out_of_place else ""}, gg{field_args}, store, acc);
+      if (real < B && WRITES_P)
+        std::memcpy(P_IN_PLACE ? static_cast<void*>(P[i] + b) : static_cast<void*>(POUT[i] + b),
+                    P_IN_PLACE ? static_cast<void*>(pz) : static_cast<void*>(pzo),
+                    real * sizeof({pt}));
+    }}
+    for (int64_t t = 0; t < T; ++t) {{
+      float s = 0.f;
+      for (int l = 0; l < {LANES}; ++l) s += acc[t * {LANES} + l];
+      part[c * (T > 0 ? T : 1) + t] = s;
+    }}
+  }}
+  if (T > 0) {{  // per-leaf sums of squares: the last output, [T, n]
+    float* out = static_cast<float*>(ret(KO + (WRITES_P ? n : 0)));
+    std::vector<double> tot(static_cast<size_t>(T * n), 0.0);
+    for (int64_t c = 0; c < nc; ++c)
+      for (int64_t t = 0; t < T; ++t) tot[t * n + leaf[c]] += part[c * T + t];
+    for (int64_t x = 0; x < T * n; ++x) out[x] = static_cast<float>(tot[x]);
+  }}
+  return nullptr;
+}}
+"""
+
+
 # ----------------------------------------------------------------------------- build and load
 
 def _compiler():
@@ -545,6 +802,86 @@ def _call(rule, S, seg, layout, idx, p_leaves, g_leaves, state, leaf_state):
   return (list(outs[k_out:]) if rule.writes_param else None), new_state, sums
 
 
+def run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+  """``Backend.run_quantized``: a group whose state fields may be ``QuantizedArray``s, decoded,
+  updated and encoded in one pass (``generate_quantized``). Where a kernel cannot be built,
+  warns once and runs the group on the jnp backend's ``run_quantized``."""
+  try:
+    return _run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves, tuple(state))
+  except NativeUnavailable as e:
+    _fallback_warning(e)
+  return jnp_backend.run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+
+
+def _run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+  group = layout.groups[gi]
+  if any(quantization.is_quantized(x) and x.block != QBLOCK for x in state):
+    raise ValueError(f"the native kernels quantize in blocks of {QBLOCK}")
+  S = (jnp.stack([jnp.asarray(scalars[name], F32) for name in rule.scalars])
+       if rule.scalars else jnp.zeros((1,), F32))
+  new_p, sums = [], []
+  idx_all = list(group.segments)
+  for start in range(0, len(idx_all), _LEAVES_PER_CALL):
+    idx = idx_all[start:start + _LEAVES_PER_CALL]
+    out_p, state, part = _call_quantized(rule, S, seg, layout, idx, p_leaves, g_leaves, state)
+    new_p += out_p or []
+    sums.append(part)
+  if rule.sumsq is not None:
+    sums = tuple(jnp.concatenate([p[t] for p in sums]) for t in range(len(sums[0])))
+  else:
+    sums = None
+  return (new_p if rule.writes_param else None), state, sums
+
+
+def _call_quantized(rule, S, seg, layout, idx, p_leaves, g_leaves, state):
+  """One FFI call of ``generate_quantized``'s kernel over the leaves ``idx``."""
+  n = len(idx)
+  kinds, bufs = [], []
+  for x in state:
+    if quantization.is_quantized(x):
+      kinds.append(x.fmt.name)
+      bufs += [x.codes, x.scales]
+    else:
+      kinds.append(np.dtype(x.dtype).name)
+      bufs.append(x)
+  SEG = (jnp.stack([jnp.asarray(seg[name], F32)[np.asarray(idx)] for name in rule.seg_scalars])
+         .reshape(-1) if rule.seg_scalars else jnp.zeros((1,), F32))
+  ps = [p_leaves[i] for i in idx]
+  gs = [jnp.asarray(g_leaves[i]) for i in idx]
+  g_dtype = gs[0].dtype if all(g.dtype == gs[0].dtype and supports(g.dtype) for g in gs) else F32
+  gs = [g.astype(g_dtype) for g in gs]
+  out_types = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in bufs]
+               if rule.writes_state else [])
+  k_out = len(out_types)
+  aliases = {2 + j: j for j in range(k_out)}
+  if rule.writes_param:
+    out_types += [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in ps]
+    if rule.param_in_place:
+      aliases.update({2 + len(bufs) + i: k_out + i for i in range(n)})
+  n_terms = elementwise.num_sumsq_terms(rule)
+  if n_terms:
+    out_types.append(jax.ShapeDtypeStruct((n_terms * n,), F32))
+  offs = np.array([layout.segments[i].offset for i in idx], np.int64)
+  sizes = np.array([layout.segments[i].size for i in idx], np.int64)
+  target = _target(generate_quantized(rule, ps[0].dtype, g_dtype, tuple(kinds)))
+  outs = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases,
+                          vmap_method="sequential")(
+      S, SEG, *bufs, *ps, *gs, offs=offs, sizes=sizes)
+  new_bufs = list(outs[:k_out]) if rule.writes_state else bufs
+  new_state, pos = [], 0
+  for x in state:
+    if quantization.is_quantized(x):
+      new_state.append(quantization.QuantizedArray(new_bufs[pos], new_bufs[pos + 1], x.fmt,
+                                                   x.block))
+      pos += 2
+    else:
+      new_state.append(new_bufs[pos])
+      pos += 1
+  sums = tuple(outs[-1].reshape(n_terms, n)) if n_terms else ()
+  out_p = list(outs[k_out:k_out + n]) if rule.writes_param else None
+  return out_p, tuple(new_state), sums
+
+
 def _unavailable():
   if jax.default_backend() != "cpu":
     return (f"backend='native' runs on the CPU (jax's default backend is "
@@ -556,4 +893,4 @@ def _unavailable():
 
 
 BACKENDS = {"native": common.Backend("native", run, supports=supports, unavailable=_unavailable,
-                                     run_leaves=run_leaves)}
+                                     run_leaves=run_leaves, run_quantized=run_quantized)}

@@ -67,9 +67,6 @@ def _fallback(backend: common.Backend, dtype, align: int):
   return backend
 
 
-warn_once = _warn_once
-
-
 def _explicit(name: str) -> common.Backend:
   backend = get(name)
   why = backend.unavailable()
@@ -135,6 +132,23 @@ def auto_choice(layout, gi: int, rule) -> common.Backend:
   return get("jnp")
 
 
+def select_quantized(name: str, layout, gi: int, rule) -> common.Backend:
+  """The backend that runs ``rule`` over group ``gi`` whose state has quantized fields
+  (``Backend.run_quantized``): ``auto``'s choice where it has a quantized kernel (the native
+  kernels on a CPU), else jnp; an explicit backend without one (Pallas, Triton) warns once and
+  runs the group on jnp."""
+  if name == "auto":
+    backend = auto_choice(layout, gi, rule)
+  else:
+    backend = _fallback(_explicit(name), layout.groups[gi].dtype, layout.align)
+  if backend.run_quantized is None:
+    if name != "auto" and backend.name != "jnp":
+      _warn_once(f"backend={name!r} has no kernel for quantized state yet; groups with "
+                 "quantized state run on the jnp backend")
+    return get("jnp")
+  return backend
+
+
 _warned_flat = []
 
 
@@ -182,19 +196,25 @@ def _sequential_vmap(fn):
   return fn
 
 
-def differentiable(backend: common.Backend, leaf_state: bool = False):
-  """``backend.run_group`` (``leaf_state``: ``Backend.leaf_runner()``) with the jnp backend's
-  derivatives.
+def _runner(backend: common.Backend, leaf_state: bool, quantized: bool):
+  if quantized:
+    return backend.run_quantized
+  return backend.leaf_runner() if leaf_state else backend.run_group
+
+
+def differentiable(backend: common.Backend, leaf_state: bool = False, quantized: bool = False):
+  """``backend.run_group`` (``leaf_state``: ``Backend.leaf_runner()``; ``quantized``:
+  ``Backend.run_quantized``) with the jnp backend's derivatives.
 
   Kernels (FFI calls, Pallas, Triton) have no JVP rule; the jnp backend runs the same rule in
   ``jax.numpy``, so under ``jax.jvp``/``jax.grad`` (meta-learning: derivatives with respect to
   hyper-parameters or inputs) the step's value comes from the kernel and its tangent from the jnp
   path. ``jax.vmap`` batches the kernel itself (each backend's batching rule; one call per batch
   element for a ``sequential_vmap`` backend, the Triton kernels)."""
-  run_fn = backend.leaf_runner() if leaf_state else backend.run_group
+  run_fn = _runner(backend, leaf_state, quantized)
   if not backend.kernel:
     return run_fn
-  reference_run = get("jnp").leaf_runner() if leaf_state else get("jnp").run_group
+  reference_run = _runner(get("jnp"), leaf_state, quantized)
 
   def run_group(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
     def kernel(scalars, seg, p_leaves, g_leaves, state):
@@ -219,5 +239,6 @@ def differentiable(backend: common.Backend, leaf_state: bool = False):
   return run_group
 
 
-__all__ = ["NAMES", "MODULES", "get", "warn_once", "available_backends", "select", "auto_choice",
-           "select_flat", "gradient_prepass", "differentiable", "auto_leaf_choice"]
+__all__ = ["NAMES", "MODULES", "get", "available_backends", "select", "auto_choice",
+           "select_flat", "select_quantized", "gradient_prepass", "differentiable",
+           "auto_leaf_choice"]

@@ -21,7 +21,7 @@ Two value types:
 """
 import dataclasses
 import types
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -165,6 +165,19 @@ def xp(em: Emitter):
       abs_sq=lambda x: x * x)   # kernels are real: |x|^2 is x * x, one traced multiply
 
 
+def _namespaces(rule, em: Emitter, scalars, seg_scalars):
+  s = types.SimpleNamespace(**{k: Float(e, em) for k, e in zip(rule.scalars, scalars)})
+  q = types.SimpleNamespace(**{k: Float(e, em) for k, e in zip(rule.seg_scalars, seg_scalars)})
+  return s, q
+
+
+def _unsupported(rule, em, e):
+  return NotImplementedError(
+      f"the {em.dialect.backend} backend cannot generate rule {rule.name!r} ({e}); its emitter "
+      "supports + - * /, sqrt, abs_sq, sign, maximum, minimum and where on float32 values, and "
+      "bits/from_bits/u32 with the uint32 operators + - * ^ & | << >>")
+
+
 def trace(rule, em: Emitter, scalars, seg_scalars, p, g, state):
   """Traces ``rule.fn`` and then ``rule.sumsq`` into ``em``.
 
@@ -175,19 +188,49 @@ def trace(rule, em: Emitter, scalars, seg_scalars, p, g, state):
   Returns:
     (new param value or None, tuple of new state values -- empty unless ``rule.writes_state`` --,
     tuple of ``rule.sumsq``'s terms -- empty without one), each term evaluated on the new state
-    (the old one where the rule does not write it).
+    (the old one where the rule does not write it). A new state value that *is* its input value
+    (the same ``Float``) is a field the rule passes through unchanged.
   """
   ns = xp(em)
-  s = types.SimpleNamespace(**{k: Float(e, em) for k, e in zip(rule.scalars, scalars)})
-  q = types.SimpleNamespace(**{k: Float(e, em) for k, e in zip(rule.seg_scalars, seg_scalars)})
+  s, q = _namespaces(rule, em, scalars, seg_scalars)
   try:
     new_p, new_state = rule.fn(ns, s, q, p, g, *state)
     terms = ()
     if rule.sumsq is not None:
       terms = tuple(rule.sumsq(ns, s, q, p, g, *(new_state if rule.writes_state else state)))
   except AttributeError as e:   # an xp function or operator the emitter does not know
-    raise NotImplementedError(
-        f"the {em.dialect.backend} backend cannot generate rule {rule.name!r} ({e}); its emitter "
-        "supports + - * /, sqrt, abs_sq, sign, maximum, minimum and where on float32 values, and "
-        "bits/from_bits/u32 with the uint32 operators + - * ^ & | << >>") from e
+    raise _unsupported(rule, em, e) from e
   return new_p, (tuple(new_state) if rule.writes_state else ()), terms
+
+
+def trace_terms(rule, em: Emitter, scalars, seg_scalars, p, g, state):
+  """Traces ``rule.sumsq`` alone on the given state values (e.g. the state as stored after a
+  lossy store, which is what a later stage reads); returns its terms."""
+  s, q = _namespaces(rule, em, scalars, seg_scalars)
+  try:
+    return tuple(rule.sumsq(xp(em), s, q, p, g, *state))
+  except AttributeError as e:
+    raise _unsupported(rule, em, e) from e
+
+
+_ANALYSIS = Dialect(
+    backend="analysis", float_type="f", uint_type="u", statement="{name} = {expr}",
+    float_literal=repr, uint_literal=str, sqrt="sqrt({x})", where="where({c}, {a}, {b})",
+    bits="bits({x})", from_bits="from_bits({x})", u32="u32({x})", sign="sign({x})",
+    maximum="maximum({a}, {b})", minimum="minimum({a}, {b})")
+
+
+def passed_through(rule) -> Tuple[bool, ...]:
+  """Per state field of ``rule``, whether ``rule.fn`` returns it unchanged (its input value
+  itself; all True for a rule that does not write its state): e.g. LAMB's apply stage under
+  master weights writes the master but passes the moments through. A lossy store (quantized
+  state) must keep such a field's stored form rather than store its decoded value again."""
+  em = Emitter(_ANALYSIS)
+  state = [Float(f"st{k}", em) for k in range(rule.n_state)]
+  if not rule.writes_state:
+    return (True,) * rule.n_state
+  _, new_state, _ = trace(dataclasses.replace(rule, sumsq=None), em,
+                          [f"s{k}" for k in range(len(rule.scalars))],
+                          [f"q{k}" for k in range(len(rule.seg_scalars))],
+                          Float("p", em), Float("g", em), state)
+  return tuple(new is old for new, old in zip(new_state, state))

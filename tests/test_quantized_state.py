@@ -10,7 +10,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -18,50 +17,8 @@ import fusedopt as optim
 from fusedopt import quantization as Q
 from fusedopt import serialization
 
-B = 256
+from lowbit_reference import B, bnb_dynamic_map, np_dequantize, np_quantize
 
-
-# ----------------------------------------------------------------------------- NumPy reference
-
-def bnb_dynamic_map(signed):
-  """bitsandbytes' create_dynamic_map(signed, 7, 8), computed in float32 as torch does."""
-  data = []
-  for i in range(7):
-    k = 2 ** i if signed else 2 ** (i + 1)
-    bounds = np.linspace(0.1, 1.0, k + 1, dtype=np.float32)
-    means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
-    data += list(np.float32(10.0 ** (i - 6)) * means)
-    if signed:
-      data += list(-np.float32(10.0 ** (i - 6)) * means)
-  data += [0.0, 1.0]
-  return np.sort(np.asarray(data, np.float32))
-
-
-def np_quantize(x, fmt):
-  """Per block of B: absmax, y = x * (fmax / absmax), the nearest map value's index (ties up)
-  or the e4m3 rounding; returns (codes uint8, scales float32)."""
-  xb = np.asarray(x, np.float32).reshape(-1, B)
-  absmax = np.abs(xb).max(axis=1)
-  fmax = np.float32(448.0 if fmt.is_fp8 else 1.0)
-  with np.errstate(divide="ignore"):
-    inv = np.where(absmax > 0, fmax / absmax, 0).astype(np.float32)
-  y = np.clip(xb * inv[:, None], -fmax, fmax)
-  if fmt.is_fp8:
-    codes = y.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
-    return codes.reshape(-1), (absmax * np.float32(1 / 448)).astype(np.float32)
-  table = Q.dynamic_map(fmt.name == "int8_signed").astype(np.float64)
-  d = np.abs(y.reshape(-1, 1).astype(np.float64) - table[None, :])
-  best = d.min(axis=1, keepdims=True)
-  codes = (d == best).shape[1] - 1 - np.argmax((d == best)[:, ::-1], axis=1)  # ties: upper
-  return codes.astype(np.uint8), absmax
-
-
-def np_dequantize(codes, scales, fmt):
-  if fmt.is_fp8:
-    v = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-  else:
-    v = Q.dynamic_map(fmt.name == "int8_signed")[codes]
-  return (v.reshape(-1, B) * scales[:, None]).reshape(-1)
 
 
 FORMATS = [Q.INT8_SIGNED, Q.INT8_UNSIGNED, Q.FLOAT8_E4M3]
@@ -104,6 +61,31 @@ def test_quantize_matches_numpy_reference(fmt):
   np.testing.assert_array_equal(np.asarray(codes), ref_codes)
   back = np.asarray(Q.dequantize(codes, scales, fmt))
   np.testing.assert_array_equal(back, np_dequantize(ref_codes, ref_scales, fmt))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_bucket_table_encodes_as_the_binary_search(signed):
+  """The native kernels' one-lookup encoder (``bucket_table``) gives the jnp path's binary
+  search's codes and the reference's on every midpoint, its float32 neighbours, both signs,
+  zeros, NaN and values down to 1e-17."""
+  fmt = Q.INT8_SIGNED if signed else Q.INT8_UNSIGNED
+  mid = Q.thresholds(signed)[:255]
+  rng = np.random.RandomState(5)
+  y = np.concatenate([mid, np.nextafter(mid, np.float32(-1)), np.nextafter(mid, np.float32(1)),
+                      np.exp(rng.uniform(-40, 0, 5000)), [0.0, 1.0, 1e-38]]).astype(np.float32)
+  y = np.concatenate([y, -y, [np.nan]]).astype(np.float32)
+  got = Q.encode_by_buckets(Q.bucket_table(signed), y)
+  take = lambda t, i: jnp.take(jnp.asarray(t), i.astype(jnp.int32), mode="clip")  # noqa: E731
+  np.testing.assert_array_equal(got, np.asarray(Q.encode(take, jnp.where, fmt, jnp.asarray(y))))
+  finite = y[:-1]
+  nb = -(-finite.size // (B - 1))
+  body = np.zeros(nb * (B - 1), np.float32)
+  body[:finite.size] = finite
+  blocks = np.concatenate([np.ones((nb, 1), np.float32), body.reshape(nb, B - 1)], axis=1)
+  ref_codes, _ = np_quantize(blocks.reshape(-1), fmt)   # absmax 1: encoded as they are
+  np.testing.assert_array_equal(got[:-1], ref_codes.reshape(nb, B)[:, 1:].reshape(-1)[
+      :finite.size])
+  assert got[-1] == 0   # NaN
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)

@@ -1,0 +1,330 @@
+"""The native kernels for quantized state (``native.generate_quantized``) are bitwise equal to
+NumPy: the stored codes decoded, the rule evaluated in float32 (``numpy_oracle``), each block's
+absmax taken and the new values encoded as the anchors define it (``lowbit_reference``: nearest
+map value by a full argmin, ml_dtypes' e4m3 cast). Every kind of rule and wrapper, ragged
+leaves (their last block zero-padded), leaves over two work items, the checked step's skip,
+fields a rule passes through, per-tensor sums over the state as stored."""
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fusedopt as optim
+from fusedopt import elementwise as ew
+from fusedopt import quantization as Q
+from fusedopt.adabelief import ADABELIEF_RULE
+from fusedopt.adadelta import ADADELTA_RULE
+from fusedopt.adagrad import ADAGRAD_RULE
+from fusedopt.adam import ADAM_RULE
+from fusedopt.adan import ADAN_RULE
+from fusedopt.ademamix import ADEMAMIX_RULE
+from fusedopt.adopt import adopt_rule
+from fusedopt.kernels import jnp as jnp_backend
+from fusedopt.lamb import APPLY_RULE, MOMENTS_RULE
+from fusedopt.layout import FlatLayout
+from fusedopt.lion import LION_RULE
+from fusedopt.momentum import momentum_rule
+from fusedopt.rmsprop import rmsprop_rule
+from fusedopt.schedule_free import SCHEDULE_FREE_ADAMW_RULE
+
+from lowbit_reference import B, np_dequantize, np_quantize
+from numpy_oracle import NPX, evaluate, native_sums, same_bits, scalars_ns
+
+pytestmark = pytest.mark.skipif("native" not in optim.available_backends(),
+                                reason="no C++ compiler for the native backend")
+
+BF16 = ml_dtypes.bfloat16
+S8, U8, F8 = Q.INT8_SIGNED, Q.INT8_UNSIGNED, Q.FLOAT8_E4M3
+# base rule, its never-negative state fields (unsigned map)
+RULES = {
+    "adam": (ADAM_RULE, (1,)), "momentum_nesterov": (momentum_rule(True), ()),
+    "adagrad": (ADAGRAD_RULE, (0,)), "rmsprop_centered": (rmsprop_rule(True), (0,)),
+    "adabelief": (ADABELIEF_RULE, (1,)), "adadelta": (ADADELTA_RULE, (0, 1)),
+    "lamb_moments": (MOMENTS_RULE, (1,)), "lamb_apply": (APPLY_RULE, (1,)),
+    "lion": (LION_RULE, ()), "adan": (ADAN_RULE, (2,)), "ademamix": (ADEMAMIX_RULE, (2,)),
+    "adopt_nesterov": (adopt_rule(nesterov=True), (1,)),
+    "schedule_free_adamw": (SCHEDULE_FREE_ADAMW_RULE, (0,)),
+}
+WRAPPERS = {"master": ew.with_master, "guarded": ew.guarded, "sr": ew.with_stochastic_rounding,
+            "delta": ew.as_delta, "per_segment": ew.per_segment}
+# (rule, param dtype, storage: "int8", "fp8" or a per-field tuple of formats / float dtypes)
+CASES = [(name, np.float32, "int8") for name in RULES] + [
+    ("adam", np.float32, "fp8"), ("adabelief", np.float32, "fp8"), ("ademamix", BF16, "fp8"),
+    ("adam", np.float32, (F8, np.dtype(BF16))), ("adam+guarded", np.float16, "int8"),
+    ("adam+master", BF16, "int8"), ("adam+guarded+sr", BF16, "fp8"),
+    ("adam+delta", np.float32, "int8"), ("adam+per_segment", np.float32, "int8"),
+    ("lamb_moments+master", BF16, "fp8"), ("lamb_apply+master+guarded", BF16, "int8"),
+]
+# ragged (one block and a bit), a partial block only, two work items of 32768, 2145 = 8.4 blocks
+SHAPES = [(300,), (7,), (40000,), (33, 65)]
+
+
+def _rule(name):
+  base, *wraps = name.split("+")
+  rule, unsigned = RULES[base]
+  for w in wraps:
+    rule = WRAPPERS[w](rule)
+  return rule, unsigned
+
+
+def _formats(rule, unsigned, storage):
+  """The storage of each state field; a master copy (the last field) stays float32."""
+  n_own = rule.n_state - (1 if "_master" in rule.name else 0)
+  if isinstance(storage, tuple):
+    out = list(storage)
+  elif storage == "fp8":
+    out = [F8] * n_own
+  else:
+    out = [U8 if k in unsigned else S8 for k in range(n_own)]
+  return out + [np.dtype(np.float32)] * (rule.n_state - n_own)
+
+
+def _random_field(rng, fmt, n, nonnegative):
+  """A stored field of n elements (n a multiple of B): random codes (no e4m3 NaN; e4m3 of both
+  signs unless the field is never negative), scales over several decades, a block of zeros."""
+  if not isinstance(fmt, Q.Format):
+    return jnp.asarray(np.abs(rng.standard_normal(n)).astype(np.float32).astype(fmt))
+  if fmt is F8:
+    codes = rng.randint(0, 0x7F, n)
+    if not nonnegative:
+      codes |= rng.randint(0, 2, n) << 7
+  else:
+    codes = rng.randint(0, 256, n)
+  scales = (rng.uniform(0.5, 2.0, n // B) * 10.0 ** rng.uniform(-3, 1, n // B)).astype(np.float32)
+  scales[1] = 0
+  codes[B:2 * B] = Q.zero_code(fmt)
+  return Q.QuantizedArray(jnp.asarray(codes.astype(np.uint8)), jnp.asarray(scales), fmt)
+
+
+def _decoded(buf, fmt, a, e):
+  if isinstance(fmt, Q.Format):
+    codes, scales = np.asarray(buf.codes), np.asarray(buf.scales)
+    return np_dequantize(codes[a:a + e], scales[a // B:(a + e) // B], fmt)
+  return np.asarray(buf)[a:a + e].astype(np.float32)
+
+
+def _scalars(rule, rng, ok):
+  out = {k: np.float32(rng.uniform(0.05, 0.9)) for k in rule.scalars}
+  if "ok" in out:
+    out["ok"] = np.float32(ok)
+  for k in ew.ROUNDING_SCALARS:
+    if k in out:
+      out[k] = np.float32(rng.randint(0, 1 << 16))
+  return out
+
+
+def _reference(rule, fmts, scalars, seg, layout, p_leaves, g_leaves, state, pdt):
+  """Per leaf: its blocks decoded, the rule in NumPy float32, new values quantized by NumPy.
+  Returns {leaf: (new p, [new field values over the leaf's blocks], sums)}."""
+  no_sums = ew.Rule(**{**rule.__dict__, "sumsq": None})
+  out = {}
+  for i in layout.groups[0].segments:
+    sg = layout.segments[i]
+    e = -(-sg.size // B) * B
+    p = np.zeros(e, np.float32)
+    g = np.zeros(e, np.float32)
+    p[:sg.size] = np.asarray(p_leaves[i], np.float32).ravel()
+    g[:sg.size] = np.asarray(g_leaves[i], np.float32).ravel()
+    st = [_decoded(buf, f, sg.offset, e) for buf, f in zip(state, fmts)]
+    q = {k: np.asarray(v)[i] for k, v in seg.items()}
+    new_p, new_st, _ = evaluate(no_sums, scalars, q, p, g, st)
+    fields, stored = [], []
+    for k, (new, old, f) in enumerate(zip(new_st, st, fmts)):
+      if not isinstance(f, Q.Format):
+        new = np.asarray(new, np.float32).astype(f)
+        fields.append(new)
+        stored.append(new.astype(np.float32))
+        continue
+      old_codes = np.asarray(state[k].codes)[sg.offset:sg.offset + e]
+      old_scales = np.asarray(state[k].scales)[sg.offset // B:(sg.offset + e) // B]
+      if new is old or scalars.get("ok", 1.0) == 0:   # passed through, or a skipped step
+        codes, scales = old_codes, old_scales
+      else:
+        codes, scales = np_quantize(new, f)
+      fields.append((codes, scales))
+      stored.append(np_dequantize(codes, scales, f))
+    sums = ()
+    if rule.sumsq is not None:
+      with np.errstate(all="ignore"):
+        terms = rule.sumsq(NPX, scalars_ns(scalars), scalars_ns(q), p, g, *stored)
+      from fusedopt.kernels import native   # pylint: disable=import-outside-toplevel
+      sums = [native_sums(np.broadcast_to(np.asarray(t, np.float32), p.shape), native._CHUNK,
+                          native.LANES) for t in terms]
+    new_p = None if new_p is None else np.asarray(new_p, np.float32)[:sg.size].astype(pdt)
+    out[i] = (new_p, fields, sums)
+  return out
+
+
+@pytest.mark.parametrize("name, pdt, storage", CASES, ids=[
+    f"{n}-{np.dtype(p).name}-{s if isinstance(s, str) else 'mixed'}" for n, p, s in CASES])
+def test_native_quantized_bitwise_equals_numpy(name, pdt, storage):
+  from fusedopt.kernels import native   # pylint: disable=import-outside-toplevel
+  rule, unsigned = _rule(name)
+  fmts = _formats(rule, unsigned, storage)
+  rng = np.random.RandomState(zlib.crc32(name.encode()))
+  tree = {f"l{i}": rng.standard_normal(s).astype(pdt) for i, s in enumerate(SHAPES)}
+  layout = FlatLayout.build(tree, quantize=(1, B))
+  assert len(layout.groups) == 1 and layout.groups[0].block == B
+  n = layout.groups[0].size
+  p_leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+  g_leaves = [jnp.asarray((rng.standard_normal(x.shape) * 3).astype(pdt)) for x in p_leaves]
+  state = tuple(_random_field(rng, f, n, k in unsigned) for k, f in enumerate(fmts))
+  if "_master" in rule.name:   # the master copy equal to the params in float32
+    state = state[:-1] + (layout.pack_group(p_leaves, 0, jnp.float32),)
+  seg = {k: jnp.asarray(rng.uniform(0.05, 0.9, len(p_leaves)).astype(np.float32))
+         for k in rule.seg_scalars}
+  for ok in ((1.0, 0.0) if "guarded" in name else (1.0,)):
+    scalars = _scalars(rule, rng, ok)
+    ref = _reference(rule, fmts, scalars, seg, layout, p_leaves, g_leaves, state, pdt)
+    out_p, out_state, sums = native.run_quantized(
+        rule, {k: jnp.float32(v) for k, v in scalars.items()}, seg, layout, 0, p_leaves,
+        g_leaves, state)
+    for pos, i in enumerate(layout.groups[0].segments):
+      sg = layout.segments[i]
+      e = -(-sg.size // B) * B
+      want_p, want_fields, want_sums = ref[i]
+      if rule.writes_param:
+        assert same_bits(np.asarray(out_p[pos]).ravel(), want_p), (name, sg.path, "param")
+      for k, (got, want) in enumerate(zip(out_state, want_fields)):
+        if isinstance(want, tuple):
+          codes = np.asarray(got.codes)[sg.offset:sg.offset + e]
+          scales = np.asarray(got.scales)[sg.offset // B:(sg.offset + e) // B]
+          np.testing.assert_array_equal(codes, want[0], err_msg=f"{name} {sg.path} codes {k}")
+          assert same_bits(scales, want[1]), (name, sg.path, "scales", k)
+        else:
+          assert same_bits(np.asarray(got)[sg.offset:sg.offset + e], want), (name, sg.path, k)
+      for t, want in enumerate(want_sums):
+        assert same_bits(np.asarray(sums[t][pos]), want), (name, sg.path, "sumsq", t)
+
+
+# ----------------------------------------------------------------------------- the encoders
+
+STORE_GRAD = ew.Rule("store_grad", lambda xp, s, q, p, g, m: (None, (g,)), (), 1,
+                     writes_param=False)
+
+
+def _edge_values(fmt):
+  """Values where a code changes: the map's midpoints and their float32 neighbours (e4m3: the
+  midpoints between e4m3 values, subnormal ones included), the map's values, zeros, and
+  log-uniform values down to 1e-17."""
+  if fmt.is_fp8:
+    v = np.arange(0x7F, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    mid = ((v[:-1] + v[1:]) / 2).astype(np.float32)
+    table = v.astype(np.float32)
+  else:
+    table = Q.dynamic_map(fmt is S8)
+    mid = Q.thresholds(fmt is S8)[:255]
+  edges = np.concatenate([mid, np.nextafter(mid, np.float32(-np.inf)),
+                          np.nextafter(mid, np.float32(np.inf)), table, [0.0, -0.0]])
+  rng = np.random.RandomState(1)
+  edges = np.concatenate([edges, np.exp(rng.uniform(-40, 0, 4000)) * table.max()])
+  if fmt is not U8:
+    edges = np.concatenate([edges, -edges])
+  return np.clip(edges.astype(np.float32), -fmt.fmax, fmt.fmax)
+
+
+@pytest.mark.parametrize("fmt", [S8, U8, F8], ids=lambda f: f.name)
+def test_native_encoder_codes_every_edge_as_numpy(fmt):
+  """Blocks led by +fmax (so absmax = fmax and the values are encoded as they are) holding
+  every value where a code changes: the kernel's codes (the bucket table; e4m3 in integer
+  arithmetic) equal the full argmin and ml_dtypes' cast, and the jnp path's binary search."""
+  from fusedopt.kernels import native   # pylint: disable=import-outside-toplevel
+  vals = _edge_values(fmt)
+  per = B - 1
+  nb = -(-vals.size // per)
+  body = np.zeros(nb * per, np.float32)
+  body[:vals.size] = vals
+  x = np.concatenate([np.full((nb, 1), fmt.fmax, np.float32), body.reshape(nb, per)], axis=1)
+  x = x.reshape(-1)
+  assert np.isin(vals, x).all()
+  layout = FlatLayout.build({"x": np.zeros(x.size, np.float32)}, quantize=(1, B))
+  state = (Q.QuantizedArray.zeros(x.size, fmt),)
+  g = [jnp.asarray(x)]
+  p = [jnp.zeros(x.size, jnp.float32)]
+  want_codes, want_scales = np_quantize(x, fmt)
+  for run in (native.run_quantized, jnp_backend.run_quantized):
+    _, (got,), _ = run(STORE_GRAD, {}, {}, layout, 0, p, g, state)
+    np.testing.assert_array_equal(np.asarray(got.codes), want_codes, err_msg=run.__module__)
+    assert same_bits(np.asarray(got.scales), want_scales)
+
+
+@pytest.mark.parametrize("fmt", [S8, U8, F8], ids=lambda f: f.name)
+def test_native_non_finite_blocks_as_the_jnp_path(fmt):
+  """A block holding NaN or inf is stored as the jnp path stores it (scale NaN/inf, so the
+  whole block reads back as NaN or inf): the checked step exists to skip those steps, but an
+  unchecked one must not differ by backend."""
+  from fusedopt.kernels import native   # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(2)
+  x = np.abs(rng.standard_normal((4, B))).astype(np.float32)
+  x[0, 3], x[1, 5], x[2, 7] = np.nan, np.inf, -np.inf
+  x = x.reshape(-1)
+  layout = FlatLayout.build({"x": np.zeros(x.size, np.float32)}, quantize=(1, B))
+  state = (Q.QuantizedArray.zeros(x.size, fmt),)
+  args = ({}, {}, layout, 0, [jnp.zeros(x.size)], [jnp.asarray(x)], state)
+  _, (got,), _ = native.run_quantized(STORE_GRAD, *args)
+  _, (want,), _ = jnp_backend.run_quantized(STORE_GRAD, *args)
+  assert same_bits(np.asarray(got.scales), np.asarray(want.scales))
+  back, ref = np.asarray(got.dequantize()), np.asarray(want.dequantize())
+  assert same_bits(back, ref)
+  assert not np.isfinite(back[:3 * B]).any() and np.isfinite(back[3 * B:]).all()
+  finite = np.asarray(got.codes)[3 * B:]
+  np.testing.assert_array_equal(finite, np.asarray(want.codes)[3 * B:])
+
+
+# ----------------------------------------------------------------------------- both backends
+
+@pytest.mark.parametrize("backend", ["native", "jnp"])
+def test_fields_passed_through_keep_their_codes(backend):
+  """LAMB's apply stage under master weights writes the master and passes the moments through:
+  their codes stay as they were, bitwise, on both backends -- storing the decoded values again
+  would move codes wherever a block's absmax is negative (the signed map has no -1)."""
+  from fusedopt.kernels import registry   # pylint: disable=import-outside-toplevel
+  rule = ew.with_master(APPLY_RULE)
+  rng = np.random.RandomState(3)
+  n = 4 * B
+  layout = FlatLayout.build({"x": np.zeros(n, np.float32)}, quantize=(1, B))
+  codes = rng.randint(0, 128, n).astype(np.uint8)   # every block's values negative
+  m = Q.QuantizedArray(jnp.asarray(codes), jnp.ones(n // B, jnp.float32), S8)
+  v = Q.QuantizedArray(jnp.asarray(rng.randint(0, 256, n).astype(np.uint8)),
+                       jnp.ones(n // B, jnp.float32), U8)
+  p = [jnp.asarray(rng.standard_normal(n).astype(BF16))]
+  master = jnp.asarray(p[0], jnp.float32)
+  scalars = {k: jnp.float32(0.5) for k in rule.scalars}
+  seg = {k: jnp.ones((1,), jnp.float32) for k in rule.seg_scalars}
+  _, (m1, v1, master1), _ = registry.get(backend).run_quantized(
+      rule, scalars, seg, layout, 0, p, [jnp.zeros(n)], (m, v, master))
+  np.testing.assert_array_equal(np.asarray(m1.codes), codes)
+  np.testing.assert_array_equal(np.asarray(m1.scales), np.ones(n // B, np.float32))
+  np.testing.assert_array_equal(np.asarray(v1.codes), np.asarray(v.codes))
+  assert not np.array_equal(np.asarray(master1), np.asarray(master))   # the master did move
+
+
+def test_auto_runs_quantized_groups_on_native_and_checkpoints_agree_with_jnp():
+  """``backend="auto"`` on a CPU runs quantized groups on the native kernels (no warning), and
+  an int8 Adam there takes the jnp path's steps: codes equal but for XLA's contractions (at most
+  one code apart, in at most 1 of 1000), params within float32 rounding."""
+  import warnings   # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(4)
+  params = {"w": jnp.asarray(rng.standard_normal((96, 96)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal((96,)), jnp.float32)}
+  opts = {b: optim.Adam(1e-3, state_dtype="int8", backend=b).create(params)
+          for b in ("auto", "jnp")}
+  step = jax.jit(lambda o, g: o.apply_gradient(g))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for s in range(3):
+      g = jax.tree.map(lambda x: jnp.asarray(np.random.RandomState(s).standard_normal(x.shape),
+                                             jnp.float32), params)
+      opts = {b: step(o, g) for b, o in opts.items()}
+  for a, b in zip(jax.tree.leaves(opts["auto"].target), jax.tree.leaves(opts["jnp"].target)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  fa, fj = opts["auto"].state.param_states, opts["jnp"].state.param_states
+  for k in fa.fields:
+    for qa, qj in zip(fa.fields[k], fj.fields[k]):
+      if Q.is_quantized(qa):
+        diff = np.abs(np.asarray(qa.codes, int) - np.asarray(qj.codes, int))
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= diff.size // 1000
+        np.testing.assert_allclose(np.asarray(qa.scales), np.asarray(qj.scales), rtol=1e-6)
