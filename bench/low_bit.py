@@ -7,13 +7,16 @@ float8_e4m3fn) it reports the optimizer state's bytes per parameter (from the st
 codes, scales, the float32 state of small tensors, padding), the bytes a step moves per
 parameter by the roofline model (p, g read; p written; each state field read and written at its
 storage size; scales counted), and the median time of the jitted, donated ``apply_gradient`` on
-the default backend, the storages measured round-robin so slow phases of the machine hit all of
-them (ratios to float32 per round, ``measure.paired_ratio``).
+the chosen backend, the storages measured round-robin so slow phases of the machine hit all of
+them (ratios to float32 per round, ``measure.paired_ratio``). Unless the backend is jnp, int8 and
+float8_e4m3fn also run on the jnp path (decode, rule and encode as one XLA computation), beside
+the fused kernels.
 """
 import argparse
 import datetime
 import json
 import os
+import sys
 import time
 
 import jax
@@ -47,22 +50,26 @@ def run(tree_name, runs, backend):
   rng = np.random.default_rng(0)
   grads = jax.tree_util.tree_map(
       lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * 1e-2), params)
+  cases = {name: (sd, backend) for name, sd in STORAGES.items()}
+  if backend != "jnp":
+    cases.update({f"{name} (jnp path)": (STORAGES[name], "jnp")
+                  for name in ("int8", "float8_e4m3fn")})
   opts, steps = {}, {}
-  for name, sd in STORAGES.items():
-    opt = fusedopt.Adam(1e-3, state_dtype=sd, backend=backend).create(
+  for name, (sd, be) in cases.items():
+    opt = fusedopt.Adam(1e-3, state_dtype=sd, backend=be).create(
         jax.tree_util.tree_map(jnp.copy, params))
     steps[name] = jax.jit(lambda o, g: o.apply_gradient(g), donate_argnums=0)
     opts[name] = steps[name](opt, grads)        # compile and warm up
     jax.block_until_ready(opts[name])
-  times = {name: [] for name in STORAGES}
+  times = {name: [] for name in cases}
   for _ in range(runs):
-    for name in STORAGES:
+    for name in cases:
       t0 = time.perf_counter()
       opts[name] = steps[name](opts[name], grads)
       jax.block_until_ready(opts[name])
       times[name].append(time.perf_counter() - t0)
   rows = []
-  for name in STORAGES:
+  for name in cases:
     st = opts[name].state
     rows.append({"storage": name, "state_B_per_param": state_bytes(st) / n,
                  "step_B_per_param": step_bytes(st, n) / n,
@@ -99,7 +106,8 @@ def main(argv=None):
   meta = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
           "backend": args.backend, "runs": args.runs,
           "machine": f"{os.cpu_count()} CPUs, {jax.devices()[0].platform}",
-          "command": "python -m bench.low_bit " + " ".join(argv or [])}
+          "command": "python -m bench.low_bit " + " ".join(
+              sys.argv[1:] if argv is None else argv)}
   text = markdown(results, meta)
   print(text)
   if args.tag:

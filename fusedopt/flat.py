@@ -326,11 +326,12 @@ class FlatOptimizerDef(OptimizerDef):
     """Whether any state field is stored quantized."""
     return any(self.quantized_format(k) is not None for k in self.state_fields)
 
-  def build_layout(self, params):
-    """The flat layout of ``params``: with quantized state, the tensors of at least
-    ``quantization.MIN_SIZE`` elements in groups of their own, aligned to whole blocks."""
+  def build_layout(self, params, shards: int = 1):
+    """The flat layout of ``params`` (``shards``: split evenly over that many devices): with
+    quantized state, the tensors of at least ``quantization.MIN_SIZE`` elements in groups of
+    their own, aligned to whole blocks (so a block never straddles two tensors or two shards)."""
     quantize = (quantization.MIN_SIZE, quantization.BLOCK) if self.quantizes else None
-    return FlatLayout.build(params, quantize=quantize)
+    return FlatLayout.build(params, shards=shards, quantize=quantize)
 
   def field_buffer(self, layout, g, field):
     """Zero state of ``field`` for group ``g``: a ``QuantizedArray`` in a quantized group (small

@@ -48,13 +48,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import norms, struct
+from . import norms, quantization, struct
 from .base import Optimizer, OptimizerDef, join_static, outer_fields, split_static
 from .exact_float import ExactFloat
 from .step import StepContext
 from .flat import FlatOptimizerDef, FlatState, check_prepass_args
 from .flat_state import place_like, put
-from .kernels import common, registry
+from .kernels import common, jnp as jnp_kernels, registry
 from .layout import FlatLayout, LayoutError
 
 F32 = jnp.float32
@@ -139,11 +139,6 @@ class ShardedOptimizerDef(OptimizerDef):
       raise TypeError(
           f"{type(inner).__name__} has no flat state to shard; shard_optimizer takes the built-in "
           "flat optimizers (and Adafactor, whose small factored state is replicated)")
-    if self.flat and inner.quantizes:
-      raise NotImplementedError(
-          f"shard_optimizer({type(inner).__name__}(state_dtype=...)): quantized optimizer state "
-          "is not sharded yet (docs/low-bit-state.md); shard float state, or keep the quantized "
-          "optimizer replicated")
     if not self.flat and params == "sharded":
       raise TypeError("params='sharded' needs a flat optimizer (Adafactor's state is per leaf)")
     if axis_name not in mesh.shape:
@@ -234,8 +229,7 @@ class ShardedOptimizerDef(OptimizerDef):
       state = self.inner.init_state(params)
       return jax.tree_util.tree_map(lambda x: put(x, self.replicated), state)
     inner = self.inner
-    layout = FlatLayout.build(params, shards=self.n)
-
+    layout = inner.build_layout(params, shards=self.n)
     fields = _on_mesh(lambda p: inner.initial_fields(layout, p), self.state_sharding)(params)
     step = put(jnp.asarray(0, jnp.int32), self.replicated)
     state = inner.initial_state(step, FlatState(fields, layout, self.inner.state_class))
@@ -309,7 +303,8 @@ class ShardedOptimizerDef(OptimizerDef):
   def _g_dtype(self, hp, ctx, gi, g_leaves):
     """The dtype this device's grad slice of group ``gi`` is packed in (see ``_local_step``)."""
     rule = self.inner.wrap_rule(self.inner.rule(hp))
-    if _group_backend(self.inner.backend, ctx, gi, rule).name == "jnp":
+    quantized = ctx.layout.groups[gi].block > 0   # a group of quantized state
+    if _group_backend(self.inner.backend, ctx, gi, rule, quantized).name == "jnp":
       return F32
     return _grad_dtype(ctx.layout, gi, g_leaves)
 
@@ -455,11 +450,18 @@ class _ShardContext:
 
   def __init__(self, layout, axis_name, idx):
     self.layout, self.axis_name, self.idx = layout, axis_name, idx
-    # one leaf per group, the local slice: the executors' view of a shard
-    self.local = FlatLayout.build(tuple(
-        jax.ShapeDtypeStruct((layout.shard_size(g),), grp.dtype)
-        for g, grp in enumerate(layout.groups)), align=layout.align)
+    self._local = {}
     self._ids = {}
+
+  def local(self, gi):
+    """The executors' view of this shard of group ``gi``: a layout of one leaf, the local slice
+    (one layout per group: two groups may share a dtype, e.g. quantized and small tensors)."""
+    if gi not in self._local:
+      grp = self.layout.groups[gi]
+      self._local[gi] = FlatLayout.build(
+          (jax.ShapeDtypeStruct((self.layout.shard_size(gi),), grp.dtype),),
+          align=self.layout.align)
+    return self._local[gi]
 
   def ids(self, gi):
     """int32 [local units]: the segment (leaf) index of each alignment unit of this shard."""
@@ -481,27 +483,36 @@ class _ShardContext:
     return tuple(lax.psum(jnp.stack(terms), self.axis_name))
 
 
-def _group_backend(name, ctx, gi, rule):
+def _group_backend(name, ctx, gi, rule, quantized=False):
   """The backend that runs ``rule`` over this device's slice of group ``gi``: rules with
   per-tensor scalars or sums on per-unit tables (``registry.select_flat``: a shard's units belong
-  to tensors known only at run time), the others as the one-leaf group of the local layout."""
+  to tensors known only at run time; with quantized state the jnp path's), the others as the
+  one-leaf group of the local layout (``quantized``: ``registry.select_quantized``)."""
   if rule.seg_scalars or rule.sumsq is not None:
+    if quantized:
+      return registry.get("jnp")
     return registry.select_flat(name, ctx.layout.groups[gi].dtype, ctx.layout.align)
-  return registry.select(name, ctx.local, gi, rule)
+  if quantized:
+    return registry.select_quantized(name, ctx.local(gi), 0, rule)
+  return registry.select(name, ctx.local(gi), 0, rule)
 
 
 def _run_group_sharded(ctx, opt_def, rule, scalars, seg, layout, gi, p_loc, g_loc, state):
   """``StepContext.run_group`` on this device's slices: ``p_loc``/``g_loc`` hold one local flat
   slice per group; ``seg`` the global [num_leaves] per-tensor scalars. Returns the group's new
   slice (at index ``gi``), its new state and this shard's per-tensor partial sums
-  (``reduce_sums`` adds them up)."""
-  backend = _group_backend(opt_def.backend, ctx, gi, rule)
+  (``reduce_sums`` adds them up). Quantized state is sliced with its blocks: a shard holds whole
+  blocks (``FlatLayout.build(..., shards=, quantize=)``), its codes and their scales."""
+  quantized = any(quantization.is_quantized(x) for x in state)
+  backend = _group_backend(opt_def.backend, ctx, gi, rule, quantized)
   if rule.seg_scalars or rule.sumsq is not None:
     tables = {k: jnp.asarray(seg[k], F32)[ctx.ids(gi)] for k in rule.seg_scalars}
-    out_p, out_state, unit_sums = backend.flat_update(rule, scalars, tables, p_loc[gi],
-                                                      g_loc[gi], tuple(state), layout.align)
+    update = jnp_kernels.flat_update_quantized if quantized else backend.flat_update
+    out_p, out_state, unit_sums = update(rule, scalars, tables, p_loc[gi], g_loc[gi],
+                                         tuple(state), layout.align)
   else:
-    out = registry.differentiable(backend)(rule, scalars, {}, ctx.local, gi, p_loc, g_loc, state)
+    out = registry.differentiable(backend, quantized=quantized)(
+        rule, scalars, {}, ctx.local(gi), 0, [p_loc[gi]], [g_loc[gi]], state)
     out_p = None if out[0] is None else out[0][0]
     out_state, unit_sums = out[1], None
   part = None if unit_sums is None else ctx.per_segment(gi, unit_sums)
@@ -538,8 +549,9 @@ def partition_specs(opt: Optimizer):
     return jax.tree_util.tree_map(lambda _: rep, opt)
   ps = opt.state.param_states
   # step and optimizer-wide fields replicated, the flat buffers split
+  # (a quantized buffer: its codes and scales both split)
   state = jax.tree_util.tree_map(lambda _: rep, opt.state).replace(
-      param_states=ps.replace(fields={k: tuple(ax for _ in v) for k, v in ps.fields.items()}))
+      param_states=ps.replace(fields=jax.tree_util.tree_map(lambda _: ax, ps.fields)))
   if d.mode == "sharded":
     target = opt.target.replace(buffers=tuple(ax for _ in opt.target.buffers))
   else:
@@ -627,11 +639,15 @@ def restore_state(opt: Optimizer, state_dict):
 def state_fraction(opt: Optimizer):
   """For each flat state buffer, ``(name, group, addressable shard sizes, global size)``: a quick
   check that each device holds ``1/n`` of the state (MaxText once shipped a "ZeRO-1" that
-  replicated everything)."""
+  replicated everything). A quantized buffer reports its codes and its scales, as ``name`` and
+  ``name + ".scales"``."""
   out = []
   for k, bufs in opt.state.param_states.fields.items():
     for g, b in enumerate(bufs):
-      out.append((k, g, [s.data.size for s in b.addressable_shards], b.size))
+      parts = ([(k, b.codes), (k + ".scales", b.scales)] if quantization.is_quantized(b)
+               else [(k, b)])
+      out += [(name, g, [s.data.size for s in x.addressable_shards], x.size)
+              for name, x in parts]
   return out
 
 

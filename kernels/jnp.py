@@ -52,23 +52,6 @@ def run_group(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
   return out_p, new_state, common.unit_sums_per_leaf(layout, gi, sums)
 
 
-def group_sums(rule, scalars, seg, layout, gi, p_leaves, g_leaves, new_state):
-  """Per leaf of group ``gi``, the sums of ``rule.sumsq``'s terms squared, evaluated on the
-  given new state (flat float buffers): for state stored otherwise than the rule computed it
-  (quantized: ``run_quantized``), the norms of what a later stage will read."""
-  unit = layout.align
-  shape = (layout.groups[gi].size // unit, unit)
-  s = elementwise.namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
-  tables = common.unit_tables(layout, gi, seg, rule.seg_scalars)
-  q = elementwise.namespace({k: jnp.asarray(tables[k], F32)[:, None] for k in rule.seg_scalars})
-  p2 = layout.pack_group(p_leaves, gi, F32).reshape(shape)
-  g2 = (layout.pack_group(g_leaves, gi, F32).reshape(shape) if rule.reads_grad
-        else jnp.zeros((), F32))
-  terms = rule.sumsq(elementwise.JNP, s, q, p2, g2,
-                     *(x.astype(F32).reshape(shape) for x in new_state))
-  return common.unit_sums_per_leaf(layout, gi, tuple(jnp.sum(t * t, axis=1) for t in terms))
-
-
 def run_leaves(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
   """``Backend.run_leaves``: the rule on each leaf of the group with its own state leaves
   (``elementwise.apply_to_leaf``): one XLA fusion per leaf, as optax's own update, and nothing
@@ -92,27 +75,63 @@ def run_leaves(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
   return (new_p if rule.writes_param else None), tuple(tuple(x) for x in new_state), sums
 
 
-def run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
-  """``Backend.run_quantized``: each quantized field (``quantization.QuantizedArray``) decoded to
-  float32, the rule, and its new value encoded block by block, in one XLA computation. A field
-  the rule passes through (``symbolic.passed_through``) and a skipped checked step (``ok`` = 0)
-  keep codes and scales bitwise: encoding decoded values again could move a code. Per-tensor sums
-  (LAMB's ||u||) are taken over the state as stored, which is what the next stage reads."""
-  dense = tuple(x.dequantize() if quantization.is_quantized(x) else x for x in state)
-  no_sums = rule if rule.sumsq is None else dataclasses.replace(rule, sumsq=None)
-  out_p, new_dense, _ = run_group(no_sums, scalars, seg, layout, gi, p_leaves, g_leaves, dense)
+# ----------------------------------------------------------------------------- quantized state
+
+def unit_sums(rule, scalars, tables, p, g, state, unit):
+  """Per-unit sums of ``rule.sumsq``'s terms squared over flat buffers, evaluated on the given
+  (float) state: for state stored otherwise than the rule computed it (quantized), the norms of
+  what a later stage reads."""
+  shape = (p.shape[0] // unit, unit)
+  s = elementwise.namespace({k: jnp.asarray(scalars[k], F32) for k in rule.scalars})
+  q = elementwise.namespace({k: jnp.asarray(tables[k], F32)[:, None] for k in rule.seg_scalars})
+  g2 = g.astype(F32).reshape(shape) if rule.reads_grad else jnp.zeros((), F32)
+  terms = rule.sumsq(elementwise.JNP, s, q, p.astype(F32).reshape(shape), g2,
+                     *(x.astype(F32).reshape(shape) for x in state))
+  return tuple(jnp.sum(t * t, axis=1) for t in terms)
+
+
+def _decoded(state):
+  return tuple(x.dequantize() if quantization.is_quantized(x) else x for x in state)
+
+
+def _stored(rule, scalars, new, old):
+  """The new state as stored: each quantized field's new values encoded block by block, except
+  a field the rule passes through (``symbolic.passed_through``) and a skipped checked step
+  (``ok`` = 0), which keep codes and scales bitwise -- encoding decoded values again could move
+  a code."""
   out = []
-  for new, old, same in zip(new_dense, state, symbolic.passed_through(rule)):
-    if quantization.is_quantized(old):
-      new = old if same else quantization.quantize_like(new, old)
+  for x, was, same in zip(new, old, symbolic.passed_through(rule)):
+    if quantization.is_quantized(was):
+      x = was if same else quantization.quantize_like(x, was)
       if "ok" in rule.scalars and not same:
-        new = quantization.kept(new, old, scalars["ok"])
-    out.append(new)
+        x = quantization.kept(x, was, scalars["ok"])
+    out.append(x)
+  return tuple(out)
+
+
+def flat_update_quantized(rule, scalars, tables, p, g, state, unit):
+  """``flat_update`` where a state field may be a ``quantization.QuantizedArray``: decoded to
+  float32, the rule, encoded again (``_stored``), in one XLA computation. Per-tensor sums
+  (LAMB's ||u||) are taken over the state as stored, which is what the next stage reads."""
+  no_sums = rule if rule.sumsq is None else dataclasses.replace(rule, sumsq=None)
+  new_p, new_dense, _ = flat_update(no_sums, scalars, tables, p, g, _decoded(state), unit)
+  out = _stored(rule, scalars, new_dense, state)
   sums = None
   if rule.sumsq is not None:
-    stored = tuple(x.dequantize() if quantization.is_quantized(x) else x for x in out)
-    sums = group_sums(rule, scalars, seg, layout, gi, p_leaves, g_leaves, stored)
-  return out_p, tuple(out), sums
+    sums = unit_sums(rule, scalars, tables, p, g, _decoded(out), unit)
+  return new_p, out, sums
+
+
+def run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+  """``Backend.run_quantized``: ``flat_update_quantized`` over the group's params and grads
+  packed in float32, as ``run_group`` packs them."""
+  pf = layout.pack_group(p_leaves, gi, F32)
+  gf = layout.pack_group(g_leaves, gi, F32) if rule.reads_grad else None
+  tables = common.unit_tables(layout, gi, seg, rule.seg_scalars)
+  new_p, out, sums = flat_update_quantized(rule, scalars, tables, pf, gf, tuple(state),
+                                           layout.align)
+  out_p = common.split_group(layout, gi, new_p) if rule.writes_param else None
+  return out_p, out, common.unit_sums_per_leaf(layout, gi, sums)
 
 
 BACKENDS = {"jnp": common.Backend("jnp", run_group, flat_update, kernel=False,

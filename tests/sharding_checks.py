@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 
 import fusedopt as optim  # noqa: E402
-from fusedopt import serialization, sharding  # noqa: E402
+from fusedopt import quantization as Q, serialization, sharding  # noqa: E402
 from fusedopt.flat_state import ParamState, fields_of  # noqa: E402
 
 N = 8
@@ -104,7 +104,7 @@ def state_is_split(opt):
   """Every flat state buffer: 8 addressable shards of size/8 on distinct devices, distinct slices."""
   ok = True
   for k, bufs in opt.state.param_states.fields.items():
-    for b in bufs:
+    for b in jax.tree_util.tree_leaves(bufs):   # a quantized buffer: its codes and its scales
       shards = b.addressable_shards
       ok &= len(shards) == N and all(s.data.size * N == b.size for s in shards)
       ok &= len({s.device for s in shards}) == N
@@ -327,7 +327,51 @@ def main():
     res[f"checkpoint/{mode}"]["orbax"] = (compare(single, ob)["bitwise"] and state_is_split(ob)
                                           and serialization.to_bytes(ob) == blob)
 
+  # 8. low-bit state: codes and scales sharded together, blocks never straddling two shards
+  res["quantized"] = {}
+  fp8 = jnp.float8_e4m3fn
+  for label, mk, modes in (
+      ("Adam/int8/jnp", lambda: optim.Adam(1e-2, state_dtype="int8", backend="jnp"),
+       ("replicated", "sharded")),
+      ("Adam/fp8/auto", lambda: optim.Adam(1e-2, state_dtype=fp8), ("replicated",)),
+      ("LAMB/int8/jnp", lambda: optim.LAMB(1e-2, state_dtype="int8", backend="jnp"),
+       ("replicated",))):
+    single = run(mk().create(params))
+    for mode in modes:
+      opt = sharding.shard_optimizer(mk(), mesh, AX, params=mode).create(params)
+      opt = run(opt, jax.jit(lambda o, g: o.apply_gradient(
+          sharding.FlatParams.pack(g, o.target.layout))) if mode == "sharded" else None)
+      res["quantized"][f"{label}/{mode}"] = {
+          "cmp": compare(single, opt), "codes_differing": codes_differing(single, opt),
+          "quantized": any(Q.is_quantized(b) for v in opt.state.param_states.fields.values()
+                           for b in v),
+          "split": state_is_split(opt), "reducing": label.startswith("LAMB")}
+  # a sharded int8 checkpoint restores into a single-device optimizer and back, bitwise
+  mk = lambda: optim.Adam(1e-2, state_dtype="int8", backend="jnp")  # noqa: E731
+  opt = run(sharding.shard_optimizer(mk(), mesh, AX).create(params))
+  blob = serialization.to_bytes(opt)
+  single = serialization.from_bytes(mk().create(make_tree(seed=1)), blob)
+  back = sharding.restore_state(sharding.shard_optimizer(mk(), mesh, AX).create(
+      make_tree(seed=1)), serialization.msgpack_restore(serialization.to_bytes(single)))
+  res["quantized"]["checkpoint"] = {
+      "single": compare(single, opt)["bitwise"] and codes_differing(single, opt) == 0,
+      "back": compare(back, opt)["bitwise"] and codes_differing(back, opt) == 0,
+      "split": state_is_split(back), "same_bytes": serialization.to_bytes(back) == blob}
+
   print(json.dumps(res))
+
+
+def codes_differing(o1, o2):
+  """How many stored codes differ between two optimizers' quantized state (leaf by leaf)."""
+  f1, f2 = o1.state.param_states, o2.state.param_states
+  n = 0
+  for k in f1.fields:
+    for i in range(len(f1.layout.segments)):
+      a, b = f1.stored_leaf(k, i), f2.stored_leaf(k, i)
+      if Q.is_quantized(a):
+        n += int(np.count_nonzero(np.asarray(a.codes) != np.asarray(b.codes)))
+        n += int(np.count_nonzero(np.asarray(a.scales) != np.asarray(b.scales)))
+  return n
 
 
 def compare_tree(o1, o2):

@@ -474,9 +474,3 @@ def test_multi_optimizer_fused_equals_unfused():
   for k in ("w", "e"):
     np.testing.assert_allclose(np.asarray(fused.state.param_states[k].grad_sq_ema),
                                np.asarray(unfused.state.param_states[k].grad_sq_ema), rtol=1e-6)
-
-
-def test_sharding_quantized_state_is_refused_clearly():
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("d",))
-  with pytest.raises(NotImplementedError, match="quantized"):
-    optim.shard_optimizer(optim.Adam(1e-2, state_dtype="int8"), mesh, "d")

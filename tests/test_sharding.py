@@ -87,6 +87,24 @@ def test_every_optimizer_matches_the_single_device_path(report):
   assert num["LAMB/master"]["ulps"] <= 4
 
 
+def test_quantized_state_is_sharded_with_its_scales(report):
+  """int8/fp8 Adam (ZeRO-1, FSDP; jnp and the native kernels) and int8 LAMB sharded 8 ways:
+  each device holds 1/8 of the codes and 1/8 of the scales (a block never straddles two
+  shards), and the codes and scales equal one device's bitwise. LAMB's per-tensor norms are
+  psum-ed partial sums (reordered): its params within a few ulps. A sharded int8 checkpoint
+  restores into one device and back bitwise."""
+  q = report["quantized"]
+  assert set(q) == {"Adam/int8/jnp/replicated", "Adam/int8/jnp/sharded",
+                    "Adam/fp8/auto/replicated", "LAMB/int8/jnp/replicated", "checkpoint"}, q
+  for key, r in q.items():
+    if key == "checkpoint":
+      assert r == {"single": True, "back": True, "split": True, "same_bytes": True}, r
+      continue
+    assert r["quantized"] and r["split"] and r["cmp"]["step"], (key, r)
+    assert r["codes_differing"] == 0, (key, r)
+    assert r["cmp"]["ulps"] <= 4 if r["reducing"] else r["cmp"]["bitwise"], (key, r)
+
+
 def test_each_device_holds_one_eighth_of_the_state(report):
   assert report["split"] and all(report["split"].values()), report["split"]
 
