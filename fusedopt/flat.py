@@ -568,6 +568,9 @@ def run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state
   Returns the new params as ``(leaf index, value)`` pairs (None for a rule that writes none), the
   new state, and the per-tensor sums as float32 [num_leaves] vectors (None without ``sumsq``).
   ``leaf_state``: ``state`` (and the new state) per field a tuple of the group's state leaves."""
+  if leaf_state and any(quantization.is_quantized(x) for field in state for x in field):
+    return run_leaves_quantized(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves,
+                                state)
   quantized = any(quantization.is_quantized(x) for x in state)
   if quantized:   # low-bit state: the backends' run_quantized
     backend = registry.select_quantized(opt_def.backend, layout, gi, rule)
@@ -586,6 +589,57 @@ def run_group(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state
 
 
 run_group_leaf_state = functools.partial(run_group, leaf_state=True)
+
+
+def _leaf_layout(seg, dtype, quantized):
+  """The layout of one leaf as a group of its own: quantized, of whole blocks (its state's
+  codes), or as ``FlatLayout.build`` lays it out."""
+  leaf = (jax.ShapeDtypeStruct(seg.shape, dtype),)
+  if quantized:
+    return FlatLayout.build(leaf, align=quantization.BLOCK,
+                            quantize=(1, quantization.BLOCK))
+  return FlatLayout.build(leaf)
+
+
+def run_leaves_quantized(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+  """``run_group`` with per-leaf state some of whose leaves are quantized (``fusedopt.tx`` with
+  ``state_dtype="int8"``: a ``QuantizedArray`` per large leaf, its codes over whole blocks): each
+  leaf of the group runs as a group of its own (``_leaf_layout``) -- one kernel call or XLA
+  fusion per leaf, nothing packed --, a quantized leaf through the backend's ``run_quantized``
+  (a float field of it, in a per-field mix, padded to the leaf's blocks and back), the others
+  through its per-leaf runner."""
+  group = layout.groups[gi]
+  n = len(layout.segments)
+  out_p, sums = [], None
+  new_state = [list(field) for field in state]
+  for j, i in enumerate(group.segments):
+    sg = layout.segments[i]
+    st = tuple(field[j] for field in state)
+    quantized = any(quantization.is_quantized(x) for x in st)
+    one = _leaf_layout(sg, group.dtype, quantized)
+    seg_i = {k: jnp.asarray(v, F32)[i:i + 1] for k, v in seg.items()}
+    args = (rule, scalars, seg_i, one, 0, [p_leaves[i]], [g_leaves[i]])
+    if quantized:
+      size = one.groups[0].size
+      flat = tuple(x if quantization.is_quantized(x) else
+                   jnp.pad(jnp.ravel(x), (0, size - sg.size)) for x in st)
+      backend = registry.select_quantized(opt_def.backend, one, 0, rule)
+      p1, st1, part = registry.differentiable(backend, quantized=True)(*args, flat)
+      st1 = tuple(y if quantization.is_quantized(y) else y[:sg.size].reshape(sg.shape)
+                  for y in st1)
+    else:
+      backend = registry.select(opt_def.backend, one, 0, rule, leaf_state=True)
+      p1, st1, part = registry.differentiable(backend, True)(*args, tuple((x,) for x in st))
+      st1 = tuple(y[0] for y in st1)
+    for k, y in enumerate(st1):
+      new_state[k][j] = y
+    if p1 is not None:
+      out_p.append((i, p1[0]))
+    if rule.sumsq is not None:
+      part = [jnp.zeros((n,), F32).at[i].set(u[0]) for u in part]
+      sums = part if sums is None else [a + b for a, b in zip(sums, part)]
+  return ((out_p if rule.writes_param else None), tuple(tuple(f) for f in new_state),
+          sums)
 
 
 def bias_correction(beta, step):

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 
 from . import struct
+from .base import HyperParamError
 from .elementwise import Rule
 from .flat import FlatOptimizerDef, check_beta, check_kinds, check_range, f32
 from .flat_state import ParamState, param_state
@@ -91,8 +92,16 @@ def rmsprop_rule(centered: bool, eps_in_sqrt: bool = False, bias_correction: boo
   return Rule(name, centered_fn if centered else plain, scalars, n_state)
 
 
+# v - mg^2 is a difference of two nearly equal values where the gradient's variance is small
+# next to its mean: a few per cent of quantization error in either makes it negative (NaN)
+CENTERED_QUANTIZED = ("centered RMSProp subtracts the squared mean gradient from v, and 8-bit "
+                      "state errors make that difference negative (NaN); keep its state in a "
+                      "float dtype (state_dtype=jnp.bfloat16 or float32)")
+
+
 class RMSProp(FlatOptimizerDef):
-  """RMSProp optimizer. State: ``v`` (and ``mg`` when centered)."""
+  """RMSProp optimizer. State: ``v`` (and ``mg`` when centered). Centered, its state stays in a
+  float dtype (``CENTERED_QUANTIZED``)."""
   param_state_class = _RMSPropParamState
 
   def __init__(self, learning_rate=None, beta2=0.9, eps=1e-8, centered=False, *,
@@ -106,6 +115,8 @@ class RMSProp(FlatOptimizerDef):
     check_kinds(self.hyper_params, "learning_rate", "beta2", "eps")
     self.state_fields = ("v", "mg") if centered else ("v",)
     self.nonnegative_fields = ("v",)
+    if centered and self.quantizes:
+      raise HyperParamError(CENTERED_QUANTIZED)
 
   # flax 0.5.3's state has ``mg: None`` when not centered; checkpoints keep that key
   def flax_param_states(self, target, param_states):

@@ -89,7 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import elementwise, norms
+from . import elementwise, norms, quantization
 from .adafactor import Adafactor
 from .adagrad import Adagrad, adagrad_rule
 from .adam import Adam, adam_rule, moment_scalars
@@ -106,7 +106,7 @@ from .adopt import ADOPT, adopt_rule, adopt_scalars
 from .lion import LION_RULE, Lion, lion_scalars
 from .layout import FlatLayout, LayoutError
 from .momentum import Momentum, momentum_rule
-from .rmsprop import RMSProp, rmsprop_rule
+from .rmsprop import CENTERED_QUANTIZED, RMSProp, rmsprop_rule
 from .sgd import GradientDescent, SGD_RULE
 from . import schedule_free
 
@@ -116,6 +116,7 @@ __all__ = [
     "adafactor", "adagrad", "adam", "adamw", "chain", "clip_by_global_norm",
     "lamb", "lars", "lion", "adan", "ademamix", "adopt", "nadam", "nadamw", "rmsprop",
     "schedule_free_adamw", "schedule_free_eval_params", "sgd", "update_and_apply",
+    "dequantized",
 ]
 
 
@@ -277,10 +278,25 @@ def _increment(count, by):
   return jnp.where(count < top, count + jnp.asarray(by, count.dtype), count)
 
 
+def _stored_leaf(x, dtype):
+  """A state leaf in its storage: cast to a float dtype, or for a quantized ``Format`` a
+  ``QuantizedArray`` of the leaf over whole blocks (a real leaf of at least
+  ``quantization.MIN_SIZE`` elements; smaller ones, and complex ones, float32)."""
+  if not isinstance(dtype, quantization.Format):
+    return x.astype(dtype)
+  if jnp.iscomplexobj(x) or np.size(x) < quantization.MIN_SIZE:
+    return x if jnp.iscomplexobj(x) else x.astype(F32)
+  n = int(np.size(x))
+  padded = jnp.pad(jnp.ravel(x).astype(F32), (0, -n % quantization.BLOCK))
+  return quantization.quantize_like(padded, quantization.QuantizedArray.zeros(
+      padded.shape[0], dtype))
+
+
 def _cast_fields(state, dtypes):
-  """``state`` with the params-shaped fields named in ``dtypes`` (attr -> dtype) cast."""
+  """``state`` with the params-shaped fields named in ``dtypes`` (attr -> float dtype or
+  quantized ``Format``) in that storage (``_stored_leaf``)."""
   def cast(node):
-    changes = {a: jax.tree_util.tree_map(lambda x: x.astype(dt), getattr(node, a))
+    changes = {a: jax.tree_util.tree_map(lambda x: _stored_leaf(x, dt), getattr(node, a))
                for a, dt in dtypes.items() if a in node._fields}
     return node._replace(**changes) if changes else node
   return _map_nodes(state, cast)
@@ -370,7 +386,8 @@ class _FusedUpdate:
     g_leaves, g_def = jax.tree_util.tree_flatten(updates)
     fields = {}
     for a, h in zip(spec.slots, holders):
-      leaves, tdef = jax.tree_util.tree_flatten(getattr(h, a))
+      leaves, tdef = jax.tree_util.tree_flatten(getattr(h, a),
+                                                is_leaf=quantization.is_quantized)
       if len(leaves) != len(g_leaves):
         raise LayoutError(f"fusedopt.tx.{spec.name}: the state's {a!r} has {len(leaves)} leaves, "
                           f"the grads {len(g_leaves)}:\n  state: {tdef}\n  grads: {g_def}")
@@ -432,7 +449,11 @@ def _flat_step(spec, hp, count, guard, values, updates, g_leaves, params, deltas
   g_leaves = layout.check(updates, "grads")
   for a, leaves in values.items():
     for seg, x in zip(layout.segments, leaves):
-      if tuple(jnp.shape(x)) != seg.shape:
+      if quantization.is_quantized(x):   # codes over the leaf's whole blocks
+        if x.shape != (-(-seg.size // x.block) * x.block,):
+          raise LayoutError(f"fusedopt.tx.{spec.name}: state {a!r} leaf {seg.path} holds "
+                            f"{x.shape} codes, the parameter {seg.shape}")
+      elif tuple(jnp.shape(x)) != seg.shape:
         raise LayoutError(f"fusedopt.tx.{spec.name}: state {a!r} leaf {seg.path} has shape "
                           f"{tuple(jnp.shape(x))}, the parameter {seg.shape}")
   runner = _Runner(spec.opt_def, guard, count, spec.slots, deltas)
@@ -449,7 +470,8 @@ def _transformation(spec: _Spec) -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(init, _FusedUpdate(spec))
 
 
-def _common(name, opt_def, hyper, ref, slots, step, *, clip_global_norm, skip_nonfinite, **kw):
+def _common(name, opt_def, hyper, ref, slots, step, *, clip_global_norm, skip_nonfinite,
+            nonnegative=None, **kw):
   if clip_global_norm is not None:
     _check_kind("clip_global_norm", clip_global_norm)
     if _is_schedule(clip_global_norm):
@@ -464,6 +486,8 @@ def _common(name, opt_def, hyper, ref, slots, step, *, clip_global_norm, skip_no
     raise HyperParamError(f"fusedopt.tx.{name}: {schedules} are schedules, but optax's state for "
                           "these arguments has no step count to evaluate them at; pass the "
                           "learning rate as a schedule too, or use optax.inject_hyperparams")
+  if kw.get("cast"):
+    kw["cast"] = _formats(kw["cast"], slots, opt_def, nonnegative)
   return _transformation(_Spec(name, opt_def, hyper, ref, tuple(slots), step,
                                clip=clip_global_norm, skip_nonfinite=bool(skip_nonfinite), **kw))
 
@@ -480,7 +504,8 @@ def _run_masked_decay(run, rule, s, mask, layout, p, g, fields, params):
 
 def _storage(state_dtype, slots, name):
   """``state_dtype`` (one dtype, or ``{slot: dtype}`` with optax's field names) as slot ->
-  dtype; None keeps optax's dtypes."""
+  dtype, or slot -> "int8" / "float8_e4m3fn" (quantized state, ``fusedopt.quantization``;
+  ``_common`` picks the map); None keeps optax's dtypes."""
   if state_dtype is None:
     return {}
   if isinstance(state_dtype, dict):
@@ -491,10 +516,33 @@ def _storage(state_dtype, slots, name):
     out = dict(state_dtype)
   else:
     out = {a: state_dtype for a in slots}
+  res = {}
   for a, dt in out.items():
-    if not jnp.issubdtype(jnp.dtype(dt), jnp.floating):
-      raise HyperParamError(f"state_dtype for {a!r} must be a floating dtype, got {dt!r}")
-  return {a: jnp.dtype(dt) for a, dt in out.items()}
+    kind = quantization.storage_kind(dt)
+    if kind is not None:
+      res[a] = kind
+      continue
+    try:
+      ok = jnp.issubdtype(jnp.dtype(dt), jnp.floating)
+    except TypeError:
+      ok = False
+    if not ok:
+      raise HyperParamError(f"state_dtype for {a!r} must be a floating dtype, \"int8\" or "
+                            f"jnp.float8_e4m3fn (quantized), got {dt!r}")
+    res[a] = jnp.dtype(dt)
+  return res
+
+
+def _formats(cast, slots, opt_def, nonnegative):
+  """``cast`` with each quantized kind as its ``quantization.Format``: the unsigned map for the
+  slots that are never negative (``nonnegative``, by default the slots matching the optimizer's
+  ``nonnegative_fields`` in state order)."""
+  if nonnegative is None:
+    fields = getattr(opt_def, "state_fields", ())
+    nonneg = getattr(opt_def, "nonnegative_fields", ())
+    nonnegative = {a for a, f in zip(slots, fields) if f in nonneg}
+  return {a: (quantization.format_for(dt, a in nonnegative) if isinstance(dt, str) else dt)
+          for a, dt in cast.items()}
 
 
 # ----------------------------------------------------------------------------- Adam family
@@ -784,6 +832,9 @@ ight)
   References:
     Defazio et al., 2024: https://arxiv.org/abs/2405.15682
   """
+  if quantization.storage_kind(state_dtype) is not None:
+    raise HyperParamError("fusedopt.tx.schedule_free_adamw: state_dtype is optax's dtype of z, "
+                          "a float dtype; quantized state is not offered for this alias")
   hyper = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   _validate(dict(learning_rate=_LR, b1=dict(lo=0.0, lo_open=True, hi=1.0), b2=_BETA,
                  eps=_NONNEG, weight_decay=_NONNEG), hyper)
@@ -927,8 +978,11 @@ def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=T
     if momentum is not None:
       s["beta"] = hp.momentum
     return run.run(rule, s, {}, layout, p, g, fields)
+  cast = _storage(state_dtype, slots, "rmsprop")
+  if centered and any(isinstance(v, str) for v in cast.values()):
+    raise HyperParamError(CENTERED_QUANTIZED)
   return _common("rmsprop", opt_def, hyper, ref, slots, step, clip_global_norm=clip_global_norm,
-                 skip_nonfinite=skip_nonfinite, cast=_storage(state_dtype, slots, "rmsprop"))
+                 skip_nonfinite=skip_nonfinite, cast=cast)
 
 
 def _one_minus(x):
@@ -1275,3 +1329,22 @@ def update_and_apply(transformation, grads, state, params):
   updates, state = transformation.update(grads, state, params)
   return optax.apply_updates(params, updates), state
 
+
+
+def dequantized(state, params):
+  """``state`` of a fused transformation with quantized fields (``state_dtype="int8"`` or
+  ``jnp.float8_e4m3fn``) with every ``quantization.QuantizedArray`` decoded to float32 in its
+  parameter's shape: optax's structure with float state (to inspect it, or to continue with
+  ``state_dtype=jnp.float32``). Other leaves are returned as they are."""
+  p_leaves, p_def = jax.tree_util.tree_flatten(params)
+
+  def decode(tree):
+    leaves, tdef = jax.tree_util.tree_flatten(tree, is_leaf=quantization.is_quantized)
+    if tdef != p_def or not any(quantization.is_quantized(x) for x in leaves):
+      return tree
+    return jax.tree_util.tree_unflatten(tdef, [
+        x.dequantize()[:np.size(p)].reshape(np.shape(p)) if quantization.is_quantized(x) else x
+        for x, p in zip(leaves, p_leaves)])
+
+  return _map_nodes(state, lambda node: node._replace(
+      **{f: decode(getattr(node, f)) for f in node._fields if f not in _NESTED}))

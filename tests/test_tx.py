@@ -576,7 +576,7 @@ def test_bad_hyper_parameters():
   with pytest.raises(ValueError, match="'grad_ema'"):
     tx.adam(1e-3, state_dtype={"grad_ema": jnp.bfloat16})   # optax's names: mu, nu
   with pytest.raises(fusedopt.HyperParamError, match="floating"):
-    tx.adam(1e-3, state_dtype=jnp.int8)
+    tx.adam(1e-3, state_dtype=jnp.int32)   # (jnp.int8 is the quantized "int8")
   with pytest.raises(ValueError, match="backend"):
     tx.adamw(1e-3, backend="cuda")
 
