@@ -8,9 +8,9 @@ codes, scales, the float32 state of small tensors, padding), the bytes a step mo
 parameter by the roofline model (p, g read; p written; each state field read and written at its
 storage size; scales counted), and the median time of the jitted, donated ``apply_gradient`` on
 the chosen backend, the storages measured round-robin so slow phases of the machine hit all of
-them (ratios to float32 per round, ``measure.paired_ratio``). Unless the backend is jnp, int8 and
-float8_e4m3fn also run on the jnp path (decode, rule and encode as one XLA computation), beside
-the fused kernels.
+them (ratios to float32 per round, ``measure.paired_ratio``). With ``--jnp-path``, int8 and
+float8_e4m3fn also run on the jnp path (decode, rule and encode as one XLA computation), against
+float32 in a round-robin of their own.
 """
 import argparse
 import datetime
@@ -42,18 +42,9 @@ def step_bytes(state, n_params):
   return 3 * 4 * n_params + 2 * state_bytes(state)
 
 
-def run(tree_name, runs, backend):
-  shapes = trees.shapes(tree_name)
-  params = jax.tree_util.tree_map(lambda s: jnp.zeros(s, jnp.float32) + 0.01, shapes,
-                                  is_leaf=trees._is_shape)   # pylint: disable=protected-access
-  n = trees.num_params(shapes)
-  rng = np.random.default_rng(0)
-  grads = jax.tree_util.tree_map(
-      lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * 1e-2), params)
-  cases = {name: (sd, backend) for name, sd in STORAGES.items()}
-  if backend != "jnp":
-    cases.update({f"{name} (jnp path)": (STORAGES[name], "jnp")
-                  for name in ("int8", "float8_e4m3fn")})
+def _timed(cases, params, grads, runs):
+  """``cases`` (name -> (state_dtype, backend)) compiled, warmed up and timed round-robin;
+  returns (name -> optimizer after the runs, name -> step times)."""
   opts, steps = {}, {}
   for name, (sd, be) in cases.items():
     opt = fusedopt.Adam(1e-3, state_dtype=sd, backend=be).create(
@@ -68,13 +59,37 @@ def run(tree_name, runs, backend):
       opts[name] = steps[name](opts[name], grads)
       jax.block_until_ready(opts[name])
       times[name].append(time.perf_counter() - t0)
+  return opts, times
+
+
+def run(tree_name, runs, backend, jnp_path=False):
+  """The storages on ``backend``, round-robin; with ``jnp_path``, then int8 and fp8 on the jnp
+  path against float32 on ``backend`` in a round-robin of their own (their multi-second steps
+  would slow the others' rounds down)."""
+  shapes = trees.shapes(tree_name)
+  params = jax.tree_util.tree_map(lambda s: jnp.zeros(s, jnp.float32) + 0.01, shapes,
+                                  is_leaf=trees._is_shape)   # pylint: disable=protected-access
+  n = trees.num_params(shapes)
+  rng = np.random.default_rng(0)
+  grads = jax.tree_util.tree_map(
+      lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * 1e-2), params)
+  passes = [{name: (sd, backend) for name, sd in STORAGES.items()}]
+  if jnp_path and backend != "jnp":
+    passes.append({"float32": (None, backend),
+                   **{f"{name} (jnp path)": (STORAGES[name], "jnp")
+                      for name in ("int8", "float8_e4m3fn")}})
   rows = []
-  for name in cases:
-    st = opts[name].state
-    rows.append({"storage": name, "state_B_per_param": state_bytes(st) / n,
-                 "step_B_per_param": step_bytes(st, n) / n,
-                 "time": measure.summarize(times[name]),
-                 "ratio_to_float32": measure.paired_ratio(times[name], times["float32"])})
+  for k, cases in enumerate(passes):
+    opts, times = _timed(cases, params, grads, runs)
+    for name in cases:
+      if k and name == "float32":
+        continue
+      st = opts[name].state
+      rows.append({"storage": name, "state_B_per_param": state_bytes(st) / n,
+                   "step_B_per_param": step_bytes(st, n) / n,
+                   "time": measure.summarize(times[name]),
+                   "ratio_to_float32": measure.paired_ratio(times[name], times["float32"])})
+    del opts
   return {"tree": tree_name, "params": n, "leaves": trees.num_leaves(shapes), "rows": rows}
 
 
@@ -100,9 +115,11 @@ def main(argv=None):
   p.add_argument("--trees", default="gpt2-124m,resnet50")
   p.add_argument("--runs", type=int, default=7)
   p.add_argument("--backend", default="auto")
+  p.add_argument("--jnp-path", action="store_true",
+                 help="also int8/fp8 on the jnp path (its own round-robin against float32)")
   p.add_argument("--tag", default=None, help="write bench/results/<tag>-low-bit.{md,json}")
   args = p.parse_args(argv)
-  results = [run(t, args.runs, args.backend) for t in args.trees.split(",")]
+  results = [run(t, args.runs, args.backend, args.jnp_path) for t in args.trees.split(",")]
   meta = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
           "backend": args.backend, "runs": args.runs,
           "machine": f"{os.cpu_count()} CPUs, {jax.devices()[0].platform}",

@@ -541,3 +541,18 @@ def test_decide_ranks_backends_and_chooses_per_optimizer(tmp_path):
   text = decide.report([json.loads(path.read_text())])
   assert "auto for adam: triton" in text and "jnp 4.00 ms (2.00x, temp 1.0 MiB)" in text
   assert decide.main([str(path)]) == 0
+
+
+def test_native_floor_builds_and_times_every_state_kind(tmp_path, monkeypatch):
+  """bench.native_floor compiles the generated float32, int8 and fp8 Adam kernels into its
+  harness and reports a positive time for each (a short run)."""
+  import fusedopt   # pylint: disable=import-outside-toplevel
+  if "native" not in fusedopt.available_backends():
+    pytest.skip("no C++ compiler")
+  from bench import native_floor   # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(native_floor, "RESULTS", str(tmp_path))
+  native_floor.main(["--elements", "1024", "--reps", "2", "--rounds", "1", "--tag", "t"])
+  text = (tmp_path / "t-native-floor.md").read_text()
+  for kind in ("float32", "int8", "float8_e4m3fn"):
+    row = next(l for l in text.splitlines() if l.startswith(f"| {kind} |"))
+    assert float(row.split("|")[2]) > 0, row

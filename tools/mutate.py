@@ -146,7 +146,7 @@ MUTANTS = [
            ("tests/test_master_weights.py::test_small_updates_are_not_lost",),
            "master weights: the update reads the rounded bf16 param instead of the float32 master"),
     Mutant("skipped_step_still_writes", "fusedopt/elementwise.py",
-           "    keep = lambda new, old: xp.where(s.ok, new, old)  # noqa: E731\n",
+           "    keep = lambda new, old: old if new is old else xp.where(s.ok, new, old)  # noqa: E731\n",
            "    keep = lambda new, old: new  # noqa: E731\n",
            _k(("tests/test_checked_update.py",), "non_finite and Adam-jnp"),
            "apply_gradient_checked: a non-finite step still writes params and state"),
