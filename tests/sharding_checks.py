@@ -332,7 +332,7 @@ def main():
   fp8 = jnp.float8_e4m3fn
   for label, mk, modes in (
       ("Adam/int8/jnp", lambda: optim.Adam(1e-2, state_dtype="int8", backend="jnp"),
-       ("replicated", "sharded")),
+       ("sharded",)),
       ("Adam/fp8/auto", lambda: optim.Adam(1e-2, state_dtype=fp8), ("replicated",)),
       ("LAMB/int8/jnp", lambda: optim.LAMB(1e-2, state_dtype="int8", backend="jnp"),
        ("replicated",))):

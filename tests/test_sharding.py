@@ -94,8 +94,8 @@ def test_quantized_state_is_sharded_with_its_scales(report):
   psum-ed partial sums (reordered): its params within a few ulps. A sharded int8 checkpoint
   restores into one device and back bitwise."""
   q = report["quantized"]
-  assert set(q) == {"Adam/int8/jnp/replicated", "Adam/int8/jnp/sharded",
-                    "Adam/fp8/auto/replicated", "LAMB/int8/jnp/replicated", "checkpoint"}, q
+  assert set(q) == {"Adam/int8/jnp/sharded", "Adam/fp8/auto/replicated",
+                    "LAMB/int8/jnp/replicated", "checkpoint"}, q
   for key, r in q.items():
     if key == "checkpoint":
       assert r == {"single": True, "back": True, "split": True, "same_bytes": True}, r
@@ -172,12 +172,13 @@ def test_multihost_example_two_processes():
     import multihost_zero1  # pylint: disable=import-outside-toplevel
   finally:
     sys.path.pop(0)
-  # ~6 s alone. Once (2026-12-06, a loaded 2-core machine) process 0 never finished while
-  # process 1 printed OK: a gloo/XLA:CPU collective hang like the 8-device one in ``report``
-  # above, not a wrong result. A run killed at the timeout is run once more; any other failure
-  # fails.
+  # ~6 s alone. Twice (2026-12-06 and -07, a loaded 2-core machine) process 0 never finished
+  # while process 1 printed OK: a gloo/XLA:CPU collective hang like the 8-device one in
+  # ``report`` above, not a wrong result. A run killed at the timeout (40 s: the hang costs
+  # make test that much, not 90 s) is run once more with more time; any other failure fails.
   for attempt in range(2):
-    codes, outs = multihost_zero1.launch(2, timeout=90, extra=["--steps", "5"])
+    codes, outs = multihost_zero1.launch(2, timeout=40 if attempt == 0 else 90,
+                                         extra=["--steps", "5"])
     if not any("[timed out]" in o for o in outs) or attempt:
       break
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
