@@ -519,8 +519,8 @@ TX_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(TX_CASES))
-@pytest.mark.parametrize("backend", ["native", "jnp"])
+@pytest.mark.parametrize("case, backend", [(c, "native") for c in sorted(TX_CASES)]
+                         + [("adamw-int8", "jnp")])
 def test_tx_quantized_state_takes_the_float32_step(case, backend):
   """``fusedopt.tx`` with ``state_dtype="int8"`` (or per field): optax's structure, each large
   leaf's field a ``QuantizedArray`` (signed map for ``mu``/``trace``, unsigned for ``nu``),
