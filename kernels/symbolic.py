@@ -57,10 +57,12 @@ class Dialect:
 
 
 class Emitter:
-  """The statements of one kernel body, in trace order, and its named constants."""
+  """The statements of one kernel body, in trace order, and its named constants: ``t<k>`` and
+  ``c<k>``, or ``<prefix>t<k>`` and ``<prefix>c<k>`` for a second body in the same kernel."""
 
-  def __init__(self, dialect: Dialect):
+  def __init__(self, dialect: Dialect, prefix: str = ""):
     self.dialect = dialect
+    self.prefix = prefix
     self.lines = []
     self.consts = {}   # key -> (name, expression), in order of first use (``dialect.constant``)
 
@@ -68,7 +70,7 @@ class Emitter:
     """Declares ``expr`` as the next statement; returns its value, of type ``cls`` (a ``Float``
     unless said otherwise)."""
     cls = cls or Float
-    name = f"t{len(self.lines)}"
+    name = f"{self.prefix}t{len(self.lines)}"
     type_ = self.dialect.uint_type if cls is UInt else self.dialect.float_type
     self.lines.append(self.dialect.statement.format(name=name, expr=expr, type=type_))
     return cls(name, self)
@@ -93,7 +95,8 @@ class Emitter:
     if d.constant is None:
       return lit
     if key not in self.consts:
-      self.consts[key] = (f"c{len(self.consts)}", d.constant.format(lit=lit, type=type_))
+      self.consts[key] = (f"{self.prefix}c{len(self.consts)}",
+                          d.constant.format(lit=lit, type=type_))
     return self.consts[key][0]
 
 

@@ -89,7 +89,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fusedopt import elementwise, norms
+from fusedopt import elementwise, norms, quantization
 from fusedopt.kernels import common, symbolic
 
 F32 = jnp.float32
@@ -744,18 +744,24 @@ def _vector_width(dtypes) -> int:
   return 16 // min(np.dtype(d).itemsize for d in dtypes)
 
 
-def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None, leaves_per_launch=None):
+def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None, leaves_per_launch=None,
+                  row=None):
   """The leaf-direct launches over group ``gi``'s non-empty leaves.
 
   ``leaf_dtypes[j]``: the dtypes of the leaf buffers the kernel reads or writes for the group's
   j-th leaf (default: the group's dtype). Leaves launched together have the same ones (one
   pointer type per argument) and the same vector width: the largest power of two dividing the
   leaf's size, up to 16 bytes of its narrowest buffer. In group order within a launch,
-  ``leaves_per_launch`` (default ``LEAVES_PER_LAUNCH``) at most."""
+  ``leaves_per_launch`` (default ``LEAVES_PER_LAUNCH``) at most. ``row``: rows of that many
+  elements over each leaf's size rounded up to ``row`` (quantized state: a row per block) instead
+  of ``min(block, ALIGN)`` over its padded segment."""
   per_launch = leaves_per_launch or LEAVES_PER_LAUNCH
   group = layout.groups[gi]
-  c = min(tuning.block, ALIGN)
-  if layout.align % c:
+  c = row or min(tuning.block, ALIGN)
+  unit = row or layout.align
+  if row and any(layout.segments[i].offset % row for i in group.segments):
+    raise ValueError(f"rows of {row} elements need segments starting on multiples of {row}")
+  if not row and layout.align % c:
     raise ValueError(f"the triton backend needs a layout aligned to a multiple of {c} elements "
                      f"(rows of a tile); this one has align={layout.align}")
   classes = {}
@@ -770,9 +776,13 @@ def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None, leaves_per_launc
     for s in range(0, len(members), per_launch):
       pos = tuple(members[s:s + per_launch])
       segs = [layout.segments[group.segments[j]] for j in pos]
-      nrows = np.asarray([-(-seg.size // layout.align) * layout.align // c for seg in segs],
-                         np.int64)
-      r, _ = _tile(int(nrows.max()), tuning)
+      nrows = np.asarray([-(-seg.size // unit) * unit // c for seg in segs], np.int64)
+      if row:
+        r = max(1, tuning.block // c)
+        while r > 1 and r // 2 >= int(nrows.max()):
+          r //= 2
+      else:
+        r, _ = _tile(int(nrows.max()), tuning)
       programs = -(-nrows // r)
       vec = -neg_vec
       tables = (np.repeat(np.arange(len(pos)), programs), np.concatenate(
@@ -872,6 +882,287 @@ def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=N
   return (new_p if rule.writes_param else None), state, (tuple(sums) if n_sums else None)
 
 
+# ----------------------------------------------------------------------------- quantized state
+
+# The leaf-direct update over state whose fields may be quantized (``fusedopt.quantization``):
+# rows of C = 256 elements, one quantization block each, so a block's absmax is a row's max. A
+# quantized field k arrives as its codes (uint8, the group's flat buffer), its scales (float32,
+# one per block), the format's 256-entry table MAPk and, for the dynamic maps, its bucket table
+# BKTk (``quantization.bucket_table``): decode is a gather from MAPk times the row's scale; the
+# new values' row absmax gives the new scale; encode is a gather from BKTk and integer compares
+# (e4m3: integer rounding). A leaf is run over its blocks -- its size rounded up to 256, padding
+# read as zero, as the flat buffers hold it -- like the native kernel.
+_UPDATE_QUANTIZED = """
+@triton.jit
+def {name}({params}, R: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
+    pid = tl.program_id(0)
+    slot = tl.load(SLOT + pid)
+    lrows = tl.load(CHUNK + pid).to(tl.int64) * R + tl.arange(0, R)
+    prow = pid.to(tl.int64) * R + tl.arange(0, R)
+    nrows = tl.load(NROWS + slot).to(tl.int64)
+    n = nrows * C - tl.load(PADV + slot).to(tl.int64) * VEC
+    row0 = tl.load(ROW0 + slot).to(tl.int64)
+    base = row0 * C
+    srow = row0 + lrows
+    rmask = lrows < nrows
+    offs = lrows[:, None] * C + tl.arange(0, C)[None, :]
+    mask = offs < nrows * C
+    lmask = offs < n
+{loads}
+{body}
+{stores}
+"""
+
+
+def _encode_lines(k, fmt, y, guarded):
+  """Triton statements storing field ``k``'s new values ``y`` ([R, C] float32) as codes and
+  scales (``guarded``: keep the old ones where the checked step's ``ok`` is false): the native
+  encoder, line for line."""
+  u32 = lambda v: f"tl.full([], {v:#x}, tl.uint32)"  # noqa: E731
+  fmax = _float_lit(float(fmt.fmax))
+  lines = [
+      f"am{k} = tl.max(tl.abs({y}), axis=1)",
+      f"bad{k} = tl.max(tl.where({y} != {y}, 1, 0), axis=1)",
+      f"am{k} = tl.where(bad{k} > 0, float('nan'), am{k})",
+      f"inv{k} = tl.where(am{k} > 0.0, tl.div_rn(tl.full([], {fmax}, tl.float32), am{k}), 0.0)",
+      f"zu{k} = ({y} * inv{k}[:, None]).to(tl.uint32, bitcast=True)",
+      f"za{k} = zu{k} & {u32(0x7fffffff)}",
+      # jnp.clip(y, -fmax, fmax) on the magnitude's bits; NaN stays NaN
+      f"za{k} = tl.where(za{k} > {u32(0x7f800000)}, za{k}, "
+      f"tl.minimum(za{k}, {u32(int(np.float32(fmt.fmax).view(np.uint32)))}))",
+      f"zu{k} = (zu{k} & {u32(0x80000000)}) | za{k}"]
+  if fmt.is_fp8:
+    lines += [
+        f"nrm{k} = ((za{k} + {u32(0x7ffff)} + ((za{k} >> 20) & {u32(1)})) >> 20) - {u32(960)}",
+        f"sx{k} = za{k}.to(tl.float32, bitcast=True) * 512.0",
+        f"sub{k} = ((sx{k} + 8388608.0) - 8388608.0).to(tl.uint32)",
+        f"code{k} = ((zu{k} >> 24) & {u32(0x80)}) | tl.where(za{k} > {u32(0x7f800000)}, "
+        f"{u32(0x7f)}, tl.where(za{k} >= {u32(0x3c800000)}, nrm{k}, sub{k}))",
+        f"scale{k} = am{k} * {_float_lit(float(np.float32(1.0 / fmt.fmax)))}"]
+  else:
+    nb, lo = quantization.NUM_BUCKETS, quantization.BUCKET_EXPONENT * 128
+    lines += [
+        f"bk{k} = tl.minimum(tl.maximum((za{k} >> 16).to(tl.int32) - {lo}, -1), {nb})",
+        f"e{k} = tl.load(BKT{k} + ((zu{k} >> 31).to(tl.int32) * {nb + 2} + bk{k} + 1))"
+        f".to(tl.uint32, bitcast=True)",
+        f"code{k} = (e{k} & {u32(0xff)}) + (((zu{k} & {u32(0xffff)}) >= (e{k} >> 9))"
+        f".to(tl.uint32) ^ ((e{k} >> 8) & {u32(1)}))",
+        f"scale{k} = am{k}"]
+  lines.append(f"code{k} = code{k}.to(tl.int32)")
+  if guarded:
+    lines += [f"code{k} = tl.where(ok, code{k}, cd{k})",
+              f"scale{k} = tl.where(ok, scale{k}, sc{k})"]
+  lines += [
+      f"tl.store(CODES{k}_OUT + base + offs, code{k}.to(tl.uint8), mask=mask)",
+      f"tl.store(SCALES{k}_OUT + srow, scale{k}, mask=rmask)"]
+  return lines
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedKernelSpec:
+  """A leaf-direct update kernel over state fields stored as ``kinds`` (a float dtype name, or a
+  ``quantization.Format`` name)."""
+  rule: elementwise.Rule
+  p_dtype: str
+  g_dtype: Optional[str]
+  kinds: Tuple[str, ...]
+  leaves: int
+  vec: int
+
+  @property
+  def name(self):
+    return (f"fusedopt_q_{re.sub(chr(92) + 'W', '_', self.rule.name)}_x{self.leaves}"
+            f"_v{self.vec}")
+
+
+def generate_quantized(spec: QuantizedKernelSpec):
+  """(Python source of the ``@triton.jit`` kernel, input names, output names) of
+  ``_UPDATE_QUANTIZED`` for ``spec``: the rule traced as for ``generate``, quantized fields
+  decoded after their loads and encoded before their stores (``_encode_lines``); a field the rule
+  passes through is not stored; per-row sums of ``rule.sumsq``'s terms over the state as stored
+  (decoded again)."""
+  rule, k = spec.rule, spec.leaves
+  fmts = [quantization.FORMATS.get(kind) for kind in spec.kinds]
+  em = symbolic.Emitter(TRITON)
+  p, g = symbolic.Float("p", em), (symbolic.Float("g", em) if rule.reads_grad else 0.0)
+  st = [symbolic.Float(f"st{i}", em) for i in range(rule.n_state)]
+  scal = [f"s{i}" for i in range(len(rule.scalars))]
+  segs = [f"q{i}" for i in range(len(rule.seg_scalars))]
+  new_p, new_state, _ = symbolic.trace(dataclasses.replace(rule, sumsq=None), em, scal, segs,
+                                       p, g, st)
+  stored = [i for i in range(rule.n_state) if rule.writes_state and new_state[i] is not st[i]]
+  p_ins, g_ins, p_outs = ([f"P{j}" for j in range(k)], [f"G{j}" for j in range(k)],
+                          [f"P{j}_OUT" for j in range(k)])
+  st_ins, st_outs = [], []
+  for i, f in enumerate(fmts):
+    if f is None:
+      st_ins.append(f"ST{i}")
+      st_outs.append(f"ST{i}_OUT")
+    else:
+      st_ins += [f"CODES{i}", f"SCALES{i}", f"MAP{i}"] + ([] if f.is_fp8 else [f"BKT{i}"])
+      st_outs += [f"CODES{i}_OUT", f"SCALES{i}_OUT"]
+  n_terms = elementwise.num_sumsq_terms(rule)
+  ins = (["S"] + [f"Q{i}" for i in range(len(rule.seg_scalars))] + list(TABLES) + p_ins
+         + (g_ins if rule.reads_grad else []) + st_ins)
+  outs = ((p_outs if rule.writes_param else []) + (st_outs if rule.writes_state else [])
+          + [f"SUM{t}" for t in range(n_terms)])
+  stores = []
+  for i in stored:
+    v = em.operand(new_state[i])
+    if fmts[i] is None:
+      stores.append(_store(f"ST{i}_OUT", "base + offs", "mask", v, spec.kinds[i]))
+    else:
+      stores += _encode_lines(i, fmts[i], v, "ok" in rule.scalars)
+  if rule.writes_param:
+    stores.append(_store("p_out", "offs", "lmask", em.operand(new_p), spec.p_dtype))
+  if n_terms:   # the sums over the state as stored: what the next stage reads
+    em2 = symbolic.Emitter(TRITON, prefix="u")
+    values = []
+    for i, f in enumerate(fmts):
+      if i not in stored:        # as loaded (decoded)
+        values.append(symbolic.Float(f"st{i}", em2))
+      elif f is not None:        # the new codes decoded again
+        values.append(em2.new(f"tl.load(MAP{i} + code{i}) * scale{i}[:, None]"))
+      elif spec.kinds[i] != "float32":   # the value rounded to its storage dtype
+        values.append(em2.new(f"{em.operand(new_state[i])}.to({_TL_DTYPES[spec.kinds[i]]}, "
+                              'fp_downcast_rounding="rtne").to(tl.float32)'))
+      else:
+        values.append(symbolic.Float(em.operand(new_state[i]), em2))
+    terms = symbolic.trace_terms(rule, em2, scal, segs, symbolic.Float("p", em2),
+                                 symbolic.Float("g", em2) if rule.reads_grad else 0.0, values)
+    squares = [em2.operand(v * v) for v in terms]
+    stores += [f"{name} = {expr}" for name, expr in em2.consts.values()] + em2.lines
+    stores += [f"tl.store(SUM{t} + prow, tl.where(rmask, tl.sum({sq}, axis=1), 0.0))"
+               for t, sq in enumerate(squares)]
+  text = "\n".join(em.lines + stores)
+  used = set(re.findall(r"\b[a-z]+\d*\b", text))
+  loads = []
+  sel = [("p_in", p_ins, "p" in used), ("g_in", g_ins, rule.reads_grad and "g" in used),
+         ("p_out", p_outs, rule.writes_param)]
+  for var, ptrs, needed in sel:
+    if needed:
+      loads.append(f"{var} = {ptrs[0]}")
+      loads += [f"{var} = tl.where(slot == {j}, {ptrs[j]}, {var})" for j in range(1, k)]
+  loads += [f"{name} = {expr}" for name, expr in em.consts.values()]
+  loads += [f"s{i} = tl.load(S + {i})" for i in range(len(rule.scalars)) if f"s{i}" in used]
+  loads += [f"q{i} = tl.load(Q{i} + slot)" for i in range(len(rule.seg_scalars))
+            if f"q{i}" in used]
+  if "ok" in rule.scalars:
+    loads.append(f"ok = tl.load(S + {rule.scalars.index('ok')}) != 0.0")
+  loads.append("p = tl.load(p_in + offs, mask=lmask, other=0.0).to(tl.float32)"
+               if "p" in used else "")
+  if rule.reads_grad and "g" in used:
+    loads.append("g = tl.load(g_in + offs, mask=lmask, other=0.0).to(tl.float32)")
+  for i, f in enumerate(fmts):
+    if f is None:
+      loads.append(f"st{i} = tl.load(ST{i} + base + offs, mask=mask, other=0.0).to(tl.float32)")
+    else:
+      loads += [f"cd{i} = tl.load(CODES{i} + base + offs, mask=mask, other=0).to(tl.int32)",
+                f"sc{i} = tl.load(SCALES{i} + srow, mask=rmask, other=0.0)",
+                f"st{i} = tl.load(MAP{i} + cd{i}) * sc{i}[:, None]"]
+  loads = [x for x in loads if x]
+  indent = lambda xs: "\n".join("    " + x for x in xs) or "    pass"  # noqa: E731
+  what = (f"rule {rule.name!r}, params {spec.p_dtype}, grads {spec.g_dtype}, "
+          f"state {', '.join(spec.kinds)}, {k} leaves a launch, sizes multiples of {spec.vec}")
+  src = _HEADER.format(what=what) + _UPDATE_QUANTIZED.format(
+      name=spec.name, params=", ".join(ins + outs), loads=indent(loads),
+      body=indent(em.lines), stores=indent(stores))
+  return src, tuple(ins), tuple(outs)
+
+
+@functools.lru_cache(maxsize=None)
+def quantized_kernel(spec: QuantizedKernelSpec):
+  src, ins, outs = generate_quantized(spec)
+  return _load(src, spec.name, interpreting()), ins, outs
+
+
+@functools.lru_cache(maxsize=None)
+def _format_tables(fmt):
+  """The decode table (float32 [256]) and, for the dynamic maps, the bucket table (int32) of
+  ``fmt``, as NumPy arrays (jax constants where a kernel takes them)."""
+  if fmt.is_fp8:
+    return np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32), None
+  signed = fmt is quantization.INT8_SIGNED
+  return quantization.dynamic_map(signed), quantization.bucket_table(signed)
+
+
+def run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=None,
+                  tuning=None):
+  """``Backend.run_quantized``: leaf-direct kernels (``_UPDATE_QUANTIZED``) over a group whose
+  state fields may be ``quantization.QuantizedArray``s: params and grads read in their own
+  buffers, codes, scales and float fields updated in place in the group's flat buffers, one
+  pass per block of 256."""
+  plat = _platform(platform)
+  group = layout.groups[gi]
+  state = tuple(state)
+  for x in state:
+    if quantization.is_quantized(x):
+      if x.block != quantization.BLOCK:
+        raise ValueError(f"the Triton kernels quantize in blocks of {quantization.BLOCK}")
+    elif not supports(x.dtype):
+      raise ValueError(f"no Triton kernel for state of dtype {np.dtype(x.dtype).name}")
+  kinds = tuple(x.fmt.name if quantization.is_quantized(x) else np.dtype(x.dtype).name
+                for x in state)
+  n_sums = elementwise.num_sumsq_terms(rule) if rule.sumsq is not None else 0
+  new_p = [p_leaves[i] for i in group.segments]
+  sums = [jnp.zeros((len(group.segments),), F32) for _ in range(n_sums)]
+  grads = _group_grads(layout, gi, g_leaves) if rule.reads_grad else None
+  tuning = tuning or default_tuning(rule, group.dtype, plat)
+  leaf_dtypes = [(group.dtype,) + ((grads[j].dtype,) if grads else ())
+                 for j in range(len(group.segments))]
+  s_vec = jnp.stack([jnp.asarray(scalars[k], F32) for k in rule.scalars]
+                    or [jnp.zeros((), F32)])
+  for launch in plan_launches(layout, gi, tuning, leaf_dtypes, row=quantization.BLOCK):
+    k, leaf_ids = len(launch.positions), [group.segments[j] for j in launch.positions]
+    first = launch.positions[0]
+    spec = QuantizedKernelSpec(rule, np.dtype(group.dtype).name,
+                               np.dtype(grads[first].dtype).name if grads else None, kinds,
+                               leaves=k, vec=launch.vec)
+    kernel, in_names, _ = quantized_kernel(spec)
+    ins = [s_vec] + [jnp.asarray(seg[q], F32)[np.asarray(leaf_ids)] for q in rule.seg_scalars]
+    ins += [jnp.asarray(t) for t in launch.tables]
+    ins += [jnp.reshape(new_p[j], (-1,)) for j in launch.positions]
+    ins += [grads[j] for j in launch.positions] if rule.reads_grad else []
+    written = []   # (input index, array) of every state buffer the kernel writes
+    for x in state:
+      if quantization.is_quantized(x):
+        table, buckets = _format_tables(x.fmt)
+        written += [(len(ins), x.codes), (len(ins) + 1, x.scales)]
+        ins += [x.codes, x.scales, jnp.asarray(table)]
+        ins += [] if buckets is None else [jnp.asarray(buckets)]
+      else:
+        written.append((len(ins), x))
+        ins.append(x)
+    assert len(ins) == len(in_names)
+    first_p = in_names.index("P0")
+    out_shapes, aliases = [], {}
+    if rule.writes_param:
+      for j, pos in enumerate(launch.positions):
+        if rule.param_in_place:
+          aliases[first_p + j] = len(out_shapes)
+        out_shapes.append(jax.ShapeDtypeStruct((layout.segments[group.segments[pos]].size,),
+                                               group.dtype))
+    if rule.writes_state:
+      for idx, x in written:
+        aliases[idx] = len(out_shapes)
+        out_shapes.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    n_p, n_big = (k if rule.writes_param else 0), len(out_shapes)
+    out_shapes += [jax.ShapeDtypeStruct((launch.grid[0] * launch.r,), F32)] * n_sums
+    outs = _call(kernel, ins, out_shapes, aliases, [], launch.grid,
+                 {"R": launch.r, "C": launch.c, "VEC": launch.vec}, tuning, plat, spec.name)
+    for pos, x in zip(launch.positions, outs[:n_p]):
+      new_p[pos] = x.reshape(layout.segments[group.segments[pos]].shape)
+    if rule.writes_state:   # the next launch reads this one's buffers
+      new_bufs = iter(outs[n_p:n_big])
+      state = tuple(quantization.QuantizedArray(next(new_bufs), next(new_bufs), x.fmt, x.block)
+                    if quantization.is_quantized(x) else next(new_bufs) for x in state)
+    ids = jnp.asarray(launch.row_ids())
+    sums = [acc + jax.ops.segment_sum(x, ids, num_segments=len(group.segments),
+                                      indices_are_sorted=True)
+            for acc, x in zip(sums, outs[n_big:])]
+  return (new_p if rule.writes_param else None), state, (tuple(sums) if n_sums else None)
+
+
 def gradient_prepass(layout, g_leaves, grad_scale=None, clip_global_norm=None, *, platform=None):
   """``fusedopt.norms.gradient_prepass`` with the work in leaf-direct Triton kernels
   (``_PREPASS_LEAVES``: each program's sum of (scale*g)^2 and count of non-finite values, read
@@ -926,7 +1217,8 @@ BACKENDS = {
         common.at_unit(functools.partial(flat_update, platform=plat), ALIGN), unit=ALIGN,
         supports=supports, unavailable=why, sequential_vmap=True,
         gradient_prepass=functools.partial(gradient_prepass, platform=plat),
-        run_leaves=functools.partial(run, platform=plat, leaf_state=True))
+        run_leaves=functools.partial(run, platform=plat, leaf_state=True),
+        run_quantized=functools.partial(run_quantized, platform=plat))
     for name, plat, why in (("triton", None, _unavailable),
                             ("triton_interpret", "interpret", _interpret_unavailable))}
 

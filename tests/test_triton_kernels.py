@@ -282,6 +282,36 @@ def test_t2_leaf_state_kernels_compile(rule, dtype, st_dtype, arch):
   assert _vectors(ptx, "ld") >= rule.n_state * st_bytes, st["text"]
 
 
+QUANTIZED_CASES = [pytest.param(r, d, kinds, a, id=f"{r.name}-{d}-{'-'.join(kinds)}-{a}")
+                   for r, d, kinds, a in (
+    (ADAM_RULE, "float32", ("int8_signed", "int8_unsigned"), 90),
+    (ADAM_RULE, "float32", ("int8_signed", "int8_unsigned"), 80),
+    (guarded(with_master(ADAM_RULE)), "bfloat16", ("float8_e4m3fn", "bfloat16", "float32"), 90),
+    (MOMENTS_RULE, "float32", ("int8_signed", "int8_unsigned"), 90))]
+
+
+@needs_triton
+@pytest.mark.parametrize("rule, dtype, kinds, arch", QUANTIZED_CASES)
+def test_t2_quantized_kernels_compile(rule, dtype, kinds, arch):
+  """The leaf-direct kernels over quantized state (a full launch): no spills, at most 255
+  registers, no FMA contraction, IEEE division, the decode and bucket tables read by gathers,
+  no branches; codes moved as bytes, offsets 64-bit."""
+  from triton_tools import compile_quantized  # pylint: disable=import-outside-toplevel
+  spec = kt.QuantizedKernelSpec(rule, dtype, dtype, kinds, leaves=kt.LEAVES_PER_LAUNCH,
+                                vec=16 // np.dtype(dtype).itemsize)
+  c = compile_quantized(spec, arch)
+  from kernel_tools import ptxas_stats  # pylint: disable=import-outside-toplevel
+  ptx = c.asm["ptx"]
+  st = ptxas_stats(ptx, arch)
+  assert st["spill_stores"] == 0 and st["spill_loads"] == 0, st["text"]
+  assert st["registers"] <= 255, st["text"]
+  assert "fma.rn.f32" not in ptx and "div.rn.f32" in ptx
+  assert not re.search(r"^\s*(@%p\d+ )?bra", ptx, re.M), "branches"
+  assert re.search(r"st\.global(\.\w+)*\.(u8|b8)", ptx) or re.search(
+      r"st\.global(\.\w+)*\.v\d\.b32", ptx), "no code stores"
+  assert "mul.wide.s32" in ptx or "mad.wide" in ptx or "cvt.s64.s32" in ptx   # 64-bit offsets
+
+
 @needs_triton
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -489,6 +519,33 @@ def test_t3_leaf_direct_past_2_to_31_elements():
   assert len(calls) == 2   # "big" (size % 4 = 1: VEC 1) and "small" (VEC 4)
   for _, ttir in calls:
     _assert_64_bit_addressing(ttir)
+
+
+@needs_jax_triton
+def test_t3_quantized_step_lowers_with_64_bit_offsets():
+  """An int8 Adam step with ``backend="triton"`` on a tree with a (2^31 + 5)-element leaf: its
+  quantized group runs the quantized leaf-direct kernel (the param, and both fields' codes and
+  scales aliased in place), the small leaf's float group the plain one; codes and params are
+  addressed with 64-bit offsets (the decode and bucket tables, 256 and 6148 entries, with 32)."""
+  from triton_tools import triton_calls  # pylint: disable=import-outside-toplevel
+  tree = {"big": jax.ShapeDtypeStruct(((1 << 31) + 5,), jnp.float32),
+          "small": jax.ShapeDtypeStruct((12,), jnp.float32)}
+  opt = jax.eval_shape(optim.Adam(learning_rate=0.1, backend="triton", state_dtype="int8").create,
+                       tree)
+  with kt.targeting("gpu", 90):
+    low = jax.jit(lambda o, g: o.apply_gradient(g), donate_argnums=0).trace(opt, tree).lower(
+        lowering_platforms=("cuda",))
+  calls = triton_calls(low)
+  quantized = [(a, t) for a, t in calls if "fusedopt_q_" in t]
+  assert len(calls) == 2 and len(quantized) == 1, [t[:80] for _, t in calls]
+  aliases, ttir = quantized[0]
+  assert aliases == 5
+  assert not re.search(r"arith\.muli [^\n]*: i32\b", ttir)
+  offs = dict.fromkeys(("f32", "i8"), set())
+  for ptr, width in re.findall(r"tt\.addptr %\w+, %\w+ : tensor<\d+x\d+x!tt\.ptr<(f32|i8)>>, "
+                               r"tensor<\d+x\d+x(i\d+)>", ttir):
+    offs[ptr] = offs[ptr] | {width}
+  assert offs["i8"] == {"i64"} and "i64" in offs["f32"], offs
 
 
 @needs_jax_triton

@@ -515,6 +515,31 @@ def bitwise_vs_numpy(backend, stats):
         assert same, (rule.name, dt)
 
 
+def quantized_state(backend, stats):
+  """Quantized state (``Backend.run_quantized``: int8 and e4m3 codes with per-block scales, rows
+  of one 256-element block): params, codes, scales and float fields equal NumPy's float32
+  evaluation bitwise (tests/test_quantized_native.py's reference: decode, the rule, block
+  absmax, encode), over ragged leaves and leaves of several programs; the checked step's skip;
+  fields a rule passes through; LAMB's sums over the stored state (per-row sums: another order
+  than the reference's, so within 2e-6); and the encoders on every value where a code
+  changes."""
+  import functools as ft  # pylint: disable=import-outside-toplevel
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  import test_quantized_native as tq  # pylint: disable=import-outside-toplevel
+  plat = "interpret" if backend == "triton_interpret" else None
+  run = ft.partial(kt.run_quantized, platform=plat)
+  bf16 = ml_dtypes.bfloat16
+  for name, pdt, storage in (
+      ("adam", np.float32, "int8"), ("adam+guarded", np.float16, "fp8"),
+      ("adam", np.float32, (tq.F8, np.dtype(bf16))), ("lamb_moments", np.float32, "int8"),
+      ("lamb_apply+master+guarded", bf16, "int8"), ("adan", np.float32, "int8"),
+      ("momentum_nesterov", bf16, "fp8")):
+    tq.check_against_numpy(run, name, pdt, storage, sums_rtol=2e-6)
+    stats.note(np.float32, 0)
+  for fmt in (tq.S8, tq.U8, tq.F8):   # every value where a code changes
+    tq.check_encoder(run, fmt)
+
+
 def _same_bits(x, y):
   return np.array_equal(np.reshape(np.asarray(x), -1).view(np.uint8),
                         np.reshape(np.asarray(y), -1).view(np.uint8))
@@ -650,6 +675,7 @@ CASES["optax-api-tx-adamw"] = optax_api
 CASES["optax-api-complex-planes"] = complex_planes
 CASES["optax-api-schedule-free"] = schedule_free
 CASES["leaf-state-equals-flat-state"] = leaf_state
+CASES["quantized-state-bitwise-vs-numpy"] = quantized_state
 CASES["checked-update-and-skipped-step"] = checked_update
 CASES["prepass-equals-xla"] = prepass
 CASES["block-sizes-and-masking"] = block_sizes

@@ -80,6 +80,36 @@ def compile_spec_leaves(spec, arch, tuning=None, rows=64):
                   tuning)
 
 
+def signature_quantized(spec):
+  """The argument types jax-triton gives a quantized-state kernel (``kt.QuantizedKernelSpec``):
+  codes uint8, scales and decode tables float32, bucket tables int32."""
+  _, ins, outs = kt.generate_quantized(spec)
+  ty = {"S": "*fp32", **{name: "*i32" for name in kt.TABLES}}
+  for name in ins + outs:
+    if re.fullmatch(r"P\d+(_OUT)?", name):
+      ty[name] = f"*{_TY[spec.p_dtype]}"
+    elif re.fullmatch(r"G\d+", name):
+      ty[name] = f"*{_TY[spec.g_dtype]}"
+    elif re.fullmatch(r"CODES\d+(_OUT)?", name):
+      ty[name] = "*u8"
+    elif re.fullmatch(r"BKT\d+", name):
+      ty[name] = "*i32"
+    elif m := re.fullmatch(r"ST(\d+)(_OUT)?", name):
+      ty[name] = f"*{_TY[spec.kinds[int(m.group(1))]]}"
+    elif re.fullmatch(r"(Q|SUM|SCALES|MAP)\d+(_OUT)?", name):
+      ty[name] = "*fp32"
+  return {name: ty[name] for name in ins + outs}
+
+
+def compile_quantized(spec, arch, tuning=None):
+  """``triton.compile`` of a quantized-state kernel: rows of 256 elements, ``block // 256`` a
+  program."""
+  tuning = tuning or kt.default_tuning(spec.rule, spec.p_dtype, "gpu")
+  kernel, _, _ = kt.quantized_kernel(spec)
+  return _compile(kernel, signature_quantized(spec),
+                  {"R": tuning.block // 256, "C": 256, "VEC": spec.vec}, arch, tuning)
+
+
 def compile_prepass_leaves(k, dtype, vec, arch, tuning=None):
   tuning = tuning or kt.DEFAULT_TUNING[("gpu", 4 if dtype == "float32" else 2)]
   r, c = kt._tile(64, tuning)  # pylint: disable=protected-access
