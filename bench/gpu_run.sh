@@ -8,9 +8,12 @@
 #      what `backend="auto"` should pick on a GPU (`python -m bench.decide` prints it);
 #   2. the kernel roofline on one flat buffer (pallas, triton -- when triton and jax-triton are
 #      importable -- jnp, torch fused/foreach AdamW; SWEEP=1 adds the block x num_warps sweeps);
-#   3. the Triton and Pallas numerics tests compiled for the GPU against the CPU oracle.
+#   3. the Triton and Pallas numerics tests compiled for the GPU against the CPU oracle;
+#   4. with LOW_BIT=1, Adam's step with int8/fp8 state on the Triton kernels against float32 and
+#      the jnp path (bench.low_bit; 60 s: a second call, `NO_TREES=1 NO_TESTS=1 LOW_BIT=1`,
+#      when the first used its 550 s).
 #   bash bench/gpu_run.sh OUTDIR [bench.kernels args...]
-# Variables: TREES, OPTIMS, KERNEL_OPTIMS, NO_TREES=1, NO_TESTS=1, *_TIMEOUT (seconds).
+# Variables: TREES, OPTIMS, KERNEL_OPTIMS, NO_TREES=1, NO_TESTS=1, LOW_BIT=1, *_TIMEOUT (seconds).
 set -u
 OUTDIR=${1:-bench/results}; shift || true
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,5 +51,10 @@ if [ "${NO_TESTS:-0}" != 1 ]; then
   stage "pallas tests"
   (cd /tmp && timeout ${PALLAS_TESTS_TIMEOUT:-90} python3 -m pytest -q -p no:cacheprovider \
     "$REPO/tests/test_pallas_numerics.py" 2>&1 | tail -25)
+fi
+if [ "${LOW_BIT:-0}" = 1 ]; then
+  stage "low-bit state"
+  timeout ${LOW_BIT_TIMEOUT:-60} python3 -m bench.low_bit --trees gpt2-124m --runs 5 \
+    --backend triton --jnp-path --out "$OUTDIR" --tag "gpu-$(date +%F)" 2>&1
 fi
 stage "done"

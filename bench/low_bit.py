@@ -117,21 +117,23 @@ def main(argv=None):
   p.add_argument("--backend", default="auto")
   p.add_argument("--jnp-path", action="store_true",
                  help="also int8/fp8 on the jnp path (its own round-robin against float32)")
-  p.add_argument("--tag", default=None, help="write bench/results/<tag>-low-bit.{md,json}")
+  p.add_argument("--tag", default=None, help="write <out>/<tag>-low-bit.{md,json}")
+  p.add_argument("--out", default=RESULTS, help="where --tag writes (default bench/results)")
   args = p.parse_args(argv)
   results = [run(t, args.runs, args.backend, args.jnp_path) for t in args.trees.split(",")]
   meta = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
           "backend": args.backend, "runs": args.runs,
-          "machine": f"{os.cpu_count()} CPUs, {jax.devices()[0].platform}",
+          "machine": f"{os.cpu_count()} CPUs, {jax.devices()[0].platform} "
+                     f"({jax.devices()[0].device_kind})",
           "command": "python -m bench.low_bit " + " ".join(
               sys.argv[1:] if argv is None else argv)}
   text = markdown(results, meta)
   print(text)
   if args.tag:
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{args.tag}-low-bit.md"), "w") as f:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{args.tag}-low-bit.md"), "w") as f:
       f.write(text + "\n")
-    with open(os.path.join(RESULTS, f"{args.tag}-low-bit.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.tag}-low-bit.json"), "w") as f:
       json.dump({"meta": meta, "results": results}, f, indent=1)
 
 
