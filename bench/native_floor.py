@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import jax
 
 from fusedopt.adam import ADAM_RULE
 from fusedopt.kernels import native
+
+from . import report
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 # Adam's global scalars, in ADAM_RULE.scalars' order (values that keep every element finite)
@@ -92,17 +93,6 @@ def build(kind, n, reps, workdir):
   return exe
 
 
-def cpu_name():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--elements", type=int, default=32768, help="a multiple of 256")
@@ -123,7 +113,7 @@ def main(argv=None):
   flags = " ".join(native._FLAGS)   # pylint: disable=protected-access
   lines = [f"# Native kernels' compute floor ({datetime.date.today().isoformat()})", "",
            f"`python -m bench.native_floor --elements {args.elements} --reps {args.reps}` on "
-           f"{cpu_name()}, one thread, {args.rounds} rounds in rotation (medians). Flags: "
+           f"{report._cpu_model()}, one thread, {args.rounds} rounds in rotation (medians). Flags: "
            f"`{flags}`.", "",
            "| Adam state | ns/element/thread | vs float32 |", "|---|---:|---:|"]
   for k in kinds:
@@ -135,7 +125,7 @@ def main(argv=None):
     with open(os.path.join(RESULTS, f"{args.tag}-native-floor.md"), "w") as f:
       f.write(text + "\n")
     with open(os.path.join(RESULTS, f"{args.tag}-native-floor.json"), "w") as f:
-      json.dump({"times_ns": times, "median_ns": med, "cpu": cpu_name(),
+      json.dump({"times_ns": times, "median_ns": med, "cpu": report._cpu_model(),
                  "elements": args.elements, "reps": args.reps}, f, indent=1)
 
 

@@ -755,6 +755,45 @@ def _run_native(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, leaf_
   return (new_p if rule.writes_param else None), state, sums
 
 
+def _leaf_operands(rule, seg, layout, idx, p_leaves, g_leaves):
+  """What one FFI call over the leaves ``idx`` takes besides the scalars and the state: the
+  per-leaf scalars (field-major), the params, the grads in one dtype (float32 where a group
+  mixes grad dtypes: a copy), that dtype, and the ``offs``/``sizes`` attributes."""
+  SEG = (jnp.stack([jnp.asarray(seg[name], F32)[np.asarray(idx)] for name in rule.seg_scalars])
+         .reshape(-1) if rule.seg_scalars else jnp.zeros((1,), F32))
+  ps = [p_leaves[i] for i in idx]
+  gs = [jnp.asarray(g_leaves[i]) for i in idx]
+  g_dtype = gs[0].dtype if all(g.dtype == gs[0].dtype and supports(g.dtype) for g in gs) else F32
+  gs = [g.astype(g_dtype) for g in gs]
+  offs = np.array([layout.segments[i].offset for i in idx], np.int64)
+  sizes = np.array([layout.segments[i].size for i in idx], np.int64)
+  return SEG, ps, gs, g_dtype, offs, sizes
+
+
+def _ffi(target, rule, S, SEG, bufs, ps, gs, offs, sizes):
+  """The FFI call of a generated kernel: ``bufs`` (the state buffers) aliased to the first
+  outputs where the rule writes its state, the params to the next ones where it writes them in
+  place, the per-leaf sums last. Returns (new state buffers, new params or None, sums)."""
+  n = len(ps)
+  out_types = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in bufs] if rule.writes_state else []
+  k_out = len(out_types)
+  aliases = {2 + j: j for j in range(k_out)}
+  if rule.writes_param:
+    out_types += [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in ps]
+    if rule.param_in_place:
+      aliases.update({2 + len(bufs) + i: k_out + i for i in range(n)})
+  n_terms = elementwise.num_sumsq_terms(rule)
+  if n_terms:
+    out_types.append(jax.ShapeDtypeStruct((n_terms * n,), F32))
+  # vmap (ensembles, population-based training): one call per batch element, in a loop
+  outs = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases,
+                          vmap_method="sequential")(
+      S, SEG, *bufs, *ps, *gs, offs=offs, sizes=sizes)
+  new_bufs = list(outs[:k_out]) if rule.writes_state else list(bufs)
+  sums = tuple(outs[-1].reshape(n_terms, n)) if n_terms else ()
+  return new_bufs, (list(outs[k_out:k_out + n]) if rule.writes_param else None), sums
+
+
 def _call(rule, S, seg, layout, idx, p_leaves, g_leaves, state, leaf_state):
   """One FFI call over the leaves ``idx``; ``state`` per field a flat buffer or (``leaf_state``)
   a tuple of those leaves' state arrays."""
@@ -767,39 +806,14 @@ def _call(rule, S, seg, layout, idx, p_leaves, g_leaves, state, leaf_state):
     st_dtypes = tuple(np.dtype(leaves[0].dtype).name for leaves in fields)
   else:
     st_dtypes = tuple(np.dtype(x.dtype).name for x in state)
-  SEG = (jnp.stack([jnp.asarray(seg[name], F32)[np.asarray(idx)] for name in rule.seg_scalars])
-         .reshape(-1) if rule.seg_scalars else jnp.zeros((1,), F32))
-  ps = [p_leaves[i] for i in idx]
-  gs = [jnp.asarray(g_leaves[i]) for i in idx]
-  g_dtype = gs[0].dtype if all(g.dtype == gs[0].dtype and supports(g.dtype) for g in gs) else F32
-  gs = [g.astype(g_dtype) for g in gs]   # mixed grad dtypes in one group: float32 (a copy)
-  writes_state = rule.writes_state
-  out_types = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state] if writes_state else []
-  k_out = len(out_types)
-  aliases = {2 + j: j for j in range(k_out)}
-  if rule.writes_param:
-    out_types += [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in ps]
-    if rule.param_in_place:
-      aliases.update({2 + len(state) + i: k_out + i for i in range(n)})
-  n_terms = elementwise.num_sumsq_terms(rule)
-  if n_terms:
-    out_types.append(jax.ShapeDtypeStruct((n_terms * n,), F32))
-  offs = np.array([layout.segments[i].offset for i in idx], np.int64)
-  sizes = np.array([layout.segments[i].size for i in idx], np.int64)
+  SEG, ps, gs, g_dtype, offs, sizes = _leaf_operands(rule, seg, layout, idx, p_leaves, g_leaves)
   target = target_for(rule, ps[0].dtype, g_dtype, st_dtypes, leaf_state)
-  # vmap (ensembles, population-based training): one call per batch element, in a loop
-  outs = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases,
-                          vmap_method="sequential")(
-      S, SEG, *state, *ps, *gs, offs=offs, sizes=sizes)
-  new_state = tuple(outs[:k_out]) if writes_state else tuple(state)
+  new_state, new_p, sums = _ffi(target, rule, S, SEG, state, ps, gs, offs, sizes)
+  new_state = tuple(new_state)
   if leaf_state:
     new_state = tuple(tuple(x.astype(dt) for x, dt in zip(new_state[f * n:(f + 1) * n], orig[f]))
                       for f in range(k))
-  sums = ()
-  if n_terms:
-    sums = tuple(outs[-1].reshape(n_terms, n))
-    outs = outs[:-1]
-  return (list(outs[k_out:]) if rule.writes_param else None), new_state, sums
+  return new_p, new_state, sums
 
 
 def run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
@@ -834,8 +848,8 @@ def _run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
 
 
 def _call_quantized(rule, S, seg, layout, idx, p_leaves, g_leaves, state):
-  """One FFI call of ``generate_quantized``'s kernel over the leaves ``idx``."""
-  n = len(idx)
+  """One FFI call of ``generate_quantized``'s kernel over the leaves ``idx``: a quantized field
+  passes its codes and scales, a float field its buffer."""
   kinds, bufs = [], []
   for x in state:
     if quantization.is_quantized(x):
@@ -844,30 +858,9 @@ def _call_quantized(rule, S, seg, layout, idx, p_leaves, g_leaves, state):
     else:
       kinds.append(np.dtype(x.dtype).name)
       bufs.append(x)
-  SEG = (jnp.stack([jnp.asarray(seg[name], F32)[np.asarray(idx)] for name in rule.seg_scalars])
-         .reshape(-1) if rule.seg_scalars else jnp.zeros((1,), F32))
-  ps = [p_leaves[i] for i in idx]
-  gs = [jnp.asarray(g_leaves[i]) for i in idx]
-  g_dtype = gs[0].dtype if all(g.dtype == gs[0].dtype and supports(g.dtype) for g in gs) else F32
-  gs = [g.astype(g_dtype) for g in gs]
-  out_types = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in bufs]
-               if rule.writes_state else [])
-  k_out = len(out_types)
-  aliases = {2 + j: j for j in range(k_out)}
-  if rule.writes_param:
-    out_types += [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in ps]
-    if rule.param_in_place:
-      aliases.update({2 + len(bufs) + i: k_out + i for i in range(n)})
-  n_terms = elementwise.num_sumsq_terms(rule)
-  if n_terms:
-    out_types.append(jax.ShapeDtypeStruct((n_terms * n,), F32))
-  offs = np.array([layout.segments[i].offset for i in idx], np.int64)
-  sizes = np.array([layout.segments[i].size for i in idx], np.int64)
+  SEG, ps, gs, g_dtype, offs, sizes = _leaf_operands(rule, seg, layout, idx, p_leaves, g_leaves)
   target = _target(generate_quantized(rule, ps[0].dtype, g_dtype, tuple(kinds)))
-  outs = jax.ffi.ffi_call(target, out_types, input_output_aliases=aliases,
-                          vmap_method="sequential")(
-      S, SEG, *bufs, *ps, *gs, offs=offs, sizes=sizes)
-  new_bufs = list(outs[:k_out]) if rule.writes_state else bufs
+  new_bufs, new_p, sums = _ffi(target, rule, S, SEG, bufs, ps, gs, offs, sizes)
   new_state, pos = [], 0
   for x in state:
     if quantization.is_quantized(x):
@@ -877,9 +870,7 @@ def _call_quantized(rule, S, seg, layout, idx, p_leaves, g_leaves, state):
     else:
       new_state.append(new_bufs[pos])
       pos += 1
-  sums = tuple(outs[-1].reshape(n_terms, n)) if n_terms else ()
-  out_p = list(outs[k_out:k_out + n]) if rule.writes_param else None
-  return out_p, tuple(new_state), sums
+  return new_p, tuple(new_state), sums
 
 
 def _unavailable():

@@ -259,7 +259,7 @@ def {name}({params}, R: tl.constexpr, C: tl.constexpr, ROWS_PER_UNIT: tl.constex
 # vectors) and its first row in the flat state (ROW0). The tables are int32 (jax's default
 # integer; every entry counts rows or less than a row, so it fits for leaves and groups past 2^31
 # elements) and widened to int64 before any multiply.
-_UPDATE_LEAVES = '''
+_LEAF_PROLOGUE = '''
 @triton.jit
 def {name}({params}, R: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
     pid = tl.program_id(0)
@@ -268,14 +268,16 @@ def {name}({params}, R: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
     prow = pid.to(tl.int64) * R + tl.arange(0, R)
     nrows = tl.load(NROWS + slot).to(tl.int64)
     n = nrows * C - tl.load(PADV + slot).to(tl.int64) * VEC
-    base = tl.load(ROW0 + slot).to(tl.int64) * C
+    row0 = tl.load(ROW0 + slot).to(tl.int64)
+    base = row0 * C
     rmask = lrows < nrows
     offs = lrows[:, None] * C + tl.arange(0, C)[None, :]
     # the state over the leaf's whole padded segment (as the flat kernels update it), the leaf's
     # own buffers over its n elements
     mask = offs < nrows * C
     lmask = offs < n
-{loads}
+'''
+_UPDATE_LEAVES = _LEAF_PROLOGUE + '''{loads}
 {body}
 {stores}
 '''
@@ -334,6 +336,17 @@ def _trace(rule):
       [f"q{i}" for i in range(len(rule.seg_scalars))], p, g,
       [symbolic.Float(f"st{k}", em) for k in range(rule.n_state)])
   return em, new_p, new_state, terms
+
+
+def _pointer_selects(sel, k):
+  """This program's leaf pointers: for each (variable, the launch's k pointers, needed), a
+  branch-free chain of ``tl.where(slot == j, ...)`` selects."""
+  out = []
+  for var, ptrs, needed in sel:
+    if needed:
+      out.append(f"{var} = {ptrs[0]}")
+      out += [f"{var} = tl.where(slot == {j}, {ptrs[j]}, {var})" for j in range(1, k)]
+  return out
 
 
 def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
@@ -397,10 +410,7 @@ def generate(spec: KernelSpec) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
               for i in range(rule.n_state)]
       sel += [(f"st{i}_out", [f"ST{i}_{j}_OUT" for j in range(k)], True)
               for i in range(len(new_state))]
-    for var, ptrs, needed in sel:
-      if needed:
-        loads.append(f"{var} = {ptrs[0]}")
-        loads += [f"{var} = tl.where(slot == {j}, {ptrs[j]}, {var})" for j in range(1, k)]
+    loads += _pointer_selects(sel, k)
   loads += [f"{name} = {expr}" for name, expr in em.consts.values()]
   loads += [f"s{i} = tl.load(S + {i})" for i in range(len(rule.scalars)) if f"s{i}" in used]
   q_load = ("tl.load(Q{i} + slot)" if k   # one per leaf, or one per row of the flat buffer
@@ -892,22 +902,7 @@ def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=N
 # new values' row absmax gives the new scale; encode is a gather from BKTk and integer compares
 # (e4m3: integer rounding). A leaf is run over its blocks -- its size rounded up to 256, padding
 # read as zero, as the flat buffers hold it -- like the native kernel.
-_UPDATE_QUANTIZED = """
-@triton.jit
-def {name}({params}, R: tl.constexpr, C: tl.constexpr, VEC: tl.constexpr):
-    pid = tl.program_id(0)
-    slot = tl.load(SLOT + pid)
-    lrows = tl.load(CHUNK + pid).to(tl.int64) * R + tl.arange(0, R)
-    prow = pid.to(tl.int64) * R + tl.arange(0, R)
-    nrows = tl.load(NROWS + slot).to(tl.int64)
-    n = nrows * C - tl.load(PADV + slot).to(tl.int64) * VEC
-    row0 = tl.load(ROW0 + slot).to(tl.int64)
-    base = row0 * C
-    srow = row0 + lrows
-    rmask = lrows < nrows
-    offs = lrows[:, None] * C + tl.arange(0, C)[None, :]
-    mask = offs < nrows * C
-    lmask = offs < n
+_UPDATE_QUANTIZED = _LEAF_PROLOGUE + """    srow = row0 + lrows
 {loads}
 {body}
 {stores}
@@ -1039,10 +1034,7 @@ def generate_quantized(spec: QuantizedKernelSpec):
   loads = []
   sel = [("p_in", p_ins, "p" in used), ("g_in", g_ins, rule.reads_grad and "g" in used),
          ("p_out", p_outs, rule.writes_param)]
-  for var, ptrs, needed in sel:
-    if needed:
-      loads.append(f"{var} = {ptrs[0]}")
-      loads += [f"{var} = tl.where(slot == {j}, {ptrs[j]}, {var})" for j in range(1, k)]
+  loads += _pointer_selects(sel, k)
   loads += [f"{name} = {expr}" for name, expr in em.consts.values()]
   loads += [f"s{i} = tl.load(S + {i})" for i in range(len(rule.scalars)) if f"s{i}" in used]
   loads += [f"q{i} = tl.load(Q{i} + slot)" for i in range(len(rule.seg_scalars))

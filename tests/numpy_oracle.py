@@ -33,6 +33,19 @@ def scalars_ns(values):
   return types.SimpleNamespace(**{k: np.asarray(v, _F32) for k, v in values.items()})
 
 
+def random_scalars(rule, rng, ok=1.0):
+  """Values for ``rule.scalars`` drawn from ``rng`` (uniform in [0.05, 0.9]); the checked step's
+  ``ok`` as given; stochastic rounding's seed halves as 16-bit integers."""
+  from fusedopt import elementwise  # pylint: disable=import-outside-toplevel
+  out = {k: _F32(rng.uniform(0.05, 0.9)) for k in rule.scalars}
+  if "ok" in out:
+    out["ok"] = _F32(ok)
+  for k in elementwise.ROUNDING_SCALARS:
+    if k in out:
+      out[k] = _F32(rng.randint(0, 1 << 16))
+  return out
+
+
 def evaluate(rule, scalars, seg, p, g, state):
   """``rule.fn`` and ``rule.sumsq`` on float32 NumPy arrays of one tensor (``seg``: its
   per-segment scalars). Returns (new p or None, new state tuple, sumsq terms tuple)."""

@@ -29,7 +29,7 @@ from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
 from fusedopt.sgd import SGD_RULE
 
-from numpy_oracle import evaluate, native_sums, same_bits
+from numpy_oracle import evaluate, native_sums, random_scalars, same_bits
 
 pytestmark = pytest.mark.skipif("native" not in optim.available_backends(),
                                 reason="no C++ compiler for the native backend")
@@ -77,18 +77,6 @@ def _rule(name):
   return rule
 
 
-def _scalar_values(rule, rng, ok):
-  out = {}
-  for k in rule.scalars:
-    out[k] = np.float32(rng.uniform(0.05, 0.9))
-  if "ok" in out:
-    out["ok"] = np.float32(ok)
-  for k in ew.ROUNDING_SCALARS:
-    if k in out:
-      out[k] = np.float32(rng.randint(0, 1 << 16))
-  return out
-
-
 @pytest.mark.parametrize("name, pdt, sdt", CASES,
                          ids=[f"{n}-{np.dtype(p).name}-state_{np.dtype(s).name}" for n, p, s in CASES])
 def test_native_bitwise_equals_numpy_float32(name, pdt, sdt):
@@ -108,7 +96,7 @@ def test_native_bitwise_equals_numpy_float32(name, pdt, sdt):
   seg = {k: jnp.asarray(rng.uniform(0.05, 0.9, len(p_leaves)).astype(np.float32))
          for k in rule.seg_scalars}
   for ok in ((1.0, 0.0) if "guarded" in name else (1.0,)):
-    scalars = _scalar_values(rule, rng, ok)
+    scalars = random_scalars(rule, rng, ok)
     out_p, out_state, sums = native.run(rule, {k: jnp.float32(v) for k, v in scalars.items()}, seg,
                                         layout, 0, p_leaves, g_leaves, state)
     for pos, i in enumerate(layout.groups[0].segments):

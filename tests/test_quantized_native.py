@@ -30,7 +30,7 @@ from fusedopt.momentum import momentum_rule
 from fusedopt.schedule_free import SCHEDULE_FREE_ADAMW_RULE
 
 from lowbit_reference import B, np_dequantize, np_quantize
-from numpy_oracle import NPX, evaluate, native_sums, same_bits, scalars_ns
+from numpy_oracle import NPX, evaluate, native_sums, random_scalars, same_bits, scalars_ns
 
 pytestmark = pytest.mark.skipif("native" not in optim.available_backends(),
                                 reason="no C++ compiler for the native backend")
@@ -108,16 +108,6 @@ def _decoded(buf, fmt, a, e):
   return np.asarray(buf)[a:a + e].astype(np.float32)
 
 
-def _scalars(rule, rng, ok):
-  out = {k: np.float32(rng.uniform(0.05, 0.9)) for k in rule.scalars}
-  if "ok" in out:
-    out["ok"] = np.float32(ok)
-  for k in ew.ROUNDING_SCALARS:
-    if k in out:
-      out[k] = np.float32(rng.randint(0, 1 << 16))
-  return out
-
-
 def _reference(rule, fmts, scalars, seg, layout, p_leaves, g_leaves, state, pdt):
   """Per leaf: its blocks decoded, the rule in NumPy float32, new values quantized by NumPy.
   Returns {leaf: (new p, [new field values over the leaf's blocks], sums)}."""
@@ -181,7 +171,7 @@ def check_against_numpy(run, name, pdt, storage, sums_rtol=None):
   seg = {k: jnp.asarray(rng.uniform(0.05, 0.9, len(p_leaves)).astype(np.float32))
          for k in rule.seg_scalars}
   for ok in ((1.0, 0.0) if "guarded" in name else (1.0,)):
-    scalars = _scalars(rule, rng, ok)
+    scalars = random_scalars(rule, rng, ok)
     ref = _reference(rule, fmts, scalars, seg, layout, p_leaves, g_leaves, state, pdt)
     out_p, out_state, sums = run(rule, {k: jnp.float32(v) for k, v in scalars.items()}, seg,
                                  layout, 0, p_leaves, g_leaves, state)
