@@ -180,6 +180,26 @@ def _segment_loops(body, n_terms):
 {out}"""
 
 
+def _handler_head(rule, out_of_place, n_terms, consts):
+  """The start of a generated FFI handler: the metadata query, the stage check, the ``offs`` and
+  ``sizes`` attributes, and the constants every kernel body reads (``consts``: its own, as
+  ``"NAME = value, ..."``)."""
+  return f"""extern "C" XLA_FFI_Error* FusedoptKernel(XLA_FFI_CallFrame* call) {{
+  if (call->extension_start != nullptr &&
+      call->extension_start->type == XLA_FFI_Extension_Metadata)
+    return metadata(call);
+  if (call->stage != XLA_FFI_ExecutionStage_EXECUTE)
+    return fail(call, "fusedopt kernel: called outside the execute stage");
+  const int64_t* offs; const int64_t* sizes; int64_t n;
+  if (!int64_array_attrs(call, &offs, &sizes, &n))
+    return fail(call, "fusedopt kernel: expected int64 array attributes offs and sizes");
+  constexpr int64_t {consts}, NQ = {max(len(rule.seg_scalars), 1)};
+  constexpr bool WRITES_P = {str(rule.writes_param).lower()};
+  constexpr bool WRITES_ST = {str(rule.writes_state).lower()};
+  constexpr bool P_IN_PLACE = {str(not out_of_place).lower()};
+  constexpr int64_t T = {n_terms};"""
+
+
 def generate(rule, p_dtype="float32", g_dtype="float32", st_dtypes=None,
              leaf_state=False) -> str:
   """C++ source of the FFI handler ``FusedoptKernel`` for ``rule`` with params stored as
@@ -245,20 +265,7 @@ static inline void segment(const float* __restrict S, const float* __restrict Q,
 {loops}
 }}
 
-extern "C" XLA_FFI_Error* FusedoptKernel(XLA_FFI_CallFrame* call) {{
-  if (call->extension_start != nullptr &&
-      call->extension_start->type == XLA_FFI_Extension_Metadata)
-    return metadata(call);
-  if (call->stage != XLA_FFI_ExecutionStage_EXECUTE)
-    return fail(call, "fusedopt kernel: called outside the execute stage");
-  const int64_t* offs; const int64_t* sizes; int64_t n;
-  if (!int64_array_attrs(call, &offs, &sizes, &n))
-    return fail(call, "fusedopt kernel: expected int64 array attributes offs and sizes");
-  constexpr int64_t K = {k}, NQ = {max(len(rule.seg_scalars), 1)};
-  constexpr bool WRITES_P = {str(rule.writes_param).lower()};
-  constexpr bool WRITES_ST = {str(rule.writes_state).lower()};
-  constexpr bool P_IN_PLACE = {str(not out_of_place).lower()};
-  constexpr int64_t T = {n_terms};
+{_handler_head(rule, out_of_place, n_terms, f"K = {k}")}
   const int64_t NS = K * {"n" if leaf_state else "1"};       // state buffers
   const int64_t KO = WRITES_ST ? NS : 0;  // state outputs (an unchanged state is input only)
   if (call->args.size != 2 + NS + 2 * n ||
@@ -473,20 +480,7 @@ static inline void block(const float* __restrict S, const float* __restrict Q,
   }}
 {encode}{sums}}}
 
-extern "C" XLA_FFI_Error* FusedoptKernel(XLA_FFI_CallFrame* call) {{
-  if (call->extension_start != nullptr &&
-      call->extension_start->type == XLA_FFI_Extension_Metadata)
-    return metadata(call);
-  if (call->stage != XLA_FFI_ExecutionStage_EXECUTE)
-    return fail(call, "fusedopt kernel: called outside the execute stage");
-  const int64_t* offs; const int64_t* sizes; int64_t n;
-  if (!int64_array_attrs(call, &offs, &sizes, &n))
-    return fail(call, "fusedopt kernel: expected int64 array attributes offs and sizes");
-  constexpr int64_t B = {QBLOCK}, NB = {bufs}, NQ = {max(len(rule.seg_scalars), 1)};
-  constexpr bool WRITES_P = {str(rule.writes_param).lower()};
-  constexpr bool WRITES_ST = {str(rule.writes_state).lower()};
-  constexpr bool P_IN_PLACE = {str(not out_of_place).lower()};
-  constexpr int64_t T = {n_terms};
+{_handler_head(rule, out_of_place, n_terms, f"B = {QBLOCK}, NB = {bufs}")}
   const int64_t KO = WRITES_ST ? NB : 0;  // state outputs (an unchanged state is input only)
   if (call->args.size != 2 + NB + 2 * n ||
       call->rets.size != KO + (WRITES_P ? n : 0) + (T > 0 ? 1 : 0))

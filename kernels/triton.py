@@ -814,6 +814,20 @@ def _group_grads(layout, gi, g_leaves):
   return out
 
 
+def _param_outputs(rule, layout, gi, launch, first_p):
+  """The leaf-direct launch's first outputs, its leaves' new params (flat), and their aliases
+  to the param inputs (from index ``first_p``) where the rule writes them in place."""
+  group = layout.groups[gi]
+  out_shapes, aliases = [], {}
+  if rule.writes_param:
+    for j, pos in enumerate(launch.positions):
+      if rule.param_in_place:
+        aliases[first_p + j] = len(out_shapes)
+      out_shapes.append(jax.ShapeDtypeStruct((layout.segments[group.segments[pos]].size,),
+                                             group.dtype))
+  return out_shapes, aliases
+
+
 def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=None,
         tuning=None, leaf_state=False):
   """The ``triton`` backend's ``Backend.run_group``: leaf-direct kernels (``_UPDATE_LEAVES``) that
@@ -859,14 +873,8 @@ def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, platform=N
       st_ins = list(state)
     ins += st_ins
     assert len(ins) == len(in_names)
-    first_p, first_state = in_names.index("P0"), len(ins) - len(st_ins)
-    out_shapes, aliases = [], {}
-    if rule.writes_param:
-      for j, pos in enumerate(launch.positions):
-        if rule.param_in_place:
-          aliases[first_p + j] = len(out_shapes)
-        out_shapes.append(jax.ShapeDtypeStruct((layout.segments[group.segments[pos]].size,),
-                                               group.dtype))
+    first_state = len(ins) - len(st_ins)
+    out_shapes, aliases = _param_outputs(rule, layout, gi, launch, in_names.index("P0"))
     if rule.writes_state:
       for j, x in enumerate(st_ins):
         aliases[first_state + j] = len(out_shapes)
@@ -1126,14 +1134,7 @@ def run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state, *, 
         written.append((len(ins), x))
         ins.append(x)
     assert len(ins) == len(in_names)
-    first_p = in_names.index("P0")
-    out_shapes, aliases = [], {}
-    if rule.writes_param:
-      for j, pos in enumerate(launch.positions):
-        if rule.param_in_place:
-          aliases[first_p + j] = len(out_shapes)
-        out_shapes.append(jax.ShapeDtypeStruct((layout.segments[group.segments[pos]].size,),
-                                               group.dtype))
+    out_shapes, aliases = _param_outputs(rule, layout, gi, launch, in_names.index("P0"))
     if rule.writes_state:
       for idx, x in written:
         aliases[idx] = len(out_shapes)
