@@ -180,6 +180,20 @@ def _segment_loops(body, n_terms):
 {out}"""
 
 
+# The end of a generated FFI handler: work item c's partial sums (``part``) added per leaf in
+# double, in work-item order, into the last output.
+_HANDLER_TAIL = """  if (T > 0) {  // per-leaf sums of squares: the last output, [T, n]
+    float* out = static_cast<float*>(ret(KO + (WRITES_P ? n : 0)));
+    std::vector<double> tot(static_cast<size_t>(T * n), 0.0);
+    for (int64_t c = 0; c < nc; ++c)
+      for (int64_t t = 0; t < T; ++t) tot[t * n + leaf[c]] += part[c * T + t];
+    for (int64_t x = 0; x < T * n; ++x) out[x] = static_cast<float>(tot[x]);
+  }
+  return nullptr;
+}
+"""
+
+
 def _handler_head(rule, out_of_place, n_terms, consts):
   """The start of a generated FFI handler: the metadata query, the stage check, the ``offs`` and
   ``sizes`` attributes, and the constants every kernel body reads (``consts``: its own, as
@@ -296,16 +310,7 @@ static inline void segment(const float* __restrict S, const float* __restrict Q,
     for (int64_t f = 0; f < NQ; ++f) Q[f] = SEG[f * n + i];
     segment(S, Q, P[i] + a{pout_arg}, G[i] + a{st_args}, len, part.data() + c * T);
   }}
-  if (T > 0) {{  // per-leaf sums of squares: the last output, [T, n]
-    float* out = static_cast<float*>(ret(KO + (WRITES_P ? n : 0)));
-    std::vector<double> tot(static_cast<size_t>(T * n), 0.0);
-    for (int64_t c = 0; c < nc; ++c)
-      for (int64_t t = 0; t < T; ++t) tot[t * n + leaf[c]] += part[c * T + t];
-    for (int64_t x = 0; x < T * n; ++x) out[x] = static_cast<float>(tot[x]);
-  }}
-  return nullptr;
-}}
-"""
+{_HANDLER_TAIL}"""
 
 
 # ----------------------------------------------------------------------------- quantized state
@@ -539,16 +544,7 @@ static inline void block(const float* __restrict S, const float* __restrict Q,
       part[c * (T > 0 ? T : 1) + t] = s;
     }}
   }}
-  if (T > 0) {{  // per-leaf sums of squares: the last output, [T, n]
-    float* out = static_cast<float*>(ret(KO + (WRITES_P ? n : 0)));
-    std::vector<double> tot(static_cast<size_t>(T * n), 0.0);
-    for (int64_t c = 0; c < nc; ++c)
-      for (int64_t t = 0; t < T; ++t) tot[t * n + leaf[c]] += part[c * T + t];
-    for (int64_t x = 0; x < T * n; ++x) out[x] = static_cast<float>(tot[x]);
-  }}
-  return nullptr;
-}}
-"""
+{_HANDLER_TAIL}"""
 
 
 # ----------------------------------------------------------------------------- build and load
