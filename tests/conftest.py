@@ -62,14 +62,16 @@ def pytest_make_collect_report(collector):
     _fail_skip(rep)
 
 
-# The longest files first (measured: cold `make test` on 2 cores, 2026-12-06). pytest-xdist's
+# The longest files first (measured: cold `make test` on 2 cores, 2026-12-07). pytest-xdist's
 # --dist loadfile hands files to the workers in collection order, so a long file collected last
 # (alphabetically, test_triton_kernels.py with its ~110 s interpreter subprocess) ran alone at
 # the end while the other core idled; longest-first keeps both workers busy to the end.
 LONGEST_FIRST = ("test_triton_kernels.py", "test_tx.py", "test_numerics.py", "test_sharding.py",
-                 "test_bench.py", "test_backends.py", "test_stochastic_rounding.py",
-                 "test_pallas_numerics.py", "test_checked_update.py", "test_pallas_lowering.py",
-                 "test_flax053_differential.py")
+                 "test_bench.py", "test_quantized_state.py", "test_backends.py",
+                 "test_stochastic_rounding.py", "test_recent_optimizers.py",
+                 "test_flax_conformance.py", "test_flax053_differential.py",
+                 "test_pallas_lowering.py", "test_pallas_numerics.py", "test_native_cache.py",
+                 "test_checked_update.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
