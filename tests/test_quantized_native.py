@@ -260,6 +260,31 @@ def test_native_encoder_codes_every_edge_as_numpy(fmt):
     check_encoder(run, fmt)
 
 
+READ_STATE = ew.Rule("read_state", lambda xp, s, q, p, g, m: (m, (m,)), (), 1)
+
+
+@pytest.mark.parametrize("fmt", [S8, U8, F8], ids=lambda f: f.name)
+def test_native_decodes_every_code(fmt):
+  """The kernel's decode of each of the 256 codes (a table read for the dynamic maps, integer
+  arithmetic for e4m3) is the format's value (the map's, ml_dtypes' e4m3), NaN where it is NaN:
+  a rule writing the decoded state into the params, scale 1 and 0.5."""
+  from fusedopt.kernels import native   # pylint: disable=import-outside-toplevel
+  codes = np.tile(np.arange(256, dtype=np.uint8), 2)
+  scales = np.array([1.0, 0.5], np.float32)
+  layout = FlatLayout.build({"x": np.zeros(512, np.float32)}, quantize=(1, B))
+  state = (Q.QuantizedArray(jnp.asarray(codes), jnp.asarray(scales), fmt),)
+  out_p, (kept,), _ = native.run_quantized(READ_STATE, {}, {}, layout, 0,
+                                           [jnp.zeros(512, jnp.float32)], [jnp.zeros(512)],
+                                           state)
+  if fmt.is_fp8:
+    values = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+  else:
+    values = Q.dynamic_map(fmt is S8)
+  want = np.concatenate([values, values * np.float32(0.5)])
+  assert same_bits(np.asarray(out_p[0]), want)
+  np.testing.assert_array_equal(np.asarray(kept.codes), codes)   # passed through
+
+
 @pytest.mark.parametrize("fmt", [S8, U8, F8], ids=lambda f: f.name)
 def test_native_non_finite_blocks_as_the_jnp_path(fmt):
   """A block holding NaN or inf is stored as the jnp path stores it (scale NaN/inf, so the
