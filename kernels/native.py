@@ -324,19 +324,13 @@ def _exact(v) -> str:
 
 
 def _format_source(fmt) -> str:
-  """C++ for one quantized format (``fusedopt.quantization``): ``MAP_<name>``, the value of each
-  of the 256 codes, and ``enc_<name>(y)``, the code of ``y = x * fmax / absmax`` -- for the
-  dynamic maps by ``quantization.bucket_table`` (one table read and a comparison of the low
-  bits, the same codes as the binary search), for e4m3 by rounding to nearest even in integer
-  arithmetic."""
+  """C++ for one quantized format (``fusedopt.quantization``): its decode (``_decode``: for the
+  dynamic maps ``MAP_<name>``, the value of each of the 256 codes; for e4m3 integer arithmetic)
+  and ``enc_<name>(y)``, the code of ``y = x * fmax / absmax`` -- for the dynamic maps by
+  ``quantization.bucket_table`` (one table read and a comparison of the low bits, the same
+  codes as the binary search), for e4m3 by rounding to nearest even in integer arithmetic."""
   name = fmt.name
-  if fmt.is_fp8:
-    values = np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32)
-  else:
-    signed = fmt is quantization.INT8_SIGNED
-    values = quantization.dynamic_map(signed)
   table = lambda t, vals: f"static const {t} {vals}"  # noqa: E731
-  src = table("float", f"MAP_{name}[256] = {{{', '.join(_exact(v) for v in values)}}};\n")
   if fmt.is_fp8:
     # decode without a table read (a vectorised gather costs as much as the rest of the
     # decode): normal codes rebias the exponent (7 -> 127) in the bits, subnormal ones are
@@ -344,7 +338,7 @@ def _format_source(fmt) -> str:
     # (|y| >= 2^-6): 3 mantissa bits rounded to nearest even in the float32 bits, exponent
     # rebiased (127 -> 7); subnormal: |y| * 2^9 rounded to an integer (adding and subtracting
     # 2^23 rounds to nearest even); NaN -> 0x7f. |y| <= 448, so nothing overflows.
-    return src + """static inline float dec_float8_e4m3fn(uint32_t c) {
+    return """static inline float dec_float8_e4m3fn(uint32_t c) {
   const uint32_t a = c & 0x7fu, s = (c & 0x80u) << 24;
   const uint32_t nrm = (a << 20) + (120u << 23), sub = f2u(static_cast<float>(a) * 0x1p-9f);
   const uint32_t m = 0u - static_cast<uint32_t>(a >= 8u);
@@ -358,6 +352,9 @@ static inline uint32_t enc_float8_e4m3fn(float y) {
   return s | (a > 0x7f800000u ? 0x7fu : (a >= 0x3c800000u ? nrm : sub));
 }
 """
+  signed = fmt is quantization.INT8_SIGNED
+  values = quantization.dynamic_map(signed)
+  src = table("float", f"MAP_{name}[256] = {{{', '.join(_exact(v) for v in values)}}};\n")
   buckets = quantization.bucket_table(signed)
   nb, lo = quantization.NUM_BUCKETS, quantization.BUCKET_EXPONENT * 128
   src += table("int32_t", f"BKT_{name}[{buckets.size}] = {{{', '.join(map(str, buckets))}}};\n")
