@@ -148,6 +148,19 @@ def _quantized_from_dict(sd, shape, path):
                                      quantization.FORMATS[names[fmt_id]], block)
 
 
+def _quantized_into(template, sd):
+  """A ``QuantizedArray`` restored from its checkpoint dict (``_quantized_to_dict``) in
+  ``template``'s format and block: codes and scales as they are, or, from another format,
+  decoded and encoded again. Wrong shapes or an unknown format raise ``ValueError``."""
+  if not _is_quantized_dict(sd):
+    raise ValueError(f"expected a quantized state dict with keys {list(_QKEYS)}, got "
+                     f"{type(sd).__name__}")
+  got = _quantized_from_dict(sd, template.shape, "QuantizedArray")
+  if (got.fmt, got.block) == (template.fmt, template.block):
+    return got
+  return quantization.quantize_like(got.dequantize(), template)
+
+
 def _restore_maybe_quantized(template, sd, path):
   """A state leaf where the optimizer or the checkpoint stores quantized state: codes and
   scales as they are, or float values the caller's state quantizes (and quantized ones it
@@ -379,6 +392,10 @@ def register_with_flax() -> bool:
   flax_ser.register_serialization_state(
       FlatState, lambda st: to_state_dict(st), lambda st, sd: from_state_dict(st, sd),
       override=True)
+  # quantized state leaves (an optax state of fusedopt.tx with state_dtype="int8"): codes,
+  # scales and format, as fusedopt's own checkpoints store them
+  flax_ser.register_serialization_state(
+      quantization.QuantizedArray, _quantized_to_dict, _quantized_into, override=True)
   # the per-parameter state classes, as flax 0.5.3 registered its struct dataclasses: a dict of
   # the data fields (Adafactor's per-leaf states in an optax state of fusedopt.tx)
   for cls in PARAM_STATE_CLASSES:

@@ -588,3 +588,28 @@ def test_tx_lamb_quantized_native_equals_jnp():
   for a, b in zip(jax.tree_util.tree_leaves(outs["native"]),
                   jax.tree_util.tree_leaves(outs["jnp"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_tx_quantized_state_through_flax_serialization():
+  """An optax state of ``tx.adamw(state_dtype="int8")`` goes through ``flax.serialization``
+  (``to_bytes``/``from_bytes``, what flax's TrainState checkpoints use) bitwise; restored into
+  an fp8 template it is decoded and encoded again; a wrong shape raises."""
+  flax_ser = pytest.importorskip("flax.serialization")
+  params = {"w": jnp.asarray(np.random.RandomState(0).standard_normal((70, 90)), jnp.float32),
+            "b": jnp.zeros((90,))}
+  t = tx.adamw(1e-2, state_dtype="int8")
+  _, st = t.update(params, t.init(params), params)
+  blob = flax_ser.to_bytes(st)
+  back = flax_ser.from_bytes(t.init(params), blob)
+  for a, b in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  fp8 = tx.adamw(1e-2, state_dtype=jnp.float8_e4m3fn).init(params)
+  conv = flax_ser.from_bytes(fp8, blob)
+  mu = conv[0].mu["w"]
+  assert mu.fmt is Q.FLOAT8_E4M3
+  want = np.asarray(st[0].mu["w"].dequantize())
+  np.testing.assert_allclose(np.asarray(mu.dequantize()), want, rtol=2 ** -3,
+                             atol=float(np.abs(want).max()) * 2 ** -9)
+  small = tx.adamw(1e-2, state_dtype="int8").init({"w": jnp.zeros((80, 90)), "b": params["b"]})
+  with pytest.raises(ValueError, match="codes"):
+    flax_ser.from_bytes(small, blob)
