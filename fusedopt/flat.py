@@ -623,7 +623,7 @@ def run_leaves_quantized(opt_def, rule, scalars, seg, layout, gi, p_leaves, g_le
       size = one.groups[0].size
       flat = tuple(x if quantization.is_quantized(x) else
                    jnp.pad(jnp.ravel(x), (0, size - sg.size)) for x in st)
-      backend = registry.select_quantized(opt_def.backend, one, 0, rule)
+      backend = registry.select_quantized(opt_def.backend, one, 0, rule, leaf_state=True)
       p1, st1, part = registry.differentiable(backend, quantized=True)(*args, flat)
       st1 = tuple(y if quantization.is_quantized(y) else y[:sg.size].reshape(sg.shape)
                   for y in st1)

@@ -132,11 +132,14 @@ def auto_choice(layout, gi: int, rule) -> common.Backend:
   return get("jnp")
 
 
-def select_quantized(name: str, layout, gi: int, rule) -> common.Backend:
+def select_quantized(name: str, layout, gi: int, rule, leaf_state: bool = False
+                     ) -> common.Backend:
   """The backend that runs ``rule`` over group ``gi`` whose state has quantized fields
   (``Backend.run_quantized``): ``auto``'s choice where it has a quantized kernel (the native
-  kernels on a CPU), else jnp; an explicit backend without one (Pallas, Triton) warns once and
-  runs the group on jnp."""
+  kernels on a CPU; with per-leaf state, as ``auto_leaf_choice``, only with one device), else
+  jnp; an explicit backend without one (Pallas) warns once and runs the group on jnp."""
+  if name == "auto" and leaf_state and jax.device_count() > 1:
+    return get("jnp")   # the caller may shard the step; XLA would gather a custom call's operands
   if name == "auto":
     backend = auto_choice(layout, gi, rule)
   else:

@@ -201,6 +201,9 @@ def test_tx_state_sharded_like_the_params_on_8_devices():
   assert all(rep["state_sharded_like_params"].values()), rep["state_sharded_like_params"]
   for key, d in rep["max_rel_diff"].items():
     assert d <= 1e-6, (key, d)
+  # quantized tx state on 8 devices: auto runs it on jnp (no custom call to gather operands for)
+  assert rep["quantized"]["custom_calls"] == [], rep["quantized"]
+  assert rep["quantized"]["max_rel_diff"] <= 1e-6, rep["quantized"]
 
 
 # ----------------------------------------------------------------------------- in process

@@ -65,6 +65,26 @@ def main():
       out["max_rel_diff"][key] = max(
           float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / (1e-30 + np.max(np.abs(b)))))
           for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(ref_p)))
+  # quantized state (state_dtype="int8", not params-shaped): with several devices auto runs its
+  # leaves on jnp (a native custom call would make XLA gather sharded operands); the step jits
+  # with the params sharded and equals one device's
+  qparams = {"big": jnp.asarray(rng.standard_normal((128, 64)), jnp.float32),
+             "b": jnp.asarray(rng.standard_normal((48,)), jnp.float32)}
+  q_shard = {"big": NamedSharding(mesh, P("data")), "b": NamedSharding(mesh, P())}
+  t = tx.adamw(1e-2, weight_decay=1e-2, state_dtype="int8")
+  qstate = t.init(qparams)
+  qg = jax.tree_util.tree_map(lambda x: x * 0.1, qparams)
+  step = lambda p, s, g: tx.update_and_apply(t, g, s, p)   # noqa: E731
+  jitted = jax.jit(step, in_shardings=(q_shard, None, q_shard))
+  hlo = jitted.lower(qparams, qstate, qg).compile().as_text()
+  got, _ = jitted(jax.device_put(qparams, q_shard), qstate, jax.device_put(qg, q_shard))
+  want, _ = jax.jit(step)(qparams, qstate, qg)
+  out["quantized"] = {
+      "custom_calls": sorted(set(re.findall(r'custom_call_target="(fusedopt[^"]*)"', hlo))),
+      "max_rel_diff": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))
+                                       / (1e-30 + np.max(np.abs(b)))))
+                          for a, b in zip(jax.tree_util.tree_leaves(got),
+                                          jax.tree_util.tree_leaves(want)))}
   print(json.dumps(out))
 
 
