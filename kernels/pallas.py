@@ -21,8 +21,10 @@ run time, so schedules and overrides never recompile. Params and state are updat
 The math is ``rule.fn`` — the same function the jnp oracle and the per-leaf path call — traced
 with ``jax.numpy`` inside the kernel body, in float32 whatever the storage dtype.
 """
+import dataclasses
 import functools
 import types
+import warnings
 from typing import Dict, Optional, Tuple
 
 import jax
@@ -32,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.extend import core as jax_core
 
 from fusedopt import elementwise
-from fusedopt.kernels import common
+from fusedopt.kernels import common, symbolic
 
 F32 = jnp.float32
 ALIGN = common.ALIGN
@@ -258,6 +260,220 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
   return new_p, new_state, sums
 
 
+# ----------------------------------------------------------------------------- quantized state
+
+QROW = 256   # a row of the quantized kernel: one block of quantization.BLOCK elements
+
+
+def _precise(fn, ops, *args):
+  """``fn(*args)`` on float32 arrays with the primitives in ``ops`` replaced (``_eval_jaxpr``:
+  on a GPU, IEEE-rounded PTX instead of Triton's contracted or approximate forms)."""
+  if not ops:
+    return fn(*args)
+  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+  outs = _eval_jaxpr(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), ops)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+def _u32(v):
+  return jnp.uint32(v)
+
+
+def _decode_e4m3(codes):
+  """float32 values of e4m3 codes (uint8) in integer arithmetic, as the native kernel decodes
+  them (no table: Mosaic has no gather from one)."""
+  c = codes.astype(jnp.uint32)
+  a = c & _u32(0x7F)
+  sign = (c & _u32(0x80)) << 24
+  nrm = (a << 20) + _u32(120 << 23)
+  sub = lax.bitcast_convert_type(a.astype(F32) * F32(2.0 ** -9), jnp.uint32)
+  mag = jnp.where(a >= _u32(8), nrm, sub)
+  mag = jnp.where(a == _u32(0x7F), _u32(0x7FC00000), mag)
+  return lax.bitcast_convert_type(sign | mag, F32)
+
+
+def _encode_e4m3(y, ops):
+  """(codes uint8 [R, QROW], scales float32 [R, 1]) of the rows ``y``: absmax per row, ``y *
+  448 / absmax`` clipped and rounded to nearest-even e4m3 in integer arithmetic -- the native
+  kernel's encode, its float operations IEEE-rounded on a GPU (``ops``)."""
+  am = jnp.max(jnp.abs(y), axis=1, keepdims=True)
+  bad = jnp.max(jnp.where(y != y, 1, 0), axis=1, keepdims=True)
+  am = jnp.where(bad > 0, F32(jnp.nan), am)
+
+  def scaled(y, am):
+    inv = jnp.where(am > 0, F32(448.0) / am, F32(0.0))
+    return y * inv, am * F32(1.0 / 448.0)
+  z, scale = _precise(scaled, ops, y, am)
+  u = lax.bitcast_convert_type(z, jnp.uint32)
+  a = u & _u32(0x7FFFFFFF)
+  a = jnp.where(a > _u32(0x7F800000), a, jnp.minimum(a, _u32(0x43E00000)))
+  nrm = ((a + _u32(0x7FFFF) + ((a >> 20) & _u32(1))) >> 20) - _u32(960)
+  # subnormal: |y| * 2^9 (exact) rounded to nearest even: on a GPU the native kernel's
+  # add-and-subtract 2^23 in IEEE-rounded PTX (Triton lowers no round); elsewhere lax.round
+  # (XLA would fold the add and subtract away)
+  f = lax.bitcast_convert_type(a, F32) * F32(512.0)
+  if ops:
+    x = _precise(lambda f: (f + F32(8388608.0)) - F32(8388608.0), ops, f)
+  else:
+    x = lax.round(f, lax.RoundingMethod.TO_NEAREST_EVEN)
+  sub = x.astype(jnp.uint32)
+  code = ((u >> 24) & _u32(0x80)) | jnp.where(a > _u32(0x7F800000), _u32(0x7F),
+                                              jnp.where(a >= _u32(0x3C800000), nrm, sub))
+  return code.astype(jnp.uint8), scale
+
+
+def _quantized_kernel(rule, n_seg, fp8, precise, *refs):
+  """One block of rows: refs are [scalars, seg tables..., p, (g), per field: codes and scales
+  (e4m3) or the buffer] then outputs [(p), per field: codes and scales or the buffer (where the
+  rule writes its state), per-row sums...]."""
+  refs = list(refs)
+  take = lambda k: [refs.pop(0) for _ in range(k)]  # noqa: E731
+  (s_ref,), q_refs, (p_ref,) = take(1), take(n_seg), take(1)
+  g_ref = take(1)[0] if rule.reads_grad else None
+  fields = [take(2) if q else take(1) for q in fp8]
+  p_out = take(1)[0] if rule.writes_param else None
+  outs = [take(2) if q else take(1) for q in fp8] if rule.writes_state else []
+  sum_outs = refs
+  s = {k: s_ref[j] for j, k in enumerate(rule.scalars)}
+  q = {k: r[...] for k, r in zip(rule.seg_scalars, q_refs)}
+  p = p_ref[...].astype(F32)
+  g = g_ref[...].astype(F32) if g_ref is not None else jnp.zeros((), F32)
+  ops = _gpu_precise_ops() if precise else None
+  state = tuple(_decode_e4m3(f[0][...]) * f[1][...] if quant else f[0][...].astype(F32)
+                for f, quant in zip(fields, fp8))
+  no_sums = rule if rule.sumsq is None else dataclasses.replace(rule, sumsq=None)
+  new_p, new_state = _call_rule(no_sums.fn, s, q, p, g, state, ops)
+  if p_out is not None:
+    p_out[...] = new_p.astype(p_out.dtype)
+  ok = s["ok"] != 0 if "ok" in rule.scalars else None
+  stored = list(state)
+  for k, (o, x, old, quant) in enumerate(zip(outs, new_state, fields, fp8)):
+    if symbolic.passed_through(rule)[k]:
+      for dst, src in zip(o, old):
+        dst[...] = src[...]
+      continue
+    if not quant:
+      o[0][...] = x.astype(o[0].dtype)
+      stored[k] = o[0][...].astype(F32)
+      continue
+    codes, scale = _encode_e4m3(x, ops)
+    if ok is not None:
+      codes = jnp.where(ok, codes, old[0][...])
+      scale = jnp.where(ok, scale, old[1][...])
+    o[0][...] = codes
+    o[1][...] = scale
+    stored[k] = _decode_e4m3(codes) * scale
+  if sum_outs:
+    terms = _call_rule(rule.sumsq, s, q, p, g, tuple(stored), ops)
+    for o, t in zip(sum_outs, terms):
+      o[...] = jnp.sum(t * t, axis=1, keepdims=True)
+
+
+def quantized_warps(tuning) -> int:
+  """Warps of the quantized kernel on a GPU: twice the table's (the guarded, master-weights
+  Adam over e4m3 state spills at 4 on sm_90, at 8 nothing does)."""
+  return 2 * tuning.num_warps
+
+
+def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=None):
+  """``flat_update`` where state fields may be e4m3 ``quantization.QuantizedArray``s: rows of
+  one 256-element block (``seg_rows``: per-row tables); decode, the rule, the row's absmax and
+  encode in one ``pallas_call``; codes and scales in place. A field the rule passes through
+  keeps its codes; a checked step's skip (``ok`` = 0) keeps codes and scales; per-row sums of
+  ``rule.sumsq``'s terms over the state as stored. The int8 maps need table lookups, which
+  Mosaic does not lower: ``run_quantized`` runs those groups on jnp."""
+  from fusedopt import quantization  # pylint: disable=import-outside-toplevel
+  plat = _platform(platform)
+  n = p.shape[0]
+  rows = n // QROW
+  if any(quantization.is_quantized(x) and not x.fmt.is_fp8 for x in state):
+    raise ValueError("the Pallas quantized kernel stores e4m3 (float8_e4m3fn) state only")
+  fp8 = [quantization.is_quantized(x) for x in state]
+  tuning = tuning or default_tuning(rule, p.dtype, plat)
+  block = _largest_pow2_divisor(rows, max(1, tuning.block // QROW))
+  s_vec = jnp.stack([jnp.asarray(scalars[k], F32) for k in rule.scalars]
+                    + [jnp.zeros((), F32)] * (_pad_pow2(len(rule.scalars)) - len(rule.scalars)))
+  q_cols = [jnp.asarray(seg_rows[k], F32)[:, None] for k in rule.seg_scalars]
+  if plat == "tpu" and block < 32 and block != rows:
+    block = rows   # uint8 codes tile (32, 128) on a TPU
+  blk = pl.BlockSpec((block, QROW), lambda i: (i, 0))
+  col = pl.BlockSpec((block, 1), lambda i: (i, 0))
+  if plat == "tpu":
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
+    s_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
+    params = pltpu.CompilerParams(dimension_semantics=("parallel",))
+  else:
+    s_spec = pl.BlockSpec((s_vec.shape[0],), lambda i: (0,))
+    params = None
+    if plat == "gpu":   # twice the warps: the encode's registers (spills at 4 on sm_90)
+      from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
+      params = plgpu.CompilerParams(num_warps=quantized_warps(tuning),
+                                    num_stages=tuning.num_stages)
+  view = lambda x: x.reshape(rows, QROW)  # noqa: E731
+  ins = [s_vec, *q_cols, view(p)] + ([view(g)] if rule.reads_grad else [])
+  specs = [s_spec] + [col] * len(q_cols) + [blk] * (len(ins) - 1 - len(q_cols))
+  bufs = []
+  for x in state:
+    if quantization.is_quantized(x):
+      bufs += [(len(ins), x.codes.reshape(rows, QROW)), (len(ins) + 1, x.scales[:, None])]
+      ins += [bufs[-2][1], bufs[-1][1]]
+      specs += [blk, col]
+    else:
+      bufs.append((len(ins), view(x)))
+      ins.append(view(x))
+      specs.append(blk)
+  out_shape, out_specs, aliases = [], [], {}
+  if rule.writes_param:
+    if rule.param_in_place:
+      aliases[1 + len(q_cols)] = 0
+    out_shape.append(jax.ShapeDtypeStruct((rows, QROW), p.dtype))
+    out_specs.append(blk)
+  if rule.writes_state:
+    for idx, x in bufs:
+      aliases[idx] = len(out_shape)
+      out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+      out_specs.append(col if x.shape[1] == 1 else blk)
+  n_big = len(out_shape)
+  n_sums = elementwise.num_sumsq_terms(rule)
+  out_shape += [jax.ShapeDtypeStruct((rows, 1), F32)] * n_sums
+  out_specs += [col] * n_sums
+  outs = pl.pallas_call(
+      functools.partial(_quantized_kernel, rule, len(q_cols), tuple(fp8), plat == "gpu"),
+      out_shape=out_shape, grid=(rows // block,), in_specs=specs, out_specs=out_specs,
+      input_output_aliases=aliases, compiler_params=params, interpret=plat == "interpret",
+      name=f"fusedopt_q_{rule.name}")(*ins)
+  new_p = outs[0].reshape(-1) if rule.writes_param else None
+  new_state = tuple(state)
+  if rule.writes_state:
+    it = iter(outs[1 if rule.writes_param else 0:n_big])
+    new_state = tuple(quantization.QuantizedArray(next(it).reshape(-1), next(it).reshape(-1),
+                                                  x.fmt, x.block)
+                      if quantization.is_quantized(x) else next(it).reshape(-1) for x in state)
+  sums = tuple(o.reshape(-1) for o in outs[n_big:]) if n_sums else None
+  return new_p, new_state, sums
+
+
+def _run_quantized(platform):
+  """``Backend.run_quantized``: ``flat_update_quantized`` on the packed params and grads where
+  every quantized field is e4m3; a group with int8 fields runs on jnp (warned once)."""
+  from fusedopt import quantization  # pylint: disable=import-outside-toplevel
+  from fusedopt.kernels import jnp as jnp_backend  # pylint: disable=import-outside-toplevel
+  update = common.at_unit(functools.partial(flat_update_quantized, platform=platform), QROW)
+  packed = common.packed_run_group(update, grad_dtype_ok=lambda d: True)
+
+  def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
+    if any(quantization.is_quantized(x) and not x.fmt.is_fp8 for x in state):
+      # (Python's default filter shows it once per call site)
+      warnings.warn("the Pallas kernels have no kernel for int8 quantized state (its table "
+                    "lookups do not lower to Mosaic): those groups run on the jnp backend "
+                    "(float8_e4m3fn state runs on the Pallas kernels)", RuntimeWarning,
+                    stacklevel=4)
+      return jnp_backend.run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves,
+                                       state)
+    return packed(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+  return run
+
+
 def bytes_per_element(rule, p_dtype=F32, g_dtype=F32, state_dtype=F32) -> int:
   """HBM traffic of one ``flat_update`` per parameter (the roofline model of the benchmark)."""
   return common.bytes_per_element(rule, p_dtype, g_dtype, state_dtype)
@@ -282,7 +498,8 @@ def _backend(name, platform):
   update = common.at_unit(functools.partial(flat_update, platform=platform), ALIGN)
   return common.Backend(name, common.packed_run_group(update, grad_dtype_ok=lambda d: True),
                         update, unit=ALIGN, supports=supports,
-                        unavailable=_unavailable if platform is None else (lambda: None))
+                        unavailable=_unavailable if platform is None else (lambda: None),
+                        run_quantized=_run_quantized(platform))
 
 
 BACKENDS = {"pallas": _backend("pallas", None),

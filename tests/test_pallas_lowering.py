@@ -316,3 +316,48 @@ def test_t2_master_weights_never_load_the_low_precision_param():
   master = uses(with_master(ADAM_RULE))
   assert master[1] == 1 and all(u > 1 for u in master[2:])
   assert all(u > 1 for u in uses(ADAM_RULE)[1:])
+
+
+# ----------------------------------------------------------------------------- quantized (fp8)
+
+def _quantized_fn(rule, platform, n, fields):
+  """f(p, g, codes/scales or buffer per field...) -> ``flat_update_quantized``'s outputs."""
+  from fusedopt import quantization as Q   # pylint: disable=import-outside-toplevel
+
+  def f(p, g, *bufs):
+    bufs, state = list(bufs), []
+    for kind in fields:
+      if kind == "fp8":
+        state.append(Q.QuantizedArray(bufs.pop(0), bufs.pop(0), Q.FLOAT8_E4M3))
+      else:
+        state.append(bufs.pop(0))
+    scalars = {k: jnp.float32(0.5) + 0 * p[0].astype(jnp.float32) for k in rule.scalars}
+    return kp.flat_update_quantized(rule, scalars, {}, p, g, tuple(state), platform=platform)
+  sds = [jax.ShapeDtypeStruct((n,), jnp.float32)] * 2
+  for kind in fields:
+    sds += ([jax.ShapeDtypeStruct((n,), jnp.uint8), jax.ShapeDtypeStruct((n // 256,), jnp.float32)]
+            if kind == "fp8" else [jax.ShapeDtypeStruct((n,), jnp.float32)])
+  return f, sds
+
+
+QUANTIZED_RULES = [(ADAM_RULE, ("fp8", "fp8")),
+                   (guarded(with_master(ADAM_RULE)), ("fp8", "fp8", "f32"))]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (the `test` extra has it)")
+@pytest.mark.parametrize("rule, fields", QUANTIZED_RULES, ids=lambda x: getattr(x, "name", "-"))
+def test_quantized_fp8_kernel_lowers_for_cuda_and_tpu(rule, fields):
+  """The Pallas kernel over e4m3 state lowers for CUDA (Triton: a cubin for sm_90 without
+  spills, every float operation IEEE-rounded, no FMA) and for a TPU (Mosaic)."""
+  n = 64 * kp.ALIGN
+  f, sds = _quantized_fn(rule, "gpu", n, fields)
+  with kp.targeting("gpu"):
+    [(name, ttir)] = ttir_texts(lower_cuda(f, *sds))
+  assert name == f"fusedopt_q_{rule.name}"
+  k = compile_ttir(ttir, 90, num_warps=kp.quantized_warps(kp.default_tuning(rule, jnp.float32,
+                                                                          "gpu")))
+  st = ptxas_stats(k.asm["ptx"], 90)
+  assert st["spill_stores"] == 0 and st["spill_loads"] == 0, st["text"]
+  assert "fma.rn.f32" not in k.asm["ptx"] and "div.rn.f32" in k.asm["ptx"]
+  f, sds = _quantized_fn(rule, "tpu", n, fields)
+  assert "tpu_custom_call" in lower_tpu(f, *sds).as_text()

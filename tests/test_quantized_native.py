@@ -263,26 +263,81 @@ def test_native_encoder_codes_every_edge_as_numpy(fmt):
 READ_STATE = ew.Rule("read_state", lambda xp, s, q, p, g, m: (m, (m,)), (), 1)
 
 
-@pytest.mark.parametrize("fmt", [S8, U8, F8], ids=lambda f: f.name)
-def test_native_decodes_every_code(fmt):
-  """The kernel's decode of each of the 256 codes (a table read for the dynamic maps, integer
-  arithmetic for e4m3) is the format's value (the map's, ml_dtypes' e4m3), NaN where it is NaN:
-  a rule writing the decoded state into the params, scale 1 and 0.5."""
-  from fusedopt.kernels import native   # pylint: disable=import-outside-toplevel
-  codes = np.tile(np.arange(256, dtype=np.uint8), 2)
-  scales = np.array([1.0, 0.5], np.float32)
-  layout = FlatLayout.build({"x": np.zeros(512, np.float32)}, quantize=(1, B))
+def check_decoder(run, fmt):
+  """``run``'s decode of each of the 256 codes is the format's value (the map's, ml_dtypes'
+  e4m3), NaN where it is NaN: a rule writing the decoded state into the params, scale 1 and
+  0.5; the codes passed through stay."""
+  codes = np.tile(np.arange(256, dtype=np.uint8), 4)
+  scales = np.array([1.0, 0.5, 1.0, 0.5], np.float32)
+  layout = FlatLayout.build({"x": np.zeros(1024, np.float32)}, quantize=(1, B))
   state = (Q.QuantizedArray(jnp.asarray(codes), jnp.asarray(scales), fmt),)
-  out_p, (kept,), _ = native.run_quantized(READ_STATE, {}, {}, layout, 0,
-                                           [jnp.zeros(512, jnp.float32)], [jnp.zeros(512)],
-                                           state)
+  out_p, (kept,), _ = run(READ_STATE, {}, {}, layout, 0, [jnp.zeros(1024, jnp.float32)],
+                          [jnp.zeros(1024)], state)
   if fmt.is_fp8:
     values = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
   else:
     values = Q.dynamic_map(fmt is S8)
-  want = np.concatenate([values, values * np.float32(0.5)])
+  want = np.tile(np.concatenate([values, values * np.float32(0.5)]), 2)
   assert same_bits(np.asarray(out_p[0]), want)
   np.testing.assert_array_equal(np.asarray(kept.codes), codes)   # passed through
+
+
+@pytest.mark.parametrize("fmt", [S8, U8, F8], ids=lambda f: f.name)
+def test_native_decodes_every_code(fmt):
+  """A table read for the dynamic maps, integer arithmetic for e4m3."""
+  from fusedopt.kernels import native   # pylint: disable=import-outside-toplevel
+  check_decoder(native.run_quantized, fmt)
+
+
+def test_pallas_fp8_kernel_in_interpret_mode():
+  """The Pallas kernel for e4m3 state (``pallas.flat_update_quantized``), in interpret mode:
+  it decodes every code and encodes every value where a code changes exactly as the reference
+  does (bitwise), and an Adam step with a checked skip and a pass-through field matches the
+  native kernel -- bitwise where nothing cancels: XLA:CPU contracts multiply-adds in the
+  interpreted kernel (the GPU kernel rounds each operation), which moves values that nearly
+  cancel by more than an ulp. An int8 group warns and runs on jnp."""
+  import warnings   # pylint: disable=import-outside-toplevel
+  from fusedopt.kernels import native, registry   # pylint: disable=import-outside-toplevel
+  run = registry.get("pallas_interpret").run_quantized
+  check_decoder(run, F8)
+  check_encoder(run, F8)
+  rng = np.random.RandomState(7)
+  tree = {f"l{i}": np.abs(rng.standard_normal(s)).astype(np.float32)
+          for i, s in enumerate(SHAPES)}
+  layout = FlatLayout.build(tree, quantize=(1, B))
+  n = layout.groups[0].size
+  p = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+  g = [jnp.asarray(np.abs(rng.standard_normal(x.shape)).astype(np.float32)) for x in p]
+  state = tuple(_random_field(rng, F8, n, True) for _ in range(2))   # all positive: no cancel
+  real = np.zeros(n // B, bool)
+  for sg in layout.segments:
+    real[sg.offset // B:-(-(sg.offset + sg.size) // B)] = True
+  for rule in (ew.guarded(ADAM_RULE), ew.with_master(APPLY_RULE)):
+    st = state if "master" not in rule.name else state + (layout.pack_group(p, 0, jnp.float32),)
+    for ok in ((1.0, 0.0) if "ok" in rule.scalars else (1.0,)):
+      sc = {k: jnp.float32(v) for k, v in random_scalars(rule, rng, ok).items()}
+      seg = {k: jnp.full((len(p),), 0.5, jnp.float32) for k in rule.seg_scalars}
+      got = run(rule, sc, seg, layout, 0, p, g, st)
+      want = native.run_quantized(rule, sc, seg, layout, 0, p, g, st)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape == (n // B,) or a.shape == (n,):   # a quantized field: its real blocks
+          # (the flat kernel also runs the padding-only blocks, which native leaves alone)
+          keep = np.repeat(real, B) if a.shape == (n,) else real
+          a, b = a[keep], b[keep]
+        if a.dtype == np.uint8:
+          assert np.count_nonzero(a != b) <= a.size // 1000, (rule.name, ok)
+        else:
+          # within an ulp of the leaf's scale (p' - p near zero: the ulp is p's)
+          np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-6,
+                                     atol=2e-7 * float(np.max(np.abs(b.astype(np.float32)))),
+                                     err_msg=rule.name)
+  int8 = (Q.QuantizedArray.zeros(n, S8), Q.QuantizedArray.zeros(n, U8))
+  sc = {k: jnp.float32(v) for k, v in random_scalars(ADAM_RULE, rng).items()}
+  with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    run(ADAM_RULE, sc, {}, layout, 0, p, g, int8)
+  assert any("int8 quantized state" in str(x.message) for x in w)
 
 
 @pytest.mark.parametrize("fmt", [S8, U8, F8], ids=lambda f: f.name)
