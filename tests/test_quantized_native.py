@@ -292,34 +292,42 @@ def test_native_decodes_every_code(fmt):
 def test_pallas_fp8_kernel_in_interpret_mode():
   """The Pallas kernel for e4m3 state (``pallas.flat_update_quantized``), in interpret mode:
   it decodes every code and encodes every value where a code changes exactly as the reference
-  does (bitwise), and an Adam step with a checked skip and a pass-through field matches the
-  native kernel -- bitwise where nothing cancels: XLA:CPU contracts multiply-adds in the
-  interpreted kernel (the GPU kernel rounds each operation), which moves values that nearly
-  cancel by more than an ulp. An int8 group warns and runs on jnp."""
+  does (bitwise), and Adam (with a checked skip, per-tensor scalars), LAMB's moment pass (its
+  sums over the stored moments) and its apply pass under master weights (a pass-through field)
+  match the native kernel within XLA:CPU's contractions (the interpreted kernel's multiply-adds
+  are contracted; the GPU kernel rounds each operation). An int8 group warns and runs on jnp."""
   import warnings   # pylint: disable=import-outside-toplevel
   from fusedopt.kernels import native, registry   # pylint: disable=import-outside-toplevel
   run = registry.get("pallas_interpret").run_quantized
   check_decoder(run, F8)
   check_encoder(run, F8)
   rng = np.random.RandomState(7)
-  tree = {f"l{i}": np.abs(rng.standard_normal(s)).astype(np.float32)
-          for i, s in enumerate(SHAPES)}
+  tree = {f"l{i}": np.abs(rng.standard_normal(s)).astype(np.float32)   # (interpret mode: small)
+          for i, s in enumerate([(300,), (7,), (33, 65)])}
   layout = FlatLayout.build(tree, quantize=(1, B))
   n = layout.groups[0].size
   p = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
   g = [jnp.asarray(np.abs(rng.standard_normal(x.shape)).astype(np.float32)) for x in p]
-  state = tuple(_random_field(rng, F8, n, True) for _ in range(2))   # all positive: no cancel
   real = np.zeros(n // B, bool)
   for sg in layout.segments:
     real[sg.offset // B:-(-(sg.offset + sg.size) // B)] = True
-  for rule in (ew.guarded(ADAM_RULE), ew.with_master(APPLY_RULE)):
+  # all positive (nothing cancels); zero in the padding-only blocks, as a real state is there
+  # (the flat kernel's per-tensor sums include them, native's do not)
+  state = tuple(Q.QuantizedArray(x.codes * jnp.repeat(jnp.asarray(real, jnp.uint8), B),
+                                 jnp.where(jnp.asarray(real), x.scales, 0.0), F8)
+                for x in (_random_field(rng, F8, n, True) for _ in range(2)))
+  for rule in (ew.guarded(ADAM_RULE), ew.with_master(APPLY_RULE), MOMENTS_RULE,
+               ew.per_segment(ADAM_RULE)):
     st = state if "master" not in rule.name else state + (layout.pack_group(p, 0, jnp.float32),)
     for ok in ((1.0, 0.0) if "ok" in rule.scalars else (1.0,)):
       sc = {k: jnp.float32(v) for k, v in random_scalars(rule, rng, ok).items()}
-      seg = {k: jnp.full((len(p),), 0.5, jnp.float32) for k in rule.seg_scalars}
+      seg = {k: jnp.asarray(rng.uniform(0.05, 0.9, len(p)), jnp.float32)
+             for k in rule.seg_scalars}
       got = run(rule, sc, seg, layout, 0, p, g, st)
       want = native.run_quantized(rule, sc, seg, layout, 0, p, g, st)
-      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      for x, y in zip(got[2] or (), want[2] or ()):   # LAMB's sums over the stored moments
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5)
+      for a, b in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(want[:2])):
         a, b = np.asarray(a), np.asarray(b)
         if a.shape == (n // B,) or a.shape == (n,):   # a quantized field: its real blocks
           # (the flat kernel also runs the padding-only blocks, which native leaves alone)
