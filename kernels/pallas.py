@@ -169,6 +169,26 @@ def _kernel(rule, n_seg, precise, *refs):
       o[...] = jnp.sum(t * t, axis=1, keepdims=True)
 
 
+def _scalar_vector(rule, scalars):
+  """The step's scalars as one float32 vector, padded to a power of two."""
+  return jnp.stack([jnp.asarray(scalars[k], F32) for k in rule.scalars]
+                   + [jnp.zeros((), F32)] * (_pad_pow2(len(rule.scalars)) - len(rule.scalars)))
+
+
+def _launch(plat, s_vec, num_warps, num_stages):
+  """(the scalars' BlockSpec, the compiler parameters) of a ``pallas_call`` on ``plat``: on a
+  TPU the scalars in SMEM and a parallel grid; on a GPU the Triton launch parameters."""
+  if plat == "tpu":
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
+    return (pl.BlockSpec(memory_space=pltpu.SMEM),
+            pltpu.CompilerParams(dimension_semantics=("parallel",)))
+  s_spec = pl.BlockSpec((s_vec.shape[0],), lambda i: (0,))
+  if plat == "gpu":
+    from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
+    return s_spec, plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  return s_spec, None
+
+
 def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=None):
   """Runs ``rule`` over flat buffers in one ``pallas_call``.
 
@@ -205,23 +225,13 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
   per_unit = ALIGN // width
   block = _largest_pow2_divisor(units, tuning.block // ALIGN) * per_unit
 
-  s_vec = jnp.stack([jnp.asarray(scalars[k], F32) for k in rule.scalars]
-                    + [jnp.zeros((), F32)] * (_pad_pow2(len(rule.scalars)) - len(rule.scalars)))
+  s_vec = _scalar_vector(rule, scalars)
   q_cols = [jnp.repeat(jnp.asarray(seg_rows[k], F32), per_unit)[:, None] if per_unit > 1
             else jnp.asarray(seg_rows[k], F32)[:, None] for k in rule.seg_scalars]
 
   blk = pl.BlockSpec((block, width), lambda i: (i, 0))
   col = pl.BlockSpec((block, 1), lambda i: (i, 0))
-  if plat == "tpu":
-    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
-    s_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
-    params = pltpu.CompilerParams(dimension_semantics=("parallel",))
-  else:
-    s_spec = pl.BlockSpec((s_vec.shape[0],), lambda i: (0,))
-    params = None
-    if plat == "gpu":
-      from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
-      params = plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages)
+  s_spec, params = _launch(plat, s_vec, tuning.num_warps, tuning.num_stages)
 
   view = lambda x: x.reshape(rows, width)  # noqa: E731
   ins = [s_vec, *q_cols, view(p)] + ([view(g)] if rule.reads_grad else [])
@@ -391,24 +401,14 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
   fp8 = [quantization.is_quantized(x) for x in state]
   tuning = tuning or default_tuning(rule, p.dtype, plat)
   block = _largest_pow2_divisor(rows, max(1, tuning.block // QROW))
-  s_vec = jnp.stack([jnp.asarray(scalars[k], F32) for k in rule.scalars]
-                    + [jnp.zeros((), F32)] * (_pad_pow2(len(rule.scalars)) - len(rule.scalars)))
+  s_vec = _scalar_vector(rule, scalars)
   q_cols = [jnp.asarray(seg_rows[k], F32)[:, None] for k in rule.seg_scalars]
   if plat == "tpu" and block < 32 and block != rows:
     block = rows   # uint8 codes tile (32, 128) on a TPU
   blk = pl.BlockSpec((block, QROW), lambda i: (i, 0))
   col = pl.BlockSpec((block, 1), lambda i: (i, 0))
-  if plat == "tpu":
-    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
-    s_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
-    params = pltpu.CompilerParams(dimension_semantics=("parallel",))
-  else:
-    s_spec = pl.BlockSpec((s_vec.shape[0],), lambda i: (0,))
-    params = None
-    if plat == "gpu":   # twice the warps: the encode's registers (spills at 4 on sm_90)
-      from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
-      params = plgpu.CompilerParams(num_warps=quantized_warps(tuning),
-                                    num_stages=tuning.num_stages)
+  # twice the warps on a GPU: the encode's registers (spills at 4 on sm_90)
+  s_spec, params = _launch(plat, s_vec, quantized_warps(tuning), tuning.num_stages)
   view = lambda x: x.reshape(rows, QROW)  # noqa: E731
   ins = [s_vec, *q_cols, view(p)] + ([view(g)] if rule.reads_grad else [])
   specs = [s_spec] + [col] * len(q_cols) + [blk] * (len(ins) - 1 - len(q_cols))
