@@ -21,7 +21,6 @@ run time, so schedules and overrides never recompile. Params and state are updat
 The math is ``rule.fn`` — the same function the jnp oracle and the per-leaf path call — traced
 with ``jax.numpy`` inside the kernel body, in float32 whatever the storage dtype.
 """
-import dataclasses
 import functools
 import types
 import warnings
@@ -133,12 +132,7 @@ def _call_rule(rule_fn, s, q, p, g, state, overrides):
   """``rule_fn(jnp, s, q, p, g, *state)`` on float32 values, primitives in ``overrides`` replaced."""
   def fn(s, q, p, g, state):
     return rule_fn(_XP, types.SimpleNamespace(**s), types.SimpleNamespace(**q), p, g, *state)
-  if not overrides:
-    return fn(s, q, p, g, state)
-  args = (s, q, p, g, state)
-  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-  outs = _eval_jaxpr(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), overrides)
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+  return _precise(fn, overrides, s, q, p, g, state)
 
 
 def _kernel(rule, n_seg, precise, *refs):
@@ -351,8 +345,7 @@ def _quantized_kernel(rule, n_seg, fp8, precise, *refs):
   ops = _gpu_precise_ops() if precise else None
   state = tuple(_decode_e4m3(f[0][...]) * f[1][...] if quant else f[0][...].astype(F32)
                 for f, quant in zip(fields, fp8))
-  no_sums = rule if rule.sumsq is None else dataclasses.replace(rule, sumsq=None)
-  new_p, new_state = _call_rule(no_sums.fn, s, q, p, g, state, ops)
+  new_p, new_state = _call_rule(rule.fn, s, q, p, g, state, ops)
   if p_out is not None:
     p_out[...] = new_p.astype(p_out.dtype)
   ok = s["ok"] != 0 if "ok" in rule.scalars else None
