@@ -11,7 +11,7 @@ import collections
 import json
 import sys
 
-BACKENDS = ("auto", "native", "jnp", "pallas", "triton")
+BACKENDS = ("auto", "native", "jnp", "pallas", "mosaic_gpu", "triton")
 
 
 def rankings(payload):

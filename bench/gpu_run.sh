@@ -10,10 +10,15 @@
 #      importable -- jnp, torch fused/foreach AdamW; SWEEP=1 adds the block x num_warps sweeps);
 #   3. the Triton and Pallas numerics tests compiled for the GPU against the CPU oracle;
 #   4. with LOW_BIT=1, Adam's step with int8/fp8 state on the Triton kernels against float32 and
-#      the jnp path (bench.low_bit; 60 s: a second call, `NO_TREES=1 NO_TESTS=1 LOW_BIT=1`,
-#      when the first used its 550 s).
+#      the jnp path (bench.low_bit; 60 s);
+#   5. with MOSAIC=1 (Hopper and newer), the Mosaic GPU kernels (kernels/mosaic_gpu.py, issue 20):
+#      the Pallas numerics tests on them, then the GPT-2-124M Adam step and the kernel roofline
+#      beside the Triton-lowered Pallas kernels and jax-triton's (180 s).
+#   Stages 4 and 5 make the second call, when the first used its 550 s:
+#   `NO_TREES=1 NO_KERNELS=1 NO_TESTS=1 LOW_BIT=1 MOSAIC=1 bash bench/gpu_run.sh OUTDIR` (250 s).
 #   bash bench/gpu_run.sh OUTDIR [bench.kernels args...]
-# Variables: TREES, OPTIMS, KERNEL_OPTIMS, NO_TREES=1, NO_TESTS=1, LOW_BIT=1, *_TIMEOUT (seconds).
+# Variables: TREES, OPTIMS, IMPLS, KERNEL_OPTIMS, KERNEL_IMPLS, NO_TREES=1, NO_KERNELS=1,
+# NO_TESTS=1, LOW_BIT=1, MOSAIC=1, *_TIMEOUT (seconds).
 set -u
 OUTDIR=${1:-bench/results}; shift || true
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,13 +42,16 @@ if [ "${NO_TREES:-0}" != 1 ]; then
   stage "trees"
   timeout ${TREES_TIMEOUT:-210} python3 -m bench --device gpu \
     --trees ${TREES:-gpt2-124m,resnet50,small-2000} --optims ${OPTIMS:-adam,lamb} \
-    --impls optax,auto,jnp,pallas,triton --no-progress --out "$OUTDIR" 2>&1
+    --impls ${IMPLS:-optax,auto,jnp,pallas,triton} --no-progress --out "$OUTDIR" 2>&1
   stage "decide"   # per optimizer: the backend fastest on most trees (for kernels/registry.py auto_choice)
   python3 -m bench.decide $(ls -t "$OUTDIR"/gpu-*.json | head -1) 2>&1
 fi
-stage "kernels"
-timeout ${KERNELS_TIMEOUT:-130} python3 -m bench.kernels --device gpu --out "$OUTDIR" \
-  --optims ${KERNEL_OPTIMS:-adam,momentum,lamb} $([ "${SWEEP:-0}" = 1 ] && echo --sweep) "$@" 2>&1
+if [ "${NO_KERNELS:-0}" != 1 ]; then
+  stage "kernels"
+  timeout ${KERNELS_TIMEOUT:-130} python3 -m bench.kernels --device gpu --out "$OUTDIR" \
+    --optims ${KERNEL_OPTIMS:-adam,momentum,lamb} --impls ${KERNEL_IMPLS:-pallas,triton,jnp,torch} \
+    $([ "${SWEEP:-0}" = 1 ] && echo --sweep) "$@" 2>&1
+fi
 if [ "${NO_TESTS:-0}" != 1 ]; then
   stage "triton tests"
   (cd /tmp && timeout ${TRITON_TESTS_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider -x \
@@ -56,5 +64,16 @@ if [ "${LOW_BIT:-0}" = 1 ]; then
   stage "low-bit state"
   timeout ${LOW_BIT_TIMEOUT:-60} python3 -m bench.low_bit --trees gpt2-124m --runs 5 \
     --backend triton --jnp-path --out "$OUTDIR" --tag "gpu-$(date +%F)" 2>&1
+fi
+if [ "${MOSAIC:-0}" = 1 ]; then
+  stage "mosaic gpu tests"   # the Pallas numerics tests, run on the Mosaic GPU kernels
+  (cd /tmp && FUSEDOPT_TEST_GPU_BACKEND=mosaic_gpu timeout ${MOSAIC_TESTS_TIMEOUT:-60} \
+    python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_pallas_numerics.py" 2>&1 | tail -25)
+  stage "mosaic gpu step"
+  timeout ${MOSAIC_TREES_TIMEOUT:-60} python3 -m bench --device gpu --trees gpt2-124m --optims adam \
+    --impls pallas,mosaic_gpu,triton --no-progress --out "$OUTDIR" --tag mosaic 2>&1
+  stage "mosaic gpu kernels"
+  timeout ${MOSAIC_KERNELS_TIMEOUT:-60} python3 -m bench.kernels --device gpu --out "$OUTDIR" \
+    --optims adam --impls pallas,mosaic_gpu,triton --tag mosaic 2>&1
 fi
 stage "done"

@@ -43,7 +43,7 @@ from fusedopt.flat_state import ParamState
 
 from . import optims, trees
 
-FUSEDOPT_BACKENDS = ("auto", "native", "jnp", "pallas", "triton")
+FUSEDOPT_BACKENDS = ("auto", "native", "jnp", "pallas", "mosaic_gpu", "triton")
 # Where the torch rows run. Only CUDA is benchmarked (torch_cuda gates them); the tests point it
 # at "cpu" to check the torch runner against fusedopt where torch has no GPU.
 TORCH_DEVICE = "cuda"
@@ -69,7 +69,7 @@ def default_impls():
   """
   avail = fusedopt.available_backends()
   out = ["optax", "optax-flatten", "flax-loop", "auto", "tx", "tx-onepass"]
-  out += [b for b in ("jnp", "pallas", "triton") if b in avail]
+  out += [b for b in ("jnp", "pallas", "mosaic_gpu", "triton") if b in avail]
   if jax.default_backend() != "cpu" and "native" in avail:
     out.append("native")
   if torch_cuda():

@@ -196,11 +196,17 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--sweep", action="store_true")
   ap.add_argument("--out", default=os.path.join(report.HERE, "results"))
+  ap.add_argument("--tag", default=None, help="kernels-<device>-<date>-<tag>.{md,json}")
   args = ap.parse_args(argv)
-  avail = [b for b in ("pallas", "triton", "native", "jnp") if b in fusedopt.available_backends()]
+  avail = [b for b in ("pallas", "mosaic_gpu", "triton", "native", "jnp")
+           if b in fusedopt.available_backends()]
   if _torch_cuda():
     avail.append("torch")
   impls = args.impls.split(",") if args.impls else avail
+  missing = [i for i in impls if i not in avail]
+  if missing:   # named but not runnable here (torch without CUDA, mosaic_gpu before Hopper)
+    log(f"skipping {', '.join(missing)}: not available here")
+    impls = [i for i in impls if i in avail]
   n = 1 << args.log2n
   env = report.environment()
   log(f"{env['device']['jax_device']}: n = 2^{args.log2n}; impls {impls}")
@@ -237,7 +243,9 @@ def main(argv=None):
   print(md)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"kernels-{jax.default_backend()}-{env['date']}")
+    stem = os.path.join(args.out, report.free_stem(
+        args.out, f"kernels-{jax.default_backend()}-{env['date']}"
+        + (f"-{args.tag}" if args.tag else "")))
     with open(stem + ".json", "w") as f:
       json.dump(dict(env, results=results), f, indent=1, default=str)
     with open(stem + ".md", "w") as f:

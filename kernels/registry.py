@@ -24,9 +24,10 @@ import numpy as np
 
 from fusedopt.kernels import common, planes
 
-NAMES = ("auto", "jnp", "native", "pallas", "pallas_interpret", "triton", "triton_interpret")
+NAMES = ("auto", "jnp", "native", "pallas", "pallas_interpret", "mosaic_gpu", "triton",
+         "triton_interpret")
 MODULES = {"jnp": "jnp", "native": "native", "pallas": "pallas", "pallas_interpret": "pallas",
-           "triton": "triton", "triton_interpret": "triton"}
+           "mosaic_gpu": "mosaic_gpu", "triton": "triton", "triton_interpret": "triton"}
 
 
 def get(name: str) -> common.Backend:

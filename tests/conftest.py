@@ -70,7 +70,8 @@ LONGEST_FIRST = ("test_triton_kernels.py", "test_tx.py", "test_numerics.py", "te
                  "test_bench.py", "test_quantized_state.py", "test_backends.py",
                  "test_stochastic_rounding.py", "test_recent_optimizers.py",
                  "test_flax_conformance.py", "test_flax053_differential.py",
-                 "test_pallas_lowering.py", "test_pallas_numerics.py", "test_native_cache.py",
+                 "test_pallas_lowering.py", "test_pallas_numerics.py", "test_mosaic_gpu_lowering.py",
+                 "test_native_cache.py",
                  "test_checked_update.py")
 
 

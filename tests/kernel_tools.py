@@ -1,7 +1,7 @@
 """Helpers for verifying GPU/TPU kernels on a machine without either (see tests/test_pallas_lowering.py).
 
 - ``lower_cuda``: lowers a jitted function for CUDA on a CPU-only jaxlib (Pallas -> Triton IR
-  inside a ``__gpu$xla.gpu.triton`` custom call).
+  inside a ``__gpu$xla.gpu.triton`` custom call), under an abstract H100 (``gpu_abstract_mesh``).
 - ``ttir_texts``: the Triton IR of every such custom call in a lowered module.
 - ``compile_ttir`` / ``ptxas_stats``: compile that IR to PTX and cubin for a chosen SM with the
   ``triton`` package (it ships ptxas), and read ptxas's register/spill report.
@@ -18,8 +18,19 @@ import jax
 import pytest
 
 
+def gpu_abstract_mesh(device_kind="NVIDIA H100 80GB HBM3"):
+  """A one-device abstract mesh of a GPU: jax >= 0.12 asks it of a CUDA lowering on a host
+  without a GPU (Pallas' Triton lowering reads the GPU's compute capability from it)."""
+  return jax.sharding.AbstractMesh(
+      (1,), ("x",), (jax.sharding.AxisType.Explicit,),
+      abstract_device=jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1,
+                                                  platform="gpu"))
+
+
 def lower_cuda(f, *args, donate_argnums=()):
-  return jax.jit(f, donate_argnums=donate_argnums).trace(*args).lower(lowering_platforms=("cuda",))
+  with jax.sharding.use_abstract_mesh(gpu_abstract_mesh()):
+    return jax.jit(f, donate_argnums=donate_argnums).trace(*args).lower(
+        lowering_platforms=("cuda",))
 
 
 def ttir_texts(lowered):

@@ -18,6 +18,7 @@ LAYERS = [
     ("fusedopt.kernels.jnp",),
     ("fusedopt.kernels.native", "fusedopt.kernels.pallas", "fusedopt.kernels.triton",
      "fusedopt.kernels.planes"),
+    ("fusedopt.kernels.mosaic_gpu",),   # the Pallas driver's rule evaluation, on Mosaic GPU
     ("fusedopt.kernels.registry",),
     ("fusedopt.base",),
     ("fusedopt.flat_state",),

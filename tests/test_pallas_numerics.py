@@ -13,6 +13,8 @@ kernels (``backend="pallas"``). From the same state, one kernel step equals one 
 - LAMB and LARS: their trust ratios divide per-tensor norms, sums that each backend adds in its
   own order, so their steps and state agree to float32 summation error (rtol 2e-5).
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +27,11 @@ from fusedopt.elementwise import JNP, namespace
 from cases import CONFIGS, IDS, SHAPES, ulps_error
 
 ON_DEVICE = kp.available()
-BACKEND = "pallas" if ON_DEVICE else "pallas_interpret"
+# On a device, the compiled kernels: Pallas' own lowering, or with
+# FUSEDOPT_TEST_GPU_BACKEND=mosaic_gpu (a Hopper GPU: bench/gpu_run.sh MOSAIC=1) the Mosaic GPU
+# kernels, whose numerics no CPU can run (docs/mosaic-gpu.md).
+BACKEND = (os.environ.get("FUSEDOPT_TEST_GPU_BACKEND", "pallas") if ON_DEVICE
+           else "pallas_interpret")
 
 
 def _cpu():
@@ -140,10 +146,15 @@ def test_block_sizes_and_unit_counts(block_rows, units):
   v = jnp.asarray(rng.random_sample(n), jnp.float32)
   s = {"lr": 1e-2, "b1": .9, "one_minus_b1": .1, "b2": .999, "one_minus_b2": 1e-3,
        "bias_corr1": .19, "bias_corr2": 2e-3, "eps": 1e-8, "lr_wd": 1e-4}
-  tuning = kp.Tuning(block=block_rows * kp.ALIGN)
-  out_p, (out_m, out_v), _ = jax.jit(lambda *a: kp.flat_update(
-      ADAM_RULE, s, {}, a[0], a[1], a[2:], tuning=tuning,
-      platform=None if ON_DEVICE else "interpret"))(p, g, m, v)
+  if BACKEND == "mosaic_gpu":   # one block a unit: block_rows does not apply
+    from fusedopt.kernels import mosaic_gpu  # pylint: disable=import-outside-toplevel
+    update = lambda *a: mosaic_gpu.flat_update(ADAM_RULE, s, {}, a[0], a[1], a[2:])  # noqa: E731
+  else:
+    tuning = kp.Tuning(block=block_rows * kp.ALIGN)
+    update = lambda *a: kp.flat_update(  # noqa: E731
+        ADAM_RULE, s, {}, a[0], a[1], a[2:], tuning=tuning,
+        platform=None if ON_DEVICE else "interpret")
+  out_p, (out_m, out_v), _ = jax.jit(update)(p, g, m, v)
   ns = namespace({k: jnp.float32(x) for k, x in s.items()})
   ref_p, (ref_m, ref_v) = _on_oracle(jax.jit(lambda *a: ADAM_RULE.fn(JNP, ns, None, *a)),
                                       p, g, m, v)

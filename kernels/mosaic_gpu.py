@@ -1,0 +1,224 @@
+"""Pallas kernels on Mosaic GPU (Hopper and newer): the flat-buffer driver of ``kernels/pallas.py``
+for the GPU route jax keeps.
+
+jax 0.11 deprecates Pallas' Triton backend ("please migrate to the Mosaic GPU backend"). This
+module runs the same ``Rule``s over the same flat buffers with ``jax.experimental.pallas.
+mosaic_gpu`` (docs/mosaic-gpu.md has what was found about it and how it is verified):
+
+    view   (n / WIDTH, WIDTH), WIDTH = 256   a TMA copy moves at most 256 elements a dimension
+    block  (UNIT_ROWS, WIDTH) = one 1024-element layout unit (``common.ALIGN``)
+    grid   (units / steps,) CTAs of one warpgroup; each pipelines ``steps`` blocks through
+           shared memory (``plgpu.emit_pipeline``, ``Tuning.num_stages`` of them in flight)
+
+A block is one alignment unit, so it never straddles two tensors: a per-unit table (LAMB/LARS
+trust ratios, per-segment scalars) is one scalar per block read from global memory, and a
+per-unit sum of squares (``rule.sumsq``) one scalar per block written to it. The step's scalars
+are one float32 vector copied once per CTA, so schedules never recompile.
+
+Params and state are refs the kernel updates in place (``pl.run_state``): Pallas aliases them in
+and out of the custom call, as ``input_output_aliases`` does for ``pallas_call``.
+
+Arithmetic: Mosaic GPU lowers ``/`` to ``div.full.f32`` (2 ulp), has no ``sqrt`` lowering, and
+LLVM contracts a*b+c into fma. As on the Triton route (``pallas._gpu_precise_ops``), the rule's
+float32 div, sqrt, mul, add and sub become correctly rounded PTX (``div.rn.f32``,
+``sqrt.rn.f32``, ``mul.rn.f32``, ...) through ``plgpu.inline_mgpu``, so a GPU step reproduces the
+jnp oracle's float32 arithmetic.
+"""
+import functools
+from typing import Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from fusedopt import elementwise
+from fusedopt.kernels import common, pallas as kp
+
+F32 = jnp.float32
+ALIGN = common.ALIGN
+WIDTH = 256
+UNIT_ROWS = ALIGN // WIDTH
+SCALARS_PAD = 32        # a TMA copy moves a multiple of 128 bytes: the scalars as f32[32k]
+MAX_STEPS = 16          # blocks one CTA pipelines (the largest power of two dividing the units)
+supports = common.supports
+
+# One warpgroup per CTA (Mosaic GPU's unit of work); ``num_stages`` blocks in flight per buffer.
+# Not tuned on a GPU yet (issue 20): 2 stages of 4 KiB per f32 buffer.
+DEFAULT_TUNING: Dict[Tuple[str, int], common.Tuning] = {
+    ("gpu", 4): common.Tuning(block=ALIGN, num_warps=4, num_stages=2),
+    ("gpu", 2): common.Tuning(block=ALIGN, num_warps=4, num_stages=2),
+}
+
+
+def default_tuning(rule, p_dtype) -> common.Tuning:
+  return DEFAULT_TUNING[("gpu", min(jnp.dtype(p_dtype).itemsize, 4))]
+
+
+def _layout(shape):
+  """The register layout of every block value: two consecutive elements per thread (Mosaic's
+  own choice for a float32 load; bf16/f16 loads are given it too, so that values of every storage
+  dtype combine, and the inline PTX below sees one layout)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  return plgpu.Layout.WG_STRIDED(shape, vec_size=2)
+
+
+def _precise_ops(shape):
+  """float32 div/sqrt/mul/add/sub as correctly rounded PTX over ``shape`` blocks (scalar
+  operands broadcast): Mosaic's own lowering contracts and approximates them."""
+  from jax.experimental.mosaic import gpu as mgpu  # pylint: disable=import-outside-toplevel
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  layout = _layout(shape)
+
+  def ptx(instr):
+    def op(*xs):
+      xs = [plgpu.layout_cast(jnp.broadcast_to(x, shape), layout) if jnp.ndim(x) == 0 else x
+            for x in xs]
+
+      @plgpu.inline_mgpu(arg_types=(layout,) * len(xs),
+                         return_type=plgpu.ShapeDtypeStruct(shape, F32, layout=layout))
+      def run(_, *arrays):
+        # pylint: disable-next=protected-access
+        return arrays[0]._pointwise(mgpu.FragmentedArray._lift_fast_instr(instr), *arrays[1:])
+      return run(*xs)
+    return op
+  return {lax.div_p: ptx("div.rn.f32"), lax.sqrt_p: ptx("sqrt.rn.f32"),
+          lax.mul_p: ptx("mul.rn.f32"), lax.add_p: ptx("add.rn.f32"),
+          lax.sub_p: ptx("sub.rn.f32")}
+
+
+def _kernel(rule, steps, stages, n_seg, *refs):
+  """One CTA: refs are [scalars, seg tables..., (g), p, state...] in global memory (p and state
+  in place where the rule writes them), then the outputs [(an out-of-place p), sums...]."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  refs = list(refs)
+  take = lambda k: [refs.pop(0) for _ in range(k)]  # noqa: E731
+  (s_gmem,), q_gmem = take(1), take(n_seg)
+  g_gmem = take(1)[0] if rule.reads_grad else None
+  (p_gmem,), st_gmem = take(1), take(rule.n_state)
+  p_out_gmem = take(1)[0] if rule.writes_param and not rule.param_in_place else p_gmem
+  sum_gmem = refs   # what is left: the per-unit sums
+  shape = (UNIT_ROWS, WIDTH)
+  layout, ops = _layout(shape), _precise_ops(shape)
+  cta = lax.axis_index("cta")
+
+  def block(idx, s_ref, *io):
+    io = list(io)
+    p_ref = io.pop(0)
+    g_ref = io.pop(0) if rule.reads_grad else None
+    st_refs = [io.pop(0) for _ in range(rule.n_state)]
+    p_out = io.pop(0) if rule.writes_param else None
+    st_outs = [io.pop(0) for _ in range(rule.n_state)] if rule.writes_state else []
+    unit = cta * steps + idx[0]
+    load = lambda r: plgpu.load(r, (), layout=layout).astype(F32)  # noqa: E731
+    s = {k: s_ref[j] for j, k in enumerate(rule.scalars)}
+    q = {k: r[unit] for k, r in zip(rule.seg_scalars, q_gmem)}
+    p = load(p_ref)
+    g = load(g_ref) if g_ref is not None else jnp.zeros((), F32)
+    new_p, new_state = kp._call_rule(  # pylint: disable=protected-access
+        rule.fn, s, q, p, g, tuple(load(r) for r in st_refs), ops)
+    if p_out is not None:
+      p_out[...] = new_p.astype(p_out.dtype)
+    for o, x in zip(st_outs, new_state):
+      o[...] = x.astype(o.dtype)
+    if sum_gmem:
+      terms = kp._call_rule(rule.sumsq, s, q, p, g, tuple(new_state), ops)  # pylint: disable=protected-access
+      for o, t in zip(sum_gmem, terms):
+        o[unit] = jnp.sum(t * t)
+
+  blk = pl.BlockSpec(shape, lambda i: (cta * steps + i, 0))
+  ins = [p_gmem] + ([g_gmem] if rule.reads_grad else []) + st_gmem
+  outs = (([p_out_gmem] if rule.writes_param else [])
+          + (st_gmem if rule.writes_state else []))
+  plgpu.emit_pipeline(
+      block, grid=(steps,),
+      in_specs=[pl.BlockSpec((s_gmem.shape[0],), lambda i: (0,))] + [blk] * len(ins),
+      out_specs=[blk] * len(outs), max_concurrent_steps=stages)(s_gmem, *ins, *outs)
+
+
+def _scalar_vector(rule, scalars):
+  """The step's scalars as one float32 vector of a multiple of ``SCALARS_PAD`` elements."""
+  k = len(rule.scalars)
+  pad = -k % SCALARS_PAD or (SCALARS_PAD if k == 0 else 0)
+  return jnp.stack([jnp.asarray(scalars[name], F32) for name in rule.scalars]
+                   + [jnp.zeros((), F32)] * pad)
+
+
+def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[common.Tuning] = None):
+  """``kernels.pallas.flat_update`` on Mosaic GPU: runs ``rule`` over flat buffers of whole
+  ``ALIGN``-element units in one kernel (same arguments and results; ``seg_rows`` and the sums
+  are per unit). p and state are updated in place when donated."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  common.check_flat_buffers(rule, p, g, state, ALIGN)
+  n = p.shape[0]
+  units = n // ALIGN
+  n_sums = elementwise.num_sumsq_terms(rule)
+  if n == 0:
+    return ((p if rule.writes_param else None), tuple(state),
+            tuple(jnp.zeros((0,), F32) for _ in range(n_sums)) if rule.sumsq else None)
+  tuning = tuning or default_tuning(rule, p.dtype)
+  steps = kp._largest_pow2_divisor(units, MAX_STEPS)  # pylint: disable=protected-access
+  view = lambda x: x.reshape(n // WIDTH, WIDTH)  # noqa: E731
+
+  aliased_p = rule.writes_param and rule.param_in_place
+  # What the kernel writes is a ref (Mosaic GPU's in-place outputs), inside ``run_state`` so that
+  # no ref escapes into the caller's jaxpr (the kernel backends run under ``custom_jvp``). An
+  # out-of-place param output starts as zeros: a write pass, where a copy of p would add a read.
+  inits = (([view(p)] if aliased_p else [])
+           + ([view(x) for x in state] if rule.writes_state else [])
+           + ([jnp.zeros((n // WIDTH, WIDTH), p.dtype)]
+              if rule.writes_param and not rule.param_in_place else [])
+           + [jnp.zeros((units,), F32)] * n_sums)
+  fixed = ([_scalar_vector(rule, scalars)]
+           + [jnp.asarray(seg_rows[k], F32) for k in rule.seg_scalars]
+           + ([view(g)] if rule.reads_grad else []))
+  kernel = pl.kernel(
+      functools.partial(_kernel, rule, steps, tuning.num_stages, len(rule.seg_scalars)),
+      out_type=(), mesh=plgpu.Mesh(grid=(units // steps,), grid_names=("cta",)),
+      compiler_params=plgpu.CompilerParams(), name=f"fusedopt_{rule.name}")
+
+  def run(refs):
+    refs = list(refs)
+    p_arg = refs.pop(0) if aliased_p else view(p)
+    st_args = ([refs.pop(0) for _ in state] if rule.writes_state else [view(x) for x in state])
+    kernel(*fixed, p_arg, *st_args, *refs)   # refs left: an out-of-place p, the sums
+  final = list(pl.run_state(run)(tuple(inits)))
+  new_p = final.pop(0).reshape(-1) if aliased_p else None
+  new_state = (tuple(final.pop(0).reshape(-1) for _ in state) if rule.writes_state
+               else tuple(state))
+  if rule.writes_param and not rule.param_in_place:
+    new_p = final.pop(0).reshape(-1)
+  sums = tuple(final) if rule.sumsq is not None else None
+  return new_p, new_state, sums
+
+
+# ----------------------------------------------------------------------------- the backend
+
+MIN_COMPUTE_CAPABILITY = 90   # Mosaic GPU: Hopper and newer (sm_80 fails in ptxas: bulk copies)
+
+
+def _unavailable():
+  """Why ``backend="mosaic_gpu"`` cannot run here, or None: it needs an NVIDIA GPU of compute
+  capability 9.0 or newer (or ``common.targeting("gpu", cc)`` for ahead-of-time compiles)."""
+  plat = common.targeted() or jax.default_backend()
+  if plat not in ("gpu", "cuda"):
+    return (f"backend='mosaic_gpu' needs an NVIDIA GPU (Hopper or newer); jax's default backend "
+            f"is {plat!r}. Use 'pallas_interpret' to check the Pallas kernels' numerics on a CPU, "
+            "or 'auto'")
+  if common.targeted():
+    cc = common.compute_capability()
+  else:
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    cc = int(float(cc) * 10) if isinstance(cc, str) and cc.replace(".", "").isdigit() else None
+  if cc is not None and cc < MIN_COMPUTE_CAPABILITY:
+    return (f"backend='mosaic_gpu' needs compute capability 9.0 or newer (Hopper); this GPU has "
+            f"{cc / 10:.1f}: use backend='pallas' or 'triton'")
+  return None
+
+
+_UPDATE = common.at_unit(flat_update, ALIGN)
+BACKENDS = {"mosaic_gpu": common.Backend("mosaic_gpu", common.packed_run_group(_UPDATE),
+                                         _UPDATE, unit=ALIGN, supports=supports,
+                                         unavailable=_unavailable)}
+
+__all__ = ["flat_update", "default_tuning", "DEFAULT_TUNING", "ALIGN", "WIDTH", "BACKENDS"]

@@ -1,0 +1,189 @@
+"""The Mosaic GPU kernels (kernels/mosaic_gpu.py), verified on a machine without a GPU.
+
+  M1  every rule lowers for CUDA to one ``mosaic_gpu_v2`` custom call (no Triton), every output
+      aliased to its input; int32-safe past 2^31 elements
+  M2  the whole Mosaic pipeline runs for an H100 compile-only topology (jax-cuda12-plugin):
+      sm_90a PTX, ptxas without spills, and only correctly rounded float arithmetic (no
+      ``.approx``, no ``div.full``; no fma outside LAMB's sums of squares)
+  M3  a whole optimizer step with ``backend="mosaic_gpu"`` compiles through XLA:GPU for an H100
+
+What no CPU can check -- the kernels' numerics and speed on the device, TMA's clipping of a
+ragged copy -- is listed in docs/mosaic-gpu.md. jax's deprecation warnings are errors here: this
+is the GPU route jax keeps, and it must not lean on anything jax is retiring.
+"""
+import contextlib
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import fusedopt as optim
+from fusedopt import elementwise
+from fusedopt.kernels import common, mosaic_gpu as kmg
+
+from kernel_tools import h100_replicated, lower_cuda
+from test_pallas_lowering import RULES, SR_RULES, _donate, _sds
+
+pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning")
+
+# low-precision storage adds only conversions at loads and stores: every rule compiles in
+# float32; Adam also in bf16 and f16, LAMB's moment pass (sums) in bf16 (every rule in bf16 and
+# Adam, LAMB's moment pass and Adan in f16 were checked, 2026-12-07: no spills or approximations)
+DTYPE_CASES = {("adam", "bfloat16"), ("adam", "float16"), ("lamb_moments", "bfloat16")}
+
+
+def _update_fn(rule, n):
+  def f(p, g, *state):
+    scalars = {k: jnp.float32(0.5) + 0 * p[0].astype(jnp.float32) for k in rule.scalars}
+    seg = {k: jnp.full((n // kmg.ALIGN,), 0.5, jnp.float32) for k in rule.seg_scalars}
+    return kmg.flat_update(rule, scalars, seg, p, g if rule.reads_grad else None, state)
+  return f
+
+
+def _n_aliased(rule):
+  """Every output is a ref the kernel writes in place: p and state (when written), an
+  out-of-place p and the per-unit sums (each from a zero-filled buffer)."""
+  return (rule.n_state * int(rule.writes_state) + int(rule.writes_param)
+          + elementwise.num_sumsq_terms(rule))
+
+
+def _check_lowered(txt, rule):
+  assert txt.count("@mosaic_gpu_v2") == 1 and "triton" not in txt
+  aliases = re.findall(r"output_operand_alias<output_tuple_indices = \[\d*\]", txt)
+  assert len(aliases) == _n_aliased(rule)
+
+
+@contextlib.contextmanager
+def _mosaic_dumps(tmp_path):
+  """Mosaic GPU writes each kernel's PTX and ptxas report under ``tmp_path`` while it compiles
+  (a persistent-cache hit would compile nothing: the cache is off meanwhile)."""
+  env = dict(MOSAIC_GPU_DUMP_TO=str(tmp_path), MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1")
+  old = {k: os.environ.get(k) for k in env}
+  cache = jax.config.jax_enable_compilation_cache
+  os.environ.update(env)
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+def _compile_h100(rule, dtype, tmp_path, n=64 * kmg.ALIGN):
+  """(PTX, ptxas report) of ``rule``'s kernel compiled for the H100 topology."""
+  rep = h100_replicated()
+  sds = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep) for s in _sds(rule, n, dtype)]
+  with _mosaic_dumps(tmp_path):
+    lowered = jax.jit(_update_fn(rule, n), donate_argnums=_donate(rule)).trace(*sds).lower()
+    lowered.compile()
+  _check_lowered(lowered.as_text(), rule)
+  [ptx] = [p.read_text() for p in tmp_path.glob("*.ptx")]
+  [report] = [p.read_text() for p in tmp_path.glob("*.ptxas")]
+  return ptx, report
+
+
+# ----------------------------------------------------------------------------- M1 + M2
+
+M2_CASES = [pytest.param(r, d, id=f"{r.name}-{jnp.dtype(d).name}") for r in RULES
+            for d in (jnp.float32, jnp.bfloat16, jnp.float16)
+            if d == jnp.float32 or (r.name, jnp.dtype(d).name) in DTYPE_CASES]
+
+
+@pytest.mark.parametrize("rule, dtype", M2_CASES)
+def test_m2_compiles_for_sm90a_without_spills_or_approximations(rule, dtype, tmp_path):
+  ptx, report = _compile_h100(rule, dtype, tmp_path)
+  assert ".target sm_90a" in ptx
+  assert re.search(r"0 bytes spill stores, 0 bytes spill loads", report), report
+  # correctly rounded arithmetic: the jnp oracle's float32 operations
+  assert not re.search(r"\.approx|div\.full", ptx)
+  if rule.sumsq is None:   # the sums of squares may contract; the update may not
+    assert not re.search(r"\bfma\.", ptx)
+  if "div" in ptx:
+    assert "div.rn.f32" in ptx
+
+
+@pytest.mark.parametrize("rule", SR_RULES, ids=lambda r: r.name)
+def test_m1_stochastic_rounding_lowers(rule):
+  n = 64 * kmg.ALIGN
+  sds = ([jax.ShapeDtypeStruct((n,), jnp.bfloat16)] * 2
+         + [jax.ShapeDtypeStruct((n,), jnp.float32)] * rule.n_state)
+  _check_lowered(lower_cuda(_update_fn(rule, n), *sds, donate_argnums=_donate(rule)).as_text(),
+                 rule)
+
+
+def test_m1_past_2_to_31_elements():
+  """A (2^31 + 4096)-element buffer lowers (no memory needed): rows and units, the only indices
+  the kernel computes, stay below 2^31 (TMA copies address the rest)."""
+  from fusedopt.adam import ADAM_RULE  # pylint: disable=import-outside-toplevel
+  n = (1 << 31) + 4096
+  low = lower_cuda(_update_fn(ADAM_RULE, n), *_sds(ADAM_RULE, n, jnp.float32),
+                   donate_argnums=_donate(ADAM_RULE))
+  _check_lowered(low.as_text(), ADAM_RULE)
+  assert f"tensor<{n // kmg.WIDTH}x{kmg.WIDTH}xf32>" in low.as_text()
+
+
+def test_m1_out_of_place_params_are_a_fresh_output():
+  """``param_in_place=False`` (``as_delta``, optax's ``update``): p is read, the new params are
+  a new buffer, only the state is aliased."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from fusedopt.adam import ADAM_RULE  # pylint: disable=import-outside-toplevel
+  rule = dataclasses.replace(ADAM_RULE, param_in_place=False)
+  n = 8 * kmg.ALIGN
+  txt = lower_cuda(_update_fn(rule, n), *_sds(rule, n, jnp.float32),
+                   donate_argnums=(2, 3)).as_text()
+  _check_lowered(txt, rule)
+  main = re.search(r"func\.func public @main\((.*?)\) ->", txt).group(1)
+  args = main.split("%arg")[1:]
+  assert "tf.aliasing_output" not in args[0]   # p: read only
+  assert all("tf.aliasing_output" in a for a in args[2:4])   # m, v donated and updated
+
+
+def test_m1_grid_and_scalars():
+  """The grid covers the units exactly (a power-of-two number of steps per CTA dividing them),
+  and the scalars' vector is a whole number of 128-byte TMA copies."""
+  for units in (1, 3, 6, 37, 48, 1000, 4096, 2 ** 21 + 1):
+    steps = kmg.kp._largest_pow2_divisor(units, kmg.MAX_STEPS)  # pylint: disable=protected-access
+    assert units % steps == 0 and steps <= kmg.MAX_STEPS
+  for rule in RULES[:4] + [r for r in RULES if len(r.scalars) > 8][:1]:
+    vec = kmg._scalar_vector(rule, {k: 1.0 for k in rule.scalars})  # pylint: disable=protected-access
+    assert vec.shape[0] % kmg.SCALARS_PAD == 0 and vec.shape[0] >= len(rule.scalars)
+    assert float(vec[: len(rule.scalars)].sum()) == len(rule.scalars)
+
+
+# ----------------------------------------------------------------------------- M3 and the backend
+
+@pytest.mark.parametrize("name", ["Adam", "LAMB"])
+def test_m3_full_step_compiles_for_h100(name):
+  """The whole jitted step (pack, Mosaic GPU kernels, LAMB's norms, unpack) for an H100
+  compile-only topology, optimizer donated."""
+  rep = h100_replicated()
+  tree = {"a": jnp.zeros((300, 70)), "b": jnp.zeros((5000,)), "c": jnp.zeros((3,))}
+  with common.targeting("gpu", 90):
+    opt = optim.__dict__[name](learning_rate=0.1, backend="mosaic_gpu").create(tree)
+    to_sds = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=rep)  # noqa
+    lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    compiled = jax.jit(lambda o, g, lr: o.apply_gradient(g, learning_rate=lr),
+                       donate_argnums=0).trace(jax.tree.map(to_sds, opt),
+                                               jax.tree.map(to_sds, tree), lr).lower().compile()
+  txt = compiled.as_text()
+  assert "mosaic_gpu" in txt and "triton" not in txt
+
+
+@pytest.mark.ci_may_skip("CPU-only behaviour")
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU-only behaviour")
+def test_backend_says_where_it_runs():
+  """On a CPU the backend refuses with the reason; for an A100 target (sm_80: Mosaic GPU's bulk
+  copies do not exist there) too; for an H100 target it runs."""
+  opt = optim.Adam(learning_rate=0.1, backend="mosaic_gpu").create({"w": jnp.zeros((8,))})
+  with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
+    opt.apply_gradient({"w": jnp.ones((8,))})
+  with common.targeting("gpu", 80):
+    assert "9.0 or newer" in kmg.BACKENDS["mosaic_gpu"].unavailable()
+  with common.targeting("gpu", 90):
+    assert kmg.BACKENDS["mosaic_gpu"].unavailable() is None
