@@ -25,6 +25,7 @@ float32 div, sqrt, mul, add and sub become correctly rounded PTX (``div.rn.f32``
 jnp oracle's float32 arithmetic.
 """
 import functools
+import inspect
 from typing import Dict, Optional, Tuple
 
 import jax
@@ -61,6 +62,14 @@ def _layout(shape):
   dtype combine, and the inline PTX below sees one layout)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
   return plgpu.Layout.WG_STRIDED(shape, vec_size=2)
+
+
+def _load(ref, layout):
+  """``ref``'s whole block in ``layout`` (``plgpu.load`` took an index before jax 0.12)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  if "idx" in inspect.signature(plgpu.load).parameters:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
 
 
 def _precise_ops(shape):
@@ -110,7 +119,7 @@ def _kernel(rule, steps, stages, n_seg, *refs):
     p_out = io.pop(0) if rule.writes_param else None
     st_outs = [io.pop(0) for _ in range(rule.n_state)] if rule.writes_state else []
     unit = cta * steps + idx[0]
-    load = lambda r: plgpu.load(r, (), layout=layout).astype(F32)  # noqa: E731
+    load = lambda r: _load(r, layout).astype(F32)  # noqa: E731
     s = {k: s_ref[j] for j, k in enumerate(rule.scalars)}
     q = {k: r[unit] for k, r in zip(rule.seg_scalars, q_gmem)}
     p = load(p_ref)
@@ -175,7 +184,10 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[common
   kernel = pl.kernel(
       functools.partial(_kernel, rule, steps, tuning.num_stages, len(rule.seg_scalars)),
       out_type=(), mesh=plgpu.Mesh(grid=(units // steps,), grid_names=("cta",)),
-      compiler_params=plgpu.CompilerParams(), name=f"fusedopt_{rule.name}")
+      # Lane semantics (jax 0.10's default, 0.12's is Warpgroup): explicit layouts, the inline
+      # PTX above, and implicit broadcasts of scalars (a checked step's `ok`) lower in it
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      name=f"fusedopt_{rule.name}")
 
   def run(refs):
     refs = list(refs)
