@@ -2,6 +2,7 @@
 #
 #   make test    create .venv if absent, install '.[test]' (editable, versions pinned by
 #                constraints/ci.txt), run the test suite on CPU
+#   make test-newest  the same in .venv-newest with constraints/newest.txt (jax 0.12, Python 3.12)
 #   make demo    same set-up with '.[demo]', then run examples/digits_mlp.py on CPU: an MLP on
 #                scikit-learn's digits with fusedopt.Adam and optax.adamw (curves checked to
 #                agree, plot in digits_mlp_loss.png), then the train step timed against optax
@@ -36,7 +37,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := test
 
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints/ci.txt
 # --no-compile: Python compiles the modules a run imports on first import, instead of pip
@@ -51,12 +52,15 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= auto
 TEST_XLA_FLAGS ?= --xla_llvm_disable_expensive_passes=true
 DEMO_ARGS ?=
+# an interpreter >= 3.12 for test-newest: pyenv's 3.12 where there is one, else python3.12
+NEWEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
+  $(shell command -v python3.12 2>/dev/null))
 BENCH_ARGS ?=
 
 KEY := $(shell { cat pyproject.toml $(CONSTRAINTS); echo '$(CURDIR) $(CONSTRAINTS)'; } | sha1sum | cut -c1-12)
 stamp = $(VENV)/.installed-$(1)-$(KEY)
 
-.PHONY: test demo bench clean venv gpu-vendor
+.PHONY: test test-newest demo bench clean venv gpu-vendor
 .NOTPARALLEL:
 
 $(PY):
@@ -78,6 +82,12 @@ test: $(call stamp,test)
 	  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 \
 	  $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(TESTS) $(PYTEST_ARGS)
 
+# The other end of the supported ranges: the newest jax the registries offer (constraints/newest.txt)
+# in its own venv; jax 0.11 and later need Python 3.12 (NEWEST_PYTHON). Not part of CI (.ci/run):
+# a second, by-hand run of the whole suite, recorded in bench/results/ (docs/install.md).
+test-newest:
+	$(MAKE) test VENV=.venv-newest PYTHON="$(NEWEST_PYTHON)" CONSTRAINTS=constraints/newest.txt
+
 demo: $(call stamp,demo)
 	JAX_PLATFORMS=cpu $(PY) examples/digits_mlp.py $(DEMO_ARGS)
 
@@ -91,5 +101,5 @@ gpu-vendor: $(call stamp,test)
 	cp -r "$$($(PY) -c 'import os, importlib.util as u; print(os.path.dirname(u.find_spec("jax_triton").origin))')" .gpu_vendor/
 
 clean:
-	rm -rf $(VENV) .venv-flax053 build dist *.egg-info .pytest_cache .hypothesis .gpu_vendor
+	rm -rf $(VENV) .venv-newest .venv-flax053 build dist *.egg-info .pytest_cache .hypothesis .gpu_vendor
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

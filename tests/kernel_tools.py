@@ -8,6 +8,7 @@
 - ``lower_tpu``: lowers for TPU under an abstract TPU mesh (no libtpu needed).
 Patterns from ../shared/reference/kernel-verification (jax 0.10.2, triton 3.9.0).
 """
+import contextlib
 import importlib.util
 import os
 import re
@@ -25,6 +26,17 @@ def gpu_abstract_mesh(device_kind="NVIDIA H100 80GB HBM3"):
       (1,), ("x",), (jax.sharding.AxisType.Explicit,),
       abstract_device=jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1,
                                                   platform="gpu"))
+
+
+@contextlib.contextmanager
+def h100_target(compute_capability=None):
+  """Trace for a GPU from a CPU host, for an ahead-of-time compile to the H100 topology
+  (``h100_replicated``): fusedopt's kernels target a GPU (``common.targeting``) and jax >= 0.12
+  reads the GPU from the context's abstract mesh (the topology's own)."""
+  from fusedopt.kernels import common  # pylint: disable=import-outside-toplevel
+  with common.targeting("gpu", compute_capability), \
+       jax.sharding.use_abstract_mesh(h100_replicated().mesh.abstract_mesh):
+    yield
 
 
 def lower_cuda(f, *args, donate_argnums=()):

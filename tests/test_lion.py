@@ -138,7 +138,7 @@ def test_tx_lion_agrees_with_optax(case):
   name, make = case
   params = test_tx.make_zoo(bf16=False)
   grads = test_tx.make_grads(params)
-  expected, expected_state = test_tx.run(make(optax), params, grads)
+  expected, expected_state = test_tx.run_optax(make(optax), params, grads)
   got, state = test_tx.run(make(tx), params, grads)
   test_tx.assert_same_structure(state, expected_state)
   if "bf16" not in name:

@@ -95,7 +95,7 @@ def test_wheel_contents(dists):
   requires = [l for l in meta.splitlines() if l.startswith("Requires-Dist:")]
   pinned = [r for r in requires if "==" in r.split(";")[0]]   # the version, not the marker
   assert requires and not pinned, pinned
-  assert "Requires-Dist: jax<0.12,>=0.10.2" in requires, requires
+  assert "Requires-Dist: jax<0.13,>=0.10.2" in requires, requires
 
 
 def test_sdist_contents(dists):

@@ -34,8 +34,8 @@ from fusedopt.momentum import momentum_rule
 from fusedopt.rmsprop import rmsprop_rule
 from fusedopt.sgd import SGD_RULE
 
-from kernel_tools import (compile_ttir, h100_replicated, lower_cuda, lower_tpu, ptxas_stats,
-                          ttir_texts)
+from kernel_tools import (compile_ttir, h100_replicated, h100_target, lower_cuda, lower_tpu,
+                          ptxas_stats, ttir_texts)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -184,7 +184,7 @@ def test_t5_full_step_compiles_for_h100(name):
   opt_sds = jax.tree.map(to_sds, opt)
   g_sds = jax.tree.map(to_sds, tree)
   lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-  with kp.targeting("gpu"):   # the host is a CPU; the target is the H100 topology
+  with h100_target():   # the host is a CPU; the target is the H100 topology
     compiled = jax.jit(lambda o, g, lr: o.apply_gradient(g, learning_rate=lr),
                        donate_argnums=0).trace(opt_sds, g_sds, lr).lower().compile()
   txt = compiled.as_text()
@@ -292,7 +292,7 @@ def test_t5_stochastic_rounding_full_step_compiles_for_h100():
   tree = {"a": jnp.zeros((300, 70), jnp.bfloat16), "b": jnp.zeros((5000,), jnp.bfloat16)}
   opt = optim.Adam(learning_rate=0.1, backend="pallas", stochastic_rounding=True).create(tree)
   to_sds = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=rep)  # noqa
-  with kp.targeting("gpu"):
+  with h100_target():
     compiled = jax.jit(lambda o, g: o.apply_gradient(g), donate_argnums=0).trace(
         jax.tree.map(to_sds, opt), jax.tree.map(to_sds, tree)).lower().compile()
   assert "triton" in compiled.as_text()

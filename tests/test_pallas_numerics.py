@@ -46,7 +46,9 @@ def _cpu():
 # with bench/gpu_diag.py against float64: Adadelta's accumulator 7.8 ulp for XLA:GPU, 6.2 for
 # the kernel), so it is not the reference there. Run with JAX_PLATFORMS=cuda,cpu.
 ORACLE_DEVICE = _cpu() if ON_DEVICE else None
-F32_ULPS = 4 if ON_DEVICE else 2
+# jax 0.12's XLA:CPU contracts the jnp oracle's fusions differently: a first moment 1 ulp apart
+# reaches AdaBelief's second moment as 3 ulp of (|old| + |new|) (2026-12-07, jax 0.12.0.1)
+F32_ULPS = 4 if ON_DEVICE else (3 if jax.__version_info__ >= (0, 12) else 2)
 
 
 def _on_oracle(fn, *args):

@@ -252,7 +252,7 @@ def test_tx_agrees_with_optax(case, zoo_f32):
   params, grads = zoo_f32
   if name in REAL_ONLY:
     params, grads = jax.tree.map(_real_or_none, (params, grads))
-  expected, expected_state = test_tx.run(make(optax), params, grads)
+  expected, expected_state = test_tx.run_optax(make(optax), params, grads)
   got, state = test_tx.run(make(tx), params, grads)
   test_tx.assert_same_structure(state, expected_state)
   for a, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):

@@ -60,7 +60,7 @@ def test_tx_agrees_with_optax(case, zoo_f32):
   least as close to optax in float64, and the point to evaluate."""
   name, make = case
   params, grads = zoo_f32
-  expected, expected_state = test_tx.run(make(optax), params, grads)
+  expected, expected_state = test_tx.run_optax(make(optax), params, grads)
   got, state = test_tx.run(make(tx), params, grads)
   test_tx.assert_same_structure(state, expected_state)
   ours, theirs = _scalars(state), _scalars(expected_state)
@@ -105,7 +105,7 @@ def test_skip_nonfinite_leaves_everything_unchanged(zoo_f32):
       for a, b in zip(jax.tree.leaves(s_new), jax.tree.leaves(s)):
         np.testing.assert_array_equal(a, b)
     p, s = optax.apply_updates(p, u), s_new
-  expected, _ = test_tx.run(make(optax), params, [g for k, g in enumerate(grads) if k != 2])
+  expected, _ = test_tx.run_optax(make(optax), params, [g for k, g in enumerate(grads) if k != 2])
   test_tx.assert_close(p, expected, "skip_nonfinite", rtol=1e-5, atol_rel=1e-5)
 
 

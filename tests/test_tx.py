@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -90,6 +91,16 @@ def zoo_f32():
   """The zoo without its bfloat16 leaf (``test_agrees_with_optax``: rtol 1e-6 everywhere)."""
   params = make_zoo(bf16=False)
   return params, make_grads(params)
+
+
+def run_optax(t, params, grads, with_params=True):
+  """``run`` for optax's own transformation, the oracle: a jax deprecation raised inside optax's
+  code (its accumulators cast complex leaves to a real ``accumulator_dtype``/``mu_dtype``,
+  dropping the imaginary part) is optax's to fix, not a failure of ours (pyproject.toml turns
+  jax's deprecations into errors)."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "Casting from complex to real", DeprecationWarning)
+    return run(t, params, grads, with_params)
 
 
 def run(t, params, grads, with_params=True):
@@ -218,7 +229,7 @@ def test_agrees_with_optax(case, zoo_f32):
   leaf: ``test_defaults_agree_with_optax``)."""
   name, make = case
   params, grads = zoo_f32
-  expected, expected_state = run(make(optax), params, grads)
+  expected, expected_state = run_optax(make(optax), params, grads)
   got, state = run(make(tx), params, grads)
   assert_same_structure(state, expected_state)
   assert_close(got, expected, name, **ILL_CONDITIONED.get(name, {}))
@@ -387,13 +398,14 @@ def test_apply_updates_reproduces_fused_params(dtype, backend, data):
     if backend in ("jnp", "auto"):   # (auto: jnp for optax's update, registry.auto_leaf_choice)
       # tx's jnp path runs each leaf as its own XLA fusion with optax's per-leaf state, the
       # Optimizer's the flat buffers: XLA:CPU contracts a*b+c into FMAs differently (1 ulp of
-      # the update, up to 2 of p')
+      # the update, up to 2 of p'; outside Sterbenz's range up to 4 ulp of an update as large
+      # as p with jax 0.12's XLA, 0.91 of this bound's 2-ulp form with jax 0.10's)
       assert np.all(np.abs(g - w)[sterbenz] <= 2 * ulp[sterbenz])
     else:
       np.testing.assert_array_equal(g[sterbenz], w[sterbenz])
     tol = 1.5 * ulp
-    if backend in ("jnp", "auto"):   # (+ 2 ulp of the update itself: FMA contraction, above)
-      tol = tol + 2 * np.spacing(np.abs(w - p).astype(dtype)).astype(np.float64)
+    if backend in ("jnp", "auto"):   # (+ 3 ulp of the update itself: FMA contraction, above)
+      tol = tol + 3 * np.spacing(np.abs(w - p).astype(dtype)).astype(np.float64)
     assert np.all(np.abs(g - w)[~sterbenz] <= tol[~sterbenz])
     n_sterbenz, n_total = n_sterbenz + int(np.sum(sterbenz)), n_total + p.size
   assert 0.8 * n_total < n_sterbenz < n_total      # both cases occur
@@ -861,7 +873,7 @@ def test_optax_composition(case, data):
   grads = [dict(g) for g in grads[:6]]
   if name == "apply_if_finite":   # one non-finite step, skipped by both
     grads[2] = jax.tree_util.tree_map(lambda x: x * jnp.nan, grads[2])
-  expected, expected_state = run(make(optax), params, grads)
+  expected, expected_state = run_optax(make(optax), params, grads)
   got, state = run(make(tx), params, grads)
   assert_same_structure(state, expected_state)
   assert_close(got, expected, name)
