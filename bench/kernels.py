@@ -12,8 +12,8 @@ adds no copies), jitted with the optimizer donated; per implementation the media
 donated ``x * 1.0000001`` over an equally large buffer timed in the same run (8 B/elem).
 ``torch`` (``torch.optim.AdamW(fused=True)`` and ``(foreach=True)``) joins when torch with CUDA
 is importable. ``triton`` (the hand-written jax-triton kernels, ``fusedopt.kernels.triton``) joins
-where it can run (a CUDA GPU with triton and jax-triton); ``--sweep`` tunes both the Pallas and
-the Triton kernels. Writes ``bench/results/kernels-<platform>-<date>.{json,md}``.
+where it can run (a CUDA GPU with triton and jax-triton), ``mosaic_gpu`` on Hopper and newer;
+``--sweep`` tunes the Pallas, Triton and Mosaic GPU kernels. Writes ``bench/results/kernels-<platform>-<date>.{json,md}``.
 """
 import argparse
 import json
@@ -154,6 +154,33 @@ def sweep_triton(n, inner, repeats):
   return sorted(rows, key=lambda r: r["median_s"])
 
 
+def sweep_mosaic(n, inner, repeats):
+  """Adam fp32 on the mosaic_gpu backend over elements per CTA x pipeline stages."""
+  from fusedopt.kernels import mosaic_gpu as kmg  # pylint: disable=import-outside-toplevel
+  rows = []
+  saved = dict(kmg.DEFAULT_TUNING)
+  try:
+    for steps in (4, 16, 64):
+      for stages in (2, 3, 4):
+        kmg.DEFAULT_TUNING[("gpu", 4)] = kmg.common.Tuning(block=steps * kmg.ALIGN,
+                                                             num_stages=stages)
+        jax.clear_caches()
+        try:
+          r = bench_fusedopt("adam", "mosaic_gpu", n, inner, repeats)
+        except Exception as e:  # pylint: disable=broad-except  (e.g. shared memory)
+          log(f"  mosaic sweep steps={steps} stages={stages}: failed: {str(e)[:200]}")
+          continue
+        r.update(block=steps * kmg.ALIGN, num_stages=stages)
+        log(f"  mosaic sweep steps={steps:2d} stages={stages}: "
+            f"{r['median_s'] * 1e3:.3f} ms {r['gb_s']:.0f} GB/s")
+        rows.append(r)
+  finally:
+    kmg.DEFAULT_TUNING.clear()
+    kmg.DEFAULT_TUNING.update(saved)
+    jax.clear_caches()
+  return sorted(rows, key=lambda r: r["median_s"])
+
+
 def sweep(n, inner, repeats):
   """Adam fp32 over block_rows x num_warps; returns rows sorted by median time."""
   rows = []
@@ -235,9 +262,12 @@ def main(argv=None):
             f"{r['pct_copy']:5.1f}% of copy")
     results["copy_after_" + o] = bench_copy(n, args.inner, args.repeats)["gb_s"]
   if args.sweep and jax.default_backend() == "gpu":
-    results["sweep"] = sweep(n, args.inner, args.repeats)
+    if "pallas" in impls:
+      results["sweep"] = sweep(n, args.inner, args.repeats)
     if "triton" in impls:
       results["sweep_triton"] = sweep_triton(n, args.inner, args.repeats)
+    if "mosaic_gpu" in impls:
+      results["sweep_mosaic"] = sweep_mosaic(n, args.inner, args.repeats)
 
   md = markdown(results, env, "python -m bench.kernels " + " ".join(argv or sys.argv[1:]))
   print(md)
@@ -286,6 +316,12 @@ def markdown(results, env, command):
               "| block (elements/program) | num_warps | ms | GB/s |", "|---:|---:|---:|---:|"]
     for r in results["sweep_triton"]:
       lines.append(f"| {r['block']} | {r['num_warps']} | {r['median_s'] * 1e3:.3f} | "
+                   f"{r['gb_s']:.0f} |")
+  if "sweep_mosaic" in results:
+    lines += ["", "Adam fp32 sweep (mosaic_gpu):", "",
+              "| elements/CTA | stages | ms | GB/s |", "|---:|---:|---:|---:|"]
+    for r in results["sweep_mosaic"]:
+      lines.append(f"| {r['block']} | {r['num_stages']} | {r['median_s'] * 1e3:.3f} | "
                    f"{r['gb_s']:.0f} |")
   return "\n".join(lines) + "\n"
 

@@ -8,7 +8,8 @@ mosaic_gpu`` (docs/mosaic-gpu.md has what was found about it and how it is verif
     view   (n / WIDTH, WIDTH), WIDTH = 256   a TMA copy moves at most 256 elements a dimension
     block  (UNIT_ROWS, WIDTH) = one 1024-element layout unit (``common.ALIGN``)
     grid   (units / steps,) CTAs of one warpgroup; each pipelines ``steps`` blocks through
-           shared memory (``plgpu.emit_pipeline``, ``Tuning.num_stages`` of them in flight)
+           shared memory (``plgpu.emit_pipeline``, ``Tuning.num_stages`` of them in flight);
+           ``steps`` the largest power of two dividing the units, at most ``Tuning.block`` / ALIGN
 
 A block is one alignment unit, so it never straddles two tensors: a per-unit table (LAMB/LARS
 trust ratios, per-segment scalars) is one scalar per block read from global memory, and a
@@ -41,14 +42,14 @@ ALIGN = common.ALIGN
 WIDTH = 256
 UNIT_ROWS = ALIGN // WIDTH
 SCALARS_PAD = 32        # a TMA copy moves a multiple of 128 bytes: the scalars as f32[32k]
-MAX_STEPS = 16          # blocks one CTA pipelines (the largest power of two dividing the units)
 supports = common.supports
 
-# One warpgroup per CTA (Mosaic GPU's unit of work); ``num_stages`` blocks in flight per buffer.
-# Not tuned on a GPU yet (issue 20): 2 stages of 4 KiB per f32 buffer.
+# ``block``: the elements one CTA (one warpgroup: ``num_warps`` is always 4) pipelines, in
+# 1024-element steps with ``num_stages`` in flight per buffer. Not tuned on a GPU yet (issue 20;
+# `python -m bench.kernels --sweep` sweeps both): 16 steps, 2 stages of 4 KiB per f32 buffer.
 DEFAULT_TUNING: Dict[Tuple[str, int], common.Tuning] = {
-    ("gpu", 4): common.Tuning(block=ALIGN, num_warps=4, num_stages=2),
-    ("gpu", 2): common.Tuning(block=ALIGN, num_warps=4, num_stages=2),
+    ("gpu", 4): common.Tuning(block=16 * ALIGN, num_warps=4, num_stages=2),
+    ("gpu", 2): common.Tuning(block=16 * ALIGN, num_warps=4, num_stages=2),
 }
 
 
@@ -166,7 +167,7 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[common
     return ((p if rule.writes_param else None), tuple(state),
             tuple(jnp.zeros((0,), F32) for _ in range(n_sums)) if rule.sumsq else None)
   tuning = tuning or default_tuning(rule, p.dtype)
-  steps = kp._largest_pow2_divisor(units, MAX_STEPS)  # pylint: disable=protected-access
+  steps = kp._largest_pow2_divisor(units, max(1, tuning.block // ALIGN))  # pylint: disable=protected-access
   view = lambda x: x.reshape(n // WIDTH, WIDTH)  # noqa: E731
 
   aliased_p = rule.writes_param and rule.param_in_place

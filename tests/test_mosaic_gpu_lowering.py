@@ -147,9 +147,10 @@ def test_m1_out_of_place_params_are_a_fresh_output():
 def test_m1_grid_and_scalars():
   """The grid covers the units exactly (a power-of-two number of steps per CTA dividing them),
   and the scalars' vector is a whole number of 128-byte TMA copies."""
+  cap = kmg.DEFAULT_TUNING[("gpu", 4)].block // kmg.ALIGN
   for units in (1, 3, 6, 37, 48, 1000, 4096, 2 ** 21 + 1):
-    steps = kmg.kp._largest_pow2_divisor(units, kmg.MAX_STEPS)  # pylint: disable=protected-access
-    assert units % steps == 0 and steps <= kmg.MAX_STEPS
+    steps = kmg.kp._largest_pow2_divisor(units, cap)  # pylint: disable=protected-access
+    assert units % steps == 0 and steps <= cap
   for rule in RULES[:4] + [r for r in RULES if len(r.scalars) > 8][:1]:
     vec = kmg._scalar_vector(rule, {k: 1.0 for k in rule.scalars})  # pylint: disable=protected-access
     assert vec.shape[0] % kmg.SCALARS_PAD == 0 and vec.shape[0] >= len(rule.scalars)
