@@ -18,7 +18,7 @@
 #   `NO_TREES=1 NO_KERNELS=1 NO_TESTS=1 LOW_BIT=1 MOSAIC=1 bash bench/gpu_run.sh OUTDIR` (250 s).
 #   bash bench/gpu_run.sh OUTDIR [bench.kernels args...]
 # Variables: TREES, OPTIMS, IMPLS, KERNEL_OPTIMS, KERNEL_IMPLS, NO_TREES=1, NO_KERNELS=1,
-# NO_TESTS=1, LOW_BIT=1, MOSAIC=1 (MOSAIC_SWEEP=1 adds its tuning sweep, 90 s), *_TIMEOUT (s).
+# NO_TESTS=1, LOW_BIT=1, MOSAIC=1 (MOSAIC_SWEEP=1 adds its tuning sweep, 120 s), *_TIMEOUT (s).
 set -u
 OUTDIR=${1:-bench/results}; shift || true
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -75,9 +75,9 @@ if [ "${MOSAIC:-0}" = 1 ]; then
   stage "mosaic gpu kernels"
   timeout ${MOSAIC_KERNELS_TIMEOUT:-60} python3 -m bench.kernels --device gpu --out "$OUTDIR" \
     --optims adam --impls pallas,mosaic_gpu,triton --tag mosaic 2>&1
-  if [ "${MOSAIC_SWEEP:-0}" = 1 ]; then   # elements per CTA x stages (9 configurations)
+  if [ "${MOSAIC_SWEEP:-0}" = 1 ]; then   # units per CTA x units per step x stages (18)
     stage "mosaic gpu sweep"
-    timeout ${MOSAIC_SWEEP_TIMEOUT:-90} python3 -m bench.kernels --device gpu --out "$OUTDIR" \
+    timeout ${MOSAIC_SWEEP_TIMEOUT:-120} python3 -m bench.kernels --device gpu --out "$OUTDIR" \
       --optims adam --impls mosaic_gpu --sweep --tag mosaic-sweep 2>&1
   fi
 fi

@@ -155,25 +155,26 @@ def sweep_triton(n, inner, repeats):
 
 
 def sweep_mosaic(n, inner, repeats):
-  """Adam fp32 on the mosaic_gpu backend over elements per CTA x pipeline stages."""
+  """Adam fp32 on the mosaic_gpu backend over units per CTA x units per step x stages."""
   from fusedopt.kernels import mosaic_gpu as kmg  # pylint: disable=import-outside-toplevel
   rows = []
   saved = dict(kmg.DEFAULT_TUNING)
   try:
-    for steps in (4, 16, 64):
-      for stages in (2, 3, 4):
-        kmg.DEFAULT_TUNING[("gpu", 4)] = kmg.common.Tuning(block=steps * kmg.ALIGN,
-                                                             num_stages=stages)
-        jax.clear_caches()
-        try:
-          r = bench_fusedopt("adam", "mosaic_gpu", n, inner, repeats)
-        except Exception as e:  # pylint: disable=broad-except  (e.g. shared memory)
-          log(f"  mosaic sweep steps={steps} stages={stages}: failed: {str(e)[:200]}")
-          continue
-        r.update(block=steps * kmg.ALIGN, num_stages=stages)
-        log(f"  mosaic sweep steps={steps:2d} stages={stages}: "
-            f"{r['median_s'] * 1e3:.3f} ms {r['gb_s']:.0f} GB/s")
-        rows.append(r)
+    for units in (4, 16, 64):
+      for step_units in (1, 2, 4):
+        for stages in (2, 3):
+          kmg.DEFAULT_TUNING[("gpu", 4)] = kmg.MosaicTuning(
+              block=units * kmg.ALIGN, num_stages=stages, step_units=step_units)
+          jax.clear_caches()
+          what = f"units/CTA={units:2d} units/step={step_units} stages={stages}"
+          try:
+            r = bench_fusedopt("adam", "mosaic_gpu", n, inner, repeats)
+          except Exception as e:  # pylint: disable=broad-except  (e.g. shared memory)
+            log(f"  mosaic sweep {what}: failed: {str(e)[:200]}")
+            continue
+          r.update(block=units * kmg.ALIGN, num_stages=stages, step_units=step_units)
+          log(f"  mosaic sweep {what}: {r['median_s'] * 1e3:.3f} ms {r['gb_s']:.0f} GB/s")
+          rows.append(r)
   finally:
     kmg.DEFAULT_TUNING.clear()
     kmg.DEFAULT_TUNING.update(saved)
@@ -319,10 +320,10 @@ def markdown(results, env, command):
                    f"{r['gb_s']:.0f} |")
   if "sweep_mosaic" in results:
     lines += ["", "Adam fp32 sweep (mosaic_gpu):", "",
-              "| elements/CTA | stages | ms | GB/s |", "|---:|---:|---:|---:|"]
+              "| elements/CTA | units/step | stages | ms | GB/s |", "|---:|---:|---:|---:|---:|"]
     for r in results["sweep_mosaic"]:
-      lines.append(f"| {r['block']} | {r['num_stages']} | {r['median_s'] * 1e3:.3f} | "
-                   f"{r['gb_s']:.0f} |")
+      lines.append(f"| {r['block']} | {r['step_units']} | {r['num_stages']} | "
+                   f"{r['median_s'] * 1e3:.3f} | {r['gb_s']:.0f} |")
   return "\n".join(lines) + "\n"
 
 

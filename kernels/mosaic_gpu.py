@@ -6,12 +6,13 @@ module runs the same ``Rule``s over the same flat buffers with ``jax.experimenta
 mosaic_gpu`` (docs/mosaic-gpu.md has what was found about it and how it is verified):
 
     view   (n / WIDTH, WIDTH), WIDTH = 256   a TMA copy moves at most 256 elements a dimension
-    block  (UNIT_ROWS, WIDTH) = one 1024-element layout unit (``common.ALIGN``)
+    block  (k * UNIT_ROWS, WIDTH): k 1024-element layout units (``common.ALIGN``); k = 1 for a
+           rule with per-unit tables or sums, else ``MosaicTuning.step_units`` (tuned)
     grid   (units / steps,) CTAs of one warpgroup; each pipelines ``steps`` blocks through
            shared memory (``plgpu.emit_pipeline``, ``Tuning.num_stages`` of them in flight);
            ``steps`` the largest power of two dividing the units, at most ``Tuning.block`` / ALIGN
 
-A block is one alignment unit, so it never straddles two tensors: a per-unit table (LAMB/LARS
+A block of one alignment unit never straddles two tensors: a per-unit table (LAMB/LARS
 trust ratios, per-segment scalars) is one scalar per block read from global memory, and a
 per-unit sum of squares (``rule.sumsq``) one scalar per block written to it. The step's scalars
 are one float32 vector copied once per CTA, so schedules never recompile.
@@ -25,6 +26,7 @@ float32 div, sqrt, mul, add and sub become correctly rounded PTX (``div.rn.f32``
 ``sqrt.rn.f32``, ``mul.rn.f32``, ...) through ``plgpu.inline_mgpu``, so a GPU step reproduces the
 jnp oracle's float32 arithmetic.
 """
+import dataclasses
 import functools
 import inspect
 from typing import Dict, Optional, Tuple
@@ -44,16 +46,23 @@ UNIT_ROWS = ALIGN // WIDTH
 SCALARS_PAD = 32        # a TMA copy moves a multiple of 128 bytes: the scalars as f32[32k]
 supports = common.supports
 
-# ``block``: the elements one CTA (one warpgroup: ``num_warps`` is always 4) pipelines, in
-# 1024-element steps with ``num_stages`` in flight per buffer. Not tuned on a GPU yet (issue 20;
-# `python -m bench.kernels --sweep` sweeps both): 16 steps, 2 stages of 4 KiB per f32 buffer.
-DEFAULT_TUNING: Dict[Tuple[str, int], common.Tuning] = {
-    ("gpu", 4): common.Tuning(block=16 * ALIGN, num_warps=4, num_stages=2),
-    ("gpu", 2): common.Tuning(block=16 * ALIGN, num_warps=4, num_stages=2),
+@dataclasses.dataclass(frozen=True)
+class MosaicTuning(common.Tuning):
+  """``block``: the elements one CTA (one warpgroup: ``num_warps`` is always 4) pipelines, in
+  steps of ``step_units`` 1024-element units (one for a rule with per-unit tables or sums),
+  ``num_stages`` steps in flight per buffer."""
+  step_units: int = 1
+
+
+# Not tuned on a GPU yet (issue 20; `python -m bench.kernels --sweep` sweeps all three): 16
+# units per CTA, steps of one unit, 2 stages: 4 KiB per f32 buffer and stage.
+DEFAULT_TUNING: Dict[Tuple[str, int], MosaicTuning] = {
+    ("gpu", 4): MosaicTuning(block=16 * ALIGN, num_warps=4, num_stages=2),
+    ("gpu", 2): MosaicTuning(block=16 * ALIGN, num_warps=4, num_stages=2),
 }
 
 
-def default_tuning(rule, p_dtype) -> common.Tuning:
+def default_tuning(rule, p_dtype) -> MosaicTuning:
   return DEFAULT_TUNING[("gpu", min(jnp.dtype(p_dtype).itemsize, 4))]
 
 
@@ -97,7 +106,7 @@ def _precise_ops(shape):
           lax.sub_p: ptx("sub.rn.f32")}
 
 
-def _kernel(rule, steps, stages, n_seg, *refs):
+def _kernel(rule, steps, step_units, stages, n_seg, *refs):
   """One CTA: refs are [scalars, seg tables..., (g), p, state...] in global memory (p and state
   in place where the rule writes them), then the outputs [(an out-of-place p), sums...]."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
@@ -108,7 +117,7 @@ def _kernel(rule, steps, stages, n_seg, *refs):
   (p_gmem,), st_gmem = take(1), take(rule.n_state)
   p_out_gmem = take(1)[0] if rule.writes_param and not rule.param_in_place else p_gmem
   sum_gmem = refs   # what is left: the per-unit sums
-  shape = (UNIT_ROWS, WIDTH)
+  shape = (step_units * UNIT_ROWS, WIDTH)
   layout, ops = _layout(shape), _precise_ops(shape)
   cta = lax.axis_index("cta")
 
@@ -119,7 +128,7 @@ def _kernel(rule, steps, stages, n_seg, *refs):
     st_refs = [io.pop(0) for _ in range(rule.n_state)]
     p_out = io.pop(0) if rule.writes_param else None
     st_outs = [io.pop(0) for _ in range(rule.n_state)] if rule.writes_state else []
-    unit = cta * steps + idx[0]
+    unit = cta * steps + idx[0]   # the block's index: its unit when step_units == 1
     load = lambda r: _load(r, layout).astype(F32)  # noqa: E731
     s = {k: s_ref[j] for j, k in enumerate(rule.scalars)}
     q = {k: r[unit] for k, r in zip(rule.seg_scalars, q_gmem)}
@@ -154,7 +163,7 @@ def _scalar_vector(rule, scalars):
                    + [jnp.zeros((), F32)] * pad)
 
 
-def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[common.Tuning] = None):
+def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[MosaicTuning] = None):
   """``kernels.pallas.flat_update`` on Mosaic GPU: runs ``rule`` over flat buffers of whole
   ``ALIGN``-element units in one kernel (same arguments and results; ``seg_rows`` and the sums
   are per unit). p and state are updated in place when donated."""
@@ -167,7 +176,13 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[common
     return ((p if rule.writes_param else None), tuple(state),
             tuple(jnp.zeros((0,), F32) for _ in range(n_sums)) if rule.sumsq else None)
   tuning = tuning or default_tuning(rule, p.dtype)
-  steps = kp._largest_pow2_divisor(units, max(1, tuning.block // ALIGN))  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  per_unit = bool(rule.seg_scalars) or rule.sumsq is not None
+  step_units = 1 if per_unit else kp._largest_pow2_divisor(
+      units, max(1, getattr(tuning, "step_units", 1)))
+  blocks = units // step_units
+  steps = kp._largest_pow2_divisor(blocks, max(1, tuning.block // (ALIGN * step_units)))
+  # pylint: enable=protected-access
   view = lambda x: x.reshape(n // WIDTH, WIDTH)  # noqa: E731
 
   aliased_p = rule.writes_param and rule.param_in_place
@@ -183,8 +198,9 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[common
            + [jnp.asarray(seg_rows[k], F32) for k in rule.seg_scalars]
            + ([view(g)] if rule.reads_grad else []))
   kernel = pl.kernel(
-      functools.partial(_kernel, rule, steps, tuning.num_stages, len(rule.seg_scalars)),
-      out_type=(), mesh=plgpu.Mesh(grid=(units // steps,), grid_names=("cta",)),
+      functools.partial(_kernel, rule, steps, step_units, tuning.num_stages,
+                        len(rule.seg_scalars)),
+      out_type=(), mesh=plgpu.Mesh(grid=(blocks // steps,), grid_names=("cta",)),
       # Lane semantics (jax 0.10's default, 0.12's is Warpgroup): explicit layouts, the inline
       # PTX above, and implicit broadcasts of scalars (a checked step's `ok`) lower in it
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),

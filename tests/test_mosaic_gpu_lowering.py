@@ -34,11 +34,12 @@ pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning")
 DTYPE_CASES = {("adam", "bfloat16"), ("adam", "float16"), ("lamb_moments", "bfloat16")}
 
 
-def _update_fn(rule, n):
+def _update_fn(rule, n, tuning=None):
   def f(p, g, *state):
     scalars = {k: jnp.float32(0.5) + 0 * p[0].astype(jnp.float32) for k in rule.scalars}
     seg = {k: jnp.full((n // kmg.ALIGN,), 0.5, jnp.float32) for k in rule.seg_scalars}
-    return kmg.flat_update(rule, scalars, seg, p, g if rule.reads_grad else None, state)
+    return kmg.flat_update(rule, scalars, seg, p, g if rule.reads_grad else None, state,
+                           tuning=tuning)
   return f
 
 
@@ -75,12 +76,13 @@ def _mosaic_dumps(tmp_path):
         os.environ[k] = v
 
 
-def _compile_h100(rule, dtype, tmp_path, n=64 * kmg.ALIGN):
+def _compile_h100(rule, dtype, tmp_path, n=64 * kmg.ALIGN, tuning=None):
   """(PTX, ptxas report) of ``rule``'s kernel compiled for the H100 topology."""
   rep = h100_replicated()
   sds = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep) for s in _sds(rule, n, dtype)]
   with _mosaic_dumps(tmp_path):
-    lowered = jax.jit(_update_fn(rule, n), donate_argnums=_donate(rule)).trace(*sds).lower()
+    lowered = jax.jit(_update_fn(rule, n, tuning),
+                      donate_argnums=_donate(rule)).trace(*sds).lower()
     lowered.compile()
   _check_lowered(lowered.as_text(), rule)
   [ptx] = [p.read_text() for p in tmp_path.glob("*.ptx")]
@@ -106,6 +108,26 @@ def test_m2_compiles_for_sm90a_without_spills_or_approximations(rule, dtype, tmp
     assert not re.search(r"\bfma\.", ptx)
   if "div" in ptx:
     assert "div.rn.f32" in ptx
+
+
+@pytest.mark.parametrize("step_units, stages", [(4, 2), (2, 3)])
+def test_m2_multi_unit_steps_fit_shared_memory(step_units, stages, tmp_path):
+  """The tuning sweep's largest shared-memory configurations (Adam f32: 7 buffers of
+  ``step_units`` x 4 KiB per stage, 224 and 168 KiB) compile for the H100 without spills, in
+  blocks of ``step_units`` units; a rule with per-unit tables keeps blocks of one unit."""
+  from fusedopt.adam import ADAM_RULE  # pylint: disable=import-outside-toplevel
+  from fusedopt.lars import lars_rule  # pylint: disable=import-outside-toplevel
+  tuning = kmg.MosaicTuning(block=16 * kmg.ALIGN, num_stages=stages, step_units=step_units)
+  ptx, report = _compile_h100(ADAM_RULE, jnp.float32, tmp_path, tuning=tuning)
+  assert re.search(r"0 bytes spill stores, 0 bytes spill loads", report), report
+  assert not re.search(r"\.approx|div\.full|\bfma\.", ptx)
+  n = 64 * kmg.ALIGN
+  for rule, rows in ((ADAM_RULE, step_units * kmg.UNIT_ROWS), (lars_rule(False), kmg.UNIT_ROWS)):
+    # the kernel's jaxpr holds its blocks' shape
+    jaxpr = str(jax.make_jaxpr(_update_fn(rule, n, tuning))(*_sds(rule, n, jnp.float32)))
+    assert f"f32[{rows},{kmg.WIDTH}]" in jaxpr
+    if rows != kmg.UNIT_ROWS:
+      assert f"f32[{kmg.UNIT_ROWS},{kmg.WIDTH}]" not in jaxpr
 
 
 @pytest.mark.parametrize("rule", SR_RULES, ids=lambda r: r.name)
