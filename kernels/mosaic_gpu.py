@@ -15,7 +15,8 @@ mosaic_gpu`` (docs/mosaic-gpu.md has what was found about it and how it is verif
 A block of one alignment unit never straddles two tensors: a per-unit table (LAMB/LARS
 trust ratios, per-segment scalars) is one scalar per block read from global memory, and a
 per-unit sum of squares (``rule.sumsq``) one scalar per block written to it. The step's scalars
-are one float32 vector copied once per CTA, so schedules never recompile.
+are one float32 vector, an operand copied with each pipeline step (128 bytes), so schedules
+never recompile.
 
 Params and state are refs the kernel updates in place (``pl.run_state``): Pallas aliases them in
 and out of the custom call, as ``input_output_aliases`` does for ``pallas_call``.
@@ -44,6 +45,9 @@ ALIGN = common.ALIGN
 WIDTH = 256
 UNIT_ROWS = ALIGN // WIDTH
 SCALARS_PAD = 32        # a TMA copy moves a multiple of 128 bytes: the scalars as f32[32k]
+# the pipeline buffers' shared memory at most (an H100 gives a CTA 227 KiB; Adam f32 in steps of
+# 4 units at 2 stages, 224 KiB, compiles: tests/test_mosaic_gpu_lowering.py)
+SMEM_BUDGET = 224 * 1024
 supports = common.supports
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +159,16 @@ def _kernel(rule, steps, step_units, stages, n_seg, *refs):
       out_specs=[blk] * len(outs), max_concurrent_steps=stages)(s_gmem, *ins, *outs)
 
 
+def _block_bytes_per_unit(rule, p_dtype, g, state) -> int:
+  """Shared memory of one unit's blocks in one pipeline stage: p (in, and out where written),
+  g, each state buffer (in, and out where written)."""
+  item = lambda d: jnp.dtype(d).itemsize  # noqa: E731
+  total = item(p_dtype) * (1 + int(rule.writes_param))
+  total += item(g.dtype) if rule.reads_grad else 0
+  total += sum(item(x.dtype) * (1 + int(rule.writes_state)) for x in state)
+  return total * ALIGN
+
+
 def _scalar_vector(rule, scalars):
   """The step's scalars as one float32 vector of a multiple of ``SCALARS_PAD`` elements."""
   k = len(rule.scalars)
@@ -180,6 +194,11 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[Mosaic
   per_unit = bool(rule.seg_scalars) or rule.sumsq is not None
   step_units = 1 if per_unit else kp._largest_pow2_divisor(
       units, max(1, getattr(tuning, "step_units", 1)))
+  # the pipeline's shared memory: every block buffer, each stage; a rule with more buffers (Adan:
+  # 11) than the tuned one (Adam: 7) gets smaller steps
+  unit_bytes = _block_bytes_per_unit(rule, p.dtype, g, state) * tuning.num_stages
+  while step_units > 1 and step_units * unit_bytes > SMEM_BUDGET:
+    step_units //= 2
   blocks = units // step_units
   steps = kp._largest_pow2_divisor(blocks, max(1, tuning.block // (ALIGN * step_units)))
   # pylint: enable=protected-access
@@ -235,10 +254,14 @@ def _unavailable():
             f"is {plat!r}. Use 'pallas_interpret' to check the Pallas kernels' numerics on a CPU, "
             "or 'auto'")
   if common.targeted():
-    cc = common.compute_capability()
+    cc = common.compute_capability()   # None: no particular GPU asked for
   else:
-    cc = getattr(jax.devices()[0], "compute_capability", None)
-    cc = int(float(cc) * 10) if isinstance(cc, str) and cc.replace(".", "").isdigit() else None
+    raw = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+      cc = round(float(raw) * 10)
+    except (TypeError, ValueError):
+      return (f"backend='mosaic_gpu' needs an NVIDIA GPU of compute capability 9.0 or newer; "
+              f"this device reports {raw!r}: use backend='pallas' or 'auto'")
   if cc is not None and cc < MIN_COMPUTE_CAPABILITY:
     return (f"backend='mosaic_gpu' needs compute capability 9.0 or newer (Hopper); this GPU has "
             f"{cc / 10:.1f}: use backend='pallas' or 'triton'")
@@ -246,8 +269,10 @@ def _unavailable():
 
 
 _UPDATE = common.at_unit(flat_update, ALIGN)
+# sequential_vmap: ``pl.run_state`` has no batching rule, so under jax.vmap the kernel runs once
+# per batch element (as jax-triton's calls do)
 BACKENDS = {"mosaic_gpu": common.Backend("mosaic_gpu", common.packed_run_group(_UPDATE),
                                          _UPDATE, unit=ALIGN, supports=supports,
-                                         unavailable=_unavailable)}
+                                         unavailable=_unavailable, sequential_vmap=True)}
 
 __all__ = ["flat_update", "default_tuning", "DEFAULT_TUNING", "ALIGN", "WIDTH", "BACKENDS"]

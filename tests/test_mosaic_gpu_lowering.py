@@ -110,24 +110,23 @@ def test_m2_compiles_for_sm90a_without_spills_or_approximations(rule, dtype, tmp
     assert "div.rn.f32" in ptx
 
 
-@pytest.mark.parametrize("step_units, stages", [(4, 2), (2, 3)])
-def test_m2_multi_unit_steps_fit_shared_memory(step_units, stages, tmp_path):
-  """The tuning sweep's largest shared-memory configurations (Adam f32: 7 buffers of
-  ``step_units`` x 4 KiB per stage, 224 and 168 KiB) compile for the H100 without spills, in
-  blocks of ``step_units`` units; a rule with per-unit tables keeps blocks of one unit."""
-  from fusedopt.adam import ADAM_RULE  # pylint: disable=import-outside-toplevel
+@pytest.mark.parametrize("name, step_units, stages", [("adam", 4, 2), ("adam", 2, 3),
+                                                     ("adan", 4, 2)])
+def test_m2_multi_unit_steps_fit_shared_memory(name, step_units, stages, tmp_path):
+  """The tuning sweep's largest shared-memory configurations compile for the H100 without
+  spills: Adam f32 (7 buffers of ``step_units`` x 4 KiB per stage: 224 and 168 KiB) in blocks of
+  ``step_units`` units; Adan (11 buffers) with its steps capped to fit; a rule with per-unit
+  tables keeps blocks of one unit."""
   from fusedopt.lars import lars_rule  # pylint: disable=import-outside-toplevel
+  [rule] = [r for r in RULES if r.name == name]
   tuning = kmg.MosaicTuning(block=16 * kmg.ALIGN, num_stages=stages, step_units=step_units)
-  ptx, report = _compile_h100(ADAM_RULE, jnp.float32, tmp_path, tuning=tuning)
+  ptx, report = _compile_h100(rule, jnp.float32, tmp_path, tuning=tuning)
   assert re.search(r"0 bytes spill stores, 0 bytes spill loads", report), report
   assert not re.search(r"\.approx|div\.full|\bfma\.", ptx)
   n = 64 * kmg.ALIGN
-  for rule, rows in ((ADAM_RULE, step_units * kmg.UNIT_ROWS), (lars_rule(False), kmg.UNIT_ROWS)):
-    # the kernel's jaxpr holds its blocks' shape
-    jaxpr = str(jax.make_jaxpr(_update_fn(rule, n, tuning))(*_sds(rule, n, jnp.float32)))
-    assert f"f32[{rows},{kmg.WIDTH}]" in jaxpr
-    if rows != kmg.UNIT_ROWS:
-      assert f"f32[{kmg.UNIT_ROWS},{kmg.WIDTH}]" not in jaxpr
+  jaxpr = str(jax.make_jaxpr(_update_fn(lars_rule(False), n, tuning))(
+      *_sds(lars_rule(False), n, jnp.float32)))
+  assert _block_shape(jaxpr) == (kmg.UNIT_ROWS, kmg.WIDTH)
 
 
 @pytest.mark.parametrize("rule", SR_RULES, ids=lambda r: r.name)
@@ -160,23 +159,66 @@ def test_m1_out_of_place_params_are_a_fresh_output():
   txt = lower_cuda(_update_fn(rule, n), *_sds(rule, n, jnp.float32),
                    donate_argnums=(2, 3)).as_text()
   _check_lowered(txt, rule)
-  main = re.search(r"func\.func public @main\((.*?)\) ->", txt).group(1)
-  args = main.split("%arg")[1:]
-  assert "tf.aliasing_output" not in args[0]   # p: read only
-  assert all("tf.aliasing_output" in a for a in args[2:4])   # m, v donated and updated
+  # the custom call's operands: scalars, g, p, m, v, then the zero-filled new-params buffer
+  aliased = {int(i) for i in re.findall(r"operand_index = (\d+)", txt)}
+  assert aliased == {3, 4, 5}, aliased   # p (operand 2) is read, never written
+  in_place = lower_cuda(_update_fn(ADAM_RULE, n), *_sds(ADAM_RULE, n, jnp.float32),
+                        donate_argnums=(0, 2, 3)).as_text()
+  assert {int(i) for i in re.findall(r"operand_index = (\d+)", in_place)} == {2, 3, 4}
 
 
-def test_m1_grid_and_scalars():
-  """The grid covers the units exactly (a power-of-two number of steps per CTA dividing them),
-  and the scalars' vector is a whole number of 128-byte TMA copies."""
-  cap = kmg.DEFAULT_TUNING[("gpu", 4)].block // kmg.ALIGN
-  for units in (1, 3, 6, 37, 48, 1000, 4096, 2 ** 21 + 1):
-    steps = kmg.kp._largest_pow2_divisor(units, cap)  # pylint: disable=protected-access
-    assert units % steps == 0 and steps <= cap
-  for rule in RULES[:4] + [r for r in RULES if len(r.scalars) > 8][:1]:
+@pytest.mark.parametrize("units, step_units, stages", [(1, 1, 2), (37, 1, 2), (48, 4, 2),
+                                                     (1000, 4, 3), (4096, 2, 2)])
+def test_m1_grid_covers_the_buffer_once(units, step_units, stages):
+  """The kernel's grid x steps per CTA x units per step is the buffer's unit count (no block
+  twice, none left out), with the blocks' shape; Adan's 11 buffers get smaller steps where
+  Adam's 7 fit the shared memory budget."""
+  from fusedopt.adam import ADAM_RULE  # pylint: disable=import-outside-toplevel
+  from fusedopt.adan import ADAN_RULE  # pylint: disable=import-outside-toplevel
+  tuning = kmg.MosaicTuning(block=16 * kmg.ALIGN, num_stages=stages, step_units=step_units)
+  for rule in (ADAM_RULE, ADAN_RULE):
+    n = units * kmg.ALIGN
+    jaxpr = str(jax.make_jaxpr(_update_fn(rule, n, tuning))(*_sds(rule, n, jnp.float32)))
+    [grid] = re.findall(r"Mesh\(grid=\((\d+),\)", jaxpr)
+    rows, width = _block_shape(jaxpr)
+    su = rows * width // kmg.ALIGN
+    steps = units // (int(grid) * su)
+    assert int(grid) * steps * su == units and steps >= 1
+    assert steps & (steps - 1) == 0 and steps * su <= max(16, su)
+    budget = kmg._block_bytes_per_unit(  # pylint: disable=protected-access
+        rule, jnp.float32, jnp.zeros((1,)), [jnp.zeros((1,))] * rule.n_state) * stages
+    # the most units a step that divide the buffer and fit the budget, up to step_units
+    want = max(k for k in (1, 2, 4) if k <= step_units and units % k == 0
+               and (k == 1 or k * budget <= kmg.SMEM_BUDGET))
+    assert su == want, (rule.name, su, want)
+
+
+def _block_shape(jaxpr):
+  """The (rows, 256) shape of the kernel's blocks: the smallest float32 (rows, 256) in its
+  jaxpr (the (n/256, 256) views are larger or equal)."""
+  return min((int(a), kmg.WIDTH) for a in re.findall(rf"f32\[(\d+),{kmg.WIDTH}\]", jaxpr))
+
+
+def test_m1_scalars_are_whole_tma_copies():
+  """The scalars' vector is a whole number of 128-byte TMA copies, a rule without global
+  scalars (a fused MultiOptimizer's) included."""
+  for rule in RULES:
     vec = kmg._scalar_vector(rule, {k: 1.0 for k in rule.scalars})  # pylint: disable=protected-access
-    assert vec.shape[0] % kmg.SCALARS_PAD == 0 and vec.shape[0] >= len(rule.scalars)
+    assert vec.shape[0] % kmg.SCALARS_PAD == 0 and vec.shape[0] >= max(1, len(rule.scalars))
     assert float(vec[: len(rule.scalars)].sum()) == len(rule.scalars)
+    assert float(vec[len(rule.scalars):].sum()) == 0.0
+
+
+def test_m1_vmap_runs_the_kernel_per_batch_element():
+  """``jax.vmap`` of a step (``pl.run_state`` has no batching rule): the backend is
+  ``sequential_vmap``, one kernel call per batch element, as ``registry.differentiable``
+  promises every backend."""
+  opt = optim.Adam(learning_rate=0.1, backend="mosaic_gpu").create({"w": jnp.zeros((2048,))})
+  batched = jax.tree.map(lambda x: jnp.stack([x, x]), opt)
+  g = {"w": jnp.ones((2, 2048))}
+  with common.targeting("gpu", 90):
+    txt = lower_cuda(jax.vmap(lambda o, g: o.apply_gradient(g)), batched, g).as_text()
+  assert txt.count("@mosaic_gpu_v2") >= 1 and "triton" not in txt
 
 
 # ----------------------------------------------------------------------------- M3 and the backend

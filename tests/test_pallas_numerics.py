@@ -155,9 +155,13 @@ def test_block_sizes_and_unit_counts(block_rows, units):
   v = jnp.asarray(rng.random_sample(n), jnp.float32)
   s = {"lr": 1e-2, "b1": .9, "one_minus_b1": .1, "b2": .999, "one_minus_b2": 1e-3,
        "bias_corr1": .19, "bias_corr2": 2e-3, "eps": 1e-8, "lr_wd": 1e-4}
-  if BACKEND == "mosaic_gpu":   # one block a unit: block_rows does not apply
+  if BACKEND == "mosaic_gpu":   # block_rows -> units per CTA, units per step, stages
     from fusedopt.kernels import mosaic_gpu  # pylint: disable=import-outside-toplevel
-    update = lambda *a: mosaic_gpu.flat_update(ADAM_RULE, s, {}, a[0], a[1], a[2:])  # noqa: E731
+    su, stages = {1: (1, 2), 2: (2, 3), 64: (4, 2)}[block_rows]
+    tuning = mosaic_gpu.MosaicTuning(block=block_rows * 4 * kp.ALIGN, num_stages=stages,
+                                     step_units=su)
+    update = lambda *a: mosaic_gpu.flat_update(  # noqa: E731
+        ADAM_RULE, s, {}, a[0], a[1], a[2:], tuning=tuning)
   else:
     tuning = kp.Tuning(block=block_rows * kp.ALIGN)
     update = lambda *a: kp.flat_update(  # noqa: E731
