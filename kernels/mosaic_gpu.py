@@ -110,20 +110,60 @@ def _precise_ops(shape):
           lax.sub_p: ptx("sub.rn.f32")}
 
 
-def _kernel(rule, steps, step_units, stages, n_seg, *refs):
-  """One CTA: refs are [scalars, seg tables..., (g), p, state...] in global memory (p and state
-  in place where the rule writes them), then the outputs [(an out-of-place p), sums...]."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+def _update_block(rule, ops, load, s_ref, q_gmem, sum_gmem, unit, p_ref, g_ref, st_refs, p_out,
+                  st_outs):
+  """The rule over one block (shared-memory refs), its per-unit tables read and sums written at
+  ``unit`` in global memory: what both drivers below run."""
+  s = {k: s_ref[j] for j, k in enumerate(rule.scalars)}
+  q = {k: r[unit] for k, r in zip(rule.seg_scalars, q_gmem)}
+  p = load(p_ref)
+  g = load(g_ref) if g_ref is not None else jnp.zeros((), F32)
+  new_p, new_state = kp._call_rule(  # pylint: disable=protected-access
+      rule.fn, s, q, p, g, tuple(load(r) for r in st_refs), ops)
+  if p_out is not None:
+    p_out[...] = new_p.astype(p_out.dtype)
+  for o, x in zip(st_outs, new_state):
+    o[...] = x.astype(o.dtype)
+  if sum_gmem:
+    terms = kp._call_rule(rule.sumsq, s, q, p, g, tuple(new_state), ops)  # pylint: disable=protected-access
+    for o, t in zip(sum_gmem, terms):
+      o[unit] = jnp.sum(t * t)
+
+
+def _block_index(steps, i):
+  """The block step ``i`` of this CTA updates: CTAs take ``steps`` consecutive blocks."""
+  return lax.axis_index("cta") * steps + i
+
+
+def _split_refs(rule, n_seg, refs, outputs):
+  """(scalars, tables, g, p, state, the p and state outputs, sums) of a kernel's refs: inputs
+  [scalars, seg tables..., (g), p, state...]; then either (``outputs``) [(p), state...] as
+  outputs of their own, or p and state written in place with only an out-of-place p
+  following; then the per-unit sums."""
   refs = list(refs)
   take = lambda k: [refs.pop(0) for _ in range(k)]  # noqa: E731
   (s_gmem,), q_gmem = take(1), take(n_seg)
   g_gmem = take(1)[0] if rule.reads_grad else None
   (p_gmem,), st_gmem = take(1), take(rule.n_state)
-  p_out_gmem = take(1)[0] if rule.writes_param and not rule.param_in_place else p_gmem
-  sum_gmem = refs   # what is left: the per-unit sums
+  if outputs:
+    p_out = take(1)[0] if rule.writes_param else None
+    st_out = take(rule.n_state) if rule.writes_state else []
+  else:
+    p_out = None
+    if rule.writes_param:
+      p_out = take(1)[0] if not rule.param_in_place else p_gmem
+    st_out = st_gmem if rule.writes_state else []
+  return s_gmem, q_gmem, g_gmem, p_gmem, st_gmem, p_out, st_out, refs
+
+
+def _kernel(rule, steps, step_units, stages, n_seg, *refs):
+  """One CTA on a GPU: ``steps`` blocks through ``plgpu.emit_pipeline``, p and state in place
+  (``_split_refs``), float arithmetic as correctly rounded PTX."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  s_gmem, q_gmem, g_gmem, p_gmem, st_gmem, p_out_gmem, st_out_gmem, sum_gmem = _split_refs(
+      rule, n_seg, refs, outputs=False)
   shape = (step_units * UNIT_ROWS, WIDTH)
   layout, ops = _layout(shape), _precise_ops(shape)
-  cta = lax.axis_index("cta")
 
   def block(idx, s_ref, *io):
     io = list(io)
@@ -131,32 +171,79 @@ def _kernel(rule, steps, step_units, stages, n_seg, *refs):
     g_ref = io.pop(0) if rule.reads_grad else None
     st_refs = [io.pop(0) for _ in range(rule.n_state)]
     p_out = io.pop(0) if rule.writes_param else None
-    st_outs = [io.pop(0) for _ in range(rule.n_state)] if rule.writes_state else []
-    unit = cta * steps + idx[0]   # the block's index: its unit when step_units == 1
-    load = lambda r: _load(r, layout).astype(F32)  # noqa: E731
-    s = {k: s_ref[j] for j, k in enumerate(rule.scalars)}
-    q = {k: r[unit] for k, r in zip(rule.seg_scalars, q_gmem)}
-    p = load(p_ref)
-    g = load(g_ref) if g_ref is not None else jnp.zeros((), F32)
-    new_p, new_state = kp._call_rule(  # pylint: disable=protected-access
-        rule.fn, s, q, p, g, tuple(load(r) for r in st_refs), ops)
-    if p_out is not None:
-      p_out[...] = new_p.astype(p_out.dtype)
-    for o, x in zip(st_outs, new_state):
-      o[...] = x.astype(o.dtype)
-    if sum_gmem:
-      terms = kp._call_rule(rule.sumsq, s, q, p, g, tuple(new_state), ops)  # pylint: disable=protected-access
-      for o, t in zip(sum_gmem, terms):
-        o[unit] = jnp.sum(t * t)
+    _update_block(rule, ops, lambda r: _load(r, layout).astype(F32), s_ref, q_gmem, sum_gmem,
+                  _block_index(steps, idx[0]), p_ref, g_ref, st_refs, p_out, io)
 
-  blk = pl.BlockSpec(shape, lambda i: (cta * steps + i, 0))
+  blk = pl.BlockSpec(shape, lambda i: (_block_index(steps, i), 0))
   ins = [p_gmem] + ([g_gmem] if rule.reads_grad else []) + st_gmem
-  outs = (([p_out_gmem] if rule.writes_param else [])
-          + (st_gmem if rule.writes_state else []))
+  outs = ([p_out_gmem] if rule.writes_param else []) + st_out_gmem
   plgpu.emit_pipeline(
       block, grid=(steps,),
       in_specs=[pl.BlockSpec((s_gmem.shape[0],), lambda i: (0,))] + [blk] * len(ins),
       out_specs=[blk] * len(outs), max_concurrent_steps=stages)(s_gmem, *ins, *outs)
+
+
+def _interpret_kernel(rule, steps, step_units, n_seg, *refs):
+  """One CTA in Mosaic GPU's interpreter (CPU): the same blocks, grid and ``_update_block`` as
+  ``_kernel``, through explicit copies instead of ``emit_pipeline`` (whose predicated copies
+  the interpreter rejects), one block at a time, jax's float operations (no inline PTX), p and
+  state written to outputs of their own (the interpreter rejects aliased refs)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  s_gmem, q_gmem, g_gmem, p_gmem, st_gmem, p_out_gmem, st_out_gmem, sum_gmem = _split_refs(
+      rule, n_seg, refs, outputs=True)
+  rows = step_units * UNIT_ROWS
+  ins = [p_gmem] + ([g_gmem] if rule.reads_grad else []) + st_gmem
+  outs = ([p_out_gmem] if rule.writes_param else []) + st_out_gmem
+
+  def run(s_s, in_s, out_s, bar):
+    plgpu.copy_gmem_to_smem(s_gmem, s_s, bar.at[0])
+    plgpu.barrier_wait(bar.at[0])
+
+    def one(i, carry):
+      b = _block_index(steps, i)
+      for k, (src, dst) in enumerate(zip(ins, in_s)):
+        plgpu.copy_gmem_to_smem(src.at[pl.ds(b * rows, rows)], dst, bar.at[1 + k])
+      for k in range(len(ins)):
+        plgpu.barrier_wait(bar.at[1 + k])
+      plgpu.wait_smem_to_gmem(0)   # the last block's outputs have left out_s
+      it = iter(in_s)
+      p_ref = next(it)
+      g_ref = next(it) if rule.reads_grad else None
+      o = list(out_s)
+      p_out = o.pop(0) if rule.writes_param else None
+      _update_block(rule, None, lambda r: r[...].astype(F32), s_s, q_gmem, sum_gmem, b, p_ref,
+                    g_ref, list(it), p_out, o)
+      plgpu.commit_smem()
+      for src, dst in zip(out_s, outs):
+        plgpu.copy_smem_to_gmem(src, dst.at[pl.ds(b * rows, rows)])
+      return carry
+    lax.fori_loop(0, steps, one, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  smem = lambda r: plgpu.SMEM((rows, WIDTH), r.dtype)  # noqa: E731
+  pl.run_scoped(lambda s_s, in_s, out_s, bar: run(s_s, in_s, out_s, bar),
+                plgpu.SMEM(s_gmem.shape, F32), [smem(r) for r in ins], [smem(r) for r in outs],
+                plgpu.Barrier(num_arrivals=1, num_barriers=1 + len(ins)))
+
+
+def _interpret_update(rule, steps, step_units, fixed, p, state, units, mesh, params):
+  """``flat_update`` through ``_interpret_kernel``: every output a fresh buffer."""
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=import-outside-toplevel
+  n = p.shape[0]
+  view = lambda x: x.reshape(n // WIDTH, WIDTH)  # noqa: E731
+  out_type = ([jax.ShapeDtypeStruct((n // WIDTH, WIDTH), p.dtype)] if rule.writes_param else [])
+  out_type += ([jax.ShapeDtypeStruct((n // WIDTH, WIDTH), x.dtype) for x in state]
+               if rule.writes_state else [])
+  out_type += [jax.ShapeDtypeStruct((units,), F32)] * elementwise.num_sumsq_terms(rule)
+  outs = list(pl.kernel(
+      functools.partial(_interpret_kernel, rule, steps, step_units, len(rule.seg_scalars)),
+      out_type=tuple(out_type), mesh=mesh, compiler_params=params,
+      interpret=InterpretGPUParams(), name=f"fusedopt_{rule.name}")(
+          *fixed, view(p), *[view(x) for x in state]))
+  new_p = outs.pop(0).reshape(-1) if rule.writes_param else None
+  new_state = (tuple(outs.pop(0).reshape(-1) for _ in state) if rule.writes_state
+               else tuple(state))
+  return new_p, new_state, (tuple(outs) if rule.sumsq is not None else None)
 
 
 def _block_bytes_per_unit(rule, p_dtype, g, state) -> int:
@@ -177,10 +264,12 @@ def _scalar_vector(rule, scalars):
                    + [jnp.zeros((), F32)] * pad)
 
 
-def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[MosaicTuning] = None):
+def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[MosaicTuning] = None,
+                platform: Optional[str] = None):
   """``kernels.pallas.flat_update`` on Mosaic GPU: runs ``rule`` over flat buffers of whole
   ``ALIGN``-element units in one kernel (same arguments and results; ``seg_rows`` and the sums
-  are per unit). p and state are updated in place when donated."""
+  are per unit). p and state are updated in place when donated. ``platform="interpret"``:
+  Mosaic GPU's interpreter on a CPU (``_interpret_kernel``; for verification, slow)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
   common.check_flat_buffers(rule, p, g, state, ALIGN)
   n = p.shape[0]
@@ -204,6 +293,15 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[Mosaic
   # pylint: enable=protected-access
   view = lambda x: x.reshape(n // WIDTH, WIDTH)  # noqa: E731
 
+  fixed = ([_scalar_vector(rule, scalars)]
+           + [jnp.asarray(seg_rows[k], F32) for k in rule.seg_scalars]
+           + ([view(g)] if rule.reads_grad else []))
+  mesh = plgpu.Mesh(grid=(blocks // steps,), grid_names=("cta",))
+  # Lane semantics (jax 0.10's default, 0.12's is Warpgroup): explicit layouts, the inline PTX
+  # above, and implicit broadcasts of scalars (a checked step's `ok`) lower in it
+  params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+  if platform == "interpret":
+    return _interpret_update(rule, steps, step_units, fixed, p, state, units, mesh, params)
   aliased_p = rule.writes_param and rule.param_in_place
   # What the kernel writes is a ref (Mosaic GPU's in-place outputs), inside ``run_state`` so that
   # no ref escapes into the caller's jaxpr (the kernel backends run under ``custom_jvp``). An
@@ -213,17 +311,10 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[Mosaic
            + ([jnp.zeros((n // WIDTH, WIDTH), p.dtype)]
               if rule.writes_param and not rule.param_in_place else [])
            + [jnp.zeros((units,), F32)] * n_sums)
-  fixed = ([_scalar_vector(rule, scalars)]
-           + [jnp.asarray(seg_rows[k], F32) for k in rule.seg_scalars]
-           + ([view(g)] if rule.reads_grad else []))
   kernel = pl.kernel(
       functools.partial(_kernel, rule, steps, step_units, tuning.num_stages,
                         len(rule.seg_scalars)),
-      out_type=(), mesh=plgpu.Mesh(grid=(blocks // steps,), grid_names=("cta",)),
-      # Lane semantics (jax 0.10's default, 0.12's is Warpgroup): explicit layouts, the inline
-      # PTX above, and implicit broadcasts of scalars (a checked step's `ok`) lower in it
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-      name=f"fusedopt_{rule.name}")
+      out_type=(), mesh=mesh, compiler_params=params, name=f"fusedopt_{rule.name}")
 
   def run(refs):
     refs = list(refs)
