@@ -129,78 +129,56 @@ def _torch_cuda():
     return False
 
 
-def sweep_triton(n, inner, repeats):
-  """Adam fp32 on the triton backend over block x num_warps; rows sorted by median time."""
+def _sweep(name, table, backend, configs, n, inner, repeats):
+  """Adam fp32 on ``backend`` once per ``(label, tuning, fields)`` of ``configs``, with
+  ``table[("gpu", 4)]`` (the backend's tuning table) set to ``tuning`` and ``fields`` added to
+  the row; rows sorted by median time. A configuration that fails (too many registers, too much
+  shared memory) is logged and left out."""
   rows = []
-  saved = dict(kt.DEFAULT_TUNING)
+  saved = dict(table)
   try:
-    for block in (1024, 2048, 4096, 8192, 16384):
-      for nw in (2, 4, 8, 16):
-        kt.DEFAULT_TUNING[("gpu", 4)] = kt.Tuning(block=block, num_warps=nw)
-        jax.clear_caches()
-        try:
-          r = bench_fusedopt("adam", "triton", n, inner, repeats)
-        except Exception as e:  # pylint: disable=broad-except  (e.g. too many registers)
-          log(f"  triton sweep block={block} num_warps={nw}: failed: {str(e)[:200]}")
-          continue
-        r.update(block=block, num_warps=nw)
-        log(f"  triton sweep block={block:5d} num_warps={nw:2d}: "
-            f"{r['median_s'] * 1e3:.3f} ms {r['gb_s']:.0f} GB/s")
-        rows.append(r)
+    for label, tuning, fields in configs:
+      table[("gpu", 4)] = tuning
+      jax.clear_caches()
+      try:
+        r = bench_fusedopt("adam", backend, n, inner, repeats)
+      except Exception as e:  # pylint: disable=broad-except
+        log(f"  {name} sweep {label}: failed: {str(e)[:200]}")
+        continue
+      r.update(fields)
+      log(f"  {name} sweep {label}: {r['median_s'] * 1e3:.3f} ms {r['gb_s']:.0f} GB/s")
+      rows.append(r)
   finally:
-    kt.DEFAULT_TUNING.clear()
-    kt.DEFAULT_TUNING.update(saved)
+    table.clear()
+    table.update(saved)
     jax.clear_caches()
   return sorted(rows, key=lambda r: r["median_s"])
+
+
+def sweep_triton(n, inner, repeats):
+  """Adam fp32 on the triton backend over block x num_warps."""
+  configs = [(f"block={block:5d} num_warps={nw:2d}", kt.Tuning(block=block, num_warps=nw),
+              dict(block=block, num_warps=nw))
+             for block in (1024, 2048, 4096, 8192, 16384) for nw in (2, 4, 8, 16)]
+  return _sweep("triton", kt.DEFAULT_TUNING, "triton", configs, n, inner, repeats)
 
 
 def sweep_mosaic(n, inner, repeats):
   """Adam fp32 on the mosaic_gpu backend over units per CTA x units per step x stages."""
   from fusedopt.kernels import mosaic_gpu as kmg  # pylint: disable=import-outside-toplevel
-  rows = []
-  saved = dict(kmg.DEFAULT_TUNING)
-  try:
-    for units in (4, 16, 64):
-      for step_units in (1, 2, 4):
-        for stages in (2, 3):
-          kmg.DEFAULT_TUNING[("gpu", 4)] = kmg.MosaicTuning(
-              block=units * kmg.ALIGN, num_stages=stages, step_units=step_units)
-          jax.clear_caches()
-          what = f"units/CTA={units:2d} units/step={step_units} stages={stages}"
-          try:
-            r = bench_fusedopt("adam", "mosaic_gpu", n, inner, repeats)
-          except Exception as e:  # pylint: disable=broad-except  (e.g. shared memory)
-            log(f"  mosaic sweep {what}: failed: {str(e)[:200]}")
-            continue
-          r.update(block=units * kmg.ALIGN, num_stages=stages, step_units=step_units)
-          log(f"  mosaic sweep {what}: {r['median_s'] * 1e3:.3f} ms {r['gb_s']:.0f} GB/s")
-          rows.append(r)
-  finally:
-    kmg.DEFAULT_TUNING.clear()
-    kmg.DEFAULT_TUNING.update(saved)
-    jax.clear_caches()
-  return sorted(rows, key=lambda r: r["median_s"])
+  configs = [(f"units/CTA={units:2d} units/step={su} stages={st}",
+              kmg.MosaicTuning(block=units * kmg.ALIGN, num_stages=st, step_units=su),
+              dict(block=units * kmg.ALIGN, num_stages=st, step_units=su))
+             for units in (4, 16, 64) for su in (1, 2, 4) for st in (2, 3)]
+  return _sweep("mosaic", kmg.DEFAULT_TUNING, "mosaic_gpu", configs, n, inner, repeats)
 
 
 def sweep(n, inner, repeats):
-  """Adam fp32 over block_rows x num_warps; returns rows sorted by median time."""
-  rows = []
-  saved = dict(kp.DEFAULT_TUNING)
-  try:
-    for br in (1, 2, 4, 8, 16):
-      for nw in (2, 4, 8):
-        kp.DEFAULT_TUNING[("gpu", 4)] = kp.Tuning(block=br * kp.ALIGN, num_warps=nw)
-        jax.clear_caches()
-        r = bench_fusedopt("adam", "pallas", n, inner, repeats)
-        r.update(block_rows=br, num_warps=nw)
-        log(f"  sweep block_rows={br:2d} ({br * 1024} elems) num_warps={nw}: "
-            f"{r['median_s'] * 1e3:.3f} ms {r['gb_s']:.0f} GB/s")
-        rows.append(r)
-  finally:
-    kp.DEFAULT_TUNING.clear()
-    kp.DEFAULT_TUNING.update(saved)
-    jax.clear_caches()
-  return sorted(rows, key=lambda r: r["median_s"])
+  """Adam fp32 on the pallas backend over block_rows x num_warps."""
+  configs = [(f"block_rows={br:2d} ({br * 1024} elems) num_warps={nw}",
+              kp.Tuning(block=br * kp.ALIGN, num_warps=nw), dict(block_rows=br, num_warps=nw))
+             for br in (1, 2, 4, 8, 16) for nw in (2, 4, 8)]
+  return _sweep("pallas", kp.DEFAULT_TUNING, "pallas", configs, n, inner, repeats)
 
 
 def main(argv=None):
