@@ -284,24 +284,24 @@ def markdown(results, env, command):
         f"| {r['optim']} | {r['impl']} | {r['bytes_per_param']} | {r['median_s'] * 1e3:.3f} "
         f"({r['min_s'] * 1e3:.3f}-{r['max_s'] * 1e3:.3f}) | {r['gb_s']:.0f} | "
         f"{r['pct_copy']:.1f} | {r.get('compile_s', float('nan')):.2f} |")
-  if "sweep" in results:
-    lines += ["", "Adam fp32 block sweep (pallas):", "",
-              "| block_rows | elements/program | num_warps | ms | GB/s |", "|---:|---:|---:|---:|---:|"]
-    for r in results["sweep"]:
-      lines.append(f"| {r['block_rows']} | {r['block_rows'] * 1024} | {r['num_warps']} | "
-                   f"{r['median_s'] * 1e3:.3f} | {r['gb_s']:.0f} |")
-  if "sweep_triton" in results:
-    lines += ["", "Adam fp32 block sweep (triton):", "",
-              "| block (elements/program) | num_warps | ms | GB/s |", "|---:|---:|---:|---:|"]
-    for r in results["sweep_triton"]:
-      lines.append(f"| {r['block']} | {r['num_warps']} | {r['median_s'] * 1e3:.3f} | "
-                   f"{r['gb_s']:.0f} |")
-  if "sweep_mosaic" in results:
-    lines += ["", "Adam fp32 sweep (mosaic_gpu):", "",
-              "| elements/CTA | units/step | stages | ms | GB/s |", "|---:|---:|---:|---:|---:|"]
-    for r in results["sweep_mosaic"]:
-      lines.append(f"| {r['block']} | {r['step_units']} | {r['num_stages']} | "
-                   f"{r['median_s'] * 1e3:.3f} | {r['gb_s']:.0f} |")
+  ms_gbs = [("ms", lambda r: f"{r['median_s'] * 1e3:.3f}"), ("GB/s", lambda r: f"{r['gb_s']:.0f}")]
+  tables = [
+      ("sweep", "Adam fp32 block sweep (pallas)",
+       [("block_rows", lambda r: r["block_rows"]),
+        ("elements/program", lambda r: r["block_rows"] * 1024),
+        ("num_warps", lambda r: r["num_warps"])]),
+      ("sweep_triton", "Adam fp32 block sweep (triton)",
+       [("block (elements/program)", lambda r: r["block"]),
+        ("num_warps", lambda r: r["num_warps"])]),
+      ("sweep_mosaic", "Adam fp32 sweep (mosaic_gpu)",
+       [("elements/CTA", lambda r: r["block"]), ("units/step", lambda r: r["step_units"]),
+        ("stages", lambda r: r["num_stages"])])]
+  for key, title, cols in tables:
+    if key in results:
+      cols = cols + ms_gbs
+      lines += ["", f"{title}:", "", "| " + " | ".join(h for h, _ in cols) + " |",
+                "|" + "---:|" * len(cols)]
+      lines += ["| " + " | ".join(str(f(r)) for _, f in cols) + " |" for r in results[key]]
   return "\n".join(lines) + "\n"
 
 
