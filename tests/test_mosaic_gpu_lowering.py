@@ -108,12 +108,10 @@ def _rule(name):
 
 
 M0_CASES = [  # (rule, units, tuning: (units per CTA, units per step), param dtype)
-    ("adam", 6, None, "float32"), ("adam", 48, (16, 4), "float32"),
-    ("adam", 37, (4, 2), "bfloat16"), ("adam_guarded", 5, None, "float32"),
-    ("lamb_moments", 3, None, "float32"), ("lamb_apply", 5, None, "float32"),
-    ("lars_nesterov", 6, None, "float32"), ("momentum", 4, (2, 2), "float16"),
-    ("sgd", 3, None, "float32"), ("adam_per_segment", 6, None, "float32"),
-    ("adan", 8, (8, 4), "float32"), ("adam_sr", 4, None, "bfloat16"),
+    ("adam", 48, (16, 4), "float32"), ("adam", 37, (4, 2), "bfloat16"),
+    ("adam_guarded", 5, None, "float32"), ("lamb_moments", 3, None, "float32"),
+    ("lamb_apply", 5, None, "float32"), ("adam_per_segment", 6, None, "float32"),
+    ("momentum", 4, (2, 2), "float16"), ("sgd", 3, None, "float32"),
 ]
 
 
@@ -162,9 +160,24 @@ def test_m0_interpreter_matches_jnp(name, units, tuning, dtype):
 
 # ----------------------------------------------------------------------------- M1 + M2
 
+# Compiled in make test: the rules heaviest on registers (most buffers and terms, the checked
+# step, LAMB's sums, LARS's tables) -- every rule compiled without spills or approximations on
+# 2026-12-07; the others are lowered (M1). (A compile costs ~0.6 s on 2 cores.)
+M2_RULES = {"adam", "adam_guarded", "lamb_moments_guarded", "lamb_apply_guarded",
+            "lars_nesterov", "rmsprop_centered", "adan", "ademamix", "adopt_nesterov",
+            "schedule_free_adamw"}
 M2_CASES = [pytest.param(r, d, id=f"{r.name}-{jnp.dtype(d).name}") for r in RULES
             for d in (jnp.float32, jnp.bfloat16, jnp.float16)
-            if d == jnp.float32 or (r.name, jnp.dtype(d).name) in DTYPE_CASES]
+            if (d == jnp.float32 and r.name in M2_RULES)
+            or (r.name, jnp.dtype(d).name) in DTYPE_CASES]
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if r.name not in M2_RULES],
+                         ids=lambda r: r.name)
+def test_m1_every_other_rule_lowers(rule):
+  n = 16 * kmg.ALIGN
+  _check_lowered(lower_cuda(_update_fn(rule, n), *_sds(rule, n, jnp.float32),
+                            donate_argnums=_donate(rule)).as_text(), rule)
 
 
 @pytest.mark.parametrize("rule, dtype", M2_CASES)
@@ -272,7 +285,7 @@ def _block_shape(jaxpr):
 def test_m1_scalars_are_whole_tma_copies():
   """The scalars' vector is a whole number of 128-byte TMA copies, a rule without global
   scalars (a fused MultiOptimizer's) included."""
-  for rule in RULES:
+  for rule in [r for r in RULES if r.name in ("sgd", "adam", "adam_per_segment", "adan")]:
     vec = kmg._scalar_vector(rule, {k: 1.0 for k in rule.scalars})  # pylint: disable=protected-access
     assert vec.shape[0] % kmg.SCALARS_PAD == 0 and vec.shape[0] >= max(1, len(rule.scalars))
     assert float(vec[: len(rule.scalars)].sum()) == len(rule.scalars)
