@@ -114,10 +114,8 @@ def _update_block(rule, ops, load, s_ref, q_gmem, sum_gmem, unit, p_ref, g_ref, 
                   st_outs):
   """The rule over one block (shared-memory refs), its per-unit tables read and sums written at
   ``unit`` in global memory: what both drivers below run."""
-  s = {k: s_ref[j] for j, k in enumerate(rule.scalars)}
-  q = {k: r[unit] for k, r in zip(rule.seg_scalars, q_gmem)}
-  p = load(p_ref)
-  g = load(g_ref) if g_ref is not None else jnp.zeros((), F32)
+  s, q, p, g = kp._rule_inputs(  # pylint: disable=protected-access
+      rule, s_ref, {k: r[unit] for k, r in zip(rule.seg_scalars, q_gmem)}, p_ref, g_ref, load)
   new_p, new_state = kp._call_rule(  # pylint: disable=protected-access
       rule.fn, s, q, p, g, tuple(load(r) for r in st_refs), ops)
   if p_out is not None:

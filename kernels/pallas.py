@@ -135,6 +135,14 @@ def _call_rule(rule_fn, s, q, p, g, state, overrides):
   return _precise(fn, overrides, s, q, p, g, state)
 
 
+def _rule_inputs(rule, s_ref, q, p_ref, g_ref, load=lambda r: r[...].astype(F32)):
+  """(scalars by name, ``q``, p, g) of one block, in float32: the scalars read from the step's
+  vector, p and g (a zero where the rule reads none) by ``load``."""
+  s = {k: s_ref[j] for j, k in enumerate(rule.scalars)}
+  g = load(g_ref) if g_ref is not None else jnp.zeros((), F32)
+  return s, q, load(p_ref), g
+
+
 def _kernel(rule, n_seg, precise, *refs):
   """One block: refs are [scalars, seg tables..., p, (g), state...] then outputs
   [(p), state..., per-row sums of squares...]."""
@@ -146,10 +154,8 @@ def _kernel(rule, n_seg, precise, *refs):
   p_out = take(1)[0] if rule.writes_param else None
   st_outs = take(rule.n_state) if rule.writes_state else []
   sum_outs = refs
-  s = {k: s_ref[j] for j, k in enumerate(rule.scalars)}
-  q = {k: r[...] for k, r in zip(rule.seg_scalars, q_refs)}
-  p = p_ref[...].astype(F32)
-  g = g_ref[...].astype(F32) if g_ref is not None else jnp.zeros((), F32)
+  s, q, p, g = _rule_inputs(rule, s_ref, {k: r[...] for k, r in zip(rule.seg_scalars, q_refs)},
+                            p_ref, g_ref)
   ops = _gpu_precise_ops() if precise else None
   new_p, new_state = _call_rule(rule.fn, s, q, p, g, tuple(r[...].astype(F32) for r in st_refs),
                                 ops)
@@ -338,10 +344,8 @@ def _quantized_kernel(rule, n_seg, fp8, precise, *refs):
   p_out = take(1)[0] if rule.writes_param else None
   outs = [take(2) if q else take(1) for q in fp8] if rule.writes_state else []
   sum_outs = refs
-  s = {k: s_ref[j] for j, k in enumerate(rule.scalars)}
-  q = {k: r[...] for k, r in zip(rule.seg_scalars, q_refs)}
-  p = p_ref[...].astype(F32)
-  g = g_ref[...].astype(F32) if g_ref is not None else jnp.zeros((), F32)
+  s, q, p, g = _rule_inputs(rule, s_ref, {k: r[...] for k, r in zip(rule.seg_scalars, q_refs)},
+                            p_ref, g_ref)
   ops = _gpu_precise_ops() if precise else None
   state = tuple(_decode_e4m3(f[0][...]) * f[1][...] if quant else f[0][...].astype(F32)
                 for f, quant in zip(fields, fp8))
