@@ -105,9 +105,7 @@ def _precise_ops(shape):
         return arrays[0]._pointwise(mgpu.FragmentedArray._lift_fast_instr(instr), *arrays[1:])
       return run(*xs)
     return op
-  return {lax.div_p: ptx("div.rn.f32"), lax.sqrt_p: ptx("sqrt.rn.f32"),
-          lax.mul_p: ptx("mul.rn.f32"), lax.add_p: ptx("add.rn.f32"),
-          lax.sub_p: ptx("sub.rn.f32")}
+  return {prim: ptx(instr) for prim, instr in kp.PRECISE_PTX.items()}
 
 
 def _update_block(rule, ops, load, s_ref, q_gmem, sum_gmem, unit, p_ref, g_ref, st_refs, p_out,

@@ -90,19 +90,20 @@ def _pad_pow2(n: int) -> int:
 # instructions (PTX never fuses mul.rn/add.rn into fma) cost nothing measurable and make a GPU
 # step reproduce the oracle's float32 arithmetic. The rule is traced to a jaxpr and evaluated
 # with these primitives replaced by inline PTX.
+PRECISE_PTX = {lax.div_p: "div.rn.f32", lax.sqrt_p: "sqrt.rn.f32", lax.mul_p: "mul.rn.f32",
+               lax.add_p: "add.rn.f32", lax.sub_p: "sub.rn.f32"}   # (Mosaic GPU's too)
+
+
 def _gpu_precise_ops():
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
 
-  def asm(code, *args):
+  def asm(instr, *args):
     args = jnp.broadcast_arrays(*args)
+    code = f"{instr} " + ", ".join(f"${i}" for i in range(len(args) + 1)) + ";"
     return plgpu.elementwise_inline_asm(
         code, args=list(args), constraints="=r" + ",r" * len(args), pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, F32)])[0]
-  return {lax.div_p: lambda x, y: asm("div.rn.f32 $0, $1, $2;", x, y),
-          lax.sqrt_p: lambda x: asm("sqrt.rn.f32 $0, $1;", x),
-          lax.mul_p: lambda x, y: asm("mul.rn.f32 $0, $1, $2;", x, y),
-          lax.add_p: lambda x, y: asm("add.rn.f32 $0, $1, $2;", x, y),
-          lax.sub_p: lambda x, y: asm("sub.rn.f32 $0, $1, $2;", x, y)}
+  return {prim: functools.partial(asm, instr) for prim, instr in PRECISE_PTX.items()}
 
 
 def _eval_jaxpr(jaxpr, consts, args, overrides):
