@@ -28,6 +28,7 @@ from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.extend import core as jax_core
@@ -286,39 +287,34 @@ def _precise(fn, ops, *args):
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
 
-def _u32(v):
-  return jnp.uint32(v)
+def _i32(v):
+  return jnp.int32(np.uint32(v).view(np.int32))
+
+
+# The codecs' integer arithmetic is on int32 bits: Mosaic TPU has no unsigned vector min,
+# compare or conversion (arith.minui does not legalize), and a float's magnitude bits are
+# non-negative int32s, so signed operations give the same results.
+SIGN = 0x80000000
 
 
 def _decode_e4m3(codes):
   """float32 values of e4m3 codes (uint8) in integer arithmetic, as the native kernel decodes
-  them (no table: Mosaic has no gather from one)."""
-  c = codes.astype(jnp.uint32)
-  a = c & _u32(0x7F)
-  sign = (c & _u32(0x80)) << 24
-  nrm = (a << 20) + _u32(120 << 23)
-  sub = lax.bitcast_convert_type(a.astype(F32) * F32(2.0 ** -9), jnp.uint32)
-  mag = jnp.where(a >= _u32(8), nrm, sub)
-  mag = jnp.where(a == _u32(0x7F), _u32(0x7FC00000), mag)
+  them (no table read)."""
+  c = codes.astype(jnp.int32)
+  a = c & 0x7F
+  sign = (c & 0x80) << 24
+  nrm = (a << 20) + (120 << 23)
+  sub = lax.bitcast_convert_type(a.astype(F32) * F32(2.0 ** -9), jnp.int32)
+  mag = jnp.where(a >= 8, nrm, sub)
+  mag = jnp.where(a == 0x7F, _i32(0x7FC00000), mag)
   return lax.bitcast_convert_type(sign | mag, F32)
 
 
-def _encode_e4m3(y, ops):
-  """(codes uint8 [R, QROW], scales float32 [R, 1]) of the rows ``y``: absmax per row, ``y *
-  448 / absmax`` clipped and rounded to nearest-even e4m3 in integer arithmetic -- the native
-  kernel's encode, its float operations IEEE-rounded on a GPU (``ops``)."""
-  am = jnp.max(jnp.abs(y), axis=1, keepdims=True)
-  bad = jnp.max(jnp.where(y != y, 1, 0), axis=1, keepdims=True)
-  am = jnp.where(bad > 0, F32(jnp.nan), am)
-
-  def scaled(y, am):
-    inv = jnp.where(am > 0, F32(448.0) / am, F32(0.0))
-    return y * inv, am * F32(1.0 / 448.0)
-  z, scale = _precise(scaled, ops, y, am)
-  u = lax.bitcast_convert_type(z, jnp.uint32)
-  a = u & _u32(0x7FFFFFFF)
-  a = jnp.where(a > _u32(0x7F800000), a, jnp.minimum(a, _u32(0x43E00000)))
-  nrm = ((a + _u32(0x7FFFF) + ((a >> 20) & _u32(1))) >> 20) - _u32(960)
+def _e4m3_code(u, a, ops):
+  """The e4m3 code (int32) of the float32 bits ``u`` (|value| <= 448 or NaN; ``a``: the
+  magnitude's bits) by rounding to nearest even in integer arithmetic, as the native kernel
+  encodes."""
+  nrm = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - 960
   # subnormal: |y| * 2^9 (exact) rounded to nearest even: on a GPU the native kernel's
   # add-and-subtract 2^23 in IEEE-rounded PTX (Triton lowers no round); elsewhere lax.round
   # (XLA would fold the add and subtract away)
@@ -327,50 +323,185 @@ def _encode_e4m3(y, ops):
     x = _precise(lambda f: (f + F32(8388608.0)) - F32(8388608.0), ops, f)
   else:
     x = lax.round(f, lax.RoundingMethod.TO_NEAREST_EVEN)
-  sub = x.astype(jnp.uint32)
-  code = ((u >> 24) & _u32(0x80)) | jnp.where(a > _u32(0x7F800000), _u32(0x7F),
-                                              jnp.where(a >= _u32(0x3C800000), nrm, sub))
-  return code.astype(jnp.uint8), scale
+  sub = x.astype(jnp.int32)
+  return ((u >> 24) & 0x80) | jnp.where(a > 0x7F800000, 0x7F, jnp.where(a >= 0x3C800000, nrm, sub))
 
 
-def _quantized_kernel(rule, n_seg, fp8, precise, *refs):
-  """One block of rows: refs are [scalars, seg tables..., p, (g), per field: codes and scales
-  (e4m3) or the buffer] then outputs [(p), per field: codes and scales or the buffer (where the
-  rule writes its state), per-row sums...]."""
+class _Gather:
+  """The int8 maps' lookups as reads of kernel inputs at computed addresses (GPU: Triton gathers
+  from global memory, cached; interpret mode): ``maps`` float32 [512] (the signed map's 256
+  values, then the unsigned map's) and ``buckets`` int32 (``quantization.bucket_table`` of each,
+  padded to a power of two). The encode is the native kernel's: one bucket read and a comparison
+  of the low 16 bits."""
+  n_inputs = 2
+
+  @staticmethod
+  def inputs():
+    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
+    maps = jnp.asarray(np.concatenate([Q.dynamic_map(True), Q.dynamic_map(False)]))
+    bkt = np.concatenate([Q.bucket_table(True), Q.bucket_table(False)])
+    bkt = np.pad(bkt, (0, _pad_pow2(bkt.size) - bkt.size))
+    return [maps, jnp.asarray(bkt)]
+
+  @staticmethod
+  def specs(arrays):
+    return [pl.BlockSpec(a.shape, lambda i: (0,)) for a in arrays]
+
+  def __init__(self, maps_ref, bkt_ref):
+    self.maps, self.bkt = maps_ref, bkt_ref
+
+  def decode(self, fmt, codes):
+    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
+    off = 0 if fmt is Q.INT8_SIGNED else 256
+    return self.maps[codes.astype(jnp.int32) + off]
+
+  def encode(self, fmt, u, ops):
+    del ops
+    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
+    nb = Q.NUM_BUCKETS
+    t = jnp.clip(((u & 0x7FFFFFFF) >> 16) - Q.BUCKET_EXPONENT * 128, -1, nb)
+    off = 0 if fmt is Q.INT8_SIGNED else 2 * (nb + 2)
+    e = self.bkt[jnp.where(u < 0, nb + 2, 0) + t + (1 + off)]
+    return (e & 0xFF) + (jnp.where((u & 0xFFFF) >= (e >> 9), 1, 0) ^ ((e >> 8) & 1))
+
+
+class _Lanes:
+  """The int8 maps' lookups where a kernel cannot read at computed addresses (Mosaic TPU): a
+  256-entry table is two 128-lane rows of one (8, 128) input, and a lookup is a lane gather
+  (``take_along_axis``, ``tpu.dynamic_gather``) from each, selected by the index's top bit.
+  Rows: the signed map (2), its midpoints (2), the unsigned map (2), its midpoints (2). The
+  encode is ``quantization.encode``'s binary search over the midpoints (8 lookups)."""
+  n_inputs = 1
+
+  @staticmethod
+  def inputs():
+    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
+    rows = [Q.dynamic_map(True), Q.thresholds(True), Q.dynamic_map(False), Q.thresholds(False)]
+    return [jnp.asarray(np.concatenate(rows).reshape(8, 128))]
+
+  @staticmethod
+  def specs(arrays):
+    return [pl.BlockSpec(arrays[0].shape, lambda i: (0, 0))]
+
+  def __init__(self, tab_ref):
+    self.tab = tab_ref
+
+  def _take(self, row, idx):
+    """``table[idx]`` for the 256-entry table at rows ``row``, ``row + 1``; idx int32
+    [R, QROW], taken a vector register's 128 lanes at a time."""
+    idx = idx.astype(jnp.int32)
+    r = idx.shape[0]
+    lo = jnp.broadcast_to(self.tab[row:row + 1, :], (r, 128))
+    hi = jnp.broadcast_to(self.tab[row + 1:row + 2, :], (r, 128))
+    out = []
+    for h in range(QROW // 128):
+      i = idx[:, h * 128:(h + 1) * 128]
+      i7 = i & 127
+      out.append(jnp.where(i >= 128,
+                           jnp.take_along_axis(hi, i7, axis=1, mode="promise_in_bounds"),
+                           jnp.take_along_axis(lo, i7, axis=1, mode="promise_in_bounds")))
+    return jnp.concatenate(out, axis=1)
+
+  def _row(self, fmt):
+    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
+    return 0 if fmt is Q.INT8_SIGNED else 4
+
+  def decode(self, fmt, codes):
+    return self._take(self._row(fmt), codes)
+
+  def encode(self, fmt, u, ops):
+    del ops
+    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
+    row = self._row(fmt) + 2
+    y = lax.bitcast_convert_type(u, F32)
+    return Q.encode(lambda table, i: self._take(row, i), jnp.where, fmt, y).astype(jnp.int32)
+
+
+LOOKUPS = {"gather": _Gather, "lanes": _Lanes}
+
+
+def _lookup_for(plat, lookup):
+  """The int8 lookup strategy: lane gathers on a TPU, address reads elsewhere (``lookup``
+  chooses in interpret mode, so both run on a CPU)."""
+  if lookup is None:
+    return "lanes" if plat == "tpu" else "gather"
+  if lookup not in LOOKUPS or (plat != "interpret" and lookup != _lookup_for(plat, None)):
+    raise ValueError(f"lookup={lookup!r} on {plat!r}: Mosaic TPU takes 'lanes', a GPU "
+                     "'gather' (interpret mode either)")
+  return lookup
+
+
+def _decode(fmt, codes, lookup):
+  """float32 values (before the scale) of ``codes`` (uint8) in ``fmt``."""
+  return _decode_e4m3(codes) if fmt.is_fp8 else lookup.decode(fmt, codes)
+
+
+def _encode(fmt, y, ops, lookup):
+  """(codes int32 [R, QROW], scales float32 [R, 1]) of the rows ``y``: absmax per row (NaN if
+  the row holds one), ``y * fmax / absmax`` clipped to ``[-fmax, fmax]`` (on the bits, NaN kept)
+  and encoded -- the native kernel's encode, its float operations IEEE-rounded on a GPU
+  (``ops``). The scale is ``absmax * float32(1 / fmax)``, for int8 (fmax 1) the absmax."""
+  am = jnp.max(jnp.abs(y), axis=1, keepdims=True)
+  bad = jnp.max(jnp.where(y != y, 1, 0), axis=1, keepdims=True)
+  am = jnp.where(bad > 0, F32(jnp.nan), am)
+  fmax = F32(fmt.fmax)
+
+  def scaled(y, am):
+    inv = jnp.where(am > 0, fmax / am, F32(0.0))
+    return y * inv, (am * F32(1.0 / fmt.fmax) if fmt.is_fp8 else am)
+  z, scale = _precise(scaled, ops, y, am)
+  u = lax.bitcast_convert_type(z, jnp.int32)
+  a = u & 0x7FFFFFFF
+  fbits = int(np.float32(fmt.fmax).view(np.int32))
+  a = jnp.where(a > 0x7F800000, a, jnp.minimum(a, fbits))
+  if fmt.is_fp8:
+    code = _e4m3_code(u, a, ops)
+  else:
+    code = lookup.encode(fmt, (u & _i32(SIGN)) | a, ops)
+  return code, scale
+
+
+def _quantized_kernel(rule, n_seg, fmts, precise, lookup_cls, *refs):
+  """One block of rows: refs are [scalars, lookup tables (int8 fields), seg tables..., p, (g),
+  per field: codes and scales (quantized) or the buffer] then outputs [(p), per field: codes
+  and scales or the buffer (where the rule writes its state), per-row sums...]."""
   refs = list(refs)
   take = lambda k: [refs.pop(0) for _ in range(k)]  # noqa: E731
-  (s_ref,), q_refs, (p_ref,) = take(1), take(n_seg), take(1)
+  (s_ref,) = take(1)
+  lookup = lookup_cls(*take(lookup_cls.n_inputs)) if lookup_cls else None
+  q_refs, (p_ref,) = take(n_seg), take(1)
   g_ref = take(1)[0] if rule.reads_grad else None
-  fields = [take(2) if q else take(1) for q in fp8]
+  fields = [take(2) if f else take(1) for f in fmts]
   p_out = take(1)[0] if rule.writes_param else None
-  outs = [take(2) if q else take(1) for q in fp8] if rule.writes_state else []
+  outs = [take(2) if f else take(1) for f in fmts] if rule.writes_state else []
   sum_outs = refs
   s, q, p, g = _rule_inputs(rule, s_ref, {k: r[...] for k, r in zip(rule.seg_scalars, q_refs)},
                             p_ref, g_ref)
   ops = _gpu_precise_ops() if precise else None
-  state = tuple(_decode_e4m3(f[0][...]) * f[1][...] if quant else f[0][...].astype(F32)
-                for f, quant in zip(fields, fp8))
+  state = tuple(_decode(f, fl[0][...], lookup) * fl[1][...] if f else fl[0][...].astype(F32)
+                for fl, f in zip(fields, fmts))
   new_p, new_state = _call_rule(rule.fn, s, q, p, g, state, ops)
   if p_out is not None:
     p_out[...] = new_p.astype(p_out.dtype)
   ok = s["ok"] != 0 if "ok" in rule.scalars else None
   stored = list(state)
-  for k, (o, x, old, quant) in enumerate(zip(outs, new_state, fields, fp8)):
+  for k, (o, x, old, f) in enumerate(zip(outs, new_state, fields, fmts)):
     if symbolic.passed_through(rule)[k]:
       for dst, src in zip(o, old):
         dst[...] = src[...]
       continue
-    if not quant:
+    if not f:
       o[0][...] = x.astype(o[0].dtype)
       stored[k] = o[0][...].astype(F32)
       continue
-    codes, scale = _encode_e4m3(x, ops)
-    if ok is not None:
-      codes = jnp.where(ok, codes, old[0][...])
+    codes, scale = _encode(f, x, ops, lookup)
+    if ok is not None:   # (selected as int32: Mosaic TPU v4 compares no int8 vectors)
+      codes = jnp.where(ok, codes, old[0][...].astype(jnp.int32))
       scale = jnp.where(ok, scale, old[1][...])
+    codes = codes.astype(jnp.uint8)
     o[0][...] = codes
     o[1][...] = scale
-    stored[k] = _decode_e4m3(codes) * scale
+    stored[k] = _decode(f, codes, lookup) * scale
   if sum_outs:
     terms = _call_rule(rule.sumsq, s, q, p, g, tuple(stored), ops)
     for o, t in zip(sum_outs, terms):
@@ -383,20 +514,30 @@ def quantized_warps(tuning) -> int:
   return 2 * tuning.num_warps
 
 
-def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=None):
-  """``flat_update`` where state fields may be e4m3 ``quantization.QuantizedArray``s: rows of
-  one 256-element block (``seg_rows``: per-row tables); decode, the rule, the row's absmax and
-  encode in one ``pallas_call``; codes and scales in place. A field the rule passes through
-  keeps its codes; a checked step's skip (``ok`` = 0) keeps codes and scales; per-row sums of
-  ``rule.sumsq``'s terms over the state as stored. The int8 maps need table lookups, which
-  Mosaic does not lower: ``run_quantized`` runs those groups on jnp."""
+def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=None,
+                          lookup=None):
+  """``flat_update`` where state fields may be ``quantization.QuantizedArray``s (int8 maps or
+  e4m3): rows of one 256-element block (``seg_rows``: per-row tables); decode, the rule, the
+  row's absmax and encode in one ``pallas_call``; codes and scales in place. A field the rule
+  passes through keeps its codes; a checked step's skip (``ok`` = 0) keeps codes and scales;
+  per-row sums of ``rule.sumsq``'s terms over the state as stored.
+
+  e4m3 decodes and encodes in integer arithmetic. The int8 maps are tables: ``lookup`` "gather"
+  reads them at computed addresses (a GPU; the native kernel's one-read bucket encode),
+  "lanes" gathers within 128-lane vector registers (a TPU, where Mosaic has no other gather;
+  a binary search over the midpoints); default: the platform's, and interpret mode runs
+  either. Both give the reference's codes (``tests/test_quantized_native.py``)."""
   from fusedopt import quantization  # pylint: disable=import-outside-toplevel
   plat = _platform(platform)
   n = p.shape[0]
   rows = n // QROW
-  if any(quantization.is_quantized(x) and not x.fmt.is_fp8 for x in state):
-    raise ValueError("the Pallas quantized kernel stores e4m3 (float8_e4m3fn) state only")
-  fp8 = [quantization.is_quantized(x) for x in state]
+  if plat == "gpu" and n > CODES_LIMIT and any(quantization.is_quantized(x) for x in state):
+    raise ValueError(f"a quantized group of {n} elements: Pallas' Triton lowering addresses a "
+                     f"uint8 array under 2^32 bytes with 32-bit signed offsets, so codes past "
+                     f"2^31 elements would be out of bounds ({CODES_LIMIT} at most)")
+  fmts = tuple(x.fmt if quantization.is_quantized(x) else None for x in state)
+  lookup_cls = (LOOKUPS[_lookup_for(plat, lookup)]
+                if any(f and not f.is_fp8 for f in fmts) else None)
   tuning = tuning or default_tuning(rule, p.dtype, plat)
   block = _largest_pow2_divisor(rows, max(1, tuning.block // QROW))
   s_vec = _scalar_vector(rule, scalars)
@@ -407,9 +548,11 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
   col = pl.BlockSpec((block, 1), lambda i: (i, 0))
   # twice the warps on a GPU: the encode's registers (spills at 4 on sm_90)
   s_spec, params = _launch(plat, s_vec, quantized_warps(tuning), tuning.num_stages)
+  tables = lookup_cls.inputs() if lookup_cls else []
   view = lambda x: x.reshape(rows, QROW)  # noqa: E731
-  ins = [s_vec, *q_cols, view(p)] + ([view(g)] if rule.reads_grad else [])
-  specs = [s_spec] + [col] * len(q_cols) + [blk] * (len(ins) - 1 - len(q_cols))
+  ins = [s_vec, *tables, *q_cols, view(p)] + ([view(g)] if rule.reads_grad else [])
+  specs = ([s_spec] + (lookup_cls.specs(tables) if lookup_cls else []) + [col] * len(q_cols)
+           + [blk] * (1 + rule.reads_grad))
   bufs = []
   for x in state:
     if quantization.is_quantized(x):
@@ -423,7 +566,7 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
   out_shape, out_specs, aliases = [], [], {}
   if rule.writes_param:
     if rule.param_in_place:
-      aliases[1 + len(q_cols)] = 0
+      aliases[1 + len(tables) + len(q_cols)] = 0
     out_shape.append(jax.ShapeDtypeStruct((rows, QROW), p.dtype))
     out_specs.append(blk)
   if rule.writes_state:
@@ -436,7 +579,7 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
   out_shape += [jax.ShapeDtypeStruct((rows, 1), F32)] * n_sums
   out_specs += [col] * n_sums
   outs = pl.pallas_call(
-      functools.partial(_quantized_kernel, rule, len(q_cols), tuple(fp8), plat == "gpu"),
+      functools.partial(_quantized_kernel, rule, len(q_cols), fmts, plat == "gpu", lookup_cls),
       out_shape=out_shape, grid=(rows // block,), in_specs=specs, out_specs=out_specs,
       input_output_aliases=aliases, compiler_params=params, interpret=plat == "interpret",
       name=f"fusedopt_q_{rule.name}")(*ins)
@@ -451,24 +594,26 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
   return new_p, new_state, sums
 
 
-def _run_quantized(platform):
-  """``Backend.run_quantized``: ``flat_update_quantized`` on the packed params and grads where
-  every quantized field is e4m3; a group with int8 fields runs on jnp (warned once)."""
-  from fusedopt import quantization  # pylint: disable=import-outside-toplevel
+# Pallas' Triton lowering picks 64-bit offsets for arrays over 2^32 bytes: a uint8 codes array
+# of 2^31..2^32 elements gets 32-bit ones, which the pointer arithmetic sign-extends.
+CODES_LIMIT = 2 ** 31 - 1
+
+
+def _run_quantized(platform, lookup=None):
+  """``Backend.run_quantized``: ``flat_update_quantized`` on the packed params and grads; on a
+  GPU a group over ``CODES_LIMIT`` elements runs on jnp (warned)."""
   from fusedopt.kernels import jnp as jnp_backend  # pylint: disable=import-outside-toplevel
-  update = common.at_unit(functools.partial(flat_update_quantized, platform=platform), QROW)
+  update = common.at_unit(functools.partial(flat_update_quantized, platform=platform,
+                                            lookup=lookup), QROW)
   packed = common.packed_run_group(update, grad_dtype_ok=lambda d: True)
 
-  def run(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state):
-    if any(quantization.is_quantized(x) and not x.fmt.is_fp8 for x in state):
-      # (Python's default filter shows it once per call site)
-      warnings.warn("the Pallas kernels have no kernel for int8 quantized state (its table "
-                    "lookups do not lower to Mosaic): those groups run on the jnp backend "
-                    "(float8_e4m3fn state runs on the Pallas kernels)", RuntimeWarning,
-                    stacklevel=4)
-      return jnp_backend.run_quantized(rule, scalars, seg, layout, gi, p_leaves, g_leaves,
-                                       state)
-    return packed(rule, scalars, seg, layout, gi, p_leaves, g_leaves, state)
+  def run(rule, scalars, seg, layout, gi, *args):
+    if _platform(platform) == "gpu" and layout.groups[gi].size > CODES_LIMIT:
+      warnings.warn(f"a quantized group of {layout.groups[gi].size} elements is over what the "
+                    f"Pallas GPU kernel addresses ({CODES_LIMIT}): it runs on the jnp backend "
+                    "(backend='triton' has 64-bit offsets)", RuntimeWarning, stacklevel=4)
+      return jnp_backend.run_quantized(rule, scalars, seg, layout, gi, *args)
+    return packed(rule, scalars, seg, layout, gi, *args)
   return run
 
 

@@ -325,46 +325,114 @@ def test_t2_master_weights_never_load_the_low_precision_param():
   assert all(u > 1 for u in uses(ADAM_RULE)[1:])
 
 
-# ----------------------------------------------------------------------------- quantized (fp8)
+# ----------------------------------------------------------------------------- quantized state
 
 def _quantized_fn(rule, platform, n, fields):
-  """f(p, g, codes/scales or buffer per field...) -> ``flat_update_quantized``'s outputs."""
+  """f(p, g, codes/scales or buffer per field...) -> ``flat_update_quantized``'s outputs;
+  ``fields``: "s8", "u8" (the int8 maps), "fp8" or "f32" per state field."""
   from fusedopt import quantization as Q   # pylint: disable=import-outside-toplevel
+  fmts = {"s8": Q.INT8_SIGNED, "u8": Q.INT8_UNSIGNED, "fp8": Q.FLOAT8_E4M3}
 
   def f(p, g, *bufs):
     bufs, state = list(bufs), []
     for kind in fields:
-      if kind == "fp8":
-        state.append(Q.QuantizedArray(bufs.pop(0), bufs.pop(0), Q.FLOAT8_E4M3))
+      if kind in fmts:
+        state.append(Q.QuantizedArray(bufs.pop(0), bufs.pop(0), fmts[kind]))
       else:
         state.append(bufs.pop(0))
     scalars = {k: jnp.float32(0.5) + 0 * p[0].astype(jnp.float32) for k in rule.scalars}
-    return kp.flat_update_quantized(rule, scalars, {}, p, g, tuple(state), platform=platform)
+    seg = {k: jnp.full((n // 256,), 0.5, jnp.float32) for k in rule.seg_scalars}
+    return kp.flat_update_quantized(rule, scalars, seg, p, g, tuple(state), platform=platform)
   sds = [jax.ShapeDtypeStruct((n,), jnp.float32)] * 2
   for kind in fields:
     sds += ([jax.ShapeDtypeStruct((n,), jnp.uint8), jax.ShapeDtypeStruct((n // 256,), jnp.float32)]
-            if kind == "fp8" else [jax.ShapeDtypeStruct((n,), jnp.float32)])
+            if kind in fmts else [jax.ShapeDtypeStruct((n,), jnp.float32)])
   return f, sds
 
 
-QUANTIZED_RULES = [(ADAM_RULE, ("fp8", "fp8")),
-                   (guarded(with_master(ADAM_RULE)), ("fp8", "fp8", "f32"))]
+QUANTIZED_RULES = [(ADAM_RULE, ("fp8", "fp8")), (ADAM_RULE, ("s8", "u8")),
+                   (guarded(with_master(ADAM_RULE)), ("fp8", "fp8", "f32")),
+                   (guarded(with_master(ADAM_RULE)), ("s8", "u8", "f32")),
+                   (MOMENTS_RULE, ("s8", "u8")), (per_segment(ADAM_RULE), ("fp8", "u8"))]
+QUANTIZED_IDS = [f"{r.name}-{'-'.join(f)}" for r, f in QUANTIZED_RULES]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (the `test` extra has it)")
-@pytest.mark.parametrize("rule, fields", QUANTIZED_RULES, ids=lambda x: getattr(x, "name", "-"))
-def test_quantized_fp8_kernel_lowers_for_cuda_and_tpu(rule, fields):
-  """The Pallas kernel over e4m3 state lowers for CUDA (Triton: a cubin for sm_90 without
-  spills, every float operation IEEE-rounded, no FMA) and for a TPU (Mosaic)."""
+@pytest.mark.parametrize("rule, fields", QUANTIZED_RULES, ids=QUANTIZED_IDS)
+def test_quantized_kernel_lowers_for_cuda_and_tpu(rule, fields):
+  """The Pallas kernel over int8 and e4m3 state lowers for CUDA (Triton: cubins for sm_80 and
+  sm_90 without spills, every float operation of the update IEEE-rounded, no FMA; the int8
+  maps read by computed address) and for a TPU (Mosaic)."""
   n = 64 * kp.ALIGN
   f, sds = _quantized_fn(rule, "gpu", n, fields)
   with kp.targeting("gpu"):
     [(name, ttir)] = ttir_texts(lower_cuda(f, *sds))
   assert name == f"fusedopt_q_{rule.name}"
-  k = compile_ttir(ttir, 90, num_warps=kp.quantized_warps(kp.default_tuning(rule, jnp.float32,
-                                                                          "gpu")))
-  st = ptxas_stats(k.asm["ptx"], 90)
-  assert st["spill_stores"] == 0 and st["spill_loads"] == 0, st["text"]
-  assert "fma.rn.f32" not in k.asm["ptx"] and "div.rn.f32" in k.asm["ptx"]
+  if {"s8", "u8"} & set(fields):   # the map and bucket tables: loads at computed addresses
+    assert re.search(r"tt\.load %\w+ : tensor<\d+x256x!tt\.ptr<i32>>", ttir), ttir[-3000:]
+  for arch in (80, 90):
+    k = compile_ttir(ttir, arch, num_warps=kp.quantized_warps(kp.default_tuning(
+        rule, jnp.float32, "gpu")))
+    st = ptxas_stats(k.asm["ptx"], arch)
+    assert st["spill_stores"] == 0 and st["spill_loads"] == 0, st["text"]
+    assert "div.rn.f32" in k.asm["ptx"] and ".approx" not in k.asm["ptx"]
+    # (LAMB's per-row sums of squares accumulate by FMA: within float32 summation error)
+    assert rule.sumsq is not None or "fma.rn.f32" not in k.asm["ptx"]
   f, sds = _quantized_fn(rule, "tpu", n, fields)
   assert "tpu_custom_call" in lower_tpu(f, *sds).as_text()
+
+
+@pytest.mark.parametrize("rule, fields", [QUANTIZED_RULES[i] for i in (1, 2, 3, 4)],
+                         ids=[QUANTIZED_IDS[i] for i in (1, 2, 3, 4)])
+def test_quantized_kernel_compiles_for_tpu(tpu_mesh, rule, fields):
+  """Mosaic compiles the quantized kernel (v5e, v4): integer codecs on int32 bits (Mosaic has
+  no unsigned vector min or compare), the int8 maps by 128-lane gathers, the checked step's
+  select on int32 codes (v4 compares no int8 vectors) -- each found by this compile, which
+  lowering alone does not run."""
+  n = 256 * kp.ALIGN
+  rep = jax.sharding.NamedSharding(tpu_mesh, jax.sharding.PartitionSpec())
+  f, sds = _quantized_fn(rule, "tpu", n, fields)
+  sds = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep) for x in sds]
+  with jax.set_mesh(tpu_mesh):
+    compiled = jax.jit(f).trace(*sds).lower().compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < n   # no full-size temporaries
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (the `test` extra has it)")
+def test_quantized_groups_past_2_to_31_elements():
+  """Pallas' Triton lowering gives a uint8 array under 2^32 bytes 32-bit offsets (sign-extended
+  in the pointer arithmetic), so the GPU kernel takes codes of at most 2^31 - 1 elements: at
+  that size every pointer's offsets are 64-bit but the codes' (which stay under 2^31); past it
+  the kernel refuses, naming why, and the backend runs the group on jnp with a warning
+  (traced, not run: no memory needed)."""
+  n = kp.CODES_LIMIT + 1 - 256   # the largest whole number of blocks under the limit
+  f, sds = _quantized_fn(ADAM_RULE, "gpu", n, ("s8", "u8"))
+  with kp.targeting("gpu"):
+    [(_, ttir)] = ttir_texts(lower_cuda(f, *sds))
+  for ty, want in (("f32", "i64"), ("i8", "i32")):
+    adds = re.findall(rf"tt\.addptr %(\w+), %\w+ : tensor<\d+x256x!tt\.ptr<{ty}>>, "
+                      r"tensor<\d+x256x(\w+)>", ttir)
+    big = [t for base, t in adds if not _splat_of_table(ttir, base)]
+    assert big and all(t == want for t in big), (ty, adds)
+  n = (1 << 31) + 4096
+  f, sds = _quantized_fn(ADAM_RULE, "gpu", n, ("s8", "u8"))
+  with kp.targeting("gpu"), pytest.raises(ValueError, match="32-bit signed offsets"):
+    lower_cuda(f, *sds)
+  from fusedopt import quantization as Q   # pylint: disable=import-outside-toplevel
+  from fusedopt.layout import FlatLayout   # pylint: disable=import-outside-toplevel
+  tree = {"w": jax.ShapeDtypeStruct((n,), jnp.float32)}
+  layout = FlatLayout.build(tree, quantize=(1, 256))
+  state = (Q.QuantizedArray(*sds[2:4], Q.INT8_SIGNED), Q.QuantizedArray(*sds[4:6], Q.INT8_UNSIGNED))
+  run = kp._run_quantized("gpu")   # pylint: disable=protected-access
+  scalars = {k: jnp.float32(0.5) for k in ADAM_RULE.scalars}
+  with kp.targeting("gpu"), pytest.warns(RuntimeWarning, match="runs on the jnp backend"):
+    out = jax.eval_shape(lambda p, g, st: run(ADAM_RULE, scalars, {}, layout, 0, [p], [g], st),
+                         sds[0], sds[1], state)
+  assert out[1][0].codes.shape == (n,)
+
+
+def _splat_of_table(ttir, name):
+  """Whether SSA value ``name`` splats a lookup table (the int8 maps, the buckets: the
+  kernel's arguments 1 and 2)."""
+  m = re.search(rf"%{name} = tt\.splat %arg(\d+)", ttir)
+  return m is not None and m.group(1) in ("1", "2")

@@ -289,18 +289,38 @@ def test_native_decodes_every_code(fmt):
   check_decoder(native.run_quantized, fmt)
 
 
-def test_pallas_fp8_kernel_in_interpret_mode():
-  """The Pallas kernel for e4m3 state (``pallas.flat_update_quantized``), in interpret mode:
-  it decodes every code and encodes every value where a code changes exactly as the reference
-  does (bitwise), and Adam (with a checked skip, per-tensor scalars), LAMB's moment pass (its
-  sums over the stored moments) and its apply pass under master weights (a pass-through field)
-  match the native kernel within XLA:CPU's contractions (the interpreted kernel's multiply-adds
-  are contracted; the GPU kernel rounds each operation). An int8 group warns and runs on jnp."""
-  import warnings   # pylint: disable=import-outside-toplevel
-  from fusedopt.kernels import native, registry   # pylint: disable=import-outside-toplevel
-  run = registry.get("pallas_interpret").run_quantized
-  check_decoder(run, F8)
-  check_encoder(run, F8)
+@pytest.mark.parametrize("lookup", ["gather", "lanes"])
+def test_pallas_codecs_in_interpret_mode(lookup):
+  """The Pallas quantized kernel (``pallas.flat_update_quantized``) in interpret mode, with the
+  int8 maps read either way the devices read them (``gather``: at computed addresses, the GPU's
+  bucket encode; ``lanes``: 128-lane gathers and the binary search, a TPU's): it decodes every
+  code and encodes every value where a code changes bitwise as the reference does (e4m3, in
+  integer arithmetic, once)."""
+  from fusedopt.kernels import pallas   # pylint: disable=import-outside-toplevel
+  run = pallas._run_quantized("interpret", lookup)   # pylint: disable=protected-access
+  for fmt in (S8, U8, F8) if lookup == "gather" else (S8, U8):
+    check_decoder(run, fmt)
+    check_encoder(run, fmt)
+
+
+# (rule, state formats, lookup): int8 maps, e4m3 and a float field, both lookups
+PALLAS_CASES = [
+    (ew.guarded(ADAM_RULE), (S8, U8), "gather"), (ew.with_master(APPLY_RULE), (F8, F8), "gather"),
+    (MOMENTS_RULE, (S8, U8), "lanes"), (ew.per_segment(ADAM_RULE), (F8, U8), "lanes"),
+    (ew.guarded(ew.with_master(ADAM_RULE)), (S8, np.dtype(BF16)), "lanes")]
+
+
+@pytest.mark.parametrize("rule, fmts, lookup", PALLAS_CASES,
+                         ids=[f"{r.name}-{l}" for r, _, l in PALLAS_CASES])
+def test_pallas_quantized_kernel_in_interpret_mode(rule, fmts, lookup):
+  """The Pallas quantized kernel in interpret mode against the native kernel (bitwise equal to
+  NumPy): Adam with a checked skip, per-tensor scalars, LAMB's moment pass (its sums over the
+  stored moments) and its apply pass under master weights (a pass-through field), int8 and
+  e4m3 fields and a bf16 one, both int8 lookups. Equal within XLA:CPU's contractions (the
+  interpreted kernel's multiply-adds are contracted; the GPU kernel rounds each operation):
+  params and float fields within an ulp of the leaf's scale, codes in at most 1 of 1000."""
+  from fusedopt.kernels import native, pallas   # pylint: disable=import-outside-toplevel
+  run = pallas._run_quantized("interpret", lookup)   # pylint: disable=protected-access
   rng = np.random.RandomState(7)
   tree = {f"l{i}": np.abs(rng.standard_normal(s)).astype(np.float32)   # (interpret mode: small)
           for i, s in enumerate([(300,), (7,), (33, 65)])}
@@ -311,41 +331,45 @@ def test_pallas_fp8_kernel_in_interpret_mode():
   real = np.zeros(n // B, bool)
   for sg in layout.segments:
     real[sg.offset // B:-(-(sg.offset + sg.size) // B)] = True
-  # all positive (nothing cancels); zero in the padding-only blocks, as a real state is there
-  # (the flat kernel's per-tensor sums include them, native's do not)
-  state = tuple(Q.QuantizedArray(x.codes * jnp.repeat(jnp.asarray(real, jnp.uint8), B),
-                                 jnp.where(jnp.asarray(real), x.scales, 0.0), F8)
-                for x in (_random_field(rng, F8, n, True) for _ in range(2)))
-  for rule in (ew.guarded(ADAM_RULE), ew.with_master(APPLY_RULE), MOMENTS_RULE,
-               ew.per_segment(ADAM_RULE)):
-    st = state if "master" not in rule.name else state + (layout.pack_group(p, 0, jnp.float32),)
-    for ok in ((1.0, 0.0) if "ok" in rule.scalars else (1.0,)):
-      sc = {k: jnp.float32(v) for k, v in random_scalars(rule, rng, ok).items()}
-      seg = {k: jnp.asarray(rng.uniform(0.05, 0.9, len(p)), jnp.float32)
-             for k in rule.seg_scalars}
-      got = run(rule, sc, seg, layout, 0, p, g, st)
-      want = native.run_quantized(rule, sc, seg, layout, 0, p, g, st)
-      for x, y in zip(got[2] or (), want[2] or ()):   # LAMB's sums over the stored moments
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5)
-      for a, b in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(want[:2])):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.shape == (n // B,) or a.shape == (n,):   # a quantized field: its real blocks
-          # (the flat kernel also runs the padding-only blocks, which native leaves alone)
-          keep = np.repeat(real, B) if a.shape == (n,) else real
-          a, b = a[keep], b[keep]
-        if a.dtype == np.uint8:
-          assert np.count_nonzero(a != b) <= a.size // 1000, (rule.name, ok)
-        else:
-          # within an ulp of the leaf's scale (p' - p near zero: the ulp is p's)
-          np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-6,
-                                     atol=2e-7 * float(np.max(np.abs(b.astype(np.float32)))),
-                                     err_msg=rule.name)
-  int8 = (Q.QuantizedArray.zeros(n, S8), Q.QuantizedArray.zeros(n, U8))
-  sc = {k: jnp.float32(v) for k, v in random_scalars(ADAM_RULE, rng).items()}
-  with warnings.catch_warnings(record=True) as w:
-    warnings.simplefilter("always")
-    run(ADAM_RULE, sc, {}, layout, 0, p, g, int8)
-  assert any("int8 quantized state" in str(x.message) for x in w)
+
+  def field(fmt):
+    """All positive (nothing cancels); zero in the padding-only blocks, as a real state is
+    there (the flat kernel's per-tensor sums include them, native's do not)."""
+    if not isinstance(fmt, Q.Format):
+      return jnp.asarray(np.abs(rng.standard_normal(n)) * np.repeat(real, B)).astype(fmt)
+    x = _random_field(rng, fmt, n, True)
+    if fmt is not F8:   # the codes of positive values
+      x = Q.QuantizedArray(jnp.asarray(rng.randint(Q.zero_code(fmt), 256, n), jnp.uint8),
+                           x.scales, fmt)
+    return Q.QuantizedArray(jnp.where(jnp.repeat(jnp.asarray(real), B), x.codes,
+                                      jnp.uint8(Q.zero_code(fmt))),
+                            jnp.where(jnp.asarray(real), x.scales, 0.0), fmt)
+  st = tuple(field(f) for f in fmts)
+  if "master" in rule.name:
+    st += (layout.pack_group(p, 0, jnp.float32),)
+  for ok in ((1.0, 0.0) if "ok" in rule.scalars else (1.0,)):
+    sc = {k: jnp.float32(v) for k, v in random_scalars(rule, rng, ok).items()}
+    seg = {k: jnp.asarray(rng.uniform(0.05, 0.9, len(p)), jnp.float32) for k in rule.seg_scalars}
+    got = run(rule, sc, seg, layout, 0, p, g, st)
+    want = native.run_quantized(rule, sc, seg, layout, 0, p, g, st)
+    for x, y in zip(got[2] or (), want[2] or ()):   # LAMB's sums over the stored moments
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(want[:2])):
+      a, b = np.asarray(a), np.asarray(b)
+      if a.shape == (n // B,) or a.shape == (n,):   # a state field: its real blocks
+        # (the flat kernel also runs the padding-only blocks, which native leaves alone)
+        keep = np.repeat(real, B) if a.shape == (n,) else real
+        a, b = a[keep], b[keep]
+      if a.dtype == np.uint8:
+        assert np.count_nonzero(a != b) <= a.size // 1000, (rule.name, ok)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, (rule.name, ok)
+        if ok == 0:
+          np.testing.assert_array_equal(a, b)
+      else:
+        # within an ulp of the leaf's scale (p' - p near zero: the ulp is p's)
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-6,
+                                   atol=2e-7 * float(np.max(np.abs(b.astype(np.float32)))),
+                                   err_msg=rule.name)
 
 
 @pytest.mark.parametrize("fmt", [S8, U8, F8], ids=lambda f: f.name)
