@@ -72,10 +72,24 @@ def _run(cmd, timeout, env=None):
   return proc.returncode == 0, "\n".join(lines[-15:])
 
 
-def _quiet_env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="3")
-  env.pop("PYTHONPATH", None)   # nothing of fusedopt's environment leaks into flax's
+# XLA flags jaxlib 0.4.13 knows, of those make test sets: it aborts on an unknown one
+LEGACY_XLA_FLAGS = ("xla_llvm_disable_expensive_passes", "xla_force_host_platform_device_count")
+
+
+def legacy_env(env):
+  """``env`` for a process of the flax 0.5.3 venv: no PYTHONPATH (nothing of fusedopt's
+  environment leaks into flax's) and only the XLA_FLAGS its jaxlib knows."""
+  env = dict(env)
+  env.pop("PYTHONPATH", None)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if f.lstrip("-").split("=")[0] in LEGACY_XLA_FLAGS]
+  env["XLA_FLAGS"] = " ".join(flags)
   return env
+
+
+def _quiet_env():
+  return legacy_env(dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore",
+                         TF_CPP_MIN_LOG_LEVEL="3"))
 
 
 def check_python(python, timeout=STEP_TIMEOUT_S):

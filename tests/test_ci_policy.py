@@ -94,6 +94,18 @@ def test_failed_flax053_venv_is_remembered_locally_but_retried_under_ci(tmp_path
   assert python is None and "pip failed" in reason and len(tries) == 2
 
 
+def test_flax053_processes_get_only_the_xla_flags_their_jaxlib_knows():
+  """make test's XLA flags reach the flax 0.5.3 venv's processes filtered (jaxlib 0.4.13 aborts
+  on a flag it does not know, such as --xla_cpu_use_fusion_emitters), without PYTHONPATH."""
+  import flax053_env  # pylint: disable=import-outside-toplevel
+  env = flax053_env.legacy_env({"XLA_FLAGS": "--xla_llvm_disable_expensive_passes=true "
+                                "--xla_cpu_use_fusion_emitters=false "
+                                "--xla_force_host_platform_device_count=4",
+                                "PYTHONPATH": "tests", "HOME": "/h"})
+  assert env == {"XLA_FLAGS": "--xla_llvm_disable_expensive_passes=true "
+                              "--xla_force_host_platform_device_count=4", "HOME": "/h"}
+
+
 def test_h100_topology_errors_are_not_skips(monkeypatch):
   """kernel_tools.h100_replicated skips only where jax-cuda12-plugin is missing; any other error
   building the compile-only topology fails the calling test (it used to skip on any exception)."""

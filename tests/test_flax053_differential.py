@@ -228,7 +228,7 @@ def _phase(jobs):
       cmd += ["--restore-from", str(restore_from)]
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     if impl == "flax":
-      env.pop("PYTHONPATH", None)
+      env = flax053_env.legacy_env(env)
     log = open(Path(out).parent / f"{impl}{'-restore' if restore_from else ''}.log", "w+")
     procs.append((impl, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env), log))

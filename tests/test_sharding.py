@@ -92,7 +92,7 @@ def test_quantized_state_is_sharded_with_its_scales(report):
   """int8/fp8 Adam (ZeRO-1, FSDP; jnp and the native kernels) and int8 LAMB sharded 8 ways:
   each device holds 1/8 of the codes and 1/8 of the scales (a block never straddles two
   shards), and the codes and scales equal one device's bitwise. LAMB's per-tensor norms are
-  psum-ed partial sums (reordered): its params within a few ulps. A sharded int8 checkpoint
+  psum-ed partial sums (reordered): its params within a few ulps; FSDP's within one. A sharded int8 checkpoint
   restores into one device and back bitwise."""
   q = report["quantized"]
   assert set(q) == {"Adam/int8/jnp/sharded", "Adam/fp8/auto/replicated",
@@ -103,7 +103,16 @@ def test_quantized_state_is_sharded_with_its_scales(report):
       continue
     assert r["quantized"] and r["split"] and r["cmp"]["step"], (key, r)
     assert r["codes_differing"] == 0, (key, r)
-    assert r["cmp"]["ulps"] <= 4 if r["reducing"] else r["cmp"]["bitwise"], (key, r)
+    if r["reducing"]:
+      assert r["cmp"]["ulps"] <= 4, (key, r)
+    elif key.endswith("/sharded"):
+      # FSDP: XLA:CPU may contract a*b+c into an FMA differently for the partitioned program's
+      # fusion shapes (as in test_every_optimizer_matches_the_single_device_path): params
+      # within 1 ulp (measured 0.22 with make test's IR fusion emitters, bitwise with the MLIR
+      # ones), codes and scales bitwise
+      assert r["cmp"]["ulps"] <= 1, (key, r)
+    else:
+      assert r["cmp"]["bitwise"], (key, r)
 
 
 def test_each_device_holds_one_eighth_of_the_state(report):
