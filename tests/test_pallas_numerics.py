@@ -230,3 +230,36 @@ def test_auto_choice_on_an_accelerator():
     assert registry.select("auto", many, 0, APPLY_RULE).name == "jnp"
   if not ON_DEVICE:
     assert registry.select("auto", one, 0, ADAM_RULE).name != "pallas"
+
+
+# (rule and wrappers as tests/test_quantized_native.py names them, params, state storage)
+QUANTIZED_CASES = [("adam", np.float32, "int8"), ("adam+guarded", np.float16, "fp8"),
+                   ("adam", np.float32, ("fp8", "bf16")), ("lamb_moments", np.float32, "int8"),
+                   ("lamb_apply+master+guarded", "bf16", "int8"), ("adan", np.float32, "int8"),
+                   ("momentum_nesterov", "bf16", "fp8")]
+
+
+@pytest.mark.ci_may_skip("the compiled kernel's behaviour, on a GPU")
+@pytest.mark.parametrize("name, pdt, storage", QUANTIZED_CASES,
+                         ids=[f"{n}-{np.dtype(p).name if p != 'bf16' else p}-{s}"
+                              for n, p, s in QUANTIZED_CASES])
+def test_quantized_kernel_on_a_gpu_bitwise_equals_numpy(name, pdt, storage):
+  """Compiled on a GPU, the Pallas kernel over int8/e4m3 state rounds every operation as NumPy
+  does (IEEE-rounded PTX, no contraction), so params, codes, scales and float fields are
+  bitwise equal to tests/test_quantized_native.py's NumPy reference (LAMB's per-row sums within
+  2e-6: another order), over ragged leaves and a checked skip; and the encoders code every
+  value where a code changes as the reference does. (Interpret mode contracts the rule's
+  multiply-adds on XLA:CPU: its checks, against the native kernel, are in that file.)"""
+  if not ON_DEVICE or jax.default_backend() != "gpu" or BACKEND != "pallas":
+    pytest.skip("the Pallas GPU kernel compiled (a GPU, FUSEDOPT_TEST_GPU_BACKEND unset)")
+  import ml_dtypes   # pylint: disable=import-outside-toplevel
+  import test_quantized_native as tq   # pylint: disable=import-outside-toplevel
+  kinds = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp8": tq.F8}
+  pdt = kinds.get(pdt, pdt)
+  storage = tuple(kinds[s] for s in storage) if isinstance(storage, tuple) else storage
+  run = kp._run_quantized(None)   # pylint: disable=protected-access
+  tq.check_against_numpy(run, name, pdt, storage, sums_rtol=2e-6, flat=True)
+  if name == "adam" and storage == "int8":
+    for fmt in (tq.S8, tq.U8, tq.F8):
+      tq.check_decoder(run, fmt)
+      tq.check_encoder(run, fmt)

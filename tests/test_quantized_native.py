@@ -101,6 +101,25 @@ def _random_field(rng, fmt, n, nonnegative):
   return Q.QuantizedArray(jnp.asarray(codes.astype(np.uint8)), jnp.asarray(scales), fmt)
 
 
+def _real_blocks(layout):
+  """bool [blocks]: the blocks of the group that hold a tensor's elements (the others pad
+  between tensors to the layout's alignment)."""
+  real = np.zeros(layout.groups[0].size // B, bool)
+  for sg in layout.segments:
+    real[sg.offset // B:-(-(sg.offset + sg.size) // B)] = True
+  return real
+
+
+def _zero_padding(x, real):
+  """State field ``x`` with its padding-only blocks zero, as a real state is there (the flat
+  kernels' per-tensor sums run over them, native's do not)."""
+  elems = jnp.asarray(np.repeat(real, B))
+  if not Q.is_quantized(x):
+    return jnp.where(elems, x, jnp.zeros((), x.dtype))
+  return Q.QuantizedArray(jnp.where(elems, x.codes, jnp.uint8(Q.zero_code(x.fmt))),
+                          jnp.where(jnp.asarray(real), x.scales, 0.0), x.fmt)
+
+
 def _decoded(buf, fmt, a, e):
   if isinstance(fmt, Q.Format):
     codes, scales = np.asarray(buf.codes), np.asarray(buf.scales)
@@ -150,12 +169,13 @@ def _reference(rule, fmts, scalars, seg, layout, p_leaves, g_leaves, state, pdt)
   return out
 
 
-def check_against_numpy(run, name, pdt, storage, sums_rtol=None):
+def check_against_numpy(run, name, pdt, storage, sums_rtol=None, flat=False):
   """``run`` (a ``Backend.run_quantized``) on case ``name`` (a rule of ``RULES`` and wrappers),
   params of ``pdt``, state ``storage`` (see ``CASES``), from random codes and scales over the
   ``SHAPES`` leaves: params, codes, scales and float fields bitwise equal to ``_reference``'s,
   per-tensor sums bitwise in the native kernel's order (``sums_rtol``: within it, for kernels
-  summing in another order). Guarded rules run with ``ok`` 1 and 0."""
+  summing in another order). Guarded rules run with ``ok`` 1 and 0. ``flat``: a kernel over
+  the whole flat buffer (Pallas), whose sums include the padding-only blocks: they are zero."""
   rule, unsigned = _rule(name)
   fmts = _formats(rule, unsigned, storage)
   rng = np.random.RandomState(zlib.crc32(name.encode()))
@@ -166,6 +186,8 @@ def check_against_numpy(run, name, pdt, storage, sums_rtol=None):
   p_leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
   g_leaves = [jnp.asarray((rng.standard_normal(x.shape) * 3).astype(pdt)) for x in p_leaves]
   state = tuple(_random_field(rng, f, n, k in unsigned) for k, f in enumerate(fmts))
+  if flat:
+    state = tuple(_zero_padding(x, _real_blocks(layout)) for x in state)
   if "_master" in rule.name:   # the master copy equal to the params in float32
     state = state[:-1] + (layout.pack_group(p_leaves, 0, jnp.float32),)
   seg = {k: jnp.asarray(rng.uniform(0.05, 0.9, len(p_leaves)).astype(np.float32))
@@ -328,22 +350,15 @@ def test_pallas_quantized_kernel_in_interpret_mode(rule, fmts, lookup):
   n = layout.groups[0].size
   p = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
   g = [jnp.asarray(np.abs(rng.standard_normal(x.shape)).astype(np.float32)) for x in p]
-  real = np.zeros(n // B, bool)
-  for sg in layout.segments:
-    real[sg.offset // B:-(-(sg.offset + sg.size) // B)] = True
+  real = _real_blocks(layout)
 
   def field(fmt):
-    """All positive (nothing cancels); zero in the padding-only blocks, as a real state is
-    there (the flat kernel's per-tensor sums include them, native's do not)."""
-    if not isinstance(fmt, Q.Format):
-      return jnp.asarray(np.abs(rng.standard_normal(n)) * np.repeat(real, B)).astype(fmt)
+    """All positive (nothing cancels); zero in the padding-only blocks."""
     x = _random_field(rng, fmt, n, True)
-    if fmt is not F8:   # the codes of positive values
+    if isinstance(fmt, Q.Format) and fmt is not F8:   # the codes of positive values
       x = Q.QuantizedArray(jnp.asarray(rng.randint(Q.zero_code(fmt), 256, n), jnp.uint8),
                            x.scales, fmt)
-    return Q.QuantizedArray(jnp.where(jnp.repeat(jnp.asarray(real), B), x.codes,
-                                      jnp.uint8(Q.zero_code(fmt))),
-                            jnp.where(jnp.asarray(real), x.scales, 0.0), fmt)
+    return _zero_padding(x, real)
   st = tuple(field(f) for f in fmts)
   if "master" in rule.name:
     st += (layout.pack_group(p, 0, jnp.float32),)
