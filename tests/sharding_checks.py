@@ -2,7 +2,9 @@
 
 The device count must be set before jax initializes (the pytest process has already imported
 jax), so this script sets XLA_FLAGS itself and prints one JSON object of results on its last
-stdout line; the test asserts on it. Run by hand: ``python tests/sharding_checks.py``.
+stdout line; the test asserts on it. Before that it prints a ``progress`` line at every step it
+takes, so that the test can tell XLA:CPU's occasional rendezvous hang (no line for a while)
+from a slow machine. Run by hand: ``python tests/sharding_checks.py``.
 """
 import json
 import os
@@ -28,6 +30,11 @@ from fusedopt.flat_state import ParamState, fields_of  # noqa: E402
 
 N = 8
 AX = "data"
+
+
+def progress(*what):
+  """A sign of life for the parent's stall watchdog (tests/test_sharding.py)."""
+  print("progress", *what, flush=True)
 
 OPTIMIZERS = {
     "GradientDescent": lambda b: optim.GradientDescent(0.1, backend=b),
@@ -144,6 +151,7 @@ def main():
 
   def run(opt, fn=None):
     for t in range(steps):
+      progress("step", t)
       g = grads_for(params, t)
       opt = opt.apply_gradient(g) if fn is None else fn(opt, g)
     return opt
@@ -153,6 +161,7 @@ def main():
     # auto: the single-device step on the native kernels (sharded state runs the flat jnp or
     # Pallas path per shard); one rule of each shape: two moments, a trace, per-tensor norms
     for backend in ("jnp", "auto") if name in AUTO_CHECKED else ("jnp",):
+      progress(name, backend)
       single = run(mk(backend).create(params))
       for mode in ("sharded",) if name in FSDP_ONLY else ("replicated", "sharded"):
         if mode == "sharded" and backend == "auto" and name not in ("Adam", "LAMB"):
@@ -185,6 +194,7 @@ def main():
                         1e-2, stochastic_rounding=True)}.items():
     o1, o2 = mk().create(bf), sharding.shard_optimizer(mk(), mesh, AX).create(bf)
     for t in range(steps):
+      progress(label, t)
       g = grads_for(bf, t)
       o1, o2 = o1.apply_gradient(g), o2.apply_gradient(g)
     res["numerics"][label] = dict(compare(o1, o2), reducing=label.startswith("LAMB"))
@@ -204,6 +214,7 @@ def main():
 
   # 3b. the Pallas kernels (interpret mode) per shard: elementwise executor and per-row tables
   for name in ("Adam", "LAMB"):
+    progress("pallas_interpret", name)
     o1 = run(OPTIMIZERS[name]("pallas_interpret").create(params))
     o2 = run(sharding.shard_optimizer(OPTIMIZERS[name]("pallas_interpret"), mesh, AX).create(params))
     res["numerics"][f"{name}/pallas_interpret/replicated"] = dict(compare(o1, o2),
@@ -213,6 +224,7 @@ def main():
   res["hlo"] = {}
   for name in ("Adam", "LAMB", "LARS"):
     for mode in ("replicated", "sharded"):
+      progress("hlo", name, mode)
       opt = sharding.shard_optimizer(OPTIMIZERS[name]("jnp"), mesh, AX, params=mode).create(params)
       g = grads_for(params, 0)
       if mode == "sharded":
@@ -243,6 +255,7 @@ def main():
 
   # 5. grads reduce-scattered inside the user's shard_map (per-device unreduced grads)
   for name in ("Adam", "LAMB"):
+    progress("reduce_scatter", name)
     opt = sharding.shard_optimizer(OPTIMIZERS[name]("jnp"), mesh, AX).create(params)
     specs = sharding.partition_specs(opt)
     per_dev = [grads_for(params, 10 + i) for i in range(N)]
@@ -268,6 +281,7 @@ def main():
                                if x.dtype == jnp.float32 else x, params)
   g = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) * 1e20
                              if x.dtype == jnp.float32 else x, grads_for(params, 0))
+  progress("overflow")
   o1 = jax.jit(lambda o, g: o.apply_gradient(g))(OPTIMIZERS["LARS"]("jnp").create(big), g)
   o2 = jax.jit(lambda o, g: o.apply_gradient(g))(
       sharding.shard_optimizer(OPTIMIZERS["LARS"]("jnp"), mesh, AX).create(big), g)
@@ -275,7 +289,9 @@ def main():
       np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree_util.tree_leaves(o2.target)))}
 
   # 6. apply_gradient_checked: scale + clip, and a non-finite step skipped bitwise
+  progress("checked")
   for name in ("Adam", "LARS"):
+    progress("checked", name)
     o1 = OPTIMIZERS[name]("jnp").create(params)
     o2 = sharding.shard_optimizer(OPTIMIZERS[name]("jnp"), mesh, AX).create(params)
     g = jax.tree_util.tree_map(lambda x: x * 4, grads_for(params, 0))
@@ -299,6 +315,7 @@ def main():
     if mode == "sharded":
       fn = jax.jit(lambda o, g: o.apply_gradient(sharding.FlatParams.pack(g, o.target.layout)))
     opt = run(opt, fn)
+    progress("checkpoint", mode)
     blob = serialization.to_bytes(opt)
     fresh = mk().create(make_tree(seed=1))
     back = serialization.from_bytes(fresh, blob)
@@ -321,6 +338,7 @@ def main():
       cont = compare(fn(opt, g), fn(back, g))
     res[f"checkpoint/{mode}"]["continues"] = cont["bitwise"] and cont["step"]
     # orbax: each shard written by its device, read straight into the template's shardings
+    progress("orbax", mode)
     with tempfile.TemporaryDirectory(prefix="fusedopt-orbax-") as d:
       serialization.save_orbax(os.path.join(d, "ckpt"), opt)
       ob = serialization.restore_orbax(os.path.join(d, "ckpt"), mk().create(make_tree(seed=1)))
@@ -347,6 +365,7 @@ def main():
                            for b in v),
           "split": state_is_split(opt), "reducing": label.startswith("LAMB")}
   # a sharded int8 checkpoint restores into a single-device optimizer and back, bitwise
+  progress("quantized checkpoint")
   mk = lambda: optim.Adam(1e-2, state_dtype="int8", backend="jnp")  # noqa: E731
   opt = run(sharding.shard_optimizer(mk(), mesh, AX).create(params))
   blob = serialization.to_bytes(opt)

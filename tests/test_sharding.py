@@ -27,31 +27,81 @@ ROOT = os.path.dirname(HERE)
 @pytest.fixture(scope="module")
 def report():
   # OMP_NUM_THREADS=1: the native kernels' OpenMP threads (results do not depend on their
-  # number) stay out of the way of XLA:CPU's 8 device threads on a 2-core machine. Those
-  # threads have twice been seen stuck in an all-gather rendezvous with the 8th device's program
-  # never launched (XLA:CPU thread-pool starvation under a loaded pytest worker, gdb: 7 threads
-  # in AllGatherThunk): the checks take ~40 s alone and 52-63 s beside the other pytest worker
-  # (measured in make test), so a run past 120 s is that hang, and it is run once more -- a
-  # jaxlib runtime hang, not a result of ours (the wait was 180 s: make test's budget is 10 min).
-  return _eight_device_report("sharding_checks.py", timeout=120)
+  # number) stay out of the way of XLA:CPU's 8 device threads on a 2-core machine.
+  return _eight_device_report("sharding_checks.py")
 
 
-def _eight_device_report(script, timeout):
-  """Runs ``script`` on 8 host devices (see ``report``: a run past ``timeout`` is the rendezvous
-  hang and is run once more) and returns the JSON report it prints last."""
+# XLA:CPU's 8 device threads have been seen stuck in an all-gather rendezvous with the 8th
+# device's program never launched (thread-pool starvation under a loaded pytest worker; gdb: 7
+# threads in AllGatherThunk), about one make test in six -- a jaxlib runtime hang, not a result
+# of ours. The checks print a progress line at every step (at most 1.4 s apart alone, ~35 s in
+# all; 52-63 s beside the other pytest worker): STALL_S without one is that hang, and the run
+# starts once more. (A wall-clock timeout of 180 s, then 120 s, cost make test's 10-minute
+# budget that much each time.)
+STALL_S = 30
+TOTAL_S = 240
+
+
+def _eight_device_report(script):
+  """Runs ``script`` on 8 host devices, once more if it stalls (above), and returns the JSON
+  report it prints last."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1",
              XLA_FLAGS=host_devices_flags(8))
   for attempt in range(2):
-    try:
-      proc = subprocess.run([sys.executable, os.path.join(HERE, script)], env=env,
-                            capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    out, err, stalled = _run_watched([sys.executable, os.path.join(HERE, script)], env)
+    if not stalled:
       break
-    except subprocess.TimeoutExpired:
-      if attempt:
-        raise
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-  assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert not attempt, f"{script} stalled twice ({stalled}):\n{out[-2000:]}{err[-4000:]}"
+  lines = [l for l in out.splitlines() if l.startswith("{")]
+  assert lines, out[-3000:] + err[-6000:]
   return json.loads(lines[-1])
+
+
+def _run_watched(cmd, env):
+  """(stdout, stderr, why it was killed or "") of ``cmd``, killed when it prints no line for
+  ``STALL_S`` or runs past ``TOTAL_S``; a non-zero exit otherwise fails the calling test."""
+  import tempfile   # pylint: disable=import-outside-toplevel
+  import threading   # pylint: disable=import-outside-toplevel
+  import time   # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryFile("w+") as err:   # (a pipe XLA's logs could fill)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=err,
+                            text=True)
+    lines, last = [], [time.monotonic()]
+
+    def read():
+      for line in proc.stdout:
+        lines.append(line)
+        last[0] = time.monotonic()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    start, why = time.monotonic(), ""
+    while proc.poll() is None:
+      now = time.monotonic()
+      if now - last[0] > STALL_S or now - start > TOTAL_S:
+        why = (f"no line for {now - last[0]:.0f} s" if now - last[0] > STALL_S
+               else f"over {TOTAL_S} s")
+        proc.kill()
+        proc.wait()
+        break
+      time.sleep(0.2)
+    reader.join(timeout=10)
+    err.seek(0)
+    out, errs = "".join(lines), err.read()
+  assert why or proc.returncode == 0, f"rc {proc.returncode}:\n{out[-3000:]}{errs[-6000:]}"
+  return out, errs, why
+
+
+def test_stall_watchdog_kills_a_silent_run_and_keeps_a_talking_one(monkeypatch):
+  """``_run_watched``: a process that stops printing is killed after ``STALL_S`` (the hang's
+  signature), one that keeps printing runs to its end, its output kept."""
+  monkeypatch.setattr(sys.modules[__name__], "STALL_S", 1.5)
+  talk = ("import time\nfor i in range(6):\n  print('progress', i, flush=True)\n"
+          "  time.sleep(0.5)\nprint('{}')")
+  out, _, why = _run_watched([sys.executable, "-c", talk], dict(os.environ))
+  assert why == "" and out.splitlines()[-1] == "{}" and out.count("progress") == 6
+  silent = "import time\nprint('progress', flush=True)\ntime.sleep(60)"
+  out, _, why = _run_watched([sys.executable, "-c", silent], dict(os.environ))
+  assert why.startswith("no line for") and out == "progress\n"
 
 
 ELEMENTWISE = ("GradientDescent", "Momentum", "Adam", "Adagrad", "RMSProp", "AdaBelief",
@@ -204,7 +254,7 @@ def test_tx_state_sharded_like_the_params_on_8_devices():
   norms of a sharded tensor are partial sums: they need an all-reduce, the one collective
   allowed (XLA inserts it for the norms, not for the state). The values equal one device's."""
   pytest.importorskip("optax")
-  rep = _eight_device_report("tx_sharding_checks.py", timeout=120)   # (~7 s)
+  rep = _eight_device_report("tx_sharding_checks.py")   # (~7 s)
   for key, colls in rep["collectives"].items():
     allowed = ["all-reduce"] if key.startswith("lamb") else []
     assert colls == allowed or (allowed and colls == []), (key, colls)

@@ -40,6 +40,7 @@ def main():
     s_shard = optax.tree_map_params(t, lambda _, s: s, state0, p_shard,
                                     transform_non_params=lambda _: NamedSharding(mesh, P()))
     for form in ("two_calls", "one_pass"):
+      print("progress", name, form, flush=True)   # for the parent's stall watchdog
       def step(p, s, g, form=form):
         if form == "one_pass":
           return tx.update_and_apply(t, g, s, p)
