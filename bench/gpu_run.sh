@@ -12,13 +12,14 @@
 #   4. with MOSAIC=1 (Hopper and newer), the Mosaic GPU kernels (kernels/mosaic_gpu.py, issue 20):
 #      the Pallas numerics tests on them, then the GPT-2-124M Adam step and the kernel roofline
 #      beside the Triton-lowered Pallas kernels and jax-triton's (180 s);
-#   5. with LOW_BIT=1, Adam's step with int8/fp8 state on the Triton kernels against float32 and
-#      the jnp path (bench.low_bit; 60 s), then the Pallas kernel's: compiled, bitwise against
+#   5. with LOW_BIT=1, Adam's step with int8/fp8 state on the Triton kernels against float32,
+#      the jnp path and bitsandbytes/torchao 8-bit Adams where the image has them (bench.low_bit
+#      --anchors; 90 s), then the Pallas kernel's: compiled, bitwise against
 #      NumPy (tests/test_pallas_numerics.py -k quantized; 60 s), and its step (40 s).
 #   Stages 4 and 5 make a second call, when the first used its 550 s. The session's 900 s of
 #   device time (start-ups included) rarely hold both in full: issue 21's first call comes
 #   first; then `NO_TREES=1 NO_KERNELS=1 NO_TESTS=1 MOSAIC=1 bash bench/gpu_run.sh OUTDIR`
-#   (180 s; its numerics tests first), and LOW_BIT=1 (160 s) only if time is left.
+#   (180 s; its numerics tests first), and LOW_BIT=1 (190 s) only if time is left.
 #   bash bench/gpu_run.sh OUTDIR [bench.kernels args...]
 # Variables: TREES, OPTIMS, IMPLS, KERNEL_OPTIMS, KERNEL_IMPLS, NO_TREES=1, NO_KERNELS=1,
 # NO_TESTS=1, LOW_BIT=1, MOSAIC=1 (MOSAIC_SWEEP=1 adds its tuning sweep, 120 s), *_TIMEOUT (s).
@@ -84,8 +85,8 @@ if [ "${MOSAIC:-0}" = 1 ]; then
 fi
 if [ "${LOW_BIT:-0}" = 1 ]; then
   stage "low-bit state"
-  timeout ${LOW_BIT_TIMEOUT:-60} python3 -m bench.low_bit --trees gpt2-124m --runs 5 \
-    --backend triton --jnp-path --out "$OUTDIR" --tag "gpu-$(date +%F)" 2>&1
+  timeout ${LOW_BIT_TIMEOUT:-90} python3 -m bench.low_bit --trees gpt2-124m --runs 5 \
+    --backend triton --jnp-path --anchors --out "$OUTDIR" --tag "gpu-$(date +%F)" 2>&1
   # the Pallas kernel (packed flat buffers; int8 maps read by address): bitwise against NumPy,
   # then its step
   (cd /tmp && timeout ${LOW_BIT_TESTS_TIMEOUT:-60} python3 -m pytest -q -p no:cacheprovider \
