@@ -283,6 +283,9 @@ def quantize(x, fmt: Format, block: int = BLOCK):
   n = x.shape[-1]
   xb = x.reshape(x.shape[:-1] + (n // block, block))
   absmax = jnp.max(jnp.abs(xb), axis=-1)
+  # NaN in a block makes its scale NaN (the block reads back NaN): XLA:CPU's vectorised row max
+  # drops NaN (seen from 16 blocks on), so it is found apart, as the kernels do
+  absmax = jnp.where(jnp.any(jnp.isnan(xb), axis=-1), F32(jnp.nan), absmax)
   inv = jnp.where(absmax > 0, fmt.fmax / absmax, 0.0).astype(F32)
   y = jnp.clip(xb * inv[..., None], -fmt.fmax, fmt.fmax)
   if fmt.is_fp8:

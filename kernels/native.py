@@ -352,7 +352,7 @@ static inline uint32_t enc_float8_e4m3fn(float y) {
   return s | (a > 0x7f800000u ? 0x7fu : (a >= 0x3c800000u ? nrm : sub));
 }
 """
-  signed = fmt is quantization.INT8_SIGNED
+  signed = fmt.name == "int8_signed"   # (by name: a pickled or copied Format is another object)
   values = quantization.dynamic_map(signed)
   src = table("float", f"MAP_{name}[256] = {{{', '.join(_exact(v) for v in values)}}};\n")
   buckets = quantization.bucket_table(signed)

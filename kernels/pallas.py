@@ -351,8 +351,7 @@ class _Gather:
     self.maps, self.bkt = maps_ref, bkt_ref
 
   def decode(self, fmt, codes):
-    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
-    off = 0 if fmt is Q.INT8_SIGNED else 256
+    off = 0 if fmt.name == "int8_signed" else 256
     return self.maps[codes.astype(jnp.int32) + off]
 
   def encode(self, fmt, u, ops):
@@ -360,7 +359,7 @@ class _Gather:
     from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
     nb = Q.NUM_BUCKETS
     t = jnp.clip(((u & 0x7FFFFFFF) >> 16) - Q.BUCKET_EXPONENT * 128, -1, nb)
-    off = 0 if fmt is Q.INT8_SIGNED else 2 * (nb + 2)
+    off = 0 if fmt.name == "int8_signed" else 2 * (nb + 2)
     e = self.bkt[jnp.where(u < 0, nb + 2, 0) + t + (1 + off)]
     return (e & 0xFF) + (jnp.where((u & 0xFFFF) >= (e >> 9), 1, 0) ^ ((e >> 8) & 1))
 
@@ -403,8 +402,7 @@ class _Lanes:
     return jnp.concatenate(out, axis=1)
 
   def _row(self, fmt):
-    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
-    return 0 if fmt is Q.INT8_SIGNED else 4
+    return 0 if fmt.name == "int8_signed" else 4
 
   def decode(self, fmt, codes):
     return self._take(self._row(fmt), codes)
@@ -543,7 +541,12 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
   s_vec = _scalar_vector(rule, scalars)
   q_cols = [jnp.asarray(seg_rows[k], F32)[:, None] for k in rule.seg_scalars]
   if plat == "tpu" and block < 32 and block != rows:
-    block = rows   # uint8 codes tile (32, 128) on a TPU
+    if rows > TPU_WHOLE_ROWS:
+      raise ValueError(f"a quantized group of {rows} rows on a TPU: uint8 codes tile (32, 128), "
+                       f"no block of 32k rows divides it, and one block of it all would not "
+                       f"fit VMEM (at most {TPU_WHOLE_ROWS} rows)")
+    block = rows   # one block of the whole (small) group
+  grid = rows // block
   blk = pl.BlockSpec((block, QROW), lambda i: (i, 0))
   col = pl.BlockSpec((block, 1), lambda i: (i, 0))
   # twice the warps on a GPU: the encode's registers (spills at 4 on sm_90)
@@ -580,7 +583,7 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
   out_specs += [col] * n_sums
   outs = pl.pallas_call(
       functools.partial(_quantized_kernel, rule, len(q_cols), fmts, plat == "gpu", lookup_cls),
-      out_shape=out_shape, grid=(rows // block,), in_specs=specs, out_specs=out_specs,
+      out_shape=out_shape, grid=(grid,), in_specs=specs, out_specs=out_specs,
       input_output_aliases=aliases, compiler_params=params, interpret=plat == "interpret",
       name=f"fusedopt_q_{rule.name}")(*ins)
   new_p = outs[0].reshape(-1) if rule.writes_param else None
@@ -597,21 +600,39 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
 # Pallas' Triton lowering picks 64-bit offsets for arrays over 2^32 bytes: a uint8 codes array
 # of 2^31..2^32 elements gets 32-bit ones, which the pointer arithmetic sign-extends.
 CODES_LIMIT = 2 ** 31 - 1
+# On a TPU a block of uint8 codes is a whole number of (32, 128) tiles, or the whole array. A
+# group whose rows (4 per 1024-element unit) no multiple of 32 divides runs as one block up to
+# this many rows (a few MiB of VMEM over its buffers); a larger one would need blocks with a
+# partial last one, which Pallas pads by copying every operand (measured: 425 MB of temporaries
+# for GPT-2's 37693-unit embedding), so it runs on jnp (``_run_quantized``).
+TPU_WHOLE_ROWS = 512
+
+
+def _unsupported_here(plat, layout, gi):
+  """Why the Pallas kernel does not run quantized group ``gi`` on ``plat`` (or None)."""
+  size = layout.groups[gi].size
+  if plat == "gpu" and size > CODES_LIMIT:
+    return (f"a quantized group of {size} elements is over what the Pallas GPU kernel "
+            f"addresses ({CODES_LIMIT}; backend='triton' has 64-bit offsets)")
+  rows = size // QROW
+  if plat == "tpu" and rows % 32 and rows > TPU_WHOLE_ROWS:
+    return (f"a quantized group of {rows} rows of {QROW} is not a whole number of 32-row uint8 "
+            f"tiles and is over {TPU_WHOLE_ROWS} rows (one block)")
+  return None
 
 
 def _run_quantized(platform, lookup=None):
-  """``Backend.run_quantized``: ``flat_update_quantized`` on the packed params and grads; on a
-  GPU a group over ``CODES_LIMIT`` elements runs on jnp (warned)."""
+  """``Backend.run_quantized``: ``flat_update_quantized`` on the packed params and grads; a
+  group the kernel cannot take on this platform (``_unsupported_here``) runs on jnp (warned)."""
   from fusedopt.kernels import jnp as jnp_backend  # pylint: disable=import-outside-toplevel
   update = common.at_unit(functools.partial(flat_update_quantized, platform=platform,
                                             lookup=lookup), QROW)
   packed = common.packed_run_group(update, grad_dtype_ok=lambda d: True)
 
   def run(rule, scalars, seg, layout, gi, *args):
-    if _platform(platform) == "gpu" and layout.groups[gi].size > CODES_LIMIT:
-      warnings.warn(f"a quantized group of {layout.groups[gi].size} elements is over what the "
-                    f"Pallas GPU kernel addresses ({CODES_LIMIT}): it runs on the jnp backend "
-                    "(backend='triton' has 64-bit offsets)", RuntimeWarning, stacklevel=4)
+    why = _unsupported_here(_platform(platform), layout, gi)
+    if why:
+      warnings.warn(f"{why}: it runs on the jnp backend", RuntimeWarning, stacklevel=4)
       return jnp_backend.run_quantized(rule, scalars, seg, layout, gi, *args)
     return packed(rule, scalars, seg, layout, gi, *args)
   return run

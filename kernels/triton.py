@@ -1082,7 +1082,7 @@ def _format_tables(fmt):
   ``fmt``, as NumPy arrays (jax constants where a kernel takes them)."""
   if fmt.is_fp8:
     return np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32), None
-  signed = fmt is quantization.INT8_SIGNED
+  signed = fmt.name == "int8_signed"   # (by name: a pickled or copied Format is another object)
   return quantization.dynamic_map(signed), quantization.bucket_table(signed)
 
 

@@ -398,6 +398,31 @@ def test_quantized_kernel_compiles_for_tpu(tpu_mesh, rule, fields):
   assert compiled.memory_analysis().temp_size_in_bytes < n   # no full-size temporaries
 
 
+def test_quantized_groups_a_tpu_kernel_cannot_block():
+  """On a TPU a block of uint8 codes is a whole number of (32, 128) tiles or the whole array:
+  a group of 4 x odd rows (GPT-2's 37693-unit embedding) has neither a 32-row block dividing it
+  nor one small enough to hold it all (as one block it overflows VMEM; with a partial last
+  block Pallas pads every operand by copying, 425 MB measured): the kernel refuses it, naming
+  why, and the backend runs it on jnp with a warning (traced, not run); a small group of
+  4 x odd rows is one block, and lowers."""
+  from fusedopt import quantization as Q   # pylint: disable=import-outside-toplevel
+  from fusedopt.layout import FlatLayout   # pylint: disable=import-outside-toplevel
+  n = 37693 * kp.ALIGN
+  f, sds = _quantized_fn(ADAM_RULE, "tpu", n, ("s8", "u8"))
+  with pytest.raises(ValueError, match="32-row|32k rows"):
+    lower_tpu(f, *sds)
+  layout = FlatLayout.build({"w": jax.ShapeDtypeStruct((n,), jnp.float32)}, quantize=(1, 256))
+  state = (Q.QuantizedArray(*sds[2:4], Q.INT8_SIGNED), Q.QuantizedArray(*sds[4:6], Q.INT8_UNSIGNED))
+  run = kp._run_quantized("tpu")   # pylint: disable=protected-access
+  scalars = {k: jnp.float32(0.5) for k in ADAM_RULE.scalars}
+  with pytest.warns(RuntimeWarning, match="32-row uint8 tiles.*runs on the jnp backend"):
+    out = jax.eval_shape(lambda p, g, st: run(ADAM_RULE, scalars, {}, layout, 0, [p], [g], st),
+                         sds[0], sds[1], state)
+  assert out[1][0].codes.shape == (n,)
+  f, sds = _quantized_fn(ADAM_RULE, "tpu", 37 * kp.ALIGN, ("s8", "u8"))   # 148 rows: one block
+  assert "tpu_custom_call" in lower_tpu(f, *sds).as_text()
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (the `test` extra has it)")
 def test_quantized_groups_past_2_to_31_elements():
   """Pallas' Triton lowering gives a uint8 array under 2^32 bytes 32-bit offsets (sign-extended

@@ -4,6 +4,7 @@ absmax taken and the new values encoded as the anchors define it (``lowbit_refer
 map value by a full argmin, ml_dtypes' e4m3 cast). Every kind of rule and wrapper, ragged
 leaves (their last block zero-padded), leaves over two work items, the checked step's skip,
 fields a rule passes through, per-tensor sums over the state as stored."""
+import pickle
 import zlib
 
 import jax
@@ -241,29 +242,38 @@ def _edge_values(fmt):
     mid = ((v[:-1] + v[1:]) / 2).astype(np.float32)
     table = v.astype(np.float32)
   else:
-    table = Q.dynamic_map(fmt is S8)
-    mid = Q.thresholds(fmt is S8)[:255]
+    table = Q.dynamic_map(fmt == S8)
+    mid = Q.thresholds(fmt == S8)[:255]
   edges = np.concatenate([mid, np.nextafter(mid, np.float32(-np.inf)),
                           np.nextafter(mid, np.float32(np.inf)), table, [0.0, -0.0]])
   rng = np.random.RandomState(1)
   edges = np.concatenate([edges, np.exp(rng.uniform(-40, 0, 4000)) * table.max()])
-  if fmt is not U8:
+  if fmt != U8:
     edges = np.concatenate([edges, -edges])
   return np.clip(edges.astype(np.float32), -fmt.fmax, fmt.fmax)
 
 
-def check_encoder(run, fmt):
+# factors for check_encoder(scaled=True): blocks whose absmax is not fmax, of either sign
+BLOCK_FACTORS = np.array([-0.7324, 3.1e-3, 2.5, -1e-5, 1.0 / 3.0], np.float32)
+
+
+def check_encoder(run, fmt, scaled=False):
   """Blocks led by +fmax (so absmax = fmax and the values are encoded as they are) holding every
   value where a code changes (``_edge_values``): ``run``'s codes and scales (a
-  ``Backend.run_quantized`` storing the gradient, ``STORE_GRAD``) equal the reference's."""
+  ``Backend.run_quantized`` storing the gradient, ``STORE_GRAD``) equal the reference's.
+  ``scaled``: each block multiplied by one of ``BLOCK_FACTORS`` first, so that the scaling
+  ``x * (fmax / absmax)`` is exercised too (the reference does it in the same float32
+  operations)."""
   vals = _edge_values(fmt)
   per = B - 1
   nb = -(-vals.size // per)
   body = np.zeros(nb * per, np.float32)
   body[:vals.size] = vals
   x = np.concatenate([np.full((nb, 1), fmt.fmax, np.float32), body.reshape(nb, per)], axis=1)
+  if scaled:
+    x = x * np.resize(BLOCK_FACTORS, nb)[:, None]
   x = x.reshape(-1)
-  assert np.isin(vals, x).all()
+  assert scaled or np.isin(vals, x).all()
   layout = FlatLayout.build({"x": np.zeros(x.size, np.float32)}, quantize=(1, B))
   state = (Q.QuantizedArray.zeros(x.size, fmt),)
   want_codes, want_scales = np_quantize(x, fmt)
@@ -280,6 +290,7 @@ def test_native_encoder_codes_every_edge_as_numpy(fmt):
   from fusedopt.kernels import native   # pylint: disable=import-outside-toplevel
   for run in (native.run_quantized, jnp_backend.run_quantized):
     check_encoder(run, fmt)
+    check_encoder(run, fmt, scaled=True)
 
 
 READ_STATE = ew.Rule("read_state", lambda xp, s, q, p, g, m: (m, (m,)), (), 1)
@@ -298,7 +309,7 @@ def check_decoder(run, fmt):
   if fmt.is_fp8:
     values = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
   else:
-    values = Q.dynamic_map(fmt is S8)
+    values = Q.dynamic_map(fmt == S8)
   want = np.tile(np.concatenate([values, values * np.float32(0.5)]), 2)
   assert same_bits(np.asarray(out_p[0]), want)
   np.testing.assert_array_equal(np.asarray(kept.codes), codes)   # passed through
@@ -309,6 +320,7 @@ def test_native_decodes_every_code(fmt):
   """A table read for the dynamic maps, integer arithmetic for e4m3."""
   from fusedopt.kernels import native   # pylint: disable=import-outside-toplevel
   check_decoder(native.run_quantized, fmt)
+  check_decoder(native.run_quantized, pickle.loads(pickle.dumps(fmt)))
 
 
 @pytest.mark.parametrize("lookup", ["gather", "lanes"])
@@ -317,12 +329,15 @@ def test_pallas_codecs_in_interpret_mode(lookup):
   int8 maps read either way the devices read them (``gather``: at computed addresses, the GPU's
   bucket encode; ``lanes``: 128-lane gathers and the binary search, a TPU's): it decodes every
   code and encodes every value where a code changes bitwise as the reference does (e4m3, in
-  integer arithmetic, once)."""
+  integer arithmetic, once), also in blocks whose absmax is not the format's largest value,
+  and with a Format unpickled (equal to the module's, another object)."""
   from fusedopt.kernels import pallas   # pylint: disable=import-outside-toplevel
   run = pallas._run_quantized("interpret", lookup)   # pylint: disable=protected-access
   for fmt in (S8, U8, F8) if lookup == "gather" else (S8, U8):
     check_decoder(run, fmt)
+    check_decoder(run, pickle.loads(pickle.dumps(fmt)))   # a Format equal, not identical
     check_encoder(run, fmt)
+    check_encoder(run, fmt, scaled=True)
 
 
 # (rule, state formats, lookup): int8 maps, e4m3 and a float field, both lookups
@@ -387,32 +402,43 @@ def test_pallas_quantized_kernel_in_interpret_mode(rule, fmts, lookup):
                                    err_msg=rule.name)
 
 
+@pytest.mark.parametrize("backend", ["native", "pallas-gather", "pallas-lanes"])
 @pytest.mark.parametrize("fmt", [S8, U8, F8], ids=lambda f: f.name)
-def test_native_non_finite_blocks_as_the_jnp_path(fmt):
-  """A block holding NaN or inf is stored as the jnp path stores it (scale NaN/inf, so the
-  whole block reads back as NaN or inf): the checked step exists to skip those steps, but an
-  unchecked one must not differ by backend."""
-  from fusedopt.kernels import native   # pylint: disable=import-outside-toplevel
+def test_non_finite_blocks_as_numpy_and_the_jnp_path(fmt, backend):
+  """A block holding NaN or inf is stored as NumPy and the jnp path store it (scale NaN/inf,
+  so the whole block reads back as NaN or inf): the checked step exists to skip those steps,
+  but an unchecked one must not differ by backend. 20 blocks: XLA:CPU's vectorised row max
+  drops a NaN from 16 blocks on, which the jnp path now guards against."""
+  from fusedopt.kernels import native, pallas   # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=protected-access
+  run = (native.run_quantized if backend == "native" else
+         pallas._run_quantized("interpret", backend.split("-")[1]))
   rng = np.random.RandomState(2)
-  x = np.abs(rng.standard_normal((4, B))).astype(np.float32)
-  x[0, 3], x[1, 5], x[2, 7] = np.nan, np.inf, -np.inf
+  x = np.abs(rng.standard_normal((20, B))).astype(np.float32)
+  x[0, 3], x[1, 5], x[2, 7], x[17, 100] = np.nan, np.inf, -np.inf, np.nan
   x = x.reshape(-1)
   layout = FlatLayout.build({"x": np.zeros(x.size, np.float32)}, quantize=(1, B))
   state = (Q.QuantizedArray.zeros(x.size, fmt),)
   args = ({}, {}, layout, 0, [jnp.zeros(x.size)], [jnp.asarray(x)], state)
-  _, (got,), _ = native.run_quantized(STORE_GRAD, *args)
+  _, (got,), _ = run(STORE_GRAD, *args)
   _, (want,), _ = jnp_backend.run_quantized(STORE_GRAD, *args)
-  assert same_bits(np.asarray(got.scales), np.asarray(want.scales))
+  with np.errstate(invalid="ignore"):   # (inf * 0 in the inf blocks, as in the kernels)
+    ref_codes, ref_scales = np_quantize(x, fmt)
+  assert same_bits(np.asarray(got.scales), ref_scales)
+  assert same_bits(np.asarray(want.scales), ref_scales)
   back, ref = np.asarray(got.dequantize()), np.asarray(want.dequantize())
   assert same_bits(back, ref)
-  assert not np.isfinite(back[:3 * B]).any() and np.isfinite(back[3 * B:]).all()
-  finite = np.asarray(got.codes)[3 * B:]
-  np.testing.assert_array_equal(finite, np.asarray(want.codes)[3 * B:])
+  bad = np.zeros((20, B), bool)
+  bad[[0, 1, 2, 17]] = True
+  assert not np.isfinite(back[bad.reshape(-1)]).any() and np.isfinite(back[~bad.reshape(-1)]).all()
+  finite = ~bad.reshape(-1)
+  np.testing.assert_array_equal(np.asarray(got.codes)[finite], ref_codes[finite])
+  np.testing.assert_array_equal(np.asarray(want.codes)[finite], ref_codes[finite])
 
 
 # ----------------------------------------------------------------------------- both backends
 
-@pytest.mark.parametrize("backend", ["native", "jnp"])
+@pytest.mark.parametrize("backend", ["native", "jnp", "pallas_interpret"])
 def test_fields_passed_through_keep_their_codes(backend):
   """LAMB's apply stage under master weights writes the master and passes the moments through:
   their codes stay as they were, bitwise, on both backends -- storing the decoded values again
