@@ -19,6 +19,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+import faulthandler  # noqa: E402
+import signal  # noqa: E402
+
+# on SIGUSR1 (the parent's stall watchdog) every thread's Python stack goes to stderr
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -152,7 +158,10 @@ def main():
   def run(opt, fn=None):
     for t in range(steps):
       progress("step", t)
-      g = grads_for(params, t)
+      # inputs on their devices before an 8-device program starts (transfers and programs
+      # share XLA:CPU's thread pool, where the rendezvous stalls)
+      opt = jax.block_until_ready(opt)
+      g = jax.block_until_ready(grads_for(params, t))
       opt = opt.apply_gradient(g) if fn is None else fn(opt, g)
     return opt
 

@@ -6,8 +6,10 @@ that prints a JSON report; the tests here assert on it. In-process tests use a 1
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +55,21 @@ def _eight_device_report(script):
     if not stalled:
       break
     assert not attempt, f"{script} stalled twice ({stalled}):\n{out[-2000:]}{err[-4000:]}"
+    # shown in pytest's warnings summary, so a CI log says how often and where it stalls
+    last = [l for l in out.splitlines() if l.startswith("progress")][-1:]
+    warnings.warn(f"{script} stalled ({stalled}) after {last}, rerun; its Python stack:\n"
+                  f"{_stack_dump(err)}", RuntimeWarning)
   lines = [l for l in out.splitlines() if l.startswith("{")]
   assert lines, out[-3000:] + err[-6000:]
   return json.loads(lines[-1])
+
+
+def _stack_dump(err):
+  """The main thread's part of a faulthandler dump in ``err`` (a script's stderr), or a note."""
+  i = err.rfind("Current thread")
+  if i < 0:
+    i = err.rfind("Thread 0x")
+  return err[i:i + 3000] if i >= 0 else "(no faulthandler dump)"
 
 
 def _run_watched(cmd, env):
@@ -81,6 +95,8 @@ def _run_watched(cmd, env):
       if now - last[0] > STALL_S or now - start > TOTAL_S:
         why = (f"no line for {now - last[0]:.0f} s" if now - last[0] > STALL_S
                else f"over {TOTAL_S} s")
+        proc.send_signal(signal.SIGUSR1)   # a script registering faulthandler dumps its stack
+        time.sleep(1.0)
         proc.kill()
         proc.wait()
         break
@@ -94,15 +110,19 @@ def _run_watched(cmd, env):
 
 def test_stall_watchdog_kills_a_silent_run_and_keeps_a_talking_one(monkeypatch):
   """``_run_watched``: a process that stops printing is killed after ``STALL_S`` (the hang's
-  signature), one that keeps printing runs to its end, its output kept."""
+  signature), its Python stack dumped first; one that keeps printing runs to its end, its
+  output kept."""
   monkeypatch.setattr(sys.modules[__name__], "STALL_S", 1.5)
   talk = ("import time\nfor i in range(6):\n  print('progress', i, flush=True)\n"
           "  time.sleep(0.5)\nprint('{}')")
   out, _, why = _run_watched([sys.executable, "-c", talk], dict(os.environ))
   assert why == "" and out.splitlines()[-1] == "{}" and out.count("progress") == 6
-  silent = "import time\nprint('progress', flush=True)\ntime.sleep(60)"
-  out, _, why = _run_watched([sys.executable, "-c", silent], dict(os.environ))
+  silent = ("import faulthandler, signal, time\n"
+            "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+            "print('progress', flush=True)\ntime.sleep(60)")
+  out, err, why = _run_watched([sys.executable, "-c", silent], dict(os.environ))
   assert why.startswith("no line for") and out == "progress\n"
+  assert 'File "<string>", line 4' in _stack_dump(err)   # where it stalled
 
 
 ELEMENTWISE = ("GradientDescent", "Momentum", "Adam", "Adagrad", "RMSProp", "AdaBelief",

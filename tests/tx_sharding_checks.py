@@ -8,8 +8,10 @@ those shardings in and out. Prints one JSON line: whether the compiled steps hol
 (resharding: all-gather, all-to-all, collective-permute, all-reduce), whether the output state
 keeps the params' shardings, and the largest difference from the single-device result.
 """
+import faulthandler
 import json
 import re
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from fusedopt import tx
 
 
 def main():
+  faulthandler.register(signal.SIGUSR1, all_threads=True)   # for the parent's stall watchdog
   mesh = Mesh(np.array(jax.devices()), ("data",))
   rng = np.random.RandomState(0)
   params = {"w": jnp.asarray(rng.standard_normal((64, 48)), jnp.float32),
