@@ -97,8 +97,17 @@ def diff(a, b):
   return same, (err / scale if scale else err)
 
 
+def on_host(o):
+  """``o`` with its arrays fetched to the host: a comparison then slices NumPy buffers, where an
+  eager slice of a sharded buffer would be one more 8-device program per leaf (the step where
+  XLA:CPU's rendezvous stalled, in two make test runs: the stack dump of tests/test_sharding.py's
+  watchdog)."""
+  return jax.device_get(o)
+
+
 def compare(o1, o2):
   """Over targets and per-leaf state: (all bitwise equal, max scaled ulps, same step)."""
+  o1, o2 = on_host(o1), on_host(o2)
   t1, t2 = [t.tree() if isinstance(t, sharding.FlatParams) else t for t in (o1.target, o2.target)]
   pairs = list(zip(jax.tree_util.tree_leaves(t1), jax.tree_util.tree_leaves(t2)))
   # per-leaf state as dicts (a state built without its class reads as dicts; a dict's leaves
@@ -391,6 +400,7 @@ def main():
 
 def codes_differing(o1, o2):
   """How many stored codes differ between two optimizers' quantized state (leaf by leaf)."""
+  o1, o2 = on_host(o1), on_host(o2)
   f1, f2 = o1.state.param_states, o2.state.param_states
   n = 0
   for k in f1.fields:
@@ -403,6 +413,7 @@ def codes_differing(o1, o2):
 
 
 def compare_tree(o1, o2):
+  o1, o2 = on_host(o1), on_host(o2)
   a = jax.tree_util.tree_leaves((o1.target, o1.state))
   b = jax.tree_util.tree_leaves((o2.target, o2.state))
   return all(diff(x, y)[0] for x, y in zip(a, b))
