@@ -287,14 +287,10 @@ def _precise(fn, ops, *args):
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
 
-def _i32(v):
-  return jnp.int32(np.uint32(v).view(np.int32))
-
-
 # The codecs' integer arithmetic is on int32 bits: Mosaic TPU has no unsigned vector min,
 # compare or conversion (arith.minui does not legalize), and a float's magnitude bits are
 # non-negative int32s, so signed operations give the same results.
-SIGN = 0x80000000
+SIGN = np.int32(np.iinfo(np.int32).min)   # the sign bit, 0x80000000
 
 
 def _decode_e4m3(codes):
@@ -306,7 +302,7 @@ def _decode_e4m3(codes):
   nrm = (a << 20) + (120 << 23)
   sub = lax.bitcast_convert_type(a.astype(F32) * F32(2.0 ** -9), jnp.int32)
   mag = jnp.where(a >= 8, nrm, sub)
-  mag = jnp.where(a == 0x7F, _i32(0x7FC00000), mag)
+  mag = jnp.where(a == 0x7F, 0x7FC00000, mag)
   return lax.bitcast_convert_type(sign | mag, F32)
 
 
@@ -455,7 +451,7 @@ def _encode(fmt, y, ops, lookup):
   if fmt.is_fp8:
     code = _e4m3_code(u, a, ops)
   else:
-    code = lookup.encode(fmt, (u & _i32(SIGN)) | a, ops)
+    code = lookup.encode(fmt, (u & SIGN) | a, ops)
   return code, scale
 
 
@@ -529,10 +525,9 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
   plat = _platform(platform)
   n = p.shape[0]
   rows = n // QROW
-  if plat == "gpu" and n > CODES_LIMIT and any(quantization.is_quantized(x) for x in state):
-    raise ValueError(f"a quantized group of {n} elements: Pallas' Triton lowering addresses a "
-                     f"uint8 array under 2^32 bytes with 32-bit signed offsets, so codes past "
-                     f"2^31 elements would be out of bounds ({CODES_LIMIT} at most)")
+  why = _unsupported(plat, n)
+  if why and any(quantization.is_quantized(x) for x in state):
+    raise ValueError(why)
   fmts = tuple(x.fmt if quantization.is_quantized(x) else None for x in state)
   lookup_cls = (LOOKUPS[_lookup_for(plat, lookup)]
                 if any(f and not f.is_fp8 for f in fmts) else None)
@@ -541,11 +536,8 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
   s_vec = _scalar_vector(rule, scalars)
   q_cols = [jnp.asarray(seg_rows[k], F32)[:, None] for k in rule.seg_scalars]
   if plat == "tpu" and block < 32 and block != rows:
-    if rows > TPU_WHOLE_ROWS:
-      raise ValueError(f"a quantized group of {rows} rows on a TPU: uint8 codes tile (32, 128), "
-                       f"no block of 32k rows divides it, and one block of it all would not "
-                       f"fit VMEM (at most {TPU_WHOLE_ROWS} rows)")
-    block = rows   # one block of the whole (small) group
+    # uint8 codes tile (32, 128): blocks of 32 rows, or the whole group (small: _unsupported)
+    block = rows if rows % 32 else 32
   grid = rows // block
   blk = pl.BlockSpec((block, QROW), lambda i: (i, 0))
   col = pl.BlockSpec((block, 1), lambda i: (i, 0))
@@ -608,12 +600,13 @@ CODES_LIMIT = 2 ** 31 - 1
 TPU_WHOLE_ROWS = 512
 
 
-def _unsupported_here(plat, layout, gi):
-  """Why the Pallas kernel does not run quantized group ``gi`` on ``plat`` (or None)."""
-  size = layout.groups[gi].size
+def _unsupported(plat, size):
+  """Why the kernel does not take a quantized group of ``size`` elements on ``plat``, or
+  None (``flat_update_quantized`` raises it, ``_run_quantized`` runs the group on jnp)."""
   if plat == "gpu" and size > CODES_LIMIT:
-    return (f"a quantized group of {size} elements is over what the Pallas GPU kernel "
-            f"addresses ({CODES_LIMIT}; backend='triton' has 64-bit offsets)")
+    return (f"a quantized group of {size} elements: Pallas' Triton lowering addresses a uint8 "
+            f"array under 2^32 bytes with 32-bit signed offsets, so the Pallas GPU kernel takes "
+            f"at most {CODES_LIMIT} (backend='triton' has 64-bit offsets)")
   rows = size // QROW
   if plat == "tpu" and rows % 32 and rows > TPU_WHOLE_ROWS:
     return (f"a quantized group of {rows} rows of {QROW} is not a whole number of 32-row uint8 "
@@ -623,14 +616,14 @@ def _unsupported_here(plat, layout, gi):
 
 def _run_quantized(platform, lookup=None):
   """``Backend.run_quantized``: ``flat_update_quantized`` on the packed params and grads; a
-  group the kernel cannot take on this platform (``_unsupported_here``) runs on jnp (warned)."""
+  group the kernel cannot take on this platform (``_unsupported``) runs on jnp (warned)."""
   from fusedopt.kernels import jnp as jnp_backend  # pylint: disable=import-outside-toplevel
   update = common.at_unit(functools.partial(flat_update_quantized, platform=platform,
                                             lookup=lookup), QROW)
   packed = common.packed_run_group(update, grad_dtype_ok=lambda d: True)
 
   def run(rule, scalars, seg, layout, gi, *args):
-    why = _unsupported_here(_platform(platform), layout, gi)
+    why = _unsupported(_platform(platform), layout.groups[gi].size)
     if why:
       warnings.warn(f"{why}: it runs on the jnp backend", RuntimeWarning, stacklevel=4)
       return jnp_backend.run_quantized(rule, scalars, seg, layout, gi, *args)
