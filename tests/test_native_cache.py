@@ -150,3 +150,53 @@ def test_handler_rejects_malformed_calls():
   with pytest.raises(Exception, match="int64 array attributes offs and sizes"):
     jax.block_until_ready(jax.ffi.ffi_call(name, out)(s, seg, x, x,
                                                      offs=np.array([0], np.int64)))
+
+
+def test_precompiled_header_changes_nothing_but_the_compile_time(tmp_path, monkeypatch):
+  """GCC: the kernels' standard headers are precompiled once per cache directory and used (``-H``
+  marks a used PCH ``!``); a library built with it has the bytes of one built without; a
+  truncated PCH is rebuilt, and a foreign one that passes its digest is ignored by GCC (or the
+  build retried without it): the same library either way."""
+  # pylint: disable=protected-access,import-outside-toplevel
+  import jax
+  from fusedopt.adam import ADAM_RULE
+  from fusedopt.kernels import native
+  if not native._is_gcc(native._compiler()):
+    pytest.skip("the precompiled header is built for GCC only")
+  src = native.generate(ADAM_RULE)
+
+  def build(d, pch):
+    os.makedirs(d, exist_ok=True)
+    so = os.path.join(d, "fusedopt_k.so")
+    if os.path.exists(so):
+      os.remove(so)
+    native._build(src, so, pch=pch)
+    with open(so, "rb") as f:
+      return f.read()
+
+  plain = build(str(tmp_path / "plain"), False)
+  d = str(tmp_path / "pch")
+  cmds, run = [], subprocess.run
+  monkeypatch.setattr(native.subprocess, "run",
+                      lambda cmd, **kw: cmds.append(cmd) or run(cmd, **kw))
+  assert build(d, True) == plain
+  monkeypatch.undo()
+  args = native._pch_args(d)
+  assert args and args[0] == "-include"
+  kernel_cmd = next(c for c in cmds if c[-1].endswith(".so"))   # the kernel's compile used it
+  assert kernel_cmd[kernel_cmd.index("-include") + 1] == args[1]
+  gch = args[1] + ".gch"
+  assert native._verified(gch)
+  probe = subprocess.run([native._compiler(), *native._FLAGS_NO_LINK, *args, "-I",
+                          jax.ffi.include_dir(), "-H", "-fsyntax-only", "-x", "c++", "-"],
+                         input=src, capture_output=True, text=True, check=True)
+  assert f"! {gch}" in probe.stderr, probe.stderr[:500]
+  with open(gch, "r+b") as fh:     # truncated: not verified, so rebuilt by the next process
+    fh.truncate(1000)
+  native._pch_args.cache_clear()
+  assert native._pch_args(d) == args and native._verified(gch)
+  with open(gch, "wb") as fh:      # foreign bytes with a matching digest
+    fh.write(b"not a precompiled header")
+  with open(gch + ".sha256", "w") as fh:
+    fh.write(native._digest(gch))
+  assert build(d, True) == plain

@@ -113,12 +113,12 @@ def test_stall_watchdog_kills_a_silent_run_and_keeps_a_talking_one(monkeypatch):
   """``_run_watched``: a process that stops printing is killed after ``STALL_S`` (the hang's
   signature), its Python stack dumped first; one that keeps printing runs to its end, its
   output kept."""
-  # (3 s: six times the talking child's gaps, so a loaded machine does not stall it)
-  monkeypatch.setattr(sys.modules[__name__], "STALL_S", 3.0)
-  talk = ("import time\nfor i in range(8):\n  print('progress', i, flush=True)\n"
-          "  time.sleep(0.5)\nprint('{}')")   # 4 s in all: longer than STALL_S
+  # (2 s: five times the talking child's gaps, so a loaded machine does not stall it)
+  monkeypatch.setattr(sys.modules[__name__], "STALL_S", 2.0)
+  talk = ("import time\nfor i in range(6):\n  print('progress', i, flush=True)\n"
+          "  time.sleep(0.4)\nprint('{}')")   # 2.4 s in all: longer than STALL_S
   out, _, why = _run_watched([sys.executable, "-c", talk], dict(os.environ))
-  assert why == "" and out.splitlines()[-1] == "{}" and out.count("progress") == 8
+  assert why == "" and out.splitlines()[-1] == "{}" and out.count("progress") == 6
   silent = ("import faulthandler, signal, time\n"
             "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
             "print('progress', flush=True)\ntime.sleep(60)")
