@@ -597,7 +597,7 @@ def _leaf_layout(seg, dtype, quantized):
   leaf = (jax.ShapeDtypeStruct(seg.shape, dtype),)
   if quantized:
     return FlatLayout.build(leaf, align=quantization.BLOCK,
-                            quantize=(1, quantization.BLOCK))
+                            quantize=(1, quantization.BLOCK), tile_blocks=1)
   return FlatLayout.build(leaf)
 
 

@@ -30,6 +30,11 @@ DEFAULT_ALIGN = 1024
 # the parameters (3000 scalar leaves padded to 1024 would take 1024x their memory). Real models
 # keep 1024 (GPT-2 124M: 0.02% padding); trees of many small leaves get a smaller unit.
 PAD_ALLOWANCE = 65536
+# A quantized group holds a whole number of this many blocks (on each shard): the Pallas TPU
+# kernel reads the uint8 codes in blocks of 32 rows of one block each (the (32, 128) uint8 tile),
+# and any other row count over one block's worth would run on jnp. At most 31 blocks of zeros
+# per group and shard (8192 elements at the default block of 256).
+QUANTIZED_TILE_BLOCKS = 32
 
 
 class LayoutError(ValueError):
@@ -91,13 +96,17 @@ class FlatLayout:
   groups: Tuple[Group, ...]
   align: int
   shards: int = 1
+  # a quantized group's size is a multiple of this many blocks per shard (``build``; 1 in a
+  # layout without quantized groups)
+  tile_blocks: int = 1
 
   # Layouts are interned by `build`, so identity is equality; hashing the key keeps jit caches
   # working even for layouts built in different places.
   @property
   def _key(self):
     return (self.treedef, tuple((s.shape, self.groups[s.group].dtype, self.groups[s.group].block)
-                                for s in self.segments), self.align, self.shards)
+                                for s in self.segments), self.align, self.shards,
+            self.tile_blocks)
 
   def __eq__(self, other):
     return isinstance(other, FlatLayout) and self._key == other._key
@@ -115,7 +124,8 @@ class FlatLayout:
 
   @staticmethod
   def build(tree, align: Optional[int] = None, shards: int = 1,
-            complex_ok: bool = False, quantize: Optional[Tuple[int, int]] = None) -> "FlatLayout":
+            complex_ok: bool = False, quantize: Optional[Tuple[int, int]] = None,
+            tile_blocks: int = QUANTIZED_TILE_BLOCKS) -> "FlatLayout":
     """The layout of ``tree`` (arrays or ShapeDtypeStructs). Cached per structure/shapes/dtypes.
 
     ``align``: the alignment unit in elements; by default (None) ``choose_align``'s, which
@@ -127,8 +137,11 @@ class FlatLayout:
     complex leaf is a ``LayoutError`` naming it.
     ``quantize=(min_size, block)``: leaves of at least ``min_size`` elements go to groups of
     their own (one per dtype, ``Group.block = block``) whose segments start on multiples of
-    ``max(align, block)``, so that a block of quantized state never straddles two tensors; the
-    smaller leaves stay in the plain groups (``fusedopt.quantization``)."""
+    ``max(align, block)``, so that a block of quantized state never straddles two tensors, and
+    whose size is a multiple of ``tile_blocks`` blocks per shard (default
+    ``QUANTIZED_TILE_BLOCKS``; 1 for a group holding exactly its leaf's blocks, as
+    ``fusedopt.tx``'s per-leaf state does); the smaller leaves stay in the plain groups
+    (``fusedopt.quantization``)."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
     # An empty tree ({}, or only empty containers / None) has no segments and no groups: every
     # step is a no-op that still counts, as in flax 0.5.3.
@@ -151,7 +164,11 @@ class FlatLayout:
       align = choose_align([int(np.prod(shape, dtype=np.int64)) for _, shape, _, _ in spec])
     elif int(align) < 1:
       raise ValueError(f"align={align} must be a positive integer")
-    return _build(treedef, spec, int(align), shards)
+    if int(tile_blocks) < 1:
+      raise ValueError(f"tile_blocks={tile_blocks} must be a positive integer")
+    # no quantized group: tile_blocks changes nothing, so one layout (and key) whatever it is
+    tile_blocks = int(tile_blocks) if any(block for *_, block in spec) else 1
+    return _build(treedef, spec, int(align), shards, tile_blocks)
 
   def padding(self) -> int:
     """Zero elements between and after the segments, over all groups."""
@@ -161,7 +178,7 @@ class FlatLayout:
     """This layout with its groups padded for ``shards`` devices (same segments and offsets)."""
     spec = tuple((s.path, s.shape, self.groups[s.group].dtype, self.groups[s.group].block)
                   for s in self.segments)
-    return _build(self.treedef, spec, self.align, int(shards))
+    return _build(self.treedef, spec, self.align, int(shards), self.tile_blocks)
 
   def unit(self, g: int) -> int:
     """Group ``g``'s segment alignment: ``align``, or the quantization block if larger."""
@@ -268,8 +285,15 @@ def choose_align(sizes) -> int:
   return a
 
 
+def _group_unit(align, block, tile_blocks):
+  """A group's size is a multiple of this (per shard): ``align``, and for a quantized group
+  ``tile_blocks`` whole blocks."""
+  unit = max(align, block)
+  return int(np.lcm(unit, tile_blocks * block)) if block else unit
+
+
 @functools.lru_cache(maxsize=256)
-def _build(treedef, spec, align, shards=1):
+def _build(treedef, spec, align, shards=1, tile_blocks=1):
   """``spec``: per leaf (path, shape, dtype, quantization block or 0); a group per (dtype,
   block), in order of first appearance."""
   segments, groups, order = [None] * len(spec), {}, []
@@ -283,7 +307,8 @@ def _build(treedef, spec, align, shards=1):
     segments[i] = Segment(i, path, shape, g, groups[key][0], size)
     groups[key][0] += _round_up(size, max(align, block))
     groups[key][1].append(i)
-  group_objs = tuple(Group(d, _round_up(groups[(d, b)][0], shards * max(align, b)),
+  group_objs = tuple(Group(d, _round_up(groups[(d, b)][0],
+                                        shards * _group_unit(align, b, tile_blocks)),
                            tuple(groups[(d, b)][1]), b)
                      for d, b in order)
-  return FlatLayout(treedef, tuple(segments), group_objs, align, shards)
+  return FlatLayout(treedef, tuple(segments), group_objs, align, shards, tile_blocks)

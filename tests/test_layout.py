@@ -95,3 +95,27 @@ def test_pack_unpack_roundtrip_property(shapes, dtypes, align, nest):
   for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
     assert x.dtype == y.dtype
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def test_quantized_groups_hold_whole_tiles():
+  """A quantized group's size is a multiple of ``QUANTIZED_TILE_BLOCKS`` blocks on each shard
+  (the Pallas TPU kernel's uint8 tiles), the plain groups' is not changed by it; ``tile_blocks=1``
+  keeps exactly the leaves' blocks (``fusedopt.tx``'s per-leaf state); layouts of another
+  ``tile_blocks`` are other layouts; a non-positive one is an error naming it."""
+  from fusedopt import layout as L   # pylint: disable=import-outside-toplevel
+  tree = {"big": jax.ShapeDtypeStruct((37, 1000), jnp.float32),
+          "small": jax.ShapeDtypeStruct((300,), jnp.float32)}
+  tiled = L.FlatLayout.build(tree, quantize=(4096, 256))
+  exact = L.FlatLayout.build(tree, quantize=(4096, 256), tile_blocks=1)
+  plain = L.FlatLayout.build(tree)
+  (qt,), (qe,) = ([g for g in lay.groups if g.block] for lay in (tiled, exact))
+  tile = L.QUANTIZED_TILE_BLOCKS * 256
+  assert qt.size == -(-37000 // tile) * tile and qe.size == 37 * 1024   # whole 1024-units
+  assert [g.size for g in tiled.groups if not g.block] == [1024]
+  assert tiled != exact and hash(tiled) != hash(exact)
+  assert plain is L.FlatLayout.build(tree, tile_blocks=1)   # no quantized group: one layout
+  for shards in (2, 8):
+    (q,) = [g for g in tiled.with_shards(shards).groups if g.block]
+    assert q.size % (shards * tile) == 0 and q.size - 37000 < shards * tile
+  with pytest.raises(ValueError, match="tile_blocks=0"):
+    L.FlatLayout.build(tree, quantize=(4096, 256), tile_blocks=0)

@@ -8,6 +8,7 @@
 The tools come with the ``test`` extra; outside CI a tier whose tool is missing is skipped, under
 ``CI=true`` it fails (tests/conftest.py).
 """
+import dataclasses
 import importlib.util
 import re
 
@@ -399,25 +400,47 @@ def test_quantized_kernel_compiles_for_tpu(tpu_mesh, rule, fields):
 
 
 def test_quantized_groups_a_tpu_kernel_cannot_block():
-  """On a TPU a block of uint8 codes is a whole number of (32, 128) tiles or the whole array:
-  a group of 4 x odd rows (GPT-2's 37693-unit embedding) has neither a 32-row block dividing it
-  nor one small enough to hold it all (as one block it overflows VMEM; with a partial last
-  block Pallas pads every operand by copying, 425 MB measured): the kernel refuses it, naming
-  why, and the backend runs it on jnp with a warning (traced, not run); a small group of
-  4 x odd rows is one block, and lowers."""
-  from fusedopt import quantization as Q   # pylint: disable=import-outside-toplevel
-  from fusedopt.layout import FlatLayout   # pylint: disable=import-outside-toplevel
+  """On a TPU a block of uint8 codes is a whole number of (32, 128) tiles or the whole array.
+  The layout pads every quantized group to whole 32-block tiles (``QUANTIZED_TILE_BLOCKS``), so
+  GPT-2's embedding alone (37693 units: 4 x odd rows) lowers through the backend for a TPU with
+  no warning. A group of 4 x odd rows (a layout not built by ``FlatLayout.build``) has neither
+  a 32-row block dividing it nor one small enough to hold it all (as one block it overflows
+  VMEM; with a partial last block Pallas pads every operand by copying, 425 MB measured): the
+  kernel refuses it, naming why, and the backend runs it on jnp with a warning (traced, not
+  run); a small group of 4 x odd rows is one block, and lowers."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  import warnings
+  from fusedopt import layout as L, quantization as Q
   n = 37693 * kp.ALIGN
+  run = kp._run_quantized("tpu")
+  scalars = {k: jnp.float32(0.5) for k in ADAM_RULE.scalars}
+  padded = L.FlatLayout.build({"w": jax.ShapeDtypeStruct((n,), jnp.float32)}, quantize=(1, 256))
+  size = padded.groups[0].size
+  assert size % (L.QUANTIZED_TILE_BLOCKS * 256) == 0 and 0 <= size - n < 32 * 256
+  for shards in (2, 8):   # whole tiles on every shard
+    assert padded.with_shards(shards).groups[0].size % (shards * 32 * 256) == 0
+
+  def step(lay, n_codes):
+    def f(p, g, c0, s0, c1, s1):
+      state = (Q.QuantizedArray(c0, s0, Q.INT8_SIGNED), Q.QuantizedArray(c1, s1, Q.INT8_UNSIGNED))
+      return run(ADAM_RULE, scalars, {}, lay, 0, [p], [g], state)
+    leaf = jax.ShapeDtypeStruct((n,), jnp.float32)
+    codes, scales = (jax.ShapeDtypeStruct((n_codes,), jnp.uint8),
+                     jax.ShapeDtypeStruct((n_codes // 256,), jnp.float32))
+    return f, (leaf, leaf, codes, scales, codes, scales)
+
+  f, sds = step(padded, size)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)
+    assert "tpu_custom_call" in lower_tpu(f, *sds).as_text()
   f, sds = _quantized_fn(ADAM_RULE, "tpu", n, ("s8", "u8"))
   with pytest.raises(ValueError, match="32-row|32k rows"):
     lower_tpu(f, *sds)
-  layout = FlatLayout.build({"w": jax.ShapeDtypeStruct((n,), jnp.float32)}, quantize=(1, 256))
-  state = (Q.QuantizedArray(*sds[2:4], Q.INT8_SIGNED), Q.QuantizedArray(*sds[4:6], Q.INT8_UNSIGNED))
-  run = kp._run_quantized("tpu")   # pylint: disable=protected-access
-  scalars = {k: jnp.float32(0.5) for k in ADAM_RULE.scalars}
+  unpadded = L.FlatLayout(padded.treedef, padded.segments,
+                          (dataclasses.replace(padded.groups[0], size=n),), padded.align)
+  f, sds = step(unpadded, n)
   with pytest.warns(RuntimeWarning, match="32-row uint8 tiles.*runs on the jnp backend"):
-    out = jax.eval_shape(lambda p, g, st: run(ADAM_RULE, scalars, {}, layout, 0, [p], [g], st),
-                         sds[0], sds[1], state)
+    out = jax.eval_shape(f, *sds)
   assert out[1][0].codes.shape == (n,)
   f, sds = _quantized_fn(ADAM_RULE, "tpu", 37 * kp.ALIGN, ("s8", "u8"))   # 148 rows: one block
   assert "tpu_custom_call" in lower_tpu(f, *sds).as_text()
@@ -447,13 +470,16 @@ def test_quantized_groups_past_2_to_31_elements():
   from fusedopt.layout import FlatLayout   # pylint: disable=import-outside-toplevel
   tree = {"w": jax.ShapeDtypeStruct((n,), jnp.float32)}
   layout = FlatLayout.build(tree, quantize=(1, 256))
-  state = (Q.QuantizedArray(*sds[2:4], Q.INT8_SIGNED), Q.QuantizedArray(*sds[4:6], Q.INT8_UNSIGNED))
+  size = layout.groups[0].size   # (whole 32-block tiles: a little over n)
+  _, gsds = _quantized_fn(ADAM_RULE, "gpu", size, ("s8", "u8"))
+  state = (Q.QuantizedArray(*gsds[2:4], Q.INT8_SIGNED),
+           Q.QuantizedArray(*gsds[4:6], Q.INT8_UNSIGNED))
   run = kp._run_quantized("gpu")   # pylint: disable=protected-access
   scalars = {k: jnp.float32(0.5) for k in ADAM_RULE.scalars}
   with kp.targeting("gpu"), pytest.warns(RuntimeWarning, match="runs on the jnp backend"):
     out = jax.eval_shape(lambda p, g, st: run(ADAM_RULE, scalars, {}, layout, 0, [p], [g], st),
                          sds[0], sds[1], state)
-  assert out[1][0].codes.shape == (n,)
+  assert out[1][0].codes.shape == (size,)
 
 
 def _splat_of_table(ttir, name):

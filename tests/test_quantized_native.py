@@ -170,6 +170,20 @@ def _reference(rule, fmts, scalars, seg, layout, p_leaves, g_leaves, state, pdt)
   return out
 
 
+def _leading(q, n):
+  """The first ``n`` elements of quantized buffer ``q`` (a one-leaf group's leaf: the layout
+  pads a quantized group to whole 32-block tiles)."""
+  return Q.QuantizedArray(q.codes[:n], q.scales[:n // q.block], q.fmt, q.block)
+
+
+def _padded(q, n):
+  """``q`` followed by zero codes and scales 1 up to ``n`` elements (a one-leaf group)."""
+  extra = n - q.codes.shape[0]
+  return Q.QuantizedArray(jnp.concatenate([q.codes, jnp.zeros(extra, jnp.uint8)]),
+                          jnp.concatenate([q.scales, jnp.ones(extra // q.block, jnp.float32)]),
+                          q.fmt, q.block)
+
+
 def check_against_numpy(run, name, pdt, storage, sums_rtol=None, flat=False):
   """``run`` (a ``Backend.run_quantized``) on case ``name`` (a rule of ``RULES`` and wrappers),
   params of ``pdt``, state ``storage`` (see ``CASES``), from random codes and scales over the
@@ -275,10 +289,11 @@ def check_encoder(run, fmt, scaled=False):
   x = x.reshape(-1)
   assert scaled or np.isin(vals, x).all()
   layout = FlatLayout.build({"x": np.zeros(x.size, np.float32)}, quantize=(1, B))
-  state = (Q.QuantizedArray.zeros(x.size, fmt),)
+  state = (Q.QuantizedArray.zeros(layout.groups[0].size, fmt),)
   want_codes, want_scales = np_quantize(x, fmt)
   _, (got,), _ = run(STORE_GRAD, {}, {}, layout, 0, [jnp.zeros(x.size, jnp.float32)],
                      [jnp.asarray(x)], state)
+  got = _leading(got, x.size)
   np.testing.assert_array_equal(np.asarray(got.codes), want_codes, err_msg=str(run))
   assert same_bits(np.asarray(got.scales), want_scales)
 
@@ -303,9 +318,11 @@ def check_decoder(run, fmt):
   codes = np.tile(np.arange(256, dtype=np.uint8), 4)
   scales = np.array([1.0, 0.5, 1.0, 0.5], np.float32)
   layout = FlatLayout.build({"x": np.zeros(1024, np.float32)}, quantize=(1, B))
-  state = (Q.QuantizedArray(jnp.asarray(codes), jnp.asarray(scales), fmt),)
+  state = (_padded(Q.QuantizedArray(jnp.asarray(codes), jnp.asarray(scales), fmt),
+                   layout.groups[0].size),)
   out_p, (kept,), _ = run(READ_STATE, {}, {}, layout, 0, [jnp.zeros(1024, jnp.float32)],
                           [jnp.zeros(1024)], state)
+  kept = _leading(kept, 1024)
   if fmt.is_fp8:
     values = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
   else:
@@ -418,10 +435,11 @@ def test_non_finite_blocks_as_numpy_and_the_jnp_path(fmt, backend):
   x[0, 3], x[1, 5], x[2, 7], x[17, 100] = np.nan, np.inf, -np.inf, np.nan
   x = x.reshape(-1)
   layout = FlatLayout.build({"x": np.zeros(x.size, np.float32)}, quantize=(1, B))
-  state = (Q.QuantizedArray.zeros(x.size, fmt),)
+  state = (Q.QuantizedArray.zeros(layout.groups[0].size, fmt),)
   args = ({}, {}, layout, 0, [jnp.zeros(x.size)], [jnp.asarray(x)], state)
   _, (got,), _ = run(STORE_GRAD, *args)
   _, (want,), _ = jnp_backend.run_quantized(STORE_GRAD, *args)
+  got, want = _leading(got, x.size), _leading(want, x.size)
   with np.errstate(invalid="ignore"):   # (inf * 0 in the inf blocks, as in the kernels)
     ref_codes, ref_scales = np_quantize(x, fmt)
   assert same_bits(np.asarray(got.scales), ref_scales)
@@ -448,18 +466,19 @@ def test_fields_passed_through_keep_their_codes(backend):
   rng = np.random.RandomState(3)
   n = 4 * B
   layout = FlatLayout.build({"x": np.zeros(n, np.float32)}, quantize=(1, B))
-  codes = rng.randint(0, 128, n).astype(np.uint8)   # every block's values negative
-  m = Q.QuantizedArray(jnp.asarray(codes), jnp.ones(n // B, jnp.float32), S8)
-  v = Q.QuantizedArray(jnp.asarray(rng.randint(0, 256, n).astype(np.uint8)),
-                       jnp.ones(n // B, jnp.float32), U8)
+  size = layout.groups[0].size   # whole 32-block tiles: zero blocks after the leaf's
+  codes = rng.randint(0, 128, size).astype(np.uint8)   # every block's values negative
+  m = Q.QuantizedArray(jnp.asarray(codes), jnp.ones(size // B, jnp.float32), S8)
+  v = Q.QuantizedArray(jnp.asarray(rng.randint(0, 256, size).astype(np.uint8)),
+                       jnp.ones(size // B, jnp.float32), U8)
   p = [jnp.asarray(rng.standard_normal(n).astype(BF16))]
-  master = jnp.asarray(p[0], jnp.float32)
+  master = layout.pack_group(p, 0, jnp.float32)
   scalars = {k: jnp.float32(0.5) for k in rule.scalars}
   seg = {k: jnp.ones((1,), jnp.float32) for k in rule.seg_scalars}
   _, (m1, v1, master1), _ = registry.get(backend).run_quantized(
       rule, scalars, seg, layout, 0, p, [jnp.zeros(n)], (m, v, master))
   np.testing.assert_array_equal(np.asarray(m1.codes), codes)
-  np.testing.assert_array_equal(np.asarray(m1.scales), np.ones(n // B, np.float32))
+  np.testing.assert_array_equal(np.asarray(m1.scales), np.ones(size // B, np.float32))
   np.testing.assert_array_equal(np.asarray(v1.codes), np.asarray(v.codes))
   assert not np.array_equal(np.asarray(master1), np.asarray(master))   # the master did move
 
