@@ -151,15 +151,17 @@ BUCKET_EXPONENT = 104
 NUM_BUCKETS = (128 - BUCKET_EXPONENT) * 128   # per sign: exponents 104..127, 7 mantissa bits
 
 
-def bucket_index(bits):
-  """The bucket of float32 values in ``[-1, 1]`` from their bits (a uint32 NumPy array; the
-  native kernels compute the same in C++): the sign, exponent and top 7 mantissa bits, with all
-  magnitudes below ``2^(BUCKET_EXPONENT - 127)`` in one bucket and NaN in another.
-  ``bucket_table``'s index."""
-  a = bits & 0x7FFFFFFF
-  t = (a >> 16).astype(np.int32) - BUCKET_EXPONENT * 128
-  t = np.clip(t, -1, NUM_BUCKETS)
-  return (bits >> 31).astype(np.int32) * (NUM_BUCKETS + 2) + t + 1
+def bucket_code(xp, u, lookup):
+  """``encode``'s codes of float32 values in ``[-1, 1]`` from their bits ``u`` (int32, the sign
+  bit negative), through ``bucket_table``: the bucket is the sign, exponent and top 7 mantissa
+  bits, with all magnitudes below ``2^(BUCKET_EXPONENT - 127)`` in one bucket and NaN in
+  another; ``lookup(index)`` reads the table's entries, and one comparison of the low 16 bits
+  finishes. ``xp``: NumPy or jax.numpy (the Pallas kernel); the native and Triton kernels
+  compute the same in their own languages."""
+  nb = NUM_BUCKETS
+  t = xp.clip(((u & 0x7FFFFFFF) >> 16) - BUCKET_EXPONENT * 128, -1, nb)
+  e = lookup(xp.where(u < 0, nb + 2, 0) + t + 1)
+  return (e & 0xFF) + (xp.where((u & 0xFFFF) >= (e >> 9), 1, 0) ^ ((e >> 8) & 1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,10 +203,8 @@ def bucket_table(signed: bool) -> np.ndarray:
 def encode_by_buckets(table, y):
   """``encode``'s codes (int32) of float32 values ``y`` (NumPy) through ``bucket_table``: what
   the native kernels compute."""
-  bits = np.asarray(y, np.float32).view(np.uint32)
-  entry = table[bucket_index(bits)]
-  low = (bits & 0xFFFF).astype(np.int32)
-  return (entry & 0xFF) + ((low >= (entry >> 9)).astype(np.int32) ^ ((entry >> 8) & 1))
+  u = np.asarray(y, np.float32).view(np.int32)
+  return bucket_code(np, u, lambda i: table[i]).astype(np.int32)
 
 
 def decode(take, fmt: Format, code):

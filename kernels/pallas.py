@@ -353,11 +353,8 @@ class _Gather:
   def encode(self, fmt, u, ops):
     del ops
     from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
-    nb = Q.NUM_BUCKETS
-    t = jnp.clip(((u & 0x7FFFFFFF) >> 16) - Q.BUCKET_EXPONENT * 128, -1, nb)
-    off = 0 if fmt.name == "int8_signed" else 2 * (nb + 2)
-    e = self.bkt[jnp.where(u < 0, nb + 2, 0) + t + (1 + off)]
-    return (e & 0xFF) + (jnp.where((u & 0xFFFF) >= (e >> 9), 1, 0) ^ ((e >> 8) & 1))
+    off = 0 if fmt.name == "int8_signed" else 2 * (Q.NUM_BUCKETS + 2)
+    return Q.bucket_code(jnp, u, lambda i: self.bkt[i + off])
 
 
 class _Lanes:
