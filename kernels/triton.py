@@ -83,6 +83,7 @@ import importlib.util
 import os
 import re
 import threading
+import warnings
 from typing import Dict, Optional, Tuple
 
 import jax
@@ -154,7 +155,28 @@ def _jax_triton():
       os.environ.pop("TRITON_CACHE_DIR", None)
     else:
       os.environ["TRITON_CACHE_DIR"] = saved
+  _adapt_dce_rule(jax_triton)
   return jax_triton
+
+
+def _adapt_dce_rule(jt):
+  """jax-triton 0.4.1 registers its dead-code rule in the two-argument form ``(used_outs, eqn)``
+  of jax 0.11; jax 0.12 calls rules with ``(used_outs, live_ins, eqn)`` (a TypeError as soon as a
+  jaxpr holding a kernel call is pruned, e.g. a ``custom_jvp``'s). Wrapped here, only when the
+  two forms differ."""
+  import inspect   # pylint: disable=import-outside-toplevel
+  from jax._src.interpreters import partial_eval as pe   # pylint: disable=import-outside-toplevel
+  prim = getattr(getattr(jt, "triton_lib", None), "triton_kernel_call_p", None)
+  rule = pe.dce_rules.get(prim)
+  if rule is None or getattr(rule, "_fusedopt_adapted", False):
+    return
+  n = lambda f: len(inspect.signature(f).parameters)  # noqa: E731
+  if n(rule) == 2 and n(getattr(pe, "_default_dce_rule", rule)) == 3:
+    def adapted(used_outs, live_ins, eqn):
+      del live_ins
+      return rule(used_outs, eqn)
+    adapted._fusedopt_adapted = True   # pylint: disable=protected-access
+    pe.dce_rules[prim] = adapted
 
 
 def interpreting() -> bool:
@@ -460,7 +482,12 @@ def _load(src: str, fn_name: str, interpret: bool):
     spec = importlib.util.spec_from_file_location(f"fusedopt_triton_{key}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-  return getattr(mod, fn_name)
+  kernel = getattr(mod, fn_name)
+  _SOURCES[kernel] = (src, fn_name)
+  return kernel
+
+
+_SOURCES = {}   # kernel -> (its source, its name): _without_aliased_outputs rewrites it
 
 
 @functools.lru_cache(maxsize=None)
@@ -600,15 +627,57 @@ def _launch_numpy(kernel, grid, args, outs_np, consts):
     kernel[grid](*wrapped, **consts)
 
 
+def _new_api(jt) -> bool:
+  """Whether jax-triton is 0.4 or later: an aliased output gets no kernel parameter, and
+  ``input_output_aliases``/``out_shape`` are deprecated (for ``Ref`` arguments, ``out_type``)."""
+  version = tuple(int(x) for x in re.findall(r"\d+", jt.__version__)[:2])
+  return version >= (0, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _without_aliased_outputs(kernel, n_before, aliased):
+  """``kernel`` with its aliased output parameters dropped and their stores going to the input
+  they alias (jax-triton 0.4's calling convention): ``aliased`` is ((input index, output index), ...),
+  an output's parameter index being ``n_before`` (the inputs and the scalars after them) plus
+  its index. The source is ``_load``'s, rewritten by names."""
+  src, fn_name = _SOURCES[kernel]
+  head = re.search(rf"def {fn_name}\(([^)]*)\):", src)
+  params = [x.strip() for x in head.group(1).split(",")]
+  rename = {params[n_before + j]: params[i] for i, j in aliased}
+  kept = ", ".join(x for x in params if x not in rename)
+  body = re.sub(r"\b(" + "|".join(map(re.escape, rename)) + r")\b",
+                lambda m: rename[m.group(1)], src[head.end():])
+  return _load(src[:head.start()] + f"def {fn_name}({kept}):" + body, fn_name, False)
+
+
+def _call_aliased(jt, kernel, ins, out_shapes, aliases, scalars_after, **kw):
+  """``triton_call`` for jax-triton 0.4 on: the kernel without its aliased output parameters
+  (0.4 passes an aliased output no pointer: the kernel stores to the input), the outputs in
+  ``out_shapes``' order. In place through ``input_output_aliases``, which 0.4 deprecates for
+  ``Ref`` arguments; but a ``Ref`` cannot be discharged inside the ``custom_jvp`` the kernel
+  calls run in (jax 0.12: "No state discharge rule ... custom_jvp_call"), so the aliases stay,
+  their deprecation warning silenced here."""
+  pairs = tuple(sorted(aliases.items()))
+  if pairs:
+    kernel = _without_aliased_outputs(kernel, len(ins) + len(scalars_after), pairs)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "input_output_aliases is deprecated", DeprecationWarning)
+    return jt.triton_call(*ins, *scalars_after, kernel=kernel, out_type=list(out_shapes),
+                          input_output_aliases=dict(aliases), **kw)
+
+
 def _call(kernel, ins, out_shapes, aliases, scalars_after, grid, consts, tuning, plat, name):
   """One kernel call over jax arrays: jax-triton on a GPU, the interpreter via a host callback."""
   if plat == "gpu":
     jt = _jax_triton()
     cc = common.compute_capability()
-    return jt.triton_call(
-        *ins, *scalars_after, kernel=kernel, out_shape=out_shapes, grid=grid, name=name,
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages, enable_fp_fusion=False,
-        input_output_aliases=aliases, **({"compute_capability": cc} if cc else {}), **consts)
+    kw = dict(grid=grid, name=name, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+              enable_fp_fusion=False, **({"compute_capability": cc} if cc else {}), **consts)
+    if _new_api(jt):   # compile options as backend options: a keyword would be a metaparam
+      kw["backend_options"] = {"enable_fp_fusion": kw.pop("enable_fp_fusion")}
+      return _call_aliased(jt, kernel, ins, out_shapes, aliases, scalars_after, **kw)
+    return jt.triton_call(*ins, *scalars_after, kernel=kernel, out_shape=out_shapes,
+                          input_output_aliases=aliases, **kw)
   if not interpreting():
     raise TritonUnavailable(
         "Triton interpret mode needs TRITON_INTERPRET=1 in the environment before triton is "

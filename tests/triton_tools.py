@@ -128,11 +128,19 @@ def triton_calls(lowered):
     for region in op.regions:
       for block in region.blocks:
         for o in block.operations:
+          # jax-triton 0.3: "triton_kernel_call", its compressed kernel the backend_config;
+          # 0.4: the FFI "triton_kernel_call_ffi", the kernel the mhlo.backend_config's opaque
           if o.operation.name == "stablehlo.custom_call" and ir.StringAttr(
-              o.attributes["call_target_name"]).value == "triton_kernel_call":
+              o.attributes["call_target_name"]).value in ("triton_kernel_call",
+                                                          "triton_kernel_call_ffi"):
             aliases = len(ir.ArrayAttr(o.attributes["output_operand_aliases"])) if (
                 "output_operand_aliases" in o.attributes) else 0
-            raw = zlib.decompress(ir.StringAttr(o.attributes["backend_config"]).value_bytes)
+            config = ir.StringAttr(o.attributes["backend_config"]).value_bytes if (
+                "backend_config" in o.attributes) else b""
+            if not config:
+              config = ir.StringAttr(
+                  ir.DictAttr(o.attributes["mhlo.backend_config"])["opaque"]).value_bytes
+            raw = zlib.decompress(config)
             text = raw.decode("latin-1")
             m = re.search(r"module \{.*\}", text, re.S)
             out.append((aliases, m.group(0) if m else text))
