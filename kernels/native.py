@@ -638,21 +638,16 @@ def _is_gcc(compiler):
   return "Free Software Foundation" in out and "clang" not in out
 
 
-def _replace_into(d, files):
-  """Writes ``files`` ({name: bytes or a path to move}) into ``d`` via a temporary directory in
-  ``d`` and ``os.replace``, in the given order (so a reader sees each one complete)."""
-  tmp = tempfile.mkdtemp(prefix=".build-", dir=d)
-  try:
-    for name, content in files.items():
-      path = os.path.join(tmp, name)
-      if isinstance(content, bytes):
-        with open(path, "wb") as f:
-          f.write(content)
-      else:
-        os.replace(content, path)
-      os.replace(path, os.path.join(d, name))
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+def _publish(tmp, d, names):
+  """Moves the files ``names`` from ``tmp`` (a directory inside ``d``) into ``d``, in order, each
+  with its digest written first (``<name>.sha256``, moved right after it): ``os.replace`` within
+  one filesystem, so a reader sees no file or a complete one, and a file before its digest."""
+  for name in names:
+    path = os.path.join(tmp, name)
+    with open(path + ".sha256", "w") as f:
+      f.write(_digest(path))
+    os.replace(path, os.path.join(d, name))
+    os.replace(path + ".sha256", os.path.join(d, name + ".sha256"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -670,17 +665,15 @@ def _pch_args(d):
   if os.path.exists(header) and _verified(gch):
     return ("-include", header)
   tmp = tempfile.mkdtemp(prefix=".build-", dir=d)
+  name = os.path.basename(header)
   try:
-    with open(os.path.join(tmp, "h.h"), "w") as f:
+    with open(os.path.join(tmp, name), "w") as f:
       f.write(_PCH_HEADER)
-    cmd = [cc, *_FLAGS_NO_LINK, "-I", jax.ffi.include_dir(), "-x", "c++-header", "h.h", "-o",
-           "h.h.gch"]
+    cmd = [cc, *_FLAGS_NO_LINK, "-I", jax.ffi.include_dir(), "-x", "c++-header", name, "-o",
+           name + ".gch"]
     if subprocess.run(cmd, capture_output=True, check=False, cwd=tmp).returncode:
       return ()
-    out = os.path.join(tmp, "h.h.gch")
-    digest = _digest(out).encode()
-    _replace_into(d, {os.path.basename(header): _PCH_HEADER.encode(),
-                      os.path.basename(gch): out, os.path.basename(gch) + ".sha256": digest})
+    _publish(tmp, d, [name, name + ".gch"])
   except OSError:
     return ()
   finally:
@@ -712,11 +705,7 @@ def _build(src, so, pch=True):
     if proc.returncode:
       raise NativeUnavailable(f"compiling a native kernel failed:\n{' '.join(cmd)}\n"
                               f"{proc.stderr[-4000:]}")
-    out = os.path.join(tmp, name + ".so")
-    with open(out + ".sha256", "w") as f:
-      f.write(_digest(out))
-    os.replace(out, so)
-    os.replace(out + ".sha256", so + ".sha256")
+    _publish(tmp, d, [name + ".so"])
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
