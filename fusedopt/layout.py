@@ -31,10 +31,10 @@ DEFAULT_ALIGN = 1024
 # keep 1024 (GPT-2 124M: 0.02% padding); trees of many small leaves get a smaller unit.
 PAD_ALLOWANCE = 65536
 # A quantized group holds a whole number of this many blocks (on each shard): the Pallas TPU
-# kernel reads the uint8 codes in blocks of 32 rows of one block each (the (32, 128) uint8 tile),
-# and any other row count over one block's worth would run on jnp. At most 31 blocks of zeros
-# per group and shard (8192 elements at the default block of 256).
-QUANTIZED_TILE_BLOCKS = 32
+# kernel views the scales as rows of 128 lanes, a bitcast of their tiled 1-D buffer (any other
+# view is a relayout copy of every operand: kernels/pallas.py, ``_View``). At most 127 blocks of
+# zeros per group and shard (32512 elements at the default block of 256).
+QUANTIZED_TILE_BLOCKS = 128
 
 
 class LayoutError(ValueError):

@@ -275,6 +275,7 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=N
 # ----------------------------------------------------------------------------- quantized state
 
 QROW = 256   # a row of the quantized kernel: one block of quantization.BLOCK elements
+LANES = 128  # a TPU vector register's lanes: a row of the "tiles" view (``_View``)
 
 
 def _precise(fn, ops, *args):
@@ -452,12 +453,36 @@ def _encode(fmt, y, ops, lookup):
   return code, scale
 
 
+def _lanes_to_column(x):
+  """(k, 1, LANES) per-row values (a "tiles" column block) as the (k * LANES, 1) column: each
+  lane row broadcast to a square and transposed (Mosaic reshapes no lanes into sublanes, and
+  a v4 has no sublane gather)."""
+  x = x.reshape(-1, LANES)
+  return jnp.concatenate([jnp.transpose(jnp.broadcast_to(x[j:j + 1], (LANES, LANES)))[:, :1]
+                          for j in range(x.shape[0])], axis=0)
+
+
+def _column_to_lanes(c):
+  """The (k * LANES, 1) column ``c`` as (k, 1, LANES): ``_lanes_to_column``'s inverse."""
+  rows = [jnp.transpose(jnp.broadcast_to(c[j:j + LANES], (LANES, LANES)))[:1]
+          for j in range(0, c.shape[0], LANES)]
+  return jnp.concatenate(rows, axis=0).reshape(-1, 1, LANES)
+
+
 def _quantized_kernel(rule, n_seg, fmts, precise, lookup_cls, *refs):
   """One block of rows: refs are [scalars, lookup tables (int8 fields), seg tables..., p, (g),
   per field: codes and scales (quantized) or the buffer] then outputs [(p), per field: codes
-  and scales or the buffer (where the rule writes its state), per-row sums...]."""
+  and scales or the buffer (where the rule writes its state), per-row sums...]. Each block is
+  computed as (rows, QROW) values and (rows, 1) per-row columns, whatever view its refs have
+  (``_VIEWS``): loads reshape to those, stores back to the ref's shape."""
   refs = list(refs)
   take = lambda k: [refs.pop(0) for _ in range(k)]  # noqa: E731
+  rows_of = lambda r: r[...].reshape(-1, QROW)  # noqa: E731
+  col_of = lambda r: _lanes_to_column(r[...]) if r.ndim == 3 else r[...]  # noqa: E731
+
+  def put(ref, x):
+    x = _column_to_lanes(x) if ref.ndim == 3 else x.reshape(ref.shape)
+    ref[...] = x.astype(ref.dtype)
   (s_ref,) = take(1)
   lookup = lookup_cls(*take(lookup_cls.n_inputs)) if lookup_cls else None
   q_refs, (p_ref,) = take(n_seg), take(1)
@@ -466,14 +491,14 @@ def _quantized_kernel(rule, n_seg, fmts, precise, lookup_cls, *refs):
   p_out = take(1)[0] if rule.writes_param else None
   outs = [take(2) if f else take(1) for f in fmts] if rule.writes_state else []
   sum_outs = refs
-  s, q, p, g = _rule_inputs(rule, s_ref, {k: r[...] for k, r in zip(rule.seg_scalars, q_refs)},
-                            p_ref, g_ref)
+  s, q, p, g = _rule_inputs(rule, s_ref, {k: col_of(r) for k, r in zip(rule.seg_scalars, q_refs)},
+                            p_ref, g_ref, load=lambda r: rows_of(r).astype(F32))
   ops = _gpu_precise_ops() if precise else None
-  state = tuple(_decode(f, fl[0][...], lookup) * fl[1][...] if f else fl[0][...].astype(F32)
-                for fl, f in zip(fields, fmts))
+  state = tuple(_decode(f, rows_of(fl[0]), lookup) * col_of(fl[1]) if f
+                else rows_of(fl[0]).astype(F32) for fl, f in zip(fields, fmts))
   new_p, new_state = _call_rule(rule.fn, s, q, p, g, state, ops)
   if p_out is not None:
-    p_out[...] = new_p.astype(p_out.dtype)
+    put(p_out, new_p)
   ok = s["ok"] != 0 if "ok" in rule.scalars else None
   stored = list(state)
   for k, (o, x, old, f) in enumerate(zip(outs, new_state, fields, fmts)):
@@ -482,21 +507,21 @@ def _quantized_kernel(rule, n_seg, fmts, precise, lookup_cls, *refs):
         dst[...] = src[...]
       continue
     if not f:
-      o[0][...] = x.astype(o[0].dtype)
-      stored[k] = o[0][...].astype(F32)
+      put(o[0], x)
+      stored[k] = rows_of(o[0]).astype(F32)
       continue
     codes, scale = _encode(f, x, ops, lookup)
     if ok is not None:   # (selected as int32: Mosaic TPU v4 compares no int8 vectors)
-      codes = jnp.where(ok, codes, old[0][...].astype(jnp.int32))
-      scale = jnp.where(ok, scale, old[1][...])
+      codes = jnp.where(ok, codes, rows_of(old[0]).astype(jnp.int32))
+      scale = jnp.where(ok, scale, col_of(old[1]))
     codes = codes.astype(jnp.uint8)
-    o[0][...] = codes
-    o[1][...] = scale
+    put(o[0], codes)
+    put(o[1], scale)
     stored[k] = _decode(f, codes, lookup) * scale
   if sum_outs:
     terms = _call_rule(rule.sumsq, s, q, p, g, tuple(stored), ops)
     for o, t in zip(sum_outs, terms):
-      o[...] = jnp.sum(t * t, axis=1, keepdims=True)
+      put(o, jnp.sum(t * t, axis=1, keepdims=True))
 
 
 def quantized_warps(tuning) -> int:
@@ -505,8 +530,56 @@ def quantized_warps(tuning) -> int:
   return 2 * tuning.num_warps
 
 
+class _View:
+  """How the quantized kernel's operands see a group of ``rows`` blocks: ``data(x)`` a flat
+  buffer (params, grads, codes, float fields), ``column(x)`` one value per block (scales,
+  per-row tables and sums), ``specs(block)`` their BlockSpecs for ``block`` rows a step.
+
+  - "rows": (rows, QROW) and (rows, 1), the kernel's own shapes: bitcasts of row-major 1-D
+    buffers (a GPU, interpret mode).
+  - "tiles": (rows * QROW / LANES, LANES) and (rows / LANES, 1, LANES). A TPU tiles a 1-D
+    buffer ((1024) for float32, (1024)(128)(4,1) for uint8) so that these views are bitcasts,
+    where the "rows" views are relayout copies (a 16M-element int8 Adam group: 101 MB of
+    temporaries); the kernel reshapes each block to its (rows, QROW) and (rows, 1) values. It
+    needs ``rows`` and the block a multiple of LANES (the layout's ``QUANTIZED_TILE_BLOCKS``)."""
+
+  def __init__(self, name, rows):
+    self.name, self.rows = name, rows
+
+  def data(self, x):
+    return x.reshape(self.rows, QROW) if self.name == "rows" else x.reshape(-1, LANES)
+
+  @property
+  def column_shape(self):
+    return (self.rows, 1) if self.name == "rows" else (self.rows // LANES, 1, LANES)
+
+  def column(self, x):
+    return x.reshape(self.column_shape)
+
+  def specs(self, block):
+    if self.name == "rows":
+      return (pl.BlockSpec((block, QROW), lambda i: (i, 0)),
+              pl.BlockSpec((block, 1), lambda i: (i, 0)))
+    return (pl.BlockSpec((block * QROW // LANES, LANES), lambda i: (i, 0)),
+            pl.BlockSpec((block // LANES, 1, LANES), lambda i: (i, 0, 0)))
+
+
+def _view_for(plat, view, rows):
+  """The view of a group of ``rows`` blocks: "tiles" on a TPU when it blocks whole lanes of
+  scales, else "rows" (``view`` chooses in interpret mode, so both run on a CPU)."""
+  if view is None:
+    return "tiles" if plat == "tpu" and rows % LANES == 0 else "rows"
+  if view not in ("rows", "tiles") or (plat != "interpret" and view != _view_for(plat, None, rows)):
+    raise ValueError(f"view={view!r} on {plat!r}: a TPU takes 'tiles' (groups of whole "
+                     f"{LANES}-block rows), a GPU 'rows' (interpret mode either)")
+  if view == "tiles" and rows % LANES:
+    raise ValueError(f"view='tiles' needs whole {LANES}-block rows of scales; the group has "
+                     f"{rows} blocks")
+  return view
+
+
 def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None, tuning=None,
-                          lookup=None):
+                          lookup=None, view=None):
   """``flat_update`` where state fields may be ``quantization.QuantizedArray``s (int8 maps or
   e4m3): rows of one 256-element block (``seg_rows``: per-row tables); decode, the rule, the
   row's absmax and encode in one ``pallas_call``; codes and scales in place. A field the rule
@@ -517,7 +590,8 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
   reads them at computed addresses (a GPU; the native kernel's one-read bucket encode),
   "lanes" gathers within 128-lane vector registers (a TPU, where Mosaic has no other gather;
   a binary search over the midpoints); default: the platform's, and interpret mode runs
-  either. Both give the reference's codes (``tests/test_quantized_native.py``)."""
+  either. Both give the reference's codes (``tests/test_quantized_native.py``). ``view``: how
+  the operands see the flat buffers (``_View``; default: the platform's)."""
   from fusedopt import quantization  # pylint: disable=import-outside-toplevel
   plat = _platform(platform)
   n = p.shape[0]
@@ -525,50 +599,50 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
   why = _unsupported(plat, n)
   if why and any(quantization.is_quantized(x) for x in state):
     raise ValueError(why)
+  v = _View(_view_for(plat, view, rows), rows)
   fmts = tuple(x.fmt if quantization.is_quantized(x) else None for x in state)
   lookup_cls = (LOOKUPS[_lookup_for(plat, lookup)]
                 if any(f and not f.is_fp8 for f in fmts) else None)
   tuning = tuning or default_tuning(rule, p.dtype, plat)
-  block = _largest_pow2_divisor(rows, max(1, tuning.block // QROW))
+  cap = max(1, tuning.block // QROW)
+  block = _largest_pow2_divisor(rows, max(cap, LANES) if v.name == "tiles" else cap)
   s_vec = _scalar_vector(rule, scalars)
-  q_cols = [jnp.asarray(seg_rows[k], F32)[:, None] for k in rule.seg_scalars]
-  if plat == "tpu" and block < 32 and block != rows:
+  q_cols = [v.column(jnp.asarray(seg_rows[k], F32)) for k in rule.seg_scalars]
+  if plat == "tpu" and v.name == "rows" and block < 32 and block != rows:
     # uint8 codes tile (32, 128): blocks of 32 rows, or the whole group (small: _unsupported)
     block = rows if rows % 32 else 32
   grid = rows // block
-  blk = pl.BlockSpec((block, QROW), lambda i: (i, 0))
-  col = pl.BlockSpec((block, 1), lambda i: (i, 0))
+  blk, col = v.specs(block)
   # twice the warps on a GPU: the encode's registers (spills at 4 on sm_90)
   s_spec, params = _launch(plat, s_vec, quantized_warps(tuning), tuning.num_stages)
   tables = lookup_cls.inputs() if lookup_cls else []
-  view = lambda x: x.reshape(rows, QROW)  # noqa: E731
-  ins = [s_vec, *tables, *q_cols, view(p)] + ([view(g)] if rule.reads_grad else [])
+  ins = [s_vec, *tables, *q_cols, v.data(p)] + ([v.data(g)] if rule.reads_grad else [])
   specs = ([s_spec] + (lookup_cls.specs(tables) if lookup_cls else []) + [col] * len(q_cols)
            + [blk] * (1 + rule.reads_grad))
-  bufs = []
+  bufs = []   # (operand index, array, spec) of each state buffer
   for x in state:
     if quantization.is_quantized(x):
-      bufs += [(len(ins), x.codes.reshape(rows, QROW)), (len(ins) + 1, x.scales[:, None])]
+      bufs += [(len(ins), v.data(x.codes), blk), (len(ins) + 1, v.column(x.scales), col)]
       ins += [bufs[-2][1], bufs[-1][1]]
       specs += [blk, col]
     else:
-      bufs.append((len(ins), view(x)))
-      ins.append(view(x))
+      bufs.append((len(ins), v.data(x), blk))
+      ins.append(bufs[-1][1])
       specs.append(blk)
   out_shape, out_specs, aliases = [], [], {}
   if rule.writes_param:
     if rule.param_in_place:
       aliases[1 + len(tables) + len(q_cols)] = 0
-    out_shape.append(jax.ShapeDtypeStruct((rows, QROW), p.dtype))
+    out_shape.append(jax.ShapeDtypeStruct(ins[1 + len(tables) + len(q_cols)].shape, p.dtype))
     out_specs.append(blk)
   if rule.writes_state:
-    for idx, x in bufs:
+    for idx, x, spec in bufs:
       aliases[idx] = len(out_shape)
       out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
-      out_specs.append(col if x.shape[1] == 1 else blk)
+      out_specs.append(spec)
   n_big = len(out_shape)
   n_sums = elementwise.num_sumsq_terms(rule)
-  out_shape += [jax.ShapeDtypeStruct((rows, 1), F32)] * n_sums
+  out_shape += [jax.ShapeDtypeStruct(v.column_shape, F32)] * n_sums
   out_specs += [col] * n_sums
   outs = pl.pallas_call(
       functools.partial(_quantized_kernel, rule, len(q_cols), fmts, plat == "gpu", lookup_cls),
@@ -589,11 +663,12 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *, platform=None
 # Pallas' Triton lowering picks 64-bit offsets for arrays over 2^32 bytes: a uint8 codes array
 # of 2^31..2^32 elements gets 32-bit ones, which the pointer arithmetic sign-extends.
 CODES_LIMIT = 2 ** 31 - 1
-# On a TPU a block of uint8 codes is a whole number of (32, 128) tiles, or the whole array. A
-# group whose rows (4 per 1024-element unit) no multiple of 32 divides runs as one block up to
-# this many rows (a few MiB of VMEM over its buffers); a larger one would need blocks with a
-# partial last one, which Pallas pads by copying every operand (measured: 425 MB of temporaries
-# for GPT-2's 37693-unit embedding), so it runs on jnp (``_run_quantized``).
+# A TPU group that is not whole 128-block rows (not built by ``FlatLayout.build``) takes the
+# "rows" view, where a block of uint8 codes is a whole number of (32, 128) tiles or the whole
+# array. A group whose rows (4 per 1024-element unit) no multiple of 32 divides runs as one
+# block up to this many rows (a few MiB of VMEM over its buffers); a larger one would need
+# blocks with a partial last one, which Pallas pads by copying every operand (measured: 425 MB
+# of temporaries for GPT-2's 37693-unit embedding), so it runs on jnp (``_run_quantized``).
 TPU_WHOLE_ROWS = 512
 
 
@@ -611,12 +686,12 @@ def _unsupported(plat, size):
   return None
 
 
-def _run_quantized(platform, lookup=None):
+def _run_quantized(platform, lookup=None, view=None):
   """``Backend.run_quantized``: ``flat_update_quantized`` on the packed params and grads; a
   group the kernel cannot take on this platform (``_unsupported``) runs on jnp (warned)."""
   from fusedopt.kernels import jnp as jnp_backend  # pylint: disable=import-outside-toplevel
   update = common.at_unit(functools.partial(flat_update_quantized, platform=platform,
-                                            lookup=lookup), QROW)
+                                            lookup=lookup, view=view), QROW)
   packed = common.packed_run_group(update, grad_dtype_ok=lambda d: True)
 
   def run(rule, scalars, seg, layout, gi, *args):

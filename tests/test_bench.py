@@ -562,19 +562,20 @@ def test_native_floor_builds_and_times_every_state_kind(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- low-bit state
 
 def test_low_bit_rows_and_anchor_plumbing(tmp_path, monkeypatch):
-  """``python -m bench.low_bit`` on a small tree (an 8192-element matrix, quantized: one whole
-  32-block tile, and a small vector, float32 state): a row per storage with the state's bytes (int8 ~2 B/param on the
-  matrix, float32 8), and with ``--anchors`` each anchor found (here a stand-in for the torch
-  8-bit Adams, which need a GPU) timed in a round-robin of its own with fusedopt's float32 and
-  int8: its bytes and fusedopt int8's time over its own; an anchor not found is named, with why."""
+  """``python -m bench.low_bit`` on a small tree (a 32768-element matrix, quantized: one whole
+  128-block row of scales, and a small vector, float32 state): a row per storage with the
+  state's bytes (int8 ~2 B/param on the matrix, float32 8), and with ``--anchors`` each anchor
+  found (here a stand-in for the torch 8-bit Adams, which need a GPU) timed in a round-robin of
+  its own with fusedopt's float32 and int8: its bytes and fusedopt int8's time over its own; an
+  anchor not found is named, with why."""
   import time   # pylint: disable=import-outside-toplevel
   from bench import low_bit   # pylint: disable=import-outside-toplevel
-  monkeypatch.setitem(trees.TREES, "lowbit", lambda: {"w": (64, 128), "b": (80,)})
+  monkeypatch.setitem(trees.TREES, "lowbit", lambda: {"w": (256, 128), "b": (80,)})
   calls = []
 
   def fake_anchors(leaves, grads):
-    assert [x.shape for x in leaves] == [(80,), (64, 128)] and len(grads) == 2
-    return ({"stand-in 8-bit Adam": (lambda: calls.append(time.sleep(0.002)), 8192 * 2 + 640)},
+    assert [x.shape for x in leaves] == [(80,), (256, 128)] and len(grads) == 2
+    return ({"stand-in 8-bit Adam": (lambda: calls.append(time.sleep(0.002)), 32768 * 2 + 640)},
             {"torchao AdamW8bit": "no torch with CUDA"})
   monkeypatch.setattr(low_bit, "run", functools.partial(low_bit.run, find_anchors=fake_anchors))
   low_bit.main(["--trees", "lowbit", "--runs", "3", "--backend", "jnp", "--anchors", "--tag",
@@ -583,15 +584,15 @@ def test_low_bit_rows_and_anchor_plumbing(tmp_path, monkeypatch):
   (res,) = data["results"]
   rows = {r["storage"]: r for r in res["rows"]}
   assert list(rows) == ["float32", "bfloat16", "int8", "float8_e4m3fn", "stand-in 8-bit Adam"]
-  assert res["params"] == 8272
+  assert res["params"] == 32848
   from fusedopt.layout import FlatLayout   # pylint: disable=import-outside-toplevel
   padded = sum(g.size for g in FlatLayout.build(
-      {"w": np.zeros((64, 128), np.float32), "b": np.zeros(80, np.float32)}).groups)
-  assert rows["float32"]["state_B_per_param"] == 8 * padded / 8272   # two fields, padding too
+      {"w": np.zeros((256, 128), np.float32), "b": np.zeros(80, np.float32)}).groups)
+  assert rows["float32"]["state_B_per_param"] == 8 * padded / 32848   # two fields, padding too
   # (the small vector keeps float32 state in a group of its own, padded)
   assert rows["int8"]["state_B_per_param"] < 0.4 * rows["float32"]["state_B_per_param"]
   anchor = rows["stand-in 8-bit Adam"]
-  assert anchor["state_B_per_param"] == (8192 * 2 + 640) / 8272
+  assert anchor["state_B_per_param"] == (32768 * 2 + 640) / 32848
   assert anchor["step_B_per_param"] is None
   assert len(calls) == 3 and anchor["time"]["median_s"] >= 0.002
   assert anchor["int8_over_anchor"]["runs"] == 3

@@ -340,16 +340,18 @@ def test_native_decodes_every_code(fmt):
   check_decoder(native.run_quantized, pickle.loads(pickle.dumps(fmt)))
 
 
-@pytest.mark.parametrize("lookup", ["gather", "lanes"])
-def test_pallas_codecs_in_interpret_mode(lookup):
+@pytest.mark.parametrize("lookup, view", [("gather", "rows"), ("lanes", "tiles")])
+def test_pallas_codecs_in_interpret_mode(lookup, view):
   """The Pallas quantized kernel (``pallas.flat_update_quantized``) in interpret mode, with the
   int8 maps read either way the devices read them (``gather``: at computed addresses, the GPU's
-  bucket encode; ``lanes``: 128-lane gathers and the binary search, a TPU's): it decodes every
-  code and encodes every value where a code changes bitwise as the reference does (e4m3, in
-  integer arithmetic, once), also in blocks whose absmax is not the format's largest value,
-  and with a Format unpickled (equal to the module's, another object)."""
+  bucket encode; ``lanes``: 128-lane gathers and the binary search, a TPU's), and the buffers
+  viewed as each device views them (``rows``; ``tiles``: 128 lanes, the scales moved between
+  lanes and a column): it decodes every code and encodes every value where a code changes
+  bitwise as the reference does (e4m3, in integer arithmetic, once), also in blocks whose
+  absmax is not the format's largest value, and with a Format unpickled (equal to the
+  module's, another object)."""
   from fusedopt.kernels import pallas   # pylint: disable=import-outside-toplevel
-  run = pallas._run_quantized("interpret", lookup)   # pylint: disable=protected-access
+  run = pallas._run_quantized("interpret", lookup, view)   # pylint: disable=protected-access
   for fmt in (S8, U8, F8) if lookup == "gather" else (S8, U8):
     check_decoder(run, fmt)
     check_decoder(run, pickle.loads(pickle.dumps(fmt)))   # a Format equal, not identical
@@ -357,24 +359,29 @@ def test_pallas_codecs_in_interpret_mode(lookup):
     check_encoder(run, fmt, scaled=True)
 
 
-# (rule, state formats, lookup): int8 maps, e4m3 and a float field, both lookups
+# (rule, state formats, lookup, view): int8 maps, e4m3 and a float field, both lookups, both
+# views (a GPU's: gather, rows; a TPU's: lanes, tiles)
 PALLAS_CASES = [
-    (ew.guarded(ADAM_RULE), (S8, U8), "gather"), (ew.with_master(APPLY_RULE), (F8, F8), "gather"),
-    (MOMENTS_RULE, (S8, U8), "lanes"), (ew.per_segment(ADAM_RULE), (F8, U8), "lanes"),
-    (ew.guarded(ew.with_master(ADAM_RULE)), (S8, np.dtype(BF16)), "lanes")]
+    (ew.guarded(ADAM_RULE), (S8, U8), "gather", "rows"),
+    (ew.with_master(APPLY_RULE), (F8, F8), "gather", "tiles"),
+    (MOMENTS_RULE, (S8, U8), "lanes", "tiles"),
+    (ew.per_segment(ADAM_RULE), (F8, U8), "lanes", "tiles"),
+    (ew.guarded(ew.with_master(ADAM_RULE)), (S8, np.dtype(BF16)), "lanes", "tiles"),
+    (ew.guarded(ADAM_RULE), (S8, U8), "lanes", "tiles"), (MOMENTS_RULE, (S8, U8), "gather", "rows")]
 
 
-@pytest.mark.parametrize("rule, fmts, lookup", PALLAS_CASES,
-                         ids=[f"{r.name}-{l}" for r, _, l in PALLAS_CASES])
-def test_pallas_quantized_kernel_in_interpret_mode(rule, fmts, lookup):
+@pytest.mark.parametrize("rule, fmts, lookup, view", PALLAS_CASES,
+                         ids=[f"{r.name}-{l}-{v}" for r, _, l, v in PALLAS_CASES])
+def test_pallas_quantized_kernel_in_interpret_mode(rule, fmts, lookup, view):
   """The Pallas quantized kernel in interpret mode against the native kernel (bitwise equal to
   NumPy): Adam with a checked skip, per-tensor scalars, LAMB's moment pass (its sums over the
   stored moments) and its apply pass under master weights (a pass-through field), int8 and
-  e4m3 fields and a bf16 one, both int8 lookups. Equal within XLA:CPU's contractions (the
-  interpreted kernel's multiply-adds are contracted; the GPU kernel rounds each operation):
-  params and float fields within an ulp of the leaf's scale, codes in at most 1 of 1000."""
+  e4m3 fields and a bf16 one, both int8 lookups and both views (the per-block scales, tables
+  and sums as a column or as lanes). Equal within XLA:CPU's contractions (the interpreted
+  kernel's multiply-adds are contracted; the GPU kernel rounds each operation): params and
+  float fields within an ulp of the leaf's scale, codes in at most 1 of 1000."""
   from fusedopt.kernels import native, pallas   # pylint: disable=import-outside-toplevel
-  run = pallas._run_quantized("interpret", lookup)   # pylint: disable=protected-access
+  run = pallas._run_quantized("interpret", lookup, view)   # pylint: disable=protected-access
   rng = np.random.RandomState(7)
   tree = {f"l{i}": np.abs(rng.standard_normal(s)).astype(np.float32)   # (interpret mode: small)
           for i, s in enumerate([(300,), (7,), (33, 65)])}
@@ -509,3 +516,46 @@ def test_auto_runs_quantized_groups_on_native_and_checkpoints_agree_with_jnp():
         diff = np.abs(np.asarray(qa.codes, int) - np.asarray(qj.codes, int))
         assert diff.max() <= 1 and np.count_nonzero(diff) <= diff.size // 1000
         np.testing.assert_allclose(np.asarray(qa.scales), np.asarray(qj.scales), rtol=1e-6)
+
+
+@pytest.mark.parametrize("rule, fmts", [(ew.per_segment(ADAM_RULE), (S8, U8)),
+                                        (MOMENTS_RULE, (F8, U8))],
+                         ids=["adam_per_segment-s8-u8", "lamb_moments-fp8-u8"])
+def test_pallas_quantized_views_agree(rule, fmts):
+  """The TPU's view of the flat buffers (``tiles``: 128 lanes a row, each block's scale, table
+  entry and sum moved between a lane and a column inside the kernel) gives what the row view
+  gives, over two grid steps of two lane rows each (512 blocks), the per-block tables read in
+  the right block: equal within XLA:CPU's contractions and summation order, which differ
+  between the two interpreted programs (floats within 2 ulp, codes in at most 1 of 1000, by
+  at most one; LAMB's per-block sums of 256 squares within 1e-6). A
+  view a platform cannot take is refused, naming it."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  from fusedopt.kernels import common, pallas
+  rng = np.random.RandomState(3)
+  n = 512 * B
+  p, g = (jnp.asarray(rng.standard_normal(n).astype(np.float32)) for _ in range(2))
+  state = tuple(_random_field(rng, f, n, f is U8) for f in fmts)
+  sc = {k: jnp.float32(v) for k, v in random_scalars(rule, rng, 1.0).items()}
+  seg = {k: jnp.asarray(rng.uniform(0.05, 0.9, n // B), jnp.float32) for k in rule.seg_scalars}
+  tuning = common.Tuning(block=256 * B)
+  got = {v: pallas.flat_update_quantized(rule, sc, seg, p, g, state, platform="interpret",
+                                         tuning=tuning, lookup="gather", view=v)
+         for v in ("rows", "tiles")}
+  flat = lambda out: [np.asarray(x) for x in jax.tree.leaves(out)]  # noqa: E731
+  n_sums = 2 if rule.sumsq else 0
+  assert len(flat(got["rows"])) == (1 if rule.writes_param else 0) + 4 + n_sums
+  pairs = list(zip(flat(got["rows"]), flat(got["tiles"])))
+  for a, b in pairs[len(pairs) - n_sums:]:
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  for a, b in pairs[:len(pairs) - n_sums]:
+    if a.dtype == np.uint8:
+      assert np.count_nonzero(a != b) <= a.size // 1000
+      assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    else:
+      np.testing.assert_allclose(a, b, rtol=2.4e-7, atol=0)
+  with pytest.raises(ValueError, match="view='tiles' needs whole 128-block rows"):
+    pallas.flat_update_quantized(rule, sc, {k: x[:-B] for k, x in seg.items()}, p[:-B], g[:-B],
+                                 tuple(Q.QuantizedArray(x.codes[:-B], x.scales[:-1], x.fmt)
+                                       for x in state), platform="interpret", view="tiles")
+  with pytest.raises(ValueError, match="view='rows' on 'tpu'"):
+    pallas.flat_update_quantized(rule, sc, seg, p, g, state, platform="tpu", view="rows")

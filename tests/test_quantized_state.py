@@ -18,6 +18,7 @@ import fusedopt as optim
 from fusedopt import quantization as Q
 from fusedopt import tx
 from fusedopt import serialization
+from fusedopt.layout import QUANTIZED_TILE_BLOCKS
 
 from lowbit_reference import B, bnb_dynamic_map, np_dequantize, np_quantize
 
@@ -182,7 +183,7 @@ def np_adam_quantized(params, grads_seq, fmts, lr=1e-2, b1=0.9, b2=0.999, eps=1e
 
 @pytest.mark.parametrize("kind", ["int8", "float8_e4m3fn"])
 def test_adam_matches_numpy_anchor_algorithm(kind):
-  n, steps = 32 * B, 8   # at least quantization.MIN_SIZE elements
+  n, steps = QUANTIZED_TILE_BLOCKS * B, 8   # one whole group (at least quantization.MIN_SIZE)
   rng = np.random.RandomState(3)
   p0 = rng.standard_normal(n).astype(np.float32)
   gs = [(rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 0, n)).astype(np.float32)
@@ -439,8 +440,9 @@ def test_checkpoint_with_wrong_codes_is_an_error_and_changes_nothing():
 @pytest.mark.parametrize("kind", ["int8", "float8_e4m3fn"])
 def test_adam_state_bytes_per_param(kind):
   """A GPT-2-like tree (big matrices, small biases and norms): int8/fp8 Adam state within
-  2.05 B/param (float32: 8), besides the quantized group's padding to whole 32-block tiles
-  (at most 31 blocks: on this 3.1M-parameter tree 0.005 B/param, on GPT-2 124M 0.0001)."""
+  2.05 B/param (float32: 8), besides the quantized group's padding to whole 128-block rows
+  (``QUANTIZED_TILE_BLOCKS``; at most 127 blocks: on this 3.1M-parameter tree 0.02 B/param, on
+  GPT-2 124M 0.0005)."""
   params = {"emb": jax.ShapeDtypeStruct((5000, 256), jnp.float32),
             **{f"h{i}": {"qkv": jax.ShapeDtypeStruct((256, 768), jnp.float32),
                          "mlp": jax.ShapeDtypeStruct((256, 1024), jnp.float32),
@@ -454,7 +456,7 @@ def test_adam_state_bytes_per_param(kind):
   (qi,) = [i for i, g in enumerate(layout.groups) if g.block]
   q, unit = layout.groups[qi], layout.unit(qi)
   tiles = q.size - sum(-(-layout.segments[i].size // unit) * unit for i in q.segments)
-  assert 0 <= tiles < 32 * q.block
+  assert 0 <= tiles < QUANTIZED_TILE_BLOCKS * q.block
   assert (nbytes - 2 * tiles * (1 + 4 / q.block)) / n <= 2.05, nbytes / n
 
 
