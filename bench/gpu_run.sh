@@ -42,6 +42,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
 python3 -c "import triton, jax_triton; print('triton', triton.__version__, 'jax_triton', jax_triton.__version__, jax_triton.__file__)"
 cd "$SITE"
+# jax-triton 0.3 hands XLA Triton's PTX in the ISA of Triton's own ptxas (9.4 with Triton 3.9),
+# which an older ptxas on XLA's side rejects; with 0.4 fusedopt writes the target's ISA (8.0).
+# For 0.3, point Triton at XLA's ptxas (kernels/triton.py ptx_mismatch), unless already set.
+if [ -z "${TRITON_PTXAS_BLACKWELL_PATH:-}${TRITON_PTXAS_PATH:-}" ]; then
+  XLA_PTXAS=$(python3 -c "from fusedopt.kernels import triton as t; print(t.xla_ptxas() or '')" \
+    2>/dev/null | tail -1)
+  if [ -n "$XLA_PTXAS" ]; then
+    export TRITON_PTXAS_PATH="$XLA_PTXAS" TRITON_PTXAS_BLACKWELL_PATH="$XLA_PTXAS"
+  fi
+fi
+echo "XLA's ptxas: ${XLA_PTXAS:-not found}; Triton's: ${TRITON_PTXAS_BLACKWELL_PATH:-its own}"
 if [ "${NO_TREES:-0}" != 1 ]; then
   stage "trees"
   timeout ${TREES_TIMEOUT:-210} python3 -m bench --device gpu \

@@ -82,6 +82,8 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
+import subprocess
 import threading
 import warnings
 from typing import Dict, Optional, Tuple
@@ -666,6 +668,103 @@ def _call_aliased(jt, kernel, ins, out_shapes, aliases, scalars_after, **kw):
                           input_output_aliases=dict(aliases), **kw)
 
 
+# jax-triton hands the kernels on as PTX (to XLA with 0.4, to jaxlib's launch with 0.3), which
+# is compiled there by whatever ptxas XLA finds (or nvJitLink, or the driver), often older than
+# Triton's own: Triton 3.9 writes PTX ISA 9.4 for sm_90 (its bundled CUDA 13.4 ptxas), CUDA
+# 13.0's ptxas takes up to 9.0 and CUDA 12.x's 8.x ("Unsupported .version"). The kernels use
+# nothing newer than the ISA that brought their target, so they are written in that one, which
+# every toolchain able to compile for the target accepts: 8.0 (CUDA 12.0) for sm_80 to sm_90a,
+# CUDA 12.8's 8.7 for the first Blackwells. A target not listed gets Triton's default.
+PTX_FOR_TARGET = {100: 87, 101: 87, 103: 88, 110: 90, 120: 87, 121: 88}
+PTX_ENV = "FUSEDOPT_TRITON_PTX_VERSION"   # e.g. 90: the PTX ISA to write instead
+
+
+def ptx_version(cc: Optional[int]) -> Optional[int]:
+  """The PTX ISA version (e.g. 80 = 8.0) the kernels are written in for compute capability
+  ``cc`` (``PTX_FOR_TARGET``; ``$FUSEDOPT_TRITON_PTX_VERSION`` overrides), or None: Triton's."""
+  env = os.environ.get(PTX_ENV, "").strip()
+  if env:
+    if not env.isdigit() or not 60 <= int(env) < 200:
+      raise ValueError(f"{PTX_ENV}={env!r}: a PTX ISA version as major*10+minor, e.g. 80 or 90")
+    return int(env)
+  if cc is None:
+    return None
+  return 80 if cc < 100 else PTX_FOR_TARGET.get(cc)
+
+
+def xla_ptxas() -> Optional[str]:
+  """The ptxas XLA compiles PTX with, looked for where XLA looks: ``--xla_gpu_cuda_data_dir``
+  (in ``$XLA_FLAGS``, else jax's CUDA path: the ``nvidia-cuda-nvcc`` wheel), /usr/local/cuda,
+  then ``$PATH``; or None."""
+  flags = re.search(r"--xla_gpu_cuda_data_dir=(\S+)", os.environ.get("XLA_FLAGS", ""))
+  try:
+    from jax._src import lib as jax_lib  # pylint: disable=import-outside-toplevel
+    jax_cuda = getattr(jax_lib, "cuda_path", None)
+  except ImportError:
+    jax_cuda = None
+  for root in (flags.group(1) if flags else jax_cuda, "/usr/local/cuda"):
+    path = os.path.join(root, "bin", "ptxas") if root else None
+    if path and os.access(path, os.X_OK):
+      return path
+  return shutil.which("ptxas")
+
+
+@functools.lru_cache(maxsize=None)
+def ptxas_isa(path: str) -> Optional[int]:
+  """The newest PTX ISA (e.g. 90) the ptxas at ``path`` takes, from its CUDA release (Triton's
+  table), or None where it does not say."""
+  try:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  release = re.search(r"release (\d+)\.(\d+)", out)
+  if not release:
+    return None
+  from triton.backends.nvidia import compiler as nv  # pylint: disable=import-outside-toplevel
+  return nv.ptx_get_version(f"{release.group(1)}.{release.group(2)}")
+
+
+def triton_isa(cc: int) -> Optional[int]:
+  """The PTX ISA Triton writes for ``cc`` by default (its own ptxas's; jax-triton 0.3 gives it
+  no other), or None where that ptxas does not say."""
+  from triton.backends.nvidia import compiler as nv  # pylint: disable=import-outside-toplevel
+  return ptxas_isa(nv.get_ptxas(cc).path)
+
+
+def ptx_mismatch(cc: Optional[int]) -> Optional[str]:
+  """Why XLA's ptxas would reject what jax-triton 0.3 hands it for ``cc`` (Triton's default PTX
+  ISA, newer than that ptxas takes), with the fix; or None (fine, or unknown)."""
+  xla = xla_ptxas()
+  if cc is None or xla is None:
+    return None
+  ours, theirs = triton_isa(cc), ptxas_isa(xla)
+  if ours is None or theirs is None or ours <= theirs:
+    return None
+  isa = lambda v: f"{v // 10}.{v % 10}"  # noqa: E731
+  fix = f" (with jax>=0.11; fusedopt then writes ISA {isa(ptx_version(cc))})" if ptx_version(
+      cc) else " (with jax>=0.11)"
+  return (f"jax-triton 0.3 hands XLA Triton's PTX for sm_{cc} in ISA {isa(ours)}, which the "
+          f"ptxas XLA uses ({xla}: ISA {isa(theirs)}) rejects ('Unsupported .version'). Install "
+          f"jax-triton>=0.4{fix}, or point Triton at that ptxas: TRITON_PTXAS_PATH={xla} "
+          f"TRITON_PTXAS_BLACKWELL_PATH={xla}")
+
+
+_MISMATCH_WARNED = set()
+
+
+def _target_cc() -> Optional[int]:
+  """The compute capability the kernels are built for: ``targeting``'s, else jax's first
+  device's (e.g. 90), else None."""
+  cc = common.compute_capability()
+  if cc is None and not common.targeted():
+    try:
+      cc = round(float(jax.devices()[0].compute_capability) * 10)
+    except (AttributeError, TypeError, ValueError):
+      cc = None
+  return cc
+
+
 def _call(kernel, ins, out_shapes, aliases, scalars_after, grid, consts, tuning, plat, name):
   """One kernel call over jax arrays: jax-triton on a GPU, the interpreter via a host callback."""
   if plat == "gpu":
@@ -674,8 +773,16 @@ def _call(kernel, ins, out_shapes, aliases, scalars_after, grid, consts, tuning,
     kw = dict(grid=grid, name=name, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
               enable_fp_fusion=False, **({"compute_capability": cc} if cc else {}), **consts)
     if _new_api(jt):   # compile options as backend options: a keyword would be a metaparam
-      kw["backend_options"] = {"enable_fp_fusion": kw.pop("enable_fp_fusion")}
+      ptx = ptx_version(_target_cc())
+      kw["backend_options"] = {"enable_fp_fusion": kw.pop("enable_fp_fusion"),
+                               **({"ptx_version": ptx} if ptx else {})}
       return _call_aliased(jt, kernel, ins, out_shapes, aliases, scalars_after, **kw)
+    # jax-triton 0.3 takes no PTX version: say so where XLA's ptxas here will reject Triton's
+    # (once; not for an ahead-of-time compile, which 0.3 leaves to the machine that runs it)
+    why = None if common.targeted() else ptx_mismatch(_target_cc())
+    if why and why not in _MISMATCH_WARNED:
+      _MISMATCH_WARNED.add(why)
+      warnings.warn(why, RuntimeWarning, stacklevel=2)
     return jt.triton_call(*ins, *scalars_after, kernel=kernel, out_shape=out_shapes,
                           input_output_aliases=aliases, **kw)
   if not interpreting():

@@ -202,7 +202,11 @@ def test_adam_matches_numpy_anchor_algorithm(kind):
     np.testing.assert_allclose(np.asarray(got.scales), want_s, rtol=2e-6)
     diff = np.asarray(got.codes).astype(int) - want_c.astype(int)
     assert np.abs(diff).max() <= 1 and np.count_nonzero(diff) <= n // 500, np.count_nonzero(diff)
-  np.testing.assert_allclose(np.asarray(opt.target), p, rtol=1e-5, atol=1e-6)
+  # ... and such an element's param moves by that code's share of an update (under lr = 1e-2)
+  got_p = np.asarray(opt.target)
+  off = ~np.isclose(got_p, p, rtol=1e-5, atol=1e-6)
+  assert np.count_nonzero(off) <= n // 1000, np.count_nonzero(off)
+  np.testing.assert_allclose(got_p, p, rtol=0, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- every optimizer

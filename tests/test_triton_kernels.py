@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -570,18 +571,7 @@ def test_t3_changing_lr_compiles_no_new_kernel(monkeypatch):
 
 
 
-def _jax_triton_0_4():
-  try:
-    return kt._new_api(kt._jax_triton())   # pylint: disable=protected-access
-  except ImportError:
-    return False
-
-
 @needs_jax_triton
-@pytest.mark.xfail(_jax_triton_0_4(), raises=jax.errors.JaxRuntimeError, strict=False,
-                   reason="jax-triton 0.4 hands XLA the kernels as PTX of Triton's own ISA "
-                   "version (9.4 with Triton 3.9), which the ptxas XLA finds here rejects (it "
-                   "takes 9.0; with ptx_version=90 in the backend options it compiles)")
 @pytest.mark.parametrize("name", ["Adam", "LAMB"])
 def test_t3_full_step_compiles_for_h100(name):
   """The whole jitted step (Triton kernels, norms) through XLA:GPU for an H100 compile-only
@@ -611,3 +601,109 @@ def test_t3_full_step_compiles_for_h100(name):
   print(name, "temp bytes:", temp, "params:", param_bytes)
   assert temp["triton"] < 0.01 * param_bytes, temp
   assert temp["jnp"] > 0.5 * param_bytes, temp    # what packing costs (the oracle's path)
+
+
+# ----------------------------------------------------------------------------- PTX version
+
+def test_ptx_version_per_target(monkeypatch):
+  """The PTX ISA the kernels are written in: the one that brought their target (8.0 up to
+  sm_90a, 8.7 for sm_100/sm_120), Triton's own for a target not listed; the environment
+  variable overrides it, and a malformed one is an error naming it."""
+  monkeypatch.delenv(kt.PTX_ENV, raising=False)
+  assert [kt.ptx_version(cc) for cc in (80, 86, 89, 90, 100, 120)] == [80, 80, 80, 80, 87, 87]
+  assert kt.ptx_version(None) is None and kt.ptx_version(130) is None
+  monkeypatch.setenv(kt.PTX_ENV, "90")
+  assert kt.ptx_version(90) == 90 and kt.ptx_version(None) == 90
+  monkeypatch.setenv(kt.PTX_ENV, "9.0")
+  with pytest.raises(ValueError, match="FUSEDOPT_TRITON_PTX_VERSION='9.0'"):
+    kt.ptx_version(90)
+
+
+@needs_triton
+def test_ptx_mismatch_names_xlas_ptxas_and_the_fix(tmp_path, monkeypatch):
+  """With jax-triton 0.3 (no PTX version to give), a GPU whose XLA ptxas is older than the ISA
+  Triton writes is told so, with the two fixes. XLA's ptxas is found where XLA looks
+  (``--xla_gpu_cuda_data_dir`` first), and its ISA read from its CUDA release: a stand-in
+  ptxas of CUDA 12.4 (ISA 8.4) is older than Triton's for sm_90; one of CUDA 19.9 is not."""
+  fake = tmp_path / "bin" / "ptxas"
+  fake.parent.mkdir()
+
+  def release(version):
+    fake.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {version}, V{version}.1'\n")
+    fake.chmod(0o755)
+    kt.ptxas_isa.cache_clear()
+  monkeypatch.setenv("XLA_FLAGS", f"--xla_gpu_cuda_data_dir={tmp_path} "
+                     + os.environ.get("XLA_FLAGS", ""))
+  release("12.4")
+  assert kt.xla_ptxas() == str(fake) and kt.ptxas_isa(str(fake)) == 84
+  assert kt.triton_isa(90) > 84   # Triton 3.9 writes 9.4 for sm_90
+  why = kt.ptx_mismatch(90)
+  assert f"ISA {kt.triton_isa(90) // 10}." in why and "ISA 8.4" in why and str(fake) in why
+  assert "jax-triton>=0.4" in why and "ISA 8.0" in why
+  assert f"TRITON_PTXAS_BLACKWELL_PATH={fake}" in why
+  release("19.9")
+  assert kt.ptx_mismatch(90) is None
+  kt.ptxas_isa.cache_clear()
+
+
+@needs_jax_triton
+def test_t3_kernels_are_handed_on_in_the_targets_ptx_isa(tmp_path):
+  """With jax-triton 0.4 every kernel of a whole step for an H100 is handed to XLA as PTX ISA
+  8.0, which any CUDA 12 or 13 ptxas takes (Triton 3.9's default, 9.4, the CUDA 13.0 ptxas
+  here rejects: "Unsupported .version 9.4"), and the ptxas XLA uses here (when there is one)
+  assembles it for sm_90a. With 0.3 (CI's), whatever Triton's own ptxas says
+  (``triton_isa``): what ``ptx_mismatch`` warns about on a GPU."""
+  from triton_tools import kernel_ptx, ptx_versions  # pylint: disable=import-outside-toplevel
+  opt = _step("Adam", {}, TREE)
+  with kt.targeting("gpu", 90):
+    low = jax.jit(lambda o, g, lr: o.apply_gradient(g, learning_rate=lr),
+                  donate_argnums=0).trace(opt, TREE, jnp.float32(0.1)).lower(
+                      lowering_platforms=("cuda",))
+  got = set(ptx_versions(low))
+  if kt._new_api(kt._jax_triton()):   # pylint: disable=protected-access
+    assert got == {"8.0"}
+    ptxas = kt.xla_ptxas()
+    for i, ptx in enumerate(kernel_ptx(low) if ptxas else []):
+      src = tmp_path / f"k{i}.ptx"
+      src.write_text(ptx)
+      run = subprocess.run([ptxas, "-arch=sm_90a", str(src), "-o", str(tmp_path / f"k{i}.cubin")],
+                           capture_output=True, text=True, check=False)
+      assert run.returncode == 0, run.stderr
+  else:
+    isa = kt.triton_isa(90)
+    assert got == {f"{isa // 10}.{isa % 10}"}
+
+
+@needs_jax_triton
+def test_ptx_mismatch_warns_once_when_tracing_for_a_gpu(tmp_path, monkeypatch):
+  """Tracing a kernel call for a GPU (sm_90 here, stood in for) whose XLA ptxas is older than
+  Triton's ISA warns once with jax-triton 0.3, naming the fix; not again for the next call,
+  and not with 0.4 (which is given the target's ISA) nor for an ahead-of-time compile."""
+  fake = tmp_path / "bin" / "ptxas"
+  fake.parent.mkdir()
+  fake.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.1'\n")
+  fake.chmod(0o755)
+  monkeypatch.setenv("XLA_FLAGS", f"--xla_gpu_cuda_data_dir={tmp_path} "
+                     + os.environ.get("XLA_FLAGS", ""))
+  monkeypatch.setattr(kt, "_target_cc", lambda: 90)
+  monkeypatch.setattr(kt, "_MISMATCH_WARNED", set())
+  kt.ptxas_isa.cache_clear()
+  n = 4 * kt.ALIGN
+  x = jax.ShapeDtypeStruct((n,), jnp.float32)
+  sc = {k: jnp.float32(0.5) for k in ADAM_RULE.scalars}
+  step = lambda p, g, m, v: kt.flat_update(ADAM_RULE, sc, {}, p, g, (m, v),  # noqa: E731
+                                           platform="gpu")
+  if kt._new_api(kt._jax_triton()):   # pylint: disable=protected-access
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", RuntimeWarning)
+      jax.eval_shape(step, x, x, x, x)
+  else:
+    with pytest.warns(RuntimeWarning, match=r"ISA 8\.4.*jax-triton>=0\.4.*TRITON_PTXAS_PATH="):
+      jax.eval_shape(step, x, x, x, x)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", RuntimeWarning)
+      jax.eval_shape(step, x, x, x, x)            # once
+      monkeypatch.setattr(kt, "_MISMATCH_WARNED", set())
+      with kt.targeting("gpu", 90):
+        jax.eval_shape(step, x, x, x, x)          # ahead of time: not this machine's ptxas
+  kt.ptxas_isa.cache_clear()

@@ -41,9 +41,10 @@ def _compile(fn, sig, constexprs, arch, tuning):
   # jax-triton marks every array argument 16-byte aligned (tt.divisibility = 16)
   attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
   src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+  # the PTX ISA the kernels are handed on in (``kt.ptx_version``), not Triton's newest
   return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                         options={"num_warps": tuning.num_warps, "num_stages": tuning.num_stages,
-                                 "enable_fp_fusion": False})
+                                 "enable_fp_fusion": False, "ptx_version": kt.ptx_version(arch)})
 
 
 def compile_spec(spec, arch, tuning=None, rows=64, n_rows_type="i32"):
@@ -119,8 +120,34 @@ def compile_prepass_leaves(k, dtype, vec, arch, tuning=None):
   return _compile(kt.prepass_kernel_leaves(k), sig, {"R": r, "C": c, "VEC": vec}, arch, tuning)
 
 
+def ptx_versions(lowered):
+  """The PTX ``.version`` of every jax-triton custom call's kernel in ``lowered`` ("8.0", ...)."""
+  return [re.search(r"\.version (\d+\.\d+)", text).group(1) for _, text in _calls(lowered)]
+
+
+def kernel_ptx(lowered):
+  """The PTX of every jax-triton custom call's kernel in ``lowered``: from its ``.version`` line
+  to the last closing brace before the serialized call's next binary field."""
+  out = []
+  for _, text in _calls(lowered):
+    ptx = text[text.index(".version"):]
+    end = next((i for i, c in enumerate(ptx) if not (c.isprintable() or c in "\n\t")), len(ptx))
+    out.append(ptx[:ptx.rindex("}", 0, end) + 1] + "\n")
+  return out
+
+
 def triton_calls(lowered):
   """[(n_aliases, ttir_text)] for every jax-triton custom call of ``lowered``."""
+  out = []
+  for aliases, text in _calls(lowered):
+    m = re.search(r"module \{.*\}", text, re.S)
+    out.append((aliases, m.group(0) if m else text))
+  return out
+
+
+def _calls(lowered):
+  """[(n_aliases, the kernel as text: its PTX and Triton IR)] of every jax-triton custom call of
+  ``lowered``."""
   from jax._src.lib.mlir import ir  # pylint: disable=import-outside-toplevel
   out = []
 
@@ -140,10 +167,8 @@ def triton_calls(lowered):
             if not config:
               config = ir.StringAttr(
                   ir.DictAttr(o.attributes["mhlo.backend_config"])["opaque"]).value_bytes
-            raw = zlib.decompress(config)
-            text = raw.decode("latin-1")
-            m = re.search(r"module \{.*\}", text, re.S)
-            out.append((aliases, m.group(0) if m else text))
+            text = zlib.decompress(config).decode("latin-1")
+            out.append((aliases, text))
           walk(o.operation)
   walk(lowered.compiler_ir("stablehlo").operation)
   return out
