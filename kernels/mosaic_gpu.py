@@ -34,11 +34,12 @@ from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from fusedopt import elementwise
-from fusedopt.kernels import common, pallas as kp
+from fusedopt.kernels import common, pallas as kp, symbolic
 
 F32 = jnp.float32
 ALIGN = common.ALIGN
@@ -93,10 +94,12 @@ def _precise_ops(shape):
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
   layout = _layout(shape)
 
-  def ptx(instr):
+  def ptx(prim, instr):
     def op(*xs):
-      xs = [plgpu.layout_cast(jnp.broadcast_to(x, shape), layout) if jnp.ndim(x) == 0 else x
-            for x in xs]
+      if all(jnp.ndim(x) == 0 for x in xs):   # scalars (a row's absmax): one LLVM instruction,
+        return prim.bind(*xs)                 # IEEE-rounded (M2 finds no div.full or .approx)
+      # (a broadcast scalar is a splat: it takes the block's layout too)
+      xs = [plgpu.layout_cast(jnp.broadcast_to(x, shape), layout) for x in xs]
 
       @plgpu.inline_mgpu(arg_types=(layout,) * len(xs),
                          return_type=plgpu.ShapeDtypeStruct(shape, F32, layout=layout))
@@ -105,7 +108,7 @@ def _precise_ops(shape):
         return arrays[0]._pointwise(mgpu.FragmentedArray._lift_fast_instr(instr), *arrays[1:])
       return run(*xs)
     return op
-  return {prim: ptx(instr) for prim, instr in kp.PRECISE_PTX.items()}
+  return {prim: ptx(prim, instr) for prim, instr in kp.PRECISE_PTX.items()}
 
 
 def _update_block(rule, ops, load, s_ref, q_gmem, sum_gmem, unit, p_ref, g_ref, st_refs, p_out,
@@ -327,6 +330,353 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[Mosaic
   return new_p, new_state, sums
 
 
+# ----------------------------------------------------------------------------- quantized state
+
+# A row of the (n / WIDTH, WIDTH) view is one block of quantization.BLOCK elements: its scale and
+# per-row table entry are scalars in global memory, its absmax a whole-array reduction.
+assert WIDTH == kp.QROW
+
+
+def _row_layout():
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  return plgpu.Layout.WG_STRIDED((WIDTH,), vec_size=2)
+
+
+def _gather(table, idx, dtype):
+  """``table[idx]`` for an int32 row ``idx``: one shared-memory load per element at a computed
+  address (Mosaic GPU has no gather; ``table`` is a row-major shared-memory ref, read flat)."""
+  # pylint: disable=import-outside-toplevel
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm, vector
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  layout = _row_layout()
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout),
+                     return_type=plgpu.ShapeDtypeStruct((WIDTH,), dtype, layout=layout))
+  def run(_, ref, ix):
+    elt = ir.F32Type.get() if dtype == F32 else ir.IntegerType.get_signless(32)
+    base = utils.memref_ptr(ref)
+
+    def one(reg):
+      n = ir.VectorType(reg.type).shape[0]
+      vals = [llvm.load(elt, utils.getelementptr(
+          base, [vector.extract(reg, dynamic_position=[], static_position=[j])], elt))
+              for j in range(n)]
+      return vector.from_elements(ir.VectorType.get((n,), elt), vals)
+    return mgpu.FragmentedArray(_registers=np.vectorize(one, otypes=[object])(ix.registers),
+                                _layout=ix.layout, _is_signed=None if dtype == F32 else True)
+  return run(table, idx)
+
+
+class _SharedTables:
+  """The int8 maps' lookups from shared memory (each CTA copies the tables in once): a decode
+  is a map read, an encode ``quantization.bucket_code``'s one bucket read (``pallas._Gather``'s
+  arithmetic). Inputs: the signed and unsigned maps, float32 (2, 256); their bucket tables,
+  int32 (rows, 256) (a TMA copy moves at most 256 elements a dimension)."""
+
+  @staticmethod
+  def inputs():
+    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
+    maps = np.stack([Q.dynamic_map(True), Q.dynamic_map(False)])
+    bkt = np.concatenate([Q.bucket_table(True), Q.bucket_table(False)])
+    bkt = np.pad(bkt, (0, -bkt.size % WIDTH)).reshape(-1, WIDTH)
+    return [jnp.asarray(maps), jnp.asarray(bkt)]
+
+  def __init__(self, maps, bkt):
+    self.maps, self.bkt = maps, bkt
+
+  def decode(self, fmt, codes):
+    return _gather(self.maps, codes.astype(jnp.int32) + (0 if fmt.name == "int8_signed" else 256),
+                   F32)
+
+  def encode(self, fmt, u, ops):
+    del ops
+    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
+    off = 0 if fmt.name == "int8_signed" else 2 * (Q.NUM_BUCKETS + 2)   # (both signs each)
+    return Q.bucket_code(jnp, u, lambda i: _gather(self.bkt, i + off, jnp.int32))
+
+
+class _ValueTables(_SharedTables):
+  """``_SharedTables``' lookups in Mosaic GPU's interpreter (CPU), which runs no inline code:
+  gathers from the tables' values."""
+
+  def __init__(self, maps, bkt):   # pylint: disable=super-init-not-called
+    self.maps, self.bkt = maps[...].reshape(-1), bkt[...].reshape(-1)
+
+  def decode(self, fmt, codes):
+    return self.maps[codes.astype(jnp.int32) + (0 if fmt.name == "int8_signed" else 256)]
+
+  def encode(self, fmt, u, ops):
+    del ops
+    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
+    off = 0 if fmt.name == "int8_signed" else 2 * (Q.NUM_BUCKETS + 2)   # (both signs each)
+    return Q.bucket_code(jnp, u, lambda i: self.bkt[i + off])
+
+
+def _whole(op, x):
+  """A block's reduction in the quantized kernel: the whole row (one quantization block)."""
+  return getattr(jnp, op)(x)
+
+
+@dataclasses.dataclass
+class _QRefs:
+  """A quantized kernel's refs by role: global memory (``gmem``) for the scalars' vector,
+  tables, per-row seg tables, scales in and out and sums; the fields' data (codes or float
+  buffer), p and g in and out as the pipeline's or the interpreter's blocks."""
+  s: object
+  tables: list
+  q: list
+  g: object
+  p: object
+  data: list
+  scales: list          # per field: its scales (None for a float field)
+  p_out: object
+  data_out: dict        # field index -> its written data
+  scales_out: dict      # field index -> its written scales
+  sums: list
+
+
+def _split_quantized(rule, fmts, n_seg, n_tables, refs, outputs):
+  """``_QRefs`` of a quantized kernel's refs: inputs [scalars, tables, seg tables..., (g), p,
+  per field: codes and scales or the buffer]; then either (``outputs``, the interpreter) an
+  output per written buffer [(p), per written field: data (and scales)], or p and the written
+  fields in place, only an out-of-place p following; then the per-row sums."""
+  refs = list(refs)
+  take = lambda k: [refs.pop(0) for _ in range(k)]  # noqa: E731
+  (s,), tables, q = take(1), take(n_tables), take(n_seg)
+  g = take(1)[0] if rule.reads_grad else None
+  (p,) = take(1)
+  fields = [take(2) if f else take(1) for f in fmts]
+  passed = symbolic.passed_through(rule)
+  written = [k for k in range(len(fmts)) if rule.writes_state and not passed[k]]
+  if outputs:
+    p_out = take(1)[0] if rule.writes_param else None
+    data_out, scales_out = {}, {}
+    for k in written:
+      data_out[k] = take(1)[0]
+      if fmts[k]:
+        scales_out[k] = take(1)[0]
+  else:
+    p_out = (p if rule.param_in_place else take(1)[0]) if rule.writes_param else None
+    data_out = {k: fields[k][0] for k in written}
+    scales_out = {k: fields[k][1] for k in written if fmts[k]}
+  return _QRefs(s, tables, q, g, p, [fl[0] for fl in fields],
+                [fl[1] if f else None for fl, f in zip(fields, fmts)], p_out, data_out,
+                scales_out, refs)
+
+
+def _quantized_rows(rule, fmts, r, lookup, ops, load, unit, s_ref, p_ref, g_ref, data, p_out,
+                    data_out):
+  """One unit's four rows, each one ``pallas.quantized_block``: blocks (p_ref, g_ref, data,
+  p_out, data_out: shared-memory refs of (UNIT_ROWS, WIDTH)) and the scalars in global memory
+  (``r``: ``_QRefs``)."""
+  for i in range(UNIT_ROWS):
+    row = unit * UNIT_ROWS + i
+    loaded = [(load(d.at[i]).astype(jnp.int32), sc[row]) if f else (load(d.at[i]),)
+              for d, sc, f in zip(data, r.scales, fmts)]
+    s, q, p, g = kp._rule_inputs(  # pylint: disable=protected-access
+        rule, s_ref, {k: t[row] for k, t in zip(rule.seg_scalars, r.q)}, load(p_ref.at[i]),
+        None if g_ref is None else load(g_ref.at[i]), load=lambda x: x.astype(F32))
+    new_p, outs, sums = kp.quantized_block(rule, fmts, s, q, p, g, loaded, ops, lookup, _whole)
+    if p_out is not None:
+      p_out[i] = new_p.astype(p_out.dtype)
+    for k, o in data_out.items():
+      o[i] = outs[k][0].astype(o.dtype)
+      if k in r.scales_out:
+        r.scales_out[k][row] = outs[k][1]
+    for o, t in zip(r.sums, sums or ()):
+      o[row] = t
+
+
+def _quantized_kernel(rule, fmts, steps, stages, n_seg, n_tables, *refs):
+  """One CTA on a GPU: ``steps`` one-unit blocks (4 rows) through ``emit_pipeline``, each row
+  one ``pallas.quantized_block`` (decode, rule, absmax, encode), float arithmetic as correctly
+  rounded PTX. p (in place) and the fields the rule writes are updated in place; scales and
+  per-row tables and sums are scalars in global memory; the int8 tables are copied to shared
+  memory first (``_SharedTables``)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  r = _split_quantized(rule, fmts, n_seg, n_tables, refs, outputs=False)
+  layout = _row_layout()
+  ops = _precise_ops((WIDTH,))
+
+  def block(lookup, idx, s_ref, *io):
+    io = list(io)
+    p_ref = io.pop(0)
+    g_ref = io.pop(0) if rule.reads_grad else None
+    data = [io.pop(0) for _ in fmts]
+    p_out = io.pop(0) if rule.writes_param else None
+    _quantized_rows(rule, fmts, r, lookup, ops, lambda ref: _load(ref, layout),
+                    _block_index(steps, idx[0]), s_ref, p_ref, g_ref, data, p_out,
+                    dict(zip(r.data_out, io)))
+
+  blk = pl.BlockSpec((UNIT_ROWS, WIDTH), lambda i: (_block_index(steps, i), 0))
+  ins = [r.p] + ([r.g] if rule.reads_grad else []) + r.data
+  outs = ([r.p_out] if rule.writes_param else []) + list(r.data_out.values())
+
+  def pipeline(lookup):
+    plgpu.emit_pipeline(
+        functools.partial(block, lookup), grid=(steps,),
+        in_specs=[pl.BlockSpec((r.s.shape[0],), lambda i: (0,))] + [blk] * len(ins),
+        out_specs=[blk] * len(outs), max_concurrent_steps=stages)(r.s, *ins, *outs)
+  _with_tables(r.tables, lambda tabs: pipeline(_SharedTables(*tabs) if tabs else None))
+
+
+def _with_tables(tables, body):
+  """``body(shared-memory copies of tables)``: each copied in once, before it runs."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  if not tables:
+    body([])
+    return
+
+  def run(*scoped):
+    *smem, bar = scoped
+    for k, (src, dst) in enumerate(zip(tables, smem)):
+      plgpu.copy_gmem_to_smem(src, dst, bar.at[k])
+    for k in range(len(smem)):
+      plgpu.barrier_wait(bar.at[k])
+    body(smem)
+  pl.run_scoped(run, *[plgpu.SMEM(t.shape, t.dtype) for t in tables],
+                plgpu.Barrier(num_arrivals=1, num_barriers=len(tables)))
+
+
+def _interpret_quantized_kernel(rule, fmts, steps, n_seg, n_tables, *refs):
+  """One CTA in Mosaic GPU's interpreter (CPU): the same blocks, rows and
+  ``pallas.quantized_block`` as ``_quantized_kernel``, through explicit copies (as
+  ``_interpret_kernel``), jax's float operations and gathers (``_ValueTables``), every written
+  buffer an output of its own."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  r = _split_quantized(rule, fmts, n_seg, n_tables, refs, outputs=True)
+  ins = [r.p] + ([r.g] if rule.reads_grad else []) + r.data
+  outs = ([r.p_out] if rule.writes_param else []) + list(r.data_out.values())
+
+  def run(tabs, s_s, in_s, out_s, bar):
+    lookup = _ValueTables(*tabs) if tabs else None
+    plgpu.copy_gmem_to_smem(r.s, s_s, bar.at[0])
+    plgpu.barrier_wait(bar.at[0])
+
+    def one(i, carry):
+      b = _block_index(steps, i)
+      rows = pl.ds(b * UNIT_ROWS, UNIT_ROWS)
+      for k, (src, dst) in enumerate(zip(ins, in_s)):
+        plgpu.copy_gmem_to_smem(src.at[rows], dst, bar.at[1 + k])
+      for k in range(len(ins)):
+        plgpu.barrier_wait(bar.at[1 + k])
+      plgpu.wait_smem_to_gmem(0)   # the last block's outputs have left out_s
+      it, o = iter(in_s), list(out_s)
+      p_ref = next(it)
+      g_ref = next(it) if rule.reads_grad else None
+      data = [next(it) for _ in fmts]
+      p_out = o.pop(0) if rule.writes_param else None
+      _quantized_rows(rule, fmts, r, lookup, None, lambda ref: ref[...], b, s_s, p_ref, g_ref,
+                      data, p_out, dict(zip(r.data_out, o)))
+      plgpu.commit_smem()
+      for src, dst in zip(out_s, outs):
+        plgpu.copy_smem_to_gmem(src, dst.at[rows])
+      return carry
+    lax.fori_loop(0, steps, one, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+  smem = lambda x: plgpu.SMEM((UNIT_ROWS, WIDTH), x.dtype)  # noqa: E731
+  _with_tables(r.tables, lambda tabs: pl.run_scoped(
+      functools.partial(run, tabs), plgpu.SMEM(r.s.shape, F32), [smem(x) for x in ins],
+      [smem(x) for x in outs], plgpu.Barrier(num_arrivals=1, num_barriers=1 + len(ins))))
+
+
+def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *,
+                          tuning: Optional[MosaicTuning] = None, platform: Optional[str] = None):
+  """``pallas.flat_update_quantized`` on Mosaic GPU: state fields may be
+  ``quantization.QuantizedArray``s (int8 maps or e4m3); ``seg_rows`` and the sums are per row
+  of one 256-element block. Each row is one ``pallas.quantized_block``; codes, scales, float
+  fields and p are updated in place when donated. The int8 maps are read from shared memory
+  (``_SharedTables``). ``platform="interpret"``: Mosaic GPU's interpreter on a CPU
+  (``_interpret_quantized_kernel``; for verification, slow)."""
+  from fusedopt import quantization  # pylint: disable=import-outside-toplevel
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  if platform not in (None, "gpu", "interpret"):
+    raise ValueError(f"platform={platform!r}: the Mosaic GPU kernels run on a GPU, or in its "
+                     "interpreter ('interpret')")
+  n = p.shape[0]
+  rows, units = n // WIDTH, n // ALIGN
+  if n % ALIGN:
+    raise ValueError(f"a flat buffer of {n} elements: whole {ALIGN}-element units expected")
+  fmts = tuple(x.fmt if quantization.is_quantized(x) else None for x in state)
+  n_sums = elementwise.num_sumsq_terms(rule)
+  if n == 0:
+    return ((p if rule.writes_param else None), tuple(state),
+            tuple(jnp.zeros((0,), F32) for _ in range(n_sums)) if rule.sumsq else None)
+  tuning = tuning or default_tuning(rule, p.dtype)
+  steps = kp._largest_pow2_divisor(units, max(1, tuning.block // ALIGN))  # pylint: disable=protected-access
+  view = lambda x: x.reshape(rows, WIDTH)  # noqa: E731
+  tables = _SharedTables.inputs() if any(f and not f.is_fp8 for f in fmts) else []
+  fixed = ([_scalar_vector(rule, scalars)] + tables
+           + [jnp.asarray(seg_rows[k], F32) for k in rule.seg_scalars]
+           + ([view(g)] if rule.reads_grad else []))
+  bufs = [x for st in state for x in ((view(st.codes), st.scales)
+                                      if quantization.is_quantized(st) else (view(st),))]
+  passed = symbolic.passed_through(rule)
+  written = [k for k in range(len(state)) if rule.writes_state and not passed[k]]
+  mesh = plgpu.Mesh(grid=(units // steps,), grid_names=("cta",))
+  params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+  name = f"fusedopt_q_{rule.name}"
+  args = (rule, fmts, steps)
+  consts = (len(rule.seg_scalars), len(tables))
+
+  def assemble(new_p, new_bufs, sums):
+    """(new p, new state, sums) from the written buffers (by field index) and sums."""
+    new_state = list(state)
+    for k, b in new_bufs.items():
+      x = state[k]
+      new_state[k] = (quantization.QuantizedArray(b[0].reshape(-1), b[1], x.fmt, x.block)
+                      if quantization.is_quantized(x) else b[0].reshape(-1))
+    return new_p, tuple(new_state), (tuple(sums) if rule.sumsq is not None else None)
+
+  if platform == "interpret":
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=import-outside-toplevel
+    out_type = [jax.ShapeDtypeStruct((rows, WIDTH), p.dtype)] if rule.writes_param else []
+    for k in written:
+      out_type.append(jax.ShapeDtypeStruct((rows, WIDTH), _bufs_of(state[k])[0].dtype))
+      if fmts[k]:
+        out_type.append(jax.ShapeDtypeStruct((rows,), F32))
+    out_type += [jax.ShapeDtypeStruct((rows,), F32)] * n_sums
+    outs = list(pl.kernel(functools.partial(_interpret_quantized_kernel, *args, *consts),
+                          out_type=tuple(out_type), mesh=mesh, compiler_params=params,
+                          interpret=InterpretGPUParams(), name=name)(*fixed, view(p), *bufs))
+    new_p = outs.pop(0).reshape(-1) if rule.writes_param else None
+    new_bufs = {k: [outs.pop(0) for _ in range(2 if fmts[k] else 1)] for k in written}
+    return assemble(new_p, new_bufs, outs)
+
+  aliased_p = rule.writes_param and rule.param_in_place
+  inits = (([view(p)] if aliased_p else []) + (bufs if rule.writes_state else [])
+           + ([jnp.zeros((rows, WIDTH), p.dtype)]
+              if rule.writes_param and not rule.param_in_place else [])
+           + [jnp.zeros((rows,), F32)] * n_sums)
+  kernel = pl.kernel(functools.partial(_quantized_kernel, *args, tuning.num_stages, *consts),
+                     out_type=(), mesh=mesh, compiler_params=params, name=name)
+
+  def run(refs):
+    refs = list(refs)
+    p_arg = refs.pop(0) if aliased_p else view(p)
+    st_args = [refs.pop(0) for _ in bufs] if rule.writes_state else bufs
+    kernel(*fixed, p_arg, *st_args, *refs)   # refs left: an out-of-place p, the sums
+  final = list(pl.run_state(run)(tuple(inits)))
+  new_p = final.pop(0).reshape(-1) if aliased_p else None
+  new_bufs = {}
+  if rule.writes_state:
+    by_field = [[final.pop(0) for _ in range(2 if f else 1)] for f in fmts]
+    new_bufs = {k: by_field[k] for k in written}
+  if rule.writes_param and not rule.param_in_place:
+    new_p = final.pop(0).reshape(-1)
+  return assemble(new_p, new_bufs, final)
+
+
+def _bufs_of(x):
+  """A state field's buffers: (codes, scales) of a quantized one, (x,) of a float one."""
+  from fusedopt import quantization  # pylint: disable=import-outside-toplevel
+  return (x.codes, x.scales) if quantization.is_quantized(x) else (x,)
+
+
 # ----------------------------------------------------------------------------- the backend
 
 MIN_COMPUTE_CAPABILITY = 90   # Mosaic GPU: Hopper and newer (sm_80 fails in ptxas: bulk copies)
@@ -358,8 +708,10 @@ def _unavailable():
 _UPDATE = common.at_unit(flat_update, ALIGN)
 # sequential_vmap: ``pl.run_state`` has no batching rule, so under jax.vmap the kernel runs once
 # per batch element (as jax-triton's calls do)
-BACKENDS = {"mosaic_gpu": common.Backend("mosaic_gpu", common.packed_run_group(_UPDATE),
-                                         _UPDATE, unit=ALIGN, supports=supports,
-                                         unavailable=_unavailable, sequential_vmap=True)}
+BACKENDS = {"mosaic_gpu": common.Backend(
+    "mosaic_gpu", common.packed_run_group(_UPDATE), _UPDATE, unit=ALIGN, supports=supports,
+    unavailable=_unavailable, sequential_vmap=True,
+    run_quantized=common.packed_run_group(common.at_unit(flat_update_quantized, kp.QROW)))}
 
-__all__ = ["flat_update", "default_tuning", "DEFAULT_TUNING", "ALIGN", "WIDTH", "BACKENDS"]
+__all__ = ["flat_update", "flat_update_quantized", "default_tuning", "DEFAULT_TUNING", "ALIGN",
+           "WIDTH", "BACKENDS"]

@@ -428,20 +428,29 @@ def _decode(fmt, codes, lookup):
   return _decode_e4m3(codes) if fmt.is_fp8 else lookup.decode(fmt, codes)
 
 
-def _encode(fmt, y, ops, lookup):
+def by_rows(op, x):
+  """``op`` ("max" or "sum") of each row of ``x`` [R, QROW], as a column [R, 1]: the blocks'
+  reductions of the kernels over rows of blocks."""
+  return getattr(jnp, op)(x, axis=1, keepdims=True)
+
+
+def _encode(fmt, y, ops, lookup, reduce=by_rows):
   """(codes int32 [R, QROW], scales float32 [R, 1]) of the rows ``y``: absmax per row (NaN if
   the row holds one), ``y * fmax / absmax`` clipped to ``[-fmax, fmax]`` (on the bits, NaN kept)
   and encoded -- the native kernel's encode, its float operations IEEE-rounded on a GPU
-  (``ops``). The scale is ``absmax * float32(1 / fmax)``, for int8 (fmax 1) the absmax."""
-  am = jnp.max(jnp.abs(y), axis=1, keepdims=True)
-  bad = jnp.max(jnp.where(y != y, 1, 0), axis=1, keepdims=True)
+  (``ops``). The scale is ``absmax * float32(1 / fmax)``, for int8 (fmax 1) the absmax.
+  ``reduce(op, x)``: a row's reduction (``by_rows``; Mosaic GPU's kernel holds one block)."""
+  am = reduce("max", jnp.abs(y))
+  bad = reduce("max", jnp.where(y != y, 1, 0))
   am = jnp.where(bad > 0, F32(jnp.nan), am)
   fmax = F32(fmt.fmax)
 
   def scaled(y, am):
-    inv = jnp.where(am > 0, fmax / am, F32(0.0))
-    return y * inv, (am * F32(1.0 / fmt.fmax) if fmt.is_fp8 else am)
-  z, scale = _precise(scaled, ops, y, am)
+    if jnp.ndim(am) == 0:   # one row (Mosaic GPU), whose scalar 1/x LLVM makes rcp.approx:
+      am = jnp.broadcast_to(am, y.shape)   # a vector op per thread, as IEEE-rounded as the rest
+    return y * jnp.where(am > 0, fmax / am, F32(0.0))
+  z = _precise(scaled, ops, y, am)
+  scale = am * F32(1.0 / fmt.fmax) if fmt.is_fp8 else am   # (one multiply: nothing to contract)
   u = lax.bitcast_convert_type(z, jnp.int32)
   a = u & 0x7FFFFFFF
   fbits = int(np.float32(fmt.fmax).view(np.int32))
@@ -469,12 +478,46 @@ def _column_to_lanes(c):
   return jnp.concatenate(rows, axis=0).reshape(-1, 1, LANES)
 
 
+def quantized_block(rule, fmts, s, q, p, g, fields, ops, lookup, reduce=by_rows):
+  """The quantized update of one block of rows, written once for every kernel that runs it
+  (``_quantized_kernel``: rows [R, QROW] and columns [R, 1]; ``kernels.mosaic_gpu``: one row
+  and scalars, its own ``reduce``). ``fields``, per state field: (codes, scale) of a quantized
+  one (codes int32), or (the values as stored,) of a float one. Decodes, runs the rule, and
+  encodes each field the rule writes; a checked step's skip (``ok`` = 0) keeps codes and scales.
+  Returns (new p, per field: None where the rule passes it through or writes no state, else
+  (codes uint8, scale) or (float32 values to store,), the rule's sums of squares over the
+  state as stored (per row), or None)."""
+  state = tuple(_decode(f, fl[0], lookup) * fl[1] if f else fl[0].astype(F32)
+                for fl, f in zip(fields, fmts))
+  new_p, new_state = _call_rule(rule.fn, s, q, p, g, state, ops)
+  ok = s["ok"] != 0 if "ok" in rule.scalars else None
+  stored, outs = list(state), []
+  for k, (x, old, f) in enumerate(zip(new_state, fields, fmts)):
+    if not rule.writes_state or symbolic.passed_through(rule)[k]:
+      outs.append(None)
+    elif not f:
+      outs.append((x,))
+      stored[k] = x.astype(old[0].dtype).astype(F32)
+    else:
+      codes, scale = _encode(f, x, ops, lookup, reduce)
+      if ok is not None:   # (selected as int32: Mosaic TPU v4 compares no int8 vectors)
+        codes = jnp.where(ok, codes, old[0])
+        scale = jnp.where(ok, scale, old[1])
+      codes = codes.astype(jnp.uint8)
+      outs.append((codes, scale))
+      stored[k] = _decode(f, codes, lookup) * scale
+  sums = None
+  if rule.sumsq is not None:
+    sums = [reduce("sum", t * t) for t in _call_rule(rule.sumsq, s, q, p, g, tuple(stored), ops)]
+  return new_p, outs, sums
+
+
 def _quantized_kernel(rule, n_seg, fmts, precise, lookup_cls, *refs):
   """One block of rows: refs are [scalars, lookup tables (int8 fields), seg tables..., p, (g),
   per field: codes and scales (quantized) or the buffer] then outputs [(p), per field: codes
   and scales or the buffer (where the rule writes its state), per-row sums...]. Each block is
   computed as (rows, QROW) values and (rows, 1) per-row columns, whatever view its refs have
-  (``_VIEWS``): loads reshape to those, stores back to the ref's shape."""
+  (``_View``): loads reshape to those, stores back to the ref's shape."""
   refs = list(refs)
   take = lambda k: [refs.pop(0) for _ in range(k)]  # noqa: E731
   rows_of = lambda r: r[...].reshape(-1, QROW)  # noqa: E731
@@ -489,39 +532,23 @@ def _quantized_kernel(rule, n_seg, fmts, precise, lookup_cls, *refs):
   g_ref = take(1)[0] if rule.reads_grad else None
   fields = [take(2) if f else take(1) for f in fmts]
   p_out = take(1)[0] if rule.writes_param else None
-  outs = [take(2) if f else take(1) for f in fmts] if rule.writes_state else []
-  sum_outs = refs
+  out_refs = [take(2) if f else take(1) for f in fmts] if rule.writes_state else []
   s, q, p, g = _rule_inputs(rule, s_ref, {k: col_of(r) for k, r in zip(rule.seg_scalars, q_refs)},
                             p_ref, g_ref, load=lambda r: rows_of(r).astype(F32))
-  ops = _gpu_precise_ops() if precise else None
-  state = tuple(_decode(f, rows_of(fl[0]), lookup) * col_of(fl[1]) if f
-                else rows_of(fl[0]).astype(F32) for fl, f in zip(fields, fmts))
-  new_p, new_state = _call_rule(rule.fn, s, q, p, g, state, ops)
+  loaded = [(rows_of(fl[0]).astype(jnp.int32), col_of(fl[1])) if f else (rows_of(fl[0]),)
+            for fl, f in zip(fields, fmts)]
+  new_p, outs, sums = quantized_block(rule, fmts, s, q, p, g, loaded,
+                                      _gpu_precise_ops() if precise else None, lookup)
   if p_out is not None:
     put(p_out, new_p)
-  ok = s["ok"] != 0 if "ok" in rule.scalars else None
-  stored = list(state)
-  for k, (o, x, old, f) in enumerate(zip(outs, new_state, fields, fmts)):
-    if symbolic.passed_through(rule)[k]:
-      for dst, src in zip(o, old):
+  for o, x, old in zip(out_refs, outs, fields):
+    for dst, src, val in zip(o, old, x or (None,) * len(o)):
+      if x is None:   # passed through: the same codes (or values)
         dst[...] = src[...]
-      continue
-    if not f:
-      put(o[0], x)
-      stored[k] = rows_of(o[0]).astype(F32)
-      continue
-    codes, scale = _encode(f, x, ops, lookup)
-    if ok is not None:   # (selected as int32: Mosaic TPU v4 compares no int8 vectors)
-      codes = jnp.where(ok, codes, rows_of(old[0]).astype(jnp.int32))
-      scale = jnp.where(ok, scale, col_of(old[1]))
-    codes = codes.astype(jnp.uint8)
-    put(o[0], codes)
-    put(o[1], scale)
-    stored[k] = _decode(f, codes, lookup) * scale
-  if sum_outs:
-    terms = _call_rule(rule.sumsq, s, q, p, g, tuple(stored), ops)
-    for o, t in zip(sum_outs, terms):
-      put(o, jnp.sum(t * t, axis=1, keepdims=True))
+      else:
+        put(dst, val)
+  for o, t in zip(refs, sums or ()):
+    put(o, t)
 
 
 def quantized_warps(tuning) -> int:

@@ -138,7 +138,7 @@ def select_quantized(name: str, layout, gi: int, rule, leaf_state: bool = False
   """The backend that runs ``rule`` over group ``gi`` whose state has quantized fields
   (``Backend.run_quantized``): ``auto``'s choice where it has a quantized kernel (the native
   kernels on a CPU; with per-leaf state, as ``auto_leaf_choice``, only with one device), else
-  jnp; an explicit backend without one (mosaic_gpu) warns once and runs the group on jnp."""
+  jnp; an explicit backend without one warns once and runs the group on jnp."""
   if name == "auto" and leaf_state and jax.device_count() > 1:
     return get("jnp")   # the caller may shard the step; XLA would gather a custom call's operands
   if name == "auto":

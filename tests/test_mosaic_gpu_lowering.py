@@ -19,6 +19,7 @@ is the GPU route jax keeps, and it must not lean on anything jax is retiring.
 import contextlib
 import os
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ from fusedopt.elementwise import JNP, namespace
 import numpy_oracle
 from cases import ulps_error
 from kernel_tools import h100_replicated, lower_cuda
-from test_pallas_lowering import RULES, SR_RULES, _donate, _sds
+from test_pallas_lowering import QUANTIZED_IDS, QUANTIZED_RULES, RULES, SR_RULES, _donate, _sds
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning")
 
@@ -321,6 +322,158 @@ def test_m3_full_step_compiles_for_h100(name):
                                                jax.tree.map(to_sds, tree), lr).lower().compile()
   txt = compiled.as_text()
   assert "mosaic_gpu" in txt and "triton" not in txt
+
+
+# ----------------------------------------------------------------------------- quantized state
+
+def _q_fn(rule, n, fields, platform=None, tuning=None):
+  """f(p, g, buffers...) -> ``kmg.flat_update_quantized``'s outputs; ``fields`` per state
+  field: "s8"/"u8" (the int8 maps), "fp8", or a float dtype's name."""
+  from fusedopt import quantization as Q   # pylint: disable=import-outside-toplevel
+  fmts = {"s8": Q.INT8_SIGNED, "u8": Q.INT8_UNSIGNED, "fp8": Q.FLOAT8_E4M3}
+
+  def f(p, g, *bufs):
+    bufs, state = list(bufs), []
+    for kind in fields:
+      state.append(Q.QuantizedArray(bufs.pop(0), bufs.pop(0), fmts[kind]) if kind in fmts
+                   else bufs.pop(0))
+    scalars = {k: jnp.float32(0.5) + 0 * p[0].astype(jnp.float32) for k in rule.scalars}
+    seg = {k: jnp.full((n // 256,), 0.5, jnp.float32) for k in rule.seg_scalars}
+    return kmg.flat_update_quantized(rule, scalars, seg, p, g, tuple(state), platform=platform,
+                                     tuning=tuning)
+  return f
+
+
+def _q_sds(n, fields, pdt=jnp.float32, sharding=None):
+  sds = lambda shape, d: jax.ShapeDtypeStruct(shape, d, sharding=sharding)  # noqa: E731
+  out = [sds((n,), pdt)] * 2
+  for kind in fields:
+    out += ([sds((n,), jnp.uint8), sds((n // 256,), jnp.float32)]
+            if kind in ("s8", "u8", "fp8") else [sds((n,), _FLOAT.get(kind, kind))])
+  return out
+
+
+_FLOAT = {"f32": jnp.float32}   # the float fields' names in test_pallas_lowering's cases
+
+
+def _n_written(rule, fields):
+  """Buffers a quantized kernel writes in place: p, each field the rule writes (codes and
+  scales, or the buffer), the per-row sums."""
+  from fusedopt.kernels import symbolic   # pylint: disable=import-outside-toplevel
+  passed = symbolic.passed_through(rule)
+  state = sum(2 if f in ("s8", "u8", "fp8") else 1 for k, f in enumerate(fields)
+              if rule.writes_state and not passed[k])
+  return int(rule.writes_param) + state + elementwise.num_sumsq_terms(rule)
+
+
+Q_CASES = [pytest.param(r, f, id=i) for (r, f), i in zip(QUANTIZED_RULES, QUANTIZED_IDS)]
+
+
+@pytest.mark.parametrize("rule, fields", Q_CASES)
+def test_mq1_quantized_kernel_lowers_in_place(rule, fields):
+  """Every quantized case lowers to one ``mosaic_gpu_v2`` call (no Triton) with each buffer
+  it writes aliased in place: p, codes and scales (or a float field), sums."""
+  n = 64 * kmg.ALIGN
+  txt = lower_cuda(_q_fn(rule, n, fields), *_q_sds(n, fields)).as_text()
+  assert txt.count("@mosaic_gpu_v2") == 1 and "triton" not in txt
+  aliases = re.findall(r"output_operand_alias<output_tuple_indices = \[\d*\]", txt)
+  assert len(aliases) == _n_written(rule, fields)
+
+
+@pytest.mark.parametrize("rule, fields, pdt", [pytest.param(*c.values, jnp.float32, id=c.id)
+                                               for c in Q_CASES]
+                         + [pytest.param(Q_CASES[1].values[0], ("s8", "u8"), jnp.bfloat16,
+                                         id="adam-s8-u8-bf16")])
+def test_mq2_quantized_kernel_compiles_for_sm90a(rule, fields, pdt, tmp_path):
+  """The whole Mosaic pipeline for the H100 topology: sm_90a, no spills, the int8 tables read
+  from shared memory (``ld.shared``), every float operation correctly rounded (no ``.approx``
+  -- a row's scalar 1/absmax would be ``rcp.approx``, so it is a vector op --, no
+  ``div.full``; no fma outside LAMB's sums)."""
+  n = 64 * kmg.ALIGN
+  sds = _q_sds(n, fields, pdt, h100_replicated())
+  with _mosaic_dumps(tmp_path), warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "Some donated buffers", UserWarning)   # p: LAMB's moments
+    jax.jit(_q_fn(rule, n, fields), donate_argnums=(0, *range(2, len(sds)))).trace(
+        *sds).lower().compile()
+  [ptx] = [x.read_text() for x in tmp_path.glob("*.ptx")]
+  [report] = [x.read_text() for x in tmp_path.glob("*.ptxas")]
+  assert ".target sm_90a" in ptx
+  assert re.search(r"0 bytes spill stores, 0 bytes spill loads", report), report
+  assert not re.search(r"\.approx|div\.full", ptx)
+  if rule.sumsq is None:
+    assert not re.search(r"\bfma\.", ptx)
+  # the int8 tables' gathers: a computed address per element (a decode and a bucket read per
+  # int8 field and element, two elements a thread, four rows a block)
+  gathers = len(re.findall(r"ld\.shared\.b32\s+%r\d+, \[%rd\d+(\+\d+)?\]", ptx))
+  int8 = sum(f in ("s8", "u8") for f in fields)
+  assert gathers >= 4 * kmg.UNIT_ROWS * int8 and (int8 or gathers < 4 * kmg.UNIT_ROWS), gathers
+
+
+M0Q_CASES = [  # (rule, fields, units, param dtype)
+    ("adam_guarded", ("s8", "u8"), 6, "float32"), ("lamb_moments", ("fp8", "u8"), 3, "float32"),
+    ("lamb_apply_master", ("fp8", "fp8", "float32"), 2, "bfloat16"),
+    ("adam_per_segment", ("fp8", "u8"), 4, "float32"),
+    ("adam_master_guarded", ("s8", "bfloat16", "float32"), 3, "bfloat16")]
+
+
+@pytest.mark.parametrize("name, fields, units, dtype", M0Q_CASES,
+                         ids=[f"{c[0]}-{'-'.join(c[1])}" for c in M0Q_CASES])
+def test_mq0_quantized_interpreter_matches_jnp(name, fields, units, dtype):
+  """One step in Mosaic GPU's interpreter (the kernel's blocks, rows, scalar scales, per-row
+  tables and sums, ``pallas.quantized_block``, the int8 tables gathered) against the jnp
+  path's ``flat_update_quantized``: codes at most one apart in at most 1 of 1000 (XLA:CPU
+  contracts each program's multiply-adds in its own places), floats within an ulp of the
+  buffer's scale, sums within 2e-5; a skipped step keeps codes and scales bitwise. A row or
+  block misplaced, or a table offset wrong, is off everywhere (an unsigned bucket offset off by
+  one table half was caught: every code of the second field differed)."""
+  # pylint: disable=import-outside-toplevel
+  from fusedopt.elementwise import guarded, per_segment, with_master
+  from fusedopt.kernels import jnp as jnp_backend
+  from fusedopt.adam import ADAM_RULE
+  from fusedopt.lamb import APPLY_RULE, MOMENTS_RULE
+  import test_quantized_native as tq
+  rule = {"adam_guarded": guarded(ADAM_RULE), "lamb_moments": MOMENTS_RULE,
+          "lamb_apply_master": with_master(APPLY_RULE), "adam_per_segment": per_segment(ADAM_RULE),
+          "adam_master_guarded": guarded(with_master(ADAM_RULE))}[name]
+  rng = np.random.RandomState(units)
+  n, pdt = units * kmg.ALIGN, jnp.dtype(dtype)
+  p, g = (jnp.asarray(rng.standard_normal(n), pdt) for _ in range(2))
+  fmts = {"s8": tq.S8, "u8": tq.U8, "fp8": tq.F8}
+  # (the second field is a second moment: never negative)
+  state = tuple(tq._random_field(rng, fmts[f], n, k == 1) if f in fmts   # pylint: disable=protected-access
+                else jnp.asarray(np.abs(rng.standard_normal(n)), jnp.dtype(f))
+                for k, f in enumerate(fields))
+  if "master" in name:
+    state = state[:-1] + (p.astype(jnp.float32),)
+  q = {k: jnp.asarray(rng.uniform(0.1, 0.9, n // 256), jnp.float32) for k in rule.seg_scalars}
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  for ok in ((0.0, 1.0) if "ok" in rule.scalars else (None,)):
+    s = {k: jnp.float32(v) for k, v in
+         numpy_oracle.random_scalars(rule, rng, ok=1.0 if ok is None else ok).items()}
+    got = kmg.flat_update_quantized(rule, s, q, p, g, state, platform="interpret",
+                                    tuning=kmg.MosaicTuning(block=2 * kmg.ALIGN))
+    want = jnp_backend.flat_update_quantized(rule, s, q, f32(p), f32(g), state, 256)
+    if rule.writes_param:
+      b = np.asarray(want[0].astype(pdt), np.float32)
+      np.testing.assert_allclose(np.asarray(got[0], np.float32), b,
+                                 rtol=1e-6 if pdt == jnp.float32 else 8e-3,
+                                 atol=2e-7 * float(np.abs(b).max()), err_msg=name)
+    for a, b, old in zip(got[1], want[1], state):
+      for x, y, o in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(old)):
+        x, y = np.asarray(x), np.asarray(y)
+        if ok == 0.0:
+          np.testing.assert_array_equal(x.view(np.uint8), np.asarray(o).view(np.uint8))
+        elif x.dtype == np.uint8:
+          assert np.count_nonzero(x != y) <= x.size // 1000, (name, np.count_nonzero(x != y))
+          assert np.abs(x.astype(int) - y.astype(int)).max() <= 1, name
+        else:
+          y = y.astype(np.float32)
+          np.testing.assert_allclose(x.astype(np.float32), y, rtol=1e-6 if x.dtype == np.float32
+                                     else 8e-3, atol=2e-7 * float(np.nanmax(np.abs(y))),
+                                     err_msg=name)
+    for a, b in zip(got[2] or (), want[2] or ()):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, err_msg=name)
+    assert (got[2] is None) == (rule.sumsq is None)
 
 
 @pytest.mark.ci_may_skip("CPU-only behaviour")

@@ -292,8 +292,8 @@ def test_lamb_trust_ratio_reads_the_stored_moments():
 
 
 def test_quantized_group_runs_on_jnp_with_a_warning_for_kernel_backends(monkeypatch):
-  """An explicit backend without a quantized kernel (as mosaic_gpu on a GPU; here Pallas
-  interpret mode with its kernel removed) warns and runs quantized groups on jnp."""
+  """An explicit backend without a quantized kernel (here Pallas interpret mode with its
+  kernel removed) warns and runs quantized groups on jnp."""
   import dataclasses   # pylint: disable=import-outside-toplevel
   from fusedopt.kernels import pallas   # pylint: disable=import-outside-toplevel
   monkeypatch.setitem(pallas.BACKENDS, "pallas_interpret", dataclasses.replace(
