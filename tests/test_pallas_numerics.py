@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import fusedopt as optim
-from fusedopt.kernels import pallas as kp
+from fusedopt.kernels import pallas as kp, registry
 from fusedopt.elementwise import JNP, namespace
 
 from cases import CONFIGS, IDS, SHAPES, ulps_error
@@ -217,7 +217,6 @@ def test_step_scalars_do_not_recompile():
 def test_auto_choice_on_an_accelerator():
   """backend="auto" on GPU/TPU: Pallas where the flat buffer is the leaf itself or the rule's
   norms are fused (LAMB's moment pass); the XLA-fused jnp path where packing would cost copies."""
-  from fusedopt.kernels import registry
   from fusedopt.adam import ADAM_RULE
   from fusedopt.lamb import MOMENTS_RULE, APPLY_RULE
   from fusedopt.layout import FlatLayout
@@ -244,20 +243,24 @@ QUANTIZED_CASES = [("adam", np.float32, "int8"), ("adam+guarded", np.float16, "f
                          ids=[f"{n}-{np.dtype(p).name if p != 'bf16' else p}-{s}"
                               for n, p, s in QUANTIZED_CASES])
 def test_quantized_kernel_on_a_gpu_bitwise_equals_numpy(name, pdt, storage):
-  """Compiled on a GPU, the Pallas kernel over int8/e4m3 state rounds every operation as NumPy
+  """Compiled on a GPU, the Pallas kernel over int8/e4m3 state (with
+  FUSEDOPT_TEST_GPU_BACKEND=mosaic_gpu, the Mosaic GPU one) rounds every operation as NumPy
   does (IEEE-rounded PTX, no contraction), so params, codes, scales and float fields are
   bitwise equal to tests/test_quantized_native.py's NumPy reference (LAMB's per-row sums within
   2e-6: another order), over ragged leaves and a checked skip; and the encoders code every
   value where a code changes as the reference does. (Interpret mode contracts the rule's
-  multiply-adds on XLA:CPU: its checks, against the native kernel, are in that file.)"""
-  if not ON_DEVICE or jax.default_backend() != "gpu" or BACKEND != "pallas":
-    pytest.skip("the Pallas GPU kernel compiled (a GPU, FUSEDOPT_TEST_GPU_BACKEND unset)")
+  multiply-adds on XLA:CPU: its checks, against the native kernel and the jnp path, are in
+  that file and tests/test_mosaic_gpu_lowering.py.)"""
+  if not ON_DEVICE or jax.default_backend() != "gpu" or BACKEND not in ("pallas", "mosaic_gpu"):
+    pytest.skip("a quantized GPU kernel compiled (a GPU; FUSEDOPT_TEST_GPU_BACKEND unset or "
+                "mosaic_gpu)")
   import ml_dtypes   # pylint: disable=import-outside-toplevel
   import test_quantized_native as tq   # pylint: disable=import-outside-toplevel
   kinds = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp8": tq.F8}
   pdt = kinds.get(pdt, pdt)
   storage = tuple(kinds[s] for s in storage) if isinstance(storage, tuple) else storage
-  run = kp._run_quantized(None)   # pylint: disable=protected-access
+  run = (kp._run_quantized(None) if BACKEND == "pallas"   # pylint: disable=protected-access
+         else registry.get(BACKEND).run_quantized)
   tq.check_against_numpy(run, name, pdt, storage, sums_rtol=2e-6, flat=True)
   if name == "adam" and storage == "int8":
     for fmt in (tq.S8, tq.U8, tq.F8):
