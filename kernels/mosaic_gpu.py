@@ -370,49 +370,23 @@ def _gather(table, idx, dtype):
   return run(table, idx)
 
 
-class _SharedTables:
-  """The int8 maps' lookups from shared memory (each CTA copies the tables in once): a decode
-  is a map read, an encode ``quantization.bucket_code``'s one bucket read (``pallas._Gather``'s
-  arithmetic). Inputs: the signed and unsigned maps, float32 (2, 256); their bucket tables,
-  int32 (rows, 256) (a TMA copy moves at most 256 elements a dimension)."""
-
-  @staticmethod
-  def inputs():
-    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
-    maps = np.stack([Q.dynamic_map(True), Q.dynamic_map(False)])
-    bkt = np.concatenate([Q.bucket_table(True), Q.bucket_table(False)])
-    bkt = np.pad(bkt, (0, -bkt.size % WIDTH)).reshape(-1, WIDTH)
-    return [jnp.asarray(maps), jnp.asarray(bkt)]
-
-  def __init__(self, maps, bkt):
-    self.maps, self.bkt = maps, bkt
-
-  def decode(self, fmt, codes):
-    return _gather(self.maps, codes.astype(jnp.int32) + (0 if fmt.name == "int8_signed" else 256),
-                   F32)
-
-  def encode(self, fmt, u, ops):
-    del ops
-    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
-    off = 0 if fmt.name == "int8_signed" else 2 * (Q.NUM_BUCKETS + 2)   # (both signs each)
-    return Q.bucket_code(jnp, u, lambda i: _gather(self.bkt, i + off, jnp.int32))
+def _table_inputs():
+  """The int8 tables as ``pallas._Gather`` reads them, as rows of WIDTH for copies to shared
+  memory (a TMA copy moves at most 256 elements a dimension; 51 KB), read flat."""
+  return kp._Gather.inputs(WIDTH)   # pylint: disable=protected-access
 
 
-class _ValueTables(_SharedTables):
-  """``_SharedTables``' lookups in Mosaic GPU's interpreter (CPU), which runs no inline code:
-  gathers from the tables' values."""
+def _shared_tables(maps, bkt):
+  """The int8 lookups from shared-memory copies of the tables (each CTA copies them in once):
+  ``pallas._Gather``'s decode (a map read) and encode (one bucket read), each read
+  ``_gather``'s per-element loads."""
+  return kp._Gather(maps, bkt, _gather)   # pylint: disable=protected-access
 
-  def __init__(self, maps, bkt):   # pylint: disable=super-init-not-called
-    self.maps, self.bkt = maps[...].reshape(-1), bkt[...].reshape(-1)
 
-  def decode(self, fmt, codes):
-    return self.maps[codes.astype(jnp.int32) + (0 if fmt.name == "int8_signed" else 256)]
-
-  def encode(self, fmt, u, ops):
-    del ops
-    from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
-    off = 0 if fmt.name == "int8_signed" else 2 * (Q.NUM_BUCKETS + 2)   # (both signs each)
-    return Q.bucket_code(jnp, u, lambda i: self.bkt[i + off])
+def _value_tables(maps, bkt):
+  """``_shared_tables`` in Mosaic GPU's interpreter (CPU), which runs no inline code: gathers
+  from the tables' values."""
+  return kp._Gather(maps[...].reshape(-1), bkt[...].reshape(-1))   # pylint: disable=protected-access
 
 
 def _whole(op, x):
@@ -495,7 +469,7 @@ def _quantized_kernel(rule, fmts, steps, stages, n_seg, n_tables, *refs):
   one ``pallas.quantized_block`` (decode, rule, absmax, encode), float arithmetic as correctly
   rounded PTX. p (in place) and the fields the rule writes are updated in place; scales and
   per-row tables and sums are scalars in global memory; the int8 tables are copied to shared
-  memory first (``_SharedTables``)."""
+  memory first (``_shared_tables``)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
   r = _split_quantized(rule, fmts, n_seg, n_tables, refs, outputs=False)
   layout = _row_layout()
@@ -520,7 +494,7 @@ def _quantized_kernel(rule, fmts, steps, stages, n_seg, n_tables, *refs):
         functools.partial(block, lookup), grid=(steps,),
         in_specs=[pl.BlockSpec((r.s.shape[0],), lambda i: (0,))] + [blk] * len(ins),
         out_specs=[blk] * len(outs), max_concurrent_steps=stages)(r.s, *ins, *outs)
-  _with_tables(r.tables, lambda tabs: pipeline(_SharedTables(*tabs) if tabs else None))
+  _with_tables(r.tables, lambda tabs: pipeline(_shared_tables(*tabs) if tabs else None))
 
 
 def _with_tables(tables, body):
@@ -544,7 +518,7 @@ def _with_tables(tables, body):
 def _interpret_quantized_kernel(rule, fmts, steps, n_seg, n_tables, *refs):
   """One CTA in Mosaic GPU's interpreter (CPU): the same blocks, rows and
   ``pallas.quantized_block`` as ``_quantized_kernel``, through explicit copies (as
-  ``_interpret_kernel``), jax's float operations and gathers (``_ValueTables``), every written
+  ``_interpret_kernel``), jax's float operations and gathers (``_value_tables``), every written
   buffer an output of its own."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
   r = _split_quantized(rule, fmts, n_seg, n_tables, refs, outputs=True)
@@ -552,7 +526,7 @@ def _interpret_quantized_kernel(rule, fmts, steps, n_seg, n_tables, *refs):
   outs = ([r.p_out] if rule.writes_param else []) + list(r.data_out.values())
 
   def run(tabs, s_s, in_s, out_s, bar):
-    lookup = _ValueTables(*tabs) if tabs else None
+    lookup = _value_tables(*tabs) if tabs else None
     plgpu.copy_gmem_to_smem(r.s, s_s, bar.at[0])
     plgpu.barrier_wait(bar.at[0])
 
@@ -590,7 +564,7 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *,
   ``quantization.QuantizedArray``s (int8 maps or e4m3); ``seg_rows`` and the sums are per row
   of one 256-element block. Each row is one ``pallas.quantized_block``; codes, scales, float
   fields and p are updated in place when donated. The int8 maps are read from shared memory
-  (``_SharedTables``). ``platform="interpret"``: Mosaic GPU's interpreter on a CPU
+  (``_shared_tables``). ``platform="interpret"``: Mosaic GPU's interpreter on a CPU
   (``_interpret_quantized_kernel``; for verification, slow)."""
   from fusedopt import quantization  # pylint: disable=import-outside-toplevel
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
@@ -609,7 +583,7 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *,
   tuning = tuning or default_tuning(rule, p.dtype)
   steps = kp._largest_pow2_divisor(units, max(1, tuning.block // ALIGN))  # pylint: disable=protected-access
   view = lambda x: x.reshape(rows, WIDTH)  # noqa: E731
-  tables = _SharedTables.inputs() if any(f and not f.is_fp8 for f in fmts) else []
+  tables = _table_inputs() if any(f and not f.is_fp8 for f in fmts) else []
   fixed = ([_scalar_vector(rule, scalars)] + tables
            + [jnp.asarray(seg_rows[k], F32) for k in rule.seg_scalars]
            + ([view(g)] if rule.reads_grad else []))

@@ -333,29 +333,34 @@ class _Gather:
   n_inputs = 2
 
   @staticmethod
-  def inputs():
+  def inputs(row=None):
+    """[maps, buckets]; the buckets padded to a power of two (a Triton block), or with ``row``
+    both as rows of ``row`` entries."""
     from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
-    maps = jnp.asarray(np.concatenate([Q.dynamic_map(True), Q.dynamic_map(False)]))
+    maps = np.concatenate([Q.dynamic_map(True), Q.dynamic_map(False)])
     bkt = np.concatenate([Q.bucket_table(True), Q.bucket_table(False)])
-    bkt = np.pad(bkt, (0, _pad_pow2(bkt.size) - bkt.size))
-    return [maps, jnp.asarray(bkt)]
+    if row is None:
+      return [jnp.asarray(maps), jnp.asarray(np.pad(bkt, (0, _pad_pow2(bkt.size) - bkt.size)))]
+    return [jnp.asarray(np.pad(x, (0, -x.size % row)).reshape(-1, row)) for x in (maps, bkt)]
 
   @staticmethod
   def specs(arrays):
     return [pl.BlockSpec(a.shape, lambda i: (0,)) for a in arrays]
 
-  def __init__(self, maps_ref, bkt_ref):
-    self.maps, self.bkt = maps_ref, bkt_ref
+  def __init__(self, maps_ref, bkt_ref, read=lambda table, idx, dtype: table[idx]):
+    """``read(table, int32 indices, dtype)``: a table's entries (by default, indexing; Mosaic
+    GPU: its own shared-memory loads, over the same tables reshaped for its copies)."""
+    self.maps, self.bkt, self.read = maps_ref, bkt_ref, read
 
   def decode(self, fmt, codes):
     off = 0 if fmt.name == "int8_signed" else 256
-    return self.maps[codes.astype(jnp.int32) + off]
+    return self.read(self.maps, codes.astype(jnp.int32) + off, F32)
 
   def encode(self, fmt, u, ops):
     del ops
     from fusedopt import quantization as Q  # pylint: disable=import-outside-toplevel
-    off = 0 if fmt.name == "int8_signed" else 2 * (Q.NUM_BUCKETS + 2)
-    return Q.bucket_code(jnp, u, lambda i: self.bkt[i + off])
+    off = 0 if fmt.name == "int8_signed" else 2 * (Q.NUM_BUCKETS + 2)   # (both signs each)
+    return Q.bucket_code(jnp, u, lambda i: self.read(self.bkt, i + off, jnp.int32))
 
 
 class _Lanes:
