@@ -380,6 +380,16 @@ def test_mq1_quantized_kernel_lowers_in_place(rule, fields):
   assert len(aliases) == _n_written(rule, fields)
 
 
+def test_mq1_quantized_kernel_past_2_to_31_elements():
+  """A (2^31 + 4096)-element int8 group lowers (no memory needed): the kernel indexes rows (of
+  256: under 2^24) and units, never elements; the codes are a (rows, 256) uint8 view."""
+  n = (1 << 31) + 4096
+  txt = lower_cuda(_q_fn(QUANTIZED_RULES[1][0], n, ("s8", "u8")),
+                   *_q_sds(n, ("s8", "u8"))).as_text()
+  assert txt.count("@mosaic_gpu_v2") == 1
+  assert f"tensor<{n // kmg.WIDTH}x{kmg.WIDTH}xui8>" in txt
+
+
 @pytest.mark.parametrize("rule, fields, pdt", [pytest.param(*c.values, jnp.float32, id=c.id)
                                                for c in Q_CASES]
                          + [pytest.param(Q_CASES[1].values[0], ("s8", "u8"), jnp.bfloat16,

@@ -495,7 +495,7 @@ def test_quantized_groups_past_2_to_31_elements():
   from fusedopt.layout import FlatLayout   # pylint: disable=import-outside-toplevel
   tree = {"w": jax.ShapeDtypeStruct((n,), jnp.float32)}
   layout = FlatLayout.build(tree, quantize=(1, 256))
-  size = layout.groups[0].size   # (whole 32-block tiles: a little over n)
+  size = layout.groups[0].size   # (whole 128-block rows of scales: a little over n)
   _, gsds = _quantized_fn(ADAM_RULE, "gpu", size, ("s8", "u8"))
   state = (Q.QuantizedArray(*gsds[2:4], Q.INT8_SIGNED),
            Q.QuantizedArray(*gsds[4:6], Q.INT8_UNSIGNED))
@@ -505,6 +505,20 @@ def test_quantized_groups_past_2_to_31_elements():
     out = jax.eval_shape(lambda p, g, st: run(ADAM_RULE, scalars, {}, layout, 0, [p], [g], st),
                          sds[0], sds[1], state)
   assert out[1][0].codes.shape == (size,)
+
+
+def test_quantized_tpu_kernel_past_2_to_31_elements():
+  """On a TPU the kernel takes a group past 2^31 elements (a layout's: whole 128-block rows):
+  its "tiles" view indexes rows of 128 and blocks of rows, never elements (traced and lowered,
+  not compiled: no memory needed)."""
+  from fusedopt.layout import FlatLayout   # pylint: disable=import-outside-toplevel
+  n = (1 << 31) + 4096
+  size = FlatLayout.build({"w": jax.ShapeDtypeStruct((n,), jnp.float32)},
+                          quantize=(1, 256)).groups[0].size
+  f, sds = _quantized_fn(ADAM_RULE, "tpu", size, ("s8", "u8"))
+  txt = lower_tpu(f, *sds).as_text()
+  assert "tpu_custom_call" in txt and f"tensor<{size // kp.LANES}x{kp.LANES}xui8>" in txt
+  assert f"tensor<{size // (256 * kp.LANES)}x1x{kp.LANES}xf32>" in txt
 
 
 def _splat_of_table(ttir, name):
