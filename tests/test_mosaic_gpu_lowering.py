@@ -486,6 +486,37 @@ def test_mq0_quantized_interpreter_matches_jnp(name, fields, units, dtype):
     assert (got[2] is None) == (rule.sumsq is None)
 
 
+def test_mq0_non_finite_rows_as_the_jnp_path():
+  """A row (block) whose update holds NaN or inf is stored as the jnp path stores it: scale NaN
+  or inf (its absmax: the whole-row reduction keeps a NaN), its codes equal; the other rows'
+  scales within float32 rounding (the two programs contract differently). int8 and e4m3."""
+  # pylint: disable=import-outside-toplevel
+  from fusedopt.adam import ADAM_RULE
+  from fusedopt.kernels import jnp as jnp_backend
+  import test_quantized_native as tq
+  rng = np.random.RandomState(1)
+  n = 3 * kmg.ALIGN
+  p = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  g = rng.standard_normal(n).astype(np.float32)
+  g[256 + 5], g[512 + 9], g[2048 + 3] = np.nan, np.inf, -np.inf   # rows 1, 2, 8
+  g = jnp.asarray(g)
+  for fields in ((tq.S8, tq.U8), (tq.F8, tq.F8)):
+    state = tuple(tq._random_field(rng, f, n, k == 1)   # pylint: disable=protected-access
+                  for k, f in enumerate(fields))
+    s = {k: jnp.float32(v) for k, v in
+         numpy_oracle.random_scalars(ADAM_RULE, rng, ok=1.0).items()}
+    got = kmg.flat_update_quantized(ADAM_RULE, s, {}, p, g, state, platform="interpret",
+                                    tuning=kmg.MosaicTuning(block=2 * kmg.ALIGN))
+    want = jnp_backend.flat_update_quantized(ADAM_RULE, s, {}, p, g, state, 256)
+    for a, b in zip(got[1], want[1]):
+      np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+      x, y = np.asarray(a.scales), np.asarray(b.scales)
+      assert not np.isfinite(y[[1, 2, 8]]).any()
+      np.testing.assert_array_equal(np.isnan(x), np.isnan(y))
+      np.testing.assert_array_equal(np.isinf(x), np.isinf(y))
+      np.testing.assert_allclose(x[np.isfinite(y)], y[np.isfinite(y)], rtol=2.4e-7)
+
+
 @pytest.mark.ci_may_skip("CPU-only behaviour")
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU-only behaviour")
 def test_backend_says_where_it_runs():
