@@ -412,6 +412,13 @@ class _QRefs:
   sums: list
 
 
+def _written(rule, n_fields):
+  """The state fields a quantized kernel writes: all but those the rule passes through (none
+  where it writes no state)."""
+  passed = symbolic.passed_through(rule)
+  return [k for k in range(n_fields) if rule.writes_state and not passed[k]]
+
+
 def _split_quantized(rule, fmts, n_seg, n_tables, refs, outputs):
   """``_QRefs`` of a quantized kernel's refs: inputs [scalars, tables, seg tables..., (g), p,
   per field: codes and scales or the buffer]; then either (``outputs``, the interpreter) an
@@ -423,8 +430,7 @@ def _split_quantized(rule, fmts, n_seg, n_tables, refs, outputs):
   g = take(1)[0] if rule.reads_grad else None
   (p,) = take(1)
   fields = [take(2) if f else take(1) for f in fmts]
-  passed = symbolic.passed_through(rule)
-  written = [k for k in range(len(fmts)) if rule.writes_state and not passed[k]]
+  written = _written(rule, len(fmts))
   if outputs:
     p_out = take(1)[0] if rule.writes_param else None
     data_out, scales_out = {}, {}
@@ -589,8 +595,7 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *,
            + ([view(g)] if rule.reads_grad else []))
   bufs = [x for st in state for x in ((view(st.codes), st.scales)
                                       if quantization.is_quantized(st) else (view(st),))]
-  passed = symbolic.passed_through(rule)
-  written = [k for k in range(len(state)) if rule.writes_state and not passed[k]]
+  written = _written(rule, len(state))
   mesh = plgpu.Mesh(grid=(units // steps,), grid_names=("cta",))
   params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
   name = f"fusedopt_q_{rule.name}"
@@ -610,7 +615,8 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *,
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=import-outside-toplevel
     out_type = [jax.ShapeDtypeStruct((rows, WIDTH), p.dtype)] if rule.writes_param else []
     for k in written:
-      out_type.append(jax.ShapeDtypeStruct((rows, WIDTH), _bufs_of(state[k])[0].dtype))
+      data = state[k].codes if fmts[k] else state[k]
+      out_type.append(jax.ShapeDtypeStruct((rows, WIDTH), data.dtype))
       if fmts[k]:
         out_type.append(jax.ShapeDtypeStruct((rows,), F32))
     out_type += [jax.ShapeDtypeStruct((rows,), F32)] * n_sums
@@ -643,12 +649,6 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *,
   if rule.writes_param and not rule.param_in_place:
     new_p = final.pop(0).reshape(-1)
   return assemble(new_p, new_bufs, final)
-
-
-def _bufs_of(x):
-  """A state field's buffers: (codes, scales) of a quantized one, (x,) of a float one."""
-  from fusedopt import quantization  # pylint: disable=import-outside-toplevel
-  return (x.codes, x.scales) if quantization.is_quantized(x) else (x,)
 
 
 # ----------------------------------------------------------------------------- the backend
