@@ -155,44 +155,27 @@ def _split_refs(rule, n_seg, refs, outputs):
   return s_gmem, q_gmem, g_gmem, p_gmem, st_gmem, p_out, st_out, refs
 
 
-def _kernel(rule, steps, step_units, stages, n_seg, *refs):
-  """One CTA on a GPU: ``steps`` blocks through ``plgpu.emit_pipeline``, p and state in place
-  (``_split_refs``), float arithmetic as correctly rounded PTX."""
+def _run_pipeline(steps, stages, rows, s_gmem, ins, outs, update):
+  """On a GPU: this CTA's ``steps`` blocks of ``(rows, WIDTH)`` of every buffer in ``ins`` and
+  ``outs`` through shared memory (``plgpu.emit_pipeline``, ``stages`` steps in flight), the
+  scalars' vector with each; ``update(b, s_ref, in_blocks, out_blocks)`` computes block ``b``."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
-  s_gmem, q_gmem, g_gmem, p_gmem, st_gmem, p_out_gmem, st_out_gmem, sum_gmem = _split_refs(
-      rule, n_seg, refs, outputs=False)
-  shape = (step_units * UNIT_ROWS, WIDTH)
-  layout, ops = _layout(shape), _precise_ops(shape)
 
-  def block(idx, s_ref, *io):
-    io = list(io)
-    p_ref = io.pop(0)
-    g_ref = io.pop(0) if rule.reads_grad else None
-    st_refs = [io.pop(0) for _ in range(rule.n_state)]
-    p_out = io.pop(0) if rule.writes_param else None
-    _update_block(rule, ops, lambda r: _load(r, layout).astype(F32), s_ref, q_gmem, sum_gmem,
-                  _block_index(steps, idx[0]), p_ref, g_ref, st_refs, p_out, io)
-
-  blk = pl.BlockSpec(shape, lambda i: (_block_index(steps, i), 0))
-  ins = [p_gmem] + ([g_gmem] if rule.reads_grad else []) + st_gmem
-  outs = ([p_out_gmem] if rule.writes_param else []) + st_out_gmem
+  def body(idx, s_ref, *io):
+    update(_block_index(steps, idx[0]), s_ref, list(io[:len(ins)]), list(io[len(ins):]))
+  blk = pl.BlockSpec((rows, WIDTH), lambda i: (_block_index(steps, i), 0))
   plgpu.emit_pipeline(
-      block, grid=(steps,),
+      body, grid=(steps,),
       in_specs=[pl.BlockSpec((s_gmem.shape[0],), lambda i: (0,))] + [blk] * len(ins),
       out_specs=[blk] * len(outs), max_concurrent_steps=stages)(s_gmem, *ins, *outs)
 
 
-def _interpret_kernel(rule, steps, step_units, n_seg, *refs):
-  """One CTA in Mosaic GPU's interpreter (CPU): the same blocks, grid and ``_update_block`` as
-  ``_kernel``, through explicit copies instead of ``emit_pipeline`` (whose predicated copies
-  the interpreter rejects), one block at a time, jax's float operations (no inline PTX), p and
-  state written to outputs of their own (the interpreter rejects aliased refs)."""
+def _run_copies(steps, stages, rows, s_gmem, ins, outs, update):
+  """``_run_pipeline`` in Mosaic GPU's interpreter (CPU): the same blocks through explicit
+  copies, one block at a time (the interpreter rejects ``emit_pipeline``'s predicated copies);
+  ``outs`` are outputs of their own (it rejects refs aliased in and out)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
-  s_gmem, q_gmem, g_gmem, p_gmem, st_gmem, p_out_gmem, st_out_gmem, sum_gmem = _split_refs(
-      rule, n_seg, refs, outputs=True)
-  rows = step_units * UNIT_ROWS
-  ins = [p_gmem] + ([g_gmem] if rule.reads_grad else []) + st_gmem
-  outs = ([p_out_gmem] if rule.writes_param else []) + st_out_gmem
+  del stages
 
   def run(s_s, in_s, out_s, bar):
     plgpu.copy_gmem_to_smem(s_gmem, s_s, bar.at[0])
@@ -205,13 +188,7 @@ def _interpret_kernel(rule, steps, step_units, n_seg, *refs):
       for k in range(len(ins)):
         plgpu.barrier_wait(bar.at[1 + k])
       plgpu.wait_smem_to_gmem(0)   # the last block's outputs have left out_s
-      it = iter(in_s)
-      p_ref = next(it)
-      g_ref = next(it) if rule.reads_grad else None
-      o = list(out_s)
-      p_out = o.pop(0) if rule.writes_param else None
-      _update_block(rule, None, lambda r: r[...].astype(F32), s_s, q_gmem, sum_gmem, b, p_ref,
-                    g_ref, list(it), p_out, o)
+      update(b, s_s, list(in_s), list(out_s))
       plgpu.commit_smem()
       for src, dst in zip(out_s, outs):
         plgpu.copy_smem_to_gmem(src, dst.at[pl.ds(b * rows, rows)])
@@ -220,29 +197,77 @@ def _interpret_kernel(rule, steps, step_units, n_seg, *refs):
     plgpu.wait_smem_to_gmem(0)
 
   smem = lambda r: plgpu.SMEM((rows, WIDTH), r.dtype)  # noqa: E731
-  pl.run_scoped(lambda s_s, in_s, out_s, bar: run(s_s, in_s, out_s, bar),
-                plgpu.SMEM(s_gmem.shape, F32), [smem(r) for r in ins], [smem(r) for r in outs],
-                plgpu.Barrier(num_arrivals=1, num_barriers=1 + len(ins)))
+  pl.run_scoped(run, plgpu.SMEM(s_gmem.shape, F32), [smem(r) for r in ins],
+                [smem(r) for r in outs], plgpu.Barrier(num_arrivals=1, num_barriers=1 + len(ins)))
 
 
-def _interpret_update(rule, steps, step_units, fixed, p, state, units, mesh, params):
-  """``flat_update`` through ``_interpret_kernel``: every output a fresh buffer."""
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=import-outside-toplevel
-  n = p.shape[0]
-  view = lambda x: x.reshape(n // WIDTH, WIDTH)  # noqa: E731
-  out_type = ([jax.ShapeDtypeStruct((n // WIDTH, WIDTH), p.dtype)] if rule.writes_param else [])
-  out_type += ([jax.ShapeDtypeStruct((n // WIDTH, WIDTH), x.dtype) for x in state]
-               if rule.writes_state else [])
-  out_type += [jax.ShapeDtypeStruct((units,), F32)] * elementwise.num_sumsq_terms(rule)
-  outs = list(pl.kernel(
-      functools.partial(_interpret_kernel, rule, steps, step_units, len(rule.seg_scalars)),
-      out_type=tuple(out_type), mesh=mesh, compiler_params=params,
-      interpret=InterpretGPUParams(), name=f"fusedopt_{rule.name}")(
-          *fixed, view(p), *[view(x) for x in state]))
-  new_p = outs.pop(0).reshape(-1) if rule.writes_param else None
-  new_state = (tuple(outs.pop(0).reshape(-1) for _ in state) if rule.writes_state
-               else tuple(state))
-  return new_p, new_state, (tuple(outs) if rule.sumsq is not None else None)
+def _kernel(rule, steps, step_units, stages, n_seg, interpret, *refs):
+  """One CTA: ``steps`` blocks of ``step_units`` units, each ``_update_block``. On a GPU through
+  ``_run_pipeline``, p and state in place (``_split_refs``), float arithmetic as correctly
+  rounded PTX; in the interpreter (``interpret``) through ``_run_copies``, jax's float
+  operations, p and state written to outputs of their own."""
+  s_gmem, q_gmem, g_gmem, p_gmem, st_gmem, p_out_gmem, st_out_gmem, sum_gmem = _split_refs(
+      rule, n_seg, refs, outputs=interpret)
+  shape = (step_units * UNIT_ROWS, WIDTH)
+  if interpret:
+    ops, load = None, lambda r: r[...].astype(F32)
+  else:
+    layout, ops = _layout(shape), _precise_ops(shape)
+    load = lambda r: _load(r, layout).astype(F32)  # noqa: E731
+
+  def update(b, s_ref, ins, outs):
+    p_ref = ins.pop(0)
+    g_ref = ins.pop(0) if rule.reads_grad else None
+    p_out = outs.pop(0) if rule.writes_param else None
+    _update_block(rule, ops, load, s_ref, q_gmem, sum_gmem, b, p_ref, g_ref, ins, p_out, outs)
+  ins = [p_gmem] + ([g_gmem] if rule.reads_grad else []) + st_gmem
+  outs = ([p_out_gmem] if rule.writes_param else []) + st_out_gmem
+  (_run_copies if interpret else _run_pipeline)(steps, stages, shape[0], s_gmem, ins, outs, update)
+
+
+def _run_kernel(kernel, name, ctas, rule, fixed, p, bufs, written, sums, platform):
+  """``kernel(interpret, *fixed, p, *bufs, *outputs)`` (a ``pl.kernel`` body) on ``ctas`` CTAs.
+
+  On a GPU, p (where the rule writes it in place) and ``bufs`` (where it writes state) are refs
+  the kernel updates in place, inside ``pl.run_state`` so that no ref escapes into the caller's
+  jaxpr (the kernel backends run under ``custom_jvp``): Pallas aliases them in and out of the
+  custom call. An out-of-place p and the ``sums`` (shapes) are refs too, from zeros: a write
+  pass, where a copy of p would add a read. In the interpreter (``platform="interpret"``) p,
+  the buffers ``written`` (indices into ``bufs``) and the sums are outputs of their own.
+  Returns (new p or None, {index in bufs: its new buffer} for ``written``, the sums)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  mesh = plgpu.Mesh(grid=(ctas,), grid_names=("cta",))
+  # Lane semantics (jax 0.10's default, 0.12's is Warpgroup): explicit layouts, the inline PTX
+  # above, and implicit broadcasts of scalars (a checked step's `ok`) lower in it
+  params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+  sums = [jax.ShapeDtypeStruct(shape, F32) for shape in sums]
+  if platform == "interpret":
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=import-outside-toplevel
+    out_type = ([jax.ShapeDtypeStruct(p.shape, p.dtype)] if rule.writes_param else [])
+    out_type += [jax.ShapeDtypeStruct(bufs[k].shape, bufs[k].dtype) for k in written] + sums
+    outs = list(pl.kernel(functools.partial(kernel, True), out_type=tuple(out_type), mesh=mesh,
+                          compiler_params=params, interpret=InterpretGPUParams(),
+                          name=name)(*fixed, p, *bufs))
+    new_p = outs.pop(0) if rule.writes_param else None
+    return new_p, {k: outs.pop(0) for k in written}, outs
+  aliased_p = rule.writes_param and rule.param_in_place
+  inits = (([p] if aliased_p else []) + (list(bufs) if rule.writes_state else [])
+           + ([jnp.zeros(p.shape, p.dtype)] if rule.writes_param and not aliased_p else [])
+           + [jnp.zeros(s.shape, F32) for s in sums])
+  call = pl.kernel(functools.partial(kernel, False), out_type=(), mesh=mesh,
+                   compiler_params=params, name=name)
+
+  def run(refs):
+    refs = list(refs)
+    p_arg = refs.pop(0) if aliased_p else p
+    buf_args = [refs.pop(0) for _ in bufs] if rule.writes_state else list(bufs)
+    call(*fixed, p_arg, *buf_args, *refs)   # refs left: an out-of-place p, the sums
+  final = list(pl.run_state(run)(tuple(inits)))
+  new_p = final.pop(0) if aliased_p else None
+  new_bufs = [final.pop(0) for _ in bufs] if rule.writes_state else []
+  if rule.writes_param and not aliased_p:
+    new_p = final.pop(0)
+  return new_p, {k: new_bufs[k] for k in written}, final
 
 
 def _block_bytes_per_unit(rule, p_dtype, g, state) -> int:
@@ -268,8 +293,7 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[Mosaic
   """``kernels.pallas.flat_update`` on Mosaic GPU: runs ``rule`` over flat buffers of whole
   ``ALIGN``-element units in one kernel (same arguments and results; ``seg_rows`` and the sums
   are per unit). p and state are updated in place when donated. ``platform="interpret"``:
-  Mosaic GPU's interpreter on a CPU (``_interpret_kernel``; for verification, slow)."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  Mosaic GPU's interpreter on a CPU (``_kernel``'s copies; for verification, slow)."""
   common.check_flat_buffers(rule, p, g, state, ALIGN)
   n = p.shape[0]
   units = n // ALIGN
@@ -291,43 +315,19 @@ def flat_update(rule, scalars, seg_rows, p, g, state, *, tuning: Optional[Mosaic
   steps = kp._largest_pow2_divisor(blocks, max(1, tuning.block // (ALIGN * step_units)))
   # pylint: enable=protected-access
   view = lambda x: x.reshape(n // WIDTH, WIDTH)  # noqa: E731
-
   fixed = ([_scalar_vector(rule, scalars)]
            + [jnp.asarray(seg_rows[k], F32) for k in rule.seg_scalars]
            + ([view(g)] if rule.reads_grad else []))
-  mesh = plgpu.Mesh(grid=(blocks // steps,), grid_names=("cta",))
-  # Lane semantics (jax 0.10's default, 0.12's is Warpgroup): explicit layouts, the inline PTX
-  # above, and implicit broadcasts of scalars (a checked step's `ok`) lower in it
-  params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
-  if platform == "interpret":
-    return _interpret_update(rule, steps, step_units, fixed, p, state, units, mesh, params)
-  aliased_p = rule.writes_param and rule.param_in_place
-  # What the kernel writes is a ref (Mosaic GPU's in-place outputs), inside ``run_state`` so that
-  # no ref escapes into the caller's jaxpr (the kernel backends run under ``custom_jvp``). An
-  # out-of-place param output starts as zeros: a write pass, where a copy of p would add a read.
-  inits = (([view(p)] if aliased_p else [])
-           + ([view(x) for x in state] if rule.writes_state else [])
-           + ([jnp.zeros((n // WIDTH, WIDTH), p.dtype)]
-              if rule.writes_param and not rule.param_in_place else [])
-           + [jnp.zeros((units,), F32)] * n_sums)
-  kernel = pl.kernel(
+  written = list(range(len(state))) if rule.writes_state else []
+  new_p, new_bufs, sums = _run_kernel(
       functools.partial(_kernel, rule, steps, step_units, tuning.num_stages,
                         len(rule.seg_scalars)),
-      out_type=(), mesh=mesh, compiler_params=params, name=f"fusedopt_{rule.name}")
-
-  def run(refs):
-    refs = list(refs)
-    p_arg = refs.pop(0) if aliased_p else view(p)
-    st_args = ([refs.pop(0) for _ in state] if rule.writes_state else [view(x) for x in state])
-    kernel(*fixed, p_arg, *st_args, *refs)   # refs left: an out-of-place p, the sums
-  final = list(pl.run_state(run)(tuple(inits)))
-  new_p = final.pop(0).reshape(-1) if aliased_p else None
-  new_state = (tuple(final.pop(0).reshape(-1) for _ in state) if rule.writes_state
-               else tuple(state))
-  if rule.writes_param and not rule.param_in_place:
-    new_p = final.pop(0).reshape(-1)
-  sums = tuple(final) if rule.sumsq is not None else None
-  return new_p, new_state, sums
+      f"fusedopt_{rule.name}", blocks // steps, rule, fixed, view(p),
+      [view(x) for x in state], written, [(units,)] * n_sums, platform)
+  new_state = tuple(new_bufs[k].reshape(-1) if k in new_bufs else x
+                    for k, x in enumerate(state))
+  return (None if new_p is None else new_p.reshape(-1), new_state,
+          tuple(sums) if rule.sumsq is not None else None)
 
 
 # ----------------------------------------------------------------------------- quantized state
@@ -470,37 +470,35 @@ def _quantized_rows(rule, fmts, r, lookup, ops, load, unit, s_ref, p_ref, g_ref,
       o[row] = t
 
 
-def _quantized_kernel(rule, fmts, steps, stages, n_seg, n_tables, *refs):
-  """One CTA on a GPU: ``steps`` one-unit blocks (4 rows) through ``emit_pipeline``, each row
-  one ``pallas.quantized_block`` (decode, rule, absmax, encode), float arithmetic as correctly
-  rounded PTX. p (in place) and the fields the rule writes are updated in place; scales and
-  per-row tables and sums are scalars in global memory; the int8 tables are copied to shared
-  memory first (``_shared_tables``)."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
-  r = _split_quantized(rule, fmts, n_seg, n_tables, refs, outputs=False)
-  layout = _row_layout()
-  ops = _precise_ops((WIDTH,))
-
-  def block(lookup, idx, s_ref, *io):
-    io = list(io)
-    p_ref = io.pop(0)
-    g_ref = io.pop(0) if rule.reads_grad else None
-    data = [io.pop(0) for _ in fmts]
-    p_out = io.pop(0) if rule.writes_param else None
-    _quantized_rows(rule, fmts, r, lookup, ops, lambda ref: _load(ref, layout),
-                    _block_index(steps, idx[0]), s_ref, p_ref, g_ref, data, p_out,
-                    dict(zip(r.data_out, io)))
-
-  blk = pl.BlockSpec((UNIT_ROWS, WIDTH), lambda i: (_block_index(steps, i), 0))
+def _quantized_kernel(rule, fmts, steps, stages, n_seg, n_tables, interpret, *refs):
+  """One CTA: ``steps`` one-unit blocks (4 rows), each row one ``pallas.quantized_block``
+  (decode, rule, absmax, encode); scales and per-row tables and sums are scalars in global
+  memory. On a GPU through ``_run_pipeline``: p (in place) and the fields the rule writes
+  updated in place, float arithmetic as correctly rounded PTX, the int8 tables copied to shared
+  memory first (``_shared_tables``). In the interpreter (``interpret``) through ``_run_copies``:
+  jax's float operations and gathers (``_value_tables``), every written buffer an output of
+  its own."""
+  r = _split_quantized(rule, fmts, n_seg, n_tables, refs, outputs=interpret)
+  if interpret:
+    ops, load, tables = None, lambda ref: ref[...], _value_tables
+  else:
+    layout, ops, tables = _row_layout(), _precise_ops((WIDTH,)), _shared_tables
+    load = lambda ref: _load(ref, layout)  # noqa: E731
   ins = [r.p] + ([r.g] if rule.reads_grad else []) + r.data
   outs = ([r.p_out] if rule.writes_param else []) + list(r.data_out.values())
 
-  def pipeline(lookup):
-    plgpu.emit_pipeline(
-        functools.partial(block, lookup), grid=(steps,),
-        in_specs=[pl.BlockSpec((r.s.shape[0],), lambda i: (0,))] + [blk] * len(ins),
-        out_specs=[blk] * len(outs), max_concurrent_steps=stages)(r.s, *ins, *outs)
-  _with_tables(r.tables, lambda tabs: pipeline(_shared_tables(*tabs) if tabs else None))
+  def run(tabs):
+    lookup = tables(*tabs) if tabs else None
+
+    def update(b, s_ref, ins, outs):
+      p_ref = ins.pop(0)
+      g_ref = ins.pop(0) if rule.reads_grad else None
+      p_out = outs.pop(0) if rule.writes_param else None
+      _quantized_rows(rule, fmts, r, lookup, ops, load, b, s_ref, p_ref, g_ref, ins, p_out,
+                      dict(zip(r.data_out, outs)))
+    (_run_copies if interpret else _run_pipeline)(steps, stages, UNIT_ROWS, r.s, ins, outs,
+                                                  update)
+  _with_tables(r.tables, run)
 
 
 def _with_tables(tables, body):
@@ -521,49 +519,6 @@ def _with_tables(tables, body):
                 plgpu.Barrier(num_arrivals=1, num_barriers=len(tables)))
 
 
-def _interpret_quantized_kernel(rule, fmts, steps, n_seg, n_tables, *refs):
-  """One CTA in Mosaic GPU's interpreter (CPU): the same blocks, rows and
-  ``pallas.quantized_block`` as ``_quantized_kernel``, through explicit copies (as
-  ``_interpret_kernel``), jax's float operations and gathers (``_value_tables``), every written
-  buffer an output of its own."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
-  r = _split_quantized(rule, fmts, n_seg, n_tables, refs, outputs=True)
-  ins = [r.p] + ([r.g] if rule.reads_grad else []) + r.data
-  outs = ([r.p_out] if rule.writes_param else []) + list(r.data_out.values())
-
-  def run(tabs, s_s, in_s, out_s, bar):
-    lookup = _value_tables(*tabs) if tabs else None
-    plgpu.copy_gmem_to_smem(r.s, s_s, bar.at[0])
-    plgpu.barrier_wait(bar.at[0])
-
-    def one(i, carry):
-      b = _block_index(steps, i)
-      rows = pl.ds(b * UNIT_ROWS, UNIT_ROWS)
-      for k, (src, dst) in enumerate(zip(ins, in_s)):
-        plgpu.copy_gmem_to_smem(src.at[rows], dst, bar.at[1 + k])
-      for k in range(len(ins)):
-        plgpu.barrier_wait(bar.at[1 + k])
-      plgpu.wait_smem_to_gmem(0)   # the last block's outputs have left out_s
-      it, o = iter(in_s), list(out_s)
-      p_ref = next(it)
-      g_ref = next(it) if rule.reads_grad else None
-      data = [next(it) for _ in fmts]
-      p_out = o.pop(0) if rule.writes_param else None
-      _quantized_rows(rule, fmts, r, lookup, None, lambda ref: ref[...], b, s_s, p_ref, g_ref,
-                      data, p_out, dict(zip(r.data_out, o)))
-      plgpu.commit_smem()
-      for src, dst in zip(out_s, outs):
-        plgpu.copy_smem_to_gmem(src, dst.at[rows])
-      return carry
-    lax.fori_loop(0, steps, one, 0)
-    plgpu.wait_smem_to_gmem(0)
-
-  smem = lambda x: plgpu.SMEM((UNIT_ROWS, WIDTH), x.dtype)  # noqa: E731
-  _with_tables(r.tables, lambda tabs: pl.run_scoped(
-      functools.partial(run, tabs), plgpu.SMEM(r.s.shape, F32), [smem(x) for x in ins],
-      [smem(x) for x in outs], plgpu.Barrier(num_arrivals=1, num_barriers=1 + len(ins))))
-
-
 def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *,
                           tuning: Optional[MosaicTuning] = None, platform: Optional[str] = None):
   """``pallas.flat_update_quantized`` on Mosaic GPU: state fields may be
@@ -571,9 +526,8 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *,
   of one 256-element block. Each row is one ``pallas.quantized_block``; codes, scales, float
   fields and p are updated in place when donated. The int8 maps are read from shared memory
   (``_shared_tables``). ``platform="interpret"``: Mosaic GPU's interpreter on a CPU
-  (``_interpret_quantized_kernel``; for verification, slow)."""
+  (``_quantized_kernel``'s copies; for verification, slow)."""
   from fusedopt import quantization  # pylint: disable=import-outside-toplevel
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
   if platform not in (None, "gpu", "interpret"):
     raise ValueError(f"platform={platform!r}: the Mosaic GPU kernels run on a GPU, or in its "
                      "interpreter ('interpret')")
@@ -593,62 +547,24 @@ def flat_update_quantized(rule, scalars, seg_rows, p, g, state, *,
   fixed = ([_scalar_vector(rule, scalars)] + tables
            + [jnp.asarray(seg_rows[k], F32) for k in rule.seg_scalars]
            + ([view(g)] if rule.reads_grad else []))
-  bufs = [x for st in state for x in ((view(st.codes), st.scales)
-                                      if quantization.is_quantized(st) else (view(st),))]
-  written = _written(rule, len(state))
-  mesh = plgpu.Mesh(grid=(units // steps,), grid_names=("cta",))
-  params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
-  name = f"fusedopt_q_{rule.name}"
-  args = (rule, fmts, steps)
-  consts = (len(rule.seg_scalars), len(tables))
-
-  def assemble(new_p, new_bufs, sums):
-    """(new p, new state, sums) from the written buffers (by field index) and sums."""
-    new_state = list(state)
-    for k, b in new_bufs.items():
-      x = state[k]
-      new_state[k] = (quantization.QuantizedArray(b[0].reshape(-1), b[1], x.fmt, x.block)
-                      if quantization.is_quantized(x) else b[0].reshape(-1))
-    return new_p, tuple(new_state), (tuple(sums) if rule.sumsq is not None else None)
-
-  if platform == "interpret":
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # pylint: disable=import-outside-toplevel
-    out_type = [jax.ShapeDtypeStruct((rows, WIDTH), p.dtype)] if rule.writes_param else []
-    for k in written:
-      data = state[k].codes if fmts[k] else state[k]
-      out_type.append(jax.ShapeDtypeStruct((rows, WIDTH), data.dtype))
-      if fmts[k]:
-        out_type.append(jax.ShapeDtypeStruct((rows,), F32))
-    out_type += [jax.ShapeDtypeStruct((rows,), F32)] * n_sums
-    outs = list(pl.kernel(functools.partial(_interpret_quantized_kernel, *args, *consts),
-                          out_type=tuple(out_type), mesh=mesh, compiler_params=params,
-                          interpret=InterpretGPUParams(), name=name)(*fixed, view(p), *bufs))
-    new_p = outs.pop(0).reshape(-1) if rule.writes_param else None
-    new_bufs = {k: [outs.pop(0) for _ in range(2 if fmts[k] else 1)] for k in written}
-    return assemble(new_p, new_bufs, outs)
-
-  aliased_p = rule.writes_param and rule.param_in_place
-  inits = (([view(p)] if aliased_p else []) + (bufs if rule.writes_state else [])
-           + ([jnp.zeros((rows, WIDTH), p.dtype)]
-              if rule.writes_param and not rule.param_in_place else [])
-           + [jnp.zeros((rows,), F32)] * n_sums)
-  kernel = pl.kernel(functools.partial(_quantized_kernel, *args, tuning.num_stages, *consts),
-                     out_type=(), mesh=mesh, compiler_params=params, name=name)
-
-  def run(refs):
-    refs = list(refs)
-    p_arg = refs.pop(0) if aliased_p else view(p)
-    st_args = [refs.pop(0) for _ in bufs] if rule.writes_state else bufs
-    kernel(*fixed, p_arg, *st_args, *refs)   # refs left: an out-of-place p, the sums
-  final = list(pl.run_state(run)(tuple(inits)))
-  new_p = final.pop(0).reshape(-1) if aliased_p else None
-  new_bufs = {}
-  if rule.writes_state:
-    by_field = [[final.pop(0) for _ in range(2 if f else 1)] for f in fmts]
-    new_bufs = {k: by_field[k] for k in written}
-  if rule.writes_param and not rule.param_in_place:
-    new_p = final.pop(0).reshape(-1)
-  return assemble(new_p, new_bufs, final)
+  bufs, first = [], []   # every field's buffers (codes and scales, or one); its first's index
+  for x in state:
+    first.append(len(bufs))
+    bufs += [view(x.codes), x.scales] if quantization.is_quantized(x) else [view(x)]
+  written = [first[k] + j for k in _written(rule, len(state)) for j in range(2 if fmts[k] else 1)]
+  new_p, new_bufs, sums = _run_kernel(
+      functools.partial(_quantized_kernel, rule, fmts, steps, tuning.num_stages,
+                        len(rule.seg_scalars), len(tables)),
+      f"fusedopt_q_{rule.name}", units // steps, rule, fixed, view(p), bufs, written,
+      [(rows,)] * n_sums, platform)
+  new_state = list(state)
+  for k, x in enumerate(state):
+    if first[k] in new_bufs:
+      new_state[k] = (quantization.QuantizedArray(new_bufs[first[k]].reshape(-1),
+                                                  new_bufs[first[k] + 1], x.fmt, x.block)
+                      if fmts[k] else new_bufs[first[k]].reshape(-1))
+  return (None if new_p is None else new_p.reshape(-1), tuple(new_state),
+          tuple(sums) if rule.sumsq is not None else None)
 
 
 # ----------------------------------------------------------------------------- the backend
