@@ -136,13 +136,17 @@ def auto_choice(layout, gi: int, rule) -> common.Backend:
 def select_quantized(name: str, layout, gi: int, rule, leaf_state: bool = False
                      ) -> common.Backend:
   """The backend that runs ``rule`` over group ``gi`` whose state has quantized fields
-  (``Backend.run_quantized``): ``auto``'s choice where it has a quantized kernel (the native
-  kernels on a CPU; with per-leaf state, as ``auto_leaf_choice``, only with one device), else
-  jnp; an explicit backend without one warns once and runs the group on jnp."""
+  (``Backend.run_quantized``). ``auto``: the native kernels where ``auto_choice`` picks them
+  (a CPU; with per-leaf state, as ``auto_leaf_choice``, only with one device), else jnp -- on a
+  GPU/TPU too, where ``auto_choice`` may pick Pallas: its quantized kernel has not run on a
+  device yet (``bench/gpu_run.sh`` with ``LOW_BIT=1`` measures it). An explicit backend without
+  a quantized kernel warns once and runs the group on jnp."""
   if name == "auto" and leaf_state and jax.device_count() > 1:
     return get("jnp")   # the caller may shard the step; XLA would gather a custom call's operands
   if name == "auto":
     backend = auto_choice(layout, gi, rule)
+    if backend.name != "native":
+      return get("jnp")
   else:
     backend = _fallback(_explicit(name), layout.groups[gi].dtype, layout.align)
   if backend.run_quantized is None:

@@ -231,6 +231,23 @@ def test_auto_choice_on_an_accelerator():
     assert registry.select("auto", one, 0, ADAM_RULE).name != "pallas"
 
 
+def test_auto_keeps_quantized_state_on_jnp_on_an_accelerator():
+  """Quantized state under backend="auto" on a GPU/TPU runs on jnp, also where ``auto_choice``
+  picks Pallas for float state (one leaf, LAMB's moment pass): the Pallas quantized kernel has
+  not run on a device. An explicit backend="pallas" runs it (asked for by name)."""
+  from fusedopt.adam import ADAM_RULE
+  from fusedopt.lamb import MOMENTS_RULE
+  from fusedopt.layout import FlatLayout
+  one = FlatLayout.build({"w": jnp.zeros((4, 1024))})
+  with kp.targeting("gpu"):
+    assert registry.select("auto", one, 0, ADAM_RULE).name == "pallas"   # float state
+    for rule in (ADAM_RULE, MOMENTS_RULE):
+      assert registry.select_quantized("auto", one, 0, rule).name == "jnp"
+      assert registry.select_quantized("pallas", one, 0, rule).name == "pallas"
+  if not ON_DEVICE and "native" in registry.available_backends():   # a CPU with a compiler
+    assert registry.select_quantized("auto", one, 0, ADAM_RULE).name == "native"
+
+
 # (rule and wrappers as tests/test_quantized_native.py names them, params, state storage)
 QUANTIZED_CASES = [("adam", np.float32, "int8"), ("adam+guarded", np.float16, "fp8"),
                    ("adam", np.float32, ("fp8", "bf16")), ("lamb_moments", np.float32, "int8"),
