@@ -29,6 +29,7 @@ import importlib.util
 import os
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -540,6 +541,16 @@ def progress_bar(total, enabled):
   return tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
+class Stopped(Exception):
+  """SIGTERM (``timeout`` around a stage of bench/gpu_run.sh): the groups finished so far are
+  written, marked as a partial run."""
+
+
+def _stop(signum, frame):
+  del frame
+  raise Stopped(f"stopped by signal {signum}")
+
+
 def main(argv=None):
   global _BAR
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -560,14 +571,20 @@ def main(argv=None):
       f"runs after {CHECK_STEPS} check + {args.warmup} warm-up steps")
   total = sum(len(sum(b, [])) + len(b) * (args.warmup + args.repeats) for _, _, b, _ in groups)
   _BAR = progress_bar(total, not args.no_progress)
-  results = []
+  results, stopped = [], None
+  old_term = signal.signal(signal.SIGTERM, _stop)
   try:
     for t, o, batches, skipped in groups:
       if _BAR is not None:
         _BAR.set_description(f"{t}/{o}")
       results.append(bench_group(t, o, batches, skipped, args,
                                  _BAR.update if _BAR is not None else (lambda n: None)))
+  except Stopped as e:   # a device run's stage ran out of time: keep what was measured
+    stopped = (f"{e} after {len(results)} of {len(groups)} (tree, optimizer) groups; the "
+               "rest were not run")
+    log(stopped)
   finally:
+    signal.signal(signal.SIGTERM, old_term)
     if _BAR is not None:
       _BAR.close()
       _BAR = None
@@ -581,7 +598,8 @@ def main(argv=None):
                            if optims.OPTIMS[o].desc},
               "bytes_model": {o: optims.OPTIMS[o].bytes_note for o in args.optim_list}}
   payload = dict(env, command=command.strip(), total_runtime_s=total_s, settings=settings,
-                 results=results, notes=[x for g in results for x in g["notes"]])
+                 results=results, notes=([f"PARTIAL RUN: {stopped}"] if stopped else [])
+                 + [x for g in results for x in g["notes"]])
   stem = None
   if args.out:
     stem = report.free_stem(args.out, f"{jax.default_backend()}-{env['date']}"

@@ -166,6 +166,8 @@ def markdown(payload, plots=None):
   """The header plus one table per optimizer, the skipped implementations and the notes."""
   results = payload["results"]
   lines = header(payload, plots or {})
+  lines += [f"**{x}**" for x in payload.get("notes", []) if x.startswith("PARTIAL RUN")]
+  lines += [""] if lines[-1].startswith("**PARTIAL RUN") else []
   for optim in dict.fromkeys(g["optim"] for g in results):
     groups = [g for g in results if g["optim"] == optim]
     bpp = sorted({round(g["bytes_per_param"], 1) for g in groups})

@@ -599,3 +599,29 @@ def test_low_bit_rows_and_anchor_plumbing(tmp_path, monkeypatch):
   md = (tmp_path / "t-low-bit.md").read_text()
   assert "- fusedopt int8 / stand-in 8-bit Adam:" in md
   assert "- torchao AdamW8bit: not run (no torch with CUDA)" in md
+
+
+def test_sigterm_writes_the_groups_finished_so_far(tmp_path, tiny_trees, monkeypatch):
+  """``timeout`` around a stage of bench/gpu_run.sh sends SIGTERM: the run stops there and
+  writes the (tree, optimizer) groups it finished, marked as partial at the top of the
+  Markdown; SIGTERM's previous handler is back afterwards."""
+  import signal   # pylint: disable=import-outside-toplevel
+  real, calls = cli.bench_group, []
+
+  def group_then_term(*a, **k):
+    calls.append(1)
+    if len(calls) == 2:   # the signal arrives while the second group runs
+      signal.raise_signal(signal.SIGTERM)
+    return real(*a, **k)
+  monkeypatch.setattr(cli, "bench_group", group_then_term)
+  before = signal.getsignal(signal.SIGTERM)
+  out = run(tmp_path, "--trees", "tiny", "--optims", "adam,momentum", "--impls", "jnp,optax",
+            "--no-plots")
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert [g["optim"] for g in out["results"]] == ["adam"]
+  assert out["notes"][0].startswith("PARTIAL RUN: stopped by signal")
+  assert "after 1 of 2 (tree, optimizer) groups" in out["notes"][0]
+  md = (tmp_path / f"cpu-{out['date']}-custom.md").read_text()
+  assert md.index("**PARTIAL RUN") < md.index("## adam")
+  assert json.loads((tmp_path / f"cpu-{out['date']}-custom.json").read_text())["notes"] == \
+      out["notes"]
