@@ -2,7 +2,7 @@
 
 ``import fusedopt as optim`` is a drop-in for ``from flax import optim`` (flax 0.5.3).
 """
-from . import serialization, sharding, traverse_util
+from . import frozen_dict, serialization, sharding, traverse_util
 from .adabelief import AdaBelief
 from .adadelta import Adadelta
 from .adafactor import Adafactor
@@ -36,8 +36,8 @@ __all__ = [
     "HyperParamError", "LAMB", "LARS", "LayoutError", "Lion", "ModelParamTraversal", "Momentum",
     "MultiOptimizer", "Optimizer", "OptimizerDef", "OptimizerState", "ParamState", "RMSProp",
     "ScheduleFreeAdamW", "ScheduleFreeOptimizerState", "WeightNorm",
-    "FlatParams", "available_backends", "serialization", "shard_optimizer", "sharding",
-    "traverse_util",
+    "FlatParams", "available_backends", "frozen_dict", "serialization", "shard_optimizer",
+    "sharding", "traverse_util",
 ]
 
 # flax 0.5.3 registered its Optimizer with flax.serialization; do the same when flax is there.

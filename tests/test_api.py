@@ -1,4 +1,7 @@
 """The flax.optim API surface: pytree behaviour, overrides, no recompiles, errors, checkpoints."""
+import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -261,3 +264,12 @@ def test_python_float_overrides_never_recompile_and_keep_float64_accuracy(name, 
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     else:
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_flax_modules_are_attributes_of_the_package():
+  """README's API table: ``optim.traverse_util`` and ``optim.frozen_dict.FrozenDict`` after
+  ``import fusedopt as optim`` alone, as ``flax.traverse_util`` / ``flax.core.frozen_dict``."""
+  code = ("import fusedopt as optim; d = optim.frozen_dict.FrozenDict({'a': {'b': 1}}); "
+          "assert optim.traverse_util.flatten_dict(d) == {('a', 'b'): 1}")
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
