@@ -29,7 +29,7 @@ import pytest
 
 import fusedopt as optim
 from fusedopt import serialization as ser
-from fusedopt.base import OptimizerDef, OptimizerState
+from fusedopt.base import OptimizerState
 from fusedopt.flat_state import FlatState, ParamState
 from fusedopt.frozen_dict import FrozenDict
 

@@ -4,7 +4,6 @@ Expected values come from the float64 NumPy reference (tests/reference.py) and f
 MultiOptimizer with ``fuse=False`` (one state and one update per sub-optimizer).
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
