@@ -55,7 +55,10 @@ fi
 echo "XLA's ptxas: ${XLA_PTXAS:-not found}; Triton's: ${TRITON_PTXAS_BLACKWELL_PATH:-its own}"
 if [ "${NO_TREES:-0}" != 1 ]; then
   stage "trees"
-  timeout ${TREES_TIMEOUT:-210} python3 -m bench --device gpu \
+  # SIGTERM at the timeout: the bench writes the (tree, optimizer) groups it finished, in the
+  # order below (small-2000 last: compiling its jnp step for an H100 took 148 s on 2 CPU cores,
+  # bench/compile_only), -k: a hard kill 20 s later
+  timeout -k 20 ${TREES_TIMEOUT:-210} python3 -m bench --device gpu \
     --trees ${TREES:-gpt2-124m,resnet50,small-2000} --optims ${OPTIMS:-adam,lamb} \
     --impls ${IMPLS:-optax,auto,jnp,pallas,triton} --no-progress --out "$OUTDIR" 2>&1
   stage "decide"   # per optimizer: the backend fastest on most trees (for kernels/registry.py auto_choice)

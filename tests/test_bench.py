@@ -625,3 +625,34 @@ def test_sigterm_writes_the_groups_finished_so_far(tmp_path, tiny_trees, monkeyp
   assert md.index("**PARTIAL RUN") < md.index("## adam")
   assert json.loads((tmp_path / f"cpu-{out['date']}-custom.json").read_text())["notes"] == \
       out["notes"]
+
+
+def test_compile_only_reports_temp_memory_and_kernels(tmp_path, monkeypatch):
+  """``python -m bench.compile_only`` compiles the donated step for the H100 topology: the
+  leaf-direct Triton step holds under 1% of the params' bytes in temporaries and its kernels
+  are custom calls; jnp packs (a temporary the size of the params) and launches none; the
+  per-leaf candidate writes a fusion per leaf at least. Both files are written. (Leaves whose
+  padding to 1024 elements costs under 1%: the kernels' alignment.)"""
+  from bench import compile_only   # pylint: disable=import-outside-toplevel
+  monkeypatch.setitem(trees.TREES, "two", lambda: {"w": (256, 512), "b": (512,)})
+  out = compile_only.main(["--trees", "two", "--optims", "adam", "--backends", "jnp,triton",
+                           "--candidate", "--out", str(tmp_path)])
+  rows = {r["backend"]: r for r in out["rows"]}
+  assert not any("error" in r for r in rows.values()), rows
+  n_bytes = 4 * (256 * 512 + 512)
+  assert all(r["param_bytes"] == n_bytes for r in rows.values())
+  assert rows["triton"]["temp_pct"] < 1 and rows["triton"]["custom_calls"] >= 1
+  assert rows["jnp"]["custom_calls"] == 0 and rows["jnp"]["temp_pct"] >= 99
+  assert rows[compile_only.CANDIDATE]["fusions"] >= 2
+  md = (tmp_path / f"cpu-{out['env']['date']}-h100-compile.md").read_text()
+  assert md.count("| two | adam |") == 3
+
+
+def test_entry_ops_counts_the_entry_computation_only():
+  from bench import compile_only   # pylint: disable=import-outside-toplevel
+  hlo = ("HloModule m\n\n%fused (p: f32[4]) -> f32[4] {\n  %c = f32[4]{0} copy(%p)\n}\n\n"
+         "ENTRY %main (a: f32[4]) -> (f32[4], f32[4]) {\n"
+         "  %f = f32[4]{0} fusion(%a), kind=kLoop, calls=%fused\n"
+         "  %k = (f32[4]{0}, f32[4]{0}) custom-call(%a, %f), custom_call_target=\"x\"\n"
+         "  %d = f32[4]{0} copy(%f)\n  ROOT %t = (f32[4]{0}, f32[4]{0}) tuple(%k, %d)\n}\n")
+  assert compile_only.entry_ops(hlo) == {"fusions": 1, "custom_calls": 1, "copies": 1}
