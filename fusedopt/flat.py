@@ -445,7 +445,7 @@ class FlatOptimizerDef(OptimizerDef):
     layout = state.param_states.layout
     p_leaves = layout.check(params, "target", allow_other_float=False)
     g_leaves = layout.check(grads, "grads")
-    kernel_prepass = registry.gradient_prepass(self.backend)
+    kernel_prepass = registry.gradient_prepass(self.backend, layout)
     if kernel_prepass is not None:   # the backend's own pre-pass kernel (Triton)
       finite, norm, gscale = kernel_prepass(layout, g_leaves, grad_scale, clip_global_norm)
     else:

@@ -128,6 +128,9 @@ class Backend:
   ``fusedopt.quantization.QuantizedArray``: low-bit state) decodes, updates and encodes those
   fields in the same pass. None: the group runs on the jnp backend's (with a warning).
 
+  ``unit`` is the layout alignment (elements) ``flat_update`` needs, ``group_unit`` (where
+  smaller) the one the group runs need.
+
   ``flat_update(rule, scalars, tables, p, g, state, unit)`` (None where a backend's kernels only
   address leaves) runs ``rule`` over flat buffers of whole ``unit``s with per-unit tables
   ``tables`` (name -> float32 [n // unit]) and returns (new p or None, new state, per-unit sums
@@ -137,6 +140,7 @@ class Backend:
   run_group: Callable
   flat_update: Optional[Callable] = None
   unit: int = 1                               # the layout alignment its kernels need
+  group_unit: int = 0                         # run_group's/run_leaves' own, where smaller (0: unit)
   supports: Callable[[Any], bool] = lambda dtype: True
   unavailable: Callable[[], Optional[str]] = lambda: None   # why it cannot run here, or None
   kernel: bool = True                         # False for jnp: derivatives are its own
@@ -144,6 +148,11 @@ class Backend:
   gradient_prepass: Optional[Callable] = None   # (layout, g_leaves, grad_scale, clip) -> ...
   run_leaves: Optional[Callable] = None       # run_group with per-leaf state (see above)
   run_quantized: Optional[Callable] = None    # run_group with quantized state (see above)
+
+  def group_alignment(self) -> int:
+    """The layout alignment ``run_group``, ``run_leaves`` and ``run_quantized`` need (leaf-direct
+    kernels may need less than ``flat_update``'s ``unit``)."""
+    return self.group_unit or self.unit
 
   def leaf_runner(self) -> Callable:
     """``run_leaves``, or ``run_group`` behind ``packed_leaves`` where the backend has none."""

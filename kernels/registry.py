@@ -54,11 +54,13 @@ def _warn_once(msg):  # Python's default filter shows it once per call site
   warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def _fallback(backend: common.Backend, dtype, align: int):
-  """``backend``, or jnp (with a warning) where it has no kernel for ``dtype`` or ``align``."""
-  if align % backend.unit:
-    _warn_once(f"backend={backend.name!r} runs whole {backend.unit}-element units; this tree's "
-               f"layout is aligned to {align} elements (padding every leaf to {backend.unit} "
+def _fallback(backend: common.Backend, dtype, align: int, flat: bool = False):
+  """``backend``, or jnp (with a warning) where it has no kernel for ``dtype`` or ``align`` (the
+  alignment its group runs need; ``flat``: its ``flat_update``'s)."""
+  unit = backend.unit if flat else backend.group_alignment()
+  if align % unit:
+    _warn_once(f"backend={backend.name!r} runs whole {unit}-element units; this tree's "
+               f"layout is aligned to {align} elements (padding every leaf to {unit} "
                "would cost over 1% more memory), so it runs on the jnp backend")
     return get("jnp")
   if not backend.supports(dtype):
@@ -174,15 +176,19 @@ def select_flat(name: str, dtype, align: int) -> common.Backend:
       _warn_once(f"sharded state: rules with per-tensor scalars or sums (LAMB, LARS) run on the "
                  f"jnp backend per shard (the {name} kernels address whole leaves)")
     return get("jnp")
-  return _fallback(backend, dtype, align)
+  return _fallback(backend, dtype, align, flat=True)
 
 
-def gradient_prepass(name: str):
+def gradient_prepass(name: str, layout=None):
   """The checked step's gradient pre-pass as ``name``'s kernel, or None (the XLA one,
-  ``fusedopt.norms.gradient_prepass``)."""
+  ``fusedopt.norms.gradient_prepass``): also where ``layout``'s alignment is one the backend's
+  group runs do not take (they run on jnp then)."""
   if name == "auto" or name not in MODULES:
     return None
-  return _explicit(name).gradient_prepass
+  backend = _explicit(name)
+  if layout is not None and layout.align % backend.group_alignment():
+    return None
+  return backend.gradient_prepass
 
 
 # ----------------------------------------------------------------------------- transformations

@@ -513,17 +513,23 @@ def prepass_kernel_leaves(k: int):
 
 # ----------------------------------------------------------------------------- launching
 
-def _tile(n_rows: int, tuning: Tuning):
-  """(R, C): C = min(block, ALIGN) elements per row, R rows per program (a power of two, no more
-  than the buffer needs)."""
+def _rows_per_program(tuning: Tuning, c: int, n_rows: int) -> int:
+  """R: rows of ``c`` elements per program, ``tuning.block`` elements (a power of two) or no
+  more than the ``n_rows`` rows need."""
   block = tuning.block
   if block & (block - 1) or block < 16:
     raise ValueError(f"block={block} must be a power of two >= 16")
-  c = min(block, ALIGN)
-  r = block // c
+  r = max(1, block // c)
   while r > 1 and r // 2 >= n_rows:
     r //= 2
-  return r, c
+  return r
+
+
+def _tile(n_rows: int, tuning: Tuning):
+  """(R, C): C = min(block, ALIGN) elements per row, R rows per program (a power of two, no more
+  than the buffer needs)."""
+  c = min(tuning.block, ALIGN)
+  return _rows_per_program(tuning, c, n_rows), c
 
 
 class _NpTensor:
@@ -889,6 +895,10 @@ TABLES = ("SLOT", "CHUNK", "NROWS", "PADV", "ROW0")
 # and a model needs at most two kernel variants per (rule, dtypes, vector width): one for full
 # launches, one for the last.
 LEAVES_PER_LAUNCH = 64
+# The narrowest row of a leaf-direct tile: the alignment a layout needs for the leaf-direct
+# kernels (rows of min(block, ALIGN, align) elements). 2000 leaves of 5K-15K elements are aligned
+# to 256 (padding to 1024 would cost over 1%); smaller alignments run on jnp.
+MIN_ROW = 128
 # With per-leaf state each leaf adds two pointers per state field: launches take fewer leaves so
 # that a kernel's pointer parameters stay within ``_PARAM_POINTERS`` (4 KB less room for the
 # scalars and tables).
@@ -938,18 +948,20 @@ def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None, leaves_per_launc
   j-th leaf (default: the group's dtype). Leaves launched together have the same ones (one
   pointer type per argument) and the same vector width: the largest power of two dividing the
   leaf's size, up to 16 bytes of its narrowest buffer. In group order within a launch,
-  ``leaves_per_launch`` (default ``LEAVES_PER_LAUNCH``) at most. ``row``: rows of that many
-  elements over each leaf's size rounded up to ``row`` (quantized state: a row per block) instead
-  of ``min(block, ALIGN)`` over its padded segment."""
+  ``leaves_per_launch`` (default ``LEAVES_PER_LAUNCH``) at most. Rows of ``min(block, ALIGN,
+  layout.align)`` elements over each leaf's padded segment: a layout of many small leaves is
+  aligned to less than ``ALIGN`` (``layout.choose_align``), down to ``MIN_ROW``. ``row``: rows
+  of that many elements over each leaf's size rounded up to ``row`` (quantized state: a row per
+  block) instead."""
   per_launch = leaves_per_launch or LEAVES_PER_LAUNCH
   group = layout.groups[gi]
-  c = row or min(tuning.block, ALIGN)
+  c = row or min(tuning.block, ALIGN, layout.align)
   unit = row or layout.align
   if row and any(layout.segments[i].offset % row for i in group.segments):
     raise ValueError(f"rows of {row} elements need segments starting on multiples of {row}")
-  if not row and layout.align % c:
-    raise ValueError(f"the triton backend needs a layout aligned to a multiple of {c} elements "
-                     f"(rows of a tile); this one has align={layout.align}")
+  if not row and c < MIN_ROW:
+    raise ValueError(f"the triton backend needs a layout aligned to a multiple of {MIN_ROW} "
+                     f"elements (rows of a tile); this one has align={layout.align}")
   classes = {}
   for pos, i in enumerate(group.segments):
     size = layout.segments[i].size
@@ -963,12 +975,7 @@ def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None, leaves_per_launc
       pos = tuple(members[s:s + per_launch])
       segs = [layout.segments[group.segments[j]] for j in pos]
       nrows = np.asarray([-(-seg.size // unit) * unit // c for seg in segs], np.int64)
-      if row:
-        r = max(1, tuning.block // c)
-        while r > 1 and r // 2 >= int(nrows.max()):
-          r //= 2
-      else:
-        r, _ = _tile(int(nrows.max()), tuning)
+      r = _rows_per_program(tuning, c, int(nrows.max()))
       programs = -(-nrows // r)
       vec = -neg_vec
       tables = (np.repeat(np.arange(len(pos)), programs), np.concatenate(
@@ -1384,6 +1391,7 @@ BACKENDS = {
     name: common.Backend(
         name, functools.partial(run, platform=plat),
         common.at_unit(functools.partial(flat_update, platform=plat), ALIGN), unit=ALIGN,
+        group_unit=MIN_ROW,
         supports=supports, unavailable=why, sequential_vmap=True,
         gradient_prepass=functools.partial(gradient_prepass, platform=plat),
         run_leaves=functools.partial(run, platform=plat, leaf_state=True),

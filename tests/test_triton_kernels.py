@@ -359,11 +359,10 @@ TREE = {"a": jnp.zeros((300, 70)), "b": jnp.zeros((5000,), jnp.bfloat16), "c": j
         "d": jnp.zeros((7, 9), jnp.float16)}
 
 
-def _launches(tree):
-  """The leaf-direct launches of each dtype group of ``tree`` (kt.plan_launches), on a layout of
-  whole 1024-element units (what the kernels need; ``choose_align`` may pick less for a tree of
-  many small leaves)."""
-  layout = optim.FlatLayout.build(tree, align=1024)
+def _launches(tree, align=1024):
+  """The leaf-direct launches of each dtype group of ``tree`` (kt.plan_launches) on a layout of
+  whole ``align``-element units (None: ``choose_align``'s)."""
+  layout = optim.FlatLayout.build(tree, align=align)
   out = []
   for gi, group in enumerate(layout.groups):
     out.append(kt.plan_launches(layout, gi, kt.default_tuning(ADAM_RULE, group.dtype, "gpu")))
@@ -392,11 +391,17 @@ def test_launch_plan():
       assert (len(ch) - 1) * launch.r < nrows[j]
 
 
-def test_launch_plan_needs_whole_rows():
+def test_launch_plan_rows_follow_the_alignment():
+  """Rows of min(block, 1024, align) elements over each leaf's padded segment, a block's worth
+  per program (no more rows than the leaf has); a layout aligned below ``MIN_ROW`` raises,
+  naming its alignment (the registry runs it on jnp: test below)."""
   layout = optim.FlatLayout.build({"w": jnp.zeros((700,))}, align=512)
-  with pytest.raises(ValueError, match="align=512"):
-    kt.plan_launches(layout, 0, kt.Tuning(block=4096))
-  assert kt.plan_launches(layout, 0, kt.Tuning(block=512))[0].c == 512
+  [launch] = kt.plan_launches(layout, 0, kt.Tuning(block=4096))
+  assert (launch.c, launch.r, list(launch.tables[2])) == (512, 2, [2])   # 1024 padded: 2 rows
+  [launch] = kt.plan_launches(layout, 0, kt.Tuning(block=256))
+  assert (launch.c, launch.r, list(launch.tables[2])) == (256, 1, [4])
+  with pytest.raises(ValueError, match="align=64"):
+    kt.plan_launches(optim.FlatLayout.build({"w": jnp.zeros((700,))}, align=64), 0, kt.Tuning())
 
 
 def test_launch_tables_past_2_to_31_elements():
@@ -448,6 +453,48 @@ def test_t3_full_step_lowers_with_jax_triton(name, kw):
   assert sorted(a for a, _ in calls) == sorted(want)
   assert all("tt.func" in ttir for _, ttir in calls)
   assert _packed_sizes(low.as_text()) == []
+
+
+@needs_jax_triton
+def test_t3_many_small_leaves_run_leaf_direct_in_rows_of_256():
+  """2000 leaves of 5K-15K elements (the bench's small-2000; shapes only): ``choose_align``
+  aligns their layout to 256 elements, and the step still runs leaf-direct -- one custom call
+  per launch, rows of 256 elements, nothing packed -- where it used to run on jnp (303% of the
+  params in temporaries, compiled for an H100: bench/compile_only)."""
+  from triton_tools import triton_calls  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)   # bench/trees.py small_leaves_shapes(2000)'s sizes and kinds
+  tree = {f"l{i:04d}": jax.ShapeDtypeStruct(
+      (int(n),) if i % 2 else (int(n) // 50, 50), jnp.float32)
+          for i, n in enumerate(rng.integers(5000, 15000, 2000) // 50 * 50)}
+  assert optim.FlatLayout.build(tree).align == 256
+  opt = jax.eval_shape(lambda t: _step("Adam", {}, t), tree)
+  with kt.targeting("gpu", 90), warnings.catch_warnings():
+    warnings.simplefilter("error")   # no fallback to jnp
+    low = jax.jit(lambda o, g: o.replace(optimizer_def=optim.Adam(
+        learning_rate=0.1, backend="triton")).apply_gradient(g), donate_argnums=0).trace(
+            opt, tree).lower(lowering_platforms=("cuda",))
+  [plan] = _launches(tree, align=None)
+  assert {l.c for l in plan} == {256} and len(plan) == -(-2000 // kt.LEAVES_PER_LAUNCH)
+  assert sorted(a for a, _ in triton_calls(low)) == sorted(len(l.positions) + 2 for l in plan)
+  assert _packed_sizes(low.as_text()) == []
+
+
+@needs_jax_triton
+def test_triton_takes_layouts_aligned_to_128_elements_and_more():
+  """``backend="triton"`` runs a group whose layout is aligned to ``MIN_ROW`` (128) elements or
+  more (its leaf-direct rows), with its pre-pass kernel; its flat kernel (each device's slice
+  of sharded state) still needs 1024. Below, jnp with a warning, and XLA's pre-pass."""
+  from fusedopt.layout import FlatLayout  # pylint: disable=import-outside-toplevel
+  with kt.targeting("gpu", 90):
+    for align, runs in ((1024, "triton"), (256, "triton"), (128, "triton"), (64, "jnp")):
+      lay = FlatLayout.build({"a": jnp.zeros((3000,))}, align=align)
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert registry.select("triton", lay, 0, ADAM_RULE).name == runs
+        assert registry.select_flat("triton", jnp.float32, align).name == (
+            "triton" if align == 1024 else "jnp")
+      assert any("jnp backend" in str(w.message) for w in caught) == (align < 1024)
+      assert (registry.gradient_prepass("triton", lay) is None) == (runs == "jnp")
 
 
 @needs_jax_triton

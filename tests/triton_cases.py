@@ -347,10 +347,10 @@ def complex_planes(backend, stats):
       p, state = optax.apply_updates(p, ua), sa
 
 
-def checked_update(backend, stats):
+def checked_update(backend, stats, shapes=SHAPES):
   """apply_gradient_checked: the Triton pre-pass + guarded kernels vs the jnp backend, with loss
   scaling and clipping, then a skipped step (a NaN gradient) that changes nothing bitwise."""
-  t = tree(LOW)
+  t = tree(LOW, shapes)
   for name, kw in (("Adam", {"weight_decay": 0.1}), ("Momentum", {"nesterov": True}),
                    ("LAMB", {"weight_decay": 0.01, "master_weights": True})):
     defs = {b: getattr(optim, name)(learning_rate=0.05, backend=b, **kw) for b in ("jnp", backend)}
@@ -384,6 +384,37 @@ def checked_update(backend, stats):
     for x, y in zip(jax.tree.leaves(c), jax.tree.leaves(b)):
       assert np.array_equal(np.atleast_1d(np.asarray(x)).view(np.uint8),
                             np.atleast_1d(np.asarray(y)).view(np.uint8))
+
+
+def narrow_alignments(backend, stats):
+  """A layout aligned to less than 1024 elements (``choose_align`` picks it for many small
+  leaves, e.g. 256 for 2000 leaves of 5K-15K elements): the leaf-direct kernels take rows as
+  wide as the alignment (256 and 128 here: 16 and 32 rows per program), their state rows,
+  per-leaf sums and the checked step's pre-pass with them, and nothing runs on jnp. Below
+  ``MIN_ROW`` (64) the group runs on jnp, with a warning, and the pre-pass is XLA's."""
+  import warnings   # pylint: disable=import-outside-toplevel
+  from fusedopt import layout as fl   # pylint: disable=import-outside-toplevel
+  saved = fl.choose_align
+  try:
+    for align in (256, 128, 64):
+      fl.choose_align = lambda sizes, a=align: a
+      lay = optim.FlatLayout.build(tree(LOW, SHAPES + [(9, 40)]))
+      assert lay.align == align
+      if align >= kt.MIN_ROW:
+        assert {ln.c for gi in range(3) for ln in kt.plan_launches(lay, gi, kt.Tuning())} == \
+            {align}
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compare_steps("Adam", {"weight_decay": 0.1}, LOW, backend, stats, steps=1,
+                      shapes=SHAPES + [(9, 40)])
+        if align == 256:   # per-leaf sums and the pre-pass over rows of 256 too
+          compare_steps("LAMB", {"weight_decay": 0.01}, LOW, backend, stats, steps=1,
+                        shapes=SHAPES + [(9, 40)])
+          checked_update(backend, stats, shapes=SHAPES + [(9, 40)])
+      fell_back = [w for w in caught if "runs on the jnp backend" in str(w.message)]
+      assert bool(fell_back) == (align < kt.MIN_ROW), (align, [str(w.message) for w in caught])
+  finally:
+    fl.choose_align = saved
 
 
 def prepass(backend, stats):
@@ -685,6 +716,7 @@ CASES["leaf-state-equals-flat-state"] = leaf_state
 CASES["quantized-state-bitwise-vs-numpy"] = quantized_state
 CASES["checked-update-and-skipped-step"] = checked_update
 CASES["prepass-equals-xla"] = prepass
+CASES["narrow-alignments-256-128"] = narrow_alignments
 CASES["block-sizes-and-masking"] = block_sizes
 CASES["vmap-and-grad"] = vmap_and_grad
 CASES["bitwise-vs-numpy-float32"] = bitwise_vs_numpy
