@@ -4,7 +4,8 @@
 # device call (600 s; a session is lent 15 min of device time in all, start-up included) and every
 # finished stage has written its results under OUTDIR:
 #   1. the full-step tree benchmark (GPT-2-124M, ResNet-50, 2000 small leaves; Adam and LAMB;
-#      optax, auto, jnp, pallas, triton side by side, each checked against jnp before timing):
+#      optax, auto, jnp, pallas, triton -- and torch's fused/foreach where the image has torch
+#      with CUDA -- side by side, each checked against jnp before timing):
 #      what `backend="auto"` should pick on a GPU (`python -m bench.decide` prints it);
 #   2. the kernel roofline on one flat buffer (pallas, triton -- when triton and jax-triton are
 #      importable -- jnp, torch fused/foreach AdamW; SWEEP=1 adds the block x num_warps sweeps);
@@ -53,6 +54,8 @@ if [ -z "${TRITON_PTXAS_BLACKWELL_PATH:-}${TRITON_PTXAS_PATH:-}" ]; then
   fi
 fi
 echo "XLA's ptxas: ${XLA_PTXAS:-not found}; Triton's: ${TRITON_PTXAS_BLACKWELL_PATH:-its own}"
+# issue 21 asks for torch's fused and foreach AdamW on the trees' own shapes beside ours
+TORCH_ROWS=$(python3 -c "import torch; assert torch.cuda.is_available(); print(',torch-fused,torch-foreach')" 2>/dev/null | tail -1)
 if [ "${NO_TREES:-0}" != 1 ]; then
   stage "trees"
   # SIGTERM at the timeout: the bench writes the (tree, optimizer) groups it finished, in the
@@ -60,7 +63,7 @@ if [ "${NO_TREES:-0}" != 1 ]; then
   # bench/compile_only), -k: a hard kill 20 s later
   timeout -k 20 ${TREES_TIMEOUT:-210} python3 -m bench --device gpu \
     --trees ${TREES:-gpt2-124m,resnet50,small-2000} --optims ${OPTIMS:-adam,lamb} \
-    --impls ${IMPLS:-optax,auto,jnp,pallas,triton} --no-progress --out "$OUTDIR" 2>&1
+    --impls ${IMPLS:-optax,auto,jnp,pallas,triton$TORCH_ROWS} --no-progress --out "$OUTDIR" 2>&1
   stage "decide"   # per optimizer: the backend fastest on most trees (for kernels/registry.py auto_choice)
   python3 -m bench.decide $(ls -t "$OUTDIR"/gpu-*.json | head -1) 2>&1
 fi
