@@ -328,7 +328,7 @@ class MultiOptimizer(OptimizerDef):
     # one step context: the sub-optimizers share the step and, to be fused, the rounding seed
     ctx, finite, norm = StepContext(state.step), None, None
     if checked is not None:
-      kernel_prepass = registry.gradient_prepass(subs[j0].backend)
+      kernel_prepass = registry.gradient_prepass(subs[j0].backend, layout)
       if kernel_prepass is not None:   # the backend's own pre-pass kernel (Triton)
         finite, norm, gscale = kernel_prepass(layout, gs, *checked)
       else:

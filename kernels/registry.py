@@ -54,10 +54,9 @@ def _warn_once(msg):  # Python's default filter shows it once per call site
   warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def _fallback(backend: common.Backend, dtype, align: int, flat: bool = False):
-  """``backend``, or jnp (with a warning) where it has no kernel for ``dtype`` or ``align`` (the
-  alignment its group runs need; ``flat``: its ``flat_update``'s)."""
-  unit = backend.unit if flat else backend.group_alignment()
+def _fallback(backend: common.Backend, dtype, align: int, unit: int):
+  """``backend``, or jnp (with a warning) where it has no kernel for ``dtype`` or ``align`` is not
+  a multiple of ``unit`` (the alignment the runner that will run needs)."""
   if align % unit:
     _warn_once(f"backend={backend.name!r} runs whole {unit}-element units; this tree's "
                f"layout is aligned to {align} elements (padding every leaf to {unit} "
@@ -90,7 +89,7 @@ def select(name: str, layout, gi: int, rule, leaf_state: bool = False) -> common
       _warn_once(f"{why}; that group runs on the jnp backend")
       return get("jnp")
     backend, dtype = planes.on_planes(backend, get("jnp")), jnp.finfo(dtype).dtype
-  return _fallback(backend, dtype, layout.align)
+  return _fallback(backend, dtype, layout.align, backend.group_alignment())
 
 
 def auto_leaf_choice(layout, gi: int, rule) -> common.Backend:
@@ -150,7 +149,9 @@ def select_quantized(name: str, layout, gi: int, rule, leaf_state: bool = False
     if backend.name != "native":
       return get("jnp")
   else:
-    backend = _fallback(_explicit(name), layout.groups[gi].dtype, layout.align)
+    # (the full unit: the quantized kernels are tested on whole 1024-element units)
+    backend = _explicit(name)
+    backend = _fallback(backend, layout.groups[gi].dtype, layout.align, backend.unit)
   if backend.run_quantized is None:
     if name != "auto" and backend.name != "jnp":
       _warn_once(f"backend={name!r} has no kernel for quantized state yet; groups with "
@@ -176,7 +177,7 @@ def select_flat(name: str, dtype, align: int) -> common.Backend:
       _warn_once(f"sharded state: rules with per-tensor scalars or sums (LAMB, LARS) run on the "
                  f"jnp backend per shard (the {name} kernels address whole leaves)")
     return get("jnp")
-  return _fallback(backend, dtype, align, flat=True)
+  return _fallback(backend, dtype, align, backend.unit)
 
 
 def gradient_prepass(name: str, layout=None):

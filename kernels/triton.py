@@ -25,9 +25,11 @@ the hand-written driver templates:
   ``fusedopt.kernels.pallas.flat_update``'s contract; the optimizers' steps use the leaf-direct
   kernel, a sharded one included: each device's slice is a one-leaf group of its local layout).
 
-Layout of a program. The flat state of ``fusedopt.layout`` holds whole 1024-element units, and
-every segment (tensor) starts on a unit. A program handles a ``(R, C)`` tile of ``R * C = BLOCK``
-elements, ``C = min(BLOCK, 1024)``, of one tensor: per-tensor scalars (LAMB/LARS trust ratios)
+Layout of a program. The flat state of ``fusedopt.layout`` holds whole alignment units (1024
+elements, less for a tree of many small leaves), and every segment (tensor) starts on a unit.
+A program handles a ``(R, C)`` tile of ``R * C = BLOCK`` elements, ``C = min(BLOCK, 1024)``
+(leaf-direct: no wider than the largest power of two dividing the alignment, at least
+``MIN_ROW``; the flat kernel needs whole 1024-element units), of one tensor: per-tensor scalars (LAMB/LARS trust ratios)
 are one load, and LAMB's norms per-row ``tl.sum``s. Leaf-direct: host-built tables (``plan_launches``)
 give each program its leaf (slot) and chunk, each leaf its size, padded rows and first state row;
 the program picks its leaf's pointers with branch-free ``tl.where`` selects. The state is
@@ -949,17 +951,19 @@ def plan_launches(layout, gi, tuning: Tuning, leaf_dtypes=None, leaves_per_launc
   pointer type per argument) and the same vector width: the largest power of two dividing the
   leaf's size, up to 16 bytes of its narrowest buffer. In group order within a launch,
   ``leaves_per_launch`` (default ``LEAVES_PER_LAUNCH``) at most. Rows of ``min(block, ALIGN,
-  layout.align)`` elements over each leaf's padded segment: a layout of many small leaves is
-  aligned to less than ``ALIGN`` (``layout.choose_align``), down to ``MIN_ROW``. ``row``: rows
+  the largest power of two dividing layout.align)`` elements over each leaf's padded segment: a
+  layout of many small leaves is aligned to less than ``ALIGN`` (``layout.choose_align``), down
+  to ``MIN_ROW``; a hand-made one may be aligned to a non-power of two (1536). ``row``: rows
   of that many elements over each leaf's size rounded up to ``row`` (quantized state: a row per
   block) instead."""
   per_launch = leaves_per_launch or LEAVES_PER_LAUNCH
   group = layout.groups[gi]
-  c = row or min(tuning.block, ALIGN, layout.align)
+  widest = min(ALIGN, layout.align & -layout.align)   # a power of two dividing every offset
+  c = row or min(tuning.block, widest)
   unit = row or layout.align
   if row and any(layout.segments[i].offset % row for i in group.segments):
     raise ValueError(f"rows of {row} elements need segments starting on multiples of {row}")
-  if not row and c < MIN_ROW:
+  if not row and widest < MIN_ROW:
     raise ValueError(f"the triton backend needs a layout aligned to a multiple of {MIN_ROW} "
                      f"elements (rows of a tile); this one has align={layout.align}")
   classes = {}

@@ -402,6 +402,16 @@ def test_launch_plan_rows_follow_the_alignment():
   assert (launch.c, launch.r, list(launch.tables[2])) == (256, 1, [4])
   with pytest.raises(ValueError, match="align=64"):
     kt.plan_launches(optim.FlatLayout.build({"w": jnp.zeros((700,))}, align=64), 0, kt.Tuning())
+  # a smaller block still narrows the rows (it does not raise)
+  assert kt.plan_launches(layout, 0, kt.Tuning(block=64))[0].c == 64
+  # a hand-made alignment that is no power of two: rows of its largest power-of-two divisor,
+  # so that every leaf's rows start and end where its segment does
+  odd = optim.FlatLayout.build({"a": jnp.zeros((1500,)), "b": jnp.zeros((3000,))}, align=1536)
+  [launch] = kt.plan_launches(odd, 0, kt.Tuning())
+  slot, chunk, nrows, padv, row0 = (t.astype(np.int64) for t in launch.tables)
+  assert launch.c == 512
+  assert list(nrows * launch.c - padv * launch.vec) == [1500, 3000]
+  assert list(row0 * launch.c) == [s.offset for s in odd.segments] == [0, 1536]
 
 
 def test_launch_tables_past_2_to_31_elements():
@@ -486,15 +496,36 @@ def test_triton_takes_layouts_aligned_to_128_elements_and_more():
   of sharded state) still needs 1024. Below, jnp with a warning, and XLA's pre-pass."""
   from fusedopt.layout import FlatLayout  # pylint: disable=import-outside-toplevel
   with kt.targeting("gpu", 90):
-    for align, runs in ((1024, "triton"), (256, "triton"), (128, "triton"), (64, "jnp")):
+    for align, runs in ((1024, "triton"), (256, "triton"), (128, "triton"), (1536, "triton"),
+                        (64, "jnp")):
       lay = FlatLayout.build({"a": jnp.zeros((3000,))}, align=align)
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert registry.select("triton", lay, 0, ADAM_RULE).name == runs
         assert registry.select_flat("triton", jnp.float32, align).name == (
-            "triton" if align == 1024 else "jnp")
-      assert any("jnp backend" in str(w.message) for w in caught) == (align < 1024)
+            "triton" if align % 1024 == 0 else "jnp")
+      assert any("jnp backend" in str(w.message) for w in caught) == (align % 1024 != 0)
       assert (registry.gradient_prepass("triton", lay) is None) == (runs == "jnp")
+
+
+@needs_jax_triton
+def test_t3_checked_steps_on_a_layout_too_narrow_for_the_kernels():
+  """600 scalars (aligned to 64 elements, below ``MIN_ROW``): the Triton groups run on jnp with
+  a warning, and so does the checked step's pre-pass -- of a plain optimizer and of a fused
+  MultiOptimizer (both used to raise in the Triton pre-pass)."""
+  tree = {f"s{i:03d}": jnp.float32(i) for i in range(600)}
+  plain = optim.Adam(0.1, backend="triton")
+  multi = optim.MultiOptimizer(
+      (optim.ModelParamTraversal(lambda path, _: int(path[-3:]) % 2 == 0), plain),
+      (optim.ModelParamTraversal(lambda path, _: int(path[-3:]) % 2 == 1),
+       optim.Adam(0.2, backend="triton")))
+  for opt_def in (plain, multi):
+    opt = opt_def.create(tree)
+    assert optim.FlatLayout.build(tree).align == 64
+    with kt.targeting("gpu", 90), pytest.warns(RuntimeWarning, match="jnp backend"):
+      low = jax.jit(lambda o, g: o.apply_gradient_checked(g, clip_global_norm=1.0)).trace(
+          opt, tree).lower(lowering_platforms=("cuda",))
+    assert "triton" not in low.as_text()
 
 
 @needs_jax_triton
