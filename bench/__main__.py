@@ -541,9 +541,10 @@ def progress_bar(total, enabled):
   return tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-class Stopped(Exception):
+class Stopped(BaseException):
   """SIGTERM (``timeout`` around a stage of bench/gpu_run.sh): the groups finished so far are
-  written, marked as a partial run."""
+  written, marked as a partial run. A ``BaseException``: the ``except Exception`` that records
+  an implementation's failure (its compile, its check) must not swallow it."""
 
 
 def _stop(signum, frame):
@@ -571,6 +572,17 @@ def main(argv=None):
       f"runs after {CHECK_STEPS} check + {args.warmup} warm-up steps")
   total = sum(len(sum(b, [])) + len(b) * (args.warmup + args.repeats) for _, _, b, _ in groups)
   _BAR = progress_bar(total, not args.no_progress)
+  stem = None
+  if args.out:
+    stem = report.free_stem(args.out, f"{jax.default_backend()}-{env['date']}"
+                            + (f"-{args.tag}" if args.tag else ""), args.overwrite)
+  settings = run_settings(args)
+
+  def payload_of(results, stopped):
+    return dict(env, command=command.strip(), total_runtime_s=time.perf_counter() - t_start,
+                settings=settings, results=results,
+                notes=([f"PARTIAL RUN: {stopped}"] if stopped else [])
+                + [x for g in results for x in g["notes"]])
   results, stopped = [], None
   old_term = signal.signal(signal.SIGTERM, _stop)
   try:
@@ -579,6 +591,10 @@ def main(argv=None):
         _BAR.set_description(f"{t}/{o}")
       results.append(bench_group(t, o, batches, skipped, args,
                                  _BAR.update if _BAR is not None else (lambda n: None)))
+      if stem and len(results) < len(groups):   # what a SIGKILL mid-group would leave
+        so_far = payload_of(results, f"{len(results)} of {len(groups)} (tree, optimizer) "
+                            "groups written; the run had not finished")
+        report.write(args.out, stem, so_far, report.markdown(so_far))
   except Stopped as e:   # a device run's stage ran out of time: keep what was measured
     stopped = (f"{e} after {len(results)} of {len(groups)} (tree, optimizer) groups; the "
                "rest were not run")
@@ -588,22 +604,7 @@ def main(argv=None):
     if _BAR is not None:
       _BAR.close()
       _BAR = None
-  total_s = time.perf_counter() - t_start
-  settings = {"trees": args.tree_list, "optims": args.optim_list, "impls": args.impl_list,
-              "repeats": args.repeats, "warmup": args.warmup, "check_steps": CHECK_STEPS,
-              "rtol": RTOL, "atol": ATOL, "update_rtol": UPDATE_RTOL, "copy_mib": args.copy_mib,
-              "mem_budget_bytes": memory_budget(args), "learning_rate": optims.LR,
-              "hyper_params": {o: optims.OPTIMS[o].hp for o in args.optim_list},
-              "variants": {o: variant_settings(optims.OPTIMS[o]) for o in args.optim_list
-                           if optims.OPTIMS[o].desc},
-              "bytes_model": {o: optims.OPTIMS[o].bytes_note for o in args.optim_list}}
-  payload = dict(env, command=command.strip(), total_runtime_s=total_s, settings=settings,
-                 results=results, notes=([f"PARTIAL RUN: {stopped}"] if stopped else [])
-                 + [x for g in results for x in g["notes"]])
-  stem = None
-  if args.out:
-    stem = report.free_stem(args.out, f"{jax.default_backend()}-{env['date']}"
-                            + (f"-{args.tag}" if args.tag else ""), args.overwrite)
+  payload = payload_of(results, stopped)
   plots = {}
   if stem and not args.no_plots:
     plots = write_plots(results, env, args.out, stem)
@@ -614,6 +615,18 @@ def main(argv=None):
     for p in report.write(args.out, stem, payload, md):
       log(f"wrote {p}")
   return payload
+
+
+def run_settings(args):
+  """The run's settings, as the JSON records them."""
+  return {"trees": args.tree_list, "optims": args.optim_list, "impls": args.impl_list,
+          "repeats": args.repeats, "warmup": args.warmup, "check_steps": CHECK_STEPS,
+          "rtol": RTOL, "atol": ATOL, "update_rtol": UPDATE_RTOL, "copy_mib": args.copy_mib,
+          "mem_budget_bytes": memory_budget(args), "learning_rate": optims.LR,
+          "hyper_params": {o: optims.OPTIMS[o].hp for o in args.optim_list},
+          "variants": {o: variant_settings(optims.OPTIMS[o]) for o in args.optim_list
+                       if optims.OPTIMS[o].desc},
+          "bytes_model": {o: optims.OPTIMS[o].bytes_note for o in args.optim_list}}
 
 
 def variant_settings(optim):

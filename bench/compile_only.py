@@ -22,6 +22,7 @@ Writes ``<out>/cpu-<date>-h100-compile.{json,md}``.
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import re
 import sys
 import time
@@ -142,6 +143,9 @@ def main(argv=None):
   ap.add_argument("--out", default=report.HERE + "/results", help="'' writes no files")
   ap.add_argument("--tag", default="h100-compile")
   args = ap.parse_args(argv)
+  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    raise SystemExit("bench.compile_only needs jax-cuda12-plugin (the `test` extra has it) for "
+                     "XLA:GPU's compile-only topology")
   sys.path.insert(0, report.HERE + "/../tests")
   from kernel_tools import h100_replicated  # pylint: disable=import-outside-toplevel
   sharding = h100_replicated()

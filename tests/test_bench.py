@@ -602,21 +602,29 @@ def test_low_bit_rows_and_anchor_plumbing(tmp_path, monkeypatch):
 
 
 def test_sigterm_writes_the_groups_finished_so_far(tmp_path, tiny_trees, monkeypatch):
-  """``timeout`` around a stage of bench/gpu_run.sh sends SIGTERM: the run stops there and
-  writes the (tree, optimizer) groups it finished, marked as partial at the top of the
-  Markdown; SIGTERM's previous handler is back afterwards."""
+  """``timeout`` around a stage of bench/gpu_run.sh sends SIGTERM: the run stops there -- also
+  when it arrives while an implementation compiles, inside the ``except Exception`` that
+  records a failed implementation -- and writes the (tree, optimizer) groups it finished,
+  marked as partial at the top of the Markdown; SIGTERM's previous handler is back afterwards.
+  After each group the files hold what is done (what a SIGKILL would leave)."""
   import signal   # pylint: disable=import-outside-toplevel
-  real, calls = cli.bench_group, []
+  real_setup, real_group, calls, seen = cli.setup, cli.bench_group, [], []
 
-  def group_then_term(*a, **k):
-    calls.append(1)
-    if len(calls) == 2:   # the signal arrives while the second group runs
+  def setup_then_term(name, optim, *a, **k):
+    calls.append(optim.name)
+    if optim.name == "momentum":   # the signal arrives while the second group compiles
       signal.raise_signal(signal.SIGTERM)
-    return real(*a, **k)
-  monkeypatch.setattr(cli, "bench_group", group_then_term)
+    return real_setup(name, optim, *a, **k)
+
+  def group_and_files(*a, **k):
+    seen.append(sorted(p.name for p in tmp_path.glob("*.json")))
+    return real_group(*a, **k)
+  monkeypatch.setattr(cli, "setup", setup_then_term)
+  monkeypatch.setattr(cli, "bench_group", group_and_files)
   before = signal.getsignal(signal.SIGTERM)
   out = run(tmp_path, "--trees", "tiny", "--optims", "adam,momentum", "--impls", "jnp,optax",
             "--no-plots")
+  assert seen[0] == [] and len(seen[1]) == 1   # the first group was on disk before the second
   assert signal.getsignal(signal.SIGTERM) is before
   assert [g["optim"] for g in out["results"]] == ["adam"]
   assert out["notes"][0].startswith("PARTIAL RUN: stopped by signal")
