@@ -79,6 +79,17 @@ def compute_capability() -> Optional[int]:
   return _TARGET[-1][1] if _TARGET else None
 
 
+def device_compute_capability() -> Optional[int]:
+  """The compute capability kernels are built for: ``targeting``'s (None: no particular GPU),
+  else jax's first device's (90 for an H100), else None (no GPU, or one that does not say)."""
+  if targeted():
+    return compute_capability()
+  try:
+    return round(float(jax.devices()[0].compute_capability) * 10)
+  except (AttributeError, TypeError, ValueError):
+    return None
+
+
 def platform(explicit: Optional[str], kinds: Tuple[str, ...], backend: str) -> str:
   """The platform kernels are built for: ``explicit``, else ``targeting``'s, else jax's default
   backend, as one of "gpu", "tpu", "interpret" (a CPU runs kernels in interpret mode); raises

@@ -580,15 +580,11 @@ def _unavailable():
     return (f"backend='mosaic_gpu' needs an NVIDIA GPU (Hopper or newer); jax's default backend "
             f"is {plat!r}. Use 'pallas_interpret' to check the Pallas kernels' numerics on a CPU, "
             "or 'auto'")
-  if common.targeted():
-    cc = common.compute_capability()   # None: no particular GPU asked for
-  else:
+  cc = common.device_compute_capability()   # targeting's None: no particular GPU asked for
+  if cc is None and not common.targeted():
     raw = getattr(jax.devices()[0], "compute_capability", None)
-    try:
-      cc = round(float(raw) * 10)
-    except (TypeError, ValueError):
-      return (f"backend='mosaic_gpu' needs an NVIDIA GPU of compute capability 9.0 or newer; "
-              f"this device reports {raw!r}: use backend='pallas' or 'auto'")
+    return (f"backend='mosaic_gpu' needs an NVIDIA GPU of compute capability 9.0 or newer; "
+            f"this device reports {raw!r}: use backend='pallas' or 'auto'")
   if cc is not None and cc < MIN_COMPUTE_CAPABILITY:
     return (f"backend='mosaic_gpu' needs compute capability 9.0 or newer (Hopper); this GPU has "
             f"{cc / 10:.1f}: use backend='pallas' or 'triton'")

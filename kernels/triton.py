@@ -761,18 +761,6 @@ def ptx_mismatch(cc: Optional[int]) -> Optional[str]:
 _MISMATCH_WARNED = set()
 
 
-def _target_cc() -> Optional[int]:
-  """The compute capability the kernels are built for: ``targeting``'s, else jax's first
-  device's (e.g. 90), else None."""
-  cc = common.compute_capability()
-  if cc is None and not common.targeted():
-    try:
-      cc = round(float(jax.devices()[0].compute_capability) * 10)
-    except (AttributeError, TypeError, ValueError):
-      cc = None
-  return cc
-
-
 def _call(kernel, ins, out_shapes, aliases, scalars_after, grid, consts, tuning, plat, name):
   """One kernel call over jax arrays: jax-triton on a GPU, the interpreter via a host callback."""
   if plat == "gpu":
@@ -781,13 +769,13 @@ def _call(kernel, ins, out_shapes, aliases, scalars_after, grid, consts, tuning,
     kw = dict(grid=grid, name=name, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
               enable_fp_fusion=False, **({"compute_capability": cc} if cc else {}), **consts)
     if _new_api(jt):   # compile options as backend options: a keyword would be a metaparam
-      ptx = ptx_version(_target_cc())
+      ptx = ptx_version(common.device_compute_capability())
       kw["backend_options"] = {"enable_fp_fusion": kw.pop("enable_fp_fusion"),
                                **({"ptx_version": ptx} if ptx else {})}
       return _call_aliased(jt, kernel, ins, out_shapes, aliases, scalars_after, **kw)
     # jax-triton 0.3 takes no PTX version: say so where XLA's ptxas here will reject Triton's
     # (once; not for an ahead-of-time compile, which 0.3 leaves to the machine that runs it)
-    why = None if common.targeted() else ptx_mismatch(_target_cc())
+    why = None if common.targeted() else ptx_mismatch(common.device_compute_capability())
     if why and why not in _MISMATCH_WARNED:
       _MISMATCH_WARNED.add(why)
       warnings.warn(why, RuntimeWarning, stacklevel=2)
@@ -898,7 +886,7 @@ TABLES = ("SLOT", "CHUNK", "NROWS", "PADV", "ROW0")
 # launches, one for the last.
 LEAVES_PER_LAUNCH = 64
 # The narrowest row of a leaf-direct tile: the alignment a layout needs for the leaf-direct
-# kernels (rows of min(block, ALIGN, align) elements). 2000 leaves of 5K-15K elements are aligned
+# kernels (rows of min(block, ALIGN, the largest power of two dividing align) elements). 2000 leaves of 5K-15K elements are aligned
 # to 256 (padding to 1024 would cost over 1%); smaller alignments run on jnp.
 MIN_ROW = 128
 # With per-leaf state each leaf adds two pointers per state field: launches take fewer leaves so

@@ -763,7 +763,7 @@ def test_ptx_mismatch_warns_once_when_tracing_for_a_gpu(tmp_path, monkeypatch):
   fake.chmod(0o755)
   monkeypatch.setenv("XLA_FLAGS", f"--xla_gpu_cuda_data_dir={tmp_path} "
                      + os.environ.get("XLA_FLAGS", ""))
-  monkeypatch.setattr(kt, "_target_cc", lambda: 90)
+  monkeypatch.setattr(kt.common, "device_compute_capability", lambda: 90)
   monkeypatch.setattr(kt, "_MISMATCH_WARNED", set())
   kt.ptxas_isa.cache_clear()
   n = 4 * kt.ALIGN
