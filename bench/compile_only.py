@@ -9,8 +9,9 @@ so what the compiled program holds is known before a GPU is lent:
 
 - **temporary memory** (``memory_analysis().temp_size_in_bytes``): issue 21's goal is at most 1%
   of the params' bytes for every tree; a packed copy of the tree is 100%;
-- **kernels**: the top-level fusions, custom calls (a Pallas, Mosaic GPU or Triton kernel each)
-  and copies of the entry computation -- launches per step, which on a GPU cost a few
+- **kernels**: the fusions, custom calls (a Pallas, Mosaic GPU or Triton kernel each) and
+  copies the step launches (``measure.hlo_counts``: the entry computation and what it runs
+  through control flow, such as command buffers) -- launches per step, which on a GPU cost a few
   microseconds each against a whole step of 0.2-1.2 ms at copy bandwidth (ResNet-50, GPT-2).
 
 Not a timing: a GPU run (``bench/gpu_run.sh``) measures those. ``--candidate`` adds the issue's
@@ -23,7 +24,6 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
-import re
 import sys
 import time
 import traceback
@@ -35,7 +35,7 @@ from jax import lax
 from fusedopt import elementwise
 from fusedopt.kernels import common
 
-from . import optims, report, trees
+from . import measure, optims, report, trees
 
 CANDIDATE = "jnp-by-leaf (candidate)"
 
@@ -74,16 +74,6 @@ def _candidate():
     kj.BACKENDS["jnp"] = old
 
 
-def entry_ops(hlo: str):
-  """{"fusions", "custom_calls", "copies"}: the top-level instructions of the entry
-  computation of a compiled module's text."""
-  entry = hlo[hlo.index("\nENTRY "):]
-  entry = entry[:entry.index("\n}")]
-  ops = [m.group(1) for m in re.finditer(r"= .*?\s([\w-]+)\(", entry)]
-  return {"fusions": ops.count("fusion"), "custom_calls": ops.count("custom-call"),
-          "copies": ops.count("copy")}
-
-
 def compile_step(tree, optim, backend, sharding):
   """The row of one (tree, optimizer, backend): temp memory, kernels, compile seconds."""
   params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(tuple(s), jnp.dtype(optim.param_dtype)),
@@ -106,8 +96,10 @@ def compile_step(tree, optim, backend, sharding):
     row["traceback"] = traceback.format_exc()[-2000:]
     return row
   temp = compiled.memory_analysis().temp_size_in_bytes
+  counts = measure.hlo_counts(compiled.as_text())
   row.update(compile_s=round(time.perf_counter() - t0, 2), temp_bytes=int(temp),
-             temp_pct=100.0 * temp / n_bytes, **entry_ops(compiled.as_text()))
+             temp_pct=100.0 * temp / n_bytes, fusions=counts["fusions"],
+             custom_calls=counts["custom_calls"], copies=counts["by_op"].get("copy", 0))
   return row
 
 
@@ -118,8 +110,8 @@ def markdown(payload):
            f"topology (no timing), jax {env['versions']['jax']}, commit {env['git_commit']}"
            + (" (dirty)" if env["git_dirty"] else "") + ". Temp: XLA's temporary memory of "
            "the compiled step (issue 21's goal: at most 1% of the params' bytes); fusions, "
-           "custom calls (kernels) and copies: the entry computation's top-level instructions, "
-           "about one launch each.", "",
+           "custom calls (kernels) and copies: the instructions the step launches "
+           "(`measure.hlo_counts`), about one launch each.", "",
            "| tree | optimizer | backend | temp MiB | temp % of params | fusions | custom calls "
            "| copies | compile s |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
   for r in payload["rows"]:

@@ -655,12 +655,3 @@ def test_compile_only_reports_temp_memory_and_kernels(tmp_path, monkeypatch):
   md = (tmp_path / f"cpu-{out['env']['date']}-h100-compile.md").read_text()
   assert md.count("| two | adam |") == 3
 
-
-def test_entry_ops_counts_the_entry_computation_only():
-  from bench import compile_only   # pylint: disable=import-outside-toplevel
-  hlo = ("HloModule m\n\n%fused (p: f32[4]) -> f32[4] {\n  %c = f32[4]{0} copy(%p)\n}\n\n"
-         "ENTRY %main (a: f32[4]) -> (f32[4], f32[4]) {\n"
-         "  %f = f32[4]{0} fusion(%a), kind=kLoop, calls=%fused\n"
-         "  %k = (f32[4]{0}, f32[4]{0}) custom-call(%a, %f), custom_call_target=\"x\"\n"
-         "  %d = f32[4]{0} copy(%f)\n  ROOT %t = (f32[4]{0}, f32[4]{0}) tuple(%k, %d)\n}\n")
-  assert compile_only.entry_ops(hlo) == {"fusions": 1, "custom_calls": 1, "copies": 1}
