@@ -59,7 +59,7 @@ TORCH_ROWS=$(python3 -c "import torch; assert torch.cuda.is_available(); print('
 if [ "${NO_TREES:-0}" != 1 ]; then
   stage "trees"
   # SIGTERM at the timeout: the bench writes the (tree, optimizer) groups it finished, in the
-  # order below (small-2000 last: compiling its jnp step for an H100 took 148 s on 2 CPU cores,
+  # order below (small-2000 last: compiling its jnp step for an H100 took 141-173 s on 2 CPU cores,
   # bench/compile_only), -k: a hard kill 20 s later
   timeout -k 20 ${TREES_TIMEOUT:-210} python3 -m bench --device gpu \
     --trees ${TREES:-gpt2-124m,resnet50,small-2000} --optims ${OPTIMS:-adam,lamb} \
