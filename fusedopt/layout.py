@@ -60,7 +60,7 @@ class Group:
   size: int
   segments: Tuple[int, ...]   # Segment indices, in buffer order
   # > 0: the group's leaves hold quantized state (``build(..., quantize=...)``), in blocks of
-  # this many elements: its segments start on multiples of max(align, block)
+  # this many elements: its segments start on multiples of both (``FlatLayout.unit``)
   block: int = 0
 
 
@@ -137,7 +137,7 @@ class FlatLayout:
     complex leaf is a ``LayoutError`` naming it.
     ``quantize=(min_size, block)``: leaves of at least ``min_size`` elements go to groups of
     their own (one per dtype, ``Group.block = block``) whose segments start on multiples of
-    ``max(align, block)``, so that a block of quantized state never straddles two tensors, and
+    ``align`` and ``block``, so that a block of quantized state never straddles two tensors, and
     whose size is a multiple of ``tile_blocks`` blocks per shard (default
     ``QUANTIZED_TILE_BLOCKS``; 1 for a group holding exactly its leaf's blocks, as
     ``fusedopt.tx``'s per-leaf state does); the smaller leaves stay in the plain groups
@@ -181,8 +181,9 @@ class FlatLayout:
     return _build(self.treedef, spec, self.align, int(shards), self.tile_blocks)
 
   def unit(self, g: int) -> int:
-    """Group ``g``'s segment alignment: ``align``, or the quantization block if larger."""
-    return max(self.align, self.groups[g].block)
+    """Group ``g``'s segment alignment: ``align``, or for a quantized group the least common
+    multiple of ``align`` and its block (the larger of the two, both powers of two)."""
+    return _segment_unit(self.align, self.groups[g].block)
 
   def shard_size(self, g: int) -> int:
     """Elements of group ``g`` held by each of the ``shards`` devices."""
@@ -285,10 +286,16 @@ def choose_align(sizes) -> int:
   return a
 
 
+def _segment_unit(align, block):
+  """A group's segments start on multiples of this: ``align``, and for a quantized group its
+  block too (a hand-made ``align`` of 1536 with blocks of 256: 1536, of 384: 768)."""
+  return int(np.lcm(align, block)) if block else align
+
+
 def _group_unit(align, block, tile_blocks):
-  """A group's size is a multiple of this (per shard): ``align``, and for a quantized group
-  ``tile_blocks`` whole blocks."""
-  unit = max(align, block)
+  """A group's size is a multiple of this (per shard): ``_segment_unit``, and for a quantized
+  group ``tile_blocks`` whole blocks."""
+  unit = _segment_unit(align, block)
   return int(np.lcm(unit, tile_blocks * block)) if block else unit
 
 
@@ -305,7 +312,7 @@ def _build(treedef, spec, align, shards=1, tile_blocks=1):
     size = int(np.prod(shape, dtype=np.int64))
     g = order.index(key)
     segments[i] = Segment(i, path, shape, g, groups[key][0], size)
-    groups[key][0] += _round_up(size, max(align, block))
+    groups[key][0] += _round_up(size, _segment_unit(align, block))
     groups[key][1].append(i)
   group_objs = tuple(Group(d, _round_up(groups[(d, b)][0],
                                         shards * _group_unit(align, b, tile_blocks)),

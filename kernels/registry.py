@@ -149,9 +149,11 @@ def select_quantized(name: str, layout, gi: int, rule, leaf_state: bool = False
     if backend.name != "native":
       return get("jnp")
   else:
-    # (the full unit: the quantized kernels are tested on whole 1024-element units)
+    # a quantized group's segments start on whole blocks (``FlatLayout.unit``), wider than the
+    # layout's alignment where that is under a block
     backend = _explicit(name)
-    backend = _fallback(backend, layout.groups[gi].dtype, layout.align, backend.unit)
+    backend = _fallback(backend, layout.groups[gi].dtype, layout.unit(gi),
+                        backend.group_alignment())
   if backend.run_quantized is None:
     if name != "auto" and backend.name != "jnp":
       _warn_once(f"backend={name!r} has no kernel for quantized state yet; groups with "

@@ -119,3 +119,29 @@ def test_quantized_groups_hold_whole_tiles():
     assert q.size % (shards * tile) == 0 and q.size - 37000 < shards * tile
   with pytest.raises(ValueError, match="tile_blocks=0"):
     L.FlatLayout.build(tree, quantize=(4096, 256), tile_blocks=0)
+
+
+@pytest.mark.parametrize("align, unit", [(64, 256), (256, 256), (1024, 1024), (384, 768),
+                                         (1536, 1536), (96, 768)])
+def test_quantized_segments_start_on_whole_blocks_at_any_alignment(align, unit):
+  """A quantized group's segments start on multiples of both the layout's alignment and the
+  block (``FlatLayout.unit``: their least common multiple), so a block of codes never straddles
+  two tensors, also for a hand-made alignment that is not a power of two (384 with blocks of
+  256: segments on multiples of 768, where the larger of the two, 384, would put a block
+  across two leaves); every block belongs to one segment."""
+  from fusedopt import layout as L   # pylint: disable=import-outside-toplevel
+  sizes = (4700, 4100, 7, 300)
+  tree = {f"l{i}": jax.ShapeDtypeStruct((n,), jnp.float32) for i, n in enumerate(sizes)}
+  lay = L.FlatLayout.build(tree, align=align, quantize=(4096, 256), tile_blocks=1)
+  (gq,) = [gi for gi, g in enumerate(lay.groups) if g.block]
+  assert lay.unit(gq) == unit
+  owner = {}
+  for i in lay.groups[gq].segments:
+    seg = lay.segments[i]
+    assert seg.offset % 256 == 0 and seg.offset % align == 0, (i, seg.offset)
+    for b in range(seg.offset // 256, -(-(seg.offset + seg.size) // 256)):
+      assert owner.setdefault(b, i) == i, ("block", b, "holds two segments")
+  assert lay.groups[gq].size % unit == 0
+  (gp,) = [gi for gi, g in enumerate(lay.groups) if not g.block]   # the small leaves: align only
+  assert lay.unit(gp) == align
+  assert all(lay.segments[i].offset % align == 0 for i in lay.groups[gp].segments)

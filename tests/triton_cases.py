@@ -417,6 +417,78 @@ def narrow_alignments(backend, stats):
     fl.choose_align = saved
 
 
+def quantized_narrow_alignments(backend, stats):
+  """Quantized state where the layout is aligned to less than 1024 elements: a flat optimizer's
+  quantized groups at alignments 256, 128 and 64 (their segments start on whole 256-element
+  blocks whatever the alignment, ``FlatLayout.unit``) and ``fusedopt.tx``'s int8 leaf state (a
+  one-leaf layout aligned to 256 per leaf) run on the Triton kernels, not on jnp, and take the
+  jnp path's steps: codes at most one apart (where XLA contracts a multiply-add; in at most 1
+  of 1000), scales and params within float32 rounding."""
+  import warnings   # pylint: disable=import-outside-toplevel
+  from fusedopt import layout as fl, quantization, tx   # pylint: disable=import-outside-toplevel
+  from fusedopt.kernels import registry   # pylint: disable=import-outside-toplevel
+  t = tree((jnp.float32, jnp.float32, jnp.bfloat16, jnp.float32),
+           [(70, 90), (5000,), (4100,), (33,)])
+  lr = 1e-3
+
+  def check(a, b, old, what):
+    for x, y, o in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(old)):
+      x, y, o = np.asarray(x), np.asarray(y), np.asarray(o)
+      assert x.dtype == y.dtype and x.shape == y.shape, what
+      if x.dtype == np.uint8:   # codes
+        diff = np.abs(x.astype(int) - y.astype(int))
+        assert diff.max(initial=0) <= 1 and np.count_nonzero(diff) <= diff.size // 1000, what
+      elif jnp.issubdtype(x.dtype, jnp.integer):
+        assert np.array_equal(x, y), what
+      else:
+        assert_close(x, y, o, what, 2 if x.dtype == np.float32 else 1, stats, step_size=lr)
+
+  def step(kind, b, *args):
+    fn = jax.jit(lambda o, g: o.apply_gradient(g)) if kind == "flat" else jax.jit(
+        lambda tr, g, s, p: tx.update_and_apply(tr, g, s, p), static_argnums=0)
+    if b == "jnp":
+      with jax.default_device(_cpu()):
+        return fn(*jax.device_put(args, _cpu())) if kind == "flat" else fn(
+            args[0], *jax.device_put(args[1:], _cpu()))
+    return fn(*args)
+
+  saved = fl.choose_align
+  try:
+    for align in (256, 128, 64):
+      fl.choose_align = lambda sizes, a=align: a
+      defs = {b: optim.Adam(learning_rate=lr, weight_decay=0.1, state_dtype="int8", backend=b)
+              for b in ("jnp", backend)}
+      opt = defs["jnp"].create(t)
+      layout = opt.state.param_states.layout
+      quantized = [gi for gi, group in enumerate(layout.groups) if group.block]
+      assert layout.align == align and len(quantized) == 2, layout
+      for gi in quantized:
+        assert registry.select_quantized(backend, layout, gi, None).name == backend, (align, gi)
+      for i in range(2):
+        g = grads(t, 30 + i)
+        a = step("flat", "jnp", opt, g)
+        b = step("flat", backend, opt.replace(optimizer_def=defs[backend]), g)
+        check((a.target, a.state.param_states), (b.target, b.state.param_states),
+              (opt.target, opt.state.param_states), ("Adam int8", align, i))
+        opt = a
+  finally:
+    fl.choose_align = saved
+  txs = {b: tx.adam(lr, state_dtype="int8", backend=b) for b in ("jnp", backend)}
+  state, params = txs["jnp"].init(t), t
+  assert sum(quantization.is_quantized(x) for x in jax.tree.leaves(
+      state, is_leaf=quantization.is_quantized)) == 6   # mu and nu of three leaves
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for i in range(2):
+      g = grads(t, 40 + i)
+      pa, sa = step("tx", "jnp", txs["jnp"], g, state, params)
+      pb, sb = step("tx", backend, txs[backend], g, state, params)
+      check((pa, sa), (pb, sb), (params, state), ("tx.adam int8", i))
+      params, state = pa, sa
+  assert not [w for w in caught if "jnp backend" in str(w.message)], \
+      [str(w.message) for w in caught]
+
+
 def prepass(backend, stats):
   """The Triton pre-pass (per-row sums of squares and non-finite counts, reduced in XLA) equals
   the XLA one: norm, finite flag and clip factor; inf, NaN, a float16 overflow-by-scaling and
@@ -717,6 +789,7 @@ CASES["quantized-state-bitwise-vs-numpy"] = quantized_state
 CASES["checked-update-and-skipped-step"] = checked_update
 CASES["prepass-equals-xla"] = prepass
 CASES["narrow-alignments-256-128"] = narrow_alignments
+CASES["quantized-narrow-alignments"] = quantized_narrow_alignments
 CASES["block-sizes-and-masking"] = block_sizes
 CASES["vmap-and-grad"] = vmap_and_grad
 CASES["bitwise-vs-numpy-float32"] = bitwise_vs_numpy
