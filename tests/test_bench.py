@@ -655,3 +655,82 @@ def test_compile_only_reports_temp_memory_and_kernels(tmp_path, monkeypatch):
   md = (tmp_path / f"cpu-{out['env']['date']}-h100-compile.md").read_text()
   assert md.count("| two | adam |") == 3
 
+
+
+def test_block_size_adam_takes_fusedopts_int8_steps_at_256():
+  """bench.block_size's Adam (moments decoded, ``ADAM_RULE``, encoded again, with the block as
+  an argument) takes ``fusedopt.Adam(state_dtype="int8")``'s steps at the library's block of
+  256: the same codes (but for a rare element where XLA contracts a multiply-add), scales and
+  params; and its state bytes per tree are those of the optimizer's own state buffers."""
+  import fusedopt as optim   # pylint: disable=import-outside-toplevel
+  from bench import block_size as bs   # pylint: disable=import-outside-toplevel
+  from fusedopt import quantization as Q   # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(0)
+  params = {"w": jnp.asarray(rng.standard_normal((50, 100)), jnp.float32),   # quantized
+            "b": jnp.asarray(rng.standard_normal((30,)), jnp.float32)}       # float32 state
+  opt = optim.Adam(1e-2, state_dtype="int8", backend="jnp").create(params)
+  p, st = params, bs.init_state(params, Q.BLOCK)
+  step = jax.jit(lambda o, g: o.apply_gradient(g))
+  mine = jax.jit(bs.adam_step)
+  for t in range(1, 4):
+    g = jax.tree.map(lambda x, t=t: jnp.asarray(
+        np.random.RandomState(t).standard_normal(x.shape) * 10.0 ** -t, jnp.float32), params)
+    opt, (p, st) = step(opt, g), mine(p, st, g, t - 1, 1e-2)
+  np.testing.assert_allclose(np.asarray(p["w"]), np.asarray(opt.target["w"]), rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(p["b"]), np.asarray(opt.target["b"]), rtol=1e-6)
+  fields = opt.state.param_states.fields
+  (wi,) = [i for i, s in enumerate(opt.state.param_states.layout.segments) if s.size == 5000]
+  (b_idx,) = [i for i, s in enumerate(opt.state.param_states.layout.segments) if s.size == 30]
+  for k, name in enumerate(("grad_ema", "grad_sq_ema")):
+    (q,) = [x for x in fields[name] if Q.is_quantized(x)]
+    mine_q = st[wi][k]
+    assert Q.is_quantized(mine_q) and mine_q.block == 256 and q.fmt == mine_q.fmt
+    n = mine_q.size   # the leaf's blocks: the group's leading ones
+    diff = np.abs(np.asarray(q.codes[:n], int) - np.asarray(mine_q.codes, int))
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= n // 500, name
+    np.testing.assert_allclose(np.asarray(q.scales[:n // 256]), np.asarray(mine_q.scales),
+                               rtol=2e-6)
+    (dense,) = [x for x in fields[name] if not Q.is_quantized(x)]
+    np.testing.assert_allclose(np.asarray(dense[:30]), np.asarray(st[b_idx][k]), rtol=1e-6)
+  shapes = {"a": (50, 100), "b": (30,), "c": (3, 3, 64, 64)}
+  tree = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
+  real = optim.Adam(1e-3, state_dtype="int8").create(tree).state.param_states
+  assert bs.adam_state_bytes(shapes, 256) == sum(
+      x.nbytes for f in real.fields.values() for x in f)
+
+
+def test_block_size_moment_errors_by_hand():
+  """``moment_errors`` on moments whose decoded values are known: m and v constant in every
+  block decode exactly (the maps hold 1); a v of one 1.0 among 1e-9s (under the unsigned map's
+  smallest step of its block's absmax) flushes the rest of that value's block to 0: 255 of the
+  4096 nonzero values at blocks of 256, 4095 at one block of 4096."""
+  from bench import block_size as bs   # pylint: disable=import-outside-toplevel
+  m = np.full(4096, 0.3, np.float32)
+  v = np.full(4096, 2.0, np.float32)
+  for b in (256, 4096):
+    e = bs.moment_errors([m], [v], 10, b)
+    assert e["m_err"] == 0.0 and e["v_err"] == 0.0 and e["u_err"] == 0.0 and \
+        e["v_flushed"] == 0.0
+  v = np.full(4096, 1e-9, np.float32)
+  v[0] = 1.0
+  assert bs.moment_errors([m], [v], 10, 256)["v_flushed"] == 255 / 4096
+  assert bs.moment_errors([m], [v], 10, 4096)["v_flushed"] == 4095 / 4096
+  assert bs.moment_errors([m[:100]], [v[:100]], 10, 256) == {   # small tensors: float32 state
+      "m_err": 0.0, "v_err": 0.0, "u_err": 0.0, "v_flushed": 0.0}
+
+
+def test_block_size_run_and_report():
+  """The bench's run on a few steps of the LM: losses for float32 and each block, accuracy rows
+  at both snapshots, memory rows, and a report naming them."""
+  from bench import block_size as bs   # pylint: disable=import-outside-toplevel
+  res = bs.run(steps=2, batch=2, lr=3e-3, seeds=[0], blocks=[2048], mem_trees=["resnet50"])
+  runs = res["training"]["0"]
+  assert set(runs) == {"float32", "2048"}
+  assert all(len(r["curve"]) == 2 and np.isfinite(r["final"]) for r in runs.values())
+  assert set(res["accuracy"]) == {"1", "2"} and set(res["accuracy"]["2"]) == {"2048"}
+  mem = res["memory"]["resnet50"]
+  assert 2.0 < mem["2048"] < mem["float32"] / 3.5
+  text = bs.markdown(res, {"date": "d", "blocks": [2048], "jax": jax.__version__,
+                           "command": "c", "host": "h", "commit": "x"})
+  assert "| resnet50 |" in text and "B=2048" in text and "step 2" in text
