@@ -66,8 +66,11 @@ def load_tiny_lm():
 def adam_state_bytes(shapes, block):
   """Bytes of Adam's two int8 moments over a float32 tree of ``shapes`` in blocks of ``block``:
   per field, the quantized groups' codes (1 B/element) and scales (4 B/block), the other groups'
-  float32 state, padding included (the buffers ``fusedopt.Adam(state_dtype="int8")`` holds)."""
+  float32 state, padding included (the buffers ``fusedopt.Adam(state_dtype="int8")`` holds).
+  ``block`` None: float32 moments (``fusedopt.Adam()``'s buffers)."""
   tree = [jax.ShapeDtypeStruct(s, jnp.float32) for s in trees.shape_leaves(shapes)]
+  if block is None:   # float32 moments
+    return 2 * 4 * sum(g.size for g in FlatLayout.build(tree).groups)
   layout = FlatLayout.build(tree, quantize=(quantization.MIN_SIZE, block))
   per_field = sum(g.size + 4 * (g.size // g.block) if g.block else 4 * g.size
                   for g in layout.groups)
@@ -148,7 +151,8 @@ def train(lm, data, lr, block, seed=0, snapshot_steps=()):
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _round_trip(x, fmt, block):
-  """``x`` encoded in blocks of ``block`` and decoded (``quantization.quantize``, ``dequantize``)."""
+  """``x`` encoded in blocks of ``block`` and decoded (``quantization.quantize``,
+  ``dequantize``)."""
   return quantization.dequantize(*quantization.quantize(x, fmt, block), fmt, block)
 
 
@@ -183,8 +187,7 @@ def run(steps, batch, lr, seeds, blocks, mem_trees):
   for name in mem_trees:
     shapes = trees.shapes(name)
     n = trees.num_params(shapes)
-    out["memory"][name] = {"params": n, "float32": 8.0 * sum(
-        int(np.prod(s)) for s in trees.shape_leaves(shapes)) / n}
+    out["memory"][name] = {"params": n, "float32": adam_state_bytes(shapes, None) / n}
     for b in blocks:
       out["memory"][name][str(b)] = adam_state_bytes(shapes, b) / n
   snap_at = (max(1, steps // 8), steps)

@@ -661,7 +661,8 @@ def test_block_size_adam_takes_fusedopts_int8_steps_at_256():
   """bench.block_size's Adam (moments decoded, ``ADAM_RULE``, encoded again, with the block as
   an argument) takes ``fusedopt.Adam(state_dtype="int8")``'s steps at the library's block of
   256: the same codes (but for a rare element where XLA contracts a multiply-add), scales and
-  params; and its state bytes per tree are those of the optimizer's own state buffers."""
+  params; and its state bytes per tree are those of the optimizer's own state buffers (int8
+  and float32)."""
   import fusedopt as optim   # pylint: disable=import-outside-toplevel
   from bench import block_size as bs   # pylint: disable=import-outside-toplevel
   from fusedopt import quantization as Q   # pylint: disable=import-outside-toplevel
@@ -695,9 +696,10 @@ def test_block_size_adam_takes_fusedopts_int8_steps_at_256():
     np.testing.assert_allclose(np.asarray(dense[:30]), np.asarray(st[b_idx][k]), rtol=1e-6)
   shapes = {"a": (50, 100), "b": (30,), "c": (3, 3, 64, 64)}
   tree = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
-  real = optim.Adam(1e-3, state_dtype="int8").create(tree).state.param_states
-  assert bs.adam_state_bytes(shapes, 256) == sum(
-      x.nbytes for f in real.fields.values() for x in f)
+  for block, kw in ((256, {"state_dtype": "int8"}), (None, {})):
+    real = optim.Adam(1e-3, **kw).create(tree).state.param_states
+    assert bs.adam_state_bytes(shapes, block) == sum(
+        x.nbytes for f in real.fields.values() for x in f), block
 
 
 def test_block_size_moment_errors_by_hand():
