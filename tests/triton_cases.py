@@ -419,8 +419,8 @@ def narrow_alignments(backend, stats):
 
 def quantized_narrow_alignments(backend, stats):
   """Quantized state where the layout is aligned to less than 1024 elements: a flat optimizer's
-  quantized groups at alignments 256, 128 and 64 (their segments start on whole 256-element
-  blocks whatever the alignment, ``FlatLayout.unit``) and ``fusedopt.tx``'s int8 leaf state (a
+  quantized groups at alignments 256 and 64 (their segments start on whole 256-element blocks
+  whatever the alignment, ``FlatLayout.unit``; the plain group of 64 runs on jnp) and ``fusedopt.tx``'s int8 leaf state (a
   one-leaf layout aligned to 256 per leaf) run on the Triton kernels, not on jnp, and take the
   jnp path's steps: codes at most one apart (where XLA contracts a multiply-add; in at most 1
   of 1000), scales and params within float32 rounding."""
@@ -443,9 +443,11 @@ def quantized_narrow_alignments(backend, stats):
       else:
         assert_close(x, y, o, what, 2 if x.dtype == np.float32 else 1, stats, step_size=lr)
 
+  steps = {"flat": jax.jit(lambda o, g: o.apply_gradient(g)),
+           "tx": jax.jit(lambda tr, g, s, p: tx.update_and_apply(tr, g, s, p), static_argnums=0)}
+
   def step(kind, b, *args):
-    fn = jax.jit(lambda o, g: o.apply_gradient(g)) if kind == "flat" else jax.jit(
-        lambda tr, g, s, p: tx.update_and_apply(tr, g, s, p), static_argnums=0)
+    fn = steps[kind]
     if b == "jnp":
       with jax.default_device(_cpu()):
         return fn(*jax.device_put(args, _cpu())) if kind == "flat" else fn(
@@ -454,7 +456,7 @@ def quantized_narrow_alignments(backend, stats):
 
   saved = fl.choose_align
   try:
-    for align in (256, 128, 64):
+    for align in (256, 64):
       fl.choose_align = lambda sizes, a=align: a
       defs = {b: optim.Adam(learning_rate=lr, weight_decay=0.1, state_dtype="int8", backend=b)
               for b in ("jnp", backend)}
