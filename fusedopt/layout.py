@@ -288,7 +288,7 @@ def choose_align(sizes) -> int:
 
 def _segment_unit(align, block):
   """A group's segments start on multiples of this: ``align``, and for a quantized group its
-  block too (a hand-made ``align`` of 1536 with blocks of 256: 1536, of 384: 768)."""
+  block too (blocks of 256 under a hand-made ``align`` of 1536: 1536, of 384: 768)."""
   return int(np.lcm(align, block)) if block else align
 
 

@@ -54,13 +54,16 @@ def _warn_once(msg):  # Python's default filter shows it once per call site
   warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def _fallback(backend: common.Backend, dtype, align: int, unit: int):
-  """``backend``, or jnp (with a warning) where it has no kernel for ``dtype`` or ``align`` is not
-  a multiple of ``unit`` (the alignment the runner that will run needs)."""
+def _fallback(backend: common.Backend, dtype, align: int, unit: int, quantized: bool = False):
+  """``backend``, or jnp (with a warning) where it has no kernel for ``dtype`` or ``align`` (the
+  layout's alignment; ``quantized``: where a quantized group's segments start) is not a multiple
+  of ``unit`` (the alignment the runner that will run needs)."""
   if align % unit:
-    _warn_once(f"backend={backend.name!r} runs whole {unit}-element units; this tree's "
-               f"layout is aligned to {align} elements (padding every leaf to {unit} "
-               "would cost over 1% more memory), so it runs on the jnp backend")
+    where = (f"this quantized group's segments start on multiples of {align} elements"
+             if quantized else f"this tree's layout is aligned to {align} elements (padding "
+             f"every leaf to {unit} would cost over 1% more memory)")
+    _warn_once(f"backend={backend.name!r} runs whole {unit}-element units; {where}, so it runs "
+               "on the jnp backend")
     return get("jnp")
   if not backend.supports(dtype):
     _warn_once(f"backend={backend.name!r} has no {np.dtype(dtype).name} kernel; that dtype "
@@ -150,10 +153,16 @@ def select_quantized(name: str, layout, gi: int, rule, leaf_state: bool = False
       return get("jnp")
   else:
     # a quantized group's segments start on whole blocks (``FlatLayout.unit``), wider than the
-    # layout's alignment where that is under a block
-    backend = _explicit(name)
-    backend = _fallback(backend, layout.groups[gi].dtype, layout.unit(gi),
-                        backend.group_alignment())
+    # layout's alignment where that is under a block: leaf-direct rows of a block fit at any
+    # alignment. A shard's slice (``fusedopt.sharding``: a one-leaf layout without a block)
+    # keeps the full unit, as before: the sharded quantized Triton path is untested (in the
+    # interpreter, with 4 host devices, it hangs)
+    group, backend = layout.groups[gi], _explicit(name)
+    if group.block:
+      backend = _fallback(backend, group.dtype, layout.unit(gi), backend.group_alignment(),
+                          quantized=True)
+    else:
+      backend = _fallback(backend, group.dtype, layout.align, backend.unit)
   if backend.run_quantized is None:
     if name != "auto" and backend.name != "jnp":
       _warn_once(f"backend={name!r} has no kernel for quantized state yet; groups with "

@@ -420,10 +420,10 @@ def narrow_alignments(backend, stats):
 def quantized_narrow_alignments(backend, stats):
   """Quantized state where the layout is aligned to less than 1024 elements: a flat optimizer's
   quantized groups at alignments 256 and 64 (their segments start on whole 256-element blocks
-  whatever the alignment, ``FlatLayout.unit``; the plain group of 64 runs on jnp) and ``fusedopt.tx``'s int8 leaf state (a
-  one-leaf layout aligned to 256 per leaf) run on the Triton kernels, not on jnp, and take the
-  jnp path's steps: codes at most one apart (where XLA contracts a multiply-add; in at most 1
-  of 1000), scales and params within float32 rounding."""
+  whatever the alignment, ``FlatLayout.unit``; the plain group of 64 runs on jnp) and
+  ``fusedopt.tx``'s int8 leaf state (a one-leaf layout aligned to 256 per leaf) run on the
+  Triton kernels, not on jnp, and take the jnp path's steps: codes at most one apart (where XLA
+  contracts a multiply-add; in at most 1 of 1000), scales and params within float32 rounding."""
   import warnings   # pylint: disable=import-outside-toplevel
   from fusedopt import layout as fl, quantization, tx   # pylint: disable=import-outside-toplevel
   from fusedopt.kernels import registry   # pylint: disable=import-outside-toplevel
