@@ -10,10 +10,11 @@ float32 scale each (docs/low-bit-state.md). For B in 64 ... 4096 this measures, 
   from the layout the optimizer builds (``FlatLayout.build(tree, quantize=(MIN_SIZE, B))``), on
   GPT-2-124M and ResNet-50 (issue 18's goal: at most 2.05 B/param);
 - **accuracy**: the moments of float32 Adam training the small transformer LM of
-  ``examples/tiny_lm.py`` (at two points of the run), encoded in blocks of B and decoded: the
-  relative RMS error of m (signed map) and v (unsigned map), the share of v's nonzero values
-  that decode to 0 (Adam then divides by eps alone), and the relative RMS error of Adam's step
-  direction m^/(sqrt(v^) + eps);
+  ``examples/tiny_lm.py`` (at two points of the run), and of a GPT-2-sized token embedding fed
+  Zipf-distributed tokens (``zipf_embedding_moments``: rows of very different magnitudes, where a
+  block of two rows mixes them), encoded in blocks of B and decoded: the relative RMS error of m
+  (signed map) and v (unsigned map), the share of v's nonzero values that decode to 0 (Adam then
+  divides by eps alone), and the relative RMS error of Adam's step direction m^/(sqrt(v^) + eps);
 - **training**: that LM trained with Adam whose moments are stored in blocks of B after every
   step, final loss against float32 Adam's (the mean over the last 10% of the steps), over
   ``--seeds`` seeds (the spread between seeds is the noise floor of the comparison).
@@ -43,7 +44,7 @@ import numpy as np
 import fusedopt
 from fusedopt import elementwise, quantization
 from fusedopt.adam import ADAM_RULE
-from fusedopt.layout import FlatLayout
+from fusedopt.layout import QUANTIZED_TILE_BLOCKS, FlatLayout
 from bench import trees
 
 BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -66,12 +67,17 @@ def load_tiny_lm():
 def adam_state_bytes(shapes, block):
   """Bytes of Adam's two int8 moments over a float32 tree of ``shapes`` in blocks of ``block``:
   per field, the quantized groups' codes (1 B/element) and scales (4 B/block), the other groups'
-  float32 state, padding included (the buffers ``fusedopt.Adam(state_dtype="int8")`` holds).
+  float32 state, padding included (at 256, the buffers ``fusedopt.Adam(state_dtype="int8")``
+  holds; at other sizes with the same tile of 32768 elements).
   ``block`` None: float32 moments (``fusedopt.Adam()``'s buffers)."""
   tree = [jax.ShapeDtypeStruct(s, jnp.float32) for s in trees.shape_leaves(shapes)]
   if block is None:   # float32 moments
     return 2 * 4 * sum(g.size for g in FlatLayout.build(tree).groups)
-  layout = FlatLayout.build(tree, quantize=(quantization.MIN_SIZE, block))
+  # a quantized group is padded to whole tiles (the Pallas TPU kernel's, QUANTIZED_TILE_BLOCKS
+  # blocks of 256): the same tile in elements at every block size, so that the rows differ in
+  # the block only
+  tile = max(1, QUANTIZED_TILE_BLOCKS * quantization.BLOCK // block)
+  layout = FlatLayout.build(tree, quantize=(quantization.MIN_SIZE, block), tile_blocks=tile)
   per_field = sum(g.size + 4 * (g.size // g.block) if g.block else 4 * g.size
                   for g in layout.groups)
   return 2 * per_field
@@ -178,12 +184,43 @@ def moment_errors(m_leaves, v_leaves, step, block):
           for k, (a, b) in acc.items()}
 
 
+def zipf_embedding_moments(vocab=50257, width=768, steps=100, tokens=8192, seed=0):
+  """Adam's moments (float32 [vocab, width]) of a GPT-2-sized token embedding after ``steps``
+  steps of ``tokens`` tokens drawn from a Zipf law (probability of the k-th token proportional
+  to 1/k): each occurrence adds a N(0, 1) / ``tokens`` vector to its row's gradient, as a mean
+  loss's gradient does, so frequent rows get large moments and rare ones small, decaying ones,
+  and a row never drawn stays 0. A block wider than a row (or not dividing it: 512 of 768) holds
+  two tokens' rows."""
+  rng = np.random.default_rng(seed)
+  probs = 1.0 / np.arange(1, vocab + 1)
+  probs /= probs.sum()
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(m, v, ids, key):
+    g = jnp.zeros((vocab, width), jnp.float32).at[ids].add(
+        jax.random.normal(key, (tokens, width), jnp.float32) / tokens)
+    return B1 * m + (1 - B1) * g, B2 * v + (1 - B2) * g * g
+
+  m, v = jnp.zeros((vocab, width), jnp.float32), jnp.zeros((vocab, width), jnp.float32)
+  for t in range(steps):
+    m, v = step(m, v, jnp.asarray(rng.choice(vocab, tokens, p=probs)), jax.random.PRNGKey(t))
+  return m, v
+
+
 # ----------------------------------------------------------------------------- the run
 
-def run(steps, batch, lr, seeds, blocks, mem_trees):
+def run(steps, batch, lr, seeds, blocks, mem_trees, embedding=(50257, 768, 100)):
+  """``embedding``: (vocab, width, steps) of ``zipf_embedding_moments``' case, or None."""
   lm = load_tiny_lm()
   probs = lm.markov_chain(0)
   out = {"memory": {}, "accuracy": {}, "training": {}}
+  if embedding is not None:
+    vocab, width, e_steps = embedding
+    m, v = zipf_embedding_moments(vocab, width, e_steps)
+    label = (f"a {vocab}x{width} token embedding's Adam moments after {e_steps} steps of "
+             "Zipf-distributed tokens (`zipf_embedding_moments`)")
+    out["accuracy"][label] = {str(b): moment_errors([m], [v], e_steps, b) for b in blocks}
+    del m, v
   for name in mem_trees:
     shapes = trees.shapes(name)
     n = trees.num_params(shapes)
@@ -199,7 +236,8 @@ def run(steps, batch, lr, seeds, blocks, mem_trees):
                         "seconds": time.perf_counter() - t0}}
     if seed == seeds[0]:
       for s, (m, v) in snaps.items():
-        out["accuracy"][str(s)] = {str(b): moment_errors(m, v, s, b) for b in blocks}
+        label = f"the LM's float32 Adam moments at step {s}"
+        out["accuracy"][label] = {str(b): moment_errors(m, v, s, b) for b in blocks}
     for b in blocks:
       t0 = time.perf_counter()
       losses, _ = train(lm, data, lr, b, seed)
@@ -224,8 +262,8 @@ def markdown(res, meta):
     lines.append(f"| {name} | {row['float32']:.3f} | "
                  + " | ".join(f"{row[str(b)]:.4f}" for b in blocks) + " |")
   lines += ["", "Issue 18's goal: at most 2.05 B/param.", ""]
-  for step, row in res["accuracy"].items():
-    lines += [f"## Accuracy: the LM's float32 Adam moments at step {step}, encoded and decoded",
+  for label, row in res["accuracy"].items():
+    lines += [f"## Accuracy: {label}, encoded and decoded",
               "", "| block | m: rel. RMS error | v: rel. RMS error | v nonzero decoded to 0 | "
               "Adam direction: rel. RMS error |", "|---:|---:|---:|---:|---:|"]
     for b in blocks:
@@ -253,12 +291,15 @@ def main(argv=None):
   p.add_argument("--seeds", default="0,1")
   p.add_argument("--blocks", default=",".join(map(str, BLOCKS)))
   p.add_argument("--trees", default="gpt2-124m,resnet50", help="memory rows")
+  p.add_argument("--embedding", default="50257,768,100",
+                 help="vocab,width,steps of the Zipf embedding case ('' to skip)")
   p.add_argument("--tag", default=None, help="write bench/results/<tag>-block-size.{md,json}")
   args = p.parse_args(argv)
   blocks = [int(b) for b in args.blocks.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]
+  embedding = tuple(int(x) for x in args.embedding.split(",")) if args.embedding else None
   res = run(args.steps, args.batch_size, args.lr, seeds, blocks,
-            [t for t in args.trees.split(",") if t])
+            [t for t in args.trees.split(",") if t], embedding)
   import platform  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -723,14 +723,26 @@ def test_block_size_moment_errors_by_hand():
 
 
 def test_block_size_run_and_report():
-  """The bench's run on a few steps of the LM: losses for float32 and each block, accuracy rows
-  at both snapshots, memory rows, and a report naming them."""
+  """The bench's run on a few steps of the LM and a small Zipf embedding: losses for float32
+  and each block, accuracy rows for the embedding and both LM snapshots, memory rows, and a
+  report naming them; the embedding's moments are Adam's (v >= 0, a row never drawn is 0 in
+  both)."""
   from bench import block_size as bs   # pylint: disable=import-outside-toplevel
-  res = bs.run(steps=2, batch=2, lr=3e-3, seeds=[0], blocks=[2048], mem_trees=["resnet50"])
+  m, v = (np.asarray(x) for x in bs.zipf_embedding_moments(vocab=300, width=16, steps=3,
+                                                              tokens=64))
+  assert m.shape == v.shape == (300, 16) and v.min() >= 0 and np.any(v.max(axis=1) == 0)
+  assert np.array_equal(m.any(axis=1), v.any(axis=1))
+  assert v[0].mean() > v[299].mean()   # the first token is drawn most often
+  res = bs.run(steps=2, batch=2, lr=3e-3, seeds=[0], blocks=[2048], mem_trees=["resnet50"],
+               embedding=(300, 16, 2))
   runs = res["training"]["0"]
   assert set(runs) == {"float32", "2048"}
   assert all(len(r["curve"]) == 2 and np.isfinite(r["final"]) for r in runs.values())
-  assert set(res["accuracy"]) == {"1", "2"} and set(res["accuracy"]["2"]) == {"2048"}
+  labels = list(res["accuracy"])
+  assert len(labels) == 3 and "300x16 token embedding" in labels[0]
+  assert labels[1:] == ["the LM's float32 Adam moments at step 1",
+                        "the LM's float32 Adam moments at step 2"]
+  assert all(set(row) == {"2048"} for row in res["accuracy"].values())
   mem = res["memory"]["resnet50"]
   assert 2.0 < mem["2048"] < mem["float32"] / 3.5
   text = bs.markdown(res, {"date": "d", "blocks": [2048], "jax": jax.__version__,
