@@ -668,6 +668,7 @@ def test_block_size_adam_takes_fusedopts_int8_steps_at_256():
   from fusedopt import quantization as Q   # pylint: disable=import-outside-toplevel
   rng = np.random.RandomState(0)
   params = {"w": jnp.asarray(rng.standard_normal((50, 100)), jnp.float32),   # quantized
+            "e": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32),    # MIN_SIZE: too
             "b": jnp.asarray(rng.standard_normal((30,)), jnp.float32)}       # float32 state
   opt = optim.Adam(1e-2, state_dtype="int8", backend="jnp").create(params)
   p, st = params, bs.init_state(params, Q.BLOCK)
@@ -677,23 +678,23 @@ def test_block_size_adam_takes_fusedopts_int8_steps_at_256():
     g = jax.tree.map(lambda x, t=t: jnp.asarray(
         np.random.RandomState(t).standard_normal(x.shape) * 10.0 ** -t, jnp.float32), params)
     opt, (p, st) = step(opt, g), mine(p, st, g, t - 1, 1e-2)
-  np.testing.assert_allclose(np.asarray(p["w"]), np.asarray(opt.target["w"]), rtol=1e-6,
-                             atol=1e-6)
-  np.testing.assert_allclose(np.asarray(p["b"]), np.asarray(opt.target["b"]), rtol=1e-6)
-  fields = opt.state.param_states.fields
-  (wi,) = [i for i, s in enumerate(opt.state.param_states.layout.segments) if s.size == 5000]
-  (b_idx,) = [i for i, s in enumerate(opt.state.param_states.layout.segments) if s.size == 30]
+  for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(opt.target)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+  fields, layout = opt.state.param_states.fields, opt.state.param_states.layout
   for k, name in enumerate(("grad_ema", "grad_sq_ema")):
-    (q,) = [x for x in fields[name] if Q.is_quantized(x)]
-    mine_q = st[wi][k]
-    assert Q.is_quantized(mine_q) and mine_q.block == 256 and q.fmt == mine_q.fmt
-    n = mine_q.size   # the leaf's blocks: the group's leading ones
-    diff = np.abs(np.asarray(q.codes[:n], int) - np.asarray(mine_q.codes, int))
-    assert diff.max() <= 1 and np.count_nonzero(diff) <= n // 500, name
-    np.testing.assert_allclose(np.asarray(q.scales[:n // 256]), np.asarray(mine_q.scales),
-                               rtol=2e-6)
-    (dense,) = [x for x in fields[name] if not Q.is_quantized(x)]
-    np.testing.assert_allclose(np.asarray(dense[:30]), np.asarray(st[b_idx][k]), rtol=1e-6)
+    for i, seg in enumerate(layout.segments):   # leaf order, as init_state's list
+      mine_q, theirs = st[i][k], fields[name][seg.group]
+      assert Q.is_quantized(mine_q) == Q.is_quantized(theirs) == (seg.size >= Q.MIN_SIZE)
+      if not Q.is_quantized(theirs):
+        np.testing.assert_allclose(np.asarray(theirs[seg.offset:seg.offset + seg.size]),
+                                   np.asarray(mine_q).ravel(), rtol=1e-6)
+        continue
+      assert mine_q.block == 256 and theirs.fmt == mine_q.fmt
+      n, o = mine_q.size, seg.offset   # the leaf's whole blocks, where its segment starts
+      diff = np.abs(np.asarray(theirs.codes[o:o + n], int) - np.asarray(mine_q.codes, int))
+      assert diff.max() <= 1 and np.count_nonzero(diff) <= n // 500, (name, seg.path)
+      np.testing.assert_allclose(np.asarray(theirs.scales[o // 256:(o + n) // 256]),
+                                 np.asarray(mine_q.scales), rtol=2e-6)
   shapes = {"a": (50, 100), "b": (30,), "c": (3, 3, 64, 64)}
   tree = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
   for block, kw in ((256, {"state_dtype": "int8"}), (None, {})):
