@@ -107,8 +107,8 @@ def adam_step(params, state, grads, step, lr):
   """One step of fusedopt's Adam (flax's form, ``ADAM_RULE``) with each leaf's moments decoded
   and encoded again in the blocks ``state`` holds (``init_state``'s list). ``step``: the steps
   taken before this one (0, 1, ...: the optimizer's ``state.step``)."""
-  hp = fusedopt.Adam(lr, B1, B2, EPS).hyper_params
-  scalars = fusedopt.Adam(lr).scalars(hp, step)
+  opt = fusedopt.Adam(lr, B1, B2, EPS)
+  scalars = opt.scalars(opt.hyper_params, step)
 
   def one(p, mv, g):
     m, v = mv

@@ -182,7 +182,7 @@ class FlatLayout:
 
   def unit(self, g: int) -> int:
     """Group ``g``'s segment alignment: ``align``, or for a quantized group the least common
-    multiple of ``align`` and its block (the larger of the two, both powers of two)."""
+    multiple of ``align`` and its block (where both are powers of two, the larger)."""
     return _segment_unit(self.align, self.groups[g].block)
 
   def shard_size(self, g: int) -> int:

@@ -158,11 +158,8 @@ def select_quantized(name: str, layout, gi: int, rule, leaf_state: bool = False
     # keeps the full unit, as before: the sharded quantized Triton path is untested (in the
     # interpreter, with 4 host devices, it hangs)
     group, backend = layout.groups[gi], _explicit(name)
-    if group.block:
-      backend = _fallback(backend, group.dtype, layout.unit(gi), backend.group_alignment(),
-                          quantized=True)
-    else:
-      backend = _fallback(backend, group.dtype, layout.align, backend.unit)
+    unit = backend.group_alignment() if group.block else backend.unit
+    backend = _fallback(backend, group.dtype, layout.unit(gi), unit, quantized=bool(group.block))
   if backend.run_quantized is None:
     if name != "auto" and backend.name != "jnp":
       _warn_once(f"backend={name!r} has no kernel for quantized state yet; groups with "
