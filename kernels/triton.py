@@ -786,15 +786,40 @@ def _call(kernel, ins, out_shapes, aliases, scalars_after, grid, consts, tuning,
         "Triton interpret mode needs TRITON_INTERPRET=1 in the environment before triton is "
         "imported (e.g. `TRITON_INTERPRET=1 python ...`)")
 
-  def host(*arrays):
-    arrays = [np.ascontiguousarray(np.array(a)) for a in arrays]
+  parts = [_callback_parts(x) for x in ins]
+
+  def host(*flat):
+    arrays, i = [], 0
+    for x, ps in zip(ins, parts):
+      got = [np.asarray(a) for a in flat[i:i + len(ps)]]
+      i += len(ps)
+      arrays.append((np.array(got[0]) if len(got) == 1 else np.concatenate(got))
+                    .reshape(x.shape))
     outs_np = []
     for j, o in enumerate(out_shapes):
       src = next((i for i, oj in aliases.items() if oj == j), None)
       outs_np.append(arrays[src].copy() if src is not None else np.zeros(o.shape, o.dtype))
     _launch_numpy(kernel, grid, list(arrays) + list(scalars_after), outs_np, consts)
     return tuple(outs_np)
-  return list(jax.pure_callback(host, tuple(out_shapes), *ins))
+  return list(jax.pure_callback(host, tuple(out_shapes), *[q for ps in parts for q in ps]))
+
+
+# With jaxlib 0.10, a callback in the programs of several host devices hangs when an operand is
+# larger than about 100 KB: each device thread waits for the copy of its operands onto cpu:0
+# (the callback's device_put), which never completes, as if it were queued on the thread pool
+# whose threads are all inside callbacks. 2 cores, a shard_map of one callback per device on 4
+# host devices: parts of 128 KB hung 6 runs in 6, of 96 KB 0 in 6; jaxlib 0.12 never hung.
+# So operands pass in parts small enough (docs/verification.md, T1).
+_CALLBACK_PART_BYTES = 1 << 16
+
+
+def _callback_parts(x):
+  """``x`` as one or more flat operands of at most ``_CALLBACK_PART_BYTES`` each."""
+  n = max(1, _CALLBACK_PART_BYTES // np.dtype(x.dtype).itemsize)
+  if x.size <= n:
+    return [x]
+  flat = x.reshape(-1)
+  return [flat[i:i + n] for i in range(0, x.size, n)]
 
 
 def flat_update(rule, scalars, seg_units, p, g, state, *, platform=None, tuning=None):

@@ -85,6 +85,24 @@ def test_t1_numerics_match_jnp(case, request):
   print(case, res["worst_ulps"], f"{res['seconds']} s")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.uint8])
+@pytest.mark.parametrize("size", [0, 1, 65536, 65537, 3 * 65536 + 5])
+def test_interpreter_callback_operands_pass_in_parts_under_64_kb(dtype, size):
+  """The interpreter's callback operands (``kt._callback_parts``): flat parts of at most 64 KB
+  (jaxlib 0.10 hangs on larger ones with several host devices: docs/verification.md, T1), in
+  order, that concatenate back to the operand; one part, itself, when it fits."""
+  x = jnp.arange(size, dtype=jnp.float32).astype(dtype).reshape((size, 1) if size % 2 else (-1,))
+  parts = kt._callback_parts(x)
+  item = np.dtype(dtype).itemsize
+  assert all(p.ndim == 1 or p is x for p in parts)
+  assert all(p.size * item <= 1 << 16 for p in parts)
+  assert len(parts) == max(1, -(-size * item // (1 << 16)))
+  if len(parts) == 1:
+    assert parts[0] is x
+  back = np.concatenate([np.asarray(p).reshape(-1) for p in parts])
+  np.testing.assert_array_equal(back, np.asarray(x).reshape(-1))
+
+
 @pytest.mark.ci_may_skip("CPU-only behaviour")
 def test_triton_backend_on_cpu_is_a_clear_error():
   if ON_DEVICE:
