@@ -455,12 +455,16 @@ class _ShardContext:
 
   def local(self, gi):
     """The executors' view of this shard of group ``gi``: a layout of one leaf, the local slice
-    (one layout per group: two groups may share a dtype, e.g. quantized and small tensors)."""
+    (one layout per group: two groups may share a dtype, e.g. quantized and small tensors). A
+    quantized group's slice is whole blocks (whole tiles of them), so its one-leaf layout has
+    the group's block: a kernel running rows of one block takes it at any alignment
+    (``registry.select_quantized``)."""
     if gi not in self._local:
       grp = self.layout.groups[gi]
       self._local[gi] = FlatLayout.build(
           (jax.ShapeDtypeStruct((self.layout.shard_size(gi),), grp.dtype),),
-          align=self.layout.align)
+          align=self.layout.align, quantize=(0, grp.block) if grp.block else None,
+          tile_blocks=1)
     return self._local[gi]
 
   def ids(self, gi):

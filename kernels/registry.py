@@ -154,9 +154,7 @@ def select_quantized(name: str, layout, gi: int, rule, leaf_state: bool = False
   else:
     # a quantized group's segments start on whole blocks (``FlatLayout.unit``), wider than the
     # layout's alignment where that is under a block: leaf-direct rows of a block fit at any
-    # alignment. A shard's slice (``fusedopt.sharding``: a one-leaf layout without a block)
-    # keeps the full unit, as before: the sharded quantized Triton path is untested (in the
-    # interpreter, with 4 host devices, it hangs)
+    # alignment (a shard's slice too: ``fusedopt.sharding`` gives its layout the block)
     group, backend = layout.groups[gi], _explicit(name)
     unit = backend.group_alignment() if group.block else backend.unit
     backend = _fallback(backend, group.dtype, layout.unit(gi), unit, quantized=bool(group.block))

@@ -239,66 +239,79 @@ def sharded(backend, stats):
 
 def sharded_quantized(backend, stats):
   """Low-bit state per shard on the Triton kernels: ``shard_optimizer`` over int8 Adam, ZeRO-1
-  and FSDP (each device runs its slice of each quantized group, whole blocks, as the one-leaf
-  group of its local layout) vs the single-device jnp step on the CPU, from the same state each
-  step: codes and scales leaf by leaf (``FlatState.stored_leaf``) and params, within the bounds
-  of ``quantized-narrow-alignments``; no group falls back to jnp. (In the interpreter it hung
-  until the callback operands were passed in parts: ``kernels/triton.py``, ``_callback_parts``.)"""
+  at the tree's alignment and FSDP at 256 (each device runs its slice of each quantized group,
+  whole blocks, as the one-leaf quantized group of its local layout: rows of a block fit at any
+  alignment) vs the single-device jnp step on the CPU, from the same state each step: codes and
+  scales leaf by leaf (``FlatState.stored_leaf``) and params, within the bounds of
+  ``quantized-narrow-alignments``; no group falls back to jnp. (In the interpreter it hung until
+  the callback operands were passed in parts: ``kernels/triton.py``, ``_callback_parts``.)"""
+  from fusedopt import layout as fl   # pylint: disable=import-outside-toplevel
+  t = tree((jnp.float32, jnp.bfloat16), [(64, 160), (5000,), (33,), (4100,), (3, 5)])
+  saved = fl.choose_align
+  try:
+    for mode, align in (("replicated", None), ("sharded", 256)):
+      if align:
+        fl.choose_align = lambda sizes, a=align: a
+      _sharded_quantized_steps(backend, stats, t, mode, align)
+  finally:
+    fl.choose_align = saved
+
+
+def _sharded_quantized_steps(backend, stats, t, mode, align):
   import warnings   # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
   from fusedopt import quantization, serialization, sharding
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
-  t = tree((jnp.float32, jnp.bfloat16), [(64, 160), (5000,), (33,), (4100,), (3, 5)])
   lr = 1e-3
-  for mode in ("replicated", "sharded"):
-    kw = dict(learning_rate=lr, weight_decay=0.1, state_dtype="int8")
-    with jax.default_device(_cpu()):
-      single = optim.Adam(backend="jnp", **kw).create(jax.device_put(t, _cpu()))
-    opt = sharding.shard_optimizer(optim.Adam(backend=backend, **kw), mesh, "x",
-                                   params=mode).create(t)
-    if mode == "sharded":
-      step = jax.jit(lambda o, g: o.apply_gradient(sharding.FlatParams.pack(g, o.target.layout)))
-    else:
-      step = jax.jit(lambda o, g: o.apply_gradient(g))
-    # the codes written by the kernel: the interpreter's callback or jax-triton's custom call
-    jaxpr = str(jax.make_jaxpr(step)(opt, grads(t, 50)))
-    assert re.search(r"u8\[\d+\].* = (pure_callback|triton_kernel_call)\[", jaxpr), mode
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always")
-      for i in range(2):
-        g = grads(t, 50 + i)
-        old = single
-        if i:   # from the oracle's state (a checkpoint restores into the sharded layout)
-          opt = serialization.from_bytes(opt, serialization.to_bytes(single))
-        with jax.default_device(_cpu()):
-          single = jax.jit(lambda o, g: o.apply_gradient(g))(single, jax.device_put(g, _cpu()))
-        opt = jax.block_until_ready(step(opt, g))
-        a, b, o = jax.device_get((single, opt, old))
-        got = b.target.tree() if mode == "sharded" else b.target
-        what = ("Adam int8", mode, i)
-        for x, y, z in zip(jax.tree.leaves(a.target), jax.tree.leaves(got),
-                           jax.tree.leaves(o.target)):
-          assert x.dtype == y.dtype, what
-          assert_close(np.asarray(y), np.asarray(x), np.asarray(z), what, 2 if x.dtype ==
-                       np.float32 else 1, stats, step_size=lr)
-        fa, fb, fo = (s.state.param_states for s in (a, b, o))
-        n_quantized = 0
-        for k in fa.fields:
-          for j in range(len(fa.layout.segments)):
-            x, y = fa.stored_leaf(k, j), fb.stored_leaf(k, j)
-            if not quantization.is_quantized(x):   # a small leaf's float32 state
-              assert_close(np.asarray(y), np.asarray(x), np.asarray(fo.stored_leaf(k, j)),
-                           (what, k, j), 2, stats)
-              continue
-            n_quantized += 1
-            diff = np.abs(np.asarray(x.codes, int) - np.asarray(y.codes, int))
-            assert diff.max(initial=0) <= 1, (what, k, j)
-            assert np.count_nonzero(diff) <= diff.size // 1000, (what, k, j)
-            np.testing.assert_allclose(np.asarray(y.scales), np.asarray(x.scales), rtol=1e-6,
-                                       err_msg=str((what, k, j)))
-        assert n_quantized == 6, (what, n_quantized)   # both moments of three large leaves
-    assert not [w for w in caught if "jnp backend" in str(w.message)], \
-        [str(w.message) for w in caught]
+  kw = dict(learning_rate=lr, weight_decay=0.1, state_dtype="int8")
+  with jax.default_device(_cpu()):
+    single = optim.Adam(backend="jnp", **kw).create(jax.device_put(t, _cpu()))
+  opt = sharding.shard_optimizer(optim.Adam(backend=backend, **kw), mesh, "x",
+                                 params=mode).create(t)
+  assert align is None or opt.state.param_states.layout.align == align
+  if mode == "sharded":
+    step = jax.jit(lambda o, g: o.apply_gradient(sharding.FlatParams.pack(g, o.target.layout)))
+  else:
+    step = jax.jit(lambda o, g: o.apply_gradient(g))
+  # the codes written by the kernel: the interpreter's callback or jax-triton's custom call
+  jaxpr = str(jax.make_jaxpr(step)(opt, grads(t, 50)))
+  assert re.search(r"u8\[\d+\].* = (pure_callback|triton_kernel_call)\[", jaxpr), mode
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for i in range(2):
+      g = grads(t, 50 + i)
+      old = single
+      if i:   # from the oracle's state (a checkpoint restores into the sharded layout)
+        opt = serialization.from_bytes(opt, serialization.to_bytes(single))
+      with jax.default_device(_cpu()):
+        single = jax.jit(lambda o, g: o.apply_gradient(g))(single, jax.device_put(g, _cpu()))
+      opt = jax.block_until_ready(step(opt, g))
+      a, b, o = jax.device_get((single, opt, old))
+      got = b.target.tree() if mode == "sharded" else b.target
+      what = ("Adam int8", mode, align, i)
+      for x, y, z in zip(jax.tree.leaves(a.target), jax.tree.leaves(got),
+                         jax.tree.leaves(o.target)):
+        assert x.dtype == y.dtype, what
+        assert_close(np.asarray(y), np.asarray(x), np.asarray(z), what,
+                     2 if x.dtype == np.float32 else 1, stats, step_size=lr)
+      fa, fb, fo = (s.state.param_states for s in (a, b, o))
+      n_quantized = 0
+      for k in fa.fields:
+        for j in range(len(fa.layout.segments)):
+          x, y = fa.stored_leaf(k, j), fb.stored_leaf(k, j)
+          if not quantization.is_quantized(x):   # a small leaf's float32 state
+            assert_close(np.asarray(y), np.asarray(x), np.asarray(fo.stored_leaf(k, j)),
+                         (what, k, j), 2, stats)
+            continue
+          n_quantized += 1
+          diff = np.abs(np.asarray(x.codes, int) - np.asarray(y.codes, int))
+          assert diff.max(initial=0) <= 1, (what, k, j)
+          assert np.count_nonzero(diff) <= diff.size // 1000, (what, k, j)
+          np.testing.assert_allclose(np.asarray(y.scales), np.asarray(x.scales), rtol=1e-6,
+                                     err_msg=str((what, k, j)))
+      assert n_quantized == 6, (what, n_quantized)   # both moments of three large leaves
+  assert not [w for w in caught if "jnp backend" in str(w.message)], \
+      [str(w.message) for w in caught]
 
 
 def multi_fused(backend, stats):
