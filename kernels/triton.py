@@ -793,8 +793,8 @@ def _call(kernel, ins, out_shapes, aliases, scalars_after, grid, consts, tuning,
     for x, ps in zip(ins, parts):
       got = [np.asarray(a) for a in flat[i:i + len(ps)]]
       i += len(ps)
-      arrays.append((np.array(got[0]) if len(got) == 1 else np.concatenate(got))
-                    .reshape(x.shape))
+      arrays.append(np.ascontiguousarray(np.array(got[0]) if len(got) == 1
+                                         else np.concatenate(got)).reshape(x.shape))
     outs_np = []
     for j, o in enumerate(out_shapes):
       src = next((i for i, oj in aliases.items() if oj == j), None)
@@ -809,7 +809,8 @@ def _call(kernel, ins, out_shapes, aliases, scalars_after, grid, consts, tuning,
 # (the callback's device_put), which never completes, as if it were queued on the thread pool
 # whose threads are all inside callbacks. 2 cores, a shard_map of one callback per device on 4
 # host devices: parts of 128 KB hung 6 runs in 6, of 96 KB 0 in 6; jaxlib 0.12 never hung.
-# So operands pass in parts small enough (docs/verification.md, T1).
+# So operands pass in parts small enough (docs/verification.md, T1). Results return whole (no
+# hang was seen from them: 128 KB ones in the sharded int8 case).
 _CALLBACK_PART_BYTES = 1 << 16
 
 

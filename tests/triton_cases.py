@@ -246,7 +246,8 @@ def sharded_quantized(backend, stats):
   ``quantized-narrow-alignments``; no group falls back to jnp. (In the interpreter it hung until
   the callback operands were passed in parts: ``kernels/triton.py``, ``_callback_parts``.)"""
   from fusedopt import layout as fl   # pylint: disable=import-outside-toplevel
-  t = tree((jnp.float32, jnp.bfloat16), [(64, 160), (5000,), (33,), (4100,), (3, 5)])
+  # the two large leaves span shards (each device's slice is 128 blocks: 32768 elements)
+  t = tree((jnp.float32, jnp.bfloat16), [(300, 256), (40000,), (33,), (4100,), (3, 5)])
   saved = fl.choose_align
   try:
     for mode, align in (("replicated", None), ("sharded", 256)):
@@ -268,16 +269,21 @@ def _sharded_quantized_steps(backend, stats, t, mode, align):
     single = optim.Adam(backend="jnp", **kw).create(jax.device_put(t, _cpu()))
   opt = sharding.shard_optimizer(optim.Adam(backend=backend, **kw), mesh, "x",
                                  params=mode).create(t)
-  assert align is None or opt.state.param_states.layout.align == align
+  lay = opt.state.param_states.layout
+  assert align is None or lay.align == align
+  if len(mesh.devices.flat) > 1:
+    n = [lay.shard_size(s.group) for s in lay.segments]
+    assert sum(lay.groups[s.group].block > 0 and s.offset // k != (s.offset + s.size - 1) // k
+               for s, k in zip(lay.segments, n)) == 2, lay
   if mode == "sharded":
     step = jax.jit(lambda o, g: o.apply_gradient(sharding.FlatParams.pack(g, o.target.layout)))
   else:
     step = jax.jit(lambda o, g: o.apply_gradient(g))
-  # the codes written by the kernel: the interpreter's callback or jax-triton's custom call
-  jaxpr = str(jax.make_jaxpr(step)(opt, grads(t, 50)))
-  assert re.search(r"u8\[\d+\].* = (pure_callback|triton_kernel_call)\[", jaxpr), mode
-  with warnings.catch_warnings(record=True) as caught:
+  with warnings.catch_warnings(record=True) as caught:   # the backends are chosen as it traces
     warnings.simplefilter("always")
+    # the codes written by the kernel: the interpreter's callback or jax-triton's custom call
+    jaxpr = str(jax.make_jaxpr(step)(opt, grads(t, 50)))
+    assert re.search(r"u8\[\d+\].* = (pure_callback|triton_kernel_call)\[", jaxpr), mode
     for i in range(2):
       g = grads(t, 50 + i)
       old = single
