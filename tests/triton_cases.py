@@ -114,6 +114,13 @@ def assert_close(a, b, old, what, ulps, stats, step_size=0.0):
   assert np.all(err <= ulps), (what, worst)
 
 
+def assert_codes_close(a, b, what):
+  """Two kernels' int8/fp8 codes of the same step: at most one apart, in at most 1 in 1000 (a
+  value on a rounding boundary, where one path contracts a multiply-add and the other not)."""
+  diff = np.abs(np.asarray(a, int) - np.asarray(b, int))
+  assert diff.max(initial=0) <= 1 and np.count_nonzero(diff) <= diff.size // 1000, what
+
+
 def compare_steps(name, kw, dtypes, backend, stats, steps=2, f32_ulps=2, shapes=SHAPES,
                   grad_dtype=None):
   """``steps`` steps from the same state: ``backend`` vs the jnp oracle on the CPU, every leaf of
@@ -310,9 +317,7 @@ def _sharded_quantized_steps(backend, stats, t, mode, align):
                          (what, k, j), 2, stats)
             continue
           n_quantized += 1
-          diff = np.abs(np.asarray(x.codes, int) - np.asarray(y.codes, int))
-          assert diff.max(initial=0) <= 1, (what, k, j)
-          assert np.count_nonzero(diff) <= diff.size // 1000, (what, k, j)
+          assert_codes_close(x.codes, y.codes, (what, k, j))
           np.testing.assert_allclose(np.asarray(y.scales), np.asarray(x.scales), rtol=1e-6,
                                      err_msg=str((what, k, j)))
       assert n_quantized == 6, (what, n_quantized)   # both moments of three large leaves
@@ -520,8 +525,7 @@ def quantized_narrow_alignments(backend, stats):
       x, y, o = np.asarray(x), np.asarray(y), np.asarray(o)
       assert x.dtype == y.dtype and x.shape == y.shape, what
       if x.dtype == np.uint8:   # codes
-        diff = np.abs(x.astype(int) - y.astype(int))
-        assert diff.max(initial=0) <= 1 and np.count_nonzero(diff) <= diff.size // 1000, what
+        assert_codes_close(x, y, what)
       elif jnp.issubdtype(x.dtype, jnp.integer):
         assert np.array_equal(x, y), what
       else:
